@@ -1,0 +1,2 @@
+"""The built-in dialects.  Importing this package registers every op it defines."""
+from . import core  # noqa: F401

@@ -1,0 +1,258 @@
+"""The op registry: each op is defined exactly once.
+
+An :class:`OpDef` states an op's operands, its attribute schema (types and defaults), how it
+infers result types from operand types, and its reference semantics (torch on the CPU).  The
+builder, the verifier, the text parser, the reference interpreter and the passes all read the
+same definition.
+
+Operand specs: ``"x"`` is required, ``"bias?"`` optional (may be absent at the end), and
+``"inputs*"`` variadic (one or more; only as the last spec).
+
+Attribute kinds: ``int float bool str dtype ints floats strs dim dims type tensor``.  ``dim`` is
+an int or a symbolic expression; ``dims`` a list of them (shapes); ``type`` a TensorType;
+``tensor`` a small dense torch tensor (constants).
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import sympy
+import torch
+
+from .errors import IRError
+from .types import DType, TensorType, normalize_dim
+
+REQUIRED = object()
+
+ATTR_KINDS = ("int", "float", "bool", "str", "dtype", "ints", "floats", "strs", "dim", "dims",
+              "type", "tensor")
+
+
+@dataclass(frozen=True)
+class AttrSpec:
+    kind: str
+    default: Any = REQUIRED
+    choices: Optional[tuple] = None
+    optional: bool = False  # may be None (absent) with no default
+
+    def __post_init__(self):
+        if self.kind not in ATTR_KINDS:
+            raise ValueError(f"unknown attribute kind {self.kind}")
+
+
+def attr(kind: str, default: Any = REQUIRED, choices: Optional[Sequence] = None) -> AttrSpec:
+    """An attribute of ``kind``; give ``default=None`` for an optional one."""
+    return AttrSpec(kind, default, tuple(choices) if choices else None, default is None)
+
+
+InferFn = Callable[[list[Optional[TensorType]], dict[str, Any]], list[TensorType]]
+RefFn = Callable[..., list[torch.Tensor]]
+
+
+@dataclass
+class OpDef:
+    name: str
+    operands: tuple[str, ...]
+    attrs: dict[str, AttrSpec]
+    infer: InferFn
+    reference: RefFn
+    doc: str = ""
+    pure: bool = True          # no side effects: removable when unused, mergeable by CSE
+    commutative: bool = False  # the first two operands may be swapped
+
+    @property
+    def operand_names(self) -> list[str]:
+        return [o.rstrip("?*") for o in self.operands]
+
+    def check_operand_count(self, n: int) -> Optional[str]:
+        required = sum(1 for o in self.operands if not o.endswith(("?", "*")))
+        variadic = any(o.endswith("*") for o in self.operands)
+        if variadic:
+            if n < len(self.operands):
+                return f"expects at least {len(self.operands)} operands, got {n}"
+        elif not (required <= n <= len(self.operands)):
+            want = str(required) if required == len(self.operands) else \
+                f"{required} to {len(self.operands)}"
+            return f"expects {want} operands ({', '.join(self.operands)}), got {n}"
+        return None
+
+    def operand_slots(self, operands: Sequence) -> dict[str, Any]:
+        """Name -> operand (a list for a variadic spec, None for an absent optional)."""
+        out: dict[str, Any] = {}
+        for i, spec in enumerate(self.operands):
+            name = spec.rstrip("?*")
+            if spec.endswith("*"):
+                out[name] = list(operands[i:])
+            else:
+                out[name] = operands[i] if i < len(operands) else None
+        return out
+
+    def normalize_attrs(self, attrs: dict[str, Any], where: str = "") -> dict[str, Any]:
+        """Check ``attrs`` against the schema, coerce their values, and fill in defaults."""
+        where = where or self.name
+        for k in attrs:
+            if k not in self.attrs:
+                valid = ", ".join(self.attrs) or "none"
+                hint = difflib.get_close_matches(k, list(self.attrs), 1)
+                hint = f"; did you mean '{hint[0]}'?" if hint else ""
+                raise IRError(f"{where}: unknown attribute '{k}' (valid: {valid}){hint}")
+        out = {}
+        for k, spec in self.attrs.items():
+            if k in attrs and attrs[k] is not None:
+                out[k] = coerce_attr(attrs[k], spec, f"{where}: attribute '{k}'")
+            elif spec.default is REQUIRED:
+                raise IRError(f"{where}: missing required attribute '{k}' ({spec.kind})")
+            else:
+                out[k] = spec.default
+        return out
+
+
+_REGISTRY: dict[str, OpDef] = {}
+
+
+def define_op(name: str, operands: Sequence[str], attrs: Optional[dict[str, AttrSpec]] = None, *,
+              infer: InferFn, reference: RefFn, doc: str = "", pure: bool = True,
+              commutative: bool = False) -> OpDef:
+    if name in _REGISTRY:
+        raise ValueError(f"op {name} is defined twice")
+    d = OpDef(name, tuple(operands), dict(attrs or {}), infer, reference, doc, pure, commutative)
+    _REGISTRY[name] = d
+    return d
+
+
+def get_op_def(name: str) -> OpDef:
+    _ensure_loaded()
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        hint = difflib.get_close_matches(name, list(_REGISTRY), 1)
+        hint = f"; did you mean '{hint[0]}'?" if hint else ""
+        raise IRError(f"unknown op '{name}'{hint}") from None
+
+
+def has_op(name: str) -> bool:
+    _ensure_loaded()
+    return name in _REGISTRY
+
+
+def all_ops() -> dict[str, OpDef]:
+    _ensure_loaded()
+    return dict(_REGISTRY)
+
+
+_loaded = False
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        from . import ops  # noqa: F401  (defines the built-in dialects)
+
+
+# ----- attribute coercion ----------------------------------------------------------------------
+
+def coerce_attr(v: Any, spec: AttrSpec, what: str) -> Any:
+    k = spec.kind
+    try:
+        if k == "int":
+            out = _int(v)
+        elif k == "float":
+            out = _float(v)
+        elif k == "bool":
+            if not isinstance(v, bool):
+                raise TypeError
+            out = v
+        elif k == "str":
+            if not isinstance(v, str):
+                raise TypeError
+            out = v
+        elif k == "dtype":
+            out = v if isinstance(v, DType) else DType.parse(_ident(v))
+        elif k == "ints":
+            out = tuple(_int(x) for x in _seq(v))
+        elif k == "floats":
+            out = tuple(_float(x) for x in _seq(v))
+        elif k == "strs":
+            out = tuple(x if isinstance(x, str) else _raise() for x in _seq(v))
+        elif k == "dim":
+            out = _dim(v)
+        elif k == "dims":
+            out = tuple(_dim(x) for x in _seq(v))
+        elif k == "type":
+            if not isinstance(v, TensorType):
+                raise TypeError
+            out = v
+        elif k == "tensor":
+            if not isinstance(v, torch.Tensor):
+                raise TypeError
+            out = v
+        else:  # pragma: no cover
+            raise TypeError
+    except IRError as e:
+        raise IRError(f"{what}: {e}") from None
+    except (TypeError, ValueError):
+        raise IRError(f"{what} must be {_KIND_TEXT[k]}, got {_show(v)}") from None
+    if spec.choices is not None and out not in spec.choices:
+        raise IRError(f"{what} must be one of {', '.join(map(repr, spec.choices))}, got {_show(out)}")
+    return out
+
+
+_KIND_TEXT = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a string",
+              "dtype": "a dtype", "ints": "a list of integers", "floats": "a list of numbers",
+              "strs": "a list of strings", "dim": "a dimension (integer or expression)",
+              "dims": "a list of dimensions", "type": "a tensor type",
+              "tensor": "a dense tensor"}
+
+
+class Ident(str):
+    """A bare identifier from IR text (a dtype name or a dimension symbol, by schema)."""
+
+
+def _raise():
+    raise TypeError
+
+
+def _show(v) -> str:
+    if isinstance(v, torch.Tensor):
+        return f"a tensor of shape {tuple(v.shape)}"
+    return repr(v) if not isinstance(v, Ident) else str(v)
+
+
+def _int(v) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError
+    return int(v)
+
+
+def _float(v) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError
+    return float(v)
+
+
+def _ident(v) -> str:
+    if isinstance(v, str):
+        return str(v)
+    raise TypeError
+
+
+def _seq(v):
+    if isinstance(v, (list, tuple)):
+        return v
+    raise TypeError
+
+
+def _dim(v):
+    if isinstance(v, bool):
+        raise TypeError
+    if isinstance(v, int):
+        return v
+    if isinstance(v, Ident):
+        from .types import sym
+        return sym(str(v))
+    if isinstance(v, sympy.Basic):
+        return normalize_dim(v)
+    raise TypeError
