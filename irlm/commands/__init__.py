@@ -1,0 +1,1 @@
+"""One module per ``irlm`` subcommand (see irlm/cli.py)."""
