@@ -1,0 +1,137 @@
+"""The ``llm`` dialect: the inference form's ops.
+
+In the inference form the tokens of every scheduled request are packed into one ``[tokens, ...]``
+batch with no padding.  Per-request metadata (all i32):
+
+* ``q_lens[r]``: how many of this step's tokens belong to request r (a prompt chunk, or 1 for
+  a decode step); request r's tokens are contiguous and requests are in order;
+* ``cached_lens[r]``: how many of request r's tokens are already in the KV cache before this
+  step, so this step's tokens sit at positions ``cached_lens[r] + i``;
+* ``block_tables[r, j]``: the cache block holding positions ``[j*bs, (j+1)*bs)`` of request r.
+
+The KV cache is one pool ``[layers, blocks, 2, block_size, kv_heads, head_dim]`` (2 = key,
+value) owned by the runtime and passed to every step; ``llm.paged_attention`` writes this
+step's keys and values into it (its one side effect) and attends over everything cached.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..errors import IRError
+from ..registry import attr, define_op
+from ..types import DType, TensorType
+from ._shape import require_float, require_int, require_rank, same_dim
+
+
+def _infer_paged_attention(t, a):
+    q, k, v, cache, tables, q_lens, cached = t
+    for x, what in ((q, "query"), (k, "key"), (v, "value")):
+        require_rank(x, 3, what)
+        require_float(x, what)
+    require_rank(cache, 6, "kv_cache")
+    for x, what in ((tables, "block_tables"), (q_lens, "q_lens"), (cached, "cached_lens")):
+        require_int(x, what)
+    require_rank(tables, 2, "block_tables")
+    require_rank(q_lens, 1, "q_lens")
+    require_rank(cached, 1, "cached_lens")
+    same_dim(q.shape[0], k.shape[0], "query and key token counts differ")
+    same_dim(k.shape[0], v.shape[0], "key and value token counts differ")
+    same_dim(k.shape[1], v.shape[1], "key and value head counts differ")
+    same_dim(q.shape[2], k.shape[2], "query and key head sizes differ")
+    same_dim(cache.shape[4], k.shape[1], "kv_cache kv_heads differ from the keys'")
+    same_dim(cache.shape[5], k.shape[2], "kv_cache head_dim differs from the keys'")
+    same_dim(cache.shape[2], 2, "kv_cache dim 2 must be 2 (key, value)")
+    same_dim(tables.shape[0], q_lens.shape[0], "block_tables and q_lens request counts differ")
+    same_dim(cached.shape[0], q_lens.shape[0], "cached_lens and q_lens request counts differ")
+    if isinstance(q.shape[1], int) and isinstance(k.shape[1], int) and q.shape[1] % k.shape[1]:
+        raise IRError(f"{q.shape[1]} query heads are not a multiple of {k.shape[1]} kv heads")
+    if isinstance(cache.shape[0], int) and not 0 <= a["layer"] < cache.shape[0]:
+        raise IRError(f"layer {a['layer']} is outside the cache's {cache.shape[0]} layers")
+    if a["alibi_slopes"] and isinstance(q.shape[1], int) and len(a["alibi_slopes"]) != q.shape[1]:
+        raise IRError(f"{len(a['alibi_slopes'])} alibi slopes for {q.shape[1]} heads")
+    if cache.dtype is not k.dtype and cache.dtype not in (DType.i8, DType.f8e4m3):
+        raise IRError(f"kv_cache dtype {cache.dtype.value} differs from keys' {k.dtype.value}")
+    return [q.with_shape((q.shape[0], q.shape[1], v.shape[2]))]
+
+
+def write_kv(cache, layer, k, v, tables, q_lens, cached_lens):
+    """Write this step's keys and values into the paged cache (reference semantics)."""
+    bs = cache.shape[3]
+    start = 0
+    for r in range(q_lens.shape[0]):
+        n, c = int(q_lens[r]), int(cached_lens[r])
+        pos = torch.arange(c, c + n)
+        blocks = tables[r, pos // bs].long()
+        slots = pos % bs
+        cache[layer, blocks, 0, slots] = k[start:start + n].to(cache.dtype)
+        cache[layer, blocks, 1, slots] = v[start:start + n].to(cache.dtype)
+        start += n
+
+
+def _ref_paged_attention(ctx, x, a):
+    q, k, v, cache, tables, q_lens, cached = x
+    layer, bs = a["layer"], cache.shape[3]
+    write_kv(cache, layer, k, v, tables, q_lens, cached)
+    heads, kv_heads = q.shape[1], k.shape[1]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[2])
+    out = torch.empty(q.shape[0], heads, v.shape[2], dtype=q.dtype)
+    slopes = torch.tensor(a["alibi_slopes"], dtype=torch.float32) if a["alibi_slopes"] else None
+    start = 0
+    for r in range(q_lens.shape[0]):
+        n, c = int(q_lens[r]), int(cached[r])
+        total = c + n
+        pos = torch.arange(total)
+        blocks = tables[r, pos // bs].long()
+        keys = cache[layer, blocks, 0, pos % bs].float()    # [total, kv_heads, d]
+        vals = cache[layer, blocks, 1, pos % bs].float()
+        rep = heads // kv_heads
+        keys = keys.repeat_interleave(rep, dim=1)
+        vals = vals.repeat_interleave(rep, dim=1)
+        qr = q[start:start + n].float()                      # [n, heads, d]
+        scores = torch.einsum("nhd,thd->hnt", qr, keys) * scale
+        qpos = torch.arange(c, total)
+        dist = qpos[:, None] - pos[None, :]                  # query pos - key pos
+        allowed = dist >= 0
+        if a["sliding_window"]:
+            allowed &= dist < a["sliding_window"]
+        if slopes is not None:
+            scores = scores - slopes[:, None, None] * dist[None].float()
+        scores = scores.masked_fill(~allowed[None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[start:start + n] = torch.einsum("hnt,thd->nhd", probs, vals).to(q.dtype)
+        start += n
+    return [out]
+
+
+define_op(
+    "llm.paged_attention",
+    ["query", "key", "value", "kv_cache", "block_tables", "q_lens", "cached_lens"],
+    {"layer": attr("int"), "scale": attr("float", None), "sliding_window": attr("int", 0),
+     "alibi_slopes": attr("floats", ())},
+    infer=_infer_paged_attention, reference=_ref_paged_attention, pure=False,
+    doc="Causal attention of packed tokens over a paged KV cache, writing this step's keys "
+        "and values into the cache first. GQA/MQA when query heads are a multiple of kv "
+        "heads; sliding_window > 0 limits each query to that many most recent positions; "
+        "alibi_slopes (one per head) add -slope * distance to the scores.")
+
+
+def _infer_last_tokens(t, a):
+    h, q_lens = t
+    require_int(q_lens, "q_lens")
+    require_rank(q_lens, 1, "q_lens")
+    if h.rank < 1:
+        raise IRError("hidden states must have rank >= 1")
+    return [h.with_shape((q_lens.shape[0],) + tuple(h.shape[1:]))]
+
+
+def _ref_last_tokens(ctx, x, a):
+    h, q_lens = x
+    idx = torch.cumsum(q_lens.long(), 0) - 1
+    return [h[idx]]
+
+
+define_op("llm.last_tokens", ["hidden", "q_lens"], infer=_infer_last_tokens,
+          reference=_ref_last_tokens,
+          doc="The last token of each request from packed [tokens, ...] states: [reqs, ...].")
