@@ -1,27 +1,82 @@
-"""``irlm opt FILE [--pipeline P] [-o OUT]``: run a pass pipeline over an IR file."""
+"""``irlm opt FILE [--pipeline P | -O1] [-o OUT]``: run a pass pipeline over an IR file.
+
+All pipeline and instrumentation flags come from :func:`irlm.passes.add_pipeline_arguments`,
+so ``irlm compile`` accepts the same ones.  ``irlm opt --list-passes`` shows every registered
+pass (after loading ``--pass-plugin`` files) with its options.
+"""
 from __future__ import annotations
 
 import sys
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("opt", help="run a pass pipeline over an IR file and print the result")
-    p.add_argument("file", help="IR text file ('-' for standard input)")
-    p.add_argument("--pipeline", default="", help="comma-separated passes, e.g. 'canonicalize,dce'")
+    from irlm.passes import add_pipeline_arguments
+    p = sub.add_parser("opt", help="run a pass pipeline over an IR file and print the result",
+                       description="Run a pass pipeline over an IR file and print the result.")
+    p.add_argument("file", nargs="?", help="IR text file ('-' for standard input)")
     p.add_argument("-o", "--output", help="write the result here instead of standard output")
+    p.add_argument("--weights", metavar="FILE", action="append", default=[],
+                   help="safetensors file(s) holding the graph's params (for --check-numerics "
+                        "and passes that derive weights)")
+    p.add_argument("--list-passes", action="store_true",
+                   help="list the registered passes, their options and the -O levels, and exit")
+    add_pipeline_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from .ir import load
-    g = load(args.file)
-    if args.pipeline.strip():
-        from ..errors import IRLMError
-        raise IRLMError("--pipeline: the pass manager is not available yet")
-    text = str(g)
+    from irlm.errors import IRLMError
+    from irlm.passes import pipeline_from_args, run_pipeline_from_args
+    if args.list_passes:
+        pipeline_from_args(_no_pipeline(args))  # loads the plugins
+        sys.stdout.write(list_passes())
+        return 0
+    if not args.file:
+        raise IRLMError("opt: give an IR file to optimize (or '-' for standard input)")
+    pipeline_from_args(args)  # a bad pipeline is reported before a big file is read
+    graph = _load(args.file, args.weights)
+    run_pipeline_from_args(graph, args)
+    from irlm.printer import print_graph
+    text = print_graph(graph)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
     return 0
+
+
+def _no_pipeline(args):
+    import argparse
+    ns = argparse.Namespace(**vars(args))
+    ns.opt_level, ns.pipeline, ns.default_opt_level = None, None, None
+    return ns
+
+
+def _load(path: str, weight_files):
+    from irlm.parser import parse_graph
+    store = None
+    if weight_files:
+        from irlm.weights import WeightStore
+        store = WeightStore()
+        for w in weight_files:
+            store.add_safetensors(w)
+    if path == "-":
+        text, name = sys.stdin.read(), "<stdin>"
+    else:
+        with open(path, encoding="utf-8") as f:
+            text, name = f.read(), path
+    return parse_graph(text, name, weights=store)
+
+
+def list_passes() -> str:
+    from irlm.passes import NAMED_PIPELINES, all_passes
+    lines = ["passes:"]
+    for name, info in all_passes().items():
+        lines.append(f"  {name}" + (f"  -- {info.summary}" if info.summary else ""))
+        for key, opt in info.options.items():
+            lines.append(f"      {key}: {opt.describe()}")
+    lines.append("optimization levels:")
+    for name, text in NAMED_PIPELINES.items():
+        lines.append(f"  -{name}: {text or '(no passes)'}")
+    return "\n".join(lines) + "\n"

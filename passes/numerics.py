@@ -1,0 +1,240 @@
+"""``--check-numerics``: run the reference interpreter before and after every pass.
+
+The graph runs on seeded random inputs (floats ~ N(0, 1); integers in ``[0, int_max)``, where
+``int_max`` defaults to the smallest table an input indexes, e.g. the vocabulary of an
+embedding; symbolic dims take small values inside their declared ranges).  After each pass its
+outputs are compared with the input graph's: the first pass whose outputs drift by more than
+``atol + rtol * max|reference|`` stops the pipeline, and the error names it together with the
+values (matched by name across the pass) that changed most.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import IO, Optional
+
+import sympy
+import torch
+
+from irlm.errors import IRLMError
+from irlm.interpreter import Interpreter, RunResult
+from irlm.ir import Graph, Value
+from irlm.types import DType
+
+from .errors import NumericsError
+from .instrument import Instrument
+
+#: Default relative tolerance per output dtype (integers and bools must match exactly).
+DEFAULT_RTOL = {DType.f32: 1e-4, DType.f16: 2e-3, DType.bf16: 1.6e-2, DType.f8e4m3: 1.3e-1}
+DEFAULT_ATOL = 1e-6
+DEFAULT_INT_MAX = 16
+_INT_RANGE = {DType.i4: 8, DType.i8: 128, DType.u8: 256}
+
+
+# ----- inputs ----------------------------------------------------------------------------------
+
+
+def symbol_values(graph: Graph) -> dict[sympy.Symbol, int]:
+    """Small, distinct values for the graph's symbolic dims (3, 4, 5, ... clamped to ranges),
+    so a pass that confuses two dims shows up as a shape error or a drift."""
+    from irlm.types import sym
+    names = set(graph.dims)
+    for v in graph.inputs:
+        names |= v.type.free_symbols()
+    out = {}
+    for i, name in enumerate(sorted(names)):
+        want = 3 + i
+        r = graph.dims.get(name)
+        if r is not None:
+            want = min(max(want, r.min), r.max)
+        out[sym(name)] = want
+    return out
+
+
+def index_bound(v: Value) -> Optional[int]:
+    """The largest valid index + 1 for an integer input, from the tables it indexes."""
+    bounds = []
+    for use in v.uses:
+        o = use.op
+        table = None
+        if o.name == "core.embedding" and use.index == 1:
+            table = o.operands[0].type.shape[0]
+        elif o.name in ("core.index_select", "core.gather") and use.index == 1:
+            t = o.operands[0].type
+            table = t.shape[o.attrs["dim"] % t.rank]
+        if isinstance(table, int):
+            bounds.append(table)
+    return min(bounds) if bounds else None
+
+
+def make_inputs(graph: Graph, seed: int = 0, int_max: Optional[int] = None) -> list[torch.Tensor]:
+    """Seeded random inputs that respect each input's dtype and valid index range."""
+    gen = torch.Generator().manual_seed(seed)
+    bindings = symbol_values(graph)
+    out = []
+    for v in graph.inputs:
+        shape = []
+        for d in v.type.shape:
+            n = d if isinstance(d, int) else d.subs(bindings)
+            if not getattr(n, "is_Integer", isinstance(n, int)):
+                raise NumericsError(f"--check-numerics: cannot choose a size for dimension {d} "
+                                    f"of input %{v.name}")
+            shape.append(int(n))
+        dt = v.type.dtype
+        if dt.is_float:
+            x = torch.randn(shape, generator=gen).to(dt.torch)
+        elif dt is DType.bool:
+            x = torch.randint(0, 2, shape, generator=gen).bool()
+        else:
+            hi = int_max if int_max is not None else (index_bound(v) or DEFAULT_INT_MAX)
+            hi = max(1, min(hi, _INT_RANGE.get(dt, hi)))
+            x = torch.randint(0, hi, shape, generator=gen).to(dt.torch)
+        out.append(x)
+    return out
+
+
+# ----- comparing -------------------------------------------------------------------------------
+
+
+@dataclass
+class Difference:
+    max_abs: float        # largest |a - b| (inf where only one side is NaN)
+    scale: float          # largest finite |a|: what "relative" is relative to
+
+    @property
+    def relative(self) -> float:
+        return self.max_abs / self.scale if self.scale > 0 else \
+            (0.0 if self.max_abs == 0 else float("inf"))
+
+
+def difference(ref: torch.Tensor, new: torch.Tensor) -> Difference:
+    a, b = ref.detach().double(), new.detach().double()
+    if a.shape != b.shape:
+        return Difference(float("inf"), 0.0)
+    if a.numel() == 0:
+        return Difference(0.0, 0.0)
+    nan_a, nan_b = torch.isnan(a), torch.isnan(b)
+    same = (a == b) | (nan_a & nan_b)  # equal infinities and shared NaNs are no difference
+    diff = torch.where(same, torch.zeros_like(a), (a - b).abs())
+    diff = torch.where(nan_a ^ nan_b, torch.full_like(a, float("inf")), diff)
+    finite = a[torch.isfinite(a)]
+    scale = float(finite.abs().max()) if finite.numel() else 0.0
+    return Difference(float(diff.max()), scale)
+
+
+def signature(graph: Graph) -> tuple:
+    return (tuple((v.name, str(v.type)) for v in graph.inputs),
+            tuple(str(v.type) for v in graph.outputs))
+
+
+# ----- the instrument --------------------------------------------------------------------------
+
+
+class CheckNumerics(Instrument):
+    """Compare every pass's outputs with the input graph's on the same random inputs."""
+
+    def __init__(self, atol: Optional[float] = None, rtol: Optional[float] = None, seed: int = 0,
+                 int_max: Optional[int] = None, top: int = 3, stream: Optional[IO[str]] = None):
+        self.atol = DEFAULT_ATOL if atol is None else atol
+        self.rtol = rtol
+        self.seed = seed
+        self.int_max = int_max
+        self.top = top
+        self.stream = stream
+        self.baseline: Optional[RunResult] = None    # outputs to compare against
+        self.previous: Optional[RunResult] = None    # the last stage's values, for localizing
+        self.previous_graph_names: set[str] = set()
+        self.inputs: list[torch.Tensor] = []
+        self.signature: tuple = ()
+        self.checked = 0
+
+    def tolerance(self, dtype: DType, scale: float) -> float:
+        rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(dtype, 0.0)
+        atol = self.atol if (dtype.is_float or self.rtol is not None) else 0.0
+        return atol + rtol * scale
+
+    def _run(self, graph: Graph, when: str) -> RunResult:
+        try:
+            return Interpreter(graph).run(self.inputs, capture=True)
+        except IRLMError as e:
+            raise NumericsError(f"--check-numerics: the reference interpreter failed on the "
+                                f"graph {when}: {e}") from e
+
+    def _baseline(self, graph: Graph, when: str) -> None:
+        self.inputs = make_inputs(graph, self.seed, self.int_max)
+        self.signature = signature(graph)
+        self.baseline = self.previous = self._run(graph, when)
+
+    def before_pipeline(self, graph, pipeline, stage_offset):
+        params = [o for o in graph.params()]
+        if params and graph.weights is None:
+            raise NumericsError(
+                f"--check-numerics: graph @{graph.name} reads {len(params)} weight(s) (e.g. "
+                f"'{params[0].attrs['name']}') but has no weight store, so numerics cannot be "
+                f"checked; give the weights (irlm opt --weights FILE) or drop --check-numerics")
+        self._baseline(graph, "before any pass")
+
+    def after_pass(self, graph, result):
+        stage = result.stage
+        if signature(graph) != self.signature:
+            self._note(f"numerics: {stage.label} changed the graph's inputs or outputs; later "
+                       f"passes are compared with its result")
+            self._baseline(graph, f"after {stage.label}")
+            return
+        run = self._run(graph, f"after {stage.label}")
+        worst = None
+        for i, (v, ref, new) in enumerate(zip(graph.outputs, self.baseline.outputs, run.outputs)):
+            d = difference(ref, new)
+            tol = self.tolerance(v.type.dtype, d.scale)
+            if d.max_abs > tol and (worst is None or d.relative > worst[2].relative):
+                worst = (i, v, d, tol)
+        self.checked += 1
+        if worst is not None:
+            raise NumericsError(self._report(graph, stage, worst, run))
+        self.previous = run
+
+    def _report(self, graph: Graph, stage, worst, run: RunResult) -> str:
+        i, v, d, tol = worst
+        lines = [f"--check-numerics: {stage.label} changed the graph's outputs: output {i} "
+                 f"(%{v.name}) differs by up to {d.max_abs:.4g} (max |reference| {d.scale:.4g}, "
+                 f"tolerance {tol:.3g})"]
+        diffs = self._value_differences(graph, run)
+        if diffs:
+            first = diffs[0]
+            lines.append(f"  first value that differs (in graph order): {_describe(first)}")
+            ranked = sorted(diffs, key=lambda t: (-t[2].relative, t[0]))[: self.top]
+            lines.append("  values that differ most (same name and shape before and after):")
+            lines += [f"    {_describe(t)}" for t in ranked]
+        else:
+            lines.append("  no value kept its name across the pass, so none can be compared")
+        return "\n".join(lines)
+
+    def _value_differences(self, graph: Graph, run: RunResult):
+        """(position, value, Difference) for each value whose name and shape survive the pass
+        and whose contents changed, in graph order."""
+        out = []
+        before = self.previous.captured
+        pos = 0
+        for o in graph.ops:
+            for r in o.results:
+                pos += 1
+                if r.name is None or r.name not in before or r.name not in run.captured:
+                    continue
+                a, b = before[r.name], run.captured[r.name]
+                if a.shape != b.shape:
+                    continue
+                d = difference(a, b)
+                if d.max_abs > self.tolerance(r.type.dtype, d.scale):
+                    out.append((pos, r, d))
+        return out
+
+    def _note(self, text: str) -> None:
+        (self.stream or sys.stderr).write(text + "\n")
+
+
+def _describe(item) -> str:
+    _, v, d = item
+    where = v.producer.describe() if v.producer is not None else f"input %{v.name}"
+    if v.producer is not None and v.producer.results[0] is not v or v.producer is None:
+        where = f"%{v.name} of {where}"
+    return f"{where}: max |diff| {d.max_abs:.4g} (relative {d.relative:.3g})"
