@@ -1,0 +1,284 @@
+"""The engine loop: schedule a step, run it, turn its logits into tokens, retire what ended.
+
+One :meth:`LLMEngine.step` is one forward pass of the in-flight batch.  After the runner
+returns, every scheduled sequence has ``num_computed`` advanced and its newly full blocks
+published for prefix reuse; a sequence whose tokens are now all computed has next-token
+logits.  Ordinary sequences are sampled together (one vectorized call for the whole batch);
+beams wait until all beams of their request have logits, then take one beam-search step.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import IRLMError
+from .beam_search import BeamSearch
+from .detokenizer import IncrementalDetokenizer, Tokenizer
+from .kv_cache import BlockManager
+from .model_runner import ModelRunner, StepBatch
+from .outputs import CompletionOutput, RequestOutput, StreamOutput
+from .sampling import SampleRow, SamplingParams, apply_penalties, sample
+from .scheduler import Scheduler, SchedulerConfig
+from .sequence import Request, Sequence, Status
+
+
+class LLMEngine:
+    def __init__(self, runner: ModelRunner, tokenizer: Tokenizer | None = None, *,
+                 max_num_tokens: int = 512, max_batch_size: int = 64,
+                 policy: str = "guaranteed-no-evict", max_waiting: int = 1024,
+                 enable_prefix_caching: bool = True,
+                 eos_token_id: int | list[int] | None = None):
+        self.runner, self.tokenizer = runner, tokenizer
+        self.block_manager = BlockManager(runner.num_blocks, runner.block_size,
+                                          enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_tokens=max_num_tokens, max_batch_size=max_batch_size,
+                            policy=policy, max_waiting=max_waiting,
+                            max_model_len=runner.max_model_len), self.block_manager)
+        if eos_token_id is None:
+            eos_token_id = []
+        self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        self.requests: dict[int, Request] = {}
+        self.num_steps = 0
+        self._next_request_id = 0
+        self._next_seq_id = 0
+
+    # ----- requests ------------------------------------------------------------------------
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None, *,
+                    prompt: str | None = None, stream: bool = False) -> int:
+        """Queue a request; returns its id.  Raises QueueFullError / RequestRejectedError."""
+        params = params or SamplingParams()
+        if params.stop and self.tokenizer is None:
+            raise IRLMError("stop strings need a tokenizer to detokenize the output")
+        if params.logprobs is not None and params.logprobs > self.runner.vocab_size:
+            raise IRLMError(f"SamplingParams.logprobs must be <= the vocabulary size "
+                            f"({self.runner.vocab_size}), got {params.logprobs}")
+        prompt_ids = [int(t) for t in prompt_ids]
+        if any(not 0 <= t < self.runner.vocab_size for t in prompt_ids):
+            raise IRLMError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
+        max_len = min(len(prompt_ids) + params.max_tokens, self.runner.max_model_len)
+        req = Request(self._next_request_id, prompt_ids, params, max_len, prompt=prompt,
+                      stream=stream, arrival=self._next_request_id)
+        first = self._new_sequence(req, list(prompt_ids), index=0)
+        req.seqs.append(first)
+        if params.use_beam_search:
+            stops = params.stop_token_ids + ([] if params.ignore_eos else self.eos_token_ids)
+            req.beam = BeamSearch(params.beam_width, len(prompt_ids), max_len, stops,
+                                  params.length_penalty, params.early_stopping)
+        self.scheduler.add(req)          # may raise: the id is only used once it is accepted
+        self._next_request_id += 1
+        self.requests[req.request_id] = req
+        return req.request_id
+
+    def abort(self, request_id: int) -> None:
+        """Cancel a request: its blocks are freed now; its output so far stays readable."""
+        req = self.requests.get(request_id)
+        if req is None or req.finished:
+            return
+        for seq in req.seqs:
+            seq.finish_reason = "abort"
+        self.scheduler.finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    @property
+    def queue_has_room(self) -> bool:
+        return len(self.scheduler.waiting) < self.scheduler.config.max_waiting
+
+    # ----- the step ------------------------------------------------------------------------
+    def step(self) -> list[Request]:
+        """Run one step; returns the requests that got new tokens or finished."""
+        plan = self.scheduler.schedule()
+        if not plan.rows:
+            if self.scheduler.has_unfinished():
+                raise AssertionError("the scheduler made no progress with requests pending")
+            return []
+        bm = self.block_manager
+        batch = StepBatch.pack([s.seq_id for s, _ in plan.rows],
+                               [s.token_ids[s.num_computed:s.num_computed + n]
+                                for s, n in plan.rows],
+                               [s.num_computed for s, _ in plan.rows],
+                               [bm.block_table(s.seq_id) for s, _ in plan.rows])
+        logits = self.runner.step(batch)
+        self.num_steps += 1
+        ready = []
+        for row, (seq, n) in enumerate(plan.rows):
+            seq.num_computed += n
+            bm.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+            if seq.num_uncomputed == 0:       # else: a prompt chunk, its logits are unused
+                ready.append((seq, row))
+        changed: dict[int, Request] = {}
+        self._sample([(s, r) for s, r in ready if s.request.beam is None], logits, changed)
+        for seq, row in ready:
+            if seq.request.beam is not None:
+                seq.beam_logits = logits[row]
+        for req in {id(s.request): s.request for s, _ in ready if s.request.beam}.values():
+            if all(s.beam_logits is not None for s in req.seqs):
+                self._beam_step(req)
+                changed[req.request_id] = req
+        return list(changed.values())
+
+    def _sample(self, ready: list[tuple[Sequence, int]], logits: torch.Tensor,
+                changed: dict[int, Request]) -> None:
+        jobs = []
+        for seq, row in ready:
+            req = seq.request
+            jobs.append((seq, row))
+            if req.pending_forks and not seq.output_ids:
+                # The first token of n > 1 samples: the other samples start here, sharing the
+                # prompt's full blocks, and draw their first token from the same logits.
+                for _ in range(req.pending_forks):
+                    child = self._fork(seq, index=len(req.seqs))
+                    req.seqs.append(child)
+                    jobs.append((child, row))
+        if not jobs:
+            return
+        rows = [SampleRow(s.request.params, s.request.prompt_ids, s.output_ids,
+                          s.generator(logits.device)) for s, _ in jobs]
+        result = sample(logits[[r for _, r in jobs]], rows)
+        for (seq, _), token, lp, top in zip(jobs, result.token_ids, result.token_logprobs,
+                                            result.top_logprobs):
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += lp
+            if seq.logprobs is not None:
+                seq.logprobs.append(top)
+            self._check_stop(seq)
+            changed[seq.request.request_id] = seq.request
+        for seq, _ in jobs:
+            if seq.finished:
+                self._retire(seq)
+
+    def _check_stop(self, seq: Sequence) -> None:
+        req, p = seq.request, seq.request.params
+        token = seq.token_ids[-1]
+        # Detokenized (when needed) whatever ends it, so that a stream's text is complete.
+        found = seq.detokenizer.update(seq.output_ids) if seq.detokenizer else None
+        if token in p.stop_token_ids:
+            seq.finish_reason, seq.stop_reason = "stop", token
+        elif not p.ignore_eos and token in self.eos_token_ids:
+            seq.finish_reason = "stop"
+        elif found is not None:
+            seq.finish_reason, seq.stop_reason = "stop", found
+        elif len(seq.token_ids) >= req.max_len:
+            seq.finish_reason = "length"
+
+    def _retire(self, seq: Sequence) -> None:
+        """A sample ended: free its blocks; the request ends with its last sample."""
+        req = seq.request
+        self.block_manager.free(seq.seq_id)
+        req.seqs.remove(seq)
+        req.done.append(seq)
+        if not req.seqs and not req.pending_forks:
+            self.scheduler.finish(req)
+
+    def _beam_step(self, req: Request) -> None:
+        beams, p = req.seqs, req.params
+        logprobs = torch.stack([s.beam_logits for s in beams]).float().log_softmax(dim=-1)
+        for s in beams:
+            s.beam_logits = None
+        if p.repetition_penalty != 1.0:      # HF applies processors to the log-probs
+            n = len(beams)
+            logprobs = apply_penalties(logprobs, [req.prompt_ids] * n,
+                                       [s.output_ids for s in beams],
+                                       torch.full((n,), p.repetition_penalty),
+                                       torch.zeros(n), torch.zeros(n))
+        continuations = req.beam.step(logprobs, [s.output_ids for s in beams])
+        if req.beam.done:
+            self.scheduler.finish(req)
+            return
+        # A parent's first continuation extends the parent itself; any other forks it.  Forks
+        # are made before any parent grows, so that they copy the parent as it was.
+        claimed: set[int] = set()
+        next_beams = []
+        for c in continuations:
+            if c.parent in claimed:
+                next_beams.append(self._fork(beams[c.parent], index=0))
+            else:
+                claimed.add(c.parent)
+                next_beams.append(beams[c.parent])
+        for i, beam in enumerate(beams):
+            if i not in claimed:
+                self.block_manager.free(beam.seq_id)
+        for beam, c in zip(next_beams, continuations):
+            beam.token_ids.append(c.token)
+            beam.cumulative_logprob = c.cumulative_logprob
+        req.seqs = next_beams
+
+    # ----- sequences -----------------------------------------------------------------------
+    def _new_sequence(self, req: Request, token_ids: list[int], index: int) -> Sequence:
+        seq = Sequence(self._next_seq_id, req, token_ids, index=index)
+        self._next_seq_id += 1
+        p = req.params
+        if p.logprobs is not None:
+            seq.logprobs = []
+        if self.tokenizer is not None and not p.use_beam_search and (p.stop or req.stream):
+            seq.detokenizer = IncrementalDetokenizer(self.tokenizer, p.stop,
+                                                     p.skip_special_tokens)
+        return seq
+
+    def _fork(self, parent: Sequence, index: int) -> Sequence:
+        """A new sequence with the parent's tokens, sharing the parent's full KV blocks."""
+        child = self._new_sequence(parent.request, list(parent.token_ids), index)
+        child.cumulative_logprob = parent.cumulative_logprob
+        if parent.logprobs is not None:
+            child.logprobs = list(parent.logprobs)
+        child.num_computed = self.block_manager.fork(parent.seq_id, child.seq_id,
+                                                     parent.num_computed)
+        return child
+
+    # ----- outputs -------------------------------------------------------------------------
+    def _text(self, seq: Sequence) -> str | None:
+        if seq.detokenizer is not None:
+            return seq.detokenizer.text
+        return self._decode(seq.output_ids, seq.request.params)
+
+    def _decode(self, ids: list[int], params: SamplingParams) -> str | None:
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    def output(self, request_id: int) -> RequestOutput:
+        req = self.requests[request_id]
+        p = req.params
+        if req.beam is not None and req.beam.finished and req.finished:
+            outs = [CompletionOutput(i, self._decode(h.output_ids, p), h.output_ids,
+                                     "stop" if h.stopped else "length",
+                                     cumulative_logprob=h.cumulative_logprob,
+                                     beam_score=h.score)
+                    for i, h in enumerate(req.beam.finished[:p.n])]
+        else:
+            seqs = sorted(req.done + req.seqs, key=lambda s: s.index)
+            if req.beam is not None:          # unfinished (or aborted) beams: as they stand
+                seqs = req.seqs[:p.n]
+            outs = [CompletionOutput(i if req.beam else s.index, self._text(s), s.output_ids,
+                                     s.finish_reason, s.stop_reason, s.cumulative_logprob,
+                                     s.logprobs)
+                    for i, s in enumerate(seqs)]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished)
+
+    def pop_output(self, request_id: int) -> RequestOutput:
+        """The output of a request, forgetting the request if it has finished."""
+        out = self.output(request_id)
+        if out.finished:
+            del self.requests[request_id]
+        return out
+
+    def stream_deltas(self, request_id: int) -> list[StreamOutput]:
+        """What each sequence of a streamed request produced since the last call."""
+        req = self.requests[request_id]
+        if req.beam is not None:               # beams are only known at the end
+            if not req.finished:
+                return []
+            return [StreamOutput(req.request_id, o.index, o.text or "", o.token_ids,
+                                 o.finish_reason) for o in self.output(request_id).outputs]
+        deltas = []
+        for seq in sorted(req.done + req.seqs, key=lambda s: s.index):
+            if seq.stream_done:
+                continue
+            new_ids = seq.output_ids[seq.num_streamed:]
+            text = seq.detokenizer.delta(final=seq.finished) if seq.detokenizer else ""
+            if new_ids or text or seq.finished:
+                deltas.append(StreamOutput(req.request_id, seq.index, text, new_ids,
+                                           seq.finish_reason))
+            seq.num_streamed, seq.stream_done = len(seq.output_ids), seq.finished
+        return deltas

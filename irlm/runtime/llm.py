@@ -1,0 +1,206 @@
+"""``LLM``: the user-facing entry point (offline batches, chat, async streaming).
+
+    llm = LLM(runner, tokenizer)
+    outs = llm.generate(["Hello", "The capital of"], SamplingParams(temperature=0, max_tokens=32))
+    async for delta in llm.generate_stream("Tell me", SamplingParams(max_tokens=64)):
+        print(delta.text, end="")
+
+A runner is anything implementing :class:`~irlm.runtime.model_runner.ModelRunner`: a
+compiled engine (``LLM.from_engine``), or for tests a
+:class:`~irlm.runtime.reference_runner.ReferenceRunner` over a Hugging Face model.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import AsyncIterator, Sequence
+
+from ..errors import IRLMError
+from .engine import LLMEngine
+from .model_runner import ModelRunner
+from .outputs import RequestOutput, StreamOutput
+from .sampling import SamplingParams
+
+Prompt = str | list[int]
+
+
+def as_hf_tokenizer(tokenizer):
+    """Accept a ``tokenizers.Tokenizer`` too, by wrapping it in ``PreTrainedTokenizerFast``."""
+    try:
+        from tokenizers import Tokenizer as RawTokenizer
+    except ImportError:                                    # pragma: no cover
+        return tokenizer
+    if isinstance(tokenizer, RawTokenizer):
+        from transformers import PreTrainedTokenizerFast
+        return PreTrainedTokenizerFast(tokenizer_object=tokenizer)
+    return tokenizer
+
+
+class LLM:
+    def __init__(self, runner: ModelRunner, tokenizer=None, *, max_num_tokens: int = 512,
+                 max_batch_size: int = 64, policy: str = "guaranteed-no-evict",
+                 max_waiting: int = 1024, enable_prefix_caching: bool = True,
+                 chat_template: str | None = None,
+                 eos_token_id: int | list[int] | None = None):
+        self.tokenizer = as_hf_tokenizer(tokenizer)
+        if eos_token_id is None and self.tokenizer is not None:
+            eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
+        self.chat_template = chat_template
+        self.engine = LLMEngine(runner, self.tokenizer, max_num_tokens=max_num_tokens,
+                                max_batch_size=max_batch_size, policy=policy,
+                                max_waiting=max_waiting,
+                                enable_prefix_caching=enable_prefix_caching,
+                                eos_token_id=eos_token_id)
+        self._streams: dict[int, asyncio.Queue] = {}
+        self._loop_task: asyncio.Task | None = None
+
+    @classmethod
+    def from_engine(cls, engine_dir, **kwargs) -> "LLM":
+        """Build the runner from a compiled engine directory (``irlm compile -o DIR``).
+
+        Hook for the native engine: load the plan in ``engine_dir``, size the KV pool
+        (:func:`~irlm.runtime.kv_cache.num_blocks_for_free_memory` on a GPU), wrap it as a
+        :class:`ModelRunner`, load the tokenizer and chat template saved beside it, and call
+        ``cls(runner, tokenizer, chat_template=..., **kwargs)``."""
+        raise NotImplementedError(
+            f"LLM.from_engine({str(engine_dir)!r}): loading compiled engines is not "
+            f"implemented yet; construct LLM(runner, tokenizer) with a ModelRunner")
+
+    # ----- offline ---------------------------------------------------------------------------
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None
+                 ) -> list[RequestOutput]:
+        """Generate for every prompt (text, or a list of token ids); outputs in prompt order.
+
+        Prompts beyond the waiting queue's bound are fed in as room frees up."""
+        prompts = self._as_prompt_list(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise IRLMError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
+        encoded = [self._encode(p) for p in prompts]     # every error before any work
+        pending = deque(enumerate(zip(prompts, encoded, params)))
+        ids: list[int | None] = [None] * len(prompts)
+        engine = self.engine
+        try:
+            while pending or any(not engine.requests[i].finished for i in ids if i is not None):
+                while pending and engine.queue_has_room:
+                    k, (prompt, prompt_ids, p) = pending.popleft()
+                    ids[k] = engine.add_request(prompt_ids, p,
+                                                prompt=prompt if isinstance(prompt, str) else None)
+                engine.step()
+        except BaseException:
+            for i in ids:
+                if i is not None:
+                    engine.abort(i)
+                    engine.pop_output(i)
+            raise
+        return [engine.pop_output(i) for i in ids]
+
+    def chat(self, messages: list[dict] | Sequence[list[dict]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None, *,
+             chat_template: str | None = None, add_generation_prompt: bool = True
+             ) -> list[RequestOutput]:
+        """Generate replies to one conversation (a list of ``{"role", "content"}`` dicts) or to
+        several; the chat template is a jinja2 string (argument, or the LLM's) or the
+        tokenizer's own."""
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.apply_chat_template(c, chat_template=chat_template,
+                                            add_generation_prompt=add_generation_prompt)
+                   for c in conversations]
+        # The template writes the special tokens (BOS...) itself: encode without adding more.
+        token_ids = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
+        outs = self.generate(token_ids, params)
+        for out, prompt in zip(outs, prompts):
+            out.prompt = prompt
+        return outs
+
+    def apply_chat_template(self, messages: list[dict], *, chat_template: str | None = None,
+                            add_generation_prompt: bool = True) -> str:
+        template = chat_template or self.chat_template
+        if template is not None:
+            return _render_chat_template(template, messages, add_generation_prompt,
+                                         self.tokenizer)
+        if self.tokenizer is None or not getattr(self.tokenizer, "chat_template", None):
+            raise IRLMError("chat needs a chat template: pass chat_template= (a jinja2 string) "
+                            "or use a tokenizer that has one")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    # ----- streaming -------------------------------------------------------------------------
+    async def generate_stream(self, prompt: Prompt, params: SamplingParams | None = None
+                              ) -> AsyncIterator[StreamOutput]:
+        """Yield each sequence's new text and tokens as they are generated.  The engine loop
+        runs as a task on the current event loop while any request is unfinished; leaving the
+        iteration early cancels the request and frees its blocks."""
+        prompt_ids = self._encode(prompt)
+        request_id = self.engine.add_request(prompt_ids, params, stream=True,
+                                             prompt=prompt if isinstance(prompt, str) else None)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = queue
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.get_running_loop().create_task(self._run_engine())
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            self._streams.pop(request_id, None)
+            self.engine.abort(request_id)          # no-op when it finished
+            self.engine.pop_output(request_id)
+
+    async def _run_engine(self) -> None:
+        engine = self.engine
+        try:
+            while engine.has_unfinished():
+                for req in engine.step():
+                    queue = self._streams.get(req.request_id)
+                    if queue is None:
+                        continue
+                    for delta in engine.stream_deltas(req.request_id):
+                        queue.put_nowait(delta)
+                    if req.finished:
+                        queue.put_nowait(None)
+                await asyncio.sleep(0)           # let consumers run and new requests arrive
+        except Exception as e:                   # hand the failure to every waiting stream
+            for queue in self._streams.values():
+                queue.put_nowait(e)
+
+    # ----- helpers ---------------------------------------------------------------------------
+    @staticmethod
+    def _as_prompt_list(prompts) -> list[Prompt]:
+        if isinstance(prompts, str):
+            return [prompts]
+        prompts = list(prompts)
+        if prompts and all(isinstance(t, int) for t in prompts):
+            return [prompts]                        # one prompt given as token ids
+        return prompts
+
+    def _encode(self, prompt: Prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise IRLMError("a text prompt needs a tokenizer; pass token ids instead")
+            return list(self.tokenizer.encode(prompt))
+        return [int(t) for t in prompt]
+
+
+def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
+                          tokenizer) -> str:
+    """Render a jinja2 chat template the way HF does (sandboxed, trimmed blocks)."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise IRLMError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    special = {name: getattr(tokenizer, name, None) or ""
+               for name in ("bos_token", "eos_token")} if tokenizer is not None else {}
+    return env.from_string(template).render(messages=messages,
+                                            add_generation_prompt=add_generation_prompt,
+                                            **special)

@@ -1,0 +1,68 @@
+"""The one interface between the runtime and whatever computes logits.
+
+A compiled engine, the CPU reference interpreter and the test runners all implement
+:class:`ModelRunner`.  Per step the runtime hands over a :class:`StepBatch` in the inference
+form (:mod:`irlm.ops.llm`): the new tokens of every scheduled sequence packed without padding,
+their positions, ``q_lens`` / ``cached_lens`` and block tables into the KV pool that the runner
+owns.  The runner writes this step's keys and values into the pool and returns the logits of
+each sequence's last new token.  Everything else (which block holds what, what to schedule,
+how to sample) is the runtime's business, so a runner stays a pure function of
+(pool, batch) -> (pool', logits).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence, runtime_checkable
+
+import torch
+
+
+@dataclass
+class StepBatch:
+    """One forward step of the in-flight batch; rows (sequences) in order."""
+    request_ids: list[int]       # one id per row: a sequence (n > 1 and beams run several)
+    input_ids: torch.Tensor      # [tokens] int64, the packed new tokens of every row
+    positions: torch.Tensor      # [tokens] int64, absolute positions (cached_len + i)
+    q_lens: torch.Tensor         # [reqs] int32, new tokens per row (prompt chunk or 1)
+    cached_lens: torch.Tensor    # [reqs] int32, tokens already in the KV cache per row
+    block_tables: torch.Tensor   # [reqs, max_blocks] int32, padded with 0
+
+    @classmethod
+    def pack(cls, request_ids: Sequence[int], new_tokens: Sequence[Sequence[int]],
+             cached_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> "StepBatch":
+        """Build a batch from per-row Python lists (host tensors; the runner moves them)."""
+        ids = [t for chunk in new_tokens for t in chunk]
+        pos = [c + i for chunk, c in zip(new_tokens, cached_lens) for i in range(len(chunk))]
+        width = max((len(t) for t in block_tables), default=0)
+        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        return cls(request_ids=list(request_ids),
+                   input_ids=torch.tensor(ids, dtype=torch.int64),
+                   positions=torch.tensor(pos, dtype=torch.int64),
+                   q_lens=torch.tensor([len(c) for c in new_tokens], dtype=torch.int32),
+                   cached_lens=torch.tensor(list(cached_lens), dtype=torch.int32),
+                   block_tables=torch.tensor(tables, dtype=torch.int32).reshape(len(tables), width))
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def __len__(self) -> int:
+        return len(self.request_ids)
+
+
+@runtime_checkable
+class ModelRunner(Protocol):
+    """What the runtime needs from an engine.
+
+    ``num_blocks`` and ``block_size`` describe the KV pool the runner owns (the runtime's
+    :class:`~irlm.runtime.kv_cache.BlockManager` mirrors them); ``max_model_len`` is the
+    longest sequence (prompt + output) the model supports.
+    """
+    vocab_size: int
+    block_size: int
+    num_blocks: int
+    max_model_len: int
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        """[reqs, vocab] float32 logits of each row's LAST new token (any device)."""
+        ...

@@ -1,0 +1,280 @@
+"""Sampling: the parameters of a request, and turning a batch of logits into next tokens.
+
+Semantics follow Hugging Face's logits processors (and vLLM where HF has none):
+
+* ``repetition_penalty`` (HF ``RepetitionPenaltyLogitsProcessor``): for every token id seen in
+  the prompt or the output so far, a positive logit is divided by the penalty and a negative
+  one multiplied by it;
+* ``presence_penalty`` / ``frequency_penalty`` (OpenAI / vLLM): subtract ``presence`` once and
+  ``frequency`` per occurrence for every token id in the *output* so far;
+* then ``temperature``, ``top_k``, ``top_p``, ``min_p``, in HF's order and with HF's tie and
+  boundary rules (``TopKLogitsWarper`` keeps ties with the k-th, ``TopPLogitsWarper`` keeps the
+  smallest set whose mass exceeds ``top_p``, ``MinPLogitsWarper`` scales by the top prob).
+
+Every stage works on the ``[rows, vocab]`` logits of the whole batch at once with per-row
+parameters, on whatever device the logits live.  A row draws its randomness from its own
+``torch.Generator`` when the request has a seed, so its tokens do not depend on what else is
+in the batch.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .errors import SamplingParamsError
+
+# Below this a temperature is treated as 0 (greedy): dividing by it would overflow.
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingParams:
+    """How to generate for one request (defaults: one sample, temperature 1, 16 tokens)."""
+    n: int = 1                          # independent samples of the prompt (beams: returned)
+    max_tokens: int = 16
+    temperature: float = 1.0            # 0: greedy
+    top_k: int = 0                      # 0 (or -1): off
+    top_p: float = 1.0                  # 1: off
+    min_p: float = 0.0                  # 0: off
+    repetition_penalty: float = 1.0     # 1: off
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None             # per-request generator: reproducible, batch-independent
+    stop: list[str] | str | None = None     # stop strings, matched on the detokenized text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False            # keep going past the model's EOS token
+    logprobs: int | None = None         # return the top-k logprobs at each sampled token
+    use_beam_search: bool = False
+    beam_width: int = 4
+    length_penalty: float = 1.0         # beams: score = sum logprob / generated_len ** this
+    early_stopping: bool | str = False  # beams: True, False (heuristic) or "never"
+    skip_special_tokens: bool = True    # when detokenizing
+
+    def __post_init__(self):
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self.stop = list(self.stop or [])
+        self.stop_token_ids = list(self.stop_token_ids or [])
+        if self.top_k == -1:
+            self.top_k = 0
+        self._validate()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < _MIN_TEMPERATURE
+
+    @property
+    def uses_penalties(self) -> bool:
+        return (self.repetition_penalty != 1.0 or self.presence_penalty != 0.0
+                or self.frequency_penalty != 0.0)
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the request runs at once: its beams, or its n samples."""
+        return self.beam_width if self.use_beam_search else self.n
+
+    def _validate(self) -> None:
+        def bad(name, valid):
+            raise SamplingParamsError(
+                f"SamplingParams.{name} must be {valid}, got {getattr(self, name)!r}")
+
+        def is_int(x):
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        def is_real(x):
+            return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+        if not is_int(self.n) or self.n < 1:
+            bad("n", "an int >= 1")
+        if not is_int(self.max_tokens) or self.max_tokens < 1:
+            bad("max_tokens", "an int >= 1")
+        if not is_real(self.temperature) or self.temperature < 0:
+            bad("temperature", "a finite number >= 0 (0 = greedy)")
+        if not is_int(self.top_k) or self.top_k < 0:
+            bad("top_k", "an int >= 1, or 0 / -1 to disable")
+        if not is_real(self.top_p) or not 0 < self.top_p <= 1:
+            bad("top_p", "in (0, 1]")
+        if not is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            bad("min_p", "in [0, 1]")
+        if not is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not is_real(getattr(self, name)) or not -2 <= getattr(self, name) <= 2:
+                bad(name, "in [-2, 2]")
+        if self.seed is not None and (not is_int(self.seed) or not 0 <= self.seed < 2**63):
+            bad("seed", "None or an int in [0, 2**63)")
+        if any(not isinstance(s, str) or not s for s in self.stop):
+            bad("stop", "a non-empty string or a list of them")
+        if any(not is_int(t) or t < 0 for t in self.stop_token_ids):
+            bad("stop_token_ids", "a list of token ids (ints >= 0)")
+        if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
+            bad("logprobs", "None or an int >= 0")
+        if not self.use_beam_search:
+            return
+        if not is_int(self.beam_width) or self.beam_width < 2:
+            bad("beam_width", "an int >= 2 with use_beam_search")
+        if self.n > self.beam_width:
+            bad("n", f"<= beam_width ({self.beam_width}) with use_beam_search")
+        if not is_real(self.length_penalty):
+            bad("length_penalty", "a finite number")
+        if self.early_stopping not in (True, False, "never"):
+            bad("early_stopping", "True, False or 'never'")
+        # Beam search is deterministic: it ranks by log-probabilities, it does not sample.
+        for name, off in (("temperature", (0.0, 1.0)), ("top_k", (0,)), ("top_p", (1.0,)),
+                          ("min_p", (0.0,)), ("seed", (None,)), ("stop", ([],)),
+                          ("logprobs", (None,)), ("presence_penalty", (0.0,)),
+                          ("frequency_penalty", (0.0,))):
+            if getattr(self, name) not in off:
+                bad(name, f"{' or '.join(map(repr, off))} with use_beam_search "
+                          f"(beam search ranks by log-probabilities; it does not sample)")
+
+
+# ----- logits processing, vectorized over rows ---------------------------------------------
+def token_counts(token_lists: Sequence[Sequence[int]], vocab_size: int,
+                 device: torch.device) -> torch.Tensor:
+    """[rows, vocab] how often each token id occurs in each row's list."""
+    width = max((len(t) for t in token_lists), default=0)
+    padded = torch.full((len(token_lists), width), vocab_size, dtype=torch.int64)
+    for i, t in enumerate(token_lists):
+        padded[i, :len(t)] = torch.as_tensor(list(t), dtype=torch.int64)
+    padded = padded.to(device)
+    counts = torch.zeros(len(token_lists), vocab_size + 1, dtype=torch.float32, device=device)
+    counts.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.float32))
+    return counts[:, :vocab_size]          # the last column counted the padding
+
+
+def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
+                    output_ids: Sequence[Sequence[int]], repetition: torch.Tensor,
+                    presence: torch.Tensor, frequency: torch.Tensor) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens; presence/frequency over output tokens.
+    ``repetition`` / ``presence`` / ``frequency`` are per-row [rows] tensors."""
+    vocab = logits.shape[-1]
+    out_counts = token_counts(output_ids, vocab, logits.device)
+    seen = (token_counts(prompt_ids, vocab, logits.device) + out_counts) > 0
+    rep = repetition.to(logits)[:, None]
+    penalized = torch.where(logits < 0, logits * rep, logits / rep)
+    logits = torch.where(seen, penalized, logits)
+    return (logits - frequency.to(logits)[:, None] * out_counts
+            - presence.to(logits)[:, None] * (out_counts > 0).to(logits))
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Divide each row by its temperature; rows at 0 (greedy) are left alone."""
+    t = temperature.to(logits)
+    return logits / torch.where(t < _MIN_TEMPERATURE, torch.ones_like(t), t)[:, None]
+
+
+def apply_top_k(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k largest logits (and ties with the k-th); k = 0 keeps all."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    kth = logits.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def apply_top_p(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the most likely tokens whose cumulative probability exceeds top_p (at least one)."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cumulative <= (1 - top_p.to(logits))[:, None]
+    remove[:, -1] = False
+    return logits.masked_fill(remove.scatter(1, order, remove), float("-inf"))
+
+
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop tokens whose probability is below min_p times the row's top probability."""
+    probs = logits.softmax(dim=-1)
+    threshold = min_p.to(logits)[:, None] * probs.amax(dim=-1, keepdim=True)
+    return logits.masked_fill(probs < threshold, float("-inf"))
+
+
+def draw(logits: torch.Tensor, greedy: torch.Tensor,
+         generators: Sequence[torch.Generator | None]) -> torch.Tensor:
+    """[rows] next tokens: argmax for greedy rows, a sample from softmax(logits) otherwise.
+
+    Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)``, which equals drawing from
+    ``p`` and needs no per-row multinomial call; each seeded row draws its ``q`` from its own
+    generator."""
+    tokens = logits.argmax(dim=-1)
+    if bool(greedy.all()):
+        return tokens
+    probs = logits.softmax(dim=-1)
+    q = torch.empty_like(probs)
+    unseeded = [i for i, g in enumerate(generators) if g is None]
+    if unseeded:
+        q[unseeded] = torch.empty(len(unseeded), probs.shape[1], dtype=probs.dtype,
+                                  device=probs.device).exponential_()
+    for i, g in enumerate(generators):
+        if g is not None:
+            q[i] = torch.empty(probs.shape[1], dtype=probs.dtype,
+                               device=probs.device).exponential_(generator=g)
+    # q can be exactly 0 (u = 0 in the inverse CDF); 0/0 would be NaN, which argmax prefers.
+    q.clamp_min_(torch.finfo(q.dtype).tiny)
+    sampled = (probs / q).argmax(dim=-1)
+    return torch.where(greedy.to(tokens.device), tokens, sampled)
+
+
+# ----- the sampler -------------------------------------------------------------------------
+@dataclass
+class SampleRow:
+    """What sampling one row needs besides its logits."""
+    params: SamplingParams
+    prompt_ids: Sequence[int]
+    output_ids: Sequence[int]
+    generator: torch.Generator | None = None
+
+
+@dataclass
+class SampleResult:
+    token_ids: list[int]
+    token_logprobs: list[float]                # raw-model logprob of each sampled token
+    top_logprobs: list[dict[int, float] | None]  # when the row asked for logprobs
+
+
+def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+    """Penalties, temperature, top-k, top-p, min-p: the stages some row needs, batched."""
+    def column(values, dtype=torch.float32):
+        return torch.tensor(values, dtype=dtype, device=logits.device)
+
+    params = [r.params for r in rows]
+    if any(p.uses_penalties for p in params):
+        logits = apply_penalties(logits, [r.prompt_ids for r in rows],
+                                 [r.output_ids for r in rows],
+                                 column([p.repetition_penalty for p in params]),
+                                 column([p.presence_penalty for p in params]),
+                                 column([p.frequency_penalty for p in params]))
+    if any(not p.greedy and p.temperature != 1.0 for p in params):
+        logits = apply_temperature(logits, column([p.temperature for p in params]))
+    if any(p.top_k > 0 for p in params):
+        logits = apply_top_k(logits, column([p.top_k for p in params], torch.int64))
+    if any(p.top_p < 1.0 for p in params):
+        logits = apply_top_p(logits, column([p.top_p for p in params]))
+    if any(p.min_p > 0.0 for p in params):
+        logits = apply_min_p(logits, column([p.min_p for p in params]))
+    return logits
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
+    """Next token of every row of ``logits`` [rows, vocab] (float32, any device)."""
+    logits = logits.float()
+    raw_logprobs = logits.log_softmax(dim=-1)
+    processed = process_logits(logits, rows)
+    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
+    tokens = draw(processed, greedy, [r.generator for r in rows])
+    token_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    top: list[dict[int, float] | None] = [None] * len(rows)
+    k = max((r.params.logprobs or 0 for r in rows), default=0)
+    wants = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    if wants:
+        values, ids = raw_logprobs[wants].topk(min(max(k, 1), logits.shape[1]), dim=-1)
+        values, ids = values.tolist(), ids.tolist()
+    token_list, token_lp = tokens.tolist(), token_lp.tolist()
+    for j, i in enumerate(wants):
+        kk = rows[i].params.logprobs
+        entry = dict(zip(ids[j][:kk], values[j][:kk]))
+        entry[token_list[i]] = token_lp[i]
+        top[i] = entry
+    return SampleResult(token_list, token_lp, top)
