@@ -1,0 +1,276 @@
+"""substitute-attention: turn a traced, stateless decoder into the paged inference form.
+
+Input: a causal LM traced with ``input_ids`` and ``position_ids`` of shape ``[batch, seq]``
+(the frontend's ``inference=True`` trace).  Output (see irlm/ops/llm.py for the semantics):
+
+    inputs:  input_ids [tokens] i64, position_ids [tokens] i64,
+             q_lens [reqs] i32, cached_lens [reqs] i32, block_tables [reqs, max_blocks] i32,
+             kv_cache [layers, cache_blocks, 2, block_size, kv_heads, head_dim]
+    outputs: logits [reqs, vocab] of each request's last token
+
+The rewrite is exact because every op of a decoder except attention acts on each token on its
+own: fixing ``batch = 1`` and letting ``seq`` count the packed tokens of all requests leaves
+those ops unchanged, and each ``scaled_dot_product_attention`` (whose mask only encoded
+causality) becomes one ``llm.paged_attention`` that attends within each request through its
+block table.  GQA's ``repeat_kv`` expansion is removed so the cache holds only kv heads.
+Positions come from ``position_ids``, so rotary embeddings need no change.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import sympy
+
+from irlm.builder import Builder, make_op
+from irlm.errors import IRError
+from irlm.ir import Graph, Op, Value
+from irlm.registry import get_op_def
+from irlm.types import DType, TensorType, dims_equal, sym
+
+INFERENCE_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
+                    "kv_cache")
+_BIG = 2 ** 62
+
+
+def substitute_attention(graph: Graph, tokens_per_block: int = 16, sliding_window: int = 0,
+                         kv_cache_dtype: Optional[DType] = None, max_tokens: int = 8192,
+                         max_reqs: int = 512, max_blocks_per_seq: int = 4096) -> Graph:
+    g = graph
+    sdpas = [op for op in g.ops if op.name == "core.scaled_dot_product_attention"]
+    if not sdpas:
+        raise IRError("substitute-attention: the graph has no core.scaled_dot_product_attention "
+                      "op (is it a decoder traced with attention?)")
+    names = {v.name: v for v in g.inputs}
+    for required in ("input_ids", "position_ids"):
+        if required not in names:
+            raise IRError(f"substitute-attention: the graph has no input %{required}; trace "
+                          f"the model with input_ids and position_ids (inference form)")
+
+    # 1. One packed sequence: batch = 1, seq = tokens of all requests.
+    T, R, MB, NB = sym("tokens"), sym("reqs"), sym("max_blocks"), sym("cache_blocks")
+    seq_names = [n for n in g.dims if n not in ("batch",)]
+    mapping = {}
+    if "batch" in g.dims:
+        mapping["batch"] = 1
+    for name in seq_names:
+        mapping[name] = T
+    specialize_dims(g, mapping)
+    for name in mapping:
+        g.dims.pop(name, None)
+    g.declare_dim("tokens", 1, max_tokens)
+    g.declare_dim("reqs", 1, max_reqs)
+    g.declare_dim("max_blocks", 1, max_blocks_per_seq)
+    g.declare_dim("cache_blocks", 1, 1 << 24)
+
+    # 2. Packed inputs and per-request metadata.
+    first = sdpas[0]
+    k0 = strip_repeat_kv(first.operands[1])
+    kv_heads, head_dim = k0.type.shape[1], k0.type.shape[3]
+    cache_dtype = kv_cache_dtype or k0.type.dtype
+    q_lens = g.add_input(TensorType((R,), DType.i32), "q_lens")
+    cached = g.add_input(TensorType((R,), DType.i32), "cached_lens")
+    tables = g.add_input(TensorType((R, MB), DType.i32), "block_tables")
+    cache = g.add_input(TensorType((len(sdpas), NB, 2, tokens_per_block, kv_heads, head_dim),
+                                   cache_dtype), "kv_cache")
+    for name in ("input_ids", "position_ids"):
+        _flatten_input(g, names[name], T)
+
+    # 3. Attention → paged attention, one cache layer each, in graph order.
+    for layer, op in enumerate(sdpas):
+        _replace_sdpa(g, op, layer, T, cache, tables, q_lens, cached, sliding_window)
+
+    # 4. Only each request's last token reaches the LM head.
+    if len(g.outputs) != 1:
+        raise IRError(f"substitute-attention: expected one output (logits), found "
+                      f"{len(g.outputs)}")
+    g.outputs[0] = _last_token_logits(g, g.outputs[0], q_lens, T)
+
+    remove_dead_ops(g)
+    g.inputs = [v for v in g.inputs if v.uses or v.name in INFERENCE_INPUTS]
+    order = {n: i for i, n in enumerate(INFERENCE_INPUTS)}
+    g.inputs.sort(key=lambda v: order.get(v.name, len(order)))
+    return g
+
+
+# ----- pieces ----------------------------------------------------------------------------------
+
+def specialize_dims(g: Graph, mapping: dict) -> None:
+    """Substitute symbolic dims everywhere: value types and dim-valued attributes."""
+    subs = {sym(k): (v if not isinstance(v, int) else sympy.Integer(v)) for k, v in mapping.items()}
+
+    def sub_type(t: TensorType) -> TensorType:
+        if not t.free_symbols():
+            return t
+        return TensorType([d if isinstance(d, int) else d.subs(subs) for d in t.shape], t.dtype)
+
+    for v in g.values():
+        v.type = sub_type(v.type)
+    for op in g.ops:
+        d = get_op_def(op.name)
+        for k, spec in d.attrs.items():
+            val = op.attrs.get(k)
+            if val is None:
+                continue
+            if spec.kind == "dim" and not isinstance(val, int):
+                op.attrs[k] = _norm(val.subs(subs))
+            elif spec.kind == "dims":
+                op.attrs[k] = tuple(x if isinstance(x, int) else _norm(x.subs(subs)) for x in val)
+            elif spec.kind == "type":
+                op.attrs[k] = sub_type(val)
+
+
+def _norm(e):
+    from irlm.types import normalize_dim
+    return normalize_dim(e)
+
+
+def _flatten_input(g: Graph, v: Value, T) -> None:
+    """Replace input ``[1, tokens]`` by ``[tokens]`` (reshaped back for its users)."""
+    if v.type.rank != 2 or v.type.shape[0] != 1 or not dims_equal(v.type.shape[1], T):
+        raise IRError(f"substitute-attention: input %{v.name} is {v.type}, expected [1, tokens]")
+    new = Value(TensorType((T,), v.type.dtype), v.name)
+    reshape = make_op("core.reshape", [new], {"shape": [1, T]})
+    if g.first is None:
+        g.append(reshape)
+    else:
+        g.insert_before(g.first, reshape)
+    v.replace_all_uses_with(reshape.result)
+    g.inputs[g.inputs.index(v)] = new
+
+
+def strip_repeat_kv(v: Value) -> Value:
+    """``repeat_kv(x) = reshape(expand(unsqueeze(x, 2)))`` → x  (GQA head expansion).
+
+    Matched exactly: x is [b, kv, t, d], the unsqueeze is at dim 2, the expand only grows
+    that new dim to rep, and the reshape merges (kv, rep) into kv*rep heads.
+    """
+    r = v.producer
+    if r is None or r.name != "core.reshape":
+        return v
+    e = r.operands[0].producer
+    if e is None or e.name != "core.expand":
+        return v
+    u = e.operands[0].producer
+    if u is None or u.name != "core.unsqueeze" or u.attrs["dim"] not in (2, -3):
+        return v
+    x = u.operands[0]
+    if x.type.rank != 4:
+        return v
+    b, kv, t, d = x.type.shape
+    es = e.result.type.shape
+    if not (len(es) == 5 and dims_equal(es[0], b) and dims_equal(es[1], kv)
+            and dims_equal(es[3], t) and dims_equal(es[4], d)):
+        return v
+    rs = v.type.shape
+    if not (dims_equal(rs[0], b) and dims_equal(rs[1], kv * es[2]) and dims_equal(rs[2], t)
+            and dims_equal(rs[3], d)):
+        return v
+    return x
+
+
+def _replace_sdpa(g: Graph, op: Op, layer: int, T, cache, tables, q_lens, cached,
+                  sliding_window: int) -> None:
+    q = op.operands[0]
+    k = strip_repeat_kv(op.operands[1])
+    v = strip_repeat_kv(op.operands[2])
+    for x, what in ((q, "query"), (k, "key"), (v, "value")):
+        if x.type.rank != 4 or x.type.shape[0] != 1 or not dims_equal(x.type.shape[2], T):
+            raise IRError(f"substitute-attention: {op.describe()}: {what} is {x.type}, "
+                          f"expected [1, heads, tokens, head_dim]")
+    if op.attrs["is_causal"] is False and len(op.operands) < 4:
+        raise IRError(f"substitute-attention: {op.describe()} has no mask and is not causal; "
+                      f"only causal decoders can be served")
+    b = Builder(g, before=op, loc=op.loc)
+
+    def packed(x: Value) -> Value:  # [1, heads, tokens, d] → [tokens, heads, d]
+        heads, d = x.type.shape[1], x.type.shape[3]
+        return b.op("core.reshape", b.op("core.transpose", x, dim0=1, dim1=2),
+                    shape=[T, heads, d])
+
+    out = b.op("llm.paged_attention", packed(q), packed(k), packed(v), cache, tables, q_lens,
+               cached, layer=layer, scale=op.attrs["scale"], sliding_window=sliding_window)
+    heads, d = out.type.shape[1], out.type.shape[2]
+    back = b.op("core.transpose", b.op("core.reshape", out, shape=[1, T, heads, d]),
+                dim0=1, dim1=2)
+    op.result.replace_all_uses_with(back)
+    g.erase(op)
+
+
+_PER_TOKEN_UNARY = {"core.cast", "core.tanh", "core.neg", "core.exp", "core.sigmoid"}
+
+
+def _last_token_logits(g: Graph, out: Value, q_lens: Value, T) -> Value:
+    """Move the LM head after a per-request gather of the last token's hidden state."""
+    chain: list[Op] = []
+    p = out.producer
+    while p is not None and p.name != "core.linear" and _per_token(p):
+        chain.append(p)
+        p = p.operands[0].producer
+    b = Builder(g)
+    if p is not None and p.name == "core.linear" and p.operands[0].type.rank == 3:
+        h = p.operands[0]
+        while h.producer is not None and _noop_slice(h.producer):
+            h = h.producer.operands[0]
+        hidden = h.type.shape[-1]
+        last = b.op("llm.last_tokens", b.op("core.reshape", h, shape=[T, hidden]), q_lens,
+                    loc=p.loc)
+        x = b.op("core.linear", last, *p.operands[1:], loc=p.loc)
+        for c in reversed(chain):
+            x = b.create(c.name, [x] + c.operands[1:], c.attrs, c.loc).result
+        return x
+    # Unknown head: gather after it (correct, but computes logits for every token).
+    flat = b.op("core.reshape", out, shape=[T] + list(out.type.shape[2:]))
+    return b.op("llm.last_tokens", flat, q_lens)
+
+
+def _per_token(op: Op) -> bool:
+    if op.name in _PER_TOKEN_UNARY:
+        return True
+    if op.name in ("core.mul", "core.div", "core.add") and op.operands[1].type.rank == 0:
+        return True
+    return False
+
+
+def _noop_slice(op: Op) -> bool:
+    if op.name != "core.slice":
+        return False
+    a = op.attrs
+    return a["start"] == 0 and a["step"] == 1 and (a["end"] == _BIG or
+                                                   dims_equal(a["end"], op.operands[0].type.shape[a["dim"]]))
+
+
+def remove_dead_ops(g: Graph) -> int:
+    """Erase pure ops whose results are unused, last to first."""
+    removed = 0
+    outputs = {id(v) for v in g.outputs}
+    op = g.last
+    while op is not None:
+        prev = op.prev
+        if get_op_def(op.name).pure and not any(r.uses or id(r) in outputs for r in op.results):
+            g.erase(op)
+            removed += 1
+        op = prev
+    return removed
+
+
+def _register() -> None:
+    from .options import Option
+    from .registry import register_pass
+
+    @register_pass("substitute-attention", options={
+        "tokens_per_block": Option(int, 16, "tokens per KV-cache block"),
+        "sliding_window": Option(int, 0, "attend to at most this many recent positions (0: all)"),
+        "kv_cache_dtype": Option(str, "auto", "KV cache element type",
+                                 choices=("auto", "f32", "f16", "bf16")),
+        "max_tokens": Option(int, 8192, "most packed tokens in one step"),
+        "max_reqs": Option(int, 512, "most requests in one step"),
+    })
+    def _pass(graph, ctx):
+        """Rewrite a traced decoder into the paged inference form (see the module doc)."""
+        o = ctx.options
+        dtype = None if o["kv_cache_dtype"] == "auto" else DType.parse(o["kv_cache_dtype"])
+        substitute_attention(graph, o["tokens_per_block"], o["sliding_window"], dtype,
+                             o["max_tokens"], o["max_reqs"])
+
+
+_register()
