@@ -1,0 +1,66 @@
+"""A :class:`ModelRunner` over a compiled inference-form graph.
+
+The graph (``plan.irlm`` of an engine, or the output of ``substitute-attention``) takes the
+inputs named in :data:`irlm.passes.substitute_attention.INFERENCE_INPUTS`; this runner owns
+the KV pool those graphs read and write, and runs one step per call.  On the CPU every op runs
+its registry reference implementation through the interpreter: slow, but exactly the
+semantics that the GPU kernels are tested against.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from irlm.errors import IRLMError
+from irlm.interpreter import Interpreter
+from irlm.ir import Graph
+
+from .model_runner import StepBatch
+
+REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
+                   "kv_cache")
+
+
+class GraphRunner:
+    """Runs an inference-form graph step by step, owning its paged KV pool."""
+
+    def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
+                 kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None,
+                 device: str = "cpu"):
+        names = [v.name for v in graph.inputs]
+        missing = [n for n in REQUIRED_INPUTS if n not in names]
+        if missing or len(graph.outputs) != 1:
+            raise IRLMError(f"graph @{graph.name} is not in the inference form (missing inputs: "
+                            f"{', '.join(missing) or 'none'}; {len(graph.outputs)} outputs); "
+                            f"compile it with substitute-attention")
+        self.graph = graph
+        self._order = [REQUIRED_INPUTS.index(n) if n in REQUIRED_INPUTS else None for n in names]
+        if None in self._order:
+            extra = [n for n in names if n not in REQUIRED_INPUTS]
+            raise IRLMError(f"graph @{graph.name} has inputs the runtime cannot feed: "
+                            f"{', '.join('%' + n for n in extra)}")
+        cache_t = graph.inputs[names.index("kv_cache")].type
+        layers, _, two, block_size, kv_heads, head_dim = cache_t.shape
+        dtype = cache_t.dtype.torch
+        per_block = layers * two * block_size * kv_heads * head_dim * dtype.itemsize
+        if num_blocks is None:
+            num_blocks = max(2, kv_cache_bytes // per_block)
+        self.block_size = int(block_size)
+        self.num_blocks = int(num_blocks)
+        self.vocab_size = int(graph.outputs[0].type.shape[-1])
+        tokens_range = graph.dims.get("tokens")
+        self.max_num_tokens = tokens_range.max if tokens_range else None
+        limit = self.num_blocks * self.block_size
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.device = torch.device(device)
+        self.kv_cache = torch.zeros(layers, self.num_blocks, two, block_size, kv_heads, head_dim,
+                                    dtype=dtype, device=self.device)
+        self._interp = Interpreter(graph)
+
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        dev = self.device
+        feeds = (batch.input_ids.to(dev), batch.positions.to(dev), batch.q_lens.to(dev),
+                 batch.cached_lens.to(dev), batch.block_tables.to(dev), self.kv_cache)
+        out = self._interp.run([feeds[i] for i in self._order]).outputs[0]
+        return out.float()
