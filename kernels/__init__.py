@@ -1,1 +1,31 @@
-"""irlm.kernels"""
+"""irlm.kernels: CUDA C++ kernels compiled at run time with NVRTC, and their launchers.
+
+* :mod:`irlm.kernels.compiler`: NVRTC compilation (``sm_90a`` on Hopper), the on-disk cubin
+  cache, module loading and launches on torch's current stream.
+* :mod:`irlm.kernels.ops`: the launchers: ``paged_attention`` (``llm.paged_attention`` on the
+  GPU), ``paged_attention_decode``, ``prefill_attention``, ``kv_cache_write``,
+  ``rope_kv_write``, ``rms_norm``, ``fused_add_rms_norm``, ``gated_act``, ``sample``,
+  ``greedy``.
+
+Importing this package needs neither cuda-python nor a GPU; the first launch compiles (or
+loads from the cache) what it needs.  See docs/kernels.md.
+"""
+from __future__ import annotations
+
+_OPS = ("paged_attention", "paged_attention_decode", "prefill_attention", "kv_cache_write",
+        "rope_kv_write", "rope_inv_freq", "rms_norm", "fused_add_rms_norm", "gated_act",
+        "sample", "greedy", "cu_seqlens", "all_kernels")
+_ERRORS = ("KernelError", "KernelCompileError", "KernelArgumentError", "KernelLaunchError",
+           "KernelUnavailableError")
+
+__all__ = list(_OPS + _ERRORS)
+
+
+def __getattr__(name):
+    if name in _OPS:
+        from . import ops
+        return getattr(ops, name)
+    if name in _ERRORS:
+        from . import compiler
+        return getattr(compiler, name)
+    raise AttributeError(f"module 'irlm.kernels' has no attribute {name!r}")

@@ -1,0 +1,424 @@
+// irlm kernels: the tiled, tensor-core attention core shared by paged_attention_decode.cu and
+// prefill_attention.cu.
+//
+// One CTA owns BLOCK_M = 16 * WARPS_M "query rows" of one request and one kv head, where a row
+// is a (token, query head) pair: row i of request r is token i / G, head kv_head * G + i % G
+// (G = heads / kv_heads).  All G query heads of a kv head therefore share every K/V tile, which
+// is read once from the paged cache [layers, blocks, 2, block_size, kv_heads, D] (cp.async,
+// 16-byte chunks, two shared-memory stages).  Scores and P@V run on the tensor cores:
+// mma.sync m16n8k16 (bf16 / fp16, fragments through ldmatrix) or m16n8k8 tf32 (float32).
+// Softmax is online in the log2 domain with fp32 statistics and accumulators.
+//
+// Warps: WARPS_M warps split the rows (prefill: 4 x 16 rows, flash-attention-2 style);
+// WARPS_N warps split the keys of each tile (decode: one 16-row tile, four warps each taking a
+// quarter of the keys) and are merged through shared memory at the end.  A CTA may also take
+// one of `num_splits` partitions of the key range (split-K / flash-decoding); it then writes a
+// normalised partial output and its (max, sum) to part_out / part_ml for
+// irlm_attention_split_reduce.
+#pragma once
+#include "common.cuh"
+
+#define IRLM_LOG2E 1.4426950408889634f
+
+// Kernel parameters (passed by value; mirrored by a ctypes.Structure in kernels/ops.py: keep
+// the two in the same order).
+struct AttnParams {
+  const void* q;            // [tokens, heads, D]; token stride q_stride, heads contiguous
+  void* out;                // [tokens, heads, D]; token stride o_stride
+  const void* cache;        // the pool's first element
+  const int* block_tables;  // [reqs, max_blocks]
+  const int* cu_q_lens;     // [reqs + 1] prefix sums of q_lens (prefill; unused by decode)
+  const int* cached_lens;   // [reqs]
+  const float* alibi;       // [heads] or null
+  float* part_out;          // [splits, tokens, heads, D] when num_splits > 1
+  float* part_ml;           // [splits, tokens, heads, 2]: (max in log2 units, sum)
+  long long q_stride;
+  long long o_stride;
+  long long layer_offset;   // elements from the pool's start to layer `layer`
+  int num_reqs, heads, kv_heads, group;
+  int block_size, block_shift, max_blocks;
+  int window;               // 0: no sliding window
+  int num_splits, split_size;
+  int num_tokens;
+  int smem_bytes;           // dynamic shared memory given at launch (checked)
+  float scale_log2;         // softmax scale * log2(e)
+};
+
+// ---- tensor-core primitives ----------------------------------------------------------------
+IRLM_DEVICE void ldmatrix_x4(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+IRLM_DEVICE void ldmatrix_x4_trans(unsigned (&r)[4], const void* p) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(p)));
+}
+
+template <typename T> IRLM_DEVICE void mma16816(float (&d)[4], const unsigned (&a)[4],
+                                                unsigned b0, unsigned b1);
+template <> IRLM_DEVICE void mma16816<irlm_bf16>(float (&d)[4], const unsigned (&a)[4],
+                                                 unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+template <> IRLM_DEVICE void mma16816<irlm_fp16>(float (&d)[4], const unsigned (&a)[4],
+                                                 unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+IRLM_DEVICE void mma1688_tf32(float (&d)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+IRLM_DEVICE unsigned to_tf32(float f) {
+  unsigned r;
+  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(f));
+  return r;
+}
+
+// S[16 x 8*NS] += Q[16 x D] K[8*NS x D]^T for one warp.  sQ: the warp's first query row,
+// sK: its first key row, both with a row pitch of LD elements.
+template <typename T, int D, int NS, int LD>
+struct WarpMma {
+  static IRLM_DEVICE void qk(float (&s)[NS][4], const T* sQ, const T* sK, int lane) {
+    static_assert(NS % 2 == 0, "16-bit path takes keys in pairs of n8 tiles");
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 16) {
+      unsigned a[4];
+      ldmatrix_x4(a, sQ + (lane & 15) * LD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int j = 0; j < NS; j += 2) {
+        unsigned b[4];
+        ldmatrix_x4(b, sK + (j * 8 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk +
+                           ((lane >> 3) & 1) * 8);
+        mma16816<T>(s[j], a, b[0], b[1]);
+        mma16816<T>(s[j + 1], a, b[2], b[3]);
+      }
+    }
+  }
+  // acc[16 x D] += P[16 x 8*NS] V[8*NS x D]; P is s (already exponentiated), C-fragment layout.
+  static IRLM_DEVICE void pv(float (&acc)[D / 8][4], const float (&s)[NS][4], const T* sV,
+                             int lane) {
+#pragma unroll
+    for (int j = 0; j < NS / 2; ++j) {
+      unsigned a[4];
+      a[0] = pack2<T>(s[2 * j][0], s[2 * j][1]);
+      a[1] = pack2<T>(s[2 * j][2], s[2 * j][3]);
+      a[2] = pack2<T>(s[2 * j + 1][0], s[2 * j + 1][1]);
+      a[3] = pack2<T>(s[2 * j + 1][2], s[2 * j + 1][3]);
+#pragma unroll
+      for (int dn = 0; dn < D / 8; dn += 2) {
+        unsigned b[4];
+        ldmatrix_x4_trans(b, sV + (j * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + dn * 8 +
+                                 (lane >> 4) * 8);
+        mma16816<T>(acc[dn], a, b[0], b[1]);
+        mma16816<T>(acc[dn + 1], a, b[2], b[3]);
+      }
+    }
+  }
+};
+
+// float32: tf32 m16n8k8 with fragments read straight from shared memory.
+template <int D, int NS, int LD>
+struct WarpMma<float, D, NS, LD> {
+  static IRLM_DEVICE void qk(float (&s)[NS][4], const float* sQ, const float* sK, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int kk = 0; kk < D; kk += 8) {
+      unsigned a[4];
+      a[0] = to_tf32(sQ[g * LD + kk + t]);
+      a[1] = to_tf32(sQ[(g + 8) * LD + kk + t]);
+      a[2] = to_tf32(sQ[g * LD + kk + t + 4]);
+      a[3] = to_tf32(sQ[(g + 8) * LD + kk + t + 4]);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        const float* kr = sK + (j * 8 + g) * LD + kk;
+        mma1688_tf32(s[j], a, to_tf32(kr[t]), to_tf32(kr[t + 4]));
+      }
+    }
+  }
+  static IRLM_DEVICE void pv(float (&acc)[D / 8][4], const float (&s)[NS][4], const float* sV,
+                             int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const int src0 = (lane & ~3) | (t >> 1), src1 = src0 + 2;
+    const bool odd = t & 1;
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      // C layout (row g / g+8, keys 2t, 2t+1) -> A layout (row g / g+8, keys t and t+4).
+      float x0 = __shfl_sync(0xffffffffu, s[j][0], src0);
+      float x1 = __shfl_sync(0xffffffffu, s[j][1], src0);
+      float y0 = __shfl_sync(0xffffffffu, s[j][2], src0);
+      float y1 = __shfl_sync(0xffffffffu, s[j][3], src0);
+      float z0 = __shfl_sync(0xffffffffu, s[j][0], src1);
+      float z1 = __shfl_sync(0xffffffffu, s[j][1], src1);
+      float w0 = __shfl_sync(0xffffffffu, s[j][2], src1);
+      float w1 = __shfl_sync(0xffffffffu, s[j][3], src1);
+      unsigned a[4];
+      a[0] = to_tf32(odd ? x1 : x0);
+      a[1] = to_tf32(odd ? y1 : y0);
+      a[2] = to_tf32(odd ? z1 : z0);
+      a[3] = to_tf32(odd ? w1 : w0);
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        unsigned b0 = to_tf32(sV[(j * 8 + t) * LD + dn * 8 + g]);
+        unsigned b1 = to_tf32(sV[(j * 8 + t + 4) * LD + dn * 8 + g]);
+        mma1688_tf32(acc[dn], a, b0, b1);
+      }
+    }
+  }
+};
+
+// Shared-memory bytes of one CTA (kernels/ops.py computes the same number).
+template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N>
+struct AttnSmem {
+  static constexpr int EPC = 16 / (int)sizeof(T);  // elements per 16-byte chunk
+  static constexpr int LD = D + EPC;                // padded row pitch (elements)
+  static constexpr int BLOCK_M = 16 * WARPS_M;
+  static constexpr int Q_BYTES = BLOCK_M * LD * (int)sizeof(T);
+  static constexpr int KV_BYTES = 2 * 2 * BLOCK_N * LD * (int)sizeof(T);  // 2 stages x (K, V)
+  static constexpr int LDA = D + 4;
+  static constexpr int EPI_BYTES = (WARPS_N * BLOCK_M * LDA + 2 * WARPS_N * BLOCK_M) * 4;
+  static constexpr int BYTES = Q_BYTES + (KV_BYTES > EPI_BYTES ? KV_BYTES : EPI_BYTES);
+};
+
+template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N, bool DECODE>
+IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
+  using S = AttnSmem<T, D, WARPS_M, WARPS_N, BLOCK_N>;
+  constexpr int NT = WARPS_M * WARPS_N * 32;
+  constexpr int BLOCK_M = S::BLOCK_M;
+  constexpr int KPW = BLOCK_N / WARPS_N;  // keys per warp per tile
+  constexpr int NS = KPW / 8;             // n8 score tiles per warp
+  constexpr int EPC = S::EPC;
+  constexpr int CPR = D / EPC;            // 16-byte chunks per row
+  constexpr int LD = S::LD;
+  static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
+  static_assert(KPW % (sizeof(T) == 4 ? 8 : 16) == 0, "keys per warp must fill the mma k");
+
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  T* sQ = reinterpret_cast<T*>(smem_raw);
+  T* sKV = reinterpret_cast<T*>(smem_raw + S::Q_BYTES);
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WARPS_M, wn = warp / WARPS_M;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int r = blockIdx.z, kvh = blockIdx.y;
+  const int split = blockIdx.x % p.num_splits, tile = blockIdx.x / p.num_splits;
+  if (tid == 0 && p.smem_bytes < S::BYTES) __trap();  // launcher/kernel mismatch: never silent
+
+  int q_start, q_len;
+  if (DECODE) {
+    q_start = r;
+    q_len = 1;
+  } else {
+    q_start = p.cu_q_lens[r];
+    q_len = p.cu_q_lens[r + 1] - q_start;
+  }
+  const int G = p.group;
+  const int rows = q_len * G;
+  const int row0 = tile * BLOCK_M;
+  if (row0 >= rows) return;
+  const int cached = p.cached_lens[r];
+  const int row_last = min(rows, row0 + BLOCK_M) - 1;
+  const int qpos_lo = cached + row0 / G, qpos_hi = cached + row_last / G;
+  int kbeg = p.window > 0 ? max(0, qpos_lo - p.window + 1) : 0;
+  int kend = qpos_hi + 1;
+  if (p.num_splits > 1) {
+    kbeg += split * p.split_size;
+    kend = min(kend, kbeg + p.split_size);
+    if (kbeg >= kend) return;  // the reduce kernel counts only the non-empty partitions
+  }
+
+  // ---- Q tile -> shared memory (rows past the request are zero) ----
+  const T* qg = reinterpret_cast<const T*>(p.q);
+#pragma unroll
+  for (int c0 = 0; c0 < BLOCK_M * CPR; c0 += NT) {
+    const int c = c0 + tid;
+    if ((BLOCK_M * CPR) % NT != 0 && c >= BLOCK_M * CPR) break;
+    const int i = c / CPR, ch = c % CPR;
+    const int grow = row0 + i;
+    const bool ok = grow < rows;
+    const T* src = qg;
+    if (ok) {
+      const int tok = grow / G, h = kvh * G + grow % G;
+      src = qg + (long long)(q_start + tok) * p.q_stride + (long long)h * D + ch * EPC;
+    }
+    cp_async16(sQ + i * LD + ch * EPC, src, ok);
+  }
+
+  // ---- paged K/V tiles ----
+  const T* cache = reinterpret_cast<const T*>(p.cache) + p.layer_offset;
+  const int* table = p.block_tables + (long long)r * p.max_blocks;
+  const long long slot_stride = (long long)p.kv_heads * D;
+  const long long v_offset = (long long)p.block_size * slot_stride;
+  const long long block_stride = 2 * v_offset;
+  auto load_tile = [&](int stage, int k0) {
+    T* sK = sKV + stage * 2 * BLOCK_N * LD;
+    T* sV = sK + BLOCK_N * LD;
+#pragma unroll
+    for (int c0 = 0; c0 < BLOCK_N * CPR; c0 += NT) {
+      const int c = c0 + tid;
+      if ((BLOCK_N * CPR) % NT != 0 && c >= BLOCK_N * CPR) break;
+      const int i = c / CPR, ch = c % CPR;
+      const int pos = k0 + i;
+      const bool ok = pos < kend;
+      const T* src = cache;
+      if (ok) {
+        const int blk = __ldg(table + (pos >> p.block_shift));
+        const int slot = pos & (p.block_size - 1);
+        src = cache + (long long)blk * block_stride + slot * slot_stride + kvh * D + ch * EPC;
+      }
+      cp_async16(sK + i * LD + ch * EPC, src, ok);
+      cp_async16(sV + i * LD + ch * EPC, ok ? src + v_offset : src, ok);
+    }
+  };
+
+  // Per-lane constants of the two rows (g, g + 8) this lane holds in C fragments.
+  int qpos_r[2];
+  float slope_r[2];
+  bool valid_r[2];
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int grow = row0 + wm * 16 + g + 8 * hr;
+    valid_r[hr] = grow < rows;
+    const int tok = grow / G, h = kvh * G + grow % G;
+    qpos_r[hr] = cached + tok;
+    slope_r[hr] = (p.alibi != nullptr && valid_r[hr]) ? p.alibi[h] * IRLM_LOG2E : 0.f;
+  }
+
+  float m_i[2] = {IRLM_NEG_INF, IRLM_NEG_INF};
+  float l_i[2] = {0.f, 0.f};
+  float acc[D / 8][4];
+#pragma unroll
+  for (int i = 0; i < D / 8; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.f;
+
+  const int ntiles = (kend - kbeg + BLOCK_N - 1) / BLOCK_N;
+  load_tile(0, kbeg);
+  cp_async_commit();
+
+  for (int it = 0; it < ntiles; ++it) {
+    const int k0 = kbeg + it * BLOCK_N;
+    if (it + 1 < ntiles) load_tile((it + 1) & 1, k0 + BLOCK_N);
+    cp_async_commit();
+    cp_async_wait<1>();
+    __syncthreads();
+
+    const T* sK = sKV + (it & 1) * 2 * BLOCK_N * LD;
+    const T* sV = sK + BLOCK_N * LD;
+    float s[NS][4];
+#pragma unroll
+    for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
+    WarpMma<T, D, NS, LD>::qk(s, sQ + wm * 16 * LD, sK + wn * KPW * LD, lane);
+
+    // mask, scale, alibi (log2 units)
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int hr = e >> 1;
+        const int kpos = k0 + wn * KPW + j * 8 + 2 * t4 + (e & 1);
+        const int dist = qpos_r[hr] - kpos;
+        const bool ok = valid_r[hr] && dist >= 0 && kpos < kend &&
+                        (p.window <= 0 || dist < p.window);
+        s[j][e] = ok ? s[j][e] * p.scale_log2 - slope_r[hr] * (float)dist : IRLM_NEG_INF;
+      }
+    }
+    // online softmax
+#pragma unroll
+    for (int hr = 0; hr < 2; ++hr) {
+      float mx = IRLM_NEG_INF;
+#pragma unroll
+      for (int j = 0; j < NS; ++j) mx = fmaxf(mx, fmaxf(s[j][2 * hr], s[j][2 * hr + 1]));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      const float m_new = fmaxf(m_i[hr], mx);
+      const float m_use = m_new == IRLM_NEG_INF ? 0.f : m_new;
+      const float alpha = exp2f(m_i[hr] - m_use);
+      m_i[hr] = m_new;
+      float sum = 0.f;
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        s[j][2 * hr] = exp2f(s[j][2 * hr] - m_use);
+        s[j][2 * hr + 1] = exp2f(s[j][2 * hr + 1] - m_use);
+        sum += s[j][2 * hr] + s[j][2 * hr + 1];
+      }
+      l_i[hr] = l_i[hr] * alpha + sum;
+#pragma unroll
+      for (int dn = 0; dn < D / 8; ++dn) {
+        acc[dn][2 * hr] *= alpha;
+        acc[dn][2 * hr + 1] *= alpha;
+      }
+    }
+    WarpMma<T, D, NS, LD>::pv(acc, s, sV + wn * KPW * LD, lane);
+    __syncthreads();
+  }
+  cp_async_wait<0>();
+  __syncthreads();
+
+  // ---- epilogue: merge the WARPS_N key-split warps through shared memory, then store ----
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    l_i[hr] += __shfl_xor_sync(0xffffffffu, l_i[hr], 1);
+    l_i[hr] += __shfl_xor_sync(0xffffffffu, l_i[hr], 2);
+  }
+  constexpr int LDA = S::LDA;
+  float* sAcc = reinterpret_cast<float*>(sKV);
+  float* sM = sAcc + WARPS_N * BLOCK_M * LDA;
+  float* sL = sM + WARPS_N * BLOCK_M;
+#pragma unroll
+  for (int hr = 0; hr < 2; ++hr) {
+    const int lr = wm * 16 + g + 8 * hr;
+    float* dst = sAcc + (wn * BLOCK_M + lr) * LDA;
+#pragma unroll
+    for (int dn = 0; dn < D / 8; ++dn) {
+      dst[dn * 8 + 2 * t4] = acc[dn][2 * hr];
+      dst[dn * 8 + 2 * t4 + 1] = acc[dn][2 * hr + 1];
+    }
+    if (t4 == 0) {
+      sM[wn * BLOCK_M + lr] = m_i[hr];
+      sL[wn * BLOCK_M + lr] = l_i[hr];
+    }
+  }
+  __syncthreads();
+
+  T* og = reinterpret_cast<T*>(p.out);
+  for (int c = tid; c < BLOCK_M * (D / 4); c += NT) {
+    const int lr = c / (D / 4), d = (c % (D / 4)) * 4;
+    const int grow = row0 + lr;
+    if (grow >= rows) continue;
+    float mx = IRLM_NEG_INF;
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) mx = fmaxf(mx, sM[w * BLOCK_M + lr]);
+    const float m_use = mx == IRLM_NEG_INF ? 0.f : mx;
+    float l = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < WARPS_N; ++w) {
+      const float sc = exp2f(sM[w * BLOCK_M + lr] - m_use);
+      l += sL[w * BLOCK_M + lr] * sc;
+      const float* src = sAcc + (w * BLOCK_M + lr) * LDA + d;
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[e] += src[e] * sc;
+    }
+    const float inv = l > 0.f ? 1.f / l : 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] *= inv;
+    const int tok = grow / G, h = kvh * G + grow % G;
+    if (p.num_splits == 1) {
+      store_vec<T, 4>(og + (long long)(q_start + tok) * p.o_stride + (long long)h * D + d, o);
+    } else {
+      const long long idx = ((long long)split * p.num_tokens + q_start + tok) * p.heads + h;
+      store_vec<float, 4>(p.part_out + idx * D + d, o);
+      if (d == 0) {
+        p.part_ml[idx * 2] = mx;
+        p.part_ml[idx * 2 + 1] = l;
+      }
+    }
+  }
+}

@@ -1,0 +1,150 @@
+"""Every CUDA kernel compiles with NVRTC for sm_90a (runs on the CPU: no GPU needed).
+
+CI installs nvidia-cuda-nvrtc and cuda-python through the ``test`` extra; the tests skip, with
+the reason, only where NVRTC cannot be loaded.  Also checked here: compile errors carry NVRTC's
+log, the on-disk cache, and that each ctypes parameter block matches its C struct byte for byte
+(static_asserts compiled by NVRTC).
+"""
+import ctypes
+import concurrent.futures as cf
+import os
+import subprocess
+import sys
+
+import pytest
+
+from irlm.errors import IRLMError
+from irlm.kernels import compiler, ops
+from irlm.kernels.compiler import KernelCompileError, compile_source
+
+OK, WHY = compiler.nvrtc_available()
+pytestmark = pytest.mark.skipif(not OK, reason=f"NVRTC (cuda-python) cannot be loaded: {WHY}")
+
+ARCH = "sm_90a"
+KERNELS = ops.all_kernels()
+
+
+def _kid(k):
+    return f"{k.filename}:{k.names[0]}"
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """Compile every kernel group once, in parallel threads (NVRTC releases the GIL), without
+    the disk cache, so each test below sees a real NVRTC compilation."""
+    def job(k):
+        try:
+            return compile_source(k.filename, k.names, arch=ARCH, fast_math=k.fast_math,
+                                  use_disk_cache=False)
+        except Exception as e:  # noqa: BLE001 - reported by the test of this kernel
+            return e
+    with cf.ThreadPoolExecutor(max(2, os.cpu_count() or 1)) as ex:
+        results = list(ex.map(job, KERNELS))
+    return {_kid(k): r for k, r in zip(KERNELS, results)}
+
+
+def test_every_source_file_has_a_kernel_group():
+    sources = {p.name for p in compiler.KERNEL_DIR.glob("*.cu")}
+    covered = {k.filename for k in KERNELS}
+    assert sources == covered, f"kernel sources without a launcher group: {sources - covered}"
+    for name in ("paged_attention_decode.cu", "prefill_attention.cu", "rms_norm.cu",
+                 "rope_kv_write.cu", "gated_act.cu", "sampling.cu", "kv_cache_write.cu"):
+        assert name in sources
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=_kid)
+def test_kernel_compiles_for_sm90a(compiled, kernel):
+    mod = compiled[_kid(kernel)]
+    if isinstance(mod, Exception):
+        raise mod
+    assert mod.arch == ARCH and len(mod.cubin) > 1000
+    assert mod.cubin[:4] == b"\x7fELF"
+    assert set(mod.names) == set(kernel.names)
+    for expr, lowered in mod.names.items():
+        assert lowered.startswith("_Z"), (expr, lowered)
+        assert lowered.encode() in mod.cubin, f"{expr} ({lowered}) missing from the cubin"
+
+
+def test_compiles_for_ampere_too():
+    k = ops.rms_kernel(__import__("torch").bfloat16)
+    mod = compile_source(k.filename, k.names, arch="sm_80", use_disk_cache=False)
+    assert len(mod.cubin) > 1000
+
+
+def test_compile_error_carries_nvrtc_log():
+    src = '#include "common.cuh"\n__global__ void broken(float* x) { x[0] = undefined_name; }\n'
+    with pytest.raises(KernelCompileError) as e:
+        compile_source("broken.cu", [], arch=ARCH, source=src, use_disk_cache=False)
+    assert isinstance(e.value, IRLMError)
+    assert "undefined_name" in e.value.log and "broken.cu(2)" in e.value.log
+    assert "sm_90a" in str(e.value)
+
+
+def test_disk_cache_roundtrip(tmp_path, monkeypatch):
+    monkeypatch.setenv("IRLM_CACHE_DIR", str(tmp_path))
+    src = ('#include "common.cuh"\ntemplate <typename T> __global__ void f(T* x) '
+           '{ x[threadIdx.x] = from_float<T>(2.f * to_float(x[threadIdx.x])); }\n')
+    names = ["f<irlm_bf16>", "f<float>"]
+    a = compile_source("cache_probe.cu", names, arch=ARCH, source=src)
+    assert not a.from_cache
+    files = sorted(p.name for p in (tmp_path / "kernels").iterdir())
+    assert files == [f"{a.key}.cubin", f"{a.key}.json"]
+    compiler._MEM_CACHE.clear()
+    b = compile_source("cache_probe.cu", names, arch=ARCH, source=src)
+    assert b.from_cache and b.cubin == a.cubin and b.names == a.names
+    c = compile_source("cache_probe.cu", names, arch=ARCH, source=src, fast_math=False)
+    assert c.key != a.key                     # options are part of the key
+    d = compile_source("cache_probe.cu", names, arch=ARCH, source=src + "\n// changed\n")
+    assert d.key != a.key                     # so is the source
+
+
+_STRUCTS = [
+    ("attention.cuh", "AttnParams", ops.AttnParams),
+    ("kv_cache_write.cu", "KvWriteParams", ops.KvWriteParams),
+    ("rope_kv_write.cu", "RopeParams", ops.RopeParams),
+    ("rms_norm.cu", "RmsNormParams", ops.RmsNormParams),
+    ("gated_act.cu", "GatedActParams", ops.GatedActParams),
+    ("sampling.cu", "SampleParams", ops.SampleParams),
+]
+
+
+@pytest.mark.parametrize("header,cname,cls", _STRUCTS, ids=[s[1] for s in _STRUCTS])
+def test_parameter_blocks_match_the_c_structs(header, cname, cls):
+    lines = [f'#include "{header}"',
+             f'static_assert(sizeof({cname}) == {ctypes.sizeof(cls)}, "sizeof {cname}");']
+    for name, _ in cls._fields_:
+        off = getattr(cls, name).offset
+        lines.append(f'static_assert(__builtin_offsetof({cname}, {name}) == {off}, '
+                     f'"{cname}.{name} is not at byte {off}");')
+    lines.append("__global__ void layout_probe(int* x) { x[0] = 1; }")
+    compile_source(f"probe_{cname}.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
+                   use_disk_cache=False)
+
+
+def test_importing_irlm_kernels_needs_no_cuda_python():
+    # torch may import parts of cuda-python itself; irlm.kernels must add nothing to that
+    code = ("import sys, torch; before = {m for m in sys.modules if m.startswith('cuda')}; "
+            "import irlm, irlm.kernels, irlm.kernels.ops, irlm.kernels.compiler; "
+            "new = {m for m in sys.modules if m.startswith('cuda')} - before; "
+            "assert not new, sorted(new)")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_attention_shared_memory_matches_the_kernel():
+    """kernels/ops.attention_smem_bytes must equal AttnSmem<...>::BYTES for every variant the
+    launchers use, and fit Hopper's 227 KiB per block."""
+    import torch
+    lines = ['#include "attention.cuh"']
+    for dt in ops.FLOAT_DTYPES:
+        for d in ops.ATTENTION_HEAD_DIMS:
+            for decode in (True, False):
+                wm, wn = (1, 4) if decode else (4, 1)
+                bn = ops.attention_block_n(dt, d, decode)
+                n = ops.attention_smem_bytes(dt, d, decode)
+                assert n <= 227 * 1024, (dt, d, decode, n)
+                lines.append(f"static_assert(AttnSmem<{ops.CTYPES[dt]}, {d}, {wm}, {wn}, {bn}>"
+                             f"::BYTES == {n}, \"smem {dt} {d} {decode}\");")
+    lines.append("__global__ void smem_probe(int* x) { x[0] = 1; }")
+    compile_source("smem_probe.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
+                   use_disk_cache=False)
+    assert torch  # imported for the dtypes

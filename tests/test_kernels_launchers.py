@@ -1,0 +1,62 @@
+"""CPU-side checks of the kernel launchers: argument errors, RoPE frequencies, split planning."""
+import math
+
+import pytest
+import torch
+
+from irlm.errors import IRLMError
+from irlm.kernels import ops
+from irlm.kernels.compiler import KernelArgumentError, arch_for_capability, KernelUnavailableError
+
+
+def test_cpu_tensors_are_refused_with_a_clear_error():
+    x = torch.randn(4, 64)
+    with pytest.raises(KernelArgumentError, match="x must be on a CUDA device, got cpu"):
+        ops.rms_norm(x, torch.ones(64))
+    with pytest.raises(KernelArgumentError, match="logits must be on a CUDA device"):
+        ops.sample(x)
+    with pytest.raises(KernelArgumentError, match="unknown activation 'relu'"):
+        ops.gated_act(x, "relu")
+    with pytest.raises(KernelArgumentError, match="q must be a torch.Tensor"):
+        ops.paged_attention_decode([1, 2], None, 0, None, None)
+    assert issubclass(KernelArgumentError, IRLMError) and issubclass(KernelArgumentError, ValueError)
+
+
+def test_architecture_names():
+    assert arch_for_capability(9, 0) == "sm_90a"
+    assert arch_for_capability(8, 0) == "sm_80"
+    assert arch_for_capability(8, 9) == "sm_89"
+    with pytest.raises(KernelUnavailableError, match="8.0 or newer"):
+        arch_for_capability(7, 5)
+
+
+def test_rope_inv_freq_matches_transformers_llama3():
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, rope_theta=500000.0,
+                      rope_scaling=scaling, max_position_embeddings=131072)
+    ref, _ = ROPE_INIT_FUNCTIONS["llama3"](cfg, "cpu")
+    ours = ops.rope_inv_freq(128, 500000.0, scaling)
+    assert ours.dtype == torch.float32 and ours.shape == (64,)
+    torch.testing.assert_close(ours, ref.float(), rtol=1e-6, atol=0)
+    plain = ops.rope_inv_freq(64, 10000.0)
+    torch.testing.assert_close(plain, 1.0 / 10000.0 ** (torch.arange(0, 64, 2).float() / 64))
+    torch.testing.assert_close(ops.rope_inv_freq(64, 10000.0, {"type": "linear", "factor": 4.0}),
+                               plain / 4)
+    with pytest.raises(KernelArgumentError, match="yarn"):
+        ops.rope_inv_freq(64, 10000.0, {"rope_type": "yarn", "factor": 4.0})
+
+
+@pytest.mark.parametrize("ctas,kv_len", [(8, 2048), (8, 16384), (256, 2048), (2048, 2048),
+                                         (8, 100), (1, 300), (64, 4097)])
+def test_split_planning_covers_the_context(ctas, kv_len):
+    splits, size = ops.choose_splits(ctas, kv_len, 64, 132)
+    assert splits >= 1
+    if splits > 1:
+        assert size % 64 == 0 and size >= 256
+        assert splits * size >= kv_len > (splits - 1) * size
+        assert splits <= 64
+    if ctas >= 4 * 132 or kv_len <= 256:
+        assert splits == 1
