@@ -28,7 +28,7 @@ from .manager import PassManager, PipelineReport, run_pass, run_pipeline
 from .numerics import CheckNumerics
 from .options import Option
 from .pattern import (ANY, Const, Match, Or, OpPattern, Pattern, RewritePattern, Rule, Var,
-                      Wildcard, has_one_use, op, rule, splat_value)
+                      Wildcard, has_one_use, op, rule, same_type, splat_value)
 from .pipeline import (NAMED_PIPELINES, PassInvocation, Pipeline, named_pipeline,
                        parse_pipeline, register_named_pipeline)
 from .plugins import load_plugin
@@ -52,7 +52,7 @@ __all__ = [
     "PassManager", "PipelineReport", "run_pass", "run_pipeline",
     "Option",
     "ANY", "Const", "Match", "Or", "OpPattern", "Pattern", "RewritePattern", "Rule", "Var",
-    "Wildcard", "has_one_use", "op", "rule", "splat_value",
+    "Wildcard", "has_one_use", "op", "rule", "same_type", "splat_value",
     "NAMED_PIPELINES", "PassInvocation", "Pipeline", "named_pipeline", "parse_pipeline",
     "register_named_pipeline", "load_plugin",
     "PassInfo", "all_passes", "get_pass", "register_pass",

@@ -19,7 +19,7 @@ from irlm.types import DType, TensorType
 from .context import PassContext
 from .driver import PatternSet, apply_patterns
 from .options import Option
-from .pattern import RewritePattern, Var, op, rule
+from .pattern import RewritePattern, Var, op, rule, same_type
 from .registry import register_pass
 
 x = Var("x")
@@ -34,7 +34,7 @@ PERMUTE_OPS = ("core.transpose", "core.permute")
 @rule(op("core.reshape")(x))
 def fold_identity_reshape(m, rw):
     """reshape(x, shape(x)) = x"""
-    return m.x if m.x.type == m.root.result.type else None
+    return m.x if same_type(m.x, m.root.result) else None
 
 
 @rule(op(*VIEW_OPS)(op(*VIEW_OPS)(x).named("inner")))
@@ -47,15 +47,15 @@ def fold_view_chain(m, rw):
     if "core.reshape" not in (m.root.name, m.inner.name):
         return None
     result = m.root.result.type
-    if m.x.type == result:
+    if same_type(m.x.type, result):
         return m.x
-    return rw.op("core.reshape", m.x, shape=result.shape)
+    return rw.op("core.reshape", m.x, shape=result.shape, result_types=[result])
 
 
 @rule(op("core.squeeze")(op("core.unsqueeze")(x).named("unsqueeze")))
 def fold_unsqueeze_squeeze(m, rw):
     """squeeze(unsqueeze(x, d), d) = x"""
-    return m.x if m.x.type == m.root.result.type and _squeezes_only(
+    return m.x if same_type(m.x, m.root.result) and _squeezes_only(
         m.root, _axis(m.unsqueeze.attrs["dim"], m.x.type.rank + 1)) else None
 
 
@@ -63,7 +63,7 @@ def fold_unsqueeze_squeeze(m, rw):
 def fold_squeeze_unsqueeze(m, rw):
     """unsqueeze(squeeze(x, d), d) = x   (x has size 1 at d, or squeeze would be invalid)"""
     d = _axis(m.root.attrs["dim"], m.x.type.rank)
-    return m.x if m.x.type == m.root.result.type and _squeezes_only(m.squeeze, d) else None
+    return m.x if same_type(m.x, m.root.result) and _squeezes_only(m.squeeze, d) else None
 
 
 def _squeezes_only(squeeze: Op, d: int) -> bool:
@@ -118,9 +118,23 @@ def compose_permutations(m, rw):
     if _is_identity(composed):
         return m.x
     moved = [i for i, a in enumerate(composed) if a != i]
+    result = [m.root.result.type]
     if len(moved) == 2:
-        return rw.op("core.transpose", m.x, dim0=moved[0], dim1=moved[1])
-    return rw.op("core.permute", m.x, dims=composed)
+        return rw.op("core.transpose", m.x, dim0=moved[0], dim1=moved[1], result_types=result)
+    return rw.op("core.permute", m.x, dims=composed, result_types=result)
+
+
+@rule(op("core.transpose")(x))
+def normalize_transpose_axes(m, rw):
+    """transpose(x, b, a) = transpose(x, a, b) = transpose(x, a - rank, b)
+
+    The canonical spelling has 0 <= dim0 < dim1, so equal transposes look equal (to CSE and
+    to patterns)."""
+    rank = m.x.type.rank
+    a, b = sorted((_axis(m.root.attrs["dim0"], rank), _axis(m.root.attrs["dim1"], rank)))
+    if (m.root.attrs["dim0"], m.root.attrs["dim1"]) == (a, b) or a == b:
+        return None
+    return rw.op("core.transpose", m.x, dim0=a, dim1=b, result_types=[m.root.result.type])
 
 
 # ----- casts, slices, expands ------------------------------------------------------------------
@@ -157,13 +171,13 @@ def fold_round_trip_cast(m, rw):
 @rule(op("core.slice", start=0, step=1)(x))
 def fold_noop_slice(m, rw):
     """x[..., 0:end:1, ...] = x   when end reaches the end of the axis"""
-    return m.x if m.x.type == m.root.result.type else None
+    return m.x if same_type(m.x, m.root.result) else None
 
 
 @rule(op("core.expand")(x))
 def fold_noop_expand(m, rw):
     """expand(x, shape(x)) = x"""
-    return m.x if m.x.type == m.root.result.type else None
+    return m.x if same_type(m.x, m.root.result) else None
 
 
 # ----- constant folding ------------------------------------------------------------------------
@@ -229,7 +243,7 @@ def _evaluate(o: Op) -> Optional[list[torch.Tensor]]:
         return None
     for t, r in zip(out, o.results):
         if not isinstance(t, torch.Tensor) or r.type.dtype is DType.i4 or \
-                TensorType(tuple(t.shape), DType.from_torch(t.dtype)) != r.type:
+                not same_type(TensorType(tuple(t.shape), DType.from_torch(t.dtype)), r.type):
             return None
     return [t.detach().clone().contiguous() for t in out]
 
@@ -238,7 +252,7 @@ def _evaluate(o: Op) -> Optional[list[torch.Tensor]]:
 
 CANONICALIZATION_PATTERNS: list = [
     fold_identity_reshape, fold_view_chain, fold_unsqueeze_squeeze, fold_squeeze_unsqueeze,
-    fold_identity_permutation, compose_permutations,
+    fold_identity_permutation, compose_permutations, normalize_transpose_axes,
     fold_identity_cast, fold_round_trip_cast, fold_noop_slice, fold_noop_expand,
 ]
 

@@ -39,11 +39,22 @@ def attr_key(v: Any) -> Any:
     return v
 
 
+_PLAIN = (int, str, bool, type(None))
+
+
 def op_key(op: Op, commutative: bool) -> tuple:
     ids = [id(v) for v in op.operands]  # operands are alive for the whole walk
     if commutative and len(ids) >= 2 and ids[1] < ids[0]:
         ids[0], ids[1] = ids[1], ids[0]
-    return (op.name, tuple(ids), tuple((k, attr_key(a)) for k, a in sorted(op.attrs.items())))
+    attrs = []
+    for k, a in op.attrs.items():
+        # the common cases hash as they are; floats, tensors, lists and types need a key
+        if type(a) in _PLAIN or (type(a) is tuple and all(type(e) is int for e in a)):
+            attrs.append((k, a))
+        else:
+            attrs.append((k, attr_key(a)))
+    attrs.sort(key=lambda kv: kv[0])
+    return (op.name, tuple(ids), tuple(attrs))
 
 
 def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> int:
@@ -65,7 +76,7 @@ def eliminate_common_subexpressions(graph: Graph, ctx: PassContext) -> int:
         if first is None:
             seen[key] = op
             continue
-        rw.replace_op(op, first.results)
+        rw.replace_op(op, first.results, check_type=False)  # same op, operands, attrs
         merged += 1
     if merged:
         ctx.stats.bump("ops merged", merged)

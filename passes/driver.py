@@ -21,7 +21,7 @@ from __future__ import annotations
 import inspect
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Iterable, Optional, Sequence, Union
+from typing import Callable, Iterable, Optional, Sequence, Union
 
 from irlm.errors import IRLMError
 from irlm.ir import Graph, Op, Value
@@ -58,12 +58,16 @@ class PatternSet:
                     self._by_root.setdefault(r, []).append(p)
         self._cache: dict[str, tuple[RewritePattern, ...]] = {}
 
-    def for_op(self, name: str) -> tuple[RewritePattern, ...]:
-        """The patterns to offer an op named ``name``, in the order to try them."""
+    def for_op(self, name: str) -> tuple[tuple[RewritePattern, Optional[Callable]], ...]:
+        """(pattern, prefilter) for an op named ``name``, in the order to try them.
+
+        A prefilter is a cheap necessary condition (declarative rules have one: root name,
+        operand count, operand producers' names); most ops fail it without further work."""
         out = self._cache.get(name)
         if out is None:
             cands = self._by_root.get(name, []) + self._any_root
-            out = tuple(sorted(cands, key=lambda p: (-p.benefit, self._rank[id(p)])))
+            ordered = sorted(cands, key=lambda p: (-p.benefit, self._rank[id(p)]))
+            out = tuple((p, getattr(p, "prefilter", None)) for p in ordered)
             self._cache[name] = out
         return out
 
@@ -159,7 +163,9 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
                 rw.erase_op(op)
                 erased += 1
                 continue
-        for pattern in pset.for_op(op.name):
+        for pattern, prefilter in pset.for_op(op.name):
+            if prefilter is not None and not prefilter(op):
+                continue
             rw.pattern_name = pattern.name
             rw.loc = op.loc
             rw.set_insertion_point(before=op)

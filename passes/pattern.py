@@ -87,6 +87,34 @@ def splat_value(v: Value) -> Optional[float]:
     return None
 
 
+def same_type(a, b) -> bool:
+    """Do two values (or two TensorTypes) have the same type?
+
+    Equal to ``a.type == b.type`` but fast where rewrites need it: shapes usually share their
+    dim objects, and a static dim never equals a symbolic one (constant expressions are
+    normalized to ints), so sympy is consulted only for two different symbolic dims."""
+    if isinstance(a, Value):
+        a = a.type
+    if isinstance(b, Value):
+        b = b.type
+    if a is b:
+        return True
+    if a.dtype is not b.dtype:
+        return False
+    sa, sb = a.shape, b.shape
+    if len(sa) != len(sb):
+        return False
+    for x, y in zip(sa, sb):
+        if x is y:
+            continue
+        if type(x) is int or type(y) is int:
+            if not (type(x) is int and type(y) is int and x == y):
+                return False
+        elif not dims_equal(x, y):
+            return False
+    return True
+
+
 def is_graph_output(v: Value) -> bool:
     g = v.producer.graph if v.producer is not None else None
     return g is not None and any(o is v for o in g.outputs)
@@ -254,7 +282,7 @@ class Const(Var):
 
     def match_value(self, v, env=None):
         p = v.producer
-        if p is None or p.name not in ("core.constant", "core.full"):
+        if p is None or p.name not in _CONSTANT_OPS:
             return
         if self.value is not None:
             s = splat_value(v)
@@ -336,6 +364,24 @@ class OpPattern(Pattern):
                 return
         yield from self._match_op(op, env)
 
+    def may_match_op(self, op: Op) -> bool:
+        """A cheap necessary condition for :meth:`match_op`: the root's name and operand
+        count, and the op names of its direct operands' producers.  The driver calls it on
+        every candidate op, so most non-matches end here without building generators."""
+        if op.name not in self.names:
+            return False
+        pats = self.operands
+        if pats is None:
+            return True
+        operands = op.operands
+        n = len(pats)
+        if len(operands) < n or (not self.variadic and len(operands) != n):
+            return False
+        if _producers_fit(pats, operands):
+            return True
+        return n >= 2 and self.commutative and \
+            _producers_fit((pats[1], pats[0]), operands)
+
     def _match_op(self, p: Op, env: Env) -> Iterator[Env]:
         env = self._match_attrs(p, env)
         if env is None:
@@ -389,6 +435,20 @@ class OpPattern(Pattern):
         return head + "(" + ", ".join(ops) + ")" + self._suffix()
 
 
+def _producers_fit(pats, operands) -> bool:
+    for pat, v in zip(pats, operands):
+        names = pat.names if type(pat) is OpPattern else \
+            (_CONSTANT_OPS if isinstance(pat, Const) else None)
+        if names is not None:
+            prod = v.producer
+            if prod is None or prod.name not in names:
+                return False
+    return True
+
+
+_CONSTANT_OPS = frozenset({"core.constant", "core.full"})
+
+
 def _show_attr(v) -> str:
     if isinstance(v, Var):
         return repr(v)
@@ -435,6 +495,10 @@ class Or(Pattern):
                 if self._checks and not (op.results and self._checks_pass(op.results[0])):
                     continue
                 yield self._bind(e, op)
+
+    def may_match_op(self, op) -> bool:
+        return any(not isinstance(a, (OpPattern, Or)) or a.may_match_op(op)
+                   for a in self.alternatives)
 
     def _bind(self, env, what):
         if self._capture is None or self._capture in env:
@@ -499,11 +563,13 @@ class RewritePattern:
 
     Class attributes: ``root`` (op name, or tuple of names, the driver offers this pattern;
     None: every op), ``benefit`` (higher is tried first), ``name`` (for statistics; the class
-    name by default).  The docstring states the rule as an equation.
+    name by default), ``prefilter`` (optional).  The docstring states the rule as an equation.
     """
     root: Union[str, tuple[str, ...], None] = None
     benefit: int = 1
     name: Optional[str] = None
+    #: Optional ``prefilter(op) -> bool``, a cheap necessary condition the driver checks first.
+    prefilter: Optional[Callable[[Op], bool]] = None
 
     def __init_subclass__(cls, **kw):
         super().__init_subclass__(**kw)
@@ -546,6 +612,7 @@ class Rule(RewritePattern):
         self.__doc__ = inspect.cleandoc(doc or rewrite.__doc__ or "")
         self.benefit = benefit
         self.root = tuple(sorted(pattern.root_names()))
+        self.prefilter = pattern.may_match_op  # the driver checks it before match_and_rewrite
 
     def match(self, op: Op) -> Optional[Match]:
         """The first match rooted at ``op`` (for tests and tools), else None."""
@@ -554,6 +621,8 @@ class Rule(RewritePattern):
         return None
 
     def match_and_rewrite(self, op: Op, rw) -> bool:
+        if not self.pattern.may_match_op(op):
+            return False
         for env in self.pattern.match_op(op, {}):
             m = Match(op, env)
             before = rw.change_count

@@ -22,6 +22,7 @@ from irlm.types import DType, TensorType
 
 from .context import Statistics
 from .errors import RewriteError
+from .pattern import same_type
 
 
 class RewriteListener:
@@ -97,9 +98,12 @@ class Rewriter:
         return self.insert(new)
 
     def op(self, name: str, *operands: Value, loc: Optional[Location] = None,
-           **attrs) -> Union[Value, list[Value]]:
-        """``rw.op("core.add", x, y)``: create an op and return its result (list if several)."""
-        new = self.create(name, operands, attrs, loc=loc)
+           result_types: Optional[list[TensorType]] = None, **attrs) -> Union[Value, list[Value]]:
+        """``rw.op("core.add", x, y)``: create an op and return its result (list if several).
+
+        Give ``result_types`` when you know them (e.g. "the same as the op being replaced") to
+        skip type inference; the verifier still checks them after the pass."""
+        new = self.create(name, operands, attrs, loc=loc, result_types=result_types)
         return new.results[0] if len(new.results) == 1 else new.results
 
     def constant(self, value, loc: Optional[Location] = None) -> Value:
@@ -113,7 +117,7 @@ class Rewriter:
         ``new`` must have ``old``'s type; an unnamed ``new`` takes ``old``'s name."""
         if old is new:
             return
-        if check_type and old.type != new.type:
+        if check_type and not same_type(old.type, new.type):
             raise RewriteError(self._where() + f"cannot replace %{old.name} ({old.type}) with "
                                f"%{new.name} of a different type ({new.type})")
         users = old.users
@@ -126,7 +130,8 @@ class Rewriter:
         self.change_count += 1
         self.listener.value_replaced(old, new, users)
 
-    def replace_op(self, op: Op, new: Union[Value, Op, Sequence[Value]]) -> None:
+    def replace_op(self, op: Op, new: Union[Value, Op, Sequence[Value]],
+                   check_type: bool = True) -> None:
         """Replace each result of ``op`` with the matching new value, then erase ``op``."""
         if isinstance(new, Op):
             new = new.results
@@ -137,13 +142,14 @@ class Rewriter:
             raise RewriteError(self._where() + f"{op.describe()} has {len(op.results)} results "
                                f"but {len(new)} replacement(s) were given")
         for old, n in zip(op.results, new):
-            self.replace_all_uses_with(old, n)
+            self.replace_all_uses_with(old, n, check_type)
         self.erase_op(op)
 
     def erase_op(self, op: Op) -> None:
         """Remove ``op``, whose results must be unused."""
+        outputs = self.graph.outputs
         for r in op.results:
-            if r.uses or any(o is r for o in self.graph.outputs):
+            if r.uses or (outputs and _is_in(r, outputs)):
                 reader = r.uses[0].op.describe() if r.uses else "the graph outputs"
                 raise RewriteError(self._where() + f"cannot erase {op.describe()}: %{r.name} is "
                                    f"still read by {reader}")
@@ -154,7 +160,7 @@ class Rewriter:
 
     def set_operand(self, op: Op, index: int, value: Value) -> None:
         """Make operand ``index`` of ``op`` read ``value`` (its type must not change)."""
-        if op.operands[index].type != value.type:
+        if not same_type(op.operands[index].type, value.type):
             raise RewriteError(self._where() + f"operand {index} of {op.describe()} is "
                                f"{op.operands[index].type}, cannot set it to {value.type}")
         op.set_operand(index, value)
@@ -165,7 +171,7 @@ class Rewriter:
         """Change attributes of ``op`` in place; its result types must stay the same."""
         new = make_op(op.name, op.operands, {**op.attrs, **attrs}, op.loc)
         for old_r, new_r in zip(op.results, new.results):
-            if old_r.type != new_r.type:
+            if not same_type(old_r.type, new_r.type):
                 raise RewriteError(self._where() + f"changing {', '.join(attrs)} of "
                                    f"{op.describe()} changes its type to {new_r.type}; create a "
                                    f"new op instead")
@@ -196,7 +202,7 @@ class Rewriter:
         source = f"{how}({', '.join(names)})"
         if name in store:
             entry = store.entry(name)
-            if entry.source != source or entry.type != type:
+            if entry.source != source or not same_type(entry.type, type):
                 raise RewriteError(self._where() + f"weight '{name}' already exists in the store "
                                    f"(from {entry.source}); pick another name")
         else:
@@ -215,6 +221,13 @@ class Rewriter:
 
     def _where(self) -> str:
         return f"pattern '{self.pattern_name}': " if self.pattern_name else ""
+
+
+def _is_in(v: Value, values: list[Value]) -> bool:
+    for o in values:
+        if o is v:
+            return True
+    return False
 
 
 def _infer_weight_type(fn, types: list[TensorType], name: str) -> TensorType:

@@ -116,7 +116,7 @@ def test_benefit_orders_patterns_for_the_same_root():
 
 def test_patterns_are_indexed_by_root():
     pset = PatternSet([TransposeToPermute, PermuteToTranspose])
-    assert [p.name for p in pset.for_op("core.transpose")] == ["TransposeToPermute"]
+    assert [p.name for p, _ in pset.for_op("core.transpose")] == ["TransposeToPermute"]
     assert pset.for_op("core.add") == ()
 
 

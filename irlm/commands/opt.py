@@ -38,6 +38,8 @@ def run(args) -> int:
     run_pipeline_from_args(graph, args)
     from irlm.printer import print_graph
     text = print_graph(graph)
+    if not text.endswith("\n"):
+        text += "\n"
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)

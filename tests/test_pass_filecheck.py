@@ -1,0 +1,60 @@
+"""Runs the `# RUN:` line of every tests/filecheck/passes/*.irlm file.
+
+``irlm`` stages of a RUN pipeline run in this process (importing torch once, not once per
+file); other stages (``filecheck``) run as subprocesses.  The shared collector
+tests/test_filecheck.py runs every tests/filecheck/**/*.irlm; where it exists this module
+skips itself so no file is run twice.
+"""
+import contextlib
+import io
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from irlm.cli import main as irlm_main
+
+ROOT = Path(__file__).resolve().parents[1]
+FILES = sorted((ROOT / "tests" / "filecheck" / "passes").glob("*.irlm"))
+
+pytestmark = pytest.mark.skipif((ROOT / "tests" / "test_filecheck.py").exists(),
+                                reason="tests/test_filecheck.py runs these files")
+
+
+def run_command(path: Path) -> list[list[str]]:
+    """The RUN line's pipeline as argv lists, with %s substituted."""
+    first = path.read_text(encoding="utf-8").splitlines()[0]
+    m = re.match(r"#\s*RUN:\s*(.*)", first)
+    assert m, f"{path.name}: the first line must be '# RUN: ...'"
+    stages = [shlex.split(s) for s in m.group(1).split("|")]
+    return [[str(path) if a == "%s" else a for a in argv] for argv in stages]
+
+
+def run_irlm(argv: list[str], stdin: str) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    saved = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = irlm_main(argv)
+            except SystemExit as e:  # argparse
+                rc = e.code
+    finally:
+        sys.stdin = saved
+    return rc, out.getvalue(), err.getvalue()
+
+
+@pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
+def test_filecheck(path):
+    data = ""
+    for argv in run_command(path):
+        if argv[0] == "irlm":
+            rc, data, err = run_irlm(argv[1:], data)
+        else:
+            proc = subprocess.run(argv, input=data, cwd=ROOT, capture_output=True, text=True)
+            rc, data, err = proc.returncode, proc.stdout, proc.stderr
+        assert rc == 0, f"{' '.join(argv)} failed (exit {rc}):\n{data}{err}"
