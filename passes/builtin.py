@@ -1,2 +1,3 @@
 """Imports every module that registers built-in passes (the registry loads this lazily)."""
 from . import canonicalize, cse, dce  # noqa: F401
+from . import substitute_attention  # noqa: F401

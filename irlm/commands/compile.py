@@ -1,9 +1,10 @@
 """``irlm compile``: a model (model.py, Hugging Face directory, safetensors, GGUF) → OUT/.
 
 A compile is a list of :class:`Stage` s run in order over one :class:`CompileJob`; each stage
-reads what earlier ones left on the job and adds its own result.  Today the stages are load →
-trace → verify → write the frontend IR (``OUT/ir/00-frontend.irlm``); later ones (pass
-pipeline, engine writing) are one more entry in :data:`STAGES`.
+reads what earlier ones left on the job and adds its own result: load → trace → verify →
+write the frontend IR (``OUT/ir/00-frontend.irlm``) → the pass pipeline (``-O2`` by default;
+for causal LMs it ends in the paged inference form) → write the engine into OUT
+(``engine.json``, ``plan.irlm``, ``weights.safetensors``, tokenizer; see lowering/engine.py).
 """
 from __future__ import annotations
 
@@ -42,6 +43,16 @@ def add_parser(sub) -> None:
                         "max_position_embeddings, else 2048)")
     p.add_argument("--dtype", choices=DTYPES, default="f32",
                    help="element type of weights and activations (default f32)")
+    p.add_argument("--tokens-per-block", type=int, default=16, metavar="N",
+                   help="tokens per paged KV-cache block (default 16)")
+    p.add_argument("--max-num-tokens", type=int, default=8192, metavar="N",
+                   help="most packed tokens one engine step accepts (default 8192)")
+    p.add_argument("--dump-ir", action="store_true",
+                   help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
+    p.add_argument("--no-engine", action="store_true",
+                   help="stop after the pass pipeline (write IR only, no engine)")
+    from irlm.passes import add_pipeline_arguments
+    add_pipeline_arguments(p, default_level="2")
     p.set_defaults(func=run)
 
 
@@ -54,6 +65,8 @@ class CompileJob:
     model: Any = None      # frontends.loaded_model.LoadedModel, after "load"
     graph: Any = None      # irlm.Graph, after "trace"
     written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pipeline: str = ""
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -85,8 +98,102 @@ def load_stage(job: CompileJob) -> None:
 def trace_stage(job: CompileJob) -> None:
     from irlm.frontends import trace
     m = job.model
-    job.graph = trace(m.module, m.example_inputs(), dynamic=True, dims=symbolic_dims(job),
+    inputs = inference_example_inputs(m) if is_causal_lm(m) else m.example_inputs()
+    job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
                       weights=m.weights, name=_graph_name(m))
+
+
+def is_causal_lm(model) -> bool:
+    """Decoders compile to the paged inference form; encoders stay stateless graphs."""
+    module = model.module
+    return hasattr(module, "generate") and hasattr(module, "get_output_embeddings") and \
+        module.get_output_embeddings() is not None and \
+        not getattr(model.config, "is_encoder_decoder", False)
+
+
+def inference_example_inputs(model) -> dict:
+    """input_ids, an all-ones attention mask and explicit position_ids (batch 2, so torch does
+    not specialize the batch dim to 1): substitute-attention reads positions from
+    position_ids, and the explicit mask keeps HF from deriving packed-sequence masks."""
+    import torch
+    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
+    ids = torch.arange(16).remainder(vocab).reshape(2, 8)
+    return {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long),
+            "position_ids": torch.arange(8).repeat(2, 1)}
+
+
+def compile_pipeline(job: CompileJob) -> str:
+    """The -O level's passes for this model, ending in the inference form for decoders."""
+    a = job.args
+    level = (a.opt_level or ("2" if a.pipeline is None else None))
+    if level is None:
+        return ""
+    level = level.lstrip("O")
+    if level not in ("0", "1", "2"):
+        raise IRLMError(f"-O{level}: unknown optimization level (valid: -O0, -O1, -O2)")
+    cleanup = "" if level == "0" else "canonicalize,cse,"
+    if not is_causal_lm(job.model):
+        return cleanup.rstrip(",") if cleanup else ""
+    window = int(getattr(job.model.config, "sliding_window", 0) or 0) \
+        if getattr(job.model.config, "use_sliding_window", True) is not False else 0
+    sub = (f"substitute-attention{{tokens_per_block={a.tokens_per_block},"
+           f"sliding_window={window},max_tokens={a.max_num_tokens}}}")
+    text = f"{cleanup}{sub},{cleanup}dce"
+    if level == "2":
+        try:
+            from irlm.passes.fusions import FUSION_PIPELINE
+            text += "," + FUSION_PIPELINE
+        except ImportError:
+            pass
+    return text
+
+
+def passes_stage(job: CompileJob) -> None:
+    import argparse
+    from irlm.passes import run_pipeline_from_args
+    a = job.args
+    ns = argparse.Namespace(**vars(a))
+    ns.opt_level = None
+    default = compile_pipeline(job)
+    ns.pipeline = ",".join(p for p in (default, a.pipeline) if p) or None
+    if a.dump_ir and not a.dump_ir_dir:
+        ns.dump_ir_dir = str(job.out / "ir")
+    job.pipeline = ns.pipeline or ""
+    if ns.pipeline:
+        run_pipeline_from_args(job.graph, ns, stage_offset=1 if ns.dump_ir_dir else 0)
+
+
+def engine_stage(job: CompileJob) -> None:
+    from irlm.lowering.engine import write_engine
+    if job.args.no_engine:
+        return
+    if not any(v.name == "kv_cache" for v in job.graph.inputs):
+        job.notes.append("no engine written: only causal LMs compile to a runnable engine "
+                         "(this model's IR is in OUT/ir/)")
+        return
+    cfg = job.model.config
+    eos = getattr(cfg, "eos_token_id", None)
+    config = {
+        "source": str(job.model.source),
+        "model_type": getattr(cfg, "model_type", None),
+        "architecture": type(job.model.module).__name__,
+        "dtype": job.args.dtype,
+        "max_model_len": int(symbolic_dims(job)["seq"][1]),
+        "eos_token_id": eos,
+        "bos_token_id": getattr(cfg, "bos_token_id", None),
+        "pipeline": job.pipeline,
+        "irlm_version": _irlm_version(),
+    }
+    tok = job.model.tokenizer
+    if tok is not None and job.model.chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = job.model.chat_template
+    write_engine(job.graph, job.out, config, tokenizer=tok)
+    job.written.append(job.out / "engine.json")
+
+
+def _irlm_version() -> str:
+    from irlm import __version__
+    return __version__
 
 
 def verify_stage(job: CompileJob) -> None:
@@ -107,6 +214,8 @@ STAGES: list[Stage] = [
     Stage("trace", trace_stage),
     Stage("verify", verify_stage),
     Stage("write IR", write_frontend_ir_stage),
+    Stage("passes", passes_stage),
+    Stage("write engine", engine_stage),
 ]
 
 
@@ -125,7 +234,7 @@ def run(args) -> int:
             stage.run(job)
             job.timings[stage.name] = time.perf_counter() - t0
     print(summary(job, time.perf_counter() - start))
-    for note in job.model.notes:
+    for note in list(job.model.notes) + job.notes:
         print(f"irlm: note: {note}", file=sys.stderr)
     return 0
 

@@ -64,3 +64,20 @@ class GraphRunner:
                  batch.cached_lens.to(dev), batch.block_tables.to(dev), self.kv_cache)
         out = self._interp.run([feeds[i] for i in self._order]).outputs[0]
         return out.float()
+
+
+def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None):
+    """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise IRLMError("--device cuda: no CUDA GPU is available here")
+    max_len = engine.config.get("max_model_len")
+    if device == "cuda":
+        try:
+            from .cuda_runner import CudaGraphRunner
+        except ImportError:
+            CudaGraphRunner = None
+        if CudaGraphRunner is not None:
+            return CudaGraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len)
+    return GraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len, device=device)

@@ -55,16 +55,22 @@ class LLM:
         self._loop_task: asyncio.Task | None = None
 
     @classmethod
-    def from_engine(cls, engine_dir, **kwargs) -> "LLM":
-        """Build the runner from a compiled engine directory (``irlm compile -o DIR``).
+    def from_engine(cls, engine_dir, *, device: str = "auto", num_blocks: int | None = None,
+                    **kwargs) -> "LLM":
+        """Load a compiled engine directory (``irlm compile -o DIR``) and serve it.
 
-        Hook for the native engine: load the plan in ``engine_dir``, size the KV pool
-        (:func:`~irlm.runtime.kv_cache.num_blocks_for_free_memory` on a GPU), wrap it as a
-        :class:`ModelRunner`, load the tokenizer and chat template saved beside it, and call
-        ``cls(runner, tokenizer, chat_template=..., **kwargs)``."""
-        raise NotImplementedError(
-            f"LLM.from_engine({str(engine_dir)!r}): loading compiled engines is not "
-            f"implemented yet; construct LLM(runner, tokenizer) with a ModelRunner")
+        ``device``: ``cpu`` (the reference interpreter), ``cuda``, or ``auto`` (cuda when a GPU
+        is present).  The tokenizer, chat template and EOS ids saved in the engine are used
+        unless given in ``kwargs``."""
+        from .graph_runner import runner_for_engine
+        from irlm.lowering.engine import load_engine
+        engine = load_engine(engine_dir)
+        runner = runner_for_engine(engine, device=device, num_blocks=num_blocks)
+        kwargs.setdefault("chat_template", engine.chat_template)
+        kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))
+        if getattr(runner, "max_num_tokens", None):
+            kwargs.setdefault("max_num_tokens", min(512, runner.max_num_tokens))
+        return cls(runner, engine.tokenizer, **kwargs)
 
     # ----- offline ---------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],

@@ -1,0 +1,133 @@
+"""The native engine directory: what `irlm compile` writes and the runtime loads.
+
+    ENGINE/
+      engine.json          format version, build config, model facts, file checksums
+      plan.irlm            the final graph (inference form) as IR text
+      weights.safetensors  every weight the plan reads, already in its final dtype/layout
+      tokenizer.json       (optional) the tokenizer; tokenizer_config.json holds the chat template
+
+Loading checks the format version, every file's size and SHA-256, that the plan parses and
+verifies, and that every weight the plan reads exists with its declared type, so a corrupted,
+truncated or mismatched engine is refused with a message saying what is wrong.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from irlm.errors import IRLMError
+from irlm.ir import Graph
+
+ENGINE_FORMAT = "irlm-engine"
+ENGINE_VERSION = 1
+PLAN_FILE, WEIGHTS_FILE, MANIFEST = "plan.irlm", "weights.safetensors", "engine.json"
+
+
+class EngineError(IRLMError):
+    """An engine directory that cannot be loaded."""
+
+
+@dataclass
+class Engine:
+    path: Path
+    graph: Graph
+    config: dict[str, Any]
+    tokenizer: Any = None              # a transformers PreTrainedTokenizerFast, if shipped
+    chat_template: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None) -> Path:
+    """Write ``graph`` (inference form, weights in ``graph.weights``) as an engine directory."""
+    from safetensors.torch import save_file
+    from irlm.printer import print_graph
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for op in graph.params():
+        name = op.attrs["name"]
+        t = graph.weights.get(name)
+        tensors[name] = t.contiguous()
+    # safetensors refuses tensors that share storage (tied embeddings); store copies.
+    seen: dict[int, str] = {}
+    for k, t in list(tensors.items()):
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            tensors[k] = t.clone()
+        elif ptr is not None:
+            seen[ptr] = k
+    save_file(tensors, str(out / WEIGHTS_FILE))
+    (out / PLAN_FILE).write_text(print_graph(graph), encoding="utf-8")
+    files = [PLAN_FILE, WEIGHTS_FILE]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+        files += [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "chat_template.jinja") if (out / f).exists()]
+    manifest = {
+        "format": ENGINE_FORMAT,
+        "version": ENGINE_VERSION,
+        "config": config,
+        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
+                  for f in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    return out
+
+
+def load_engine(path, verify_checksums: bool = True) -> Engine:
+    from irlm.parser import parse_graph
+    from irlm.verifier import verify
+    from irlm.weights import WeightStore
+    path = Path(path)
+    if not path.is_dir():
+        raise EngineError(f"{path}: not an engine directory (it does not exist or is a file)")
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise EngineError(f"{path}: missing {MANIFEST}; is this an irlm engine directory?")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
+        raise EngineError(f"{mpath}: not an irlm engine manifest")
+    if manifest.get("version") != ENGINE_VERSION:
+        raise EngineError(f"{path}: engine format version {manifest.get('version')} is not "
+                          f"supported by this irlm (expects {ENGINE_VERSION}); recompile it")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or PLAN_FILE not in files or WEIGHTS_FILE not in files:
+        raise EngineError(f"{mpath}: manifest does not list {PLAN_FILE} and {WEIGHTS_FILE}")
+    for name, info in files.items():
+        f = path / name
+        if not f.exists():
+            raise EngineError(f"{path}: missing file {name}")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise EngineError(f"{f}: size {size} bytes, the manifest says {info.get('bytes')} "
+                              f"(truncated or replaced)")
+        if verify_checksums and _sha256(f) != info.get("sha256"):
+            raise EngineError(f"{f}: checksum mismatch (the file is corrupted or was modified)")
+    store = WeightStore()
+    store.add_safetensors(path / WEIGHTS_FILE)
+    graph = parse_graph((path / PLAN_FILE).read_text(encoding="utf-8"), str(path / PLAN_FILE),
+                        weights=store)
+    graph.weights = store
+    verify(graph)
+    tokenizer, template = None, None
+    if (path / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        template = getattr(tokenizer, "chat_template", None)
+    return Engine(path, graph, manifest.get("config", {}), tokenizer, template)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
