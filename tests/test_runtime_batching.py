@@ -169,3 +169,36 @@ def test_n_samples_share_the_prompt_blocks(model, tok):
     assert len({tuple(t) for t in tokens}) > 1
     assert run(RecomputeRunner, False)[0] == tokens         # the shared KV is the right KV
     assert run(ReferenceRunner, True)[0] == tokens
+
+
+def test_sharing_eviction_and_preemption_together_change_no_output(model, tok):
+    """A tight cache under max-utilization with prefix reuse: shared blocks, reusable blocks
+    evicted and reallocated, preempted requests (beams and n > 1 samples among them)
+    recomputed.  A block freed while still shared, a block shared by content alone without
+    its prefix (B below starts one prompt and follows A in others), or a fork that shares a
+    partial block would all change some output."""
+    rng = random.Random(7)
+
+    def block():
+        return [rng.randrange(2, len(tok)) for _ in range(BS)]
+
+    A, B, C, D = block(), block(), block(), block()
+    tail = lambda n: [rng.randrange(2, len(tok)) for _ in range(n)]      # noqa: E731
+    prompts = [A + B + C + tail(2), A + B + tail(3), B + C + tail(1), A + B + C + D + tail(2),
+               B + C + D + tail(3), A + tail(5), tail(19), A + B + C + D + tail(6),
+               C + D + tail(2), A + B + tail(1)]
+    params = [SamplingParams(temperature=0, max_tokens=rng.randrange(5, 13)) for _ in prompts]
+    params[3] = SamplingParams(use_beam_search=True, beam_width=3, max_tokens=6)
+    params[7] = SamplingParams(n=2, seed=5, max_tokens=7, ignore_eos=True)
+    want = [[c.token_ids for c in
+             LLM(ReferenceRunner(model, block_size=BS, num_blocks=64), tok,
+                 enable_prefix_caching=False).generate([p], s)[0].outputs]
+            for p, s in zip(prompts, params)]
+    llm = LLM(ReferenceRunner(model, block_size=BS, num_blocks=20), tok, max_num_tokens=12,
+              max_batch_size=12, policy="max-utilization")
+    outs = llm.generate(prompts, params)
+    assert [[c.token_ids for c in o.outputs] for o in outs] == want
+    stats = llm.engine.block_manager.stats
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert stats.prefix_hits > 0 and stats.evictions > 0
+    assert llm.engine.block_manager.num_free_blocks == 20

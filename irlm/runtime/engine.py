@@ -111,7 +111,7 @@ class LLMEngine:
         self._sample([(s, r) for s, r in ready if s.request.beam is None], logits, changed)
         for seq, row in ready:
             if seq.request.beam is not None:
-                seq.beam_logits = logits[row]
+                seq.beam_logits = logits[row].clone()   # not a view pinning the batch
         for req in {id(s.request): s.request for s, _ in ready if s.request.beam}.values():
             if all(s.beam_logits is not None for s in req.seqs):
                 self._beam_step(req)

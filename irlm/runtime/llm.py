@@ -163,19 +163,29 @@ class LLM:
     async def _run_engine(self) -> None:
         engine = self.engine
         try:
-            while engine.has_unfinished():
-                for req in engine.step():
-                    queue = self._streams.get(req.request_id)
-                    if queue is None:
-                        continue
-                    for delta in engine.stream_deltas(req.request_id):
-                        queue.put_nowait(delta)
-                    if req.finished:
-                        queue.put_nowait(None)
+            while True:
+                if engine.has_unfinished():
+                    engine.step()
+                self._dispatch_streams()
+                if not engine.has_unfinished():
+                    return
                 await asyncio.sleep(0)           # let consumers run and new requests arrive
         except Exception as e:                   # hand the failure to every waiting stream
             for queue in self._streams.values():
                 queue.put_nowait(e)
+
+    def _dispatch_streams(self) -> None:
+        """Hand every open stream what its request produced (from the request's state, so
+        steps run by a concurrent ``generate`` call are not missed either)."""
+        for request_id, queue in list(self._streams.items()):
+            req = self.engine.requests.get(request_id)
+            if req is None:
+                continue
+            for delta in self.engine.stream_deltas(request_id):
+                queue.put_nowait(delta)
+            if req.finished:
+                queue.put_nowait(None)
+                del self._streams[request_id]
 
     # ----- helpers ---------------------------------------------------------------------------
     @staticmethod

@@ -191,15 +191,15 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, float("-inf"))
 
 
-def draw(logits: torch.Tensor, greedy: torch.Tensor,
+def draw(logits: torch.Tensor, greedy: Sequence[bool],
          generators: Sequence[torch.Generator | None]) -> torch.Tensor:
     """[rows] next tokens: argmax for greedy rows, a sample from softmax(logits) otherwise.
 
     Sampling is the exponential race ``argmax(p / q), q ~ Exp(1)``, which equals drawing from
     ``p`` and needs no per-row multinomial call; each seeded row draws its ``q`` from its own
-    generator."""
+    generator.  ``greedy`` is a host-side list, so an all-greedy batch never syncs."""
     tokens = logits.argmax(dim=-1)
-    if bool(greedy.all()):
+    if all(greedy):
         return tokens
     probs = logits.softmax(dim=-1)
     q = torch.empty_like(probs)
@@ -214,7 +214,7 @@ def draw(logits: torch.Tensor, greedy: torch.Tensor,
     # q can be exactly 0 (u = 0 in the inverse CDF); 0/0 would be NaN, which argmax prefers.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
     sampled = (probs / q).argmax(dim=-1)
-    return torch.where(greedy.to(tokens.device), tokens, sampled)
+    return torch.where(torch.tensor(list(greedy), device=tokens.device), tokens, sampled)
 
 
 # ----- the sampler -------------------------------------------------------------------------
@@ -262,8 +262,7 @@ def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
     logits = logits.float()
     raw_logprobs = logits.log_softmax(dim=-1)
     processed = process_logits(logits, rows)
-    greedy = torch.tensor([r.params.greedy for r in rows], device=logits.device)
-    tokens = draw(processed, greedy, [r.generator for r in rows])
+    tokens = draw(processed, [r.params.greedy for r in rows], [r.generator for r in rows])
     token_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
     top: list[dict[int, float] | None] = [None] * len(rows)
     k = max((r.params.logprobs or 0 for r in rows), default=0)
