@@ -104,8 +104,9 @@ def run_pipeline_from_args(graph: Graph, args: argparse.Namespace,
                            stage_offset: int = 0) -> Graph:
     """Run the pipeline the flags describe over ``graph`` (in place) and return it.
 
-    ``stage_offset``: stages the caller has already dumped; the passes' dumps are numbered
-    from ``stage_offset + 1`` and ``00-input`` is written only when it is 0."""
+    ``stage_offset``: how many numbered stages the caller has already dumped (``00``..
+    ``stage_offset - 1``, e.g. 1 after writing ``00-frontend.irlm``); the first pass is then
+    stage ``stage_offset``.  ``00-input.irlm`` is written only when it is 0."""
     run_pipeline_with_report(graph, args, stage_offset)
     return graph
 

@@ -51,10 +51,21 @@ class PluginError(PassError):
     """A ``--pass-plugin`` file is missing or fails to load."""
 
 
+def closest(word: str, valid: Iterable[str]) -> Optional[str]:
+    """The valid name the user most likely meant: the only one that extends ``word``
+    (``int4`` -> ``int4-awq``), else the most similar one, if any is similar enough."""
+    valid = sorted(valid)
+    longer = [v for v in valid if v.startswith(word) and v != word]
+    if word and len(longer) == 1:
+        return longer[0]
+    hint = difflib.get_close_matches(word, valid, 1, cutoff=0.6)
+    return hint[0] if hint else None
+
+
 def did_you_mean(word: str, valid: Iterable[str], what: str = "") -> str:
     """``"; did you mean 'canonicalize'? (valid: a, b, c)"`` for an error message."""
     valid = sorted(valid)
-    hint = difflib.get_close_matches(word, valid, 1, cutoff=0.6)
-    out = f"; did you mean '{hint[0]}'?" if hint else ""
+    hint = closest(word, valid)
+    out = f"; did you mean '{hint}'?" if hint else ""
     listing = ", ".join(valid) if valid else "none"
     return f"{out} ({what + ': ' if what else 'valid: '}{listing})"

@@ -60,7 +60,8 @@ class PassManager:
 
     ``instruments`` see every pass; ``verify_each`` runs the verifier on the input and after
     every pass; ``stage_offset`` is how many numbered stages the caller has already dumped
-    (the passes are then numbered from ``stage_offset + 1``).
+    (``00``..``stage_offset - 1``): the first pass is then stage ``stage_offset``.  With 0, the
+    input is stage ``00`` and the first pass stage ``01``.
     """
 
     def __init__(self, pipeline: Union[str, Pipeline, Sequence], instruments: Sequence = (),
@@ -84,7 +85,7 @@ class PassManager:
         for inst in self.instruments:
             inst.before_pipeline(graph, self.pipeline, self.stage_offset)
         for i, (inv, info, options) in enumerate(planned):
-            stage = Stage(self.stage_offset + i + 1, inv)
+            stage = Stage(max(self.stage_offset, 1) + i, inv)
             ctx = PassContext(inv.name, options)
             for inst in self.instruments:
                 inst.before_pass(graph, stage)

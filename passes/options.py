@@ -13,12 +13,11 @@ pass and what would be valid.
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-from .errors import PassError, did_you_mean
+from .errors import PassError, closest, did_you_mean
 
 OPTION_TYPES = (int, float, bool, str)
 _TYPE_TEXT = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -100,9 +99,8 @@ class Option:
 
 
 def _hint(word: str, valid) -> str:
-    import difflib
-    hint = difflib.get_close_matches(word, list(valid), 1, cutoff=0.6)
-    return f"; did you mean '{hint[0]}'?" if hint else ""
+    hint = closest(word, list(valid))
+    return f"; did you mean '{hint}'?" if hint else ""
 
 
 def format_value(value: Any) -> str:
@@ -112,9 +110,7 @@ def format_value(value: Any) -> str:
     if isinstance(value, int):
         return str(value)
     if isinstance(value, float):
-        if math.isfinite(value) and value == int(value) and abs(value) < 1e16:
-            return repr(value)  # '2.0', so it reads as a float
-        return repr(value)
+        return repr(value)  # '2.0', '1e-05', 'inf': float() reads each back
     text = str(value)
     if BARE_VALUE.fullmatch(text) and text not in ("true", "false"):
         return text

@@ -19,7 +19,11 @@ FILES = sorted((ROOT / "tests" / "filecheck" / "passes").glob("*.irlm"))
 
 
 def pipeline_of(path: Path) -> str:
+    """The pipeline a FileCheck file's RUN line runs (loading the plugins it names)."""
+    from irlm.passes import load_plugin
     run = path.read_text().splitlines()[0]
+    for plugin in re.findall(r"--pass-plugin\s+(\S+)", run):
+        load_plugin(ROOT / plugin)
     m = re.search(r'--pipeline\s+"([^"]*)"', run)
     if m:
         return m.group(1)

@@ -49,7 +49,8 @@ def run_irlm(argv: list[str], stdin: str) -> tuple[int, str, str]:
 
 
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
-def test_filecheck(path):
+def test_filecheck(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # RUN lines name files relative to the repository root
     data = ""
     for argv in run_command(path):
         if argv[0] == "irlm":
