@@ -23,8 +23,11 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from irlm.kernels import ops  # noqa: E402
+try:
+    from irlm.kernels import ops
+except ImportError:  # not installed: run from the checkout (needs the package-dir mapping)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from irlm.kernels import ops
 from irlm.kernels.compiler import precompile  # noqa: E402
 
 DEV = "cuda"
@@ -281,16 +284,77 @@ def bench_sampling(batch, copy_bw):
            note="(bytes: one read of the logits)")
 
 
+def diagnose():
+    """Small attention cases with known answers, printed as a ladder (for debugging)."""
+    torch.manual_seed(0)
+
+    def case(dtype, heads, kv, d, ctxs, qlens, zero_q=False, bs=16):
+        R = len(ctxs)
+        per = [-(-(c + n) // bs) for c, n in zip(ctxs, qlens)]
+        nb = sum(per) + 1
+        cache = torch.randn(1, nb, 2, bs, kv, d, device=DEV).to(dtype)
+        tables = torch.zeros(R, max(per), dtype=torch.int32, device=DEV)
+        at = 0
+        for r, n in enumerate(per):
+            tables[r, :n] = torch.arange(at, at + n, dtype=torch.int32)
+            at += n
+        T = sum(qlens)
+        q = torch.randn(T, heads, d, device=DEV).to(dtype)
+        if zero_q:
+            q.zero_()
+        k = torch.randn(T, kv, d, device=DEV).to(dtype)
+        v = torch.randn(T, kv, d, device=DEV).to(dtype)
+        ql = torch.tensor(qlens, dtype=torch.int32, device=DEV)
+        cl = torch.tensor(ctxs, dtype=torch.int32, device=DEV)
+        ref_cache = cache.clone().cpu()
+        from irlm.ops.llm import write_kv
+        from irlm.registry import get_op_def
+        ref = get_op_def("llm.paged_attention").reference(
+            None, [q.cpu().float(), k.cpu().float(), v.cpu().float(), ref_cache.float(),
+                   tables.cpu(), ql.cpu(), cl.cpu()],
+            {"layer": 0, "scale": None, "sliding_window": 0, "alibi_slopes": ()})[0]
+        out = torch.full_like(q, float("nan"))
+        ops.paged_attention(q, k, v, cache, tables, ql, cl, 0, out=out)
+        torch.cuda.synchronize()
+        o, rf = out.float().cpu(), ref
+        nan = int((~torch.isfinite(o)).sum())
+        err = rel_err(o.nan_to_num(0), rf)
+        by_dim = ((o - rf).nan_to_num(0).pow(2).sum((0, 1)).view(-1, 8).sum(1).sqrt()
+                  / rf.pow(2).sum((0, 1)).view(-1, 8).sum(1).sqrt().clamp_min(1e-9))
+        by_head = ((o - rf).nan_to_num(0).pow(2).sum((0, 2)).sqrt()
+                   / rf.pow(2).sum((0, 2)).sqrt().clamp_min(1e-9))
+        print(f"{str(dtype)[6:]:8s} H{heads} KV{kv} D{d} ctx {ctxs} q {qlens} zero_q={zero_q}: "
+              f"err {err:.2e} nan {nan}  by8dims {[round(x, 2) for x in by_dim.tolist()]} "
+              f"byhead {[round(x, 2) for x in by_head.tolist()]}", flush=True)
+
+    for dtype in (bf16, torch.float32):
+        for zq in (True, False):
+            case(dtype, 8, 8, 128, [0], [1], zq)
+            case(dtype, 8, 8, 128, [1], [1], zq)
+            case(dtype, 8, 8, 128, [15], [1], zq)
+            case(dtype, 8, 8, 128, [16], [1], zq)
+            case(dtype, 8, 2, 128, [100], [1], zq)
+            case(dtype, 8, 8, 128, [3000], [1], zq)
+            case(dtype, 8, 8, 128, [0], [1 + 0], zq)
+            case(dtype, 8, 8, 128, [0, 0], [2, 1], zq)
+            case(dtype, 8, 8, 64, [0], [20], zq)
+            case(dtype, 8, 2, 128, [5], [70], zq)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--diag", action="store_true", help="only the small attention ladder")
     ap.add_argument("--dump-cubins", default=None, metavar="DIR",
                     help="also write every compiled cubin there (for cuobjdump -sass)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU: nothing to benchmark")
         return 1
+    if args.diag:
+        diagnose()
+        return 0
     props = torch.cuda.get_device_properties(0)
     info = {"device": props.name, "sms": props.multi_processor_count,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
