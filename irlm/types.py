@@ -162,7 +162,10 @@ def _format_expr(e: sympy.Expr) -> str:
     if isinstance(e, sympy.floor):
         num, den = sympy.fraction(sympy.together(e.args[0]))
         if den.is_Integer or den.is_Symbol or isinstance(den, (sympy.Mul, sympy.Add)):
-            return f"{_paren(num, sympy.Mul)} // {_paren(den, sympy.Mul)}"
+            # `//` is left-associative: a product in the denominator needs parentheses
+            den_text = _format_expr(den) if (den.is_Integer or den.is_Symbol) \
+                else f"({_format_expr(den)})"
+            return f"{_paren(num, sympy.Mul)} // {den_text}"
     if isinstance(e, (sympy.Max, sympy.Min)):
         name = "max" if isinstance(e, sympy.Max) else "min"
         args = sorted(e.args, key=sympy.default_sort_key)
