@@ -165,12 +165,16 @@ def test_random_operations_keep_the_books_balanced(ops):
         elif op == "free":
             bm.free(sid)
             tokens.pop(sid, None)
-        held = {}
+        held, content = {}, {}
         for s in tokens:
-            for b in bm.block_table(s):
+            for i, b in enumerate(bm.block_table(s)):
                 held[b] = held.get(b, 0) + 1
+                content.setdefault(b, set()).add((i, tuple(tokens[s][i * BS:(i + 1) * BS])))
         assert all(bm.ref_count(b) == c for b, c in held.items())
         assert bm.num_free_blocks + len(held) == bm.num_blocks
+        for b, c in held.items():
+            if c > 1:        # shared: same place in every table, same full block of tokens
+                assert len(content[b]) == 1 and len(next(iter(content[b]))[1]) == BS
     for s in list(tokens):
         bm.free(s)
     assert bm.num_free_blocks == bm.num_blocks

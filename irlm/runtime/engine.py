@@ -27,6 +27,11 @@ class LLMEngine:
                  policy: str = "guaranteed-no-evict", max_waiting: int = 1024,
                  enable_prefix_caching: bool = True,
                  eos_token_id: int | list[int] | None = None):
+        if not isinstance(runner, ModelRunner):
+            missing = [a for a in ("vocab_size", "block_size", "num_blocks", "max_model_len",
+                                   "step") if not hasattr(runner, a)]
+            raise IRLMError(f"{type(runner).__name__} is not a ModelRunner: it lacks "
+                            f"{', '.join(missing)}")
         self.runner, self.tokenizer = runner, tokenizer
         self.block_manager = BlockManager(runner.num_blocks, runner.block_size,
                                           enable_prefix_caching=enable_prefix_caching)
@@ -57,7 +62,7 @@ class LLMEngine:
             raise IRLMError(f"prompt token ids must be in [0, {self.runner.vocab_size})")
         max_len = min(len(prompt_ids) + params.max_tokens, self.runner.max_model_len)
         req = Request(self._next_request_id, prompt_ids, params, max_len, prompt=prompt,
-                      stream=stream, arrival=self._next_request_id)
+                      stream=stream)
         first = self._new_sequence(req, list(prompt_ids), index=0)
         req.seqs.append(first)
         if params.use_beam_search:
@@ -238,23 +243,27 @@ class LLMEngine:
         return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     def output(self, request_id: int) -> RequestOutput:
+        """A request's output as it stands (final once ``finished``)."""
         req = self.requests[request_id]
-        p = req.params
-        if req.beam is not None and req.beam.finished and req.finished:
-            outs = [CompletionOutput(i, self._decode(h.output_ids, p), h.output_ids,
-                                     "stop" if h.stopped else "length",
-                                     cumulative_logprob=h.cumulative_logprob,
-                                     beam_score=h.score)
-                    for i, h in enumerate(req.beam.finished[:p.n])]
+        if req.beam is not None:
+            outs = self._beam_outputs(req)
         else:
-            seqs = sorted(req.done + req.seqs, key=lambda s: s.index)
-            if req.beam is not None:          # unfinished (or aborted) beams: as they stand
-                seqs = req.seqs[:p.n]
-            outs = [CompletionOutput(i if req.beam else s.index, self._text(s), s.output_ids,
-                                     s.finish_reason, s.stop_reason, s.cumulative_logprob,
-                                     s.logprobs)
-                    for i, s in enumerate(seqs)]
+            outs = [CompletionOutput(s.index, self._text(s), s.output_ids, s.finish_reason,
+                                     s.stop_reason, s.cumulative_logprob, s.logprobs)
+                    for s in sorted(req.done + req.seqs, key=lambda s: s.index)]
         return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished)
+
+    def _beam_outputs(self, req: Request) -> list[CompletionOutput]:
+        p = req.params
+        if req.finished and req.beam.done:        # the n best finished hypotheses
+            return [CompletionOutput(i, self._decode(h.output_ids, p), h.output_ids,
+                                     "stop" if h.stopped else "length",
+                                     cumulative_logprob=h.cumulative_logprob, beam_score=h.score)
+                    for i, h in enumerate(req.beam.finished[:p.n])]
+        # Running or cancelled: the live beams as they stand, best first.
+        return [CompletionOutput(i, self._decode(s.output_ids, p), s.output_ids,
+                                 s.finish_reason, cumulative_logprob=s.cumulative_logprob)
+                for i, s in enumerate(req.seqs[:p.n])]
 
     def pop_output(self, request_id: int) -> RequestOutput:
         """The output of a request, forgetting the request if it has finished."""

@@ -86,7 +86,6 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)       # live sequences
     done: list[Sequence] = field(default_factory=list)       # finished samples
     beam: BeamSearch | None = None
-    arrival: int = 0
 
     @property
     def width(self) -> int:

@@ -1,0 +1,69 @@
+"""The runtime on CUDA tensors: sampling stays on the device and agrees with the CPU; the
+whole loop runs a CUDA model; the KV pool is sized from free GPU memory."""
+import random
+
+import pytest
+import torch
+
+from irlm.runtime import LLM, ReferenceRunner, SamplingParams
+from irlm.runtime.kv_cache import kv_block_bytes, num_blocks_for_free_memory
+from irlm.runtime.sampling import SampleRow, process_logits, sample
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+
+def rows(n):
+    kinds = [SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=10, seed=3),
+             SamplingParams(top_p=0.9, min_p=0.05, seed=4, repetition_penalty=1.3,
+                            presence_penalty=0.5, frequency_penalty=0.2)]
+    return [SampleRow(kinds[i % 3], [1, 2, 3], [4, 4, i]) for i in range(n)]
+
+
+def test_logits_processing_on_cuda_equals_cpu():
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(0)) * 3
+    r = rows(6)
+    cpu = process_logits(logits, r)
+    gpu = process_logits(logits.cuda(), r)
+    assert gpu.device.type == "cuda"
+    torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-5, atol=1e-5)
+
+
+def test_sampling_on_cuda_is_greedy_where_asked_and_seeded_rows_repeat():
+    logits = torch.randn(6, 1000, generator=torch.Generator().manual_seed(1)).cuda() * 3
+
+    def run():
+        r = rows(6)
+        for row in r:
+            if row.params.seed is not None:
+                row.generator = torch.Generator(device="cuda").manual_seed(row.params.seed)
+        return sample(logits, r).token_ids
+    first, second = run(), run()
+    assert first == second
+    assert first[0] == int(logits[0].argmax()) and first[3] == int(logits[3].argmax())
+
+
+def test_the_loop_runs_a_cuda_model_and_matches_hf_greedy():
+    from irlm.runtime.testing import tiny_llama, tiny_tokenizer
+    tok = tiny_tokenizer()
+    model = tiny_llama(len(tok)).cuda()
+    rng = random.Random(0)
+    prompts = [[rng.randrange(2, len(tok)) for _ in range(3 + 5 * i)] for i in range(6)]
+    llm = LLM(ReferenceRunner(model, block_size=4, num_blocks=128), tok, max_num_tokens=16,
+              policy="max-utilization")
+    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
+    for p, o in zip(prompts, outs):
+        hf = model.generate(torch.tensor([p], device="cuda"), do_sample=False,
+                            max_new_tokens=10, pad_token_id=1)
+        assert o.outputs[0].token_ids == hf[0, len(p):].tolist()
+    seeded = SamplingParams(temperature=0.8, seed=9, max_tokens=8, n=2)
+    a = llm.generate(prompts[:1], seeded)[0]
+    b = llm.generate(prompts[:1], seeded)[0]
+    assert [c.token_ids for c in a.outputs] == [c.token_ids for c in b.outputs]
+
+
+def test_pool_sized_from_free_gpu_memory():
+    per_block = kv_block_bytes(30, 16, 3, 64, torch.float16)
+    n = num_blocks_for_free_memory(per_block, fraction=0.5)
+    free, _ = torch.cuda.mem_get_info()
+    assert n == int(free * 0.5) // per_block and n > 0
