@@ -24,13 +24,16 @@ pytestmark = pytest.mark.skipif((ROOT / "tests" / "test_filecheck.py").exists(),
                                 reason="tests/test_filecheck.py runs these files")
 
 
-def run_command(path: Path) -> list[list[str]]:
-    """The RUN line's pipeline as argv lists, with %s substituted."""
+def run_command(path: Path) -> tuple[bool, list[list[str]]]:
+    """(expect failure, the RUN line's stages as argv lists with %s substituted).
+
+    ``# RUN-ERROR:`` expects the first stage to fail; ``2>&1`` merges its stderr."""
     first = path.read_text(encoding="utf-8").splitlines()[0]
-    m = re.match(r"#\s*RUN:\s*(.*)", first)
-    assert m, f"{path.name}: the first line must be '# RUN: ...'"
-    stages = [shlex.split(s) for s in m.group(1).split("|")]
-    return [[str(path) if a == "%s" else a for a in argv] for argv in stages]
+    m = re.match(r"#\s*(RUN|RUN-ERROR):\s*(.*)", first)
+    assert m, f"{path.name}: the first line must be '# RUN: ...' or '# RUN-ERROR: ...'"
+    stages = [shlex.split(s) for s in m.group(2).split("|")]
+    return m.group(1) == "RUN-ERROR", [[str(path) if a == "%s" else a for a in argv]
+                                       for argv in stages]
 
 
 def run_irlm(argv: list[str], stdin: str) -> tuple[int, str, str]:
@@ -51,11 +54,19 @@ def run_irlm(argv: list[str], stdin: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize("path", FILES, ids=[p.name for p in FILES])
 def test_filecheck(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # RUN lines name files relative to the repository root
+    expect_error, stages = run_command(path)
     data = ""
-    for argv in run_command(path):
+    for i, argv in enumerate(stages):
+        merge = "2>&1" in argv
+        argv = [a for a in argv if a != "2>&1"]
         if argv[0] == "irlm":
             rc, data, err = run_irlm(argv[1:], data)
         else:
             proc = subprocess.run(argv, input=data, cwd=ROOT, capture_output=True, text=True)
             rc, data, err = proc.returncode, proc.stdout, proc.stderr
-        assert rc == 0, f"{' '.join(argv)} failed (exit {rc}):\n{data}{err}"
+        if merge:
+            data, err = data + err, ""
+        if i == 0 and expect_error:
+            assert rc != 0, f"RUN-ERROR: {' '.join(argv)} succeeded:\n{data}"
+        else:
+            assert rc == 0, f"{' '.join(argv)} failed (exit {rc}):\n{data}{err}"
