@@ -226,6 +226,27 @@ def bench_decode(batch, ctx, copy_bw):
            note=f"splits {splits}; eager call {host * 1e3:.0f} us")
 
 
+def bench_decode_splits(batch, ctx, copy_bw):
+    """Time the decode kernel (+ reduce) at forced partition counts, to tune choose_splits."""
+    nbytes = batch * ctx * KV * D * 2 * 2 + batch * H * D * 2 * 2
+    n = copies_for(nbytes, 16)
+    cache, tables, q_lens, cached = paged_setup(batch, 1, ctx - 1, copies=n)
+    qs = [torch.randn(batch, H, D, device=DEV, dtype=bf16) for _ in range(n)]
+    outs = [torch.empty_like(q) for q in qs]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    chosen, _ = ops.choose_splits(batch * KV, ctx, 64, sms)
+    line = []
+    for ns in (1, 4, 8, 16, 32, 64, 128):
+        if ns > 1 and ctx // ns < 64:
+            continue
+        ms = graph_time([lambda i=i: ops.paged_attention_decode(
+            qs[i], cache, 0, tables[i], cached, out=outs[i], max_kv_len=ctx, num_splits=ns)
+            for i in range(n)])
+        line.append(f"{ns}:{ms * 1e3:.1f}")
+    print(f"decode split sweep batch {batch} ctx {ctx} (splits:us; planner picks {chosen}): "
+          + " ".join(line), flush=True)
+
+
 def bench_prefill(reqs, q_len, copy_bw):
     tokens = reqs * q_len
     cache, tables, q_lens, cached = paged_setup(reqs, q_len, 0)
@@ -383,6 +404,8 @@ def main():
         *(lambda b=b, c=c: bench_decode(b, c, copy_bw)
           for b in (1, 32, 256) for c in ((128, 2048) if args.quick else (128, 512, 2048))),
         lambda: bench_decode(1, 16384, copy_bw),
+        *(lambda b=b, c=c: bench_decode_splits(b, c, copy_bw)
+          for b, c in ((1, 2048), (1, 16384), (8, 8192), (32, 2048))),
         lambda: bench_prefill(512, 128, copy_bw),
         lambda: bench_prefill(8, 2048, copy_bw),
         *(lambda b=b: bench_sampling(b, copy_bw) for b in (1, 32, 256)),

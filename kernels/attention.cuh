@@ -317,17 +317,29 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
     for (int j = 0; j < NS; ++j) s[j][0] = s[j][1] = s[j][2] = s[j][3] = 0.f;
     WarpMma<T, D, NS, LD>::qk(s, sQ + wm * 16 * LD, sK + wn * KPW * LD, lane);
 
-    // mask, scale, alibi (log2 units)
+    // mask, scale, alibi (log2 units).  A tile that no row masks (wholly before the earliest
+    // query, inside the window and the partition, no alibi) is only scaled.  Rows past the
+    // request are never stored, so they need no mask there.
+    const bool unmasked = k0 + BLOCK_N <= kend && k0 + BLOCK_N - 1 <= qpos_lo &&
+                          (p.window <= 0 || qpos_hi - k0 < p.window) && p.alibi == nullptr;
+    if (unmasked) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j) {
+      for (int j = 0; j < NS; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int hr = e >> 1;
-        const int kpos = k0 + wn * KPW + j * 8 + 2 * t4 + (e & 1);
-        const int dist = qpos_r[hr] - kpos;
-        const bool ok = valid_r[hr] && dist >= 0 && kpos < kend &&
-                        (p.window <= 0 || dist < p.window);
-        s[j][e] = ok ? s[j][e] * p.scale_log2 - slope_r[hr] * (float)dist : IRLM_NEG_INF;
+        for (int e = 0; e < 4; ++e) s[j][e] *= p.scale_log2;
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int hr = e >> 1;
+          const int kpos = k0 + wn * KPW + j * 8 + 2 * t4 + (e & 1);
+          const int dist = qpos_r[hr] - kpos;
+          const bool ok = valid_r[hr] && dist >= 0 && kpos < kend &&
+                          (p.window <= 0 || dist < p.window);
+          s[j][e] = ok ? s[j][e] * p.scale_log2 - slope_r[hr] * (float)dist : IRLM_NEG_INF;
+        }
       }
     }
     // online softmax

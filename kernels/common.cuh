@@ -95,6 +95,23 @@ IRLM_DEVICE float block_sum(float v, float* scratch) {
   return r;
 }
 
+// Max over the block, like block_sum.
+IRLM_DEVICE float block_max(float v, float* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = blockDim.x >> 5;
+  v = warp_max(v);
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    float t = lane < nwarps ? scratch[lane] : IRLM_NEG_INF;
+    t = warp_max(t);
+    if (lane == 0) scratch[32] = t;
+  }
+  __syncthreads();
+  float r = scratch[32];
+  __syncthreads();
+  return r;
+}
+
 // ---- packed-token bookkeeping --------------------------------------------------------------
 // The request owning packed token `t`: the largest r with cu_q_lens[r] <= t (cu_q_lens has
 // num_reqs + 1 entries, cu_q_lens[0] == 0); requests with q_len 0 are skipped.

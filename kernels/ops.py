@@ -329,8 +329,11 @@ def _attn_common(q, kv_cache, layer, block_tables, cached_lens, scale, sliding_w
     return p, out, (alibi, cu), (T, H, D, R, kvh)
 
 
+MAX_SPLITS = 128  # IRLM_MAX_SPLITS in paged_attention_decode.cu
+
+
 def choose_splits(ctas: int, kv_len: int, block_n: int, sms: int,
-                  min_keys: int = 256, max_splits: int = 64) -> tuple[int, int]:
+                  min_keys: int = 128, max_splits: int = 64) -> tuple[int, int]:
     """(num_splits, split_size) for flash-decoding: enough CTAs for ~4 per SM, partitions of
     at least ``min_keys`` keys, each a multiple of ``block_n``."""
     if kv_len <= min_keys:
@@ -370,7 +373,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     if num_splits is None:
         splits, size = choose_splits(R * kvh * tiles, kv_len, bn, _sm_count(q.device.index or 0))
     else:
-        size = -(-kv_len // max(1, int(num_splits)))
+        size = -(-kv_len // min(MAX_SPLITS, max(1, int(num_splits))))
         size = -(-size // bn) * bn
         splits = -(-kv_len // size)
         if splits == 1:
@@ -386,7 +389,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
     kern = decode_kernel(q.dtype, D)
     kern.launch(kern.names[0], (tiles * splits, kvh, R), (128,), p, smem=smem, device=q.device)
     if splits > 1:
-        kern.launch(kern.names[1], (-(-H // 4), R), (128,), p, device=q.device)
+        kern.launch(kern.names[1], (H, R), (128,), p, device=q.device)
     return out
 
 

@@ -4,7 +4,7 @@
 // query heads of one kv head (16 rows per tile; tiles = ceil(G / 16)), so each K/V row is read
 // from the cache once for all of them, and one of num_splits partitions of the context
 // (flash-decoding).  Its four warps split each 64-key tile (32 for float32) four ways and are
-// merged at the end.  With num_splits > 1, irlm_attention_split_reduce combines the partitions.
+// merged at the end.  With num_splits > 1, irlm_attention_split_reduce combines the partitions (at most 128).
 // The query of request r sits at position cached_lens[r]; its key and value must already be in
 // the cache (kv_cache_write.cu or rope_kv_write.cu, run first by the launcher).
 #include "attention.cuh"
@@ -14,35 +14,56 @@ __global__ void __launch_bounds__(128) irlm_paged_attention_decode(const AttnPar
   paged_attention_tile<T, D, 1, 4, BLOCK_N, true>(p);
 }
 
-// Combine the num_splits partial outputs of each (request, head).  Grid (ceil(heads / 4), reqs),
-// 128 threads: one warp per head.
+// Combine the partial outputs of one (request, head): grid (heads, reqs), 128 threads.  The
+// weights of the n <= 128 non-empty partitions (l_s * 2^(m_s - max), normalised) go to shared
+// memory; then 128 / (D / 4) groups of threads each sum every G-th partition's float4 columns
+// (independent loads, several in flight per thread) and the groups are added at the end.
+#define IRLM_MAX_SPLITS 128
+
 template <typename T, int D>
 __global__ void __launch_bounds__(128) irlm_attention_split_reduce(const AttnParams p) {
-  const int r = blockIdx.y, h = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (h >= p.heads) return;
+  constexpr int V4 = D / 4;        // float4 columns of a head
+  constexpr int G = 128 / V4;      // partition groups
+  static_assert(128 % V4 == 0, "head_dim / 4 must divide 128");
+  __shared__ float scratch[33];
+  __shared__ float s_w[IRLM_MAX_SPLITS];
+  __shared__ float4 s_red[G][V4];
+  const int r = blockIdx.y, h = blockIdx.x, tid = threadIdx.x;
   const int qpos = p.cached_lens[r];
   const int kbeg = p.window > 0 ? max(0, qpos - p.window + 1) : 0;
-  const int n = min(p.num_splits, (qpos + 1 - kbeg + p.split_size - 1) / p.split_size);
-  float mx = IRLM_NEG_INF;
-  for (int s = 0; s < n; ++s) {
-    const long long idx = ((long long)s * p.num_tokens + r) * p.heads + h;
-    mx = fmaxf(mx, p.part_ml[idx * 2]);
+  const int n = min(min(p.num_splits, IRLM_MAX_SPLITS),
+                    (qpos + 1 - kbeg + p.split_size - 1) / p.split_size);
+  const long long row = (long long)r * p.heads + h;            // token r, head h
+  const long long split_stride = (long long)p.num_tokens * p.heads;
+  float m = IRLM_NEG_INF, l = 0.f;
+  if (tid < n) {
+    m = p.part_ml[(tid * split_stride + row) * 2];
+    l = p.part_ml[(tid * split_stride + row) * 2 + 1];
   }
-  const float m_use = mx == IRLM_NEG_INF ? 0.f : mx;
-  float total = 0.f;
-  for (int s = 0; s < n; ++s) {
-    const long long idx = ((long long)s * p.num_tokens + r) * p.heads + h;
-    total += p.part_ml[idx * 2 + 1] * exp2f(p.part_ml[idx * 2] - m_use);
+  const float mx = block_max(m, scratch);
+  const float w = tid < n ? l * exp2f(m - (mx == IRLM_NEG_INF ? 0.f : mx)) : 0.f;
+  const float total = block_sum(w, scratch);
+  if (tid < n) s_w[tid] = total > 0.f ? w / total : 0.f;
+  __syncthreads();
+  const int c = tid % V4, grp = tid / V4;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  const float4* src = reinterpret_cast<const float4*>(p.part_out) + row * V4 + c;
+#pragma unroll 4
+  for (int s = grp; s < n; s += G) {
+    const float4 x = src[s * split_stride * V4];
+    const float ws = s_w[s];
+    acc.x += ws * x.x; acc.y += ws * x.y; acc.z += ws * x.z; acc.w += ws * x.w;
   }
-  const float inv = total > 0.f ? 1.f / total : 0.f;
-  T* out = reinterpret_cast<T*>(p.out) + (long long)r * p.o_stride + (long long)h * D;
-  for (int d = lane; d < D; d += 32) {
-    float o = 0.f;
-    for (int s = 0; s < n; ++s) {
-      const long long idx = ((long long)s * p.num_tokens + r) * p.heads + h;
-      const float w = p.part_ml[idx * 2 + 1] * exp2f(p.part_ml[idx * 2] - m_use);
-      o += w * p.part_out[idx * D + d];
+  s_red[grp][c] = acc;
+  __syncthreads();
+  if (grp == 0) {
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int g = 0; g < G; ++g) {
+      const float4 x = s_red[g][c];
+      o[0] += x.x; o[1] += x.y; o[2] += x.z; o[3] += x.w;
     }
-    out[d] = from_float<T>(o * inv);
+    store_vec<T, 4>(reinterpret_cast<T*>(p.out) + (long long)r * p.o_stride + (long long)h * D +
+                    c * 4, o);
   }
 }

@@ -106,6 +106,7 @@ IRLM_DEVICE unsigned select_digit(SampleSmem& sm, unsigned long long target,
 
 // Add `amount` to hist[bin] for every lane with bin < 256, aggregating equal bins per warp.
 IRLM_DEVICE void hist_add(SampleSmem& sm, unsigned bin, unsigned long long amount) {
+  if (__all_sync(0xffffffffu, bin >= 256)) return;  // nothing of this warp in the prefix
   const unsigned same = __match_any_sync(0xffffffffu, bin);
   const int lane = threadIdx.x & 31;
   // sum `amount` over the lanes of `same` (two 32-bit halves: __reduce_add_sync is 32-bit)

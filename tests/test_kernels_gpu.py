@@ -159,10 +159,10 @@ def test_decode_long_context_split_k(dtype):
     assert err < ATTN_TOL[dtype], err
 
 
-@pytest.mark.parametrize("num_splits", [1, 2, 5, 13])
+@pytest.mark.parametrize("num_splits", [1, 2, 5, 13, 128, 500])
 def test_decode_forced_splits_with_short_requests(num_splits):
     # partitions past a short request's context are empty; the reduce must skip them
-    ctx = [0, 3, 200, 1000, 2500, 64]
+    ctx = [0, 3, 200, 1000, 2500, 64, 8191]
     case = make_case([(1, c) for c in ctx], 32, 8, 128, 16, bf16, seed=num_splits)
     exp_cache, ref = reference(case, layer=1)
     d = to_dev(case)

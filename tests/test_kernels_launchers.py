@@ -55,8 +55,8 @@ def test_split_planning_covers_the_context(ctas, kv_len):
     splits, size = ops.choose_splits(ctas, kv_len, 64, 132)
     assert splits >= 1
     if splits > 1:
-        assert size % 64 == 0 and size >= 256
+        assert size % 64 == 0 and size >= 128
         assert splits * size >= kv_len > (splits - 1) * size
         assert splits <= 64
-    if ctas >= 4 * 132 or kv_len <= 256:
+    if ctas >= 4 * 132 or kv_len < 256:
         assert splits == 1
