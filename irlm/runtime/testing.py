@@ -46,3 +46,36 @@ def tiny_llama(vocab_size: int, *, seed: int = 0, layers: int = 2, hidden: int =
         torch.manual_seed(seed)
         model = LlamaForCausalLM(cfg)
     return model.eval()
+
+
+class HistoryHashRunner:
+    """A model-free :class:`~irlm.runtime.model_runner.ModelRunner` for fast property tests.
+
+    Its "KV cache" is the token id written at each position through the block tables; a row's
+    logits are a pseudo-random vector seeded by the whole history read back through the
+    tables.  So, like a real model over a paged cache, a wrong table, a block freed too early
+    or a wrong share changes the logits, yet a step costs microseconds."""
+
+    def __init__(self, vocab_size: int = 64, *, block_size: int = 4, num_blocks: int = 64,
+                 max_model_len: int = 256):
+        import torch
+
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.num_blocks, self.max_model_len = num_blocks, max_model_len
+        self.pool = torch.full((num_blocks, block_size), -1, dtype=torch.int64)
+
+    def step(self, batch):
+        import torch
+
+        out, start = [], 0
+        for n, c, table in zip(batch.q_lens.tolist(), batch.cached_lens.tolist(),
+                               batch.block_tables.tolist()):
+            for i, token in enumerate(batch.input_ids[start:start + n].tolist()):
+                pos = c + i
+                self.pool[table[pos // self.block_size], pos % self.block_size] = token
+            history = tuple(int(self.pool[table[p // self.block_size], p % self.block_size])
+                            for p in range(c + n))
+            g = torch.Generator().manual_seed(hash(history) % 2**62)
+            out.append(torch.randn(self.vocab_size, generator=g) * 3)
+            start += n
+        return torch.stack(out)
