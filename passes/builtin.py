@@ -1,3 +1,4 @@
 """Imports every module that registers built-in passes (the registry loads this lazily)."""
 from . import canonicalize, cse, dce  # noqa: F401
 from . import substitute_attention  # noqa: F401
+from . import fusions  # noqa: F401  (fuse-rms-norm, fuse-rope, fuse-qkv, ...)
