@@ -161,12 +161,9 @@ class _Lexer(Lexer):
             raise AssertionError("terminal patterns must not capture")  # lastgroup relies on it
         return regex, keywords, words
 
-    def _state_lexer(self, parser_state) -> tuple:
-        pos = parser_state.position
-        spec = self.by_state.get(pos)
-        if spec is None:
-            accepts = set(parser_state.parse_conf.states[pos])
-            spec = self.by_state[pos] = self._build(accepts)
+    def _state_lexer(self, states, state) -> tuple:
+        """The lexer of parser state ``state``, built on first use."""
+        spec = self.by_state[state] = self._build(set(states[state]))
         return spec
 
     def lex(self, lexer_state, parser_state):
@@ -176,6 +173,8 @@ class _Lexer(Lexer):
         end = getattr(text_slice, "end", len(text))
         line, line_start = 1, 0
         skip = _SKIP.match
+        by_state, states = self.by_state, parser_state.parse_conf.states
+        stack = parser_state.state_stack  # the parser pushes and pops this list in place
         while True:
             if pos < end and text[pos] in " \t\f\r\n#":
                 nxt = skip(text, pos, end).end()
@@ -186,7 +185,8 @@ class _Lexer(Lexer):
                 pos = nxt
             if pos >= end:
                 return
-            regex, keywords, words = self._state_lexer(parser_state)
+            spec = by_state.get(stack[-1])  # the parser's current state
+            regex, keywords, words = spec or self._state_lexer(states, stack[-1])
             m = regex.match(text, pos, end) if regex is not None else None
             kind = m.lastgroup if m is not None else None
             if kind == "WORD":
@@ -1003,7 +1003,10 @@ def parse_graph(text: str, filename: str = "<string>", weights=None) -> Graph:
     except ParseError:
         raise
     except UnexpectedInput as e:
-        where = _explain_composite(e, text) or _describe_syntax_error(e, text, lark)
+        try:
+            where = _explain_composite(e, text) or _describe_syntax_error(e, text, lark)
+        except Exception:  # explaining must not be what fails
+            where = (*_line_col(text, e.pos_in_stream or 0), "syntax error")
         raise ParseError(filename, *where) from None
     except RecursionError:
         raise st.error_at(st.pos, "input nested too deeply") from None
