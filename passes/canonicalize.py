@@ -205,6 +205,13 @@ class FoldConstants(RewritePattern):
                                          and get_op_def(name).pure)
         return ok
 
+    def prefilter(self, o: Op) -> bool:
+        """Cheap: the first operand is a constant (checked before the driver's setup)."""
+        if not o.operands:
+            return False
+        p = o.operands[0].producer
+        return p is not None and p.name in CONSTANT_OPS
+
     def match_and_rewrite(self, o: Op, rw) -> bool:
         if not o.operands or not self._is_foldable_op(o.name):
             return False

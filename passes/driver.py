@@ -147,7 +147,6 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
     recent: deque[str] = deque(maxlen=1000)
     pure_cache: dict[str, bool] = {}
     rewrites = erased = visited = 0
-    outputs = graph.outputs
 
     while work.stack:
         op = work.pop()
@@ -158,7 +157,7 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
             pure = pure_cache.get(op.name)
             if pure is None:
                 pure = pure_cache[op.name] = has_op(op.name) and get_op_def(op.name).pure
-            if pure and _unused(op, outputs if outputs is graph.outputs else graph.outputs):
+            if pure and _unused(op, graph.outputs):
                 rw.pattern_name = None
                 rw.erase_op(op)
                 erased += 1

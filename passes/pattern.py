@@ -621,8 +621,7 @@ class Rule(RewritePattern):
         return None
 
     def match_and_rewrite(self, op: Op, rw) -> bool:
-        if not self.pattern.may_match_op(op):
-            return False
+        # (the driver has already checked self.prefilter; match_op checks everything anyway)
         for env in self.pattern.match_op(op, {}):
             m = Match(op, env)
             before = rw.change_count

@@ -185,3 +185,10 @@ def test_permutation_of_transpose_and_permute():
     p = b.op("core.permute", x, dims=(2, -3, 1))
     assert permutation_of(t.producer) == (2, 1, 0)
     assert permutation_of(p.producer) == (2, 0, 1)
+
+
+def test_every_canonicalization_states_its_equation():
+    from irlm.passes.canonicalize import canonicalization_patterns
+    for p in canonicalization_patterns():
+        doc = (p.__doc__ or "").strip()
+        assert "=" in doc.splitlines()[0], f"{p.name}: the docstring's first line is its equation"

@@ -142,3 +142,25 @@ def test_a_crashing_plugin_pass_is_one_line(ir_file, tmp_path):
     assert rc == 1
     assert "pass 'crash-now' (stage 1) failed: KeyError: 'missing' (at " in err
     assert "crash.py:4)" in err and "Traceback" not in err
+
+
+def test_weights_flag_feeds_params_to_the_numerics_check(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    save_file({"proj.weight": torch.randn(2, 4)}, str(tmp_path / "w.safetensors"))
+    ir = tmp_path / "w.irlm"
+    ir.write_text("""graph @w(%x: tensor<3x4xf32>) -> (tensor<3x2xf32>) {
+  %w = param "proj.weight" : tensor<2x4xf32>
+  %w2 = param "proj.weight" : tensor<2x4xf32>
+  %y = core.linear(%x, %w) : tensor<3x2xf32>
+  %y2 = core.linear(%x, %w2) : tensor<3x2xf32>
+  %s = core.add(%y, %y2) : tensor<3x2xf32>
+  return %s
+}
+""")
+    rc, out, err = irlm("opt", ir, "-O1", "--check-numerics")
+    assert rc == 1 and "no weight store" in err
+    rc, out, err = irlm("opt", ir, "-O1", "--check-numerics", "--weights",
+                        tmp_path / "w.safetensors")
+    assert rc == 0, err
+    assert out.count("param") == 1  # cse merged the two reads of one weight

@@ -233,3 +233,19 @@ def test_pattern_bug_is_reported_with_the_pattern_and_op():
     with pytest.raises(PassFailedError, match=r"pattern 'buggy' failed on core.exp.*"
                                               r"ZeroDivisionError.*test_pass_driver.py"):
         apply_patterns(g, [buggy])
+
+
+def test_derived_param_reuses_an_identical_weight_and_refuses_a_clash():
+    store = WeightStore()
+    store.add_tensor("a", torch.ones(2, 3))
+    g = Graph("t", weights=store)
+    b = Builder(g)
+    a = b.param("a", store.type_of("a"))
+    g.set_outputs([a])
+    rw = Rewriter(g)
+    t1 = rw.derived_param("a.t", [a], lambda t: t.t().contiguous(), how="transpose")
+    t2 = rw.derived_param("a.t", [a], lambda t: t.t().contiguous(), how="transpose")
+    assert t1.type == t2.type == TensorType((3, 2), F32)
+    with pytest.raises(RewriteError, match="weight 'a.t' already exists.*transpose\\(a\\)"):
+        rw.derived_param("a.t", [a], lambda t: t * 2, how="scale")
+    assert torch.equal(store.get("a.t"), torch.ones(3, 2))
