@@ -117,8 +117,18 @@ def test_parameter_blocks_match_the_c_structs(header, cname, cls):
         lines.append(f'static_assert(__builtin_offsetof({cname}, {name}) == {off}, '
                      f'"{cname}.{name} is not at byte {off}");')
     lines.append("__global__ void layout_probe(int* x) { x[0] = 1; }")
-    compile_source(f"probe_{cname}.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
-                   use_disk_cache=False)
+    try:
+        compile_source(f"probe_{cname}.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
+                       use_disk_cache=False)
+    except KernelCompileError as e:
+        # NVRTC 13.0 (seen on the GPU machine, 2026-11-23) has no __builtin_offsetof; 13.5 has
+        if '"__builtin_offsetof" is undefined' not in e.log:
+            raise
+        sizes = [lines[0], lines[1], lines[-1]]
+        compile_source(f"probe_{cname}_size.cu", [], arch=ARCH, source="\n".join(sizes) + "\n",
+                       use_disk_cache=False)
+        pytest.skip(f"NVRTC {compiler.nvrtc_version()} has no __builtin_offsetof: only "
+                    f"sizeof({cname}) was checked")
 
 
 def test_importing_irlm_kernels_needs_no_cuda_python():
