@@ -224,11 +224,13 @@ def pattern_pass(name: str, patterns: Sequence[PatternLike], *, doc: Optional[st
                  max_rewrites: Optional[int] = None, replace: bool = False):
     """Register a pass that applies ``patterns`` greedily; returns the pass function.
 
-    ``doc`` defaults to the patterns' docstrings, one equation a line."""
+    ``doc`` defaults to the patterns' names, then their docstrings' first lines (their
+    equations), one a line."""
     from .registry import register_pass
     pset = PatternSet(patterns)
-    if doc is None:
-        doc = "\n".join(f"{p.name}: {_first_line(p)}" for p in pset)
+    if doc is None:  # a one-line summary, then one equation a line
+        doc = f"Applies {', '.join(p.name for p in pset)}.\n\n" + \
+            "\n".join(f"{p.name}: {_first_line(p)}" for p in pset)
 
     def run(graph: Graph, ctx: PassContext) -> None:
         apply_patterns(graph, pset, ctx, max_rewrites=max_rewrites)

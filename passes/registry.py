@@ -79,6 +79,8 @@ def register_pass(name: str, *, options: Optional[dict[str, Option]] = None,
                             f"{type(opt).__name__}")
 
     def decorate(impl):
+        # Built-ins first, so a user pass that takes a built-in's name is the one refused.
+        _ensure_builtin_passes()
         if not callable(impl):
             raise PassError(f"pass '{name}': register_pass decorates a function or a class")
         if inspect.isclass(impl) and not hasattr(impl, "run"):
@@ -117,8 +119,20 @@ def unregister_pass(name: str) -> None:
     _PASSES.pop(name, None)
 
 
+_builtins = "not loaded"
+
+
 def _ensure_builtin_passes() -> None:
-    from . import builtin  # noqa: F401  (registers canonicalize, cse, dce, ...)
+    global _builtins
+    if _builtins != "not loaded":
+        return  # loaded, or loading (a built-in module registering its own pass)
+    _builtins = "loading"
+    try:
+        from . import builtin  # noqa: F401  (registers canonicalize, cse, dce, ...)
+    except BaseException:
+        _builtins = "not loaded"
+        raise
+    _builtins = "loaded"
 
 
 def _source_of(obj) -> str:

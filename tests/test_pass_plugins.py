@@ -83,3 +83,13 @@ def test_plugin_errors_are_one_line_naming_the_file(tmp_path, content, pattern):
 def test_a_directory_is_not_a_plugin(tmp_path):
     with pytest.raises(PluginError, match="is a directory"):
         load_plugin(tmp_path)
+
+
+def test_a_plugin_cannot_take_a_builtin_name(tmp_path):
+    f = tmp_path / "clash.py"
+    f.write_text("from irlm.passes import register_pass\n"
+                 "@register_pass('dce')\n"
+                 "def mine(graph):\n    'not the real dce'\n")
+    with pytest.raises(PluginError, match=r"clash\.py:2: pass 'dce' is already registered "
+                                          r"\(by .*dce\.py:\d+\)"):
+        load_plugin(f)
