@@ -317,4 +317,4 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     return LoadedModel(module=module, weights=store, config=config, source=file.path,
                        format="gguf", chat_template=meta.get("tokenizer.chat_template"),
                        tokenizer_loader=lambda: gguf_tokenizer(meta, file.path),
-                       example_inputs_fn=lambda: example_token_inputs(config))
+                       example_inputs_fn=lambda: example_token_inputs(config, module))

@@ -267,15 +267,34 @@ def _load(config, files: list[Path], source: Path, fmt: str, dtype: torch.dtype,
     template = read_chat_template(tokenizer_dir) if tokenizer_dir is not None else None
     return LoadedModel(module=module, weights=store, config=config, source=source, format=fmt,
                        chat_template=template, notes=notes, tokenizer_loader=loader,
-                       example_inputs_fn=lambda: example_token_inputs(config))
+                       example_inputs_fn=lambda: example_token_inputs(config, module))
 
 
-def example_token_inputs(config, batch: int = 2, seq: int = 8) -> tuple[torch.Tensor, ...]:
-    """``(input_ids,)`` for tracing a transformers model: deterministic ids below the vocab size.
+def example_token_inputs(config, module: Optional[torch.nn.Module] = None, batch: int = 2,
+                         seq: int = 8):
+    """Example inputs for tracing a transformers model: deterministic ids below the vocab size.
 
+    A causal LM gets keyword inputs ``input_ids``, an all-ones ``attention_mask`` and explicit
+    ``position_ids``: the inference form reads positions from ``position_ids``, and an explicit
+    mask keeps transformers from deriving packed-sequence masks from the positions (ops that
+    only training needs).  Other models (encoders) get ``(input_ids,)``.
     Batch and sequence sizes are both above 1 because torch.export specializes a dimension it
     sees as 1 to the constant 1.
     """
     vocab = int(getattr(config, "vocab_size", 0) or 1000)
     ids = (torch.arange(batch * seq, dtype=torch.int64).reshape(batch, seq) * 7 + 3) % vocab
-    return (ids,)
+    if module is None or not is_causal_lm(module):
+        return (ids,)
+    return {"input_ids": ids,
+            "attention_mask": torch.ones(batch, seq, dtype=torch.int64),
+            "position_ids": torch.arange(seq, dtype=torch.int64).repeat(batch, 1)}
+
+
+def is_causal_lm(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is one of transformers' causal-LM classes (has an LM head)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    try:
+        classes = set(MODEL_FOR_CAUSAL_LM_MAPPING.values())
+    except Exception:  # a mapping entry whose module cannot import; fall back to the name
+        classes = set()
+    return type(module) in classes or type(module).__name__.endswith("ForCausalLM")

@@ -47,15 +47,16 @@ class LoadedModel:
     # Building a tokenizer costs about a second for a 50k vocabulary and compile does not need
     # it, so loaders hand over a function and the tokenizer is built on first use.
     tokenizer_loader: Optional[Callable[[], Any]] = field(default=None, repr=False)
-    example_inputs_fn: Optional[Callable[[], tuple]] = field(default=None, repr=False)
+    example_inputs_fn: Optional[Callable[[], Any]] = field(default=None, repr=False)
 
     @cached_property
     def tokenizer(self):
         """The tokenizer (``transformers.PreTrainedTokenizerFast``), or None if the source has none."""
         return self.tokenizer_loader() if self.tokenizer_loader is not None else None
 
-    def example_inputs(self) -> tuple:
-        """Positional example inputs for tracing."""
+    def example_inputs(self):
+        """Example inputs for tracing: a tuple of positional inputs, or a dict of keyword
+        inputs (causal LMs: ``input_ids``, ``attention_mask``, ``position_ids``)."""
         if self.example_inputs_fn is None:
             raise ModelLoadError(f"{self.source}: no example inputs are known for this model "
                                  f"(a model.py must define example_inputs())")

@@ -123,6 +123,14 @@ def test_smollm_tokenizer_ids_equal_transformers(smollm, smollm_hf_tokenizer):
         assert smollm.tokenizer(text)["input_ids"] == smollm_hf_tokenizer(text)["input_ids"]
 
 
+def causal_lm_inputs(ids: list[int]) -> dict[str, torch.Tensor]:
+    """One unpadded prompt in the form the loader's example inputs have."""
+    n = len(ids)
+    return {"input_ids": torch.tensor([ids], dtype=torch.int64),
+            "attention_mask": torch.ones(1, n, dtype=torch.int64),
+            "position_ids": torch.arange(n, dtype=torch.int64)[None]}
+
+
 def test_smollm_traced_logits_equal_transformers(smollm, smollm_hf):
     from irlm.interpreter import run_graph
     from irlm.verifier import verify
@@ -130,11 +138,12 @@ def test_smollm_traced_logits_equal_transformers(smollm, smollm_hf):
     graph = trace(smollm.module, smollm.example_inputs(), weights=smollm.weights,
                   dims={"batch": (1, 4), "seq": (1, 256)})
     verify(graph)
+    assert [v.name for v in graph.inputs] == ["input_ids", "attention_mask", "position_ids"]
     for ids in smollm_prompt_ids(smollm.tokenizer):
-        input_ids = torch.tensor([ids], dtype=torch.int64)
-        got = run_graph(graph, [input_ids]).outputs[0]
+        inputs = causal_lm_inputs(ids)
+        got = run_graph(graph, inputs).outputs[0]
         with torch.no_grad():
-            want = smollm_hf(input_ids).logits
+            want = smollm_hf(input_ids=inputs["input_ids"]).logits
         assert got.shape == want.shape
         spread = (want.max() - want.min()).item()
         diff = (got - want).abs().max().item()
