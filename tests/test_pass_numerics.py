@@ -148,3 +148,65 @@ def test_difference_handles_nan_and_inf():
     assert difference(a, b).max_abs == float("inf")
     d = difference(torch.tensor([4.0, -2.0]), torch.tensor([4.0, -1.0]))
     assert d.max_abs == 1.0 and d.scale == 4.0 and d.relative == 0.25
+
+
+PAGED = """dim tokens = [1, 64]
+dim reqs = [1, 8]
+dim max_blocks = [1, 16]
+dim cache_blocks = [1, 1024]
+
+graph @paged(%input_ids: tensor<[tokens]xi64>, %position_ids: tensor<[tokens]xi64>, %q_lens: tensor<[reqs]xi32>, %cached_lens: tensor<[reqs]xi32>, %block_tables: tensor<[reqs]x[max_blocks]xi32>, %kv_cache: tensor<1x[cache_blocks]x2x4x2x8xf32>) -> (tensor<[reqs]x2x8xf32>) {
+  %table = core.full {dtype = f32, shape = [10, 16], value = 0.25} : tensor<10x16xf32>
+  %h = core.embedding(%table, %input_ids) : tensor<[tokens]x16xf32>
+  %q = core.reshape(%h) {shape = [tokens, 2, 8]} : tensor<[tokens]x2x8xf32>
+  %k = core.neg(%q) : tensor<[tokens]x2x8xf32>
+  %a = llm.paged_attention(%q, %k, %q, %kv_cache, %block_tables, %q_lens, %cached_lens) {layer = 0} : tensor<[tokens]x2x8xf32>
+  %last = llm.last_tokens(%a, %q_lens) : tensor<[reqs]x2x8xf32>
+  return %last
+}
+"""
+
+
+def test_paged_inference_form_gets_valid_metadata():
+    g = parse_graph(PAGED, "paged.irlm")
+    ids, pos, q_lens, cached, tables, cache = make_inputs(g, seed=0)
+    assert q_lens.tolist() == [3, 1] and cached.tolist() == [2, 5]
+    assert ids.shape == pos.shape == (4,) and int(ids.max()) < 10
+    assert pos.tolist() == [2, 3, 4, 5]            # each request continues its cached prefix
+    assert tables.shape == (2, 2) and len(set(tables.flatten().tolist())) == 4
+    assert cache.shape == (1, 5, 2, 4, 2, 8)
+    check = CheckNumerics(atol=0.0, rtol=0.0)
+    run_pipeline(g, "canonicalize,cse,dce", instruments=[check])  # paged_attention runs
+    assert check.checked == 3
+
+
+def test_a_signature_random_inputs_cannot_serve_stops_the_check_with_a_note():
+    from irlm.types import DType, TensorType
+
+    @register_pass("add-lens-input")
+    def add_lens_input(graph, ctx):
+        """adds per-request lengths that random integers overrun (last_tokens indexes by them)"""
+        graph.declare_dim("reqs", 1, 8)
+        lens = graph.add_input(TensorType((sym("reqs"),), DType.i32), "lens")
+        rw = Rewriter(graph, ctx.stats)
+        out = graph.outputs[0]
+        with rw.insertion_point(after=out.producer):
+            graph.outputs[0] = rw.op("llm.last_tokens", out, lens)
+
+    try:
+        out = io.StringIO()
+        check = CheckNumerics(stream=out, int_max=1000)
+        g = parse_graph("""
+dim tokens = [1, 8]
+
+graph @g(%h: tensor<[tokens]x4xf32>) -> (tensor<[tokens]x4xf32>) {
+  %e = core.exp(%h) : tensor<[tokens]x4xf32>
+  return %e
+}
+""")
+        run_pipeline(g, "add-lens-input,canonicalize", instruments=[check])
+        assert "cannot run the new graph on random inputs, so later passes are not checked" \
+            in out.getvalue()
+        assert check.disabled and check.checked == 0
+    finally:
+        unregister_pass("add-lens-input")
