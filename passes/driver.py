@@ -168,6 +168,7 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
             rw.pattern_name = pattern.name
             rw.loc = op.loc
             rw.set_insertion_point(before=op)
+            before = rw.change_count
             try:
                 applied = pattern.match_and_rewrite(op, rw)
             except RewriteError:
@@ -177,6 +178,9 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
             except Exception as e:  # noqa: BLE001 - a bug in the pattern: say which one
                 raise PassFailedError(f"pattern '{pattern.name}' failed on {op.describe()}: "
                                       f"{type(e).__name__}: {e}{_user_frame(e)}") from e
+            if not applied and rw.change_count != before:
+                raise RewriteError(f"pattern '{pattern.name}' changed the IR at {op.describe()} "
+                                   f"but reported no rewrite; return True after changing it")
             if applied:
                 rewrites += 1
                 stats.patterns[pattern.name] += 1

@@ -135,6 +135,10 @@ class Timing(Instrument):
         if verify:
             table.add_row("", "(verifier)", f"{verify * 1e3:.2f}", f"{100 * verify / total:.1f}")
         table.add_row("", "total", f"{report.seconds * 1e3:.2f}", "100.0")
+        for name, seconds in report.instrument_seconds.items():
+            if name != type(self).__name__ and seconds >= 5e-4:
+                table.add_row("", f"(instrument {name}, not in total)", f"{seconds * 1e3:.2f}",
+                              "")
         _console(self.stream).print(table)
 
 

@@ -49,6 +49,7 @@ class PipelineReport:
     pipeline: Pipeline
     stages: list[StageResult] = field(default_factory=list)
     input_verify_seconds: float = 0.0
+    instrument_seconds: dict[str, float] = field(default_factory=dict)  # per instrument type
 
     @property
     def seconds(self) -> float:
@@ -82,13 +83,14 @@ class PassManager:
             if problems:
                 raise PassVerificationError(f"the input graph is invalid (before any pass): "
                                             f"{VerificationError(problems)}")
+        call = self._timed_call(report)
         for inst in self.instruments:
-            inst.before_pipeline(graph, self.pipeline, self.stage_offset)
+            call(inst.before_pipeline, graph, self.pipeline, self.stage_offset)
         for i, (inv, info, options) in enumerate(planned):
             stage = Stage(max(self.stage_offset, 1) + i, inv)
             ctx = PassContext(inv.name, options)
             for inst in self.instruments:
-                inst.before_pass(graph, stage)
+                call(inst.before_pass, graph, stage)
             t0 = time.perf_counter()
             try:
                 info.run(graph, ctx)
@@ -116,10 +118,24 @@ class PassManager:
                     raise err
             report.stages.append(result)
             for inst in self.instruments:
-                inst.after_pass(graph, result)
+                call(inst.after_pass, graph, result)
         for inst in self.instruments:
-            inst.after_pipeline(graph, report)
+            call(inst.after_pipeline, graph, report)
         return report
+
+    @staticmethod
+    def _timed_call(report: PipelineReport):
+        """Call an instrument hook, adding its time to the report (``--timing`` shows what
+        printing, dumping and the numerics check cost)."""
+        def call(hook, *args):
+            t0 = time.perf_counter()
+            try:
+                return hook(*args)
+            finally:
+                name = type(hook.__self__).__name__
+                report.instrument_seconds[name] = report.instrument_seconds.get(name, 0.0) + \
+                    time.perf_counter() - t0
+        return call
 
     def _failed(self, graph: Graph, stage: Stage, error: BaseException) -> None:
         for inst in self.instruments:

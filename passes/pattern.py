@@ -183,7 +183,8 @@ class Pattern:
         return self._with_check("one use", has_one_use)
 
     def named(self, name: str) -> "Pattern":
-        """Capture what this pattern matched as ``m.<name>``."""
+        """Capture what this pattern matched as ``m.<name>``: the op for an op pattern (to
+        read its attributes), the value otherwise."""
         out = copy.copy(self)
         out._capture = name
         return out

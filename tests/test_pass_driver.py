@@ -249,3 +249,18 @@ def test_derived_param_reuses_an_identical_weight_and_refuses_a_clash():
     with pytest.raises(RewriteError, match="weight 'a.t' already exists.*transpose\\(a\\)"):
         rw.derived_param("a.t", [a], lambda t: t * 2, how="scale")
     assert torch.equal(store.get("a.t"), torch.ones(3, 2))
+
+
+def test_changing_the_ir_without_reporting_it_is_an_error():
+    class Liar(RewritePattern):
+        """changes the IR, then says it did not"""
+        root = "core.exp"
+
+        def match_and_rewrite(self, o, rw):
+            rw.op("core.neg", o.operands[0])
+            return False
+
+    g, b, a = chain_graph()
+    g.set_outputs([b.op("core.exp", a)])
+    with pytest.raises(RewriteError, match="'Liar' changed the IR at core.exp.*return True"):
+        apply_patterns(g, [Liar])
