@@ -181,3 +181,33 @@ def test_one_argument_pass_functions():
         assert g.name == "renamed"
     finally:
         unregister_pass("just-graph")
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from irlm.passes.options import format_value  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(group=st.integers(-10**12, 10**12),
+       eps=st.floats(allow_nan=False, allow_infinity=True),
+       symmetric=st.booleans(),
+       note=st.text(st.characters(blacklist_categories=("Cs",)), max_size=20))
+def test_any_option_values_print_and_parse_back(group, eps, symmetric, note):
+    @register_pass("prop-pass", options={
+        "group": Option(int, 0), "eps": Option(float, 0.0), "symmetric": Option(bool, False),
+        "note": Option(str, ""),
+    })
+    def prop(graph, ctx):
+        """property test"""
+
+    try:
+        inv = PassInvocation.create("prop-pass", group=group, eps=eps, symmetric=symmetric,
+                                    note=note)
+        parsed = parse_pipeline(str(Pipeline((inv,)))).passes[0]
+        assert parsed.given == {"group": group, "eps": eps, "symmetric": symmetric,
+                                "note": note}
+        assert str(parsed) == str(inv)
+        assert format_value(note) == inv.options[3].text
+    finally:
+        unregister_pass("prop-pass")
