@@ -609,3 +609,115 @@ define_op("core.scaled_dot_product_attention", ["query", "key", "value", "mask?"
            "enable_gqa": attr("bool", False)},
           infer=_infer_sdpa, reference=_ref_sdpa,
           doc="softmax(q k^T * scale + mask) v over [..., heads, seq, head_dim].")
+
+# ----- routing, sorting and scatter (mixture-of-experts) ---------------------------------------
+
+
+def _infer_floor_divide(t, a):
+    dtype = promote(t[0], t[1])
+    if dtype is DType.bool:
+        raise IRError("operands must be numbers, got bool")
+    return [TensorType(broadcast_shapes(t[0].shape, t[1].shape), dtype)]
+
+
+define_op("core.floor_divide", ["lhs", "rhs"], infer=_infer_floor_divide,
+          reference=lambda ctx, x, a: [torch.floor_divide(x[0], x[1])],
+          doc="Elementwise floor(lhs / rhs) (torch.floor_divide; integers stay integers).")
+
+
+def _infer_topk(t, a):
+    s = list(t[0].shape)
+    d = norm_axis(a["dim"], len(s))
+    if a["k"] < 0 or (isinstance(s[d], int) and a["k"] > s[d]):
+        raise IRError(f"k = {a['k']} is out of range for dim {d} of size {format_dim(s[d])}")
+    s[d] = a["k"]
+    return [t[0].with_shape(s), TensorType(s, DType.i64)]
+
+
+define_op("core.topk", ["x"], {"k": attr("int"), "dim": attr("int", -1),
+                               "largest": attr("bool", True), "sorted": attr("bool", True)},
+          infer=_infer_topk,
+          reference=lambda ctx, x, a: list(torch.topk(x[0], a["k"], a["dim"], a["largest"],
+                                                      a["sorted"])),
+          doc="The k largest (or smallest) entries along dim: (values, indices).")
+
+
+def _infer_sort(t, a):
+    norm_axis(a["dim"], t[0].rank)
+    return [t[0], t[0].with_dtype(DType.i64)]
+
+
+define_op("core.sort", ["x"], {"dim": attr("int", -1), "descending": attr("bool", False)},
+          infer=_infer_sort,
+          reference=lambda ctx, x, a: list(torch.sort(x[0], dim=a["dim"],
+                                                      descending=a["descending"], stable=True)),
+          doc="Sort along dim: (values, indices); equal values keep their input order.")
+
+
+def _infer_histc(t, a):
+    require_float(t[0], "the operand")
+    if a["bins"] <= 0:
+        raise IRError(f"bins must be positive, got {a['bins']}")
+    return [TensorType((a["bins"],), t[0].dtype)]
+
+
+define_op("core.histc", ["x"], {"bins": attr("int"), "min": attr("float"), "max": attr("float")},
+          infer=_infer_histc,
+          reference=lambda ctx, x, a: [torch.histc(x[0], a["bins"], a["min"], a["max"])],
+          doc="Counts of x in bins equal-width bins over [min, max] (torch.histc); values "
+              "outside are ignored.")
+
+
+def _infer_scatter(t, a):
+    x, index, src = t
+    require_int(index, "index")
+    if not (x.rank == index.rank == src.rank):
+        raise IRError(f"x, index and src must have one rank, got {x}, {index}, {src}")
+    if src.dtype is not x.dtype:
+        raise IRError(f"src dtype {src.dtype.value} differs from x dtype {x.dtype.value}")
+    norm_axis(a["dim"], x.rank)
+    return [x]
+
+
+def _ref_scatter(ctx, x, a):
+    if a["reduce"] == "add":
+        return [torch.scatter_add(x[0], a["dim"], x[1].long(), x[2])]
+    return [torch.scatter(x[0], a["dim"], x[1].long(), x[2])]
+
+
+define_op("core.scatter", ["x", "index", "src"],
+          {"dim": attr("int"), "reduce": attr("str", "none", ["none", "add"])},
+          infer=_infer_scatter, reference=_ref_scatter,
+          doc="x with out[index[i][j]][j] = src[i][j] along dim (torch.scatter); reduce=add "
+              "accumulates instead (torch.scatter_add).")
+
+
+def _infer_grouped_mm(t, a):
+    x, w, offs = t
+    require_rank(x, 2, "input")
+    require_rank(w, 3, "weight")
+    require_rank(offs, 1, "offsets")
+    require_int(offs, "offsets")
+    if x.dtype is not w.dtype:
+        raise IRError(f"input and weight dtypes differ: {x.dtype.value} vs {w.dtype.value}")
+    same_dim(x.shape[1], w.shape[1], "input features differ from the weights' rows")
+    same_dim(offs.shape[0], w.shape[0], "one offset per expert")
+    return [TensorType((x.shape[0], w.shape[2]), x.dtype)]
+
+
+def _ref_grouped_mm(ctx, x, a):
+    inp, w, offs = x
+    out = torch.zeros(inp.shape[0], w.shape[2], dtype=inp.dtype)
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = inp[start:end] @ w[e]
+        start = end
+    return [out]
+
+
+define_op("core.grouped_mm", ["input", "weight", "offsets"], infer=_infer_grouped_mm,
+          reference=_ref_grouped_mm,
+          doc="Rows offsets[e-1]:offsets[e] of input [rows, k] times weight[e] [k, n] for each "
+              "expert e (rows sorted by expert; offsets are cumulative counts); rows past "
+              "the last offset are zero.")

@@ -1,0 +1,16 @@
+"""Shared pytest fixtures."""
+import pytest
+import torch
+
+
+@pytest.fixture
+def tiny_llama():
+    """A 2-layer Llama (hidden 64, 4 heads / 2 KV heads, vocab 128) with seeded random fp32
+    weights, in eval mode."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
+    config._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(config).eval()
