@@ -177,6 +177,12 @@ def test_stop_strings_truncate_the_text_before_the_stop_string(model, tok):
     assert out.finish_reason == "stop" and out.stop_reason == stop
     assert full.token_ids[:len(out.token_ids)] == out.token_ids
     assert len(out.token_ids) < len(full.token_ids)
+    # With min_tokens past the stop string's first occurrence, that occurrence is ignored.
+    late = llm.generate(["The quick brown"], SamplingParams(
+        temperature=0, max_tokens=24, ignore_eos=True, stop=[stop],
+        min_tokens=len(out.token_ids) + 2))[0].outputs[0]
+    assert late.token_ids[:len(out.token_ids) + 2] == full.token_ids[:len(out.token_ids) + 2]
+    assert late.text.startswith(text[:text.index(stop) + len(stop)])
     # Streaming never shows a stop string, not even its first characters.
     (deltas,) = collect(llm, ["The quick brown"], SamplingParams(
         temperature=0, max_tokens=24, ignore_eos=True, stop=[stop]))

@@ -183,6 +183,27 @@ def test_request_logprobs_and_cumulative_logprob(model, tok):
                                                                            out.logprobs)))
 
 
+def test_min_tokens_suppresses_stop_tokens_like_hf_min_new_tokens(model, tok):
+    target = prompts(len(tok), 1, seed=11)[0]
+    free = make_llm(model, tok).generate([target], SamplingParams(
+        temperature=0, max_tokens=12, ignore_eos=True))[0].outputs[0].token_ids
+    eos = free[2]                          # make the greedy path want to stop early
+    llm = LLM(ReferenceRunner(model, block_size=4, num_blocks=64), tok, eos_token_id=eos)
+    stopped = llm.generate([target], SamplingParams(temperature=0, max_tokens=12))
+    assert stopped[0].outputs[0].token_ids == free[:3]
+    held = llm.generate([target], SamplingParams(temperature=0, max_tokens=12, min_tokens=8))
+    want = model.generate(torch.tensor([target]), do_sample=False, max_new_tokens=12,
+                          min_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
+    want = want[0, len(target):].tolist()
+    want = want[:want.index(eos) + 1] if eos in want else want
+    got = held[0].outputs[0].token_ids
+    assert got == want and len(got) >= 8 and eos not in got[:8]
+    rows = [SampleRow(SamplingParams(), [], [], suppress_ids=[3, 5]),
+            SampleRow(SamplingParams(), [], [])]
+    out = process_logits(random_logits(2), rows)
+    assert out[0, [3, 5]].isinf().all() and not out[1].isinf().any()
+
+
 # ----- (g) bad parameters -----------------------------------------------------------------
 @pytest.mark.parametrize("kwargs,field,valid", [
     (dict(temperature=-0.5), "temperature", ">= 0"),
@@ -193,6 +214,7 @@ def test_request_logprobs_and_cumulative_logprob(model, tok):
     (dict(min_p=2.0), "min_p", r"\[0, 1\]"),
     (dict(n=0), "n", ">= 1"),
     (dict(max_tokens=0), "max_tokens", ">= 1"),
+    (dict(max_tokens=4, min_tokens=5), "min_tokens", r"\[0, max_tokens=4\]"),
     (dict(repetition_penalty=0.0), "repetition_penalty", "> 0"),
     (dict(presence_penalty=3.0), "presence_penalty", r"\[-2, 2\]"),
     (dict(frequency_penalty=-2.5), "frequency_penalty", r"\[-2, 2\]"),

@@ -42,16 +42,16 @@ class IncrementalDetokenizer:
         # A stream must not emit what may turn out to be the start of a stop string.
         self._hold = max((len(s) for s in self.stop), default=1) - 1
 
-    def update(self, output_ids: Sequence[int]) -> str | None:
-        """Decode the output again; if a stop string now appears, cut the text before it and
-        return that string."""
+    def update(self, output_ids: Sequence[int], find_stop: bool = True) -> str | None:
+        """Decode the output again; if a stop string now appears (and ``find_stop``: False
+        while ``min_tokens`` forbids stopping), cut the text before it and return it."""
         text = self.tokenizer.decode(list(output_ids),
                                      skip_special_tokens=self.skip_special_tokens)
         found, cut = None, len(text)
         # Only text past what was searched (less a stop string's length, for one straddling
         # the boundary) can hold a new match.
         start = max(0, self._searched - self._hold)
-        for s in self.stop:
+        for s in self.stop if find_stop else ():
             i = text.find(s, start)
             if 0 <= i < cut:
                 found, cut = s, i

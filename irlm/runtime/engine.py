@@ -66,9 +66,9 @@ class LLMEngine:
         first = self._new_sequence(req, list(prompt_ids), index=0)
         req.seqs.append(first)
         if params.use_beam_search:
-            stops = params.stop_token_ids + ([] if params.ignore_eos else self.eos_token_ids)
-            req.beam = BeamSearch(params.beam_width, len(prompt_ids), max_len, stops,
-                                  params.length_penalty, params.early_stopping)
+            req.beam = BeamSearch(params.beam_width, len(prompt_ids), max_len,
+                                  self._stop_ids(params), params.length_penalty,
+                                  params.early_stopping)
         self.scheduler.add(req)          # may raise: the id is only used once it is accepted
         self._next_request_id += 1
         self.requests[req.request_id] = req
@@ -139,7 +139,7 @@ class LLMEngine:
         if not jobs:
             return
         rows = [SampleRow(s.request.params, s.request.prompt_ids, s.output_ids,
-                          s.generator(logits.device)) for s, _ in jobs]
+                          s.generator(logits.device), self._suppressed(s)) for s, _ in jobs]
         result = sample(logits[[r for _, r in jobs]], rows)
         for (seq, _), token, lp, top in zip(jobs, result.token_ids, result.token_logprobs,
                                             result.top_logprobs):
@@ -153,11 +153,20 @@ class LLMEngine:
             if seq.finished:
                 self._retire(seq)
 
+    def _stop_ids(self, params: SamplingParams) -> list[int]:
+        return params.stop_token_ids + ([] if params.ignore_eos else self.eos_token_ids)
+
+    def _suppressed(self, seq: Sequence) -> list[int]:
+        """Stop token ids a sequence may not draw yet (``min_tokens``)."""
+        p = seq.request.params
+        return self._stop_ids(p) if len(seq.output_ids) < p.min_tokens else []
+
     def _check_stop(self, seq: Sequence) -> None:
         req, p = seq.request, seq.request.params
         token = seq.token_ids[-1]
         # Detokenized (when needed) whatever ends it, so that a stream's text is complete.
-        found = seq.detokenizer.update(seq.output_ids) if seq.detokenizer else None
+        may_stop = len(seq.output_ids) >= p.min_tokens
+        found = seq.detokenizer.update(seq.output_ids, may_stop) if seq.detokenizer else None
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token
         elif not p.ignore_eos and token in self.eos_token_ids:
@@ -187,6 +196,8 @@ class LLMEngine:
                                        [s.output_ids for s in beams],
                                        torch.full((n,), p.repetition_penalty),
                                        torch.zeros(n), torch.zeros(n))
+        if len(beams[0].output_ids) < p.min_tokens:   # beams all have the same length
+            logprobs[:, self._stop_ids(p)] = float("-inf")
         continuations = req.beam.step(logprobs, [s.output_ids for s in beams])
         if req.beam.done:
             self.scheduler.finish(req)

@@ -7,6 +7,9 @@ Semantics follow Hugging Face's logits processors (and vLLM where HF has none):
   one multiplied by it;
 * ``presence_penalty`` / ``frequency_penalty`` (OpenAI / vLLM): subtract ``presence`` once and
   ``frequency`` per occurrence for every token id in the *output* so far;
+* ``min_tokens`` (HF ``MinNewTokensLengthLogitsProcessor``, vLLM ``min_tokens``): until that
+  many tokens are generated, the stop token ids (EOS unless ``ignore_eos``, plus
+  ``stop_token_ids``) get logit -inf, and stop strings are not checked;
 * then ``temperature``, ``top_k``, ``top_p``, ``min_p``, in HF's order and with HF's tie and
   boundary rules (``TopKLogitsWarper`` keeps ties with the k-th, ``TopPLogitsWarper`` keeps the
   smallest set whose mass exceeds ``top_p``, ``MinPLogitsWarper`` scales by the top prob).
@@ -35,6 +38,7 @@ class SamplingParams:
     """How to generate for one request (defaults: one sample, temperature 1, 16 tokens)."""
     n: int = 1                          # independent samples of the prompt (beams: returned)
     max_tokens: int = 16
+    min_tokens: int = 0                 # no stop token / stop string before this many
     temperature: float = 1.0            # 0: greedy
     top_k: int = 0                      # 0 (or -1): off
     top_p: float = 1.0                  # 1: off
@@ -45,7 +49,7 @@ class SamplingParams:
     seed: int | None = None             # per-request generator: reproducible, batch-independent
     stop: list[str] | str | None = None     # stop strings, matched on the detokenized text
     stop_token_ids: list[int] = field(default_factory=list)
-    ignore_eos: bool = False            # keep going past the model's EOS token
+    ignore_eos: bool = False            # do not stop at EOS (it may still be generated)
     logprobs: int | None = None         # return the top-k logprobs at each sampled token
     use_beam_search: bool = False
     beam_width: int = 4
@@ -91,6 +95,8 @@ class SamplingParams:
             bad("n", "an int >= 1")
         if not is_int(self.max_tokens) or self.max_tokens < 1:
             bad("max_tokens", "an int >= 1")
+        if not is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            bad("min_tokens", f"an int in [0, max_tokens={self.max_tokens}]")
         if not is_real(self.temperature) or self.temperature < 0:
             bad("temperature", "a finite number >= 0 (0 = greedy)")
         if not is_int(self.top_k) or self.top_k < 0:
@@ -161,6 +167,16 @@ def apply_penalties(logits: torch.Tensor, prompt_ids: Sequence[Sequence[int]],
             - presence.to(logits)[:, None] * (out_counts > 0).to(logits))
 
 
+def suppress(logits: torch.Tensor, token_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Set each row's listed token ids to -inf."""
+    rows = [r for r, ids in enumerate(token_ids) for _ in ids]
+    cols = [t for ids in token_ids for t in ids]
+    logits = logits.clone()
+    logits[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] \
+        = float("-inf")
+    return logits
+
+
 def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
     """Divide each row by its temperature; rows at 0 (greedy) are left alone."""
     t = temperature.to(logits)
@@ -225,6 +241,7 @@ class SampleRow:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     generator: torch.Generator | None = None
+    suppress_ids: Sequence[int] = ()      # token ids that must not be drawn (min_tokens)
 
 
 @dataclass
@@ -240,6 +257,8 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Ten
         return torch.tensor(values, dtype=dtype, device=logits.device)
 
     params = [r.params for r in rows]
+    if any(r.suppress_ids for r in rows):
+        logits = suppress(logits, [r.suppress_ids for r in rows])
     if any(p.uses_penalties for p in params):
         logits = apply_penalties(logits, [r.prompt_ids for r in rows],
                                  [r.output_ids for r in rows],
