@@ -23,8 +23,9 @@ class RefContext:
     """What a reference implementation may use besides its operands."""
 
     def __init__(self, graph: Graph, weights, bindings: dict[sympy.Symbol, int],
-                 state: dict[str, Any]):
+                 state: dict[str, Any], device=None):
         self.graph = graph
+        self.device = device  # where ops that create tensors put them (None: the CPU)
         self.weights = weights
         self.bindings = bindings
         self.state = state  # mutable per-run state (e.g. the reference paged KV cache)
@@ -51,10 +52,20 @@ class RunResult:
 
 
 class Interpreter:
-    def __init__(self, graph: Graph, weights=None, check_types: bool = True):
+    """Runs a graph op by op.
+
+    ``overrides`` maps op names to implementations with the reference signature
+    ``fn(ctx, args, attrs) -> list[Tensor]``; executors use it to put kernels in place of
+    reference implementations while keeping everything else.  ``device`` is where ops that
+    create tensors (constants, arange, full) put them."""
+
+    def __init__(self, graph: Graph, weights=None, check_types: bool = True,
+                 overrides: Optional[Mapping[str, Any]] = None, device=None):
         self.graph = graph
         self.weights = weights if weights is not None else graph.weights
         self.check_types = check_types
+        self.overrides = dict(overrides or {})
+        self.device = device
 
     def bind_inputs(self, inputs: Sequence[torch.Tensor]) -> dict[sympy.Symbol, int]:
         g = self.graph
@@ -104,7 +115,7 @@ class Interpreter:
                 raise IRLMError(f"missing input(s): {', '.join('%' + m for m in missing)}")
             inputs = [inputs[v.name] for v in g.inputs]
         ctx = RefContext(g, self.weights, self.bind_inputs(inputs),
-                         state if state is not None else {})
+                         state if state is not None else {}, self.device)
         env: dict[int, torch.Tensor] = {id(v): x for v, x in zip(g.inputs, inputs)}
         capture_all = capture is True
         wanted = set() if capture_all or capture is False else set(capture)
@@ -117,9 +128,9 @@ class Interpreter:
         for op in g.ops:
             args = [env[id(v)] for v in op.operands]
             ctx.op = op
-            d = get_op_def(op.name)
+            impl = self.overrides.get(op.name) or get_op_def(op.name).reference
             try:
-                results = d.reference(ctx, args, op.attrs)
+                results = impl(ctx, args, op.attrs)
             except IRLMError:
                 raise
             except Exception as e:

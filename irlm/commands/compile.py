@@ -112,14 +112,8 @@ def is_causal_lm(model) -> bool:
 
 
 def inference_example_inputs(model) -> dict:
-    """input_ids, an all-ones attention mask and explicit position_ids (batch 2, so torch does
-    not specialize the batch dim to 1): substitute-attention reads positions from
-    position_ids, and the explicit mask keeps HF from deriving packed-sequence masks."""
-    import torch
-    vocab = int(getattr(model.config, "vocab_size", 2) or 2)
-    ids = torch.arange(16).remainder(vocab).reshape(2, 8)
-    return {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long),
-            "position_ids": torch.arange(8).repeat(2, 1)}
+    from irlm.compiler import inference_example_inputs as inputs
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2))
 
 
 def compile_pipeline(job: CompileJob) -> str:
@@ -128,23 +122,26 @@ def compile_pipeline(job: CompileJob) -> str:
     level = (a.opt_level or ("2" if a.pipeline is None else None))
     if level is None:
         return ""
-    level = level.lstrip("O")
+    from irlm.compiler import sliding_window_of
+    return default_pipeline(level, is_causal_lm(job.model), a.tokens_per_block,
+                            sliding_window_of(job.model.config), a.max_num_tokens)
+
+
+def default_pipeline(level: str, causal_lm: bool = True, tokens_per_block: int = 16,
+                     sliding_window: int = 0, max_num_tokens: int = 8192) -> str:
+    """``-O0``: only what the engine needs; ``-O1``: + canonicalize/CSE; ``-O2``: + fusions."""
+    level = str(level).lstrip("O")
     if level not in ("0", "1", "2"):
         raise IRLMError(f"-O{level}: unknown optimization level (valid: -O0, -O1, -O2)")
     cleanup = "" if level == "0" else "canonicalize,cse,"
-    if not is_causal_lm(job.model):
-        return cleanup.rstrip(",") if cleanup else ""
-    window = int(getattr(job.model.config, "sliding_window", 0) or 0) \
-        if getattr(job.model.config, "use_sliding_window", True) is not False else 0
-    sub = (f"substitute-attention{{tokens_per_block={a.tokens_per_block},"
-           f"sliding_window={window},max_tokens={a.max_num_tokens}}}")
+    if not causal_lm:
+        return cleanup.rstrip(",")
+    sub = (f"substitute-attention{{tokens_per_block={tokens_per_block},"
+           f"sliding_window={sliding_window},max_tokens={max_num_tokens}}}")
     text = f"{cleanup}{sub},{cleanup}dce"
     if level == "2":
-        try:
-            from irlm.passes.fusions import FUSION_PIPELINE
-            text += "," + FUSION_PIPELINE
-        except ImportError:
-            pass
+        from irlm.passes.fusions import FUSION_PIPELINE
+        text += "," + FUSION_PIPELINE
     return text
 
 

@@ -32,7 +32,7 @@ def _infer_constant(t, a):
 
 
 define_op("core.constant", [], {"value": attr("tensor")}, infer=_infer_constant,
-          reference=lambda ctx, x, a: [a["value"].clone()],
+          reference=lambda ctx, x, a: [a["value"].to(ctx.device or "cpu", copy=True)],
           doc="A small dense tensor stored in the op.")
 
 
@@ -44,7 +44,7 @@ define_op(
     "core.full", [], {"shape": attr("dims"), "value": attr("float"), "dtype": attr("dtype")},
     infer=lambda t, a: [TensorType(a["shape"], a["dtype"])],
     reference=lambda ctx, x, a: [torch.full(_full_shape(ctx, a["shape"]), a["value"],
-                                            dtype=a["dtype"].torch)],
+                                            dtype=a["dtype"].torch, device=ctx.device)],
     doc="A tensor of one value (zeros and ones are full with 0 and 1).")
 
 
@@ -66,7 +66,7 @@ define_op(
                         "dtype": attr("dtype", DType.i64)},
     infer=_infer_arange,
     reference=lambda ctx, x, a: [torch.arange(ctx.dim(a["start"]), ctx.dim(a["end"]), a["step"],
-                                              dtype=a["dtype"].torch)],
+                                              dtype=a["dtype"].torch, device=ctx.device)],
     doc="Integers start, start+step, ... below end.")
 
 # ----- elementwise -----------------------------------------------------------------------------
@@ -707,7 +707,7 @@ def _infer_grouped_mm(t, a):
 
 def _ref_grouped_mm(ctx, x, a):
     inp, w, offs = x
-    out = torch.zeros(inp.shape[0], w.shape[2], dtype=inp.dtype)
+    out = torch.zeros(inp.shape[0], w.shape[2], dtype=inp.dtype, device=inp.device)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:

@@ -62,7 +62,7 @@ def write_kv(cache, layer, k, v, tables, q_lens, cached_lens):
     start = 0
     for r in range(q_lens.shape[0]):
         n, c = int(q_lens[r]), int(cached_lens[r])
-        pos = torch.arange(c, c + n)
+        pos = torch.arange(c, c + n, device=cache.device)
         blocks = tables[r, pos // bs].long()
         slots = pos % bs
         cache[layer, blocks, 0, slots] = k[start:start + n].to(cache.dtype)
@@ -76,13 +76,13 @@ def _ref_paged_attention(ctx, x, a):
     write_kv(cache, layer, k, v, tables, q_lens, cached)
     heads, kv_heads = q.shape[1], k.shape[1]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[2])
-    out = torch.empty(q.shape[0], heads, v.shape[2], dtype=q.dtype)
-    slopes = torch.tensor(a["alibi_slopes"], dtype=torch.float32) if a["alibi_slopes"] else None
+    out = torch.empty(q.shape[0], heads, v.shape[2], dtype=q.dtype, device=q.device)
+    slopes = torch.tensor(a["alibi_slopes"], dtype=torch.float32, device=q.device) if a["alibi_slopes"] else None
     start = 0
     for r in range(q_lens.shape[0]):
         n, c = int(q_lens[r]), int(cached[r])
         total = c + n
-        pos = torch.arange(total)
+        pos = torch.arange(total, device=q.device)
         blocks = tables[r, pos // bs].long()
         keys = cache[layer, blocks, 0, pos % bs].float()    # [total, kv_heads, d]
         vals = cache[layer, blocks, 1, pos % bs].float()
@@ -91,7 +91,7 @@ def _ref_paged_attention(ctx, x, a):
         vals = vals.repeat_interleave(rep, dim=1)
         qr = q[start:start + n].float()                      # [n, heads, d]
         scores = torch.einsum("nhd,thd->hnt", qr, keys) * scale
-        qpos = torch.arange(c, total)
+        qpos = torch.arange(c, total, device=q.device)
         dist = qpos[:, None] - pos[None, :]                  # query pos - key pos
         allowed = dist >= 0
         if a["sliding_window"]:

@@ -1,0 +1,48 @@
+"""The compile pipeline as a library call: a causal LM module → its inference-form graph.
+
+``irlm compile`` (irlm/commands/compile.py) adds loading, dumps and engine writing around the
+same steps; tests and benchmarks call :func:`compile_causal_lm` directly.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .ir import Graph
+
+
+def inference_example_inputs(vocab_size: int, device=None) -> dict:
+    """input_ids, an all-ones attention mask and explicit position_ids (batch 2, so torch does
+    not specialize the batch dim to 1): substitute-attention reads positions from
+    position_ids, and the explicit mask keeps HF from deriving packed-sequence masks."""
+    ids = torch.arange(16, device=device).remainder(max(2, vocab_size)).reshape(2, 8)
+    return {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long, device=device),
+            "position_ids": torch.arange(8, device=device).repeat(2, 1)}
+
+
+def sliding_window_of(config) -> int:
+    if getattr(config, "use_sliding_window", True) is False:
+        return 0
+    return int(getattr(config, "sliding_window", 0) or 0)
+
+
+def compile_causal_lm(module, *, level: str = "2", weights=None, max_batch: int = 8,
+                      max_seq: Optional[int] = None, tokens_per_block: int = 16,
+                      max_num_tokens: int = 8192, extra_pipeline: str = "") -> Graph:
+    """Trace ``module`` (a Hugging Face causal LM, possibly on the meta device) and run the
+    ``-O{level}`` pipeline, ending in the paged inference form."""
+    from .commands.compile import default_pipeline
+    from .frontends import trace
+    from .passes import run_pipeline
+    cfg = module.config
+    if max_seq is None:
+        max_seq = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
+    device = next(iter(module.parameters())).device
+    g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device),
+              dims={"batch": (1, max_batch), "seq": (1, max_seq)}, weights=weights)
+    text = default_pipeline(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
+    if extra_pipeline:
+        text = f"{text},{extra_pipeline}"
+    run_pipeline(g, text)
+    return g

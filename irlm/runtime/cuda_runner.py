@@ -1,0 +1,236 @@
+"""The CUDA executor: an inference-form graph on the GPU, decode steps as CUDA graphs.
+
+Every op runs on the GPU: the ``llm`` ops that irlm has kernels for (paged attention, RMSNorm,
+residual-add + RMSNorm, gated activations; :mod:`irlm.kernels`) run those kernels, and every
+other op runs its registry reference implementation on CUDA tensors (torch: cuBLAS for the
+linears, views for reshapes).  This is the kernel selection: one table, :data:`KERNELS`.
+
+Pure decode steps (one new token per request) are captured as CUDA graphs per
+(batch bucket, context bucket) and replayed: the host then spends one launch per step instead
+of one per op.  Padding rows of a bucket write into a scratch block that the runtime never
+hands out.  Steps with prompt tokens run eagerly (they are few and compute-bound).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from irlm.errors import IRLMError
+from irlm.interpreter import Interpreter
+from irlm.ir import Graph
+from irlm.weights import WeightStore
+
+from .graph_runner import REQUIRED_INPUTS
+from .kv_cache import kv_block_bytes, num_blocks_for_free_memory
+from .model_runner import StepBatch
+
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+# ----- kernel selection ------------------------------------------------------------------------
+
+def _paged_attention(ctx, x, a):
+    from irlm.kernels import ops as k
+    q, key, value, cache, tables, q_lens, cached = x
+    st = ctx.state
+    return [k.paged_attention(
+        _heads(q), _heads(key), _heads(value), cache, tables, q_lens, cached, a["layer"],
+        scale=a["scale"], sliding_window=a["sliding_window"],
+        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
+        max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
+        decode=st.get("decode"))]
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, D] with heads and D contiguous (what the attention kernels read)."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
+        return t
+    return t.contiguous()
+
+
+def _slopes(state, slopes, device):
+    if not slopes:
+        return None
+    cache = state.setdefault("alibi", {})
+    if slopes not in cache:
+        cache[slopes] = torch.tensor(slopes, dtype=torch.float32, device=device)
+    return cache[slopes]
+
+
+def _rms_norm(ctx, x, a):
+    from irlm.kernels import ops as k
+    from irlm.ops.fused import rms_norm_reference
+    if a["weight_offset"]:
+        return [rms_norm_reference(x[0], x[1], a["eps"], a["weight_offset"])]
+    return [k.rms_norm(x[0].contiguous(), x[1], a["eps"])]
+
+
+def _add_rms_norm(ctx, x, a):
+    from irlm.kernels import ops as k
+    if a["weight_offset"]:
+        from irlm.ops.fused import rms_norm_reference
+        total = x[0] + x[1]
+        return [rms_norm_reference(total, x[2], a["eps"], a["weight_offset"]), total]
+    out, total = k.fused_add_rms_norm(x[0].contiguous(), x[1].contiguous(), x[2], a["eps"])
+    return [out, total]
+
+
+def _gated_act(ctx, x, a):
+    from irlm.kernels import ops as k
+    return [k.gated_act(x[0].contiguous(), a["act"])]
+
+
+KERNELS = {
+    "llm.paged_attention": _paged_attention,
+    "llm.rms_norm": _rms_norm,
+    "llm.add_rms_norm": _add_rms_norm,
+    "llm.gated_act": _gated_act,
+}
+
+
+# ----- the runner ------------------------------------------------------------------------------
+
+class CudaGraphRunner:
+    """A :class:`~irlm.runtime.model_runner.ModelRunner` on one CUDA device."""
+
+    def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
+                 max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.85,
+                 device: str = "cuda", cuda_graphs: bool = True, weights=None):
+        if not torch.cuda.is_available():
+            raise IRLMError("the CUDA executor needs a CUDA GPU")
+        names = [v.name for v in graph.inputs]
+        if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
+            raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
+                            f"with substitute-attention")
+        self.graph = graph
+        self.device = torch.device(device)
+        self._order = [REQUIRED_INPUTS.index(n) for n in names]
+        store = weights if weights is not None else graph.weights
+        self.weights = _to_device(graph, store, self.device)
+        cache_t = graph.inputs[names.index("kv_cache")].type
+        layers, _, two, bs, kv_heads, head_dim = cache_t.shape
+        dtype = cache_t.dtype.torch
+        if num_blocks is None:
+            torch.cuda.synchronize(self.device)
+            per_block = kv_block_bytes(layers, bs, kv_heads, head_dim, dtype)
+            num_blocks = num_blocks_for_free_memory(per_block, gpu_memory_fraction,
+                                                    self.device) - 1
+        self.block_size, self.num_blocks = int(bs), int(num_blocks)
+        self.vocab_size = int(graph.outputs[0].type.shape[-1])
+        tokens_range = graph.dims.get("tokens")
+        self.max_num_tokens = tokens_range.max if tokens_range else None
+        limit = self.num_blocks * self.block_size
+        self.max_model_len = min(max_model_len or limit, limit)
+        # one more block than the runtime sees: the scratch block of padding rows
+        self.kv_cache = torch.zeros(layers, self.num_blocks + 1, two, bs, kv_heads, head_dim,
+                                    dtype=dtype, device=self.device)
+        self._scratch = self.num_blocks
+        self._interp = Interpreter(graph, self.weights, check_types=False, overrides=KERNELS,
+                                   device=self.device)
+        self.cuda_graphs = cuda_graphs
+        self._graphs: dict[tuple[int, int], tuple] = {}
+        self._pool = None
+        self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
+
+    # ----- one step ----------------------------------------------------------------------------
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        reqs = len(batch)
+        decode = batch.num_tokens == reqs
+        if decode and self.cuda_graphs and reqs <= DECODE_BUCKETS[-1]:
+            return self._replay(batch)
+        return self._eager(batch, decode)
+
+    def _feeds(self, ids, pos, q_lens, cached, tables):
+        feeds = (ids, pos, q_lens, cached, tables, self.kv_cache)
+        return [feeds[i] for i in self._order]
+
+    def _eager(self, batch: StepBatch, decode: bool) -> torch.Tensor:
+        dev = self.device
+        q_lens = batch.q_lens.to(dev, non_blocking=True)
+        state = {"decode": decode,
+                 "max_q_len": int(batch.q_lens.max()),
+                 "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
+                 "cu_q_lens": _cu(q_lens)}
+        out = self._interp.run(self._feeds(
+            batch.input_ids.to(dev, non_blocking=True), batch.positions.to(dev, non_blocking=True),
+            q_lens, batch.cached_lens.to(dev, non_blocking=True),
+            batch.block_tables.to(dev, non_blocking=True)), state=state).outputs[0]
+        self.stats["eager_steps"] += 1
+        return out.float()
+
+    def _replay(self, batch: StepBatch) -> torch.Tensor:
+        reqs = len(batch)
+        bucket = next(b for b in DECODE_BUCKETS if b >= reqs)
+        kv_len = int((batch.cached_lens + 1).max())
+        ctx = 256
+        while ctx < kv_len:
+            ctx *= 2
+        ctx = min(ctx, _round_up(self.max_model_len, self.block_size))
+        key = (bucket, ctx)
+        entry = self._graphs.get(key) or self._capture(bucket, ctx)
+        graph, bufs, out = entry
+        ids, pos, q_lens, cached, tables = bufs
+        width = batch.block_tables.shape[1]
+        ids[:reqs].copy_(batch.input_ids, non_blocking=True)
+        pos[:reqs].copy_(batch.positions, non_blocking=True)
+        cached[:reqs].copy_(batch.cached_lens, non_blocking=True)
+        tables[:reqs, :width].copy_(batch.block_tables, non_blocking=True)
+        if reqs < bucket:  # padding rows: position 0 of the scratch block
+            ids[reqs:].zero_()
+            pos[reqs:].zero_()
+            cached[reqs:].zero_()
+            tables[reqs:].fill_(self._scratch)
+        graph.replay()
+        self.stats["graph_replays"] += 1
+        return out[:reqs].float()
+
+    def _capture(self, bucket: int, ctx: int):
+        dev = self.device
+        max_blocks = -(-ctx // self.block_size)
+        ids = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        pos = torch.zeros(bucket, dtype=torch.int64, device=dev)
+        q_lens = torch.ones(bucket, dtype=torch.int32, device=dev)
+        cached = torch.zeros(bucket, dtype=torch.int32, device=dev)
+        tables = torch.full((bucket, max_blocks), self._scratch, dtype=torch.int32, device=dev)
+        state = {"decode": True, "max_q_len": 1, "max_kv_len": ctx, "cu_q_lens": _cu(q_lens)}
+        feeds = self._feeds(ids, pos, q_lens, cached, tables)
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):          # warm up: compile kernels, create handles
+            for _ in range(2):
+                self._interp.run(feeds, state=state)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._interp.run(feeds, state=state).outputs[0]
+        entry = (graph, (ids, pos, q_lens, cached, tables), out)
+        self._graphs[(bucket, ctx)] = entry
+        self.stats["graph_captures"] += 1
+        return entry
+
+
+def _cu(q_lens: torch.Tensor) -> torch.Tensor:
+    out = torch.zeros(q_lens.shape[0] + 1, dtype=torch.int32, device=q_lens.device)
+    out[1:] = torch.cumsum(q_lens, 0, dtype=torch.int32)
+    return out
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _to_device(graph: Graph, store, device) -> WeightStore:
+    """Every weight the graph reads, on the device, in its declared dtype."""
+    out = WeightStore()
+    for op in graph.params():
+        name = op.attrs["name"]
+        if name in out:
+            continue
+        t = store.get(name)
+        out.add_tensor(name, t.to(device=device, dtype=op.results[0].type.dtype.torch))
+    if hasattr(store, "drop_cache"):
+        store.drop_cache()      # the source copies (e.g. unfused weights) are not needed
+    return out
