@@ -137,7 +137,8 @@ def test_prefix_reuse_allocates_fewer_blocks_and_changes_nothing(model, tok):
         stats = llm.engine.block_manager.stats
         before = stats.blocks_allocated
         rest = llm.generate(prompts[1:], params)
-        return [o.outputs[0].token_ids for o in first + rest], stats.blocks_allocated - before, stats
+        tokens = [o.outputs[0].token_ids for o in first + rest]
+        return tokens, stats.blocks_allocated - before, stats
 
     with_reuse, allocated_reuse, stats = run(True)
     without, allocated_plain, _ = run(False)

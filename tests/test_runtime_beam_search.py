@@ -62,7 +62,8 @@ SETTINGS = [dict(early_stopping=True, length_penalty=1.0),
             dict(early_stopping=True, length_penalty=-1.0)]
 
 
-@pytest.mark.parametrize("setting", SETTINGS, ids=lambda s: f"{s['early_stopping']}-lp{s['length_penalty']}")
+@pytest.mark.parametrize("setting", SETTINGS,
+                         ids=lambda s: f"{s['early_stopping']}-lp{s['length_penalty']}")
 def test_beam_search_equals_hf(model, tok, prompts, setting):
     # block_size 4 with chunked prefill: beams fork mid-block and recompute their tails.
     llm = LLM(ReferenceRunner(model, block_size=4, num_blocks=256), tok, max_num_tokens=16,

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from irlm.errors import IRLMError
-from irlm.runtime import (LLM, LLMEngine, QueueFullError, ReferenceRunner,
+from irlm.runtime import (LLM, QueueFullError, ReferenceRunner,
                           RequestRejectedError, SamplingParams)
 from irlm.runtime.detokenizer import IncrementalDetokenizer
 from irlm.runtime.testing import tiny_llama, tiny_tokenizer

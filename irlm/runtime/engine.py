@@ -18,7 +18,7 @@ from .model_runner import ModelRunner, StepBatch
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
 from .sampling import SampleRow, SamplingParams, apply_penalties, sample
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Request, Sequence, Status
+from .sequence import Request, Sequence
 
 
 class LLMEngine:

@@ -59,7 +59,8 @@ class BlockManager:
         self._free_plain: deque[int] = deque(range(num_blocks))
         self._free_reusable: OrderedDict[int, None] = OrderedDict()   # oldest first
         self._tables: dict[int, list[int]] = {}
-        self._chains: dict[int, list[bytes]] = {}   # identities of a sequence's computed full blocks
+        # identities of each sequence's computed full blocks, in order
+        self._chains: dict[int, list[bytes]] = {}
 
     # ----- queries ---------------------------------------------------------------------------
     @property
