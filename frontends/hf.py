@@ -58,7 +58,6 @@ def build_meta_module(config, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     else the causal-LM class for the model type, else the bare ``AutoModel``.  The KV cache is
     switched off: irlm traces the stateless forward and adds its own paged cache later.
     """
-    import transformers
     from accelerate import init_empty_weights
     cls = _model_class(config)
     if hasattr(config, "use_cache"):
