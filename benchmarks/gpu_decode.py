@@ -1,0 +1,232 @@
+"""GPU decode benchmark: Llama-3-8B shape, random bf16 weights, irlm's CUDA executor.
+
+One run answers correctness and speed (run on the device machine):
+
+    python benchmarks/gpu_decode.py [--sections copy,build,b1,b32,inflight,inflight2k,hf]
+                                    [--json OUT.json] [--layers 32]
+
+Workloads (prompt of random tokens, greedy, EOS ignored):
+  b1        batch 1, 128 prompt / 128 new tokens: tokens/s, decode step time, the fraction of
+            the measured copy bandwidth that reading the weights once per token achieves
+  b32       32 prompts at once (static batch, prefill included), 128 / 128
+  inflight  512 requests submitted at once, 128 / 128: output tokens/s, TTFT and TPOT p50/p90/p99
+  inflight2k  the same with 2048-token prompts
+  hf        Hugging Face transformers eager, batch 1, as a sanity baseline in the same run
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+RESULTS: dict = {}
+
+
+def log(*a):
+    print(*a, flush=True)
+
+
+def llama3_8b_config(layers: int):
+    import transformers
+    return transformers.LlamaConfig(
+        hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5)
+
+
+def copy_bandwidth() -> float:
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        dst.copy_(src)
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    bw = 2 * n / statistics.median(times)
+    del src, dst
+    return bw
+
+
+def build(layers: int, max_num_tokens: int = 8192):
+    """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU."""
+    import transformers
+    from irlm.compiler import compile_causal_lm
+    from irlm.runtime.cuda_runner import CudaGraphRunner
+    cfg = llama3_8b_config(layers)
+    t0 = time.perf_counter()
+    with torch.device("meta"):
+        model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
+    graph = compile_causal_lm(model, max_batch=8, max_seq=8192, max_num_tokens=max_num_tokens)
+    t_compile = time.perf_counter() - t0
+    store = graph.weights
+    rot = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for name in list(store.names()):
+        e = store.entry(name)
+        if e.source != "meta":
+            continue
+        t = e.type
+        if "inv_freq" in name:
+            store.add_tensor(name, rot.inv_freq.to(t.dtype.torch))
+        elif "norm" in name:
+            store.add_lazy(name, t, lambda t=t: torch.ones(t.shape, dtype=t.dtype.torch,
+                                                           device="cuda"), "ones")
+        else:
+            store.add_lazy(name, t, lambda t=t: (torch.randn(
+                t.shape, dtype=t.dtype.torch, device="cuda", generator=gen) * 0.02), "random")
+    t1 = time.perf_counter()
+    runner = CudaGraphRunner(graph)
+    torch.cuda.synchronize()
+    t_load = time.perf_counter() - t1
+    weight_bytes = sum(runner.weights.get(op.attrs["name"]).nbytes for op in graph.params())
+    RESULTS["build"] = {"trace_and_passes_s": t_compile, "weights_to_gpu_and_kv_alloc_s": t_load,
+                        "graph_ops": len(graph), "weight_bytes": weight_bytes,
+                        "kv_blocks": runner.num_blocks, "block_size": runner.block_size}
+    log(f"build: trace+passes {t_compile:.1f}s, weights+KV {t_load:.1f}s, {len(graph)} ops, "
+        f"weights {weight_bytes / 1e9:.2f} GB, {runner.num_blocks} KV blocks")
+    return cfg, graph, runner
+
+
+def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens):
+    """Submit every prompt at once; returns (seconds, per-request TTFT, per-request TPOT)."""
+    from irlm.runtime import SamplingParams
+    from irlm.runtime.engine import LLMEngine
+    engine = LLMEngine(runner, None, max_num_tokens=max_num_tokens, max_batch_size=max_batch,
+                       max_waiting=len(prompts) + 1, enable_prefix_caching=False)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ids = [engine.add_request(p, params) for p in prompts]
+    first, last = {}, {}
+    while engine.has_unfinished():
+        changed = engine.step()
+        now = time.perf_counter()
+        for req in changed:
+            first.setdefault(req.request_id, now)
+            last[req.request_id] = now
+    total = time.perf_counter() - t0
+    outs = [engine.pop_output(i) for i in ids]
+    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
+    ttft = [first[i] - t0 for i in ids]
+    tpot = [(last[i] - first[i]) / max(1, new_tokens - 1) for i in ids]
+    return total, n_out, ttft, tpot, engine.num_steps
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def random_prompts(n, length, vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def section_b1(runner, cfg, copy_bw):
+    prompts = random_prompts(1, 128, cfg.vocab_size)
+    run_requests(runner, prompts, 16, 1, 4096)                      # warm-up and capture
+    total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 1, 4096)
+    step = tpot[0]
+    wb = RESULTS["build"]["weight_bytes"]
+    RESULTS["b1"] = {"tokens_per_s": n / total, "decode_tokens_per_s": 1 / step,
+                     "ttft_ms": ttft[0] * 1e3, "decode_step_ms": step * 1e3,
+                     "weight_bw_fraction_of_copy": wb / step / copy_bw}
+    log(f"b1: {n / total:.1f} tok/s end to end, decode step {step * 1e3:.2f} ms "
+        f"({1 / step:.1f} tok/s), TTFT {ttft[0] * 1e3:.1f} ms, weight traffic "
+        f"{wb / step / 1e9:.0f} GB/s = {100 * wb / step / copy_bw:.0f}% of copy bandwidth")
+
+
+def section_b32(runner, cfg):
+    prompts = random_prompts(32, 128, cfg.vocab_size, seed=1)
+    run_requests(runner, prompts, 8, 32, 4096)
+    total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 32, 4096)
+    RESULTS["b32"] = {"tokens_per_s": n / total, "seconds": total, "steps": steps,
+                      "tpot_ms_p50": pct(tpot, 50) * 1e3}
+    log(f"b32: {n / total:.0f} output tok/s ({n} tokens in {total:.2f}s, {steps} steps), "
+        f"TPOT p50 {pct(tpot, 50) * 1e3:.2f} ms")
+
+
+def section_inflight(runner, cfg, isl, key):
+    prompts = random_prompts(512, isl, cfg.vocab_size, seed=2)
+    run_requests(runner, random_prompts(64, isl, cfg.vocab_size, seed=3), 4, 512, 8192)
+    total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 512, 8192)
+    RESULTS[key] = {"output_tokens_per_s": n / total, "seconds": total, "steps": steps,
+                    **{f"ttft_ms_p{p}": pct(ttft, p) * 1e3 for p in (50, 90, 99)},
+                    **{f"tpot_ms_p{p}": pct(tpot, p) * 1e3 for p in (50, 90, 99)}}
+    r = RESULTS[key]
+    log(f"{key}: {n / total:.0f} output tok/s ({n} tokens, {total:.1f}s, {steps} steps); TTFT "
+        f"p50/p90/p99 {r['ttft_ms_p50']:.0f}/{r['ttft_ms_p90']:.0f}/{r['ttft_ms_p99']:.0f} ms; "
+        f"TPOT {r['tpot_ms_p50']:.1f}/{r['tpot_ms_p90']:.1f}/{r['tpot_ms_p99']:.1f} ms")
+
+
+def section_hf(cfg):
+    import transformers
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.LlamaForCausalLM(cfg).eval()
+    torch.set_default_dtype(torch.float32)
+    ids = torch.tensor(random_prompts(1, 128, cfg.vocab_size), device="cuda")
+    model.generate(ids, max_new_tokens=4, do_sample=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
+    RESULTS["hf_eager_b1"] = {"tokens_per_s": (out.shape[1] - 128) / dt}
+    log(f"hf eager b1: {(out.shape[1] - 128) / dt:.1f} tok/s")
+    del model
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default="copy,build,b1,b32,inflight,hf")
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args()
+    sections = a.sections.split(",")
+    RESULTS["device"] = torch.cuda.get_device_name()
+    RESULTS["torch"] = torch.__version__
+    RESULTS["date"] = time.strftime("%Y-%m-%d")
+    copy_bw = copy_bandwidth()
+    RESULTS["copy_bandwidth_GBps"] = copy_bw / 1e9
+    log(f"{RESULTS['device']}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read+write)")
+    cfg, graph, runner = build(a.layers)
+    for name, fn in (("b1", lambda: section_b1(runner, cfg, copy_bw)),
+                     ("b32", lambda: section_b32(runner, cfg)),
+                     ("inflight", lambda: section_inflight(runner, cfg, 128, "inflight_128_128")),
+                     ("inflight2k", lambda: section_inflight(runner, cfg, 2048,
+                                                             "inflight_2048_128"))):
+        if name in sections:
+            try:
+                fn()
+            except Exception:
+                traceback.print_exc()
+                RESULTS[name] = {"error": traceback.format_exc(limit=3)}
+    RESULTS["runner_stats"] = dict(runner.stats)
+    RESULTS["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
+    if "hf" in sections:
+        del runner, graph
+        torch.cuda.empty_cache()
+        try:
+            section_hf(cfg)
+        except Exception:
+            traceback.print_exc()
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(RESULTS, f, indent=2)
+    log(json.dumps(RESULTS, indent=1))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
