@@ -25,7 +25,7 @@ from .errors import (NumericsError, PassError, PassFailedError, PassVerification
                      PipelineSyntaxError, PluginError, RewriteError, RewriteLimitError)
 from .instrument import DumpIR, Instrument, PassFilter, PrintIR, Stats, Timing
 from .manager import PassManager, PipelineReport, run_pass, run_pipeline
-from .numerics import CheckNumerics
+from .numerics import CheckNumerics, register_input_maker
 from .options import Option
 from .pattern import (ANY, Const, Match, Or, OpPattern, Pattern, RewritePattern, Rule, Var,
                       Wildcard, has_one_use, op, rule, same_type, splat_value)
@@ -49,6 +49,7 @@ __all__ = [
     "NumericsError", "PassError", "PassFailedError", "PassVerificationError",
     "PipelineSyntaxError", "PluginError", "RewriteError", "RewriteLimitError",
     "DumpIR", "Instrument", "PassFilter", "PrintIR", "Stats", "Timing", "CheckNumerics",
+    "register_input_maker",
     "PassManager", "PipelineReport", "run_pass", "run_pipeline",
     "Option",
     "ANY", "Const", "Match", "Or", "OpPattern", "Pattern", "RewritePattern", "Rule", "Var",
