@@ -1,19 +1,19 @@
 """irlm.passes.fusions: the fusion passes, one module (and one pass) per fusion.
 
-==========================  ====================================================  ============
-pass                        rewrites                                              into
-==========================  ====================================================  ============
-``fuse-rms-norm``           x * rsqrt(mean(x², -1) + eps) * w (HF casts, Gemma)   llm.rms_norm
-``fuse-layer-norm``         (x - mean) * rsqrt(var + eps) * w + b                 core.layer_norm
-``fuse-residual-norm``      rms_norm(x + r, w), x + r read later                  llm.add_rms_norm
-``fuse-rope``               x*cos + rotate_half(x)*sin, interleaved, partial      llm.rope
-``remove-repeat-kv``        sdpa(q, repeat_kv(k), repeat_kv(v))                   sdpa{enable_gqa}
-``fuse-qkv``                N linears of one input                                linear + split
-``fuse-gated-mlp``          act(linear(x, Wg)) * linear(x, Wu)                    linear + llm.gated_act
-``fuse-bias-act``           act(linear(x, W, b)), act(x @ W + b)                  llm.linear_act
-``fuse-activations``        written-out gelu / silu formulas                      core.gelu / core.silu
-``fuse-all``                all of the above, in :data:`FUSION_PASSES` order
-==========================  ====================================================  ============
+======================  =================================================  =================
+pass                    rewrites                                           into
+======================  =================================================  =================
+``fuse-rms-norm``       x * rsqrt(mean(x², -1) + eps) * w (casts, Gemma)   llm.rms_norm
+``fuse-layer-norm``     (x - mean) * rsqrt(var + eps) * w + b              core.layer_norm
+``fuse-residual-norm``  rms_norm(x + r, w), x + r read later               llm.add_rms_norm
+``fuse-rope``           x*cos + rotate_half(x)*sin, interleaved, partial   llm.rope
+``remove-repeat-kv``    sdpa(q, repeat_kv(k), repeat_kv(v))                sdpa{enable_gqa}
+``fuse-qkv``            N linears of one input                             linear + split
+``fuse-gated-mlp``      act(linear(x, Wg)) * linear(x, Wu)                 llm.gated_act
+``fuse-bias-act``       act(linear(x, W, b)), act(x @ W + b)               llm.linear_act
+``fuse-activations``    written-out gelu / silu formulas                   core.gelu / silu
+``fuse-all``            all of the above, in :data:`FUSION_PASSES` order
+======================  =================================================  =================
 
 :data:`FUSION_PIPELINE` is the pipeline text the -O2 level uses.  Every fusion works on the
 traced form and on the paged inference form, before or after ``substitute-attention``.

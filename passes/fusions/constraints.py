@@ -10,11 +10,11 @@ from __future__ import annotations
 import math
 from typing import Optional, Sequence
 
-from irlm.ir import Op, Value
+from irlm.ir import Location, Op, Value
 from irlm.types import DType, dims_equal
 
 from ..canonicalize import EXACT_WIDENINGS
-from ..pattern import Const, Pattern, has_one_use, op, same_type, splat_value
+from ..pattern import Const, Pattern, same_type, splat_value
 
 
 # ----- axes ------------------------------------------------------------------------------------
@@ -86,11 +86,6 @@ def unwidened(v: Value) -> Value:
     return v
 
 
-def maybe_cast(p: Pattern) -> Pattern:
-    """``p`` or ``cast(p)`` (HF's ``.to(dtype)`` / ``.float()`` around a computation)."""
-    return op("core.cast")(p) | p
-
-
 def keeps_type(result: Value, x: Value) -> bool:
     """Broadcasting did not make ``result`` bigger than ``x`` (nor change its dtype)."""
     return same_type(result, x)
@@ -101,10 +96,6 @@ def is_vector_of(v: Value, n, dtype: Optional[DType] = None) -> bool:
     t = v.type
     return (t.rank == 1 and t.dtype.is_float and dims_equal(t.shape[0], n)
             and (dtype is None or t.dtype is dtype))
-
-
-def one_use_each(*values: Value) -> bool:
-    return all(has_one_use(v) for v in values)
 
 
 # ----- weights ---------------------------------------------------------------------------------
@@ -132,9 +123,8 @@ def activation_name(act: Op) -> Optional[str]:
     return None
 
 
-def common_module(ops: Sequence[Op]):
+def common_module(ops: Sequence[Op]) -> Location:
     """A location naming the innermost module that holds all ``ops`` (``...self_attn``)."""
-    from irlm.ir import Location
     paths = [o.loc.module.split(".") for o in ops if o.loc.module]
     if not paths:
         return ops[0].loc

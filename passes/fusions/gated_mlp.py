@@ -17,7 +17,6 @@ activation is silu or gelu (exact or tanh), and every intermediate has one use.
 """
 from __future__ import annotations
 
-from typing import Optional
 
 from irlm.ir import Op, Value
 from irlm.ops.fused import GATED_ACTIVATIONS
@@ -49,11 +48,13 @@ def gated_mlp(m, rw):
     biases = [o.operands[2] for o in (gate_op, up_op) if len(o.operands) > 2]
     if biases and (len(biases) != 2 or not all(is_param(b) for b in biases)):
         return None
-    rw.loc = common_module([gate_op, up_op])
+    at_mul, rw.loc = rw.loc, common_module([gate_op, up_op])  # the GEMM is the MLP's
     operands = [m.x, concat_params(rw, weights)]
     if biases:
         operands.append(concat_params(rw, biases))
-    return rw.op("llm.gated_act", rw.op("core.linear", *operands), act=act)
+    gate_up = rw.op("core.linear", *operands)
+    rw.loc = at_mul
+    return rw.op("llm.gated_act", gate_up, act=act)
 
 
 def _same_projection_shape(a: Op, b: Op) -> bool:
