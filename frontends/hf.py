@@ -240,9 +240,11 @@ def load_hf_directory(directory, dtype: torch.dtype = torch.float32) -> LoadedMo
     if not directory.is_dir():
         raise ModelLoadError(f"{directory}: not a directory (a Hugging Face model is a "
                              f"directory with config.json and safetensors)")
+    from .tokenizer import has_hf_tokenizer
     config = read_config(directory)
     files = safetensors_files(directory)
-    return _load(config, files, directory, "hf", dtype, tokenizer_dir=directory)
+    return _load(config, files, directory, "hf", dtype,
+                 tokenizer_dir=directory if has_hf_tokenizer(directory) else None)
 
 
 def load_safetensors(file, config, dtype: torch.dtype = torch.float32) -> LoadedModel:
@@ -252,7 +254,9 @@ def load_safetensors(file, config, dtype: torch.dtype = torch.float32) -> Loaded
         raise ModelLoadError(f"{file}: no such safetensors file")
     if isinstance(config, (str, Path)):
         config = read_config(config)
-    tokenizer_dir = file.parent if (file.parent / "tokenizer.json").is_file() else None
+    from .tokenizer import has_hf_tokenizer
+    # a safetensors file next to its tokenizer files (a model directory used file by file)
+    tokenizer_dir = file.parent if has_hf_tokenizer(file.parent) else None
     return _load(config, [file], file, "safetensors", dtype, tokenizer_dir=tokenizer_dir)
 
 

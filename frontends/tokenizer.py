@@ -25,18 +25,28 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 # ----- Hugging Face directories -------------------------------------------------------------
+# Files any one of which makes a directory's tokenizer loadable by transformers.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.txt")
+
+
+def has_hf_tokenizer(directory: Path) -> bool:
+    """Whether a model directory ships a tokenizer (a checkpoint need not)."""
+    return any((Path(directory) / f).is_file() for f in TOKENIZER_FILES)
+
+
 def load_hf_tokenizer(directory: Path):
     """The tokenizer of a Hugging Face model directory (tokenizer.json + tokenizer_config.json),
     exactly as transformers loads it, offline."""
     from transformers import AutoTokenizer
     directory = Path(directory)
-    if not (directory / "tokenizer.json").is_file():
-        raise ModelLoadError(f"{directory}: has no tokenizer.json")
+    if not has_hf_tokenizer(directory):
+        raise ModelLoadError(f"{directory}: has no tokenizer (none of "
+                             f"{', '.join(TOKENIZER_FILES)})")
     try:
         return AutoTokenizer.from_pretrained(str(directory), local_files_only=True)
     except Exception as e:  # transformers raises many types for broken tokenizer files
-        raise ModelLoadError(f"{directory / 'tokenizer.json'}: transformers cannot load this "
-                             f"tokenizer: {type(e).__name__}: {e}") from None
+        raise ModelLoadError(f"{directory}: transformers cannot load its tokenizer: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def read_chat_template(directory: Path) -> Optional[str]:

@@ -63,6 +63,12 @@ def test_hf_directory_matches_transformers(tmp_path):
     assert_store_matches(loaded.weights, sd)
 
 
+def test_directory_without_tokenizer_has_none(tmp_path):
+    random_model(tiny_llama_config()).save_pretrained(tmp_path)
+    loaded = load_hf_directory(tmp_path)
+    assert loaded.tokenizer is None and loaded.chat_template is None
+
+
 def test_tied_lm_head_reads_the_embedding(tmp_path):
     model = random_model(tiny_llama_config(tie_word_embeddings=True))
     model.save_pretrained(tmp_path)
