@@ -190,18 +190,26 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
     was_training = getattr(module, "training", False)
     module.eval()
     try:
-        for attempt in range(2):
+        deferred = False
+        for attempt in range(3):
             shapes = _dynamic_shapes(module, args, kwargs, ranges) if dynamic else None
             try:
                 with torch.no_grad():
-                    ep = torch.export.export(module, args, kwargs, dynamic_shapes=shapes,
-                                             strict=False)
+                    ep = torch.export.export(
+                        module, args, kwargs, dynamic_shapes=shapes, strict=False,
+                        prefer_deferred_runtime_asserts_over_guards=deferred)
                 break
             except torch._dynamo.exc.UserError as e:
                 # The model's code narrows a range (BERT: seq <= 512): torch says by how much.
                 narrowed = _narrowed_ranges(str(e), ranges)
                 if attempt == 0 and narrowed is not None:
                     ranges = narrowed
+                    continue
+                # A guard that holds for every value in range but that this torch's symbolic
+                # reasoning cannot prove (seen with torch 2.11: min(128*seq, 512*seq) ==
+                # 128*seq): keep it as a runtime assert instead, which the converter drops.
+                if not deferred and narrowed is None and "Constraints violated" in str(e):
+                    deferred = True
                     continue
                 raise TraceError(
                     f"torch.export cannot trace {type(module).__name__} with symbolic dims "

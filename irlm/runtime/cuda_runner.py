@@ -126,7 +126,12 @@ class CudaGraphRunner:
         self.kv_cache = torch.zeros(layers, self.num_blocks + 1, two, bs, kv_heads, head_dim,
                                     dtype=dtype, device=self.device)
         self._scratch = self.num_blocks
-        self._interp = Interpreter(graph, self.weights, check_types=False, overrides=KERNELS,
+        # Constants live on the device from the start: a CUDA graph cannot copy from the host.
+        constants = {id(op.attrs["value"]): op.attrs["value"].to(self.device)
+                     for op in graph.ops if op.name == "core.constant"}
+        overrides = dict(KERNELS)
+        overrides["core.constant"] = lambda ctx, x, a: [constants[id(a["value"])]]
+        self._interp = Interpreter(graph, self.weights, check_types=False, overrides=overrides,
                                    device=self.device)
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], tuple] = {}
