@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 
 from irlm.cli import main
+from irlm.passes.registry import unregister_pass
 
 ROOT = Path(__file__).resolve().parents[1]
 PLUGINS = ROOT / "tests" / "plugins"
@@ -138,7 +139,10 @@ def test_a_crashing_plugin_pass_is_one_line(ir_file, tmp_path):
                       "@register_pass('crash-now')\n"
                       "def crash(graph, ctx):\n"
                       "    return {}['missing']\n")
-    rc, out, err = irlm("opt", ir_file, "--pass-plugin", plugin, "--pipeline", "crash-now")
+    try:
+        rc, out, err = irlm("opt", ir_file, "--pass-plugin", plugin, "--pipeline", "crash-now")
+    finally:
+        unregister_pass("crash-now")
     assert rc == 1
     assert "pass 'crash-now' (stage 1) failed: KeyError: 'missing' (at " in err
     assert "crash.py:4)" in err and "Traceback" not in err
