@@ -66,5 +66,5 @@ def test_cuda_runner_matches_hf_bf16(arch):
             if (top2[0] - top2[1]).item() > 0.1:
                 assert logits[j].argmax().item() == want.argmax().item(), (arch, step, r)
             checked += 1
-    assert runner.stats["graph_replays"] == 9 and runner.stats["graph_captures"] >= 2
+    assert runner.stats["graph_replays"] == 9 and runner.stats["graph_captures"] >= 1
     assert checked == 3 + 9 + 1 + 24

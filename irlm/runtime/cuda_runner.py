@@ -174,7 +174,7 @@ class CudaGraphRunner:
         ctx = min(ctx, _round_up(self.max_model_len, self.block_size))
         key = (bucket, ctx)
         entry = self._graphs.get(key) or self._capture(bucket, ctx)
-        graph, bufs, out = entry
+        graph, bufs, out, _state = entry
         ids, pos, q_lens, cached, tables = bufs
         width = batch.block_tables.shape[1]
         ids[:reqs].copy_(batch.input_ids, non_blocking=True)
@@ -211,7 +211,9 @@ class CudaGraphRunner:
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._interp.run(feeds, state=state).outputs[0]
-        entry = (graph, (ids, pos, q_lens, cached, tables), out)
+        # The graph reads every tensor it was captured with by address: keep them (the state's
+        # cu_q_lens and alibi slopes too) alive as long as the graph.
+        entry = (graph, (ids, pos, q_lens, cached, tables), out, state)
         self._graphs[(bucket, ctx)] = entry
         self.stats["graph_captures"] += 1
         return entry

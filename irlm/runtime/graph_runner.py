@@ -56,7 +56,11 @@ class GraphRunner:
         self.device = torch.device(device)
         self.kv_cache = torch.zeros(layers, self.num_blocks, two, block_size, kv_heads, head_dim,
                                     dtype=dtype, device=self.device)
-        self._interp = Interpreter(graph)
+        weights = graph.weights
+        if self.device.type != "cpu":
+            from .cuda_runner import _to_device
+            weights = _to_device(graph, graph.weights, self.device)
+        self._interp = Interpreter(graph, weights, device=self.device)
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         dev = self.device
