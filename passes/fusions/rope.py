@@ -42,7 +42,8 @@ even = op("core.slice")(x).named("even")
 odd = op("core.slice")(x).named("odd")
 rotate_pairs = op("core.reshape")(
     op("core.concat")(op("core.unsqueeze")(op("core.neg")(odd.one_use()).one_use()).one_use(),
-                      op("core.unsqueeze")(even.one_use()).one_use()).named("stack").one_use())
+                      op("core.unsqueeze")(even.one_use()).one_use()).named("stack").one_use()
+).named("flatten")
 
 x_cos = op("core.mul")(x, cos).named("x_cos").one_use()
 
@@ -137,8 +138,7 @@ def _pairs_ok(m) -> bool:
         return False
     if not all(is_last_axis(u.producer.attrs["dim"], rank + 1) for u in stack.operands):
         return False
-    flattened = stack.results[0].uses[0].op.results[0]
-    return same_type(flattened, m.x)
+    return same_type(m.flatten.results[0], m.x)
 
 
 ROPE_PATTERNS = [rope_rotate_half, rope_rotate_half_negated, rope_interleaved, rope_partial]
