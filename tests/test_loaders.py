@@ -191,7 +191,7 @@ def byte_vocab():
 
 
 def write_gguf(path, model, arch="llama", qtypes=None, permute=True, with_output=True,
-               extra_tensors=()):
+               extra_tensors=(), extra_metadata=None):
     """Write ``model`` (a transformers causal LM) as llama.cpp's converter would."""
     cfg = model.config
     w = gguf.GGUFWriter(str(path), arch)
@@ -216,6 +216,8 @@ def write_gguf(path, model, arch="llama", qtypes=None, permute=True, with_output
     w.add_bos_token_id(0)
     w.add_eos_token_id(0)
     w.add_chat_template("{% for m in messages %}<|im_start|>{{ m['content'] }}{% endfor %}")
+    if extra_metadata is not None:
+        extra_metadata(w)
     names = gguf.get_tensor_name_map(
         {v: k for k, v in gguf.MODEL_ARCH_NAMES.items()}[arch], cfg.num_hidden_layers)
     qtypes = qtypes or {}
@@ -334,6 +336,26 @@ def test_gguf_errors(tmp_path):
     with pytest.raises(IRLMError, match=r"architecture 'bert' is not supported \(supported: "
                                         r"llama"):
         load_gguf(tmp_path / "bert.gguf")
+
+
+def test_gguf_rope_scaling(tmp_path):
+    model = random_model(tiny_llama_config())
+
+    def linear(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(4.0)
+
+    loaded = load_gguf(write_gguf(tmp_path / "lin.gguf", model, extra_metadata=linear))
+    assert loaded.config.rope_parameters["rope_type"] == "linear"
+    assert loaded.config.rope_parameters["factor"] == 4.0
+
+    def yarn(w):
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(4.0)
+
+    with pytest.raises(IRLMError, match=r"RoPE scaling 'yarn' \(llama\.rope\.scaling\.type\) "
+                                        r"is not supported"):
+        load_gguf(write_gguf(tmp_path / "yarn.gguf", model, extra_metadata=yarn))
 
 
 def test_gguf_refuses_to_drop_tensors(tmp_path):

