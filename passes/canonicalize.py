@@ -220,13 +220,20 @@ class FoldConstants(RewritePattern):
             if p is None or p.name not in CONSTANT_OPS or not v.type.is_static:
                 return False
         for r in o.results:
-            if not r.type.is_static or r.type.numel() > self.max_elements:
+            if not r.type.is_static or _static_numel(r.type.shape) > self.max_elements:
                 return False
         values = _evaluate(o)
         if values is None:
             return False
         rw.replace_op(o, [rw.constant(t) for t in values])
         return True
+
+
+def _static_numel(shape) -> int:
+    n = 1
+    for d in shape:  # plain ints: TensorType.numel() goes through sympy
+        n *= d
+    return n
 
 
 def _evaluate(o: Op) -> Optional[list[torch.Tensor]]:
