@@ -14,20 +14,22 @@ Principles:
   size; the driver then checks each result type against torch's, node by node.
 * Every conversion is explicit.  irlm ops do not mix dtype categories, so where torch promotes
   (``int_tensor * 0.5``, ``mask.to(float)``) the converter inserts ``core.cast``; Python
-  scalars become 0-d ``core.constant`` s of the promoted dtype.
+  scalars become 0-d ``core.constant`` s of the promoted dtype (f32 next to f16/bf16 tensors,
+  where torch keeps a scalar at float precision).
+* Bit-exact with eager torch where torch special-cases: ``x ** 2`` is ``x * x``, ``x ** 0.5``
+  is ``sqrt``, as in torch's kernels, not ``pow``.
 * No fallback: an op missing here is an error naming it (see ``docs/supported-ops.md``, which
   ``python -m irlm.frontends._aten_doc`` regenerates from this table).
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
 
 from irlm.ir import Value
-from irlm.types import DType, dim_product, dims_equal, normalize_dim
+from irlm.types import DType, dims_equal, normalize_dim
 
 SUPPORTED_OPS_DOC = "docs/supported-ops.md"
 
@@ -120,7 +122,7 @@ def _scaled(cx, v: Value, factor) -> Value:
     """``v * factor`` (no op for a factor of 1)."""
     if factor == 1:
         return v
-    return cx.op("core.mul", v, cx.const(factor, v.type.dtype))
+    return cx.op("core.mul", v, cx.scalar(factor, v.type.dtype))
 
 
 def _number(cx, v, what: str):
@@ -156,7 +158,7 @@ def to(cx, x, **_conversion):
 
 
 @converts("aten.copy.default")
-def copy(cx, x, src, non_blocking=False):
+def copy(cx, x, src):
     """``src`` cast and expanded to ``x``'s type (the functional form of ``x.copy_(src)``)"""
     return _expand(cx, cx.cast(src, x.type.dtype), x.type.shape)
 
@@ -210,19 +212,32 @@ def floor_divide(cx, x, other):
     return cx.op("core.floor_divide", *cx.promote(x, other))
 
 
+# torch computes these exponents without pow (x*x, sqrt, ...); mapping them the same way keeps
+# the traced graph bit-exact with eager torch, which std::pow would not be.
+_SPECIAL_POWERS = {
+    1: lambda cx, x: x,
+    2: lambda cx, x: cx.op("core.mul", x, x),
+    3: lambda cx, x: cx.op("core.mul", cx.op("core.mul", x, x), x),
+    0.5: lambda cx, x: cx.op("core.sqrt", x),
+    -0.5: lambda cx, x: cx.op("core.rsqrt", x),
+    -1: lambda cx, x: cx.op("core.reciprocal", x),
+    -2: lambda cx, x: cx.op("core.reciprocal", cx.op("core.mul", x, x)),
+}
+
+
 @converts("aten.pow.Tensor_Scalar")
 def pow_tensor_scalar(cx, x, exponent):
-    """``core.pow`` with a 0-d constant exponent (integer tensors: repeated ``core.mul``)"""
+    """``core.mul``/``core.sqrt``/``core.rsqrt``/``core.reciprocal`` for the exponents torch
+    special-cases (2, 3, 0.5, -0.5, -1, -2), else ``core.pow`` with a 0-d constant exponent"""
     exponent = _number(cx, exponent, "the exponent")
     dtype = cx.out_dtype
+    x = cx.cast(x, dtype)
+    special = _SPECIAL_POWERS.get(exponent)
+    if special is not None and (dtype.is_float or exponent in (1, 2, 3)):
+        return special(cx, x)
     if dtype.is_float:
-        return cx.op("core.pow", cx.cast(x, dtype), cx.const(exponent, dtype))
-    if isinstance(exponent, int) and 1 <= exponent <= 4:
-        out = x
-        for _ in range(exponent - 1):
-            out = cx.op("core.mul", out, x)
-        return out
-    cx.fail(f"integer power {exponent} of an integer tensor is not supported")
+        return cx.op("core.pow", x, cx.scalar(exponent, dtype))
+    cx.fail(f"power {exponent} of an integer tensor is not supported")
 
 
 @converts("aten.pow.Tensor_Tensor", "aten.pow.Scalar")
@@ -329,7 +344,7 @@ def logical_not(cx, x):
 def where(cx, condition, x, other):
     """``core.where`` (numbers become constants of the result dtype)"""
     cond = cx.cast(condition, DType.bool)
-    a, b = cx.promote(x, other, dtype=cx.out_dtype)
+    a, b = cx.promote(x, other, dtype=cx.out_dtype, computed=False)
     return cx.op("core.where", cond, a, b)
 
 

@@ -17,7 +17,8 @@ dimensions, then walks the exported FX graph node by node:
   torch itself propagated, so a converter bug surfaces at its node, not as wrong numbers later.
 
 Each op carries a :class:`~irlm.ir.Location`: the innermost HF module path
-(``model.layers.3.self_attn.q_proj``) and the innermost model-source frame (``modeling_llama.py:243``).
+(``model.layers.3.self_attn.q_proj``) and the innermost model-source frame
+(``modeling_llama.py:243``).
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ import operator
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional
 
 import sympy
 import torch
@@ -187,6 +188,8 @@ _SUGGESTED_RANGE = re.compile(r"(batch|seq) = Dim\('\1'(?:, min=(\d+))?(?:, max=
 def _export(module, example_inputs, dynamic: bool, dims: dict):
     args, kwargs = _normalize_inputs(module, example_inputs)
     ranges = _default_ranges(module, dims)
+    if dynamic:
+        _check_example_sizes(args, kwargs)
     was_training = getattr(module, "training", False)
     module.eval()
     try:
@@ -225,6 +228,16 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
         if was_training:
             module.train()
     return ep, _dim_names_by_convention(ep, dynamic)
+
+
+def _check_example_sizes(args, kwargs) -> None:
+    named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
+    for what, x in named:
+        if isinstance(x, torch.Tensor) and any(n < 2 for n in x.shape[:2]):
+            raise TraceError(
+                f"example {what} has shape {tuple(x.shape)}: for symbolic dims the example's "
+                f"batch (dim 0) and seq (dim 1) must be at least 2, because torch.export "
+                f"makes a size of 0 or 1 a constant; the graph still accepts sizes down to 1")
 
 
 def _first_lines(text: str, n: int = 6) -> str:
@@ -496,6 +509,15 @@ class NodeContext:
                       "(a symbolic size used as a tensor value is not supported)")
         return self.op("core.constant", value=torch.tensor(value, dtype=dtype.torch))
 
+    def scalar(self, value, dtype: DType) -> Value:
+        """A Python number as the 0-d operand of an op computing in ``dtype``.  For f16/bf16 the
+        constant is f32: torch keeps a Python scalar at float precision when it combines it
+        with a half-precision tensor (``0.7978845608 * x`` does not round the factor to bf16),
+        and irlm, like torch, lets a 0-d operand of the same category keep its own dtype."""
+        if dtype in (DType.f16, DType.bf16):
+            dtype = DType.f32
+        return self.const(value, dtype)
+
     def cast(self, v: Value, dtype: DType) -> Value:
         return v if v.type.dtype is dtype else self.op("core.cast", v, dtype=dtype)
 
@@ -517,12 +539,15 @@ class NodeContext:
             *proxies, type_promotion_kind=ELEMENTWISE_TYPE_PROMOTION_KIND.DEFAULT)
         return self.dtype(dtype)
 
-    def promote(self, *xs, dtype: Optional[DType] = None) -> list[Value]:
+    def promote(self, *xs, dtype: Optional[DType] = None,
+                computed: bool = True) -> list[Value]:
         """The operands as Values of one dtype (torch's promotion unless given): numbers
-        become 0-d constants, tensors of another dtype get an explicit ``core.cast``."""
+        become 0-d constants (see :meth:`scalar`), tensors of another dtype get an explicit
+        ``core.cast``.  ``computed=False``: the op selects values rather than computing
+        with them (where), so numbers are constants of exactly ``dtype``."""
         dtype = dtype or self.result_dtype(*xs)
-        return [self.cast(x, dtype) if isinstance(x, Value) else self.const(x, dtype)
-                for x in xs]
+        number = self.scalar if computed else self.const
+        return [self.cast(x, dtype) if isinstance(x, Value) else number(x, dtype) for x in xs]
 
 
 class _GraphConverter:

@@ -159,6 +159,27 @@ def test_op_matches_torch(name, fn, inputs):
     check(fn, *inputs)
 
 
+@pytest.mark.parametrize("exponent", [2, 3, 0.5, -0.5, -1, -2, 1.5, 1])
+def test_pow_is_bit_exact(exponent):
+    """torch computes x**2 as x*x, x**0.5 as sqrt, ...: the graph must do the same."""
+    x = torch.rand(1000) + 0.01
+    g = trace(Fn(lambda x: torch.pow(x, exponent)), (x,), dynamic=False)
+    assert torch.equal(run_graph(g, [x]).outputs[0], torch.pow(x, exponent))
+
+
+def test_half_precision_scalars_keep_float_precision():
+    """GPT-2's gelu in bf16: Python constants are not rounded to bf16 (torch keeps them at
+    float precision), so the graph is bit-exact with eager torch."""
+    def gelu_new(x):
+        return 0.5 * x * (1.0 + torch.tanh(0.7978845608 * (x + 0.044715 * torch.pow(x, 3.0))))
+    x = torch.randn(4096).bfloat16()
+    g = trace(Fn(gelu_new), (x,), dynamic=False)
+    verify(g)
+    assert torch.equal(run_graph(g, [x]).outputs[0], gelu_new(x))
+    consts = [op.results[0].type.dtype for op in g.ops if op.name == "core.constant"]
+    assert consts and all(d is DType.f32 for d in consts)
+
+
 def test_int_promotion_is_explicit():
     g = check(lambda i: i * 0.5, ints(3, 4))
     casts = [op for op in g.ops if op.name == "core.cast"]
@@ -264,6 +285,11 @@ def test_dim_that_model_fixes_is_an_error():
     lin = nn.Linear(4, 4)
     with pytest.raises(TraceError, match="dynamic=False"):
         trace(lin, (r(2, 4),))  # dim 1 is in_features, not a sequence
+
+
+def test_example_of_size_one_is_rejected_clearly():
+    with pytest.raises(TraceError, match="must be at least 2"):
+        trace(Fn(lambda x: x + 1), (r(1, 3),))
 
 
 def test_bad_dims_argument():
@@ -378,6 +404,19 @@ def test_exported_program_after_decompositions(tiny_llama):
     with torch.no_grad():
         want = tiny_llama(input_ids=ids2, use_cache=False).logits
     torch.testing.assert_close(run_graph(g, [ids2]).outputs[0], want, rtol=0, atol=1e-5)
+
+
+def test_bf16_llama_is_bit_exact(tiny_llama):
+    model = tiny_llama.to(torch.bfloat16)
+    g = trace(model, {"input_ids": torch.randint(0, 128, (2, 8)),
+                      "attention_mask": torch.ones(2, 8, dtype=torch.int64)})
+    verify(g)
+    ids, mask = torch.randint(0, 128, (3, 5)), torch.ones(3, 5, dtype=torch.int64)
+    mask[0, 3:] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    got = run_graph(g, {"input_ids": ids, "attention_mask": mask}).outputs[0]
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_training_mode_is_restored():
