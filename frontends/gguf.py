@@ -13,6 +13,8 @@ Loading a GGUF means undoing what llama.cpp's converter did to a Hugging Face ch
 * tensors were quantized: each is dequantized by ``gguf.quants.dequantize`` on first use, one
   tensor at a time, so loading costs nothing until something reads the weights.
 
+Reading the file itself (header, metadata, tensor table) is :mod:`.gguf_file`.
+
 The lm head is tied to the token embedding when the file has no ``output.weight``.
 Adding an architecture is one :data:`ARCHITECTURES` entry.
 """
@@ -22,15 +24,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 
 from irlm.types import DType, TensorType
 from irlm.weights import WeightStore
 
+from .gguf_file import GGUFFile
 from .loaded_model import LoadedModel, ModelLoadError
-
-GGUF_MAGIC = b"GGUF"
 
 # A fix takes the dequantized tensor (torch order) and the transformers config.
 TensorFix = Callable[[torch.Tensor, Any], torch.Tensor]
@@ -106,59 +106,6 @@ ARCHITECTURES: dict[str, GGUFArchitecture] = {
 }
 
 
-# ----- reading the file -----------------------------------------------------------------------
-class GGUFFile:
-    """An open GGUF file: its metadata as Python values and its tensors by name."""
-
-    def __init__(self, path):
-        import gguf
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise ModelLoadError(f"{self.path}: no such GGUF file")
-        with open(self.path, "rb") as f:
-            magic = f.read(4)
-        if magic != GGUF_MAGIC:
-            raise ModelLoadError(f"{self.path}: not a GGUF file (it starts with {magic!r}; a "
-                                 f"GGUF file starts with {GGUF_MAGIC!r})")
-        try:
-            self.reader = gguf.GGUFReader(self.path)
-        except Exception as e:  # gguf raises ValueError/struct errors on truncated files
-            raise ModelLoadError(f"{self.path}: cannot read this GGUF file: "
-                                 f"{type(e).__name__}: {e}") from None
-        self.metadata: dict[str, Any] = {}
-        for key, fld in self.reader.fields.items():
-            try:
-                self.metadata[key] = fld.contents()
-            except Exception:  # a value type this gguf version cannot decode; not needed
-                continue
-        self.tensors = {t.name: t for t in self.reader.tensors}
-
-    @property
-    def architecture(self) -> str:
-        arch = self.metadata.get("general.architecture")
-        if not isinstance(arch, str):
-            raise ModelLoadError(f"{self.path}: has no general.architecture metadata")
-        return arch
-
-    def torch_shape(self, name: str) -> tuple[int, ...]:
-        # GGUF lists dimensions innermost first; torch outermost first.
-        return tuple(int(d) for d in reversed(self.tensors[name].shape))
-
-    def dequantize(self, name: str) -> torch.Tensor:
-        """Tensor ``name`` as float32 in torch order (dequantized if stored quantized)."""
-        from gguf.quants import dequantize
-        t = self.tensors[name]
-        try:
-            data = dequantize(t.data, t.tensor_type)
-        except NotImplementedError:
-            raise ModelLoadError(f"{self.path}: tensor '{name}' is stored as "
-                                 f"{t.tensor_type.name}, which the gguf package cannot "
-                                 f"dequantize") from None
-        if not data.flags.writeable:  # an F32 tensor comes back as a read-only view of the file
-            data = np.array(data)
-        return torch.from_numpy(data.astype(np.float32, copy=False)).reshape(self.torch_shape(name))
-
-
 def dequantizable(qtype) -> bool:
     """Whether ``gguf.quants.dequantize`` handles this GGML type."""
     import gguf
@@ -181,7 +128,7 @@ def gguf_config(file: GGUFFile, arch: Optional[GGUFArchitecture] = None):
     values: dict[str, Any] = {}
     for key, attr in arch.hparams.items():
         if f"{name}.{key}" in meta:
-            values[attr] = _plain(meta[f"{name}.{key}"])
+            values[attr] = meta[f"{name}.{key}"]
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
     if "token_embd.weight" in file.tensors:
         # the embedding is what the module must match; vocab_size metadata is optional
@@ -218,12 +165,6 @@ def _rope_scaling(file: GGUFFile, name: str) -> dict:
         return {"rope_scaling": {"rope_type": "linear", "factor": factor}}
     raise ModelLoadError(f"{file.path}: RoPE scaling '{kind}' ({name}.rope.scaling.type) is not "
                          f"supported (supported: none, linear)")
-
-
-def _plain(v):
-    if isinstance(v, (np.generic,)):
-        return v.item()
-    return v
 
 
 def _architecture(file: GGUFFile) -> GGUFArchitecture:
@@ -273,7 +214,7 @@ def gguf_weights(file: GGUFFile, module: torch.nn.Module, config,
         if shape != tuple(tensor.shape):
             raise ModelLoadError(f"{file.path}: tensor '{gname}' has shape {shape} but "
                                  f"'{name}' of {type(module).__name__} is {tuple(tensor.shape)}")
-        qtype = file.tensors[gname].tensor_type
+        qtype = file.tensors[gname].ggml_type
         if not dequantizable(qtype):
             raise ModelLoadError(f"{file.path}: tensor '{gname}' is stored as {qtype.name}, "
                                  f"which the gguf package cannot dequantize")

@@ -310,6 +310,64 @@ def test_gguf_tokenizer_matches_transformers(tmp_path):
     assert loaded.chat_template.startswith("{% for m in messages %}")
 
 
+def assert_reader_agrees_with_gguf_package(path):
+    """irlm's GGUF header reader and gguf.GGUFReader see the same metadata and tensors."""
+    from irlm.frontends.gguf_file import GGUFFile
+    ours, theirs = GGUFFile(path), gguf.GGUFReader(path)
+    expected = {k: f.contents() for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+    assert ours.metadata.keys() == expected.keys()
+    for key, value in expected.items():
+        assert ours.metadata[key] == pytest.approx(value) if isinstance(value, float) \
+            else ours.metadata[key] == value, key
+    assert list(ours.tensors) == [t.name for t in theirs.tensors]
+    for t in theirs.tensors:
+        info = ours.tensors[t.name]
+        assert info.ggml_type == t.tensor_type and info.nbytes == t.n_bytes, t.name
+        assert info.shape == tuple(int(d) for d in reversed(t.shape)), t.name
+        want = torch.from_numpy(np.array(gguf.quants.dequantize(t.data, t.tensor_type)))
+        assert torch.equal(ours.dequantize(t.name), want.reshape(info.shape)), t.name
+
+
+def test_gguf_reader_agrees_with_gguf_package(tmp_path):
+    model = random_model(tiny_llama_config())
+
+    def every_value_type(w):
+        w.add_uint8("test.u8", 7)
+        w.add_int16("test.i16", -3)
+        w.add_uint64("test.u64", 2**40)
+        w.add_float64("test.f64", 0.125)
+        w.add_bool("test.flag", True)
+        w.add_array("test.floats", [0.5, 1.5])
+
+    path = write_gguf(tmp_path / "m.gguf", model, qtypes=ALL_TYPES,
+                      extra_metadata=every_value_type)
+    assert_reader_agrees_with_gguf_package(path)
+
+
+def test_gguf_reader_nested_arrays(tmp_path):
+    # (GGUFReader.contents() flattens these to [1, 2, 3]; the structure is what was written)
+    from irlm.frontends.gguf_file import GGUFFile
+    w = gguf.GGUFWriter(str(tmp_path / "n.gguf"), "llama")
+    w.add_array("test.nested", [[1, 2], [3]])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert GGUFFile(tmp_path / "n.gguf").metadata["test.nested"] == [[1, 2], [3]]
+
+
+def test_gguf_truncated_file(tmp_path):
+    model = random_model(tiny_llama_config())
+    path = write_gguf(tmp_path / "m.gguf", model)
+    data = path.read_bytes()
+    (tmp_path / "cut.gguf").write_bytes(data[:len(data) // 2])
+    with pytest.raises(IRLMError, match=r"cut\.gguf: tensor '.*' ends past the end of the file"):
+        load_gguf(tmp_path / "cut.gguf")
+    (tmp_path / "cut2.gguf").write_bytes(data[:200])
+    with pytest.raises(IRLMError, match=r"cut2\.gguf: truncated or corrupt GGUF header"):
+        load_gguf(tmp_path / "cut2.gguf")
+
+
 def test_unpermute_inverts_llama_cpp_permute():
     w = torch.arange(8 * 3 * 5, dtype=torch.float32).reshape(24, 5)
     permuted = torch.from_numpy(llama_cpp_permute(w.numpy(), 3))

@@ -89,6 +89,11 @@ def test_smollm_config(smollm, smollm_hf):
     assert c.rope_parameters["rope_theta"] == r.rope_parameters["rope_theta"] == 100000.0
 
 
+def test_smollm_gguf_header_matches_gguf_package():
+    from test_loaders import assert_reader_agrees_with_gguf_package
+    assert_reader_agrees_with_gguf_package(smollm_gguf())
+
+
 def test_smollm_weights_equal_transformers(smollm, smollm_hf):
     reference = smollm_hf.state_dict()
     assert set(smollm.weights.names()) == set(reference)
