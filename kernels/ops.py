@@ -149,7 +149,7 @@ def all_kernels() -> list[Kernel]:
         for d in ATTENTION_HEAD_DIMS:
             ks += [decode_kernel(dt, d), prefill_kernel(dt, d)]
         ks += [kv_write_kernel(dt), rope_kernel(dt), rms_kernel(dt), act_kernel(dt)]
-    return ks + [sample_kernel()]
+    return ks + [sample_kernel()] + [rope_apply_kernel()]
 
 
 # ---- checks -------------------------------------------------------------------------------------
@@ -721,3 +721,62 @@ def sample(logits: torch.Tensor, temperature: Scalar = 1.0, top_k: Scalar = None
 def greedy(logits: torch.Tensor, *, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """argmax over the vocab (the first index of the maximum, as torch.argmax), int32."""
     return sample(logits, temperature=0.0, seeds=0, out=out)
+
+
+# ---- rotary embedding on the attention layout (llm.rope) -----------------------------------------
+class RopeApplyParams(ctypes.Structure):
+    _fields_ = [("x", c_void_p), ("out", c_void_p), ("cos", c_void_p), ("sin", c_void_p),
+                ("xs", c_longlong * 3), ("os", c_longlong * 3), ("cs", c_longlong * 3),
+                ("D", c_int), ("R", c_int)]
+
+
+ROPE_VARIANTS = [(x, c) for x in FLOAT_DTYPES for c in {x, torch.float32}]
+
+
+@lru_cache(maxsize=None)
+def rope_apply_kernel() -> Kernel:
+    return Kernel("rope.cu", [f"irlm_rope<{CTYPES[x]}, {CTYPES[c]}>" for x, c in ROPE_VARIANTS])
+
+
+def rope_apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *,
+               out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``llm.rope`` (rotate-half): ``x * cos + rotate_half(x) * sin`` over the first
+    ``R = cos.shape[-1]`` dims of ``x [..., D]`` (rank <= 4, any strides with a contiguous last
+    dim); ``cos``/``sin`` broadcast to ``x.shape[:-1] + (R,)``.  The result has x's strides."""
+    _tensor("x", x, dtypes=FLOAT_DTYPES)
+    dev = x.device
+    if x.dim() > 4 or x.dim() < 1:
+        raise KernelArgumentError(f"x must have rank 1 to 4, got shape {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    D, R = x.shape[-1], cos.shape[-1]
+    if R % 2 or R > D or sin.shape[-1] != R:
+        raise KernelArgumentError(f"cos/sin cover {R} dims of {D}: need an even count <= D")
+    _tensor("cos", cos, dtypes=(x.dtype, torch.float32), device=dev)
+    _tensor("sin", sin, dtypes=(cos.dtype,), device=dev)
+    x4 = x
+    while x4.dim() < 4:
+        x4 = x4.unsqueeze(0)
+    try:
+        c4 = cos.expand(*x4.shape[:-1], R)
+        s4 = sin.expand(*x4.shape[:-1], R)
+    except RuntimeError:
+        raise KernelArgumentError(f"cos {tuple(cos.shape)} does not broadcast to "
+                                  f"{tuple(x.shape[:-1]) + (R,)}") from None
+    if c4.stride() != s4.stride() or c4.stride(-1) != 1:
+        c4, s4 = c4.contiguous(), s4.contiguous()
+    if out is None:
+        out = torch.empty_like(x)
+    o4 = out
+    while o4.dim() < 4:
+        o4 = o4.unsqueeze(0)
+    B, H, T = x4.shape[:3]
+    if B * H * T == 0:
+        return out
+    p = RopeApplyParams(_ptr(x4), _ptr(o4), _ptr(c4), _ptr(s4), (c_longlong * 3)(*x4.stride()[:3]),
+                   (c_longlong * 3)(*o4.stride()[:3]), (c_longlong * 3)(*c4.stride()[:3]), D, R)
+    threads = min(128, max(32, -(-max(R // 2, D - R) // 32) * 32))
+    kern = rope_apply_kernel()
+    kern.launch(f"irlm_rope<{CTYPES[x.dtype]}, {CTYPES[cos.dtype]}>", (T, H, B), (threads,), p,
+                device=dev)
+    return out

@@ -105,6 +105,7 @@ _STRUCTS = [
     ("rms_norm.cu", "RmsNormParams", ops.RmsNormParams),
     ("gated_act.cu", "GatedActParams", ops.GatedActParams),
     ("sampling.cu", "SampleParams", ops.SampleParams),
+    ("rope.cu", "RopeApplyParams", ops.RopeApplyParams),
 ]
 
 

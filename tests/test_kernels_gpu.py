@@ -522,3 +522,26 @@ def test_decode_step_captures_in_a_cuda_graph():
     torch.cuda.synchronize()
     assert torch.equal(o_g, o_eager)
     assert torch.equal(tok_g, tok_eager)
+
+
+@pytest.mark.parametrize("dtype,cos_dtype", [(torch.bfloat16, torch.bfloat16),
+                                              (torch.float16, torch.float32),
+                                              (torch.float32, torch.float32)])
+@pytest.mark.parametrize("shape,rot", [((1, 32, 7, 128), 128), ((2, 5, 9, 64), 32),
+                                       ((3, 11, 64), 64)])
+def test_rope_apply_matches_reference_on_strided_views(dtype, cos_dtype, shape, rot):
+    from irlm.ops.fused import rotate
+    # x as the attention layout: a transposed view of [.., tokens, heads, D]
+    base = torch.randn(*shape[:-3], shape[-2], shape[-3], shape[-1], device="cuda", dtype=dtype)
+    x = base.transpose(-2, -3)
+    pos = torch.arange(shape[-2], device="cuda", dtype=torch.float32)
+    inv = 1.0 / (10000 ** (torch.arange(0, rot, 2, device="cuda").float() / rot))
+    ang = torch.cat([pos[:, None] * inv[None]] * 2, -1)
+    cos, sin = ang.cos().to(cos_dtype), ang.sin().to(cos_dtype)
+    got = ops.rope_apply(x, cos, sin)
+    xf = x.double()
+    rotated = xf[..., :rot] * cos.double() + rotate(xf[..., :rot], "rotate_half") * sin.double()
+    want = torch.cat([rotated, xf[..., rot:]], -1)
+    err = ((got.double() - want).norm() / want.norm()).item()
+    assert err < (1e-6 if dtype == torch.float32 else 1e-2), err
+    assert got.stride() == x.stride()

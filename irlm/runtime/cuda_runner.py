@@ -81,7 +81,16 @@ def _gated_act(ctx, x, a):
     return [k.gated_act(x[0].contiguous(), a["act"])]
 
 
+def _rope(ctx, x, a):
+    from irlm.kernels import ops as k
+    if a["style"] != "rotate_half" or x[0].dtype != x[1].dtype and x[1].dtype != torch.float32:
+        from irlm.registry import get_op_def
+        return get_op_def("llm.rope").reference(ctx, x, a)
+    return [k.rope_apply(x[0], x[1], x[2])]
+
+
 KERNELS = {
+    "llm.rope": _rope,
     "llm.paged_attention": _paged_attention,
     "llm.rms_norm": _rms_norm,
     "llm.add_rms_norm": _add_rms_norm,
@@ -176,11 +185,12 @@ class CudaGraphRunner:
         entry = self._graphs.get(key) or self._capture(bucket, ctx)
         graph, bufs, out, _state = entry
         ids, pos, q_lens, cached, tables = bufs
-        width = batch.block_tables.shape[1]
+        # blocks past the context bucket cannot hold this step's positions
+        width = min(batch.block_tables.shape[1], tables.shape[1])
         ids[:reqs].copy_(batch.input_ids, non_blocking=True)
         pos[:reqs].copy_(batch.positions, non_blocking=True)
         cached[:reqs].copy_(batch.cached_lens, non_blocking=True)
-        tables[:reqs, :width].copy_(batch.block_tables, non_blocking=True)
+        tables[:reqs, :width].copy_(batch.block_tables[:, :width], non_blocking=True)
         if reqs < bucket:  # padding rows: position 0 of the scratch block
             ids[reqs:].zero_()
             pos[reqs:].zero_()
