@@ -123,8 +123,8 @@ def gguf_config(file: GGUFFile, arch: Optional[GGUFArchitecture] = None):
     meta = file.metadata
     missing = [k for k in arch.required if f"{name}.{k}" not in meta]
     if missing:
-        raise ModelLoadError(f"{file.path}: metadata lacks {', '.join(f'{name}.{k}' for k in missing)}"
-                             f", which a {name} model needs")
+        keys = ", ".join(f"{name}.{k}" for k in missing)
+        raise ModelLoadError(f"{file.path}: metadata lacks {keys}, which a {name} model needs")
     values: dict[str, Any] = {}
     for key, attr in arch.hparams.items():
         if f"{name}.{key}" in meta:

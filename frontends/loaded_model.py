@@ -51,7 +51,7 @@ class LoadedModel:
 
     @cached_property
     def tokenizer(self):
-        """The tokenizer (``transformers.PreTrainedTokenizerFast``), or None if the source has none."""
+        """The tokenizer (a ``transformers.PreTrainedTokenizerFast``); None if there is none."""
         return self.tokenizer_loader() if self.tokenizer_loader is not None else None
 
     def example_inputs(self):

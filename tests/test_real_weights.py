@@ -116,7 +116,8 @@ def test_smollm_tokenizer_ids_equal_transformers(smollm, smollm_hf_tokenizer):
     ours = smollm_prompt_ids(smollm.tokenizer)
     assert ours == smollm_prompt_ids(smollm_hf_tokenizer)
     assert smollm.tokenizer.decode(ours[2]).startswith("<|im_start|>system\n")
-    for text in ["In 2024, 12345 people said 'hi'!", "naïve café 日本語 🙂", "  two  spaces\n\n"]:
+    for text in ["In 2024, 12345 people said 'hi'!", "naïve café 日本語 🙂",
+                 "  two  spaces\n\n"]:
         assert smollm.tokenizer(text)["input_ids"] == smollm_hf_tokenizer(text)["input_ids"]
 
 
