@@ -14,3 +14,9 @@ def tiny_llama():
         num_key_value_heads=2, vocab_size=128, max_position_embeddings=256)
     config._attn_implementation = "sdpa"
     return transformers.LlamaForCausalLM(config).eval()
+
+
+def pytest_configure(config):
+    # One torch thread per test process: CI runs two pytest-xdist workers on two cores, and
+    # the tests' tiny matrix products only lose from intra-op threading.
+    torch.set_num_threads(1)
