@@ -428,10 +428,22 @@ def all_(cx, x, dim=None, keepdim=False):
     return cx.op("core.eq", count, cx.const(0, DType.i64))
 
 
-@converts("aten.softmax.int", "aten._softmax.default", "aten._safe_softmax.default")
+@converts("aten.softmax.int", "aten._softmax.default")
 def softmax(cx, x, dim, dtype=None, half_to_float=False):
     """``core.softmax {dim}`` in the requested dtype (cast first, as torch does)"""
     return cx.op("core.softmax", cx.cast(x, cx.out_dtype), dim=dim)
+
+
+@converts("aten._safe_softmax.default")
+def safe_softmax(cx, x, dim, dtype=None):
+    """``core.softmax``, with rows that are all -inf giving zeros instead of NaN
+    (``core.where`` on a ``core.sum`` of the finite entries)"""
+    x = cx.cast(x, cx.out_dtype)
+    probs = cx.op("core.softmax", x, dim=dim)
+    finite = cx.op("core.ne", x, cx.const(float("-inf"), x.type.dtype))
+    count = cx.op("core.sum", finite, dims=[dim], keepdim=True)
+    empty = cx.op("core.eq", count, cx.const(0, DType.i64))
+    return cx.op("core.where", empty, cx.const(0.0, x.type.dtype), probs)
 
 
 @converts("aten.log_softmax.int", "aten._log_softmax.default")

@@ -70,6 +70,9 @@ OP_CASES = [
     ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), [r(2, 5)]),
     ("softmax_dtype", lambda x: torch.softmax(x, -1, dtype=torch.float32), [r(2, 5).half()]),
     ("log_softmax", lambda x: torch.log_softmax(x, 1), [r(2, 5)]),
+    ("safe_softmax", lambda x: torch.ops.aten._safe_softmax(
+        x.masked_fill(torch.tensor([[True] * 5, [False, True, False, True, False]]),
+                      float("-inf")), -1), [r(2, 5)]),
     ("pow_rsqrt", lambda x: x.pow(2) + x.abs() ** 0.5 + torch.rsqrt(x.abs() + 1e-3), [r(3, 4)]),
     ("pow_tensor", lambda x: torch.full((), 0.5) ** torch.arange(1, 5, dtype=torch.int32) * x,
      [r(4)]),
