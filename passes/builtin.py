@@ -2,3 +2,4 @@
 from . import canonicalize, cse, dce  # noqa: F401
 from . import substitute_attention  # noqa: F401
 from . import fusions  # noqa: F401  (fuse-rms-norm, fuse-rope, fuse-qkv, ...)
+from . import tp_split  # noqa: F401  (tp-split)

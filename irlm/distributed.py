@@ -1,0 +1,148 @@
+"""The multi-rank simulator: run the per-rank graphs of a tensor-parallel split on the CPU.
+
+:func:`run_ranks` runs N graphs (one per rank, e.g. from
+:func:`irlm.passes.tp_split.split_for_tensor_parallel`) in lockstep, one Python thread per
+rank, each with the reference interpreter.  The ``dist`` ops' reference implementations
+(irlm/ops/dist.py) reach the other ranks through a :class:`RankComm` in ``ctx.state["dist"]``:
+each collective is an exchange through a shared slot table between two barrier waits.
+
+* Every rank posts (what, type, sequence number); if the ranks disagree (one rank runs an
+  all_gather while another runs an all_reduce, or shapes differ) every rank raises the same
+  :class:`CollectiveMismatch` naming what each rank posted, instead of deadlocking.
+* Reductions run in rank order on every rank, so all ranks hold bit-identical results.
+* If a rank fails, the barrier is broken, the other ranks stop at their next collective, and
+  :func:`run_ranks` raises the first rank's error, prefixed with its rank.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Optional, Sequence
+
+import torch
+
+from .errors import IRLMError
+from .interpreter import Interpreter
+
+
+class DistributedError(IRLMError):
+    """A rank failed, or the ranks disagree about a collective."""
+
+
+class CollectiveMismatch(DistributedError):
+    pass
+
+
+class RankAborted(DistributedError):
+    """Raised in a rank waiting on a collective when another rank failed."""
+
+
+class Group:
+    """What the ranks of one group share: a barrier and one slot per rank."""
+
+    def __init__(self, size: int, timeout: float = 120.0):
+        if size < 1:
+            raise DistributedError(f"a group needs at least one rank, got {size}")
+        self.size = size
+        self.barrier = threading.Barrier(size, timeout=timeout)
+        self.slots: list[Any] = [None] * size
+
+    def comm(self, rank: int) -> "RankComm":
+        return RankComm(self, rank)
+
+    def abort(self) -> None:
+        self.barrier.abort()
+
+    def wait(self) -> None:
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:
+            raise RankAborted("another rank failed (or a collective timed out) while this "
+                              "rank waited in a collective") from None
+
+
+class RankComm:
+    """One rank's view of its group: what ``ctx.state["dist"]`` holds."""
+
+    def __init__(self, group: Group, rank: int):
+        self.group, self.rank, self.size = group, rank, group.size
+        self.seq = 0  # collectives this rank has run
+
+    def exchange(self, what: str, x: torch.Tensor, where: str = "") -> list[torch.Tensor]:
+        """Post ``x``; return every rank's tensor (in rank order) once all have posted."""
+        g = self.group
+        key = (what, tuple(x.shape), str(x.dtype), self.seq)
+        g.slots[self.rank] = (key, where, x)
+        self.seq += 1
+        g.wait()
+        posted = list(g.slots)
+        g.wait()  # nobody overwrites a slot before every rank has read them all
+        keys = {p[0] for p in posted}
+        if len(keys) > 1:
+            lines = "; ".join(f"rank {r}: {p[0][0]} of {list(p[0][1])} {p[0][2]} "
+                              f"(collective #{p[0][3]}) at {p[1]}" for r, p in enumerate(posted))
+            raise CollectiveMismatch(f"the ranks disagree about a collective: {lines}")
+        return [p[2] for p in posted]
+
+    def all_reduce(self, x: torch.Tensor, op: str = "sum", where: str = "") -> torch.Tensor:
+        xs = self.exchange(f"all_reduce({op})", x, where)
+        out = xs[0].clone()
+        for y in xs[1:]:
+            if op == "sum":
+                out = out + y
+            elif op == "max":
+                out = torch.maximum(out, y)
+            elif op == "min":
+                out = torch.minimum(out, y)
+            else:
+                raise DistributedError(f"unknown reduction '{op}'")
+        return out
+
+    def all_gather(self, x: torch.Tensor, axis: int, where: str = "") -> torch.Tensor:
+        return torch.cat(self.exchange(f"all_gather(axis={axis})", x, where), dim=axis)
+
+
+def run_ranks(graphs: Sequence, inputs_per_rank: Sequence, *, states: Optional[Sequence] = None,
+              weights=None, timeout: float = 120.0) -> list[list[torch.Tensor]]:
+    """Run ``graphs[r]`` on ``inputs_per_rank[r]`` for every rank r at once; return each
+    rank's outputs.  ``states[r]`` (optional) is rank r's interpreter state dict; the
+    communicator goes in under ``"dist"``.  ``weights`` overrides the graphs' stores."""
+    n = len(graphs)
+    if len(inputs_per_rank) != n:
+        raise DistributedError(f"{n} graphs but inputs for {len(inputs_per_rank)} ranks")
+    states = list(states) if states is not None else [{} for _ in range(n)]
+    if len(states) != n:
+        raise DistributedError(f"{n} graphs but {len(states)} states")
+    group = Group(n, timeout)
+    results: list[Optional[list[torch.Tensor]]] = [None] * n
+    errors: list[Optional[BaseException]] = [None] * n
+
+    def work(r: int) -> None:
+        try:
+            states[r]["dist"] = group.comm(r)
+            interp = Interpreter(graphs[r], weights)
+            results[r] = interp.run(inputs_per_rank[r], state=states[r]).outputs
+        except BaseException as e:  # noqa: BLE001 - reported below, per rank
+            errors[r] = e
+            group.abort()
+        finally:
+            states[r].pop("dist", None)
+
+    if n == 1:
+        work(0)
+    else:
+        threads = [threading.Thread(target=work, args=(r,), name=f"irlm-rank{r}", daemon=True)
+                   for r in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    first = next(((r, e) for r, e in enumerate(errors)
+                  if e is not None and not isinstance(e, RankAborted)), None)
+    if first is None:
+        first = next(((r, e) for r, e in enumerate(errors) if e is not None), None)
+    if first is not None:
+        r, e = first
+        if isinstance(e, DistributedError) and not isinstance(e, RankAborted):
+            raise type(e)(f"rank {r}: {e}") from e
+        raise DistributedError(f"rank {r}: {type(e).__name__}: {e}") from e
+    return [list(x) for x in results]

@@ -1,0 +1,437 @@
+"""tp-split: tensor-parallel splitting of the paged inference form into per-rank graphs.
+
+The plan is derived from dataflow that the pass proves, never from names (docs/parallelism.md):
+
+* **attention** (per ``llm.paged_attention``): the query, key and value operands must each come,
+  through only ``core.reshape`` / ``core.transpose`` / ``llm.rope`` (x operand, cos/sin of size
+  1 on the heads dim), from results 0, 1, 2 of one ``core.split`` of one ``core.linear`` with a
+  ``param`` weight (and optionally a ``param`` bias): the fused QKV projection.  It becomes
+  column-parallel: rank r keeps query heads ``[r*H/N, (r+1)*H/N)`` and the kv heads they read.
+  With KV >= N, kv heads are split the same way (KV % N == 0); with KV < N (N % KV == 0) each
+  rank keeps the one kv head its query heads share, so a kv head is *replicated* on N/KV ranks.
+  The KV cache input then holds the rank's kv heads only.  Every use of the sharded values is
+  followed; one that is not a reshape (mapped dim for dim), transpose, rope or the attention
+  is refused.
+* **O projection**: the attention output, through reshapes/transposes, must reach a
+  ``core.linear`` (no bias) as its input's last dim: it becomes row-parallel (the rank's input
+  columns of the weight) followed by ``dist.all_reduce``.
+* **gated MLP** (per ``llm.gated_act``): its input must be a one-use ``core.linear`` with a
+  ``param`` weight (the fused gate|up projection).  Column-parallel with each half split the
+  same way: rank r keeps gate rows ``[r*I/N, (r+1)*I/N)`` and the same up rows, so
+  ``gated_act`` pairs the right halves.  Its output reaches the down projection: row-parallel
+  + ``dist.all_reduce``.
+* **LM head**: a graph output produced by a ``core.linear`` with a ``param`` weight of vocab V:
+  column-parallel (V/N rows per rank) + ``dist.all_gather`` of the logits along the last axis.
+  When V % N != 0 it stays replicated.  The embedding stays replicated.
+
+Everything else (norms, residual adds, rotary tables) is replicated: every rank computes it on
+the same (all-reduced) values.  Weight shards are derived weights, sliced lazily from the
+stored tensors; their names say the slice (``...weight#tp2.r0[q0:2,k0:1,v0:1]``) and each
+collective's ``plan`` attribute names the projection it completes, so the dump shows the plan.
+
+Refused with an :class:`~irlm.errors.IRError` naming the op: heads or intermediate size not
+divisible by N, a KV head count that neither divides nor is divided by N, an attention or
+gated MLP whose dataflow does not match, a row-parallel projection with a bias.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+
+from irlm.builder import infer_types, make_op
+from irlm.errors import IRError
+from irlm.ir import Graph, Op, Value
+from irlm.types import TensorType, dim_product, dims_equal
+
+
+class TPSplitError(IRError):
+    """tp-split cannot prove a split of this graph."""
+
+
+def _err(op: Optional[Op], why: str) -> TPSplitError:
+    where = f"{op.describe()}: " if op is not None else ""
+    return TPSplitError(f"tp-split: {where}{why}")
+
+
+@dataclass
+class _Shard:
+    """A weight operand to replace with a derived slice of the stored weight."""
+    op: Op
+    index: int
+    new_name: str
+    shape: tuple
+    fn: Callable[[torch.Tensor], torch.Tensor]
+    how: str
+
+
+@dataclass
+class _Plan:
+    size: int
+    rank: int
+    shards: list[_Shard] = field(default_factory=list)
+    attrs: list[tuple[Op, dict]] = field(default_factory=list)
+    collectives: list[tuple[Op, str, dict]] = field(default_factory=list)  # after op: kind, attrs
+    kv_cache: Optional[Value] = None
+    kv_heads_local: Optional[int] = None
+    seen: set = field(default_factory=set)  # ids of ops already planned
+
+
+def _static(d, op, what) -> int:
+    if not isinstance(d, int):
+        raise _err(op, f"{what} is not static ({d})")
+    return d
+
+
+def _param_name(v: Value, op: Op, what: str) -> str:
+    p = v.producer
+    if p is None or p.name != "param":
+        raise _err(op, f"the {what} is not a weight (param); cannot shard it")
+    return p.attrs["name"]
+
+
+def _shard_tag(size, rank, spec):
+    return f"#tp{size}.r{rank}[{spec}]"
+
+
+def _rows(w, ranges):
+    return torch.cat([w[a:b] for a, b in ranges], 0).contiguous()
+
+
+def _add_row_shard(plan: _Plan, op: Op, index: int, ranges: list[tuple[int, int]], spec: str,
+                   graph: Graph) -> None:
+    name = _param_name(op.operands[index], op, "weight" if index == 1 else "bias")
+    t = graph.weights.type_of(name)
+    rows = sum(b - a for a, b in ranges)
+    plan.shards.append(_Shard(op, index, name + _shard_tag(plan.size, plan.rank, spec),
+                              (rows,) + tuple(t.shape[1:]),
+                              lambda w, r=tuple(ranges): _rows(w, r), f"rows{list(ranges)}"))
+
+
+def _add_col_shard(plan: _Plan, op: Op, a: int, b: int, graph: Graph) -> None:
+    name = _param_name(op.operands[1], op, "weight")
+    t = graph.weights.type_of(name)
+    plan.shards.append(_Shard(op, 1, name + _shard_tag(plan.size, plan.rank, f"cols{a}:{b}"),
+                              (t.shape[0], b - a),
+                              lambda w, a=a, b=b: w[:, a:b].contiguous(), f"cols[{a}:{b}]"))
+
+
+# ----- following a sharded value ---------------------------------------------------------------
+
+def _map_reshape(op: Op, in_shape, dim: int, f: int):
+    """The output dim of ``op`` (a reshape) that carries input dim ``dim`` split in f
+    contiguous chunks, and the reshape's new target shape; None if it cannot be proven."""
+    out_shape = list(op.results[0].type.shape)
+    prefix = dim_product(list(in_shape[:dim]))
+    for j in range(len(out_shape)):
+        if dims_equal(dim_product(out_shape[:j]), prefix) and isinstance(out_shape[j], int) \
+                and out_shape[j] % f == 0 and out_shape[j] >= f:
+            new = list(out_shape)
+            new[j] = out_shape[j] // f
+            return j, new
+    return None
+
+
+def _follow(plan: _Plan, v: Value, dim: int, f: int, terminal: Callable[[Op, int, int], bool],
+            what: str) -> None:
+    """Plan the retyping of every use of ``v`` (sharded along ``dim`` in f chunks) until each
+    path reaches an op that ``terminal(op, operand_index, dim)`` accepts."""
+    g = v.producer.graph if v.producer is not None else None
+    if g is not None and any(o is v for o in g.outputs):
+        raise _err(v.producer, f"the sharded {what} is a graph output")
+    for use in list(v.uses):
+        op = use.op
+        if terminal(op, use.index, dim):
+            continue
+        if op.name == "core.reshape":
+            m = _map_reshape(op, v.type.shape, dim, f)
+            if m is None:
+                raise _err(op, f"cannot prove which dim of this reshape carries the {what} "
+                               f"split {f} ways (dim {dim} of {v.type})")
+            j, new = m
+            plan.attrs.append((op, {"shape": tuple(new)}))
+            _follow(plan, op.results[0], j, f, terminal, what)
+        elif op.name == "core.transpose":
+            r = v.type.rank
+            d0, d1 = op.attrs["dim0"] % r, op.attrs["dim1"] % r
+            nd = d1 if dim == d0 else d0 if dim == d1 else dim
+            _follow(plan, op.results[0], nd, f, terminal, what)
+        elif op.name == "llm.rope" and use.index == 0:
+            cos = op.operands[1].type
+            k = dim - (v.type.rank - cos.rank)
+            if k >= 0 and not (isinstance(cos.shape[k], int) and cos.shape[k] == 1):
+                raise _err(op, f"cos/sin vary along the split dim of the {what}")
+            if dim == v.type.rank - 1:
+                raise _err(op, f"the {what} is split along the rotary dim")
+            _follow(plan, op.results[0], dim, f, terminal, what)
+        else:
+            raise _err(op, f"unrecognized use of the {what} (split {f} ways along dim {dim} "
+                           f"of {v.type}); tp-split only follows reshape, transpose and rope")
+
+
+def _row_parallel(plan: _Plan, graph: Graph, what: str, global_in: int):
+    """A terminal that accepts a core.linear reading the sharded value as its input's last
+    dim: slice the weight's input columns, all-reduce the output."""
+    n, r = plan.size, plan.rank
+
+    def terminal(op: Op, index: int, dim: int) -> bool:
+        if op.name != "core.linear" or index != 0:
+            return False
+        x = op.operands[0]
+        if dim != x.type.rank - 1:
+            raise _err(op, f"reads the {what} split along dim {dim}, not its input features")
+        if len(op.operands) > 2:
+            raise _err(op, "a row-parallel projection with a bias is not supported")
+        w = graph.weights.type_of(_param_name(op.operands[1], op, "weight"))
+        if w.shape[1] != global_in:
+            raise _err(op, f"weight {w} does not read {global_in} input features")
+        if id(op) in plan.seen:
+            raise _err(op, "reached twice")
+        plan.seen.add(id(op))
+        loc = op.loc.module or op.results[0].name or "?"
+        step = global_in // n
+        _add_col_shard(plan, op, r * step, (r + 1) * step, graph)
+        plan.collectives.append((op, "dist.all_reduce", {
+            "group_size": n, "op": "sum",
+            "plan": f"row-parallel {loc}: in-features {r * step}:{(r + 1) * step} of "
+                    f"{global_in} on rank {r}, partial sums added over {n} ranks"}))
+        return True
+    return terminal
+
+
+# ----- attention -------------------------------------------------------------------------------
+
+_CHAIN = ("core.reshape", "core.transpose", "llm.rope")
+
+
+def _source(v: Value) -> Value:
+    while v.producer is not None and v.producer.name in _CHAIN:
+        v = v.producer.operands[0]
+    return v
+
+
+def _plan_attention(plan: _Plan, graph: Graph, att: Op) -> None:
+    n, r = plan.size, plan.rank
+    q, k, v, cache = att.operands[:4]
+    H = _static(q.type.shape[1], att, "the query head count")
+    KV = _static(k.type.shape[1], att, "the kv head count")
+    d = _static(q.type.shape[2], att, "the head size")
+    dv = _static(v.type.shape[2], att, "the value head size")
+    if H % n:
+        raise _err(att, f"{H} query heads are not divisible by tp size {n}")
+    if KV % n == 0:
+        kvl, ks = KV // n, r * (KV // n)
+    elif n % KV == 0:
+        kvl, ks = 1, r // (n // KV)   # kv head replicated on n/KV ranks
+    else:
+        raise _err(att, f"{KV} kv heads neither divide nor are divisible by tp size {n}")
+    hl, qs = H // n, r * (H // n)
+    srcs = [_source(x) for x in (q, k, v)]
+    split = srcs[0].producer
+    if split is None or split.name != "core.split" or \
+            [s.producer for s in srcs] != [split] * 3 or \
+            [s.result_index for s in srcs] != [0, 1, 2]:
+        raise _err(att, "query, key and value do not come from results 0, 1, 2 of one "
+                        "core.split of a fused QKV projection (through reshape/transpose/rope)")
+    lin = split.operands[0].producer
+    x = split.operands[0]
+    if lin is None or lin.name != "core.linear" or len(x.uses) != 1:
+        raise _err(split, "the split input is not a one-use core.linear (fused QKV projection)")
+    if split.attrs["dim"] % x.type.rank != x.type.rank - 1:
+        raise _err(split, "the QKV split is not along the features")
+    sizes = [_static(s, split, "a split size") for s in split.attrs["sizes"]]
+    if sizes != [H * d, KV * d, KV * dv]:
+        raise _err(split, f"split sizes {sizes} are not [heads*head_dim, kv_heads*head_dim, "
+                          f"kv_heads*head_dim] = {[H * d, KV * d, KV * dv]}")
+    if plan.kv_cache is None:
+        plan.kv_cache, plan.kv_heads_local = cache, kvl
+    elif cache is not plan.kv_cache or kvl != plan.kv_heads_local:
+        raise _err(att, "layers use different KV caches or kv head counts")
+    if cache.producer is not None:
+        raise _err(att, "the KV cache is not a graph input")
+
+    ranges = [(qs * d, (qs + hl) * d), (H * d + ks * d, H * d + (ks + kvl) * d),
+              (H * d + KV * d + ks * dv, H * d + KV * d + (ks + kvl) * dv)]
+    spec = f"q{qs}:{qs + hl},k{ks}:{ks + kvl},v{ks}:{ks + kvl}"
+    _add_row_shard(plan, lin, 1, ranges, spec, graph)
+    if len(lin.operands) > 2:
+        _add_row_shard(plan, lin, 2, ranges, spec, graph)
+    plan.attrs.append((split, {"sizes": (hl * d, kvl * d, kvl * dv)}))
+    if att.attrs.get("alibi_slopes"):
+        plan.attrs.append((att, {"alibi_slopes": tuple(att.attrs["alibi_slopes"][qs:qs + hl])}))
+    if id(att) in plan.seen:
+        raise _err(att, "planned twice")
+    plan.seen.add(id(att))
+
+    for i, (val, f, what) in enumerate(((split.results[0], n, "query heads"),
+                                        (split.results[1], KV // kvl, "key heads"),
+                                        (split.results[2], KV // kvl, "value heads"))):
+        def at_attention(op, index, dim, i=i, f=f):
+            if op is not att:
+                return False
+            if index != i or dim != 1:
+                raise _err(op, f"operand {index} is reached from QKV part {i} along dim {dim}")
+            return True
+        if f > 1:
+            _follow(plan, val, split.attrs["dim"] % x.type.rank, f, at_attention, what)
+    # The attention output [tokens, H, dv] holds the rank's heads: on to the O projection.
+    _follow(plan, att.results[0], 1, n, _row_parallel(plan, graph, "attention heads", H * dv),
+            "attention output")
+
+
+# ----- gated MLP -------------------------------------------------------------------------------
+
+def _plan_gated_mlp(plan: _Plan, graph: Graph, act: Op) -> None:
+    n, r = plan.size, plan.rank
+    x = act.operands[0]
+    lin = x.producer
+    if lin is None or lin.name != "core.linear" or len(x.uses) != 1:
+        raise _err(act, "its input is not a one-use core.linear (fused gate|up projection)")
+    two_i = _static(x.type.shape[-1], act, "the gate|up width")
+    inter = two_i // 2
+    if inter % n:
+        raise _err(act, f"intermediate size {inter} is not divisible by tp size {n}")
+    il = inter // n
+    ranges = [(r * il, (r + 1) * il), (inter + r * il, inter + (r + 1) * il)]
+    spec = f"gate{r * il}:{(r + 1) * il},up{r * il}:{(r + 1) * il}"
+    _add_row_shard(plan, lin, 1, ranges, spec, graph)
+    if len(lin.operands) > 2:
+        _add_row_shard(plan, lin, 2, ranges, spec, graph)
+    _follow(plan, act.results[0], act.results[0].type.rank - 1, n,
+            _row_parallel(plan, graph, "gated MLP intermediate", inter), "gated MLP output")
+
+
+# ----- LM head ---------------------------------------------------------------------------------
+
+def _plan_lm_head(plan: _Plan, graph: Graph) -> None:
+    n, r = plan.size, plan.rank
+    for out in graph.outputs:
+        lin = out.producer
+        if lin is None or lin.name != "core.linear" or id(lin) in plan.seen or \
+                lin.operands[1].producer is None or lin.operands[1].producer.name != "param":
+            continue
+        vocab = out.type.shape[-1]
+        if not isinstance(vocab, int) or vocab % n:
+            continue  # stays replicated
+        vl = vocab // n
+        spec = f"vocab{r * vl}:{(r + 1) * vl}"
+        _add_row_shard(plan, lin, 1, [(r * vl, (r + 1) * vl)], spec, graph)
+        if len(lin.operands) > 2:
+            _add_row_shard(plan, lin, 2, [(r * vl, (r + 1) * vl)], spec, graph)
+        plan.seen.add(id(lin))
+        loc = lin.loc.module or out.name or "?"
+        plan.collectives.append((lin, "dist.all_gather", {
+            "axis": out.type.rank - 1, "group_size": n,
+            "plan": f"vocab-parallel {loc}: logits {r * vl}:{(r + 1) * vl} of {vocab} on rank "
+                    f"{r}, gathered from {n} ranks"}))
+
+
+# ----- the split -------------------------------------------------------------------------------
+
+def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
+    """Prove the split of ``graph`` for rank ``rank`` of ``size``; changes nothing."""
+    if size < 1 or not 0 <= rank < size:
+        raise TPSplitError(f"tp-split: rank {rank} is not in a group of size {size}")
+    if graph.weights is None:
+        raise TPSplitError(f"tp-split: graph @{graph.name} has no weight store to slice")
+    plan = _Plan(size, rank)
+    if any(op.dialect == "dist" for op in graph.ops):
+        raise TPSplitError(f"tp-split: graph @{graph.name} is already split (has dist ops)")
+    atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
+    if not atts:
+        raise TPSplitError("tp-split: the graph has no llm.paged_attention (run "
+                           "substitute-attention and the fusions first: compile at -O2)")
+    for att in atts:
+        _plan_attention(plan, graph, att)
+    for act in [op for op in graph.ops if op.name == "llm.gated_act"]:
+        _plan_gated_mlp(plan, graph, act)
+    cache = plan.kv_cache
+    others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != 3]
+    if others:
+        raise _err(others[0], "reads the KV cache, which tp-split shards by kv heads")
+    _plan_lm_head(plan, graph)
+    return plan
+
+
+def split_rank(graph: Graph, size: int, rank: int) -> Graph:
+    """Rewrite ``graph`` in place into rank ``rank``'s graph of a ``size``-way split."""
+    if size == 1:
+        return graph
+    plan = plan_rank(graph, size, rank)
+    store = graph.weights
+    # 1. weight shards: derived weights, new param ops
+    for s in plan.shards:
+        old = s.op.operands[s.index]
+        src = old.producer.attrs["name"]
+        t = TensorType(tuple(s.shape), store.type_of(src).dtype)
+        if s.new_name not in store:
+            store.add_derived(s.new_name, t, [src], s.fn, how=f"tp-shard {s.how}")
+        p = make_op("param", [], {"name": s.new_name, "type": t}, old.producer.loc)
+        graph.insert_before(old.producer, p)
+        s.op.set_operand(s.index, p.results[0])
+        if not old.uses and not any(o is old for o in graph.outputs):
+            graph.erase(old.producer)
+    # 2. attributes (reshape targets, split sizes, alibi slopes) and the KV cache input
+    for op, attrs in plan.attrs:
+        op.attrs = _normalized(op, attrs)
+    c = plan.kv_cache
+    shape = list(c.type.shape)
+    shape[4] = plan.kv_heads_local
+    c.type = c.type.with_shape(tuple(shape))
+    # 3. types, in order
+    for op in graph.ops:
+        for res, t in zip(op.results, infer_types(op.name, [v.type for v in op.operands],
+                                                  op.attrs, op.describe())):
+            res.type = t
+    # 4. collectives after the row-parallel projections and the LM head
+    for op, kind, attrs in plan.collectives:
+        old = op.results[0]
+        new = make_op(kind, [old], attrs, op.loc)
+        uses = list(old.uses)
+        graph.insert_after(op, new)
+        for u in uses:
+            u.op.set_operand(u.index, new.results[0])
+        graph._replace_output(old, new.results[0])
+        if old.name is not None:
+            new.results[0].name, old.name = old.name, f"{old.name}_partial"
+    return graph
+
+
+def _normalized(op: Op, attrs: dict) -> dict:
+    from irlm.registry import get_op_def
+    return get_op_def(op.name).normalize_attrs({**op.attrs, **attrs}, op.describe())
+
+
+def split_for_tensor_parallel(graph: Graph, size: int) -> list[Graph]:
+    """The ``size`` per-rank graphs of a tensor-parallel split of ``graph`` (left unchanged).
+    They share ``graph``'s weight store, which gains the lazily sliced shards."""
+    from irlm.parser import parse_graph
+    from irlm.printer import print_graph
+    text = print_graph(graph)
+    plan_rank(graph, size, 0)  # refuse before copying anything
+    out = []
+    for r in range(size):
+        g = parse_graph(text, f"<tp-split rank {r}>", weights=graph.weights)
+        split_rank(g, size, r)
+        out.append(g)
+    return out
+
+
+def _register() -> None:
+    from .options import Option
+    from .registry import register_pass
+
+    @register_pass("tp-split", options={
+        "size": Option(int, 2, "ranks in the tensor-parallel group"),
+        "rank": Option(int, 0, "the rank whose graph this run produces"),
+    })
+    def _pass(graph, ctx):
+        """Tensor-parallel split of the -O2 inference form: rank `rank`'s graph of a
+        `size`-way split (attention heads, gated MLP, vocab; see docs/parallelism.md)."""
+        o = ctx.options
+        split_rank(graph, o["size"], o["rank"])
+
+
+_register()
