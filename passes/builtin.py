@@ -2,4 +2,5 @@
 from . import canonicalize, cse, dce  # noqa: F401
 from . import substitute_attention  # noqa: F401
 from . import fusions  # noqa: F401  (fuse-rms-norm, fuse-rope, fuse-qkv, ...)
+from . import quantize  # noqa: F401  (quantize{mode=int8|int4|fp8})
 from . import tp_split  # noqa: F401  (tp-split)

@@ -1,0 +1,215 @@
+"""The ``quant`` dialect: weight-only quantized storage and the GEMM that reads it.
+
+What the ``quantize`` pass (irlm/passes/quantize.py) produces.  A quantized weight is a
+stored integer (or fp8) tensor plus its scales (and, for int4, zero points); the reference
+implementations dequantize to floating point and run the ordinary float op, which states the
+semantics a kernel must reproduce.  Storage layouts, for a weight ``W`` of
+``[out_features N, in_features K]`` (docs/quantization.md has the full description):
+
+=========  ============================  ==============================  ====================
+mode       qweight                       scales                          zeros
+=========  ============================  ==============================  ====================
+``int8``   ``i8 [N, K]``, symmetric      ``[N]`` f32/f16/bf16, one per   none
+           (-127..127)                   output channel (row)
+``int4``   ``u8 [N, K/2]``: element 2j   ``[N, K/group]``, one per       ``u8 [N, K/group]``,
+           in the low nibble, 2j+1 in    group of ``group`` consecutive  integer zero point
+           the high nibble, unsigned     input features of a row         0..15
+           0..15
+``fp8``    ``f8e4m3 [N, K]``             ``[]`` (0-d), one per tensor    none
+=========  ============================  ==============================  ====================
+
+Dequantization: int8 ``q * s[n]``; int4 ``(q - z[n, k // group]) * s[n, k // group]``;
+fp8 ``float(q) * s``.  All arithmetic in float32, rounded to the requested dtype once.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import IRError
+from ..registry import attr, define_op
+from ..types import DType, TensorType, dims_equal, format_dim
+from ._shape import require_float, require_rank, same_dim
+
+MODES = ("int8", "int4", "fp8")
+#: the storage dtype of qweight per mode
+QWEIGHT_DTYPE = {"int8": DType.i8, "int4": DType.u8, "fp8": DType.f8e4m3}
+SCALE_DTYPES = (DType.f32, DType.f16, DType.bf16)
+FP8_MAX = 448.0  # the largest finite float8 e4m3fn value
+
+
+# ----- packing and dequantization (shared by the references, the pass and the tests) ------------
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """``[..., K]`` integers in 0..15 -> ``u8 [..., K/2]``: element 2j in the low nibble,
+    element 2j+1 in the high nibble."""
+    if q.shape[-1] % 2:
+        raise IRError(f"int4 packing needs an even last dim, got {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return (q[..., 0::2] & 0xF) | ((q[..., 1::2] & 0xF) << 4)
+
+
+def unpack_int4(p: torch.Tensor) -> torch.Tensor:
+    """``u8 [..., K/2]`` -> ``u8 [..., K]`` values in 0..15 (the inverse of :func:`pack_int4`)."""
+    lo, hi = p & 0xF, p >> 4
+    return torch.stack((lo, hi), dim=-1).flatten(-2)
+
+
+def mode_of(qdtype: DType) -> str:
+    for m, d in QWEIGHT_DTYPE.items():
+        if d is qdtype:
+            return m
+    raise IRError(f"quantized data must be i8 (int8), u8 (packed int4) or f8e4m3 (fp8), got "
+                  f"{qdtype.value}")
+
+
+def dequantize_reference(q: torch.Tensor, scale: torch.Tensor, zero=None, *, axis: int = 0,
+                         group: int = 0, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The float weight that ``(q, scale, zero)`` stores; see the module doc for the layouts."""
+    s = scale.float()
+    if q.dtype == torch.uint8:  # packed int4, group-wise along the last dim
+        v = unpack_int4(q).float()
+        if zero is not None:
+            v = v - zero.float().repeat_interleave(group, dim=-1)
+        w = v * s.repeat_interleave(group, dim=-1)
+    else:
+        v = q.float()
+        if s.dim() == 0:
+            w = v * s
+        elif group > 0:
+            if zero is not None:
+                v = v - zero.float().repeat_interleave(group, dim=-1)
+            w = v * s.repeat_interleave(group, dim=-1)
+        else:
+            shape = [1] * v.dim()
+            shape[axis] = -1
+            w = v * s.reshape(shape)
+    return w.to(dtype)
+
+
+# ----- quant.dequantize --------------------------------------------------------------------------
+
+
+def _check_quantized(q: TensorType, s: TensorType, z, axis: int, group: int,
+                     mode: str = "") -> None:
+    """Raise unless (q, s, z) is one of the documented layouts."""
+    m = mode_of(q.dtype)
+    if mode and m != mode:
+        raise IRError(f"mode {mode} stores qweight as {QWEIGHT_DTYPE[mode].value}, got "
+                      f"{q.dtype.value}")
+    require_rank(q, 2, "quantized data")
+    if s.dtype not in SCALE_DTYPES:
+        raise IRError(f"scales must be f32, f16 or bf16, got {s.dtype.value}")
+    rows, cols = q.shape
+    if m == "int4":
+        cols = cols * 2 if isinstance(cols, int) else cols
+        if group <= 0:
+            raise IRError("packed int4 data needs group > 0")
+    if group > 0:
+        if not isinstance(cols, int) or cols % group:
+            raise IRError(f"group {group} does not divide the {format_dim(cols)} columns")
+        want = (rows, cols // group)
+        if s.rank != 2 or not all(dims_equal(a, b) for a, b in zip(s.shape, want)):
+            raise IRError(f"group-wise scales must be [{format_dim(rows)}, {cols // group}], "
+                          f"got {s}")
+        if z is not None:
+            if z.dtype not in (DType.u8, DType.i8) and z.dtype not in SCALE_DTYPES:
+                raise IRError(f"zero points must be u8, i8 or float, got {z.dtype.value}")
+            if z.rank != 2 or not all(dims_equal(a, b) for a, b in zip(z.shape, want)):
+                raise IRError(f"zero points {z} must have the scales' shape {s}")
+    else:
+        if z is not None:
+            raise IRError("zero points are only supported group-wise (group > 0)")
+        if s.rank == 0:
+            return
+        if axis not in (0, 1, -1, -2):
+            raise IRError(f"axis {axis} is out of range for rank-2 data")
+        if s.rank != 1:
+            raise IRError(f"scales must be 0-d (per tensor), 1-d (per channel along axis) or "
+                          f"2-d with group > 0, got {s}")
+        same_dim(s.shape[0], q.shape[axis], f"scales length differs from dim {axis} of the data")
+
+
+def _infer_dequantize(t, a):
+    q, s = t[0], t[1]
+    z = t[2] if len(t) > 2 else None
+    _check_quantized(q, s, z, a["axis"], a["group"])
+    require_float(TensorType((), a["dtype"]), "dtype")
+    rows, cols = q.shape
+    if q.dtype is DType.u8:
+        cols = cols * 2
+    return [TensorType((rows, cols), a["dtype"])]
+
+
+def _ref_dequantize(ctx, x, a):
+    return [dequantize_reference(x[0], x[1], x[2] if len(x) > 2 else None, axis=a["axis"],
+                                 group=a["group"], dtype=a["dtype"].torch)]
+
+
+define_op(
+    "quant.dequantize", ["q", "scale", "zero?"],
+    {"axis": attr("int", 0), "group": attr("int", 0), "dtype": attr("dtype", DType.f32)},
+    infer=_infer_dequantize, reference=_ref_dequantize,
+    doc="The float weight [N, K] that quantized data q stores, in dtype. q is i8 [N, K] "
+        "(int8), u8 [N, K/2] (int4 packed two per byte, low nibble first) or f8e4m3 [N, K]. "
+        "group = 0: scale is 0-d (per tensor) or 1-d along axis (per channel); group > 0: "
+        "scale (and the optional zero point) is [N, K/group], one per group of consecutive "
+        "columns. Result = (q - zero) * scale in float32, rounded to dtype once.")
+
+
+# ----- quant.linear ------------------------------------------------------------------------------
+
+
+def _linear_operands(t, mode):
+    """(x, qweight, scales, zeros, bias) from the operand list: zeros only for int4."""
+    n_extra = len(t) - 3
+    if mode == "int4":
+        if n_extra < 1:
+            raise IRError("mode int4 needs zero points: (x, qweight, scales, zeros[, bias])")
+        return t[0], t[1], t[2], t[3], t[4] if n_extra > 1 else None
+    if n_extra > 1:
+        raise IRError(f"mode {mode} takes (x, qweight, scales[, bias]), got {len(t)} operands")
+    return t[0], t[1], t[2], None, t[3] if n_extra == 1 else None
+
+
+def _infer_qlinear(t, a):
+    mode, group = a["mode"], a["group"]
+    x, q, s, z, b = _linear_operands(t, mode)
+    require_float(x, "input")
+    if x.rank == 0:
+        raise IRError("input must have rank >= 1")
+    if mode == "int4" and group <= 0:
+        raise IRError("mode int4 needs group > 0")
+    if mode != "int4" and group != 0:
+        raise IRError(f"mode {mode} is not group-wise: group must be 0, got {group}")
+    if mode == "fp8" and s.rank != 0:
+        raise IRError(f"fp8 scales are per tensor (0-d), got {s}")
+    if mode == "int8" and s.rank != 1:
+        raise IRError(f"int8 scales are per output channel ([N]), got {s}")
+    _check_quantized(q, s, z, 0, group, mode)
+    in_features = q.shape[1] * 2 if mode == "int4" else q.shape[1]
+    same_dim(x.shape[-1], in_features, "input features differ from the weight's columns")
+    if b is not None:
+        require_rank(b, 1, "bias")
+        if b.dtype is not x.dtype:
+            raise IRError(f"bias dtype {b.dtype.value} differs from the input's {x.dtype.value}")
+        same_dim(b.shape[0], q.shape[0], "bias length differs from weight rows")
+    return [TensorType(tuple(x.shape[:-1]) + (q.shape[0],), x.dtype)]
+
+
+def _ref_qlinear(ctx, x, a):
+    xv, q, s, z, b = _linear_operands(x, a["mode"])
+    w = dequantize_reference(q, s, z, axis=0, group=a["group"], dtype=xv.dtype)
+    return [F.linear(xv, w, b)]
+
+
+define_op(
+    "quant.linear", ["x", "qweight", "scales", "zeros?", "bias?"],
+    {"mode": attr("str", choices=MODES), "group": attr("int", 0)},
+    infer=_infer_qlinear, reference=_ref_qlinear,
+    doc="x @ dequantize(qweight)^T + bias, a weight-only quantized linear; weight [N, K] as "
+        "for core.linear. Operands after scales: zeros (int4 only, required), then the "
+        "optional bias. int8: qweight i8 [N, K], scales [N]; int4: qweight u8 [N, K/2] "
+        "(low nibble first), scales and zeros [N, K/group]; fp8: qweight f8e4m3 [N, K], "
+        "scales 0-d. The weight is dequantized in float32 and rounded to x's dtype once.")
