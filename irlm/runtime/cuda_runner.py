@@ -176,11 +176,7 @@ class CudaGraphRunner:
     def _replay(self, batch: StepBatch) -> torch.Tensor:
         reqs = len(batch)
         bucket = next(b for b in DECODE_BUCKETS if b >= reqs)
-        kv_len = int((batch.cached_lens + 1).max())
-        ctx = 256
-        while ctx < kv_len:
-            ctx *= 2
-        ctx = min(ctx, _round_up(self.max_model_len, self.block_size))
+        ctx = self._context_bucket(int((batch.cached_lens + 1).max()))
         key = (bucket, ctx)
         entry = self._graphs.get(key) or self._capture(bucket, ctx)
         graph, bufs, out, _state = entry
@@ -199,6 +195,22 @@ class CudaGraphRunner:
         graph.replay()
         self.stats["graph_replays"] += 1
         return out[:reqs].float()
+
+    def _context_bucket(self, kv_len: int) -> int:
+        """Decode graphs are captured per power-of-two context bound (at least 256)."""
+        ctx = 256
+        while ctx < kv_len:
+            ctx *= 2
+        return min(ctx, _round_up(self.max_model_len, self.block_size))
+
+    def capture(self, batch_sizes=DECODE_BUCKETS, max_context: int = 256) -> int:
+        """Capture the decode graphs of these batch buckets ahead of time (engine warm-up), for
+        contexts up to ``max_context`` tokens; returns how many were captured now."""
+        ctx = self._context_bucket(max_context)
+        todo = [b for b in batch_sizes if (b, ctx) not in self._graphs]
+        for b in todo:
+            self._capture(b, ctx)
+        return len(todo)
 
     def _capture(self, bucket: int, ctx: int):
         dev = self.device
