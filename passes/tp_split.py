@@ -36,9 +36,8 @@ gated MLP whose dataflow does not match, a row-parallel projection with a bias.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
-import sympy
 import torch
 
 from irlm.builder import infer_types, make_op

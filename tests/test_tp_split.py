@@ -100,8 +100,8 @@ def test_plan_is_in_the_dump_and_round_trips():
         back = parse_graph(text, weights=rg.weights)
         verify(back)
         assert print_graph(back) == text
-        assert f"q_proj+k_proj+v_proj.weight#tp2.r{r}[q{2 * r}:{2 * r + 2},k{r}:{r + 1},v{r}:{r + 1}]" \
-            in text
+        qkv = f"q{2 * r}:{2 * r + 2},k{r}:{r + 1},v{r}:{r + 1}"
+        assert f"q_proj+k_proj+v_proj.weight#tp2.r{r}[{qkv}]" in text
         assert f"gate_proj+up_proj.weight#tp2.r{r}[gate{24 * r}:{24 * r + 24},up{24 * r}:" in text
         assert "row-parallel model.layers.0.self_attn.o_proj" in text
         assert "row-parallel model.layers.1.mlp.down_proj" in text
@@ -178,3 +178,20 @@ def test_simulator_collectives_and_errors():
                   [xs[0], [torch.zeros(2, 2)]])  # rank 1 has the wrong input shape
     with pytest.raises(IRError, match="needs the other ranks"):
         Interpreter(graph("dist.all_reduce", group_size=2)).run(xs[0])
+
+
+def test_kv_heads_that_neither_divide_nor_are_divisible_are_refused():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=48, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=12,
+                                   num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = compile_causal_lm(transformers.LlamaForCausalLM(cfg).eval(), level="2", max_seq=64)
+    with pytest.raises(IRError, match="4 kv heads neither divide nor are divisible by tp size 6"):
+        split_for_tensor_parallel(g, 6)
+
+
+def test_split_graph_is_not_split_again():
+    g = compiled("llama-gqa")
+    rank0 = split_for_tensor_parallel(g, 2)[0]
+    with pytest.raises(IRError, match="already split"):
+        split_for_tensor_parallel(rank0, 2)
