@@ -254,3 +254,31 @@ def test_bad_options_give_clear_errors(llama):
         run_pipeline(g, "quantize{skip=everything}")
     # the failed runs left the graph unquantized
     assert not any(op.name == "quant.linear" for op in g.ops)
+
+
+SMALL_IR = """dim tokens = [1, 64]
+
+graph @mlp(%x: tensor<[tokens]x64xf32>) -> (tensor<[tokens]x32xf32>) {
+  %w = param "up.weight" : tensor<128x64xf32>
+  %h = core.linear(%x, %w) : tensor<[tokens]x128xf32> loc("mlp.up")
+  %a = core.silu(%h) : tensor<[tokens]x128xf32>
+  %w2 = param "down.weight" : tensor<32x128xf32>
+  %y = core.linear(%a, %w2) : tensor<[tokens]x32xf32> loc("mlp.down")
+  return %y
+}
+"""
+
+
+def test_irlm_opt_prints_the_quantized_graph(tmp_path, capsys):
+    from irlm.cli import main as irlm_main
+    src = tmp_path / "mlp.irlm"
+    src.write_text(SMALL_IR)
+    assert irlm_main(["opt", str(src), "--pipeline",
+                      "quantize{mode=int4,group=32,skip=none}"]) == 0
+    out = capsys.readouterr().out
+    assert 'param "up.weight.int4g32.zeros" : tensor<128x2xu8>' in out
+    assert 'quant.linear(%x, %0, %1, %2) {group = 32, mode = "int4"}' in out
+    assert "core.linear" not in out
+    assert irlm_main(["opt", str(src), "--pipeline", "quantize{mode=int4,group=48}"]) != 0
+    assert "group=48 does not divide the 64 input features of layer 'mlp.up'" in \
+        capsys.readouterr().err
