@@ -1,7 +1,7 @@
 """substitute-attention: turn a traced, stateless decoder into the paged inference form.
 
-Input: a causal LM traced with ``input_ids`` and ``position_ids`` of shape ``[batch, seq]``
-(the frontend's ``inference=True`` trace).  Output (see irlm/ops/llm.py for the semantics):
+Input: a causal LM traced with ``input_ids``, an all-ones ``attention_mask`` and
+``position_ids`` of shape ``[batch, seq]`` (``irlm.compiler.inference_example_inputs``).  Output (see irlm/ops/llm.py for the semantics):
 
     inputs:  input_ids [tokens] i64, position_ids [tokens] i64,
              q_lens [reqs] i32, cached_lens [reqs] i32, block_tables [reqs, max_blocks] i32,

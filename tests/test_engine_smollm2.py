@@ -107,3 +107,24 @@ def test_engine_directory_damage_is_refused(engine_dir, tmp_path):
         load_engine(bad)
     with pytest.raises(EngineError, match="not an engine directory"):
         load_engine(tmp_path / "nope")
+
+
+def test_beam_search_matches_transformers(engine_dir, hf):
+    """Beam search (width 4) through the compiled engine equals HF's generate(num_beams=4)."""
+    tok, model = hf
+    llm = LLM.from_engine(engine_dir, device="cpu", max_num_tokens=64)
+    conv = [{"role": "user", "content": "Name a famous painter."}]
+    text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False).input_ids
+    params = SamplingParams(use_beam_search=True, beam_width=4, n=4, max_tokens=8,
+                            early_stopping=True)
+    out = llm.generate([ids], params)[0]
+    with torch.no_grad():
+        want = model.generate(torch.tensor([ids]), num_beams=4, num_return_sequences=4,
+                              do_sample=False, max_new_tokens=8, early_stopping=True,
+                              pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    beams = []
+    for row in want[:, len(ids):].tolist():          # crop HF's padding after EOS
+        end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
+        beams.append(row[:end + 1])
+    assert [c.token_ids for c in out.outputs] == beams
