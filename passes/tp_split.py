@@ -354,11 +354,16 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     return plan
 
 
-def split_rank(graph: Graph, size: int, rank: int) -> Graph:
-    """Rewrite ``graph`` in place into rank ``rank``'s graph of a ``size``-way split."""
+def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
+    """Rewrite ``graph`` in place into rank ``rank``'s graph of a ``size``-way split.
+    ``stats`` (a pass's ``ctx.stats``) counts the weights sharded and collectives inserted."""
     if size == 1:
         return graph
     plan = plan_rank(graph, size, rank)
+    if stats is not None:
+        stats.counters["weights sharded"] += len(plan.shards)
+        for _, kind, _ in plan.collectives:
+            stats.counters[f"{kind} inserted"] += 1
     store = graph.weights
     # 1. weight shards: derived weights, new param ops
     for s in plan.shards:
@@ -430,7 +435,7 @@ def _register() -> None:
         """Tensor-parallel split of the -O2 inference form: rank `rank`'s graph of a
         `size`-way split (attention heads, gated MLP, vocab; see docs/parallelism.md)."""
         o = ctx.options
-        split_rank(graph, o["size"], o["rank"])
+        split_rank(graph, o["size"], o["rank"], ctx.stats)
 
 
 _register()

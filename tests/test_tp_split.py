@@ -195,3 +195,16 @@ def test_split_graph_is_not_split_again():
     rank0 = split_for_tensor_parallel(g, 2)[0]
     with pytest.raises(IRError, match="already split"):
         split_for_tensor_parallel(rank0, 2)
+
+
+def test_pass_statistics():
+    from irlm.passes.tp_split import split_rank
+    from irlm.passes.context import Statistics
+    g = compiled("llama-gqa")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    stats = Statistics()
+    split_rank(h, 2, 1, stats)
+    # per layer: qkv, o, gate|up, down; plus the LM head
+    assert stats.counters["weights sharded"] == 2 * 4 + 1
+    assert stats.counters["dist.all_reduce inserted"] == 4
+    assert stats.counters["dist.all_gather inserted"] == 1
