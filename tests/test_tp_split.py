@@ -1,7 +1,8 @@
 """tp-split + the multi-rank simulator: every rank's logits equal the unsplit graph's.
 
-Tiny seeded HF models (Llama with GQA, Qwen2 with a QKV bias and one kv head) are compiled at
--O2 (fused QKV, gate|up, paged attention), split N ways, and run with
+Tiny seeded HF models (Llama with GQA, Qwen2 with a QKV bias and one kv head, Mistral with a
+sliding window) are compiled at -O2 (fused QKV, gate|up, paged attention), split N ways, and run
+with
 :func:`irlm.distributed.run_ranks` over a prefill step of two requests and a decode step, each
 rank with its own KV cache of its kv heads.
 """
@@ -28,6 +29,10 @@ CONFIGS = {
     "qwen2-mqa-bias": lambda: transformers.Qwen2Config(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+    "mistral-sliding-window": lambda: transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        sliding_window=3),
 }
 _cache = {}
 
