@@ -2,9 +2,8 @@
 
 Tiny seeded HF models (Llama with GQA, Qwen2 with a QKV bias and one kv head, Mistral with a
 sliding window) are compiled at -O2 (fused QKV, gate|up, paged attention), split N ways, and run
-with
-:func:`irlm.distributed.run_ranks` over a prefill step of two requests and a decode step, each
-rank with its own KV cache of its kv heads.
+with :func:`irlm.distributed.run_ranks` over a prefill step of two requests and a decode step,
+each rank with its own KV cache of its kv heads.
 """
 import pytest
 import torch
