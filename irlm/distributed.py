@@ -10,12 +10,16 @@ each collective is an exchange through a shared slot table between two barrier w
   all_gather while another runs an all_reduce, or shapes differ) every rank raises the same
   :class:`CollectiveMismatch` naming what each rank posted, instead of deadlocking.
 * Reductions run in rank order on every rank, so all ranks hold bit-identical results.
+* ``dist.send``/``dist.recv`` (pipeline stages) go through one FIFO queue per
+  (sender, receiver, tag); a send does not wait, a recv waits (and stops if a rank fails).
 * If a rank fails, the barrier is broken, the other ranks stop at their next collective, and
   :func:`run_ranks` raises the first rank's error, prefixed with its rank.
 """
 from __future__ import annotations
 
+import queue
 import threading
+import time
 from typing import Any, Optional, Sequence
 
 import torch
@@ -45,6 +49,13 @@ class Group:
         self.size = size
         self.barrier = threading.Barrier(size, timeout=timeout)
         self.slots: list[Any] = [None] * size
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._queues: dict[tuple, "queue.Queue"] = {}
+
+    def channel(self, src: int, dst: int, tag: int) -> "queue.Queue":
+        with self._lock:
+            return self._queues.setdefault((src, dst, tag), queue.Queue())
 
     def comm(self, rank: int) -> "RankComm":
         return RankComm(self, rank)
@@ -99,6 +110,31 @@ class RankComm:
 
     def all_gather(self, x: torch.Tensor, axis: int, where: str = "") -> torch.Tensor:
         return torch.cat(self.exchange(f"all_gather(axis={axis})", x, where), dim=axis)
+
+    def _check_peer(self, peer: int, where: str) -> None:
+        if not 0 <= peer < self.size or peer == self.rank:
+            raise DistributedError(f"{where}: peer {peer} is not another rank of a group of "
+                                   f"{self.size}")
+
+    def send(self, x: torch.Tensor, peer: int, tag: int = 0, where: str = "") -> None:
+        """Point to point: queue ``x`` for ``peer`` (does not wait for the receiver)."""
+        self._check_peer(peer, where)
+        self.group.channel(self.rank, peer, tag).put(x)
+
+    def recv(self, peer: int, tag: int = 0, where: str = "") -> torch.Tensor:
+        """Wait for the next tensor that ``peer`` sent to this rank with ``tag``."""
+        self._check_peer(peer, where)
+        q = self.group.channel(peer, self.rank, tag)
+        deadline = time.monotonic() + self.group.timeout
+        while True:
+            if self.group.barrier.broken:
+                raise RankAborted("another rank failed while this rank waited in a recv")
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise DistributedError(f"{where}: nothing arrived from rank {peer} "
+                                           f"(tag {tag}) in {self.group.timeout} s") from None
 
 
 def run_ranks(graphs: Sequence, inputs_per_rank: Sequence, *, states: Optional[Sequence] = None,

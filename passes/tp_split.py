@@ -439,3 +439,115 @@ def _register() -> None:
 
 
 _register()
+
+
+# ----- pipeline stages (pp) --------------------------------------------------------------------
+
+def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
+    """Cut ``graph`` (the -O2 inference form) into ``stages`` per-stage graphs by layers.
+
+    Stage s runs the ops from layer ``s*L/S``'s input norm up to the next stage's cut.  Every
+    value that crosses a cut (the residual stream, the rotary tables...) is sent with
+    ``dist.send`` and received with ``dist.recv``; ``param`` and ``core.constant`` ops are
+    copied instead of sent.  Each stage keeps the graph's inputs (one calling convention);
+    its KV cache holds its own layers only (``layer`` renumbered).  A stage other than the last
+    returns what it sent; the last stage returns the logits.  Run them with
+    :func:`irlm.distributed.run_ranks`."""
+    from irlm.ir import Graph as G
+    ops = list(graph.ops)
+    atts = [op for op in ops if op.name == "llm.paged_attention"]
+    L = len(atts)
+    if stages < 1 or not atts or L % stages:
+        raise TPSplitError(f"pp-split: {L} layers cannot be cut into {stages} equal stages")
+    per = L // stages
+    pos = {id(op): i for i, op in enumerate(ops)}
+    cuts = [0]
+    for s in range(1, stages):
+        att = atts[s * per]
+        src = _source(att.operands[0]).producer        # the QKV split
+        lin = src.operands[0].producer if src is not None else None
+        if src is None or src.name != "core.split" or lin is None or lin.name != "core.linear":
+            raise _err(att, "pp-split: cannot find this layer's QKV projection to cut before")
+        norm = lin.operands[0].producer
+        cut = pos[id(norm)] if norm is not None else pos[id(lin)]
+        if cut <= pos[id(atts[s * per - 1])]:
+            raise _err(att, "pp-split: this layer's input is computed before the previous "
+                            "layer's attention")
+        cuts.append(cut)
+    cuts.append(len(ops))
+    copyable = ("param", "core.constant")
+    cache = atts[0].operands[3]
+    out = []
+    for s in range(stages):
+        lo, hi = cuts[s], cuts[s + 1]
+        g = G(graph.name, graph.weights)
+        g.dims = dict(graph.dims)
+        vmap: dict[int, Value] = {}
+        for v in graph.inputs:
+            t = v.type
+            if v is cache:
+                shape = list(t.shape)
+                shape[0] = per
+                t = t.with_shape(tuple(shape))
+            vmap[id(v)] = g.add_input(t, v.name)
+
+        def clone(op: Op) -> Op:
+            attrs = dict(op.attrs)
+            if op.name == "llm.paged_attention":
+                attrs["layer"] = op.attrs["layer"] - s * per
+            new = make_op(op.name, [vmap[id(x)] for x in op.operands], attrs, op.loc,
+                          result_types=[r.type for r in op.results],
+                          result_names=[r.name for r in op.results])
+            g.append(new)
+            for r, nr in zip(op.results, new.results):
+                vmap[id(r)] = nr
+            return new
+
+        def crossing(at: int) -> list[Value]:
+            """Values defined before op ``at`` (not inputs, params, constants) read at or
+            after it (or returned)."""
+            live = []
+            seen = set()
+            later = ops[at:]
+            wanted = [x for op in later for x in op.operands] + \
+                (list(graph.outputs) if at < len(ops) else [])
+            for x in wanted:
+                p = x.producer
+                if p is None or p.name in copyable or pos[id(p)] >= at or id(x) in seen:
+                    continue
+                seen.add(id(x))
+                live.append(x)
+            return live
+
+        if s > 0:
+            for tag, x in enumerate(crossing(lo)):
+                r = make_op("dist.recv", [], {"peer": s - 1, "type": x.type, "tag": tag,
+                                              "plan": f"pipeline stage {s} <- {s - 1}"},
+                            x.producer.loc, result_names=[x.name])
+                g.append(r)
+                vmap[id(x)] = r.results[0]
+        for op in ops[lo:hi]:
+            for x in op.operands:
+                if id(x) not in vmap and x.producer is not None and \
+                        x.producer.name in copyable:
+                    clone(x.producer)
+            clone(op)
+        if s < stages - 1:
+            sent = []
+            for tag, x in enumerate(crossing(hi)):
+                if id(x) not in vmap and x.producer.name in copyable:
+                    clone(x.producer)
+                snd = make_op("dist.send", [vmap[id(x)]], {
+                    "peer": s + 1, "tag": tag, "plan": f"pipeline stage {s} -> {s + 1}"},
+                    x.producer.loc)
+                g.append(snd)
+                sent.append(snd.results[0])
+            g.set_outputs(sent)
+        else:
+            g.set_outputs([vmap[id(v)] for v in graph.outputs])
+        # drop what this stage does not need (e.g. params copied for nothing)
+        for op in reversed(list(g.ops)):
+            if op.name in copyable and not op.results[0].uses:
+                g.erase(op)
+        out.append(g)
+    return out

@@ -212,3 +212,30 @@ def test_pass_statistics():
     assert stats.counters["weights sharded"] == 2 * 4 + 1
     assert stats.counters["dist.all_reduce inserted"] == 4
     assert stats.counters["dist.all_gather inserted"] == 1
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias"])
+def test_pipeline_stages_match_unsplit(arch):
+    from irlm.passes.tp_split import split_for_pipeline
+    g = compiled(arch)
+    stages = split_for_pipeline(g, 2)
+    for st in stages:
+        verify(st)
+        text = print_graph(st)
+        assert print_graph(parse_graph(text, weights=st.weights)) == text
+        assert st.inputs[-1].type.shape[0] == 1          # the stage's layers only
+        assert sum(op.name == "llm.paged_attention" for op in st.ops) == 1
+    assert any(op.name == "dist.send" for op in stages[0].ops)
+    assert any(op.name == "dist.recv" for op in stages[1].ops)
+    ref, ref_cache = Interpreter(g), new_cache(g)
+    caches = [new_cache(st) for st in stages]
+    for step in steps():
+        want = ref.run(step + [ref_cache]).outputs[0]
+        outs = run_ranks(stages, [step + [c] for c in caches])
+        torch.testing.assert_close(outs[-1][0], want, rtol=0, atol=0)
+
+
+def test_pipeline_needs_equal_stages():
+    from irlm.passes.tp_split import split_for_pipeline
+    with pytest.raises(IRError, match="2 layers cannot be cut into 3 equal stages"):
+        split_for_pipeline(compiled("llama-gqa"), 3)

@@ -1,4 +1,5 @@
-"""The ``dist`` dialect: collectives between the ranks of a tensor-parallel group.
+"""The ``dist`` dialect: collectives between the ranks of a tensor-parallel group, and
+point-to-point ``send``/``recv`` between pipeline stages.
 
 Every rank runs its own graph (``tp-split`` makes them, irlm/passes/tp_split.py); a collective
 is an op that every rank of the group reaches in the same order with a tensor of one type.
@@ -80,3 +81,36 @@ define_op(
     infer=_infer_all_gather, reference=_ref_all_gather, pure=False,
     doc="Every rank gets concat(x of rank 0, x of rank 1, ...) along axis. plan describes "
         "the split the gather completes (set by tp-split).")
+
+
+# ----- point to point (pipeline stages) --------------------------------------------------------
+
+def _ref_send(ctx, x, a):
+    comm = (ctx.state or {}).get("dist")
+    if comm is None:
+        raise IRError("dist.send needs the other ranks: run the per-stage graphs with "
+                      "irlm.distributed.run_ranks")
+    comm.send(x[0], a["peer"], a["tag"], ctx.op.describe())
+    return [x[0]]
+
+
+def _ref_recv(ctx, x, a):
+    comm = (ctx.state or {}).get("dist")
+    if comm is None:
+        raise IRError("dist.recv needs the other ranks: run the per-stage graphs with "
+                      "irlm.distributed.run_ranks")
+    return [comm.recv(a["peer"], a["tag"], ctx.op.describe())]
+
+
+define_op(
+    "dist.send", ["x"], {"peer": attr("int"), "tag": attr("int", 0), "plan": attr("str", "")},
+    infer=lambda t, a: [t[0]], reference=_ref_send, pure=False,
+    doc="Send x to rank peer (matched by the peer's dist.recv with this rank and tag); the "
+        "result is x, so a pipeline stage can return what it sent.")
+
+define_op(
+    "dist.recv", [], {"peer": attr("int"), "type": attr("type"), "tag": attr("int", 0),
+                      "plan": attr("str", "")},
+    infer=lambda t, a: [a["type"]], reference=_ref_recv, pure=False,
+    doc="Receive a tensor of the given type from rank peer (its dist.send with this rank "
+        "and tag).")
