@@ -29,6 +29,9 @@ the same (all-reduced) values.  Weight shards are derived weights, sliced lazily
 stored tensors; their names say the slice (``...weight#tp2.r0[q0:2,k0:1,v0:1]``) and each
 collective's ``plan`` attribute names the projection it completes, so the dump shows the plan.
 
+Pipeline stages: :func:`split_for_pipeline` cuts the same form into equal groups of layers joined
+by ``dist.send``/``dist.recv`` (see its doc); it is a function, not a registered pass.
+
 Refused with an :class:`~irlm.errors.IRError` naming the op: heads or intermediate size not
 divisible by N, a KV head count that neither divides nor is divided by N, an attention or
 gated MLP whose dataflow does not match, a row-parallel projection with a bias.
