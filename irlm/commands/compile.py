@@ -47,6 +47,11 @@ def add_parser(sub) -> None:
                    help="tokens per paged KV-cache block (default 16)")
     p.add_argument("--max-num-tokens", type=int, default=8192, metavar="N",
                    help="most packed tokens one engine step accepts (default 8192)")
+    p.add_argument("--quant", choices=("int8", "int4", "fp8"), default=None,
+                   help="weight-only quantization of the linear layers (LM head kept): int8 "
+                        "per channel, int4 group-wise, fp8 e4m3 per tensor")
+    p.add_argument("--quant-group", type=int, default=128, metavar="N",
+                   help="input features per int4 scale group (32, 64 or 128; default 128)")
     p.add_argument("--dump-ir", action="store_true",
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
@@ -152,7 +157,10 @@ def passes_stage(job: CompileJob) -> None:
     ns = argparse.Namespace(**vars(a))
     ns.opt_level = None
     default = compile_pipeline(job)
-    ns.pipeline = ",".join(p for p in (default, a.pipeline) if p) or None
+    quant = ""
+    if getattr(a, "quant", None):
+        quant = f"quantize{{mode={a.quant},group={a.quant_group}}},dce"
+    ns.pipeline = ",".join(p for p in (default, quant, a.pipeline) if p) or None
     if a.dump_ir and not a.dump_ir_dir:
         ns.dump_ir_dir = str(job.out / "ir")
     job.pipeline = ns.pipeline or ""
@@ -252,6 +260,8 @@ def check_arguments(args) -> None:
     if args.config is not None and args.safetensors is None:
         raise IRLMError("--config is only for --safetensors (a model directory or GGUF "
                         "carries its own config)")
+    if getattr(args, "quant", None) == "int4" and args.quant_group not in (32, 64, 128):
+        raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
