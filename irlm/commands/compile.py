@@ -189,11 +189,22 @@ def engine_stage(job: CompileJob) -> None:
         "pipeline": job.pipeline,
         "irlm_version": _irlm_version(),
     }
+    config["activation_arena_bytes"] = activation_plan(job.graph, job.args.max_num_tokens,
+                                                       config["max_model_len"]).arena_bytes
     tok = job.model.tokenizer
     if tok is not None and job.model.chat_template and not getattr(tok, "chat_template", None):
         tok.chat_template = job.model.chat_template
     write_engine(job.graph, job.out, config, tokenizer=tok)
     job.written.append(job.out / "engine.json")
+
+
+def activation_plan(graph, max_num_tokens: int, max_model_len: int):
+    """The activation memory plan of the engine's largest step (lowering/memory_plan.py)."""
+    from irlm.lowering.memory_plan import plan_activation_memory
+    block = next(v for v in graph.inputs if v.name == "kv_cache").type.shape[3]
+    dims = {"tokens": max_num_tokens, "reqs": min(512, max_num_tokens),
+            "max_blocks": -(-max_model_len // block), "cache_blocks": 1}
+    return plan_activation_memory(graph, dims)
 
 
 def _irlm_version() -> str:

@@ -22,7 +22,7 @@ from irlm.ir import Graph
 from irlm.weights import WeightStore
 
 from .graph_runner import REQUIRED_INPUTS
-from .kv_cache import kv_block_bytes, num_blocks_for_free_memory
+from .kv_cache import kv_block_bytes
 from .model_runner import StepBatch
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -104,7 +104,7 @@ class CudaGraphRunner:
     """A :class:`~irlm.runtime.model_runner.ModelRunner` on one CUDA device."""
 
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
-                 max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.85,
+                 max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
                  device: str = "cuda", cuda_graphs: bool = True, weights=None):
         if not torch.cuda.is_available():
             raise IRLMError("the CUDA executor needs a CUDA GPU")
@@ -120,15 +120,28 @@ class CudaGraphRunner:
         cache_t = graph.inputs[names.index("kv_cache")].type
         layers, _, two, bs, kv_heads, head_dim = cache_t.shape
         dtype = cache_t.dtype.torch
-        if num_blocks is None:
-            torch.cuda.synchronize(self.device)
-            per_block = kv_block_bytes(layers, bs, kv_heads, head_dim, dtype)
-            num_blocks = num_blocks_for_free_memory(per_block, gpu_memory_fraction,
-                                                    self.device) - 1
-        self.block_size, self.num_blocks = int(bs), int(num_blocks)
-        self.vocab_size = int(graph.outputs[0].type.shape[-1])
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
+        if num_blocks is None:
+            # Reserve the planned activation memory of the largest step (plus room for kernel
+            # workspaces and CUDA graph pools), then give the KV pool a fraction of the rest.
+            from irlm.lowering.memory_plan import plan_activation_memory
+            torch.cuda.synchronize(self.device)
+            per_block = kv_block_bytes(layers, bs, kv_heads, head_dim, dtype)
+            tokens = self.max_num_tokens or 8192
+            plan = plan_activation_memory(graph, {
+                "tokens": tokens, "reqs": min(DECODE_BUCKETS[-1], tokens),
+                "max_blocks": -(-(max_model_len or 8192) // bs), "cache_blocks": 1})
+            self.activation_bytes = plan.arena_bytes
+            free, _ = torch.cuda.mem_get_info(self.device)
+            usable = (free - int(1.5 * plan.arena_bytes) - (1 << 30)) * gpu_memory_fraction
+            num_blocks = int(usable // per_block) - 1
+            if num_blocks < 1:
+                raise IRLMError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
+                                f"free, activations need {plan.arena_bytes / 2**30:.1f} GiB "
+                                f"at {tokens} tokens per step")
+        self.block_size, self.num_blocks = int(bs), int(num_blocks)
+        self.vocab_size = int(graph.outputs[0].type.shape[-1])
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)
         # one more block than the runtime sees: the scratch block of padding rows
