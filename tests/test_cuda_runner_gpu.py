@@ -32,6 +32,21 @@ CONFIGS = {
         num_key_value_heads=2, vocab_size=VOCAB, sliding_window=24, head_dim=64),
     "gpt2": lambda: transformers.GPT2Config(n_embd=256, n_layer=2, n_head=4, vocab_size=VOCAB,
                                            n_positions=256),
+    "gemma": lambda: transformers.GemmaConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=64, vocab_size=VOCAB),
+    "phi3": lambda: transformers.Phi3Config(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0),
+    "gpt-neox-partial-rotary": lambda: transformers.GPTNeoXConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, rotary_pct=0.5),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=256, ffn_dim=512, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, word_embed_proj_dim=256, max_position_embeddings=256),
+    "falcon-mqa": lambda: transformers.FalconConfig(
+        hidden_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        new_decoder_architecture=False, multi_query=True, alibi=False),
 }
 
 

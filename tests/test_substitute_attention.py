@@ -29,6 +29,21 @@ CONFIGS = {
     "mistral-sliding-window": lambda: transformers.MistralConfig(
         hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, sliding_window=5),
+    "gemma": lambda: transformers.GemmaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, vocab_size=VOCAB),
+    "phi3": lambda: transformers.Phi3Config(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0),
+    "gpt-neox-partial-rotary": lambda: transformers.GPTNeoXConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, rotary_pct=0.5),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=64, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, word_embed_proj_dim=64, max_position_embeddings=128),
+    "falcon-mqa": lambda: transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        new_decoder_architecture=False, multi_query=True, alibi=False),
 }
 
 
