@@ -20,3 +20,17 @@ def pytest_configure(config):
     # One torch thread per test process: CI runs two pytest-xdist workers on two cores, and
     # the tests' tiny matrix products only lose from intra-op threading.
     torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tok():
+    """The runtime tests' byte-level BPE tokenizer, trained in-process (irlm.runtime.testing)."""
+    from irlm.runtime.testing import tiny_tokenizer
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    """A tiny seeded Llama over ``tok``'s vocabulary (a module may override it)."""
+    from irlm.runtime.testing import tiny_llama
+    return tiny_llama(len(tok))

@@ -11,28 +11,11 @@ import pytest
 import torch
 
 from irlm.runtime import LLM, RecomputeRunner, ReferenceRunner, SamplingParams
-from irlm.runtime.testing import tiny_llama, tiny_tokenizer
 
 BS = 4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine are ~10x faster single-threaded.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 class RecordingRunner:

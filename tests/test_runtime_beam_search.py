@@ -12,22 +12,11 @@ import torch
 
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams
 from irlm.runtime.beam_search import BeamSearch
-from irlm.runtime.testing import tiny_llama, tiny_tokenizer
+from irlm.runtime.testing import tiny_llama
 
 EOS = [44, 125, 116]      # tokens the random model's beams produce often
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

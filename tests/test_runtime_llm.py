@@ -3,31 +3,15 @@ import asyncio
 import random
 
 import pytest
-import torch
 
 from irlm.errors import IRLMError
 from irlm.runtime import (LLM, QueueFullError, ReferenceRunner,
                           RequestRejectedError, SamplingParams)
 from irlm.runtime.detokenizer import IncrementalDetokenizer
-from irlm.runtime.testing import tiny_llama, tiny_tokenizer
+from irlm.runtime.testing import tiny_tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 def make_llm(model, tok, num_blocks=64, **kw):

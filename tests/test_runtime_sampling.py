@@ -12,17 +12,9 @@ from irlm.errors import IRLMError
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams, SamplingParamsError
 from irlm.runtime.sampling import (SampleRow, apply_min_p, apply_penalties, apply_temperature,
                                    apply_top_k, apply_top_p, draw, process_logits, sample)
-from irlm.runtime.testing import tiny_llama, tiny_tokenizer
 
 V = 50
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def random_logits(rows, seed=0):
@@ -113,14 +105,6 @@ def test_logprobs_are_the_raw_model_logprobs_of_the_top_and_sampled_tokens():
 
 
 # ----- (d) seeded sampling on the model ---------------------------------------------------
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def model(tok):
-    return tiny_llama(len(tok))
 
 
 def make_llm(model, tok):
