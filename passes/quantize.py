@@ -1,24 +1,43 @@
-"""``quantize{mode=int8|int4|fp8, group=128}``: weight-only quantization of linear layers.
+"""``quantize{mode=...}``: quantization of the linear layers, inserted as quantize/dequantize ops.
 
-Every ``core.linear`` whose weight is a ``param`` becomes a ``quant.linear`` over *derived*
-weights (:meth:`irlm.passes.Rewriter.derived_param`): the quantized tensor, its scales and (for
-int4) its zero points are computed lazily from the stored weight by round-to-nearest, the first
-time something reads them; the pass itself copies no data (unless ``measure=true``, the default,
-which quantizes each weight once to report its error).
+Every ``core.linear`` whose weight is a ``param`` gets its weight replaced by
+``quant.dequantize`` of *derived* weights (:meth:`irlm.passes.Rewriter.derived_param`: the
+quantized tensor, its scales and zero points are computed lazily from the stored weight the
+first time something reads them).  Modes that quantize activations also insert
+``quant.quantize`` / ``quant.quantize_per_token`` + ``quant.dequantize`` on the linear's input.
+``fuse-quant`` (passes/quant_fuse.py, run at the end of this pass unless ``fuse=false``) then
+turns each such pattern into the one op kernels implement: ``quant.linear`` (weight-only) or
+``quant.linear_a8`` (8-bit weights and activations).
 
-* ``int8``: symmetric, one scale per output channel: ``s = amax(|W[n, :]|) / 127``,
-  ``q = clamp(round(W / s), -127, 127)``.
-* ``int4``: asymmetric, one scale and zero point per group of ``group`` consecutive input
-  features (32, 64, 128...): over a group's range ``[lo, hi]`` (widened to contain 0),
-  ``s = (hi - lo) / 15``, ``z = round(-lo / s)``, ``q = clamp(round(W / s) + z, 0, 15)``,
-  packed two per byte (low nibble first).
-* ``fp8``: float8 e4m3, one scale per tensor: ``s = amax(|W|) / 448``, ``q = fp8(W / s)``.
+=============  =========================================================================
+mode           what
+=============  =========================================================================
+``int8``       weight-only, symmetric, one scale per output channel (RTN)
+``int4``       weight-only, asymmetric, one scale + zero point per ``group`` inputs (RTN)
+``int4-awq``   ``int4`` after AWQ: per-input-channel scales ``s = mean|x|^a`` (``a``
+               searched on the calibration activations to minimise the layer's output
+               error) multiply the weight columns before rounding; ``x / s`` is folded into
+               the producing norm's weight where it can be, else a ``core.mul``
+``w8a8-sq``    SmoothQuant: ``s = amax|x|^alpha / amax|W|^(1-alpha)`` per input channel moves
+               activation outliers into the weights (folded like AWQ); int8 weights per
+               channel, int8 activations per token (dynamic)
+``fp8``        e4m3 weights (one scale per tensor) and e4m3 activations with one static
+               scale per tensor, ``amax(x) / 448`` over the calibration set
+``fp8-weight`` e4m3 weights only
+=============  =========================================================================
+
+The calibrated modes (``int4-awq``, ``w8a8-sq``, ``fp8``) run the graph on a calibration set
+(passes/calibration.py): ``calib=FILE`` (``.json`` token ids, or text with ``tokenizer=``),
+default the built-in ``passes/calibration.txt``.  Layers that share one input (q/k/v, gate/up)
+share one smoothing scale, so it can be folded once.
 
 By default the LM head (a linear whose result reaches a graph output without passing another
 linear, or whose weight is named ``lm_head`` or is also read by an embedding) stays in full
-precision: ``skip=none`` quantizes it too.  Embeddings are never quantized (they are not linear
-layers).  ``ctx.stats`` gets ``rel error <weight>`` = ||dequant(Q(W)) - W||_F / ||W||_F per
-layer and the mean and max over layers (``--stats`` prints them).
+precision: ``skip=none`` quantizes it too.  ``ctx.stats`` gets ``rel error <weight>`` =
+||W_eff - W||_F / ||W||_F per layer (W_eff: the weight the quantized layer effectively
+multiplies by), with its mean and max, and for calibrated modes ``output error <weight>``: the
+relative error of the layer's output on the calibration activations, activation rounding
+included.  docs/quantization.md has the storage layouts and measured accuracy.
 """
 from __future__ import annotations
 
@@ -37,7 +56,13 @@ from .options import Option
 from .registry import register_pass
 from .rewriter import Rewriter
 
-MODES = ("int8", "int4", "fp8")
+#: pass modes, and the stored weight format each one uses
+MODES = ("int8", "int4", "int4-awq", "w8a8-sq", "fp8", "fp8-weight")
+WEIGHT_FORMAT = {"int8": "int8", "int4": "int4", "int4-awq": "int4", "w8a8-sq": "int8",
+                 "fp8": "fp8", "fp8-weight": "fp8"}
+CALIBRATED = ("int4-awq", "w8a8-sq", "fp8")
+#: how activations are quantized per mode (None: weight-only)
+ACT_QUANT = {"w8a8-sq": ("per_token", DType.i8), "fp8": ("per_tensor", DType.f8e4m3)}
 _EPS = 1e-12
 
 
@@ -82,7 +107,7 @@ def quantize_weight(w: torch.Tensor, mode: str, group: int = 0,
         return quantize_int4(w, group, scale_dtype)
     if mode == "fp8":
         return quantize_fp8(w, scale_dtype)
-    raise PassError(f"quantize: unknown mode '{mode}' (valid: {', '.join(MODES)})")
+    raise PassError(f"quantize: unknown weight format '{mode}' (valid: int8, int4, fp8)")
 
 
 def dequantize_weight(parts: tuple, mode: str, group: int = 0) -> torch.Tensor:
@@ -163,56 +188,200 @@ def _candidates(graph: Graph, skip: str) -> tuple[list[Op], list[Op]]:
     return todo, skipped
 
 
+# ----- activation-aware input scales (AWQ, SmoothQuant) -------------------------------------------
+
+AWQ_GRID = 20
+_MIN_SCALE = 1e-5
+
+
+def smoothquant_scales(x_amax: torch.Tensor, weights: list[torch.Tensor],
+                       alpha: float) -> torch.Tensor:
+    """``s_j = amax|x_j|^alpha / amax|W[:, j]|^(1 - alpha)`` (the weights' max over every layer
+    that reads x): dividing x by s and multiplying W's columns by s leaves x @ W^T unchanged
+    and balances their ranges."""
+    w_amax = torch.stack([w.float().abs().amax(dim=0) for w in weights]).amax(dim=0)
+    s = x_amax.float().clamp(min=_MIN_SCALE).pow(alpha) / \
+        w_amax.clamp(min=_MIN_SCALE).pow(1.0 - alpha)
+    return s.clamp(min=_MIN_SCALE)
+
+
+def awq_scales(x_mean: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+               group: int, grid: int = AWQ_GRID) -> tuple[torch.Tensor, float]:
+    """AWQ: ``s = mean|x|^a`` (normalised to geometric mean 1) for the ``a`` in
+    ``0, 1/grid, ..., 1`` that minimises the summed squared output error of the int4 layers
+    on the sample activations ``x``.  ``a = 0`` is plain RTN, so the search never does worse
+    than RTN on the sample."""
+    xf = x.float()
+    refs = [xf @ w.float().t() for w in weights]
+    base = x_mean.float().clamp(min=1e-4)
+    best = (float("inf"), torch.ones_like(base), 0.0)
+    for i in range(grid + 1):
+        a = i / grid
+        s = base.pow(a)
+        s = s / (s.max() * s.min()).sqrt()
+        err = 0.0
+        for w, ref in zip(weights, refs):
+            parts = quantize_int4(w.float() * s, group)
+            w_eff = dequantize_weight(parts, "int4", group) / s
+            err += float((xf @ w_eff.t() - ref).pow(2).sum())
+        if err < best[0]:
+            best = (err, s, a)
+    return best[1], best[2]
+
+
+_NORMS = {"llm.rms_norm": (1,), "llm.add_rms_norm": (2,), "core.layer_norm": (1, 2)}
+
+
+def _foldable(x: Value, members: list[Op], width) -> Optional[tuple[Op, tuple[int, ...]]]:
+    """(op, operand indices) whose ``param`` operands can absorb ``x / s``: a norm (or the
+    decomposed norm's weight multiply) whose result ``x`` only the quantized layers read."""
+    p = x.producer
+    mine = {id(m) for m in members}
+    if p is None or any(id(u.op) not in mine for u in x.uses) or x is not p.results[0]:
+        return None
+    idx = _NORMS.get(p.name)
+    if idx is None and p.name == "core.mul" and len(p.operands) == 2:
+        for i in (0, 1):
+            w = p.operands[i]
+            if w.producer is not None and w.producer.name == "param" and w.type.rank == 1 \
+                    and w.type.shape[0] == width and p.operands[1 - i].type.rank > 1:
+                idx = (i,)
+    if idx is None or len(p.operands) <= max(idx):
+        return None
+    for i in idx:
+        w = p.operands[i]
+        if w.producer is None or w.producer.name != "param" or w.type.rank != 1 \
+                or w.type.shape[0] != width or not w.type.dtype.is_float:
+            return None
+    return p, idx
+
+
+def apply_input_scale(rw: Rewriter, x: Value, members: list[Op], s: torch.Tensor,
+                      tag: str, stats) -> Value:
+    """Make the quantized layers read ``x / s``: fold ``1/s`` into the producing norm's weight
+    (and bias) when only these layers read its result, else insert ``core.mul``."""
+    width = x.type.shape[-1]
+    inv = (1.0 / s).float()
+    fold = _foldable(x, members, width)
+    if fold is not None:
+        p, idx = fold
+        off = float(p.attrs.get("weight_offset", 0.0) or 0.0)
+        rw.loc = p.loc
+        with rw.insertion_point(before=p):
+            for i in idx:
+                w = p.operands[i]
+                wname = w.producer.attrs["name"]
+                o = off if i == idx[0] and p.name != "core.layer_norm" else 0.0
+
+                def scaled(t, _o=o):
+                    return ((t.float() + _o) * inv - _o).to(t.dtype)
+                new = rw.derived_param(f"{wname}.{tag}.smoothed", [w], scaled, type=w.type,
+                                       how=f"{tag}-input-scale")
+                rw.set_operand(p, i, new)
+                if not w.uses:
+                    rw.erase_op(w.producer)
+        stats.bump("input scales folded into norms")
+        return x
+    first = members[0]
+    w0 = first.operands[1].producer.attrs["name"]
+    rw.loc = first.loc
+    with rw.insertion_point(before=first):
+        t = TensorType((width,), x.type.dtype)
+        inv_p = rw.derived_param(f"{w0}.{tag}.input_scale", [], lambda: inv.to(t.dtype.torch),
+                                 type=t, how=f"{tag}-input-scale")
+        y = rw.op("core.mul", x, inv_p)
+    stats.bump("input scales as multiplies")
+    return y
+
+
 # ----- the pass ----------------------------------------------------------------------------------
 
 
 class _Once:
-    """Quantizes one weight once; the derived entries (q, scales, zeros) share the result."""
+    """Quantizes one weight (times the input scale ``smooth``, if any) once; the derived
+    entries (q, scales, zeros) share the result."""
 
-    def __init__(self, mode: str, group: int, scale_dtype: torch.dtype):
-        self.mode, self.group, self.scale_dtype = mode, group, scale_dtype
+    def __init__(self, fmt: str, group: int, scale_dtype: torch.dtype,
+                 smooth: Optional[torch.Tensor] = None):
+        self.fmt, self.group, self.scale_dtype, self.smooth = fmt, group, scale_dtype, smooth
         self.parts: Optional[tuple] = None
 
     def __call__(self, w: torch.Tensor) -> tuple:
         if self.parts is None:
-            self.parts = quantize_weight(w, self.mode, self.group, self.scale_dtype)
+            wf = w.float() if self.smooth is None else w.float() * self.smooth[None, :]
+            self.parts = quantize_weight(wf, self.fmt, self.group, self.scale_dtype)
         return self.parts
 
     def part(self, i: int) -> Callable[[torch.Tensor], torch.Tensor]:
         return lambda w: self(w)[i]
 
+    def effective(self, w: torch.Tensor) -> torch.Tensor:
+        """The float weight the quantized layer multiplies the *original* input by."""
+        wq = dequantize_weight(self(w), self.fmt, self.group)
+        return wq if self.smooth is None else wq / self.smooth[None, :]
+
+
+def _act_roundtrip(x: torch.Tensor, mode: str, scale: Optional[float]) -> torch.Tensor:
+    """What the activation quantization of ``mode`` makes of ``x`` (for the statistics)."""
+    from irlm.ops.quant import per_token_scales, quantize_act_reference
+    act = ACT_QUANT.get(mode)
+    if act is None:
+        return x
+    how, dt = act
+    s = per_token_scales(x, dt) if how == "per_token" else torch.tensor(scale)
+    return quantize_act_reference(x, s, dt).float() * s
+
+
+def _tag(mode: str, group: int, sdt: DType) -> str:
+    tag = {"int8": "int8", "int4": f"int4g{group}", "int4-awq": f"awq-int4g{group}",
+           "w8a8-sq": "sq-int8", "fp8": "fp8", "fp8-weight": "fp8"}[mode]
+    return tag + ("" if sdt is DType.f32 else "-f16s")
+
 
 @register_pass("quantize", options={
-    "mode": Option(str, "int8", "weight format: int8 (per channel), int4 (group-wise, zero "
-                   "point) or fp8 (e4m3, per tensor)", choices=list(MODES)),
+    "mode": Option(str, "int8", "int8 | int4 (weight-only RTN), int4-awq (activation-aware "
+                   "int4), w8a8-sq (SmoothQuant int8 weights + per-token int8 activations), "
+                   "fp8 (e4m3 weights + static e4m3 activations), fp8-weight (e4m3 weights)",
+                   choices=list(MODES)),
     "group": Option(int, 128, "int4: input features that share one scale and zero point"),
     "skip": Option(str, "lm_head", "lm_head: keep the LM head in full precision; none: "
                    "quantize every linear", choices=["lm_head", "none"]),
     "scale_dtype": Option(str, "f32", "dtype of the stored scales", choices=["f32", "f16"]),
     "measure": Option(bool, True, "quantize each weight now to report its relative error in "
                       "the statistics (needs the weight data)"),
+    "calib": Option(str, "", "calibration set for int4-awq, w8a8-sq, fp8: a .json list of "
+                    "token-id lists, or a text file (prompts separated by blank lines; needs "
+                    "tokenizer=); default: the built-in text"),
+    "tokenizer": Option(str, "", "tokenizer.json (or its directory) for a text calib"),
+    "alpha": Option(float, 0.5, "w8a8-sq: migration strength (0: all range stays in the "
+                    "activations, 1: all moves into the weights)"),
+    "fuse": Option(bool, True, "fuse the inserted quantize/dequantize ops into quant.linear / "
+                   "quant.linear_a8 (the fuse-quant pass) before returning"),
 })
 def quantize(graph: Graph, ctx):
-    """Weight-only quantization: core.linear over a param -> quant.linear over derived weights.
-
-    int8: symmetric per output channel; int4: asymmetric group-wise (group along the input
-    features), packed two per byte; fp8: e4m3 with one scale per tensor.  The LM head stays
-    in full precision unless skip=none.  Statistics: per-layer relative weight error."""
+    """Quantize the linear layers: insert quantize/dequantize ops around each core.linear
+    over a param (weights derived lazily; activation-aware modes calibrated on sample
+    prompts), then fuse them into quant.linear / quant.linear_a8 unless fuse=false.
+    Statistics: per-layer relative weight error and, when calibrated, output error."""
     o = ctx.options
-    mode, group = o.mode, o.group
+    mode = o.mode
     if mode not in MODES:  # options are checked by the registry; this guards direct calls
         raise PassError(f"quantize: unknown mode '{mode}' (valid: {', '.join(MODES)})")
-    if mode == "int4" and group <= 0:
+    fmt = WEIGHT_FORMAT[mode]
+    group = o.group
+    if fmt == "int4" and group <= 0:
         raise PassError(f"quantize: option 'group' must be a positive number of input "
-                        f"features for mode int4, got {group}")
-    if mode != "int4":
+                        f"features for mode {mode}, got {group}")
+    if fmt != "int4":
         group = 0
+    if not 0.0 <= o.alpha <= 1.0:
+        raise PassError(f"quantize: option alpha={o.alpha} must lie in [0, 1]")
     sdt = DType.parse(o.scale_dtype)
     todo, skipped = _candidates(graph, o.skip)
     # Check every layer before changing anything: an error leaves the graph as it was.
     for op in todo:
         k = op.operands[1].type.shape[1]
-        if mode == "int4" and (not isinstance(k, int) or k % group or k % 2):
+        if fmt == "int4" and (not isinstance(k, int) or k % group or k % 2):
             raise PassError(f"quantize: option group={group} does not divide the {k} input "
                             f"features of {_layer(op, op.operands[1].producer.attrs['name'])}"
                             f" (use a group that divides it, e.g. 32)")
@@ -220,40 +389,108 @@ def quantize(graph: Graph, ctx):
         ctx.stats.bump("linears skipped (lm_head)", len(skipped))
         return
     store = ensure_weight_store(graph)
-    rw = Rewriter(graph, ctx.stats)
-    tag = mode + (f"g{group}" if mode == "int4" else "") + ("" if sdt is DType.f32 else "-f16s")
-    errors: list[float] = []
+    obs = None
+    if mode in CALIBRATED:
+        from .calibration import load_calibration, observe
+        prompts = load_calibration(o.calib, o.tokenizer)
+        obs = observe(graph, prompts, todo)
+        ctx.stats.counters["calibration prompts"] = obs.prompts
+        ctx.stats.counters["calibration tokens"] = obs.tokens
+    groups: dict[int, list[Op]] = {}
     for op in todo:
-        w = op.operands[1]
-        wname = w.producer.attrs["name"]
-        once = _Once(mode, group, sdt.torch)
-        types = stored_types(w.type.shape, mode, group, sdt)
-        suffixes = ["", ".scales", ".zeros"][:len(types)]
-        rw.loc = op.loc
-        with rw.insertion_point(before=op):
-            stored = [rw.derived_param(f"{wname}.{tag}{sfx}", [w], once.part(i), type=t,
-                                       how=f"quantize-{tag}{sfx.replace('.', '-')}")
-                      for i, (sfx, t) in enumerate(zip(suffixes, types))]
-            operands = [op.operands[0], *stored] + list(op.operands[2:])
-            new = rw.op("quant.linear", *operands, mode=mode, group=group,
-                        result_types=[op.results[0].type])
-        if o.measure:
-            try:
-                wt = store.get(wname)
-            except IRLMError:
-                ctx.stats.bump("error not measured (no weight data)")
+        groups.setdefault(id(op.operands[0]), []).append(op)
+    rw = Rewriter(graph, ctx.stats)
+    tag = _tag(mode, group, sdt)
+    errors: list[float] = []
+    out_errors: list[float] = []
+    for members in groups.values():
+        x = members[0].operands[0]
+        st = obs.inputs[id(members[0])] if obs is not None else None
+        smooth = None
+        if mode in ("int4-awq", "w8a8-sq"):
+            weights = [store.get(m.operands[1].producer.attrs["name"]) for m in members]
+            if mode == "w8a8-sq":
+                smooth = smoothquant_scales(st.absmax, weights, o.alpha)
             else:
-                # The derived entries may have existed already (same weight, same options).
-                parts = tuple(store.get(v.producer.attrs["name"]) for v in stored)
-                err = relative_error(wt, parts, mode, group)
-                errors.append(err)
-                ctx.stats.counters[f"rel error {wname}"] = float(f"{err:.4g}")
-        rw.replace_op(op, new)
-        ctx.stats.bump("linears quantized")
-        if not w.uses and not any(x is w for x in graph.outputs):
-            rw.erase_op(w.producer)
+                smooth, a = awq_scales(st.mean_abs, st.sample(), weights, group)
+                ctx.stats.counters[f"awq exponent {_wname(members[0])}"] = a
+            x_in = apply_input_scale(rw, x, members, smooth, tag, ctx.stats)
+        else:
+            x_in = x
+        act_scale = None
+        act = ACT_QUANT.get(mode)
+        if act is not None:
+            how, adt = act
+            rw.loc = members[0].loc
+            with rw.insertion_point(before=members[0]):
+                if how == "per_token":
+                    xq, xs = rw.op("quant.quantize_per_token", x_in, dtype=adt)
+                else:
+                    act_scale = max(st.amax, 1e-8) / FP8_MAX
+                    t = TensorType((), DType.f32)
+                    xs = rw.derived_param(f"{_wname(members[0])}.{tag}.input_scale", [],
+                                          lambda v=act_scale: torch.tensor(v), type=t,
+                                          how=f"{tag}-calibrated")
+                    xq = rw.op("quant.quantize", x_in, xs, dtype=adt)
+                x_in = rw.op("quant.dequantize", xq, xs, dtype=x.type.dtype)
+        for op in members:
+            w = op.operands[1]
+            wname = w.producer.attrs["name"]
+            once = _Once(fmt, group, sdt.torch, smooth)
+            types = stored_types(w.type.shape, fmt, group, sdt)
+            suffixes = ["", ".scales", ".zeros"][:len(types)]
+            rw.loc = op.loc
+            with rw.insertion_point(before=op):
+                stored = [rw.derived_param(f"{wname}.{tag}{sfx}", [w], once.part(i), type=t,
+                                           how=f"quantize-{tag}{sfx.replace('.', '-')}")
+                          for i, (sfx, t) in enumerate(zip(suffixes, types))]
+                wd = rw.op("quant.dequantize", *stored, axis=0, group=group,
+                           dtype=w.type.dtype)
+                new = rw.op("core.linear", x_in, wd, *op.operands[2:],
+                            result_types=[op.results[0].type])
+            if o.measure:
+                _measure(ctx, store, w, wname, once, mode, st, act_scale, errors, out_errors)
+            rw.replace_op(op, new)
+            ctx.stats.bump("linears quantized")
+            if not w.uses and not any(v is w for v in graph.outputs):
+                rw.erase_op(w.producer)
     if skipped:
         ctx.stats.bump("linears skipped (lm_head)", len(skipped))
-    if errors:
-        ctx.stats.counters["rel error mean"] = float(f"{sum(errors) / len(errors):.4g}")
-        ctx.stats.counters["rel error max"] = float(f"{max(errors):.4g}")
+    for name, vals in (("rel error", errors), ("output error", out_errors)):
+        if vals:
+            ctx.stats.counters[f"{name} mean"] = float(f"{sum(vals) / len(vals):.4g}")
+            ctx.stats.counters[f"{name} max"] = float(f"{max(vals):.4g}")
+    if o.fuse:
+        from .quant_fuse import fuse_quantized
+        fuse_quantized(graph, ctx.stats)
+
+
+def _wname(op: Op) -> str:
+    return op.operands[1].producer.attrs["name"]
+
+
+def _measure(ctx, store, w: Value, wname: str, once: _Once, mode: str, st, act_scale,
+             errors: list, out_errors: list) -> None:
+    try:
+        wt = store.get(wname)
+    except IRLMError:
+        ctx.stats.bump("error not measured (no weight data)")
+        return
+    wf = wt.float()
+    w_eff = once.effective(wt)
+    norm = wf.norm().item()
+    err = (w_eff - wf).norm().item() / (norm or 1.0)
+    errors.append(err)
+    ctx.stats.counters[f"rel error {wname}"] = float(f"{err:.4g}")
+    if st is None:
+        return
+    x = st.sample()
+    ref = x @ wf.t()
+    if once.smooth is not None:
+        xa = _act_roundtrip(x / once.smooth, mode, act_scale) * once.smooth
+    else:
+        xa = _act_roundtrip(x, mode, act_scale)
+    got = xa @ w_eff.t()
+    oerr = (got - ref).norm().item() / (ref.norm().item() or 1.0)
+    out_errors.append(oerr)
+    ctx.stats.counters[f"output error {wname}"] = float(f"{oerr:.4g}")

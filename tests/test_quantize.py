@@ -159,7 +159,7 @@ def _fresh(llama):
 
 @pytest.mark.parametrize("pipeline, max_logit_err, min_agree, max_weight_err", [
     ("quantize{mode=int8}", 2e-2, 0.9, 0.01),
-    ("quantize{mode=fp8}", 1e-1, 0.8, 0.04),
+    ("quantize{mode=fp8-weight}", 1e-1, 0.8, 0.04),
     ("quantize{mode=int4,group=32}", 2e-1, 0.5, 0.1),
     ("quantize{mode=int4,group=64}", 3e-1, 0.5, 0.11),
 ])
@@ -188,7 +188,7 @@ def test_quantized_logits_close_to_unquantized(llama, pipeline, max_logit_err, m
 @pytest.mark.parametrize("mode, qdtype, qshape, sshape, zeros", [
     ("int8", DType.i8, (128, 128), (128,), False),
     ("int4", DType.u8, (128, 64), (128, 4), True),
-    ("fp8", DType.f8e4m3, (128, 128), (), False),
+    ("fp8-weight", DType.f8e4m3, (128, 128), (), False),
 ])
 def test_linears_become_quant_linear_over_derived_weights(llama, mode, qdtype, qshape, sshape,
                                                           zeros):
@@ -205,7 +205,7 @@ def test_linears_become_quant_linear_over_derived_weights(llama, mode, qdtype, q
     assert len(derived) == 14 * (3 if zeros else 2)   # (earlier tests may have made them)
     q_proj = next(op for op in qlin if "layers.0.self_attn.q_proj" in
                   op.operands[1].producer.attrs["name"])
-    assert q_proj.attrs["mode"] == mode and q_proj.attrs["group"] == (32 if zeros else 0)
+    assert q_proj.attrs["mode"] == mode.replace("-weight", "") and q_proj.attrs["group"] == (32 if zeros else 0)
     q, s = q_proj.operands[1], q_proj.operands[2]
     assert (q.type.dtype, q.type.shape) == (qdtype, qshape)
     assert (s.type.dtype, s.type.shape) == (DType.f32, sshape)
@@ -243,7 +243,7 @@ def test_f16_scales_and_unmeasured_graph_without_data(llama):
 
 def test_bad_options_give_clear_errors(llama):
     g = _fresh(llama)
-    with pytest.raises(PassError, match="mode.*int8.*int4.*fp8"):
+    with pytest.raises(PassError, match="mode.*int8.*int4.*int4-awq.*w8a8-sq.*fp8"):
         run_pipeline(g, "quantize{mode=int3}")
     with pytest.raises(PassError, match="group=48 does not divide the 128 input features of "
                                         "layer .*q_proj"):

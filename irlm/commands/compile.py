@@ -18,6 +18,9 @@ from ..errors import IRLMError
 
 FRONTEND_IR = Path("ir") / "00-frontend.irlm"
 DTYPES = ("f32", "f16", "bf16")
+QUANT_MODES = ("int8", "int4", "int4-awq", "w8a8-sq", "fp8")
+CALIBRATED = ("int4-awq", "w8a8-sq", "fp8")
+CALIB_TOKENS = "calib-tokens.json"
 
 
 def add_parser(sub) -> None:
@@ -47,11 +50,19 @@ def add_parser(sub) -> None:
                    help="tokens per paged KV-cache block (default 16)")
     p.add_argument("--max-num-tokens", type=int, default=8192, metavar="N",
                    help="most packed tokens one engine step accepts (default 8192)")
-    p.add_argument("--quant", choices=("int8", "int4", "fp8"), default=None,
-                   help="weight-only quantization of the linear layers (LM head kept): int8 "
-                        "per channel, int4 group-wise, fp8 e4m3 per tensor")
+    p.add_argument("--quant", choices=QUANT_MODES, default=None,
+                   help="quantize the linear layers (LM head kept): int8 / int4 weight-only "
+                        "(round to nearest), int4-awq (activation-aware int4), w8a8-sq "
+                        "(SmoothQuant: int8 weights and per-token int8 activations), fp8 "
+                        "(e4m3 weights and activations, calibrated scales)")
     p.add_argument("--quant-group", type=int, default=128, metavar="N",
                    help="input features per int4 scale group (32, 64 or 128; default 128)")
+    p.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
+                   help="store the paged KV cache in 8 bits with calibrated per-layer scales")
+    p.add_argument("--calib", metavar="FILE", default=None,
+                   help="calibration prompts for int4-awq, w8a8-sq, fp8 and --kv-cache-dtype: "
+                        "a text file (prompts separated by blank lines) or a .json list of "
+                        "token-id lists (default: irlm's built-in English/code/chat set)")
     p.add_argument("--dump-ir", action="store_true",
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
@@ -157,15 +168,52 @@ def passes_stage(job: CompileJob) -> None:
     ns = argparse.Namespace(**vars(a))
     ns.opt_level = None
     default = compile_pipeline(job)
-    quant = ""
-    if getattr(a, "quant", None):
-        quant = f"quantize{{mode={a.quant},group={a.quant_group}}},dce"
+    quant = quant_pipeline(job)
     ns.pipeline = ",".join(p for p in (default, quant, a.pipeline) if p) or None
     if a.dump_ir and not a.dump_ir_dir:
         ns.dump_ir_dir = str(job.out / "ir")
     job.pipeline = ns.pipeline or ""
     if ns.pipeline:
         run_pipeline_from_args(job.graph, ns, stage_offset=1 if ns.dump_ir_dir else 0)
+
+
+def quant_pipeline(job: CompileJob) -> str:
+    """``quantize`` (explicit quantize/dequantize ops, then ``fuse-quant``) and
+    ``quantize-kv-cache``; calibrated steps read OUT/calib-tokens.json."""
+    a = job.args
+    quant, kv = getattr(a, "quant", None), getattr(a, "kv_cache_dtype", None)
+    steps = []
+    calib = ""
+    if quant in CALIBRATED or kv:
+        path = write_calibration_tokens(job)
+        calib = f',calib="{path.as_posix()}"'
+    if quant:
+        mode_calib = calib if quant in CALIBRATED else ""
+        steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
+        steps.append("fuse-quant")
+    if kv:
+        steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
+    return ",".join(steps + ["dce"]) if steps else ""
+
+
+def write_calibration_tokens(job: CompileJob) -> Path:
+    """Tokenize --calib (or the built-in set) with the model's tokenizer into OUT/, so the
+    recorded pipeline names every input it read."""
+    from irlm.passes.calibration import (DEFAULT_CALIBRATION, read_prompts, read_token_lists,
+                                         tokenize_prompts, write_token_lists)
+    given = getattr(job.args, "calib", None)
+    src = Path(given) if given else DEFAULT_CALIBRATION
+    if src.suffix == ".json":
+        tokens = read_token_lists(src)
+    else:
+        tok = job.model.tokenizer
+        if tok is None:
+            raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read text "
+                            f"with; give --calib FILE.json with token ids ([[1, 2, ...], ...])")
+        tokens = tokenize_prompts(read_prompts(src), tok)
+    path = write_token_lists(tokens, job.out / CALIB_TOKENS)
+    job.written.append(path)
+    return path.resolve()
 
 
 def engine_stage(job: CompileJob) -> None:
@@ -271,7 +319,15 @@ def check_arguments(args) -> None:
     if args.config is not None and args.safetensors is None:
         raise IRLMError("--config is only for --safetensors (a model directory or GGUF "
                         "carries its own config)")
-    if getattr(args, "quant", None) == "int4" and args.quant_group not in (32, 64, 128):
+    quant, kv = getattr(args, "quant", None), getattr(args, "kv_cache_dtype", None)
+    if getattr(args, "calib", None) is not None:
+        if not (quant in CALIBRATED or kv):
+            raise IRLMError(f"--calib is only read by --quant {', '.join(CALIBRATED)} and "
+                            f"--kv-cache-dtype; with "
+                            f"{'--quant ' + quant if quant else 'no --quant'} "
+                            f"nothing is calibrated")
+        _existing(args.calib, "--calib")
+    if quant in ("int4", "int4-awq") and args.quant_group not in (32, 64, 128):
         raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:

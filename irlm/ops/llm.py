@@ -51,14 +51,38 @@ def _infer_paged_attention(t, a):
         raise IRError(f"layer {a['layer']} is outside the cache's {cache.shape[0]} layers")
     if a["alibi_slopes"] and isinstance(q.shape[1], int) and len(a["alibi_slopes"]) != q.shape[1]:
         raise IRError(f"{len(a['alibi_slopes'])} alibi slopes for {q.shape[1]} heads")
-    if cache.dtype is not k.dtype and cache.dtype not in (DType.i8, DType.f8e4m3):
+    quantized = cache.dtype in KV_QUANT_DTYPES
+    if cache.dtype is not k.dtype and not quantized:
         raise IRError(f"kv_cache dtype {cache.dtype.value} differs from keys' {k.dtype.value}")
+    if quantized and len(a["kv_scales"]) != 2:
+        raise IRError(f"a {cache.dtype.value} kv_cache needs kv_scales = [key scale, value "
+                      f"scale], got {list(a['kv_scales'])}")
+    if not quantized and a["kv_scales"]:
+        raise IRError(f"kv_scales are for an i8 or f8e4m3 kv_cache, not {cache.dtype.value}")
+    if any(not (x > 0) for x in a["kv_scales"]):
+        raise IRError(f"kv_scales must be positive, got {list(a['kv_scales'])}")
     return [q.with_shape((q.shape[0], q.shape[1], v.shape[2]))]
 
 
-def write_kv(cache, layer, k, v, tables, q_lens, cached_lens):
+#: KV-cache element types stored with one static scale per layer for keys and one for values
+KV_QUANT_DTYPES = (DType.i8, DType.f8e4m3)
+
+
+def kv_to_cache(x: torch.Tensor, cache_dtype: torch.dtype, scale: float) -> torch.Tensor:
+    """Keys or values as the cache stores them: a float cache as is; i8 ``round(x / s)``
+    clamped to +-127; f8e4m3 ``x / s`` clamped to +-448 (float32 math)."""
+    if cache_dtype == torch.int8:
+        return torch.round(x.float() / scale).clamp(-127, 127).to(torch.int8)
+    if cache_dtype == torch.float8_e4m3fn:
+        return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    return x.to(cache_dtype)
+
+
+def write_kv(cache, layer, k, v, tables, q_lens, cached_lens, scales=(1.0, 1.0)):
     """Write this step's keys and values into the paged cache (reference semantics)."""
     bs = cache.shape[3]
+    k = kv_to_cache(k, cache.dtype, scales[0])
+    v = kv_to_cache(v, cache.dtype, scales[1])
     start = 0
     for r in range(q_lens.shape[0]):
         n, c = int(q_lens[r]), int(cached_lens[r])
@@ -73,7 +97,8 @@ def write_kv(cache, layer, k, v, tables, q_lens, cached_lens):
 def _ref_paged_attention(ctx, x, a):
     q, k, v, cache, tables, q_lens, cached = x
     layer, bs = a["layer"], cache.shape[3]
-    write_kv(cache, layer, k, v, tables, q_lens, cached)
+    ks, vs = a["kv_scales"] or (1.0, 1.0)
+    write_kv(cache, layer, k, v, tables, q_lens, cached, (ks, vs))
     heads, kv_heads = q.shape[1], k.shape[1]
     scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[2])
     out = torch.empty(q.shape[0], heads, v.shape[2], dtype=q.dtype, device=q.device)
@@ -84,8 +109,8 @@ def _ref_paged_attention(ctx, x, a):
         total = c + n
         pos = torch.arange(total, device=q.device)
         blocks = tables[r, pos // bs].long()
-        keys = cache[layer, blocks, 0, pos % bs].float()    # [total, kv_heads, d]
-        vals = cache[layer, blocks, 1, pos % bs].float()
+        keys = cache[layer, blocks, 0, pos % bs].float() * ks    # [total, kv_heads, d]
+        vals = cache[layer, blocks, 1, pos % bs].float() * vs
         rep = heads // kv_heads
         keys = keys.repeat_interleave(rep, dim=1)
         vals = vals.repeat_interleave(rep, dim=1)
@@ -109,12 +134,14 @@ define_op(
     "llm.paged_attention",
     ["query", "key", "value", "kv_cache", "block_tables", "q_lens", "cached_lens"],
     {"layer": attr("int"), "scale": attr("float", None), "sliding_window": attr("int", 0),
-     "alibi_slopes": attr("floats", ())},
+     "alibi_slopes": attr("floats", ()), "kv_scales": attr("floats", ())},
     infer=_infer_paged_attention, reference=_ref_paged_attention, pure=False,
     doc="Causal attention of packed tokens over a paged KV cache, writing this step's keys "
         "and values into the cache first. GQA/MQA when query heads are a multiple of kv "
         "heads; sliding_window > 0 limits each query to that many most recent positions; "
-        "alibi_slopes (one per head) add -slope * distance to the scores.")
+        "alibi_slopes (one per head) add -slope * distance to the scores. An i8 or f8e4m3 "
+        "kv_cache stores keys / kv_scales[0] and values / kv_scales[1] (i8: rounded, clamped "
+        "to +-127; f8e4m3: clamped to +-448) and reads them back times the scale.")
 
 
 def _infer_last_tokens(t, a):

@@ -131,11 +131,27 @@ def _check_quantized(q: TensorType, s: TensorType, z, axis: int, group: int,
         same_dim(s.shape[0], q.shape[axis], f"scales length differs from dim {axis} of the data")
 
 
+def _is_broadcast_layout(q: TensorType, s: TensorType, z, group: int) -> bool:
+    """Activations: i8/f8 data of any rank with a scale of the same rank whose dims are 1 or
+    the data's (``[tokens, 1]`` per token, ``[1, 1]`` per tensor).  Weight layouts never
+    have a scale of the data's rank with group = 0, so the two cannot be confused."""
+    return (z is None and group == 0 and q.dtype in (DType.i8, DType.f8e4m3)
+            and (s.rank == q.rank >= 1 or (s.rank == 0 and q.rank != 2)))
+
+
 def _infer_dequantize(t, a):
     q, s = t[0], t[1]
     z = t[2] if len(t) > 2 else None
-    _check_quantized(q, s, z, a["axis"], a["group"])
     require_float(TensorType((), a["dtype"]), "dtype")
+    if _is_broadcast_layout(q, s, z, a["group"]):
+        if s.dtype not in SCALE_DTYPES:
+            raise IRError(f"scales must be f32, f16 or bf16, got {s.dtype.value}")
+        for i, (dq, ds) in enumerate(zip(q.shape, s.shape)):
+            if not (dims_equal(ds, 1) or dims_equal(ds, dq)):
+                raise IRError(f"scale dim {i} ({format_dim(ds)}) must be 1 or the data's "
+                              f"{format_dim(dq)}")
+        return [TensorType(tuple(q.shape), a["dtype"])]
+    _check_quantized(q, s, z, a["axis"], a["group"])
     rows, cols = q.shape
     if q.dtype is DType.u8:
         cols = cols * 2
@@ -143,6 +159,9 @@ def _infer_dequantize(t, a):
 
 
 def _ref_dequantize(ctx, x, a):
+    if len(x) == 2 and a["group"] == 0 and x[0].dtype != torch.uint8 \
+            and (x[0].dim() == x[1].dim() >= 1 or (x[1].dim() == 0 and x[0].dim() != 2)):
+        return [(x[0].float() * x[1].float()).to(a["dtype"].torch)]
     return [dequantize_reference(x[0], x[1], x[2] if len(x) > 2 else None, axis=a["axis"],
                                  group=a["group"], dtype=a["dtype"].torch)]
 
@@ -213,3 +232,159 @@ define_op(
         "optional bias. int8: qweight i8 [N, K], scales [N]; int4: qweight u8 [N, K/2] "
         "(low nibble first), scales and zeros [N, K/group]; fp8: qweight f8e4m3 [N, K], "
         "scales 0-d. The weight is dequantized in float32 and rounded to x's dtype once.")
+
+
+# ----- activation quantization -------------------------------------------------------------------
+#
+# Activations are quantized symmetrically to i8 (-127..127) or f8e4m3 (±448): statically with a
+# calibrated scale (``quant.quantize``), or dynamically with one scale per token (row) computed
+# from the row's absolute maximum (``quant.quantize_per_token``).  ``quant.dequantize`` with a
+# scale of the data's rank (``[tokens, 1]`` or ``[1, 1]``) is the inverse.
+
+ACT_DTYPES = (DType.i8, DType.f8e4m3)
+_QMAX = {DType.i8: 127.0, DType.f8e4m3: FP8_MAX}
+_EPS = 1e-12
+
+
+def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor, dtype: DType) -> torch.Tensor:
+    """``x / scale`` rounded (i8: to nearest, ties to even, clamped to ±127; f8e4m3: the
+    nearest e4m3 value after clamping to ±448), float32 math."""
+    v = x.float() / scale.float()
+    if dtype is DType.i8:
+        return torch.round(v).clamp(-127, 127).to(torch.int8)
+    return v.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def per_token_scales(x: torch.Tensor, dtype: DType) -> torch.Tensor:
+    """``amax(|x|, -1) / qmax`` as f32 ``[..., 1]`` (a row of zeros gets a tiny scale)."""
+    return (x.float().abs().amax(dim=-1, keepdim=True) / _QMAX[dtype]).clamp(min=_EPS)
+
+
+def _act_dtype(a) -> DType:
+    d = a["dtype"]
+    if d not in ACT_DTYPES:
+        raise IRError(f"activations quantize to i8 or f8e4m3, not {d.value}")
+    return d
+
+
+def _infer_quantize(t, a):
+    x, s = t
+    require_float(x, "input")
+    dt = _act_dtype(a)
+    if s.dtype not in SCALE_DTYPES:
+        raise IRError(f"scale must be f32, f16 or bf16, got {s.dtype.value}")
+    if s.rank != 0:
+        raise IRError(f"quant.quantize takes one scale per tensor (0-d), got {s}")
+    return [TensorType(tuple(x.shape), dt)]
+
+
+define_op(
+    "quant.quantize", ["x", "scale"], {"dtype": attr("dtype", DType.i8)},
+    infer=_infer_quantize,
+    reference=lambda ctx, x, a: [quantize_act_reference(x[0], x[1], a["dtype"])],
+    doc="Static per-tensor quantization of activations: x / scale (0-d, from calibration) "
+        "rounded to dtype: i8 (nearest, clamped to +-127) or f8e4m3 (clamped to +-448).")
+
+
+def _infer_quantize_per_token(t, a):
+    x = t[0]
+    require_float(x, "input")
+    if x.rank < 1:
+        raise IRError("input must have rank >= 1")
+    dt = _act_dtype(a)
+    return [TensorType(tuple(x.shape), dt),
+            TensorType(tuple(x.shape[:-1]) + (1,), DType.f32)]
+
+
+def _ref_quantize_per_token(ctx, x, a):
+    s = per_token_scales(x[0], a["dtype"])
+    return [quantize_act_reference(x[0], s, a["dtype"]), s]
+
+
+define_op(
+    "quant.quantize_per_token", ["x"], {"dtype": attr("dtype", DType.i8)},
+    infer=_infer_quantize_per_token, reference=_ref_quantize_per_token,
+    doc="Dynamic per-token quantization: (q, scale) with scale = amax(|x|, -1) / qmax as f32 "
+        "[..., 1] (qmax 127 for i8, 448 for f8e4m3) and q = x / scale rounded as by "
+        "quant.quantize.")
+
+
+# ----- quant.linear_a8: 8-bit weights and 8-bit activations ----------------------------------------
+
+A8_MODES = ("w8a8", "fp8")
+
+
+def _a8_operands(t, mode):
+    """(x, qweight, w_scales, x_scale, bias): x_scale only for fp8 (static per tensor)."""
+    if mode == "fp8":
+        if len(t) < 4:
+            raise IRError("mode fp8 needs the activation scale: (x, qweight, w_scale, x_scale"
+                          "[, bias])")
+        return t[0], t[1], t[2], t[3], t[4] if len(t) > 4 else None
+    if len(t) > 4:
+        raise IRError(f"mode w8a8 takes (x, qweight, w_scales[, bias]), got {len(t)} operands")
+    return t[0], t[1], t[2], None, t[3] if len(t) > 3 else None
+
+
+def _infer_linear_a8(t, a):
+    mode = a["mode"]
+    x, q, ws, xs, b = _a8_operands(t, mode)
+    require_float(x, "input")
+    require_rank(q, 2, "qweight")
+    if x.rank == 0:
+        raise IRError("input must have rank >= 1")
+    want = DType.i8 if mode == "w8a8" else DType.f8e4m3
+    if q.dtype is not want:
+        raise IRError(f"mode {mode} stores qweight as {want.value}, got {q.dtype.value}")
+    for s, what in ((ws, "weight scales"), (xs, "activation scale")):
+        if s is not None and s.dtype not in SCALE_DTYPES:
+            raise IRError(f"{what} must be f32, f16 or bf16, got {s.dtype.value}")
+    if mode == "w8a8":
+        require_rank(ws, 1, "weight scales (one per output channel)")
+        same_dim(ws.shape[0], q.shape[0], "weight scales length differs from weight rows")
+    else:
+        if ws.rank != 0 or xs.rank != 0:
+            raise IRError(f"fp8 scales are per tensor (0-d), got {ws} and {xs}")
+    same_dim(x.shape[-1], q.shape[1], "input features differ from the weight's columns")
+    if b is not None:
+        require_rank(b, 1, "bias")
+        if b.dtype is not x.dtype:
+            raise IRError(f"bias dtype {b.dtype.value} differs from the input's {x.dtype.value}")
+        same_dim(b.shape[0], q.shape[0], "bias length differs from weight rows")
+    return [TensorType(tuple(x.shape[:-1]) + (q.shape[0],), x.dtype)]
+
+
+def linear_a8_reference(x, q, ws, xs, b, mode: str) -> torch.Tensor:
+    """Quantize x (w8a8: per token, dynamic; fp8: per tensor with xs), multiply the 8-bit
+    values exactly (float64 accumulation: int8 products summed over K < 2^37 are exact),
+    scale by x's and the weight's scales, add the bias, round to x's dtype once."""
+    dt = DType.i8 if mode == "w8a8" else DType.f8e4m3
+    if mode == "w8a8":
+        xs = per_token_scales(x, dt)
+    xq = quantize_act_reference(x, xs, dt)
+    acc = xq.double() @ q.double().transpose(0, 1)
+    w_s = ws.double() if ws.dim() == 0 else ws.double()[None, :].expand(1, -1)
+    y = acc * xs.double() * w_s
+    if b is not None:
+        y = y + b.double()
+    return y.to(x.dtype)
+
+
+def _ref_linear_a8(ctx, x, a):
+    xv, q, ws, xs, b = _a8_operands(x, a["mode"])
+    shape = xv.shape
+    flat = xv.reshape(-1, shape[-1])
+    y = linear_a8_reference(flat, q, ws, xs, b, a["mode"])
+    return [y.reshape(tuple(shape[:-1]) + (q.shape[0],))]
+
+
+define_op(
+    "quant.linear_a8", ["x", "qweight", "w_scales", "x_scale?", "bias?"],
+    {"mode": attr("str", choices=A8_MODES)},
+    infer=_infer_linear_a8, reference=_ref_linear_a8,
+    doc="A linear with 8-bit weights and 8-bit activations. w8a8 (SmoothQuant): qweight i8 "
+        "[N, K] with one scale per output channel [N]; x is quantized to i8 per token "
+        "(dynamic, amax / 127). fp8: qweight f8e4m3 [N, K], 0-d weight scale, and x is "
+        "quantized to f8e4m3 with the 0-d x_scale (static, from calibration). The 8-bit "
+        "products are accumulated exactly, scaled, the bias added, and rounded to x's dtype "
+        "once.")

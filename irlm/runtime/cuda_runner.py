@@ -112,6 +112,12 @@ class CudaGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
+        cache_dtype = graph.inputs[names.index("kv_cache")].type.dtype
+        if cache_dtype.value in ("i8", "f8e4m3"):
+            raise IRLMError(f"this engine stores its KV cache as {cache_dtype.value} "
+                            f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
+                            f"attention kernel yet; run it on the CPU (device='cpu') or "
+                            f"compile without --kv-cache-dtype")
         self.graph = graph
         self.device = torch.device(device)
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
