@@ -4,6 +4,9 @@
 stored weight feeding ``core.linear``, and for activation modes ``quant.quantize`` /
 ``quant.quantize_per_token`` + ``quant.dequantize`` on its input.  This pass rewrites
 
+``llm.linear_act`` (a linear with its activation epilogue) is matched like ``core.linear`` and
+its ``act`` carried over.
+
 * ``core.linear(x, dequantize(q, s[, z]) [, b])`` with ``x`` not dequantized → ``quant.linear``
   (weight-only; mode from q's dtype: i8 int8, u8 int4, f8e4m3 fp8);
 * ``core.linear(dequantize(quantize_per_token{i8}(x)), dequantize(q i8, s [N]) [, b])`` →
@@ -73,8 +76,9 @@ def fuse_quantized(graph: Graph, stats) -> int:
     fused = 0
     seeds: list[Op] = []
     for lin in list(graph.ops):
-        if lin.name != "core.linear" or len(lin.operands) < 2:
+        if lin.name not in ("core.linear", "llm.linear_act") or len(lin.operands) < 2:
             continue
+        epilogue = lin.attrs.get("act", "none")
         dq = _weight_dequant(lin)
         if dq is None:
             continue
@@ -94,14 +98,14 @@ def fuse_quantized(graph: Graph, stats) -> int:
                 if not ok:
                     continue
                 operands = [x, q, s] + ([xs] if amode == "fp8" else []) + bias
-                new = rw.op("quant.linear_a8", *operands, mode=amode,
+                new = rw.op("quant.linear_a8", *operands, mode=amode, act=epilogue,
                             result_types=[lin.results[0].type])
                 stats.bump(f"linears fused ({amode})")
             else:
                 if _producer(lin.operands[0], "quant.dequantize") is not None:
                     continue  # a dequantized input that is not one of the a8 patterns
                 new = rw.op("quant.linear", lin.operands[0], *dq.operands, *bias,
-                            mode=mode, group=dq.attrs["group"],
+                            mode=mode, group=dq.attrs["group"], act=epilogue,
                             result_types=[lin.results[0].type])
                 stats.bump(f"linears fused ({mode} weight-only)")
         x_prod = lin.operands[0].producer

@@ -1,6 +1,7 @@
 """``quantize{mode=...}``: quantization of the linear layers, inserted as quantize/dequantize ops.
 
-Every ``core.linear`` whose weight is a ``param`` gets its weight replaced by
+Every ``core.linear`` (and ``llm.linear_act``, a linear with its activation epilogue) whose
+weight is a ``param`` gets its weight replaced by
 ``quant.dequantize`` of *derived* weights (:meth:`irlm.passes.Rewriter.derived_param`: the
 quantized tensor, its scales and zero points are computed lazily from the stored weight the
 first time something reads them).  Modes that quantize activations also insert
@@ -136,7 +137,9 @@ def stored_types(shape, mode: str, group: int, scale_dtype: DType) -> list[Tenso
 
 # ----- which linears -----------------------------------------------------------------------------
 
-_LINEARS = ("core.linear", "quant.linear", "llm.linear_act", "core.matmul")
+_LINEARS = ("core.linear", "quant.linear", "quant.linear_a8", "llm.linear_act", "core.matmul")
+#: the ops whose param weight quantize replaces (llm.linear_act keeps its activation epilogue)
+QUANTIZABLE = ("core.linear", "llm.linear_act")
 
 
 def _reaches_output(v: Value, graph: Graph) -> bool:
@@ -175,7 +178,7 @@ def _candidates(graph: Graph, skip: str) -> tuple[list[Op], list[Op]]:
                          and op.operands[0].producer.name == "param"}
     todo, skipped = [], []
     for op in list(graph.ops):
-        if op.name != "core.linear" or len(op.operands) < 2:
+        if op.name not in QUANTIZABLE or len(op.operands) < 2:
             continue
         w = op.operands[1]
         if w.producer is None or w.producer.name != "param" or w.type.rank != 2 \
@@ -446,7 +449,7 @@ def quantize(graph: Graph, ctx):
                           for i, (sfx, t) in enumerate(zip(suffixes, types))]
                 wd = rw.op("quant.dequantize", *stored, axis=0, group=group,
                            dtype=w.type.dtype)
-                new = rw.op("core.linear", x_in, wd, *op.operands[2:],
+                new = rw.op(op.name, x_in, wd, *op.operands[2:], **op.attrs,
                             result_types=[op.results[0].type])
             if o.measure:
                 _measure(ctx, store, w, wname, once, mode, st, act_scale, errors, out_errors)

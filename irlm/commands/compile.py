@@ -83,6 +83,7 @@ class CompileJob:
     written: list[Path] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     pipeline: str = ""
+    calib_tokens: Optional[Path] = None   # OUT/calib-tokens.json, when something calibrates
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -183,10 +184,7 @@ def quant_pipeline(job: CompileJob) -> str:
     a = job.args
     quant, kv = getattr(a, "quant", None), getattr(a, "kv_cache_dtype", None)
     steps = []
-    calib = ""
-    if quant in CALIBRATED or kv:
-        path = write_calibration_tokens(job)
-        calib = f',calib="{path.as_posix()}"'
+    calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
     if quant:
         mode_calib = calib if quant in CALIBRATED else ""
         steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
@@ -194,6 +192,14 @@ def quant_pipeline(job: CompileJob) -> str:
     if kv:
         steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
     return ",".join(steps + ["dce"]) if steps else ""
+
+
+def calibration_stage(job: CompileJob) -> None:
+    """Tokenize --calib (or the built-in set) into OUT/calib-tokens.json when a calibrated
+    mode asks for it: right after loading, so a missing tokenizer fails before tracing."""
+    a = job.args
+    if getattr(a, "quant", None) in CALIBRATED or getattr(a, "kv_cache_dtype", None):
+        job.calib_tokens = write_calibration_tokens(job)
 
 
 def write_calibration_tokens(job: CompileJob) -> Path:
@@ -275,6 +281,7 @@ def write_frontend_ir_stage(job: CompileJob) -> None:
 
 STAGES: list[Stage] = [
     Stage("load", load_stage),
+    Stage("calibration set", calibration_stage),
     Stage("trace", trace_stage),
     Stage("verify", verify_stage),
     Stage("write IR", write_frontend_ir_stage),

@@ -32,6 +32,8 @@ from ..types import DType, TensorType, dims_equal, format_dim
 from ._shape import require_float, require_rank, same_dim
 
 MODES = ("int8", "int4", "fp8")
+#: activation epilogues of the quantized linears (those of llm.linear_act, or none)
+EPILOGUES = ("none", "silu", "gelu", "gelu_tanh", "relu")
 #: the storage dtype of qweight per mode
 QWEIGHT_DTYPE = {"int8": DType.i8, "int4": DType.u8, "fp8": DType.f8e4m3}
 SCALE_DTYPES = (DType.f32, DType.f16, DType.bf16)
@@ -217,21 +219,30 @@ def _infer_qlinear(t, a):
     return [TensorType(tuple(x.shape[:-1]) + (q.shape[0],), x.dtype)]
 
 
+def _epilogue(y: torch.Tensor, act: str) -> torch.Tensor:
+    if act == "none":
+        return y
+    from .fused import ACTIVATIONS
+    return ACTIVATIONS[act](y)
+
+
 def _ref_qlinear(ctx, x, a):
     xv, q, s, z, b = _linear_operands(x, a["mode"])
     w = dequantize_reference(q, s, z, axis=0, group=a["group"], dtype=xv.dtype)
-    return [F.linear(xv, w, b)]
+    return [_epilogue(F.linear(xv, w, b), a["act"])]
 
 
 define_op(
     "quant.linear", ["x", "qweight", "scales", "zeros?", "bias?"],
-    {"mode": attr("str", choices=MODES), "group": attr("int", 0)},
+    {"mode": attr("str", choices=MODES), "group": attr("int", 0),
+     "act": attr("str", "none", EPILOGUES)},
     infer=_infer_qlinear, reference=_ref_qlinear,
     doc="x @ dequantize(qweight)^T + bias, a weight-only quantized linear; weight [N, K] as "
         "for core.linear. Operands after scales: zeros (int4 only, required), then the "
         "optional bias. int8: qweight i8 [N, K], scales [N]; int4: qweight u8 [N, K/2] "
         "(low nibble first), scales and zeros [N, K/group]; fp8: qweight f8e4m3 [N, K], "
-        "scales 0-d. The weight is dequantized in float32 and rounded to x's dtype once.")
+        "scales 0-d. The weight is dequantized in float32 and rounded to x's dtype once. "
+        "act (silu, gelu, gelu_tanh, relu) is applied to the result as llm.linear_act's.")
 
 
 # ----- activation quantization -------------------------------------------------------------------
@@ -375,16 +386,16 @@ def _ref_linear_a8(ctx, x, a):
     shape = xv.shape
     flat = xv.reshape(-1, shape[-1])
     y = linear_a8_reference(flat, q, ws, xs, b, a["mode"])
-    return [y.reshape(tuple(shape[:-1]) + (q.shape[0],))]
+    return [_epilogue(y.reshape(tuple(shape[:-1]) + (q.shape[0],)), a["act"])]
 
 
 define_op(
     "quant.linear_a8", ["x", "qweight", "w_scales", "x_scale?", "bias?"],
-    {"mode": attr("str", choices=A8_MODES)},
+    {"mode": attr("str", choices=A8_MODES), "act": attr("str", "none", EPILOGUES)},
     infer=_infer_linear_a8, reference=_ref_linear_a8,
     doc="A linear with 8-bit weights and 8-bit activations. w8a8 (SmoothQuant): qweight i8 "
         "[N, K] with one scale per output channel [N]; x is quantized to i8 per token "
         "(dynamic, amax / 127). fp8: qweight f8e4m3 [N, K], 0-d weight scale, and x is "
         "quantized to f8e4m3 with the 0-d x_scale (static, from calibration). The 8-bit "
         "products are accumulated exactly, scaled, the bias added, and rounded to x's dtype "
-        "once.")
+        "once; then act (none, silu, gelu, gelu_tanh, relu) as llm.linear_act's.")
