@@ -625,8 +625,55 @@ _register()
 
 # ----- pipeline stages (pp) --------------------------------------------------------------------
 
+class PPSplitError(TPSplitError):
+    """pp-split cannot cut this graph into the stages asked for."""
+
+
+_NORMS = ("core.layer_norm", "llm.rms_norm", "llm.add_rms_norm")
+_COPYABLE = ("param", "core.constant")
+
+
+def _layer_start(att: Op, prev: Op, pos: dict) -> int:
+    """Where the layer of ``att`` starts: its input norm, found by walking back from the query
+    through the first computed operand of each op; stops after ``prev`` (the previous layer's
+    attention).  Any cut between ``prev`` and ``att`` is correct (what crosses it is sent);
+    cutting at the norm sends the fewest values (the residual stream and rotary tables)."""
+    at, v = pos[id(att)], att.operands[0]
+    while True:
+        p = v.producer
+        if p is None or p.name in _COPYABLE or pos[id(p)] <= pos[id(prev)]:
+            return at
+        at = pos[id(p)]
+        if p.name in _NORMS:
+            return at
+        computed = [x for x in p.operands if x.producer is None or
+                    x.producer.name not in _COPYABLE]
+        if not computed:
+            return at
+        v = computed[0]
+
+
+def check_pipeline(graph: Graph, stages: int) -> int:
+    """Refuse a graph that cannot be cut into ``stages`` equal stages; the layer count."""
+    atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
+    if stages < 1:
+        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
+    if any(op.dialect == "dist" for op in graph.ops):
+        raise PPSplitError(f"pp-split: graph @{graph.name} is already split (has dist ops)")
+    if not atts:
+        raise PPSplitError("pp-split: the graph has no llm.paged_attention (run "
+                           "substitute-attention first: compile at -O0 or above)")
+    if len(atts) % stages:
+        raise PPSplitError(f"pp-split: stages={stages}: {len(atts)} layers cannot be cut into "
+                           f"{stages} equal stages")
+    caches = {id(a.operands[3]) for a in atts}
+    if len(caches) != 1 or atts[0].operands[3].producer is not None:
+        raise _err(atts[0], "pp-split: the layers do not share one KV cache graph input")
+    return len(atts)
+
+
 def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
-    """Cut ``graph`` (the -O2 inference form) into ``stages`` per-stage graphs by layers.
+    """Cut ``graph`` (the paged inference form) into ``stages`` per-stage graphs by layers.
 
     Stage s runs the ops from layer ``s*L/S``'s input norm up to the next stage's cut.  Every
     value that crosses a cut (the residual stream, the rotary tables...) is sent with
@@ -634,30 +681,18 @@ def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
     copied instead of sent.  Each stage keeps the graph's inputs (one calling convention);
     its KV cache holds its own layers only (``layer`` renumbered).  A stage other than the last
     returns what it sent; the last stage returns the logits.  Run them with
-    :func:`irlm.distributed.run_ranks`."""
+    :func:`irlm.distributed.run_ranks`.  ``graph`` is left unchanged."""
     from irlm.ir import Graph as G
+    L = check_pipeline(graph, stages)
     ops = list(graph.ops)
     atts = [op for op in ops if op.name == "llm.paged_attention"]
-    L = len(atts)
-    if stages < 1 or not atts or L % stages:
-        raise TPSplitError(f"pp-split: {L} layers cannot be cut into {stages} equal stages")
     per = L // stages
     pos = {id(op): i for i, op in enumerate(ops)}
     cuts = [0]
     for s in range(1, stages):
-        att = atts[s * per]
-        src = _source(att.operands[0]).producer        # the QKV split
-        lin = src.operands[0].producer if src is not None else None
-        if src is None or src.name != "core.split" or lin is None or lin.name != "core.linear":
-            raise _err(att, "pp-split: cannot find this layer's QKV projection to cut before")
-        norm = lin.operands[0].producer
-        cut = pos[id(norm)] if norm is not None else pos[id(lin)]
-        if cut <= pos[id(atts[s * per - 1])]:
-            raise _err(att, "pp-split: this layer's input is computed before the previous "
-                            "layer's attention")
-        cuts.append(cut)
+        cuts.append(_layer_start(atts[s * per], atts[s * per - 1], pos))
     cuts.append(len(ops))
-    copyable = ("param", "core.constant")
+    copyable = _COPYABLE
     cache = atts[0].operands[3]
     out = []
     for s in range(stages):
@@ -733,3 +768,43 @@ def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
                 g.erase(op)
         out.append(g)
     return out
+
+
+def split_stage(graph: Graph, stages: int, stage: int, stats=None) -> Graph:
+    """Rewrite ``graph`` in place into stage ``stage`` of ``split_for_pipeline(graph, stages)``."""
+    if stages < 1:
+        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
+    if not 0 <= stage < stages:
+        raise PPSplitError(f"pp-split: stage={stage} is not a stage of {stages} "
+                           f"(0 to {stages - 1})")
+    if stages == 1:
+        check_pipeline(graph, 1)
+        return graph
+    new = split_for_pipeline(graph, stages)[stage]
+    if stats is not None:
+        for kind in ("dist.send", "dist.recv"):
+            stats.counters[f"{kind} inserted"] += sum(op.name == kind for op in new.ops)
+    # A pass rewrites the graph object it was given: move the stage's ops into it.
+    graph.inputs, graph.outputs, graph.dims = new.inputs, new.outputs, new.dims
+    graph.first, graph.last, graph._num_ops = new.first, new.last, new._num_ops
+    for op in graph.ops:
+        op.graph = graph
+    return graph
+
+
+def _register_pp() -> None:
+    from .options import Option
+    from .registry import register_pass
+
+    @register_pass("pp-split", options={
+        "stages": Option(int, 2, "pipeline stages (the layer count must divide evenly)"),
+        "stage": Option(int, 0, "the stage whose graph this run produces"),
+    })
+    def _pass(graph, ctx):
+        """Pipeline-parallel split of the inference form by layers: stage `stage` of
+        `stages`, joined to its neighbours by dist.send/dist.recv (docs/parallelism.md)."""
+        o = ctx.options
+        split_stage(graph, o["stages"], o["stage"], ctx.stats)
+
+
+_register_pp()

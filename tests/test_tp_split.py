@@ -223,7 +223,7 @@ def test_pass_statistics():
     assert stats.counters["dist.all_gather inserted"] == 1
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias", "opt", "gpt2"])
 def test_pipeline_stages_match_unsplit(arch):
     from irlm.passes.tp_split import split_for_pipeline
     g = compiled(arch)
@@ -303,3 +303,61 @@ def test_row_parallel_bias_that_is_not_a_weight_is_refused():
     fc2.set_operand(2, neg.results[0])
     with pytest.raises(IRError, match="core.linear.*the bias is not a weight"):
         split_for_tensor_parallel(h, 2)
+
+
+def run_stages(g, stages):
+    """Prefill + decode through the stages; the last stage's logits against the unsplit
+    graph's (bit-identical: every stage runs the same ops on the same values)."""
+    ref, ref_cache = Interpreter(g), new_cache(g)
+    caches = [new_cache(st) for st in stages]
+    for step in steps():
+        want = ref.run(step + [ref_cache]).outputs[0]
+        outs = run_ranks(stages, [step + [c] for c in caches])
+        torch.testing.assert_close(outs[-1][0], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt", "gpt2"])
+def test_pp_split_pass_builds_each_stage(arch):
+    from irlm.passes.tp_split import split_for_pipeline
+    g = compiled(arch)
+    want = split_for_pipeline(parse_graph(print_graph(g), weights=g.weights), 2)
+    built = []
+    for s in range(2):
+        h = parse_graph(print_graph(g), weights=g.weights)
+        run_pipeline(h, f"pp-split{{stages=2,stage={s}}}")
+        verify(h)
+        assert print_graph(h) == print_graph(want[s])
+        built.append(h)
+    run_stages(g, built)
+
+
+def test_pp_split_four_stages_middle_stages_send_and_receive():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = compile_causal_lm(transformers.LlamaForCausalLM(cfg).eval(), level="2", max_seq=64,
+                          tokens_per_block=4)
+    stages = []
+    for s in range(4):
+        h = parse_graph(print_graph(g), weights=g.weights)
+        run_pipeline(h, f"pp-split{{stages=4,stage={s}}}")
+        names = [op.name for op in h.ops]
+        assert ("dist.recv" in names) == (s > 0) and ("dist.send" in names) == (s < 3)
+        assert [op.attrs["layer"] for op in h.ops if op.name == "llm.paged_attention"] == [0]
+        stages.append(h)
+    run_stages(g, stages)
+
+
+@pytest.mark.parametrize("pipeline, what", [
+    ("pp-split{stages=3,stage=0}", "stages=3: 2 layers cannot be cut into 3 equal stages"),
+    ("pp-split{stages=2,stage=2}", "stage=2 is not a stage of 2"),
+    ("pp-split{stages=0,stage=0}", "stages=0: must be at least 1"),
+    ("pp-split{stages=2,stage=0},pp-split{stages=2,stage=0}", "already split"),
+    ("tp-split{size=2,rank=0},pp-split{stages=2,stage=1}", "already split"),
+])
+def test_pp_split_refusals(pipeline, what):
+    g = compiled("llama-gqa")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    with pytest.raises(IRLMError, match="pp-split.*" + what):
+        run_pipeline(h, pipeline)
