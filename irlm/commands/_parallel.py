@@ -85,6 +85,9 @@ def check_model_stage(job) -> None:
     s = model_shape(job.model.config)
     if tp > 1:
         heads, kv, inter = s["heads"], s["kv_heads"], s["intermediate"]
+        if heads is not None and tp > heads:
+            raise IRLMError(f"--tp {tp}: the model has only {heads} attention heads; --tp "
+                            f"cannot be larger")
         if heads is not None and heads % tp:
             raise IRLMError(f"--tp {tp}: the model has {heads} attention heads, which --tp must "
                             f"divide")
