@@ -13,13 +13,20 @@ The plan is derived from dataflow that the pass proves, never from names (docs/p
   followed; one that is not a reshape (mapped dim for dim), transpose, rope or the attention
   is refused.
 * **O projection**: the attention output, through reshapes/transposes, must reach a
-  ``core.linear`` (no bias) as its input's last dim: it becomes row-parallel (the rank's input
-  columns of the weight) followed by ``dist.all_reduce``.
+  ``core.linear`` as its input's last dim: it becomes row-parallel (the rank's input columns of
+  the weight) followed by ``dist.all_reduce``.  A row-parallel linear's ``param`` bias is taken
+  off the linear and added once after the reduction (in the partial sums it would count N
+  times).
 * **gated MLP** (per ``llm.gated_act``): its input must be a one-use ``core.linear`` with a
   ``param`` weight (the fused gate|up projection).  Column-parallel with each half split the
   same way: rank r keeps gate rows ``[r*I/N, (r+1)*I/N)`` and the same up rows, so
   ``gated_act`` pairs the right halves.  Its output reaches the down projection: row-parallel
   + ``dist.all_reduce``.
+* **non-gated MLP** (OPT, GPT-2): fc1 is an ``llm.linear_act``, or a ``core.linear`` whose one
+  use is an activation; column-parallel (rows and bias sliced alike), fc2 row-parallel.
+  GPT-2's Conv1D (``matmul`` by a ``[in, out]`` param + bias add) is first rewritten into
+  ``core.linear`` over a transposed derived weight; OPT's query scaling by a constant (an
+  elementwise op whose other operand has every dim 1) is followed like a reshape.
 * **LM head**: a graph output produced by a ``core.linear`` with a ``param`` weight of vocab V:
   column-parallel (V/N rows per rank) + ``dist.all_gather`` of the logits along the last axis.
   When V % N != 0 it stays replicated.  The embedding stays replicated.
@@ -30,11 +37,13 @@ stored tensors; their names say the slice (``...weight#tp2.r0[q0:2,k0:1,v0:1]``)
 collective's ``plan`` attribute names the projection it completes, so the dump shows the plan.
 
 Pipeline stages: :func:`split_for_pipeline` cuts the same form into equal groups of layers joined
-by ``dist.send``/``dist.recv`` (see its doc); it is a function, not a registered pass.
+by ``dist.send``/``dist.recv`` (see its doc); the registered pass ``pp-split{stages,stage}``
+makes one stage's graph.
 
 Refused with an :class:`~irlm.errors.IRError` naming the op: heads or intermediate size not
 divisible by N, a KV head count that neither divides nor is divided by N, an attention or
-gated MLP whose dataflow does not match, a row-parallel projection with a bias.
+gated MLP whose dataflow does not match, a row-parallel projection whose bias is not a 1-D
+weight.
 """
 from __future__ import annotations
 
