@@ -361,3 +361,25 @@ def test_pp_split_refusals(pipeline, what):
     h = parse_graph(print_graph(g), weights=g.weights)
     with pytest.raises(IRLMError, match="pp-split.*" + what):
         run_pipeline(h, pipeline)
+
+
+def test_unfused_mlp_linear_then_activation():
+    """fc1 as core.linear + core.relu (the MLP below -O2's linear_act fusion) splits like
+    linear_act: fc1 column-parallel through the elementwise activation, fc2 row-parallel."""
+    from irlm.builder import make_op
+    g = compiled("opt")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    for la in [op for op in h.ops if op.name == "llm.linear_act"]:
+        lin = make_op("core.linear", la.operands, {}, la.loc)
+        act = make_op("core.relu", [lin.results[0]], {}, la.loc)
+        h.insert_before(la, lin)
+        h.insert_before(la, act)
+        for u in list(la.results[0].uses):
+            u.op.set_operand(u.index, act.results[0])
+        h.erase(la)
+    verify(h)
+    ranks = check_split(h, 2)
+    text = print_graph(ranks[0])
+    assert "llm.linear_act" not in text
+    assert "model.decoder.layers.1.fc1.weight#tp2.r0[rows0:24]" in text
+    assert "row-parallel model.decoder.layers.1.fc2" in text
