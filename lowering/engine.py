@@ -6,6 +6,17 @@
       weights.safetensors  every weight the plan reads, already in its final dtype/layout
       tokenizer.json       (optional) the tokenizer; tokenizer_config.json holds the chat template
 
+A multi-rank engine (``irlm compile --tp N`` or ``--pp N``) is a directory of such engines,
+one per rank, under a top-level manifest::
+
+    ENGINE/
+      engine.json          as above, plus "parallel": {"tp", "pp", "ranks": [...]}; its files
+                           are the tokenizer files and every rank's engine.json (checksummed)
+      tokenizer.json       (optional), shared by all ranks
+      rank0/ rank1/ ...    one engine each (engine.json, plan.irlm, its own weight shards)
+
+Rank r is tp rank ``r % tp`` of pipeline stage ``r // tp``.
+
 Loading checks the format version, every file's size and SHA-256, that the plan parses and
 verifies, and that every weight the plan reads exists with its declared type, so a corrupted,
 truncated or mismatched engine is refused with a message saying what is wrong.
@@ -40,6 +51,9 @@ class Engine:
     tokenizer: Any = None              # a transformers PreTrainedTokenizerFast, if shipped
     chat_template: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
+    # multi-rank engines: each rank's Engine, in rank order; ``graph`` is then rank 0's
+    ranks: list["Engine"] = field(default_factory=list)
+    parallel: dict[str, Any] = field(default_factory=dict)
 
 
 def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None) -> Path:
@@ -79,6 +93,36 @@ def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None
     return out
 
 
+def write_parallel_engine(graphs: list[Graph], out: Path, config: dict[str, Any], *, tp: int,
+                          pp: int, tokenizer=None) -> Path:
+    """Write one engine per rank under ``out/rank{r}`` and the top-level manifest."""
+    if len(graphs) != tp * pp:
+        raise EngineError(f"{len(graphs)} rank graphs for tp {tp} x pp {pp}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = []
+    for r, g in enumerate(graphs):
+        sub = f"rank{r}"
+        rank_config = dict(config, rank=r, tp_rank=r % tp, pp_stage=r // tp)
+        write_engine(g, out / sub, rank_config)
+        ranks.append({"rank": r, "tp_rank": r % tp, "pp_stage": r // tp, "path": sub})
+    files = [f"{rk['path']}/{MANIFEST}" for rk in ranks]
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+        files += [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                              "chat_template.jinja") if (out / f).exists()]
+    manifest = {
+        "format": ENGINE_FORMAT,
+        "version": ENGINE_VERSION,
+        "config": config,
+        "parallel": {"tp": tp, "pp": pp, "ranks": ranks},
+        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
+                  for f in files},
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    return out
+
+
 def load_engine(path, verify_checksums: bool = True) -> Engine:
     from irlm.parser import parse_graph
     from irlm.verifier import verify
@@ -99,18 +143,11 @@ def load_engine(path, verify_checksums: bool = True) -> Engine:
         raise EngineError(f"{path}: engine format version {manifest.get('version')} is not "
                           f"supported by this irlm (expects {ENGINE_VERSION}); recompile it")
     files = manifest.get("files")
+    if "parallel" in manifest:
+        return _load_parallel(path, manifest, verify_checksums)
     if not isinstance(files, dict) or PLAN_FILE not in files or WEIGHTS_FILE not in files:
         raise EngineError(f"{mpath}: manifest does not list {PLAN_FILE} and {WEIGHTS_FILE}")
-    for name, info in files.items():
-        f = path / name
-        if not f.exists():
-            raise EngineError(f"{path}: missing file {name}")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise EngineError(f"{f}: size {size} bytes, the manifest says {info.get('bytes')} "
-                              f"(truncated or replaced)")
-        if verify_checksums and _sha256(f) != info.get("sha256"):
-            raise EngineError(f"{f}: checksum mismatch (the file is corrupted or was modified)")
+    _check_files(path, files, verify_checksums)
     store = WeightStore()
     store.add_safetensors(path / WEIGHTS_FILE)
     graph = parse_graph((path / PLAN_FILE).read_text(encoding="utf-8"), str(path / PLAN_FILE),
@@ -123,6 +160,42 @@ def load_engine(path, verify_checksums: bool = True) -> Engine:
         tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
         template = getattr(tokenizer, "chat_template", None)
     return Engine(path, graph, manifest.get("config", {}), tokenizer, template)
+
+
+def _check_files(path: Path, files: dict, verify_checksums: bool) -> None:
+    for name, info in files.items():
+        f = path / name
+        if not f.exists():
+            raise EngineError(f"{path}: missing file {name}")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise EngineError(f"{f}: size {size} bytes, the manifest says {info.get('bytes')} "
+                              f"(truncated or replaced)")
+        if verify_checksums and _sha256(f) != info.get("sha256"):
+            raise EngineError(f"{f}: checksum mismatch (the file is corrupted or was modified)")
+
+
+def _load_parallel(path: Path, manifest: dict, verify_checksums: bool) -> Engine:
+    par = manifest["parallel"]
+    files = manifest.get("files")
+    ranks = par.get("ranks") if isinstance(par, dict) else None
+    if not isinstance(files, dict) or not isinstance(ranks, list) or not ranks or \
+            len(ranks) != par.get("tp", 0) * par.get("pp", 0):
+        raise EngineError(f"{path / MANIFEST}: malformed \"parallel\" section (needs tp, pp "
+                          f"and tp*pp ranks)")
+    for rk in ranks:
+        if f"{rk.get('path')}/{MANIFEST}" not in files:
+            raise EngineError(f"{path / MANIFEST}: rank {rk.get('rank')}'s {MANIFEST} is not "
+                              f"listed with a checksum")
+    _check_files(path, files, verify_checksums)
+    engines = [load_engine(path / rk["path"], verify_checksums) for rk in ranks]
+    tokenizer, template = None, None
+    if (path / "tokenizer.json").exists():
+        from transformers import PreTrainedTokenizerFast
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+        template = getattr(tokenizer, "chat_template", None)
+    return Engine(path, engines[0].graph, manifest.get("config", {}), tokenizer, template,
+                  ranks=engines, parallel={"tp": par["tp"], "pp": par["pp"]})
 
 
 def _sha256(path: Path) -> str:

@@ -13,13 +13,20 @@ The plan is derived from dataflow that the pass proves, never from names (docs/p
   followed; one that is not a reshape (mapped dim for dim), transpose, rope or the attention
   is refused.
 * **O projection**: the attention output, through reshapes/transposes, must reach a
-  ``core.linear`` (no bias) as its input's last dim: it becomes row-parallel (the rank's input
-  columns of the weight) followed by ``dist.all_reduce``.
+  ``core.linear`` as its input's last dim: it becomes row-parallel (the rank's input columns of
+  the weight) followed by ``dist.all_reduce``.  A row-parallel linear's ``param`` bias is taken
+  off the linear and added once after the reduction (in the partial sums it would count N
+  times).
 * **gated MLP** (per ``llm.gated_act``): its input must be a one-use ``core.linear`` with a
   ``param`` weight (the fused gate|up projection).  Column-parallel with each half split the
   same way: rank r keeps gate rows ``[r*I/N, (r+1)*I/N)`` and the same up rows, so
   ``gated_act`` pairs the right halves.  Its output reaches the down projection: row-parallel
   + ``dist.all_reduce``.
+* **non-gated MLP** (OPT, GPT-2): fc1 is an ``llm.linear_act``, or a ``core.linear`` whose one
+  use is an activation; column-parallel (rows and bias sliced alike), fc2 row-parallel.
+  GPT-2's Conv1D (``matmul`` by a ``[in, out]`` param + bias add) is first rewritten into
+  ``core.linear`` over a transposed derived weight; OPT's query scaling by a constant (an
+  elementwise op whose other operand has every dim 1) is followed like a reshape.
 * **LM head**: a graph output produced by a ``core.linear`` with a ``param`` weight of vocab V:
   column-parallel (V/N rows per rank) + ``dist.all_gather`` of the logits along the last axis.
   When V % N != 0 it stays replicated.  The embedding stays replicated.
@@ -30,11 +37,13 @@ stored tensors; their names say the slice (``...weight#tp2.r0[q0:2,k0:1,v0:1]``)
 collective's ``plan`` attribute names the projection it completes, so the dump shows the plan.
 
 Pipeline stages: :func:`split_for_pipeline` cuts the same form into equal groups of layers joined
-by ``dist.send``/``dist.recv`` (see its doc); it is a function, not a registered pass.
+by ``dist.send``/``dist.recv`` (see its doc); the registered pass ``pp-split{stages,stage}``
+makes one stage's graph.
 
 Refused with an :class:`~irlm.errors.IRError` naming the op: heads or intermediate size not
 divisible by N, a KV head count that neither divides nor is divided by N, an attention or
-gated MLP whose dataflow does not match, a row-parallel projection with a bias.
+gated MLP whose dataflow does not match, a row-parallel projection whose bias is not a 1-D
+weight.
 """
 from __future__ import annotations
 
@@ -79,6 +88,9 @@ class _Plan:
     kv_cache: Optional[Value] = None
     kv_heads_local: Optional[int] = None
     seen: set = field(default_factory=set)  # ids of ops already planned
+    # row-parallel linears with a bias: the bias moves after the all_reduce, or the sum
+    # would hold it N times
+    biases: dict = field(default_factory=dict)
 
 
 def _static(d, op, what) -> int:
@@ -136,6 +148,20 @@ def _map_reshape(op: Op, in_shape, dim: int, f: int):
     return None
 
 
+_SCALAR_ARITH = ("core.mul", "core.div", "core.add", "core.sub")
+
+
+def _is_scalar_operand(op: Op, index: int, v: Value) -> bool:
+    """Whether ``v`` (operand ``index`` of an elementwise op) meets a scalar-like other
+    operand: every dim 1 (OPT scales the query by a constant), so the op acts the same on
+    each shard and keeps ``v``'s rank.  A sharded divisor or subtrahend is not accepted."""
+    if len(op.operands) != 2 or (index == 1 and op.name in ("core.div", "core.sub")):
+        return False
+    other = op.operands[1 - index]
+    t = other.type
+    return t.rank <= v.type.rank and all(isinstance(d, int) and d == 1 for d in t.shape)
+
+
 def _follow(plan: _Plan, v: Value, dim: int, f: int, terminal: Callable[[Op, int, int], bool],
             what: str) -> None:
     """Plan the retyping of every use of ``v`` (sharded along ``dim`` in f chunks) until each
@@ -160,6 +186,8 @@ def _follow(plan: _Plan, v: Value, dim: int, f: int, terminal: Callable[[Op, int
             d0, d1 = op.attrs["dim0"] % r, op.attrs["dim1"] % r
             nd = d1 if dim == d0 else d0 if dim == d1 else dim
             _follow(plan, op.results[0], nd, f, terminal, what)
+        elif op.name in _SCALAR_ARITH and _is_scalar_operand(op, use.index, v):
+            _follow(plan, op.results[0], dim, f, terminal, what)
         elif op.name == "llm.rope" and use.index == 0:
             cos = op.operands[1].type
             k = dim - (v.type.rank - cos.rank)
@@ -170,7 +198,8 @@ def _follow(plan: _Plan, v: Value, dim: int, f: int, terminal: Callable[[Op, int
             _follow(plan, op.results[0], dim, f, terminal, what)
         else:
             raise _err(op, f"unrecognized use of the {what} (split {f} ways along dim {dim} "
-                           f"of {v.type}); tp-split only follows reshape, transpose and rope")
+                           f"of {v.type}); tp-split only follows reshape, transpose, rope and "
+                           f"arithmetic with a scalar")
 
 
 def _row_parallel(plan: _Plan, graph: Graph, what: str, global_in: int):
@@ -184,8 +213,11 @@ def _row_parallel(plan: _Plan, graph: Graph, what: str, global_in: int):
         x = op.operands[0]
         if dim != x.type.rank - 1:
             raise _err(op, f"reads the {what} split along dim {dim}, not its input features")
-        if len(op.operands) > 2:
-            raise _err(op, "a row-parallel projection with a bias is not supported")
+        bias = op.operands[2] if len(op.operands) > 2 else None
+        if bias is not None:
+            _param_name(bias, op, "bias")
+            if bias.type.rank != 1:
+                raise _err(op, f"the bias {bias.type} of a row-parallel projection is not 1-D")
         w = graph.weights.type_of(_param_name(op.operands[1], op, "weight"))
         if w.shape[1] != global_in:
             raise _err(op, f"weight {w} does not read {global_in} input features")
@@ -198,7 +230,10 @@ def _row_parallel(plan: _Plan, graph: Graph, what: str, global_in: int):
         plan.collectives.append((op, "dist.all_reduce", {
             "group_size": n, "op": "sum",
             "plan": f"row-parallel {loc}: in-features {r * step}:{(r + 1) * step} of "
-                    f"{global_in} on rank {r}, partial sums added over {n} ranks"}))
+                    f"{global_in} on rank {r}, partial sums added over {n} ranks"
+                    + (", then the bias (replicated)" if bias is not None else "")}))
+        if bias is not None:
+            plan.biases[id(op)] = bias
         return True
     return terminal
 
@@ -209,8 +244,12 @@ _CHAIN = ("core.reshape", "core.transpose", "llm.rope")
 
 
 def _source(v: Value) -> Value:
-    while v.producer is not None and v.producer.name in _CHAIN:
-        v = v.producer.operands[0]
+    while v.producer is not None:
+        p = v.producer
+        if p.name in _CHAIN or (p.name in _SCALAR_ARITH and _is_scalar_operand(p, 0, p.operands[0])):
+            v = p.operands[0]
+        else:
+            return v
     return v
 
 
@@ -236,13 +275,21 @@ def _plan_attention(plan: _Plan, graph: Graph, att: Op) -> None:
             [s.producer for s in srcs] != [split] * 3 or \
             [s.result_index for s in srcs] != [0, 1, 2]:
         raise _err(att, "query, key and value do not come from results 0, 1, 2 of one "
-                        "core.split of a fused QKV projection (through reshape/transpose/rope)")
-    lin = split.operands[0].producer
+                        "core.split of a fused QKV projection (through reshape/transpose/rope/"
+                        "scalar arithmetic)")
     x = split.operands[0]
-    if lin is None or lin.name != "core.linear" or len(x.uses) != 1:
-        raise _err(split, "the split input is not a one-use core.linear (fused QKV projection)")
     if split.attrs["dim"] % x.type.rank != x.type.rank - 1:
         raise _err(split, "the QKV split is not along the features")
+    # GPT-2 reshapes the projection's output ([tokens, 3h] -> [1, tokens, 3h]) before the
+    # split: a one-use reshape that keeps the feature dim is followed back.
+    reshapes = []
+    while x.producer is not None and x.producer.name == "core.reshape" and len(x.uses) == 1 \
+            and x.producer.operands[0].type.shape[-1:] == x.type.shape[-1:]:
+        reshapes.append(x.producer)
+        x = x.producer.operands[0]
+    lin = x.producer
+    if lin is None or lin.name != "core.linear" or len(x.uses) != 1:
+        raise _err(split, "the split input is not a one-use core.linear (fused QKV projection)")
     sizes = [_static(s, split, "a split size") for s in split.attrs["sizes"]]
     if sizes != [H * d, KV * d, KV * dv]:
         raise _err(split, f"split sizes {sizes} are not [heads*head_dim, kv_heads*head_dim, "
@@ -261,6 +308,10 @@ def _plan_attention(plan: _Plan, graph: Graph, att: Op) -> None:
     if len(lin.operands) > 2:
         _add_row_shard(plan, lin, 2, ranges, spec, graph)
     plan.attrs.append((split, {"sizes": (hl * d, kvl * d, kvl * dv)}))
+    for rs in reshapes:
+        shape = list(rs.attrs["shape"])
+        shape[-1] = hl * d + kvl * d + kvl * dv
+        plan.attrs.append((rs, {"shape": tuple(shape)}))
     if att.attrs.get("alibi_slopes"):
         plan.attrs.append((att, {"alibi_slopes": tuple(att.attrs["alibi_slopes"][qs:qs + hl])}))
     if id(att) in plan.seen:
@@ -277,7 +328,8 @@ def _plan_attention(plan: _Plan, graph: Graph, att: Op) -> None:
                 raise _err(op, f"operand {index} is reached from QKV part {i} along dim {dim}")
             return True
         if f > 1:
-            _follow(plan, val, split.attrs["dim"] % x.type.rank, f, at_attention, what)
+            _follow(plan, val, split.attrs["dim"] % split.operands[0].type.rank, f, at_attention,
+                    what)
     # The attention output [tokens, H, dv] holds the rank's heads: on to the O projection.
     _follow(plan, att.results[0], 1, n, _row_parallel(plan, graph, "attention heads", H * dv),
             "attention output")
@@ -303,6 +355,94 @@ def _plan_gated_mlp(plan: _Plan, graph: Graph, act: Op) -> None:
         _add_row_shard(plan, lin, 2, ranges, spec, graph)
     _follow(plan, act.results[0], act.results[0].type.rank - 1, n,
             _row_parallel(plan, graph, "gated MLP intermediate", inter), "gated MLP output")
+
+
+# ----- non-gated MLP (GPT-2, OPT) ---------------------------------------------------------------
+
+ACTIVATIONS = ("core.relu", "core.gelu", "core.silu", "core.tanh", "core.sigmoid")
+
+
+def _plan_mlp(plan: _Plan, graph: Graph, fc1: Op, out: Value, what: str) -> None:
+    """fc1 (``llm.linear_act``, or a ``core.linear`` whose ``out`` is its activation) becomes
+    column-parallel, rows and bias sliced alike; ``out`` reaches fc2, row-parallel."""
+    n, r = plan.size, plan.rank
+    inter = _static(fc1.results[0].type.shape[-1], fc1, "the intermediate size")
+    if inter % n:
+        raise _err(fc1, f"intermediate size {inter} is not divisible by tp size {n}")
+    il = inter // n
+    spec = f"rows{r * il}:{(r + 1) * il}"
+    _add_row_shard(plan, fc1, 1, [(r * il, (r + 1) * il)], spec, graph)
+    if len(fc1.operands) > 2:
+        _add_row_shard(plan, fc1, 2, [(r * il, (r + 1) * il)], spec, graph)
+    plan.seen.add(id(fc1))
+    _follow(plan, out, out.type.rank - 1, n, _row_parallel(plan, graph, what, inter),
+            f"{what} output")
+
+
+def _unfused_mlp_candidates(graph: Graph, plan: _Plan) -> list[tuple[Op, Value]]:
+    """``core.linear`` (param weight) -> one-use activation -> only ``core.linear`` inputs: an
+    MLP left unfused (e.g. below -O2's linear_act fusion)."""
+    found = []
+    for lin in graph.ops:
+        if lin.name != "core.linear" or id(lin) in plan.seen or \
+                lin.operands[1].producer is None or lin.operands[1].producer.name != "param":
+            continue
+        y = lin.results[0]
+        if len(y.uses) != 1 or y.uses[0].op.name not in ACTIVATIONS:
+            continue
+        act = y.uses[0].op
+        uses = act.results[0].uses
+        if uses and all(u.op.name == "core.linear" and u.index == 0 for u in uses):
+            found.append((lin, act.results[0]))
+    return found
+
+
+# ----- GPT-2's Conv1D --------------------------------------------------------------------------
+
+def _conv1d_as_linear(graph: Graph) -> int:
+    """Rewrite ``matmul(x, W[in, out])`` with a ``param`` W (+ a one-use add of a 1-D param
+    bias) into ``core.linear(x, W.T[, b])``, so the plan sees one projection form.  ``W.T`` is
+    a derived weight, named as the bias-act fusion names it.  Returns the rewrites made."""
+    from irlm.passes.fusions.weights import ensure_weight_store
+    count = 0
+    for mm in list(graph.ops):
+        if mm.name != "core.matmul":
+            continue
+        x, w = mm.operands
+        wp = w.producer
+        if wp is None or wp.name != "param" or w.type.rank != 2 or x.type.rank < 2:
+            continue
+        store = ensure_weight_store(graph)
+        name = wp.attrs["name"] + ".T"
+        t = TensorType((w.type.shape[1], w.type.shape[0]), w.type.dtype)
+        if name not in store:
+            store.add_derived(name, t, [wp.attrs["name"]], lambda m: m.t().contiguous(),
+                              how="transpose")
+        wt = make_op("param", [], {"name": name, "type": t}, wp.loc)
+        graph.insert_before(mm, wt)
+        operands, last = [x, wt.results[0]], mm
+        y = mm.results[0]
+        add = y.uses[0].op if len(y.uses) == 1 else None
+        if add is not None and add.name == "core.add" and not any(o is y for o in graph.outputs):
+            b = add.operands[1 - y.uses[0].index]
+            if b.producer is not None and b.producer.name == "param" and b.type.rank == 1 and \
+                    b.type.shape[0] == t.shape[0]:
+                operands.append(b)
+                last = add
+        lin = make_op("core.linear", operands, {}, last.loc,
+                      result_names=[last.results[0].name])
+        graph.insert_before(last, lin)
+        old = last.results[0]
+        for u in list(old.uses):
+            u.op.set_operand(u.index, lin.results[0])
+        graph._replace_output(old, lin.results[0])
+        graph.erase(last)
+        if last is not mm:
+            graph.erase(mm)
+        if not w.uses and not any(o is w for o in graph.outputs):
+            graph.erase(wp)
+        count += 1
+    return count
 
 
 # ----- LM head ---------------------------------------------------------------------------------
@@ -336,8 +476,8 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     """Prove the split of ``graph`` for rank ``rank`` of ``size``; changes nothing."""
     if size < 1 or not 0 <= rank < size:
         raise TPSplitError(f"tp-split: rank {rank} is not in a group of size {size}")
-    if graph.weights is None:
-        raise TPSplitError(f"tp-split: graph @{graph.name} has no weight store to slice")
+    from irlm.passes.fusions.weights import ensure_weight_store
+    ensure_weight_store(graph)  # IR text without --weights: shapes are enough to plan
     plan = _Plan(size, rank)
     if any(op.dialect == "dist" for op in graph.ops):
         raise TPSplitError(f"tp-split: graph @{graph.name} is already split (has dist ops)")
@@ -349,6 +489,10 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
         _plan_attention(plan, graph, att)
     for act in [op for op in graph.ops if op.name == "llm.gated_act"]:
         _plan_gated_mlp(plan, graph, act)
+    for fc1 in [op for op in graph.ops if op.name == "llm.linear_act"]:
+        _plan_mlp(plan, graph, fc1, fc1.results[0], "MLP intermediate")
+    for fc1, out in _unfused_mlp_candidates(graph, plan):
+        _plan_mlp(plan, graph, fc1, out, "MLP intermediate")
     cache = plan.kv_cache
     others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != 3]
     if others:
@@ -362,8 +506,16 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
     ``stats`` (a pass's ``ctx.stats``) counts the weights sharded and collectives inserted."""
     if size == 1:
         return graph
+    conv = 0
+    if any(op.name == "core.matmul" for op in graph.ops):
+        # A refused split changes nothing: prove it on a rewritten copy first.
+        trial = _trial_copy(graph)
+        if _conv1d_as_linear(trial):
+            plan_rank(trial, size, rank)
+            conv = _conv1d_as_linear(graph)
     plan = plan_rank(graph, size, rank)
     if stats is not None:
+        stats.counters["matmuls rewritten as linear"] += conv
         stats.counters["weights sharded"] += len(plan.shards)
         for _, kind, _ in plan.collectives:
             stats.counters[f"{kind} inserted"] += 1
@@ -394,16 +546,50 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
             res.type = t
     # 4. collectives after the row-parallel projections and the LM head
     for op, kind, attrs in plan.collectives:
+        bias = plan.biases.get(id(op))
+        if bias is not None:
+            op = _without_bias(graph, op)
         old = op.results[0]
         new = make_op(kind, [old], attrs, op.loc)
         uses = list(old.uses)
         graph.insert_after(op, new)
+        last = new
+        if bias is not None:
+            last = make_op("core.add", [new.results[0], bias], {}, op.loc)
+            graph.insert_after(new, last)
         for u in uses:
-            u.op.set_operand(u.index, new.results[0])
-        graph._replace_output(old, new.results[0])
+            u.op.set_operand(u.index, last.results[0])
+        graph._replace_output(old, last.results[0])
         if old.name is not None:
-            new.results[0].name, old.name = old.name, f"{old.name}_partial"
+            last.results[0].name, old.name = old.name, f"{old.name}_partial"
+            if last is not new:
+                new.results[0].name = f"{last.results[0].name}_reduced"
     return graph
+
+
+def _trial_copy(graph: Graph) -> Graph:
+    """A copy to prove a split on; its ops keep the original's positions, so a refusal names
+    the op where the user sees it."""
+    from irlm.parser import parse_graph
+    from irlm.passes.fusions.weights import ensure_weight_store
+    from irlm.printer import print_graph
+    copy = parse_graph(print_graph(graph), f"@{graph.name}", weights=ensure_weight_store(graph))
+    for a, b in zip(graph.ops, copy.ops):
+        b.text_pos = a.text_pos
+    return copy
+
+
+def _without_bias(graph: Graph, op: Op) -> Op:
+    """Replace ``core.linear(x, w, b)`` by ``core.linear(x, w)``; returns the new op."""
+    new = make_op("core.linear", op.operands[:2], dict(op.attrs), op.loc,
+                  result_names=[op.results[0].name])
+    graph.insert_before(op, new)
+    old = op.results[0]
+    for u in list(old.uses):
+        u.op.set_operand(u.index, new.results[0])
+    graph._replace_output(old, new.results[0])
+    graph.erase(op)
+    return new
 
 
 def _normalized(op: Op, attrs: dict) -> dict:
@@ -417,7 +603,9 @@ def split_for_tensor_parallel(graph: Graph, size: int) -> list[Graph]:
     from irlm.parser import parse_graph
     from irlm.printer import print_graph
     text = print_graph(graph)
-    plan_rank(graph, size, 0)  # refuse before copying anything
+    trial = _trial_copy(graph)
+    _conv1d_as_linear(trial)
+    plan_rank(trial, size, 0)  # refuse before splitting anything
     out = []
     for r in range(size):
         g = parse_graph(text, f"<tp-split rank {r}>", weights=graph.weights)
@@ -446,8 +634,55 @@ _register()
 
 # ----- pipeline stages (pp) --------------------------------------------------------------------
 
+class PPSplitError(TPSplitError):
+    """pp-split cannot cut this graph into the stages asked for."""
+
+
+_NORMS = ("core.layer_norm", "llm.rms_norm", "llm.add_rms_norm")
+_COPYABLE = ("param", "core.constant")
+
+
+def _layer_start(att: Op, prev: Op, pos: dict) -> int:
+    """Where the layer of ``att`` starts: its input norm, found by walking back from the query
+    through the first computed operand of each op; stops after ``prev`` (the previous layer's
+    attention).  Any cut between ``prev`` and ``att`` is correct (what crosses it is sent);
+    cutting at the norm sends the fewest values (the residual stream and rotary tables)."""
+    at, v = pos[id(att)], att.operands[0]
+    while True:
+        p = v.producer
+        if p is None or p.name in _COPYABLE or pos[id(p)] <= pos[id(prev)]:
+            return at
+        at = pos[id(p)]
+        if p.name in _NORMS:
+            return at
+        computed = [x for x in p.operands if x.producer is None or
+                    x.producer.name not in _COPYABLE]
+        if not computed:
+            return at
+        v = computed[0]
+
+
+def check_pipeline(graph: Graph, stages: int) -> int:
+    """Refuse a graph that cannot be cut into ``stages`` equal stages; the layer count."""
+    atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
+    if stages < 1:
+        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
+    if any(op.dialect == "dist" for op in graph.ops):
+        raise PPSplitError(f"pp-split: graph @{graph.name} is already split (has dist ops)")
+    if not atts:
+        raise PPSplitError("pp-split: the graph has no llm.paged_attention (run "
+                           "substitute-attention first: compile at -O0 or above)")
+    if len(atts) % stages:
+        raise PPSplitError(f"pp-split: stages={stages}: {len(atts)} layers cannot be cut into "
+                           f"{stages} equal stages")
+    caches = {id(a.operands[3]) for a in atts}
+    if len(caches) != 1 or atts[0].operands[3].producer is not None:
+        raise _err(atts[0], "pp-split: the layers do not share one KV cache graph input")
+    return len(atts)
+
+
 def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
-    """Cut ``graph`` (the -O2 inference form) into ``stages`` per-stage graphs by layers.
+    """Cut ``graph`` (the paged inference form) into ``stages`` per-stage graphs by layers.
 
     Stage s runs the ops from layer ``s*L/S``'s input norm up to the next stage's cut.  Every
     value that crosses a cut (the residual stream, the rotary tables...) is sent with
@@ -455,30 +690,18 @@ def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
     copied instead of sent.  Each stage keeps the graph's inputs (one calling convention);
     its KV cache holds its own layers only (``layer`` renumbered).  A stage other than the last
     returns what it sent; the last stage returns the logits.  Run them with
-    :func:`irlm.distributed.run_ranks`."""
+    :func:`irlm.distributed.run_ranks`.  ``graph`` is left unchanged."""
     from irlm.ir import Graph as G
+    L = check_pipeline(graph, stages)
     ops = list(graph.ops)
     atts = [op for op in ops if op.name == "llm.paged_attention"]
-    L = len(atts)
-    if stages < 1 or not atts or L % stages:
-        raise TPSplitError(f"pp-split: {L} layers cannot be cut into {stages} equal stages")
     per = L // stages
     pos = {id(op): i for i, op in enumerate(ops)}
     cuts = [0]
     for s in range(1, stages):
-        att = atts[s * per]
-        src = _source(att.operands[0]).producer        # the QKV split
-        lin = src.operands[0].producer if src is not None else None
-        if src is None or src.name != "core.split" or lin is None or lin.name != "core.linear":
-            raise _err(att, "pp-split: cannot find this layer's QKV projection to cut before")
-        norm = lin.operands[0].producer
-        cut = pos[id(norm)] if norm is not None else pos[id(lin)]
-        if cut <= pos[id(atts[s * per - 1])]:
-            raise _err(att, "pp-split: this layer's input is computed before the previous "
-                            "layer's attention")
-        cuts.append(cut)
+        cuts.append(_layer_start(atts[s * per], atts[s * per - 1], pos))
     cuts.append(len(ops))
-    copyable = ("param", "core.constant")
+    copyable = _COPYABLE
     cache = atts[0].operands[3]
     out = []
     for s in range(stages):
@@ -554,3 +777,43 @@ def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
                 g.erase(op)
         out.append(g)
     return out
+
+
+def split_stage(graph: Graph, stages: int, stage: int, stats=None) -> Graph:
+    """Rewrite ``graph`` in place into stage ``stage`` of ``split_for_pipeline(graph, stages)``."""
+    if stages < 1:
+        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
+    if not 0 <= stage < stages:
+        raise PPSplitError(f"pp-split: stage={stage} is not a stage of {stages} "
+                           f"(0 to {stages - 1})")
+    if stages == 1:
+        check_pipeline(graph, 1)
+        return graph
+    new = split_for_pipeline(graph, stages)[stage]
+    if stats is not None:
+        for kind in ("dist.send", "dist.recv"):
+            stats.counters[f"{kind} inserted"] += sum(op.name == kind for op in new.ops)
+    # A pass rewrites the graph object it was given: move the stage's ops into it.
+    graph.inputs, graph.outputs, graph.dims = new.inputs, new.outputs, new.dims
+    graph.first, graph.last, graph._num_ops = new.first, new.last, new._num_ops
+    for op in graph.ops:
+        op.graph = graph
+    return graph
+
+
+def _register_pp() -> None:
+    from .options import Option
+    from .registry import register_pass
+
+    @register_pass("pp-split", options={
+        "stages": Option(int, 2, "pipeline stages (the layer count must divide evenly)"),
+        "stage": Option(int, 0, "the stage whose graph this run produces"),
+    })
+    def _pass(graph, ctx):
+        """Pipeline-parallel split of the inference form by layers: stage `stage` of
+        `stages`, joined to its neighbours by dist.send/dist.recv (docs/parallelism.md)."""
+        o = ctx.options
+        split_stage(graph, o["stages"], o["stage"], ctx.stats)
+
+
+_register_pp()

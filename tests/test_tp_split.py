@@ -11,7 +11,7 @@ import transformers
 
 from irlm.compiler import compile_causal_lm
 from irlm.distributed import CollectiveMismatch, DistributedError, run_ranks
-from irlm.errors import IRError
+from irlm.errors import IRError, IRLMError
 from irlm.interpreter import Interpreter
 from irlm.parser import parse_graph
 from irlm.passes import run_pipeline
@@ -32,6 +32,15 @@ CONFIGS = {
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
         sliding_window=3),
+    # biases on every projection (row-parallel ones too), query scaled by a constant before
+    # the reshape, a non-gated MLP fused as llm.linear_act (relu), LM head tied to the embedding
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
+        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+    # Conv1D projections (matmul by a [in, out] weight + bias add), a reshape between the QKV
+    # projection and its split, linear_act (gelu_tanh) over a transposed c_fc weight
+    "gpt2": lambda: transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
 }
 _cache = {}
 
@@ -214,7 +223,7 @@ def test_pass_statistics():
     assert stats.counters["dist.all_gather inserted"] == 1
 
 
-@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias"])
+@pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias", "opt", "gpt2"])
 def test_pipeline_stages_match_unsplit(arch):
     from irlm.passes.tp_split import split_for_pipeline
     g = compiled(arch)
@@ -239,3 +248,138 @@ def test_pipeline_needs_equal_stages():
     from irlm.passes.tp_split import split_for_pipeline
     with pytest.raises(IRError, match="2 layers cannot be cut into 3 equal stages"):
         split_for_pipeline(compiled("llama-gqa"), 3)
+
+
+def test_opt_and_gpt2_plan_in_the_dump():
+    """Row-parallel projections with a bias: the partial sums are reduced without it, then the
+    bias is added once; fc1 of the non-gated MLP is column-parallel with its bias sliced."""
+    text = print_graph(split_for_tensor_parallel(compiled("opt"), 2)[1])
+    assert "model.decoder.layers.0.fc1.weight#tp2.r1[rows24:48]" in text
+    assert "model.decoder.layers.0.fc1.bias#tp2.r1[rows24:48]" in text
+    assert "row-parallel model.decoder.layers.1.fc2: in-features 24:48 of 48 on rank 1, " \
+           "partial sums added over 2 ranks, then the bias (replicated)" in text
+    assert '= param "model.decoder.layers.0.fc2.bias" : tensor<32xf32>' in text  # not sliced
+    rank = parse_graph(text, weights=compiled("opt").weights)
+    for op in rank.ops:
+        if op.name == "dist.all_reduce":
+            linear, (use,) = op.operands[0].producer, op.results[0].uses
+            assert len(linear.operands) == 2                   # reduced without the bias
+            assert use.op.name == "core.add" and use.op.operands[1].producer.name == "param"
+    gpt2 = print_graph(split_for_tensor_parallel(compiled("gpt2"), 2)[0])
+    assert "core.matmul" not in gpt2  # Conv1D became core.linear over a transposed weight
+    assert "transformer.h.0.attn.c_attn.weight.T#tp2.r0[q0:2,k0:2,v0:2]" in gpt2
+    assert "transformer.h.0.mlp.c_proj.weight.T#tp2.r0[cols0:64]" in gpt2
+
+
+def test_indivisible_non_gated_intermediate_is_refused():
+    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=50,
+                                 num_hidden_layers=1, num_attention_heads=4,
+                                 word_embed_proj_dim=32, max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = compile_causal_lm(transformers.OPTForCausalLM(cfg).eval(), level="2", max_seq=64)
+    with pytest.raises(IRError, match="llm.linear_act.*intermediate size 50 is not divisible "
+                                      "by tp size 4"):
+        split_for_tensor_parallel(g, 4)
+
+
+def test_refused_gpt2_split_leaves_the_graph_unchanged():
+    """The pass rewrites Conv1D matmuls before planning; a refusal must undo nothing."""
+    g = compiled("gpt2")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    with pytest.raises(IRLMError, match=r"llm.paged_attention \(%22\) at transformer.h.0.attn.*"
+                                        "4 query heads are not divisible by tp size 3"):
+        run_pipeline(h, "tp-split{size=3,rank=0}")
+    assert print_graph(h) == print_graph(g)
+
+
+def test_row_parallel_bias_that_is_not_a_weight_is_refused():
+    g = compiled("opt")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    fc2 = next(op for op in h.ops if op.name == "core.linear" and
+               op.loc.module == "model.decoder.layers.0.fc2")
+    from irlm.builder import make_op
+    neg = make_op("core.neg", [fc2.operands[2]])   # a computed bias: no weight to keep
+    h.insert_before(fc2, neg)
+    fc2.set_operand(2, neg.results[0])
+    with pytest.raises(IRError, match="core.linear.*the bias is not a weight"):
+        split_for_tensor_parallel(h, 2)
+
+
+def run_stages(g, stages):
+    """Prefill + decode through the stages; the last stage's logits against the unsplit
+    graph's (bit-identical: every stage runs the same ops on the same values)."""
+    ref, ref_cache = Interpreter(g), new_cache(g)
+    caches = [new_cache(st) for st in stages]
+    for step in steps():
+        want = ref.run(step + [ref_cache]).outputs[0]
+        outs = run_ranks(stages, [step + [c] for c in caches])
+        torch.testing.assert_close(outs[-1][0], want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("arch", ["llama-gqa", "opt", "gpt2"])
+def test_pp_split_pass_builds_each_stage(arch):
+    from irlm.passes.tp_split import split_for_pipeline
+    g = compiled(arch)
+    want = split_for_pipeline(parse_graph(print_graph(g), weights=g.weights), 2)
+    built = []
+    for s in range(2):
+        h = parse_graph(print_graph(g), weights=g.weights)
+        run_pipeline(h, f"pp-split{{stages=2,stage={s}}}")
+        verify(h)
+        assert print_graph(h) == print_graph(want[s])
+        built.append(h)
+    run_stages(g, built)
+
+
+def test_pp_split_four_stages_middle_stages_send_and_receive():
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=4, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = compile_causal_lm(transformers.LlamaForCausalLM(cfg).eval(), level="2", max_seq=64,
+                          tokens_per_block=4)
+    stages = []
+    for s in range(4):
+        h = parse_graph(print_graph(g), weights=g.weights)
+        run_pipeline(h, f"pp-split{{stages=4,stage={s}}}")
+        names = [op.name for op in h.ops]
+        assert ("dist.recv" in names) == (s > 0) and ("dist.send" in names) == (s < 3)
+        assert [op.attrs["layer"] for op in h.ops if op.name == "llm.paged_attention"] == [0]
+        stages.append(h)
+    run_stages(g, stages)
+
+
+@pytest.mark.parametrize("pipeline, what", [
+    ("pp-split{stages=3,stage=0}", "stages=3: 2 layers cannot be cut into 3 equal stages"),
+    ("pp-split{stages=2,stage=2}", "stage=2 is not a stage of 2"),
+    ("pp-split{stages=0,stage=0}", "stages=0: must be at least 1"),
+    ("pp-split{stages=2,stage=0},pp-split{stages=2,stage=0}", "already split"),
+    ("tp-split{size=2,rank=0},pp-split{stages=2,stage=1}", "already split"),
+])
+def test_pp_split_refusals(pipeline, what):
+    g = compiled("llama-gqa")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    with pytest.raises(IRLMError, match="pp-split.*" + what):
+        run_pipeline(h, pipeline)
+
+
+def test_unfused_mlp_linear_then_activation():
+    """fc1 as core.linear + core.relu (the MLP below -O2's linear_act fusion) splits like
+    linear_act: fc1 column-parallel through the elementwise activation, fc2 row-parallel."""
+    from irlm.builder import make_op
+    g = compiled("opt")
+    h = parse_graph(print_graph(g), weights=g.weights)
+    for la in [op for op in h.ops if op.name == "llm.linear_act"]:
+        lin = make_op("core.linear", la.operands, {}, la.loc)
+        act = make_op("core.relu", [lin.results[0]], {}, la.loc)
+        h.insert_before(la, lin)
+        h.insert_before(la, act)
+        for u in list(la.results[0].uses):
+            u.op.set_operand(u.index, act.results[0])
+        h.erase(la)
+    verify(h)
+    ranks = check_split(h, 2)
+    text = print_graph(ranks[0])
+    assert "llm.linear_act" not in text
+    assert "model.decoder.layers.1.fc1.weight#tp2.r0[rows0:24]" in text
+    assert "row-parallel model.decoder.layers.1.fc2" in text

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from ..errors import IRLMError
+from . import _parallel
 
 FRONTEND_IR = Path("ir") / "00-frontend.irlm"
 DTYPES = ("f32", "f16", "bf16")
@@ -69,6 +70,7 @@ def add_parser(sub) -> None:
                    help="stop after the pass pipeline (write IR only, no engine)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
+    _parallel.add_parallel_arguments(p)
     p.set_defaults(func=run)
 
 
@@ -85,6 +87,7 @@ class CompileJob:
     pipeline: str = ""
     calib_tokens: Optional[Path] = None   # OUT/calib-tokens.json, when something calibrates
     timings: dict[str, float] = field(default_factory=dict)
+    ranks: list = field(default_factory=list)   # per-rank graphs of --tp / --pp
 
 
 @dataclass(frozen=True)
@@ -223,7 +226,6 @@ def write_calibration_tokens(job: CompileJob) -> Path:
 
 
 def engine_stage(job: CompileJob) -> None:
-    from irlm.lowering.engine import write_engine
     if job.args.no_engine:
         return
     if not any(v.name == "kv_cache" for v in job.graph.inputs):
@@ -248,7 +250,7 @@ def engine_stage(job: CompileJob) -> None:
     tok = job.model.tokenizer
     if tok is not None and job.model.chat_template and not getattr(tok, "chat_template", None):
         tok.chat_template = job.model.chat_template
-    write_engine(job.graph, job.out, config, tokenizer=tok)
+    _parallel.write_engine(job, config, tok)
     job.written.append(job.out / "engine.json")
 
 
@@ -281,11 +283,13 @@ def write_frontend_ir_stage(job: CompileJob) -> None:
 
 STAGES: list[Stage] = [
     Stage("load", load_stage),
+    Stage("check parallel", _parallel.check_model_stage),
     Stage("calibration set", calibration_stage),
     Stage("trace", trace_stage),
     Stage("verify", verify_stage),
     Stage("write IR", write_frontend_ir_stage),
     Stage("passes", passes_stage),
+    Stage("split", _parallel.split_stage),
     Stage("write engine", engine_stage),
 ]
 
@@ -339,6 +343,7 @@ def check_arguments(args) -> None:
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
+    _parallel.check_parallel_arguments(args)
 
 
 def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:

@@ -106,6 +106,11 @@ class CudaGraphRunner:
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
                  device: str = "cuda", cuda_graphs: bool = True, weights=None):
+        dist = next((op for op in graph.ops if op.dialect == "dist"), None)
+        if dist is not None:
+            raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
+                            f"({dist.describe()}): the CUDA executor has no NCCL collectives "
+                            f"yet; run the whole engine on the CPU (--device cpu)")
         if not torch.cuda.is_available():
             raise IRLMError("the CUDA executor needs a CUDA GPU")
         names = [v.name for v in graph.inputs]

@@ -71,12 +71,23 @@ class GraphRunner:
 
 
 def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None):
-    """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present)."""
+    """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present).
+    A multi-rank engine (``irlm compile --tp/--pp``) runs all its ranks in the CPU simulator
+    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it."""
+    max_len = engine.config.get("max_model_len")
+    if getattr(engine, "ranks", None):
+        par = engine.parallel
+        if device not in ("auto", "cpu"):
+            raise IRLMError(f"{engine.path}: a multi-rank engine (tp {par.get('tp')}, pp "
+                            f"{par.get('pp')}) runs only on the CPU simulator for now (there "
+                            f"are no NCCL collectives yet); use --device cpu")
+        from .rank_runner import RankRunner
+        return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
+                          max_model_len=max_len)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise IRLMError("--device cuda: no CUDA GPU is available here")
-    max_len = engine.config.get("max_model_len")
     if device == "cuda":
         try:
             from .cuda_runner import CudaGraphRunner

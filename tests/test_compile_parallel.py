@@ -1,0 +1,198 @@
+"""`irlm compile --tp N` / `--pp N`: multi-rank engines that generate what the unsplit engine
+generates, run on the CPU simulator; bad flag values are refused before the trace.
+
+Tiny seeded HF models saved as directories: a Llama with GQA (4 heads / 2 kv heads, with a
+word-level tokenizer so `irlm run --prompt TEXT` works) and an OPT (biases, relu MLP).  The
+oracles are the unsplit engine run by the reference interpreter and HF transformers.
+"""
+import argparse
+import json
+
+import pytest
+import torch
+import transformers
+
+from irlm.cli import main as irlm_main
+from irlm.errors import IRLMError
+from irlm.lowering.engine import load_engine
+from irlm.runtime import LLM, SamplingParams
+from irlm.runtime.graph_runner import runner_for_engine
+from irlm.runtime.model_runner import StepBatch
+
+VOCAB = 96
+CONFIGS = {
+    "llama": lambda: transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64),
+    "opt": lambda: transformers.OPTConfig(
+        hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+        word_embed_proj_dim=32, vocab_size=VOCAB, max_position_embeddings=64),
+}
+
+
+def save_word_tokenizer(d):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    out = {}
+    for arch, cfg in CONFIGS.items():
+        d = tmp_path_factory.mktemp(arch)
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(cfg()).eval()
+        model.save_pretrained(d)
+        if arch == "llama":
+            save_word_tokenizer(d)
+        out[arch] = (d, model)
+    return out
+
+
+_engines = {}
+
+
+def engine_dir(models, tmp_path_factory, arch, *flags):
+    key = (arch, flags)
+    if key not in _engines:
+        out = tmp_path_factory.mktemp(f"{arch}{''.join(flags)}".replace("-", "")) / "engine"
+        argv = ["compile", "--hf", str(models[arch][0]), "-o", str(out),
+                "--tokens-per-block", "4", *flags]
+        assert irlm_main(argv) == 0
+        _engines[key] = out
+    return _engines[key]
+
+
+PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12]]
+
+
+def first_step_logits(path):
+    runner = runner_for_engine(load_engine(path), device="cpu", num_blocks=16)
+    batch = StepBatch.pack([0, 1], PROMPTS, [0, 0], [[0, 1], [2]])
+    return runner.step(batch)
+
+
+@pytest.mark.parametrize("arch", ["llama", "opt"])
+@pytest.mark.parametrize("flag", ["--tp", "--pp"])
+def test_split_engine_generates_like_the_unsplit_one(models, tmp_path_factory, arch, flag):
+    base = engine_dir(models, tmp_path_factory, arch)
+    split = engine_dir(models, tmp_path_factory, arch, flag, "2")
+
+    manifest = json.loads((split / "engine.json").read_text())
+    tp, pp = (2, 1) if flag == "--tp" else (1, 2)
+    assert manifest["parallel"]["tp"] == tp and manifest["parallel"]["pp"] == pp
+    assert [r["path"] for r in manifest["parallel"]["ranks"]] == ["rank0", "rank1"]
+    assert "rank1/engine.json" in manifest["files"]
+    engine = load_engine(split)
+    assert len(engine.ranks) == 2
+    for r, rank in enumerate(engine.ranks):
+        ops = [op.name for op in rank.graph.ops]
+        if flag == "--tp":
+            assert ops.count("dist.all_reduce") == 4 and ops.count("dist.all_gather") == 1
+            # a rank caches its own kv heads only
+            assert rank.graph.inputs[-1].type.shape[4] == load_engine(base).graph.inputs[-1] \
+                .type.shape[4] // 2
+        else:
+            assert ("dist.send" in ops) == (r == 0) and ("dist.recv" in ops) == (r == 1)
+            assert rank.graph.inputs[-1].type.shape[0] == 1     # the stage's one layer
+        # each rank's weight file holds its shards / its layers only
+        assert (split / f"rank{r}" / "weights.safetensors").stat().st_size < \
+            (base / "weights.safetensors").stat().st_size
+
+    want, got = first_step_logits(base), first_step_logits(split)
+    scale = float(want.max() - want.min())
+    assert (got - want).abs().max().item() <= 1e-5 * scale
+    with torch.no_grad():  # and HF itself, on the first prompt
+        hf = models[arch][1](torch.tensor([PROMPTS[0]])).logits[0, -1]
+    assert (got[0] - hf).abs().max().item() <= 1e-4 * scale
+
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    want_tokens = [o.outputs[0].token_ids for o in
+                   LLM.from_engine(base, device="cpu").generate(PROMPTS, params)]
+    got_tokens = [o.outputs[0].token_ids for o in
+                  LLM.from_engine(split, device="cpu").generate(PROMPTS, params)]
+    assert got_tokens == want_tokens and all(len(t) == 6 for t in got_tokens)
+
+
+def test_dump_ir_per_rank_and_irlm_run(models, tmp_path_factory, capsys):
+    d = models["llama"][0]
+    out = tmp_path_factory.mktemp("dump") / "engine"
+    assert irlm_main(["compile", "--hf", str(d), "-o", str(out), "--tokens-per-block", "4",
+                      "--tp", "2", "--dump-ir"]) == 0
+    passes = sorted(p.name for p in (out / "ir").glob("[0-9][0-9]-*.irlm"))
+    for r in range(2):
+        (dump,) = (out / "ir" / f"rank{r}").glob("*.irlm")
+        assert dump.name == f"{len(passes):02d}-tp-split.irlm"
+        text = dump.read_text()
+        assert f"#tp2.r{r}[" in text and "dist.all_reduce" in text
+        assert text == (out / f"rank{r}" / "plan.irlm").read_text()
+    capsys.readouterr()
+    base = engine_dir(models, tmp_path_factory, "llama")
+    texts = []
+    for engine in (base, out):
+        assert irlm_main(["run", str(engine), "--prompt", "w5 w17 w33 w2", "--max-tokens", "5",
+                          "--no-stream", "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0].split()) == 5
+
+
+def test_multi_rank_engine_is_refused_by_the_cuda_runner(models, tmp_path_factory):
+    split = engine_dir(models, tmp_path_factory, "llama", "--tp", "2")
+    engine = load_engine(split)
+    with pytest.raises(IRLMError, match="multi-rank engine .tp 2, pp 1. runs only on the CPU"):
+        runner_for_engine(engine, device="cuda")
+    from irlm.runtime.cuda_runner import CudaGraphRunner
+    with pytest.raises(IRLMError, match="one rank of a multi-rank .* no NCCL collectives"):
+        CudaGraphRunner(engine.ranks[0].graph)
+
+
+@pytest.fixture(scope="module")
+def wide_dir(tmp_path_factory):
+    """12 heads / 4 kv heads, intermediate 50: --tp 6 fails on kv heads, --tp 4 on the MLP."""
+    d = tmp_path_factory.mktemp("wide")
+    cfg = transformers.LlamaConfig(hidden_size=48, intermediate_size=50, num_hidden_layers=2,
+                                   num_attention_heads=12, num_key_value_heads=4,
+                                   vocab_size=VOCAB, max_position_embeddings=64)
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("which, flags, message", [
+    ("llama", ["--tp", "3"], "--tp 3: the model has 4 attention heads, which --tp must divide"),
+    ("llama", ["--tp", "8"], "--tp 8: the model has only 4 attention heads; --tp cannot be "
+                             "larger"),
+    ("wide", ["--tp", "6"], "--tp 6: the model has 4 kv heads; --tp must divide them or be a "
+                            "multiple of them"),
+    ("wide", ["--tp", "4"], "--tp 4: the model's intermediate size (intermediate_size = 50) is "
+                            "not divisible by it"),
+    ("opt", ["--pp", "3"], "--pp 3: the model has 2 layers, which --pp must divide"),
+    ("llama", ["--tp", "0"], "--tp 0: must be at least 1"),
+    ("llama", ["--pp", "-1"], "--pp -1: must be at least 1"),
+    ("llama", ["--tp", "2", "--pp", "2"], "--tp 2 with --pp 2: not supported together yet (the "
+                                          "CPU simulator has one group per engine); use one "
+                                          "of them"),
+    ("llama", ["--tp", "2", "--quant", "int8"], "--tp 2 with --quant int8: not supported "
+                                                "together yet"),
+])
+def test_bad_parallel_flags_fail_before_the_trace(models, wide_dir, tmp_path, capsys, which,
+                                                  flags, message):
+    d = wide_dir if which == "wide" else models[which][0]
+    out = tmp_path / "out"
+    assert irlm_main(["compile", "--hf", str(d), "-o", str(out), *flags]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0] == f"irlm: error: {message}", err
+    assert not (out / "ir" / "00-frontend.irlm").exists()   # nothing traced
+
+
+def test_kv_cache_dtype_with_parallel_is_refused():
+    from irlm.commands._parallel import check_parallel_arguments
+    args = argparse.Namespace(tp=1, pp=2, quant=None, kv_cache_dtype="fp8")
+    with pytest.raises(IRLMError, match="--pp 2 with --kv-cache-dtype fp8: not supported "
+                                        "together yet"):
+        check_parallel_arguments(args)
+    check_parallel_arguments(argparse.Namespace(tp=2, pp=1, quant=None, kv_cache_dtype=None))
