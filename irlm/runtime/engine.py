@@ -129,7 +129,7 @@ class LLMEngine:
         for seq, row in ready:
             req = seq.request
             jobs.append((seq, row))
-            if req.pending_forks and not seq.output_ids:
+            if req.pending_forks and not seq.num_output:
                 # The first token of n > 1 samples: the other samples start here, sharing the
                 # prompt's full blocks, and draw their first token from the same logits.
                 for _ in range(req.pending_forks):
@@ -138,7 +138,9 @@ class LLMEngine:
                     jobs.append((child, row))
         if not jobs:
             return
-        rows = [SampleRow(s.request.params, s.request.prompt_ids, s.output_ids,
+        # output_ids copies the list: only the penalties read it
+        rows = [SampleRow(s.request.params, s.request.prompt_ids,
+                          s.output_ids if s.request.params.uses_penalties else (),
                           s.generator(logits.device), self._suppressed(s)) for s, _ in jobs]
         result = sample(logits[[r for _, r in jobs]], rows)
         for (seq, _), token, lp, top in zip(jobs, result.token_ids, result.token_logprobs,
@@ -159,13 +161,13 @@ class LLMEngine:
     def _suppressed(self, seq: Sequence) -> list[int]:
         """Stop token ids a sequence may not draw yet (``min_tokens``)."""
         p = seq.request.params
-        return self._stop_ids(p) if len(seq.output_ids) < p.min_tokens else []
+        return self._stop_ids(p) if seq.num_output < p.min_tokens else []
 
     def _check_stop(self, seq: Sequence) -> None:
         req, p = seq.request, seq.request.params
         token = seq.token_ids[-1]
         # Detokenized (when needed) whatever ends it, so that a stream's text is complete.
-        may_stop = len(seq.output_ids) >= p.min_tokens
+        may_stop = seq.num_output >= p.min_tokens
         found = seq.detokenizer.update(seq.output_ids, may_stop) if seq.detokenizer else None
         if token in p.stop_token_ids:
             seq.finish_reason, seq.stop_reason = "stop", token

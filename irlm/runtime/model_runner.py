@@ -11,9 +11,11 @@ how to sample) is the runtime's business, so a runner stays a pure function of
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -30,17 +32,29 @@ class StepBatch:
     @classmethod
     def pack(cls, request_ids: Sequence[int], new_tokens: Sequence[Sequence[int]],
              cached_lens: Sequence[int], block_tables: Sequence[Sequence[int]]) -> "StepBatch":
-        """Build a batch from per-row Python lists (host tensors; the runner moves them)."""
-        ids = [t for chunk in new_tokens for t in chunk]
-        pos = [c + i for chunk, c in zip(new_tokens, cached_lens) for i in range(len(chunk))]
-        width = max((len(t) for t in block_tables), default=0)
-        tables = [list(t) + [0] * (width - len(t)) for t in block_tables]
+        """Build a batch from per-row Python lists (host tensors; the runner moves them).
+
+        Vectorized with numpy: at 512 rows a per-token Python loop costs about as much as a
+        decode step's host budget."""
+        n = len(new_tokens)
+        q_lens = np.fromiter((len(c) for c in new_tokens), dtype=np.int64, count=n)
+        cached = np.asarray(cached_lens, dtype=np.int64).reshape(n)
+        ids = np.fromiter(itertools.chain.from_iterable(new_tokens), dtype=np.int64,
+                          count=int(q_lens.sum()))
+        # position of token i of row r: cached[r] + i, i.e. its index in the packed batch
+        # minus the row's start, plus the row's cached length
+        starts = np.cumsum(q_lens) - q_lens
+        pos = np.arange(ids.shape[0], dtype=np.int64) + np.repeat(cached - starts, q_lens)
+        widths = [len(t) for t in block_tables]
+        tables = np.zeros((n, max(widths, default=0)), dtype=np.int32)
+        for r, (t, w) in enumerate(zip(block_tables, widths)):
+            tables[r, :w] = t
         return cls(request_ids=list(request_ids),
-                   input_ids=torch.tensor(ids, dtype=torch.int64),
-                   positions=torch.tensor(pos, dtype=torch.int64),
-                   q_lens=torch.tensor([len(c) for c in new_tokens], dtype=torch.int32),
-                   cached_lens=torch.tensor(list(cached_lens), dtype=torch.int32),
-                   block_tables=torch.tensor(tables, dtype=torch.int32).reshape(len(tables), width))
+                   input_ids=torch.from_numpy(ids),
+                   positions=torch.from_numpy(pos),
+                   q_lens=torch.from_numpy(q_lens.astype(np.int32)),
+                   cached_lens=torch.from_numpy(cached.astype(np.int32)),
+                   block_tables=torch.from_numpy(tables))
 
     @property
     def num_tokens(self) -> int:

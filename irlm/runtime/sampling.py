@@ -279,15 +279,17 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Ten
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
     """Next token of every row of ``logits`` [rows, vocab] (float32, any device)."""
     logits = logits.float()
-    raw_logprobs = logits.log_softmax(dim=-1)
     processed = process_logits(logits, rows)
     tokens = draw(processed, [r.params.greedy for r in rows], [r.generator for r in rows])
-    token_lp = raw_logprobs.gather(1, tokens[:, None])[:, 0]
+    # log p(token) = logit - logsumexp(logits): one read of the [rows, vocab] logits, where a
+    # full log_softmax would also write a matrix of that size (263 MB at 512 x 128k, f32)
+    token_lp = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
     top: list[dict[int, float] | None] = [None] * len(rows)
     k = max((r.params.logprobs or 0 for r in rows), default=0)
     wants = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
     if wants:
-        values, ids = raw_logprobs[wants].topk(min(max(k, 1), logits.shape[1]), dim=-1)
+        raw_logprobs = logits[wants].log_softmax(dim=-1)
+        values, ids = raw_logprobs.topk(min(max(k, 1), logits.shape[1]), dim=-1)
         values, ids = values.tolist(), ids.tolist()
     token_list, token_lp = tokens.tolist(), token_lp.tolist()
     for j, i in enumerate(wants):

@@ -56,6 +56,11 @@ class Sequence:
         return self.token_ids[self.prompt_len:]
 
     @property
+    def num_output(self) -> int:
+        """len(output_ids) without copying them (called per row per step)."""
+        return len(self.token_ids) - len(self.request.prompt_ids)
+
+    @property
     def num_uncomputed(self) -> int:
         return len(self.token_ids) - self.num_computed
 
