@@ -98,12 +98,16 @@ def build(layers: int, max_num_tokens: int = 8192):
     return cfg, graph, runner
 
 
+ASYNC_DECODE = False  # --async-decode
+
+
 def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens):
     """Submit every prompt at once; returns (seconds, per-request TTFT, per-request TPOT)."""
     from irlm.runtime import SamplingParams
     from irlm.runtime.engine import LLMEngine
     engine = LLMEngine(runner, None, max_num_tokens=max_num_tokens, max_batch_size=max_batch,
-                       max_waiting=len(prompts) + 1, enable_prefix_caching=False)
+                       max_waiting=len(prompts) + 1, enable_prefix_caching=False,
+                       async_decode=ASYNC_DECODE)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -198,8 +202,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="copy,build,b1,b32,inflight,hf")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--async-decode", action="store_true",
+                    help="schedule step N+1 before reading step N's tokens (LLMEngine)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    global ASYNC_DECODE
+    ASYNC_DECODE = a.async_decode
     sections = a.sections.split(",")
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__

@@ -23,7 +23,7 @@ from irlm.weights import WeightStore
 
 from .graph_runner import REQUIRED_INPUTS
 from .kv_cache import kv_block_bytes
-from .model_runner import StepBatch
+from .model_runner import StepBatch, fill_device_inputs
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
@@ -102,6 +102,8 @@ KERNELS = {
 
 class CudaGraphRunner:
     """A :class:`~irlm.runtime.model_runner.ModelRunner` on one CUDA device."""
+
+    supports_device_inputs = True     # fills StepBatch.device_inputs on the device
 
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
@@ -191,7 +193,7 @@ class CudaGraphRunner:
                  "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
                  "cu_q_lens": _cu(q_lens)}
         out = self._interp.run(self._feeds(
-            batch.input_ids.to(dev, non_blocking=True), batch.positions.to(dev, non_blocking=True),
+            batch.input_ids_on(dev), batch.positions.to(dev, non_blocking=True),
             q_lens, batch.cached_lens.to(dev, non_blocking=True),
             batch.block_tables.to(dev, non_blocking=True)), state=state).outputs[0]
         self.stats["eager_steps"] += 1
@@ -208,6 +210,8 @@ class CudaGraphRunner:
         # blocks past the context bucket cannot hold this step's positions
         width = min(batch.block_tables.shape[1], tables.shape[1])
         ids[:reqs].copy_(batch.input_ids, non_blocking=True)
+        if batch.device_inputs is not None:    # the previous step's tokens, still on the GPU
+            fill_device_inputs(ids, batch.device_inputs)
         pos[:reqs].copy_(batch.positions, non_blocking=True)
         cached[:reqs].copy_(batch.cached_lens, non_blocking=True)
         tables[:reqs, :width].copy_(batch.block_tables[:, :width], non_blocking=True)

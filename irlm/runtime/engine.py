@@ -16,9 +16,17 @@ from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import BlockManager
 from .model_runner import ModelRunner, StepBatch
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
-from .sampling import SampleRow, SamplingParams, apply_penalties, sample
+from .sampling import DrawnTokens, SampleRow, SamplingParams, apply_penalties, draw_tokens, sample
 from .scheduler import Scheduler, SchedulerConfig
-from .sequence import Request, Sequence
+from .sequence import PLACEHOLDER, Request, Sequence
+
+
+class _InFlight:
+    """A step whose sampled tokens are still on the device: (sequence, index of its
+    placeholder in token_ids, or -1 when the sequence ended meanwhile) per drawn row."""
+
+    def __init__(self, jobs: list[tuple[Sequence, int]], drawn: DrawnTokens):
+        self.jobs, self.drawn = jobs, drawn
 
 
 class LLMEngine:
@@ -26,7 +34,11 @@ class LLMEngine:
                  max_num_tokens: int = 512, max_batch_size: int = 64,
                  policy: str = "guaranteed-no-evict", max_waiting: int = 1024,
                  enable_prefix_caching: bool = True,
-                 eos_token_id: int | list[int] | None = None):
+                 eos_token_id: int | list[int] | None = None, async_decode: bool = False):
+        """``async_decode``: while the device runs step N, schedule and launch step N+1
+        before reading step N's tokens (see :meth:`_step_overlapped`); used while every
+        request is plain sampling (no beams, n = 1, no penalties) under the no-evict
+        policy, otherwise steps run one at a time.  The outputs are the same either way."""
         if not isinstance(runner, ModelRunner):
             missing = [a for a in ("vocab_size", "block_size", "num_blocks", "max_model_len",
                                    "step") if not hasattr(runner, a)]
@@ -43,6 +55,8 @@ class LLMEngine:
             eos_token_id = []
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.requests: dict[int, Request] = {}
+        self.async_decode = async_decode
+        self._inflight: _InFlight | None = None
         self.num_steps = 0
         self._next_request_id = 0
         self._next_seq_id = 0
@@ -81,6 +95,8 @@ class LLMEngine:
             return
         for seq in req.seqs:
             seq.finish_reason = "abort"
+            if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids.pop()            # its token in flight is dropped
         self.scheduler.finish(req)
 
     def has_unfinished(self) -> bool:
@@ -93,11 +109,14 @@ class LLMEngine:
     # ----- the step ------------------------------------------------------------------------
     def step(self) -> list[Request]:
         """Run one step; returns the requests that got new tokens or finished."""
+        if self._can_overlap():
+            return self._step_overlapped()
+        changed = self._drain()
         plan = self.scheduler.schedule()
         if not plan.rows:
             if self.scheduler.has_unfinished():
                 raise AssertionError("the scheduler made no progress with requests pending")
-            return []
+            return list(changed.values())
         bm = self.block_manager
         batch = StepBatch.pack([s.seq_id for s, _ in plan.rows],
                                [s.token_ids[s.num_computed:s.num_computed + n]
@@ -112,7 +131,6 @@ class LLMEngine:
             bm.commit(seq.seq_id, seq.token_ids, seq.num_computed)
             if seq.num_uncomputed == 0:       # else: a prompt chunk, its logits are unused
                 ready.append((seq, row))
-        changed: dict[int, Request] = {}
         self._sample([(s, r) for s, r in ready if s.request.beam is None], logits, changed)
         for seq, row in ready:
             if seq.request.beam is not None:
@@ -122,6 +140,109 @@ class LLMEngine:
                 self._beam_step(req)
                 changed[req.request_id] = req
         return list(changed.values())
+
+    # ----- overlapped (async) decode --------------------------------------------------------
+    def _can_overlap(self) -> bool:
+        if not self.async_decode or self.scheduler.config.policy != "guaranteed-no-evict":
+            return False
+        for reqs in (self.scheduler.running, self.scheduler.waiting):
+            for req in reqs:
+                p = req.params
+                if req.beam is not None or p.num_sequences > 1 or p.uses_penalties:
+                    return False
+        return True
+
+    def _step_overlapped(self) -> list[Request]:
+        """One step that does not wait for the previous one's tokens.
+
+        The previous step's sampled sequences carry a PLACEHOLDER as their last token, so the
+        scheduler gives each its decode row as usual; the runner fills those rows' input ids
+        from the device tensor of sampled tokens (``StepBatch.device_inputs``).  Only after
+        this step is queued (and its tokens drawn, on the device) does the host read the
+        previous step's tokens, check stops and retire what ended, while the device works.
+        A sequence that ended that way wasted its row in this step; its result is dropped.
+        A sequence certain to end (at its length limit) is drained first instead."""
+        inflight = self._inflight
+        if inflight is not None and any(
+                i >= 0 and len(s.token_ids) >= s.request.max_len for s, i in inflight.jobs):
+            changed = self._drain()
+            if not self._can_overlap():
+                return list(changed.values()) + self.step()
+        else:
+            changed = {}
+        inflight = self._inflight
+        plan = self.scheduler.schedule()
+        if not plan.rows:
+            changed.update(self._drain())
+            if not changed and self.scheduler.has_unfinished():
+                raise AssertionError("the scheduler made no progress with requests pending")
+            return list(changed.values())
+        bm = self.block_manager
+        chunks = [s.token_ids[s.num_computed:s.num_computed + n] for s, n in plan.rows]
+        batch = StepBatch.pack([s.seq_id for s, _ in plan.rows], chunks,
+                               [s.num_computed for s, _ in plan.rows],
+                               [bm.block_table(s.seq_id) for s, _ in plan.rows])
+        if inflight is not None:
+            src = {id(seq): j for j, (seq, _) in enumerate(inflight.jobs)}
+            dst, rows, offset = [], [], 0
+            for (seq, _), chunk in zip(plan.rows, chunks):
+                if chunk and chunk[-1] == PLACEHOLDER:
+                    dst.append(offset + len(chunk) - 1)
+                    rows.append(src[id(seq)])
+                offset += len(chunk)
+            if dst:
+                if getattr(self.runner, "supports_device_inputs", False):
+                    batch.device_inputs = (inflight.drawn.tokens, dst, rows)
+                else:   # a runner that cannot: read the tokens now (correct, not overlapped)
+                    tokens = inflight.drawn.tokens.cpu()
+                    batch.input_ids[torch.tensor(dst)] = tokens[torch.tensor(rows)]
+        logits = self.runner.step(batch)
+        self.num_steps += 1
+        jobs = [(seq, row) for row, (seq, n) in enumerate(plan.rows)
+                if seq.num_computed + n == len(seq.token_ids)]
+        drawn = None
+        if jobs:
+            sample_rows = [SampleRow(s.request.params, s.request.prompt_ids, (),
+                                     s.generator(logits.device), self._suppressed(s))
+                           for s, _ in jobs]
+            drawn = draw_tokens(logits[[r for _, r in jobs]], sample_rows).start_copy()
+        changed.update(self._drain())       # the previous step's tokens, read while this runs
+        for seq, n in plan.rows:
+            if seq.finished:                 # ended by a token the drain just read
+                continue
+            seq.num_computed += n
+            bm.commit(seq.seq_id, seq.token_ids, seq.num_computed)
+        if drawn is not None:
+            placed = []
+            for seq, _ in jobs:
+                if seq.finished:
+                    placed.append((seq, -1))
+                else:
+                    seq.token_ids.append(PLACEHOLDER)
+                    placed.append((seq, len(seq.token_ids) - 1))
+            self._inflight = _InFlight(placed, drawn)
+        return list(changed.values())
+
+    def _drain(self) -> dict[int, Request]:
+        """Read the in-flight step's tokens into their sequences: stops, retirement."""
+        changed: dict[int, Request] = {}
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return changed
+        result = inflight.drawn.result()
+        for (seq, idx), token, lp, top in zip(inflight.jobs, result.token_ids,
+                                              result.token_logprobs, result.top_logprobs):
+            if idx < 0 or seq.finished or idx >= len(seq.token_ids):
+                continue                     # ended (or aborted) while its token was drawn
+            seq.token_ids[idx] = token
+            seq.cumulative_logprob += lp
+            if seq.logprobs is not None:
+                seq.logprobs.append(top)
+            self._check_stop(seq)
+            changed[seq.request.request_id] = seq.request
+            if seq.finished:
+                self._retire(seq)
+        return changed
 
     def _sample(self, ready: list[tuple[Sequence, int]], logits: torch.Tensor,
                 changed: dict[int, Request]) -> None:

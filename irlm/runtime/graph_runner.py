@@ -25,6 +25,8 @@ REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_
 class GraphRunner:
     """Runs an inference-form graph step by step, owning its paged KV pool."""
 
+    supports_device_inputs = True     # fills StepBatch.device_inputs itself (async decode)
+
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None,
                  device: str = "cpu"):
@@ -64,7 +66,7 @@ class GraphRunner:
 
     def step(self, batch: StepBatch) -> torch.Tensor:
         dev = self.device
-        feeds = (batch.input_ids.to(dev), batch.positions.to(dev), batch.q_lens.to(dev),
+        feeds = (batch.input_ids_on(dev), batch.positions.to(dev), batch.q_lens.to(dev),
                  batch.cached_lens.to(dev), batch.block_tables.to(dev), self.kv_cache)
         out = self._interp.run([feeds[i] for i in self._order]).outputs[0]
         return out.float()

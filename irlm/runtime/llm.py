@@ -41,7 +41,7 @@ class LLM:
                  max_batch_size: int = 64, policy: str = "guaranteed-no-evict",
                  max_waiting: int = 1024, enable_prefix_caching: bool = True,
                  chat_template: str | None = None,
-                 eos_token_id: int | list[int] | None = None):
+                 eos_token_id: int | list[int] | None = None, async_decode: bool = False):
         self.tokenizer = as_hf_tokenizer(tokenizer)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
@@ -50,7 +50,7 @@ class LLM:
                                 max_batch_size=max_batch_size, policy=policy,
                                 max_waiting=max_waiting,
                                 enable_prefix_caching=enable_prefix_caching,
-                                eos_token_id=eos_token_id)
+                                eos_token_id=eos_token_id, async_decode=async_decode)
         self._streams: dict[int, asyncio.Queue] = {}
         self._loop_task: asyncio.Task | None = None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Optional, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -28,6 +28,11 @@ class StepBatch:
     q_lens: torch.Tensor         # [reqs] int32, new tokens per row (prompt chunk or 1)
     cached_lens: torch.Tensor    # [reqs] int32, tokens already in the KV cache per row
     block_tables: torch.Tensor   # [reqs, max_blocks] int32, padded with 0
+    # Async decode: tokens the previous step sampled that the host has not read yet.
+    # (tokens on the device, positions in input_ids to fill, rows of tokens to fill them with);
+    # input_ids holds a placeholder there.  Runners with ``supports_device_inputs`` fill them
+    # on the device (:meth:`input_ids_on`); for others the engine reads them first.
+    device_inputs: Optional[tuple] = None
 
     @classmethod
     def pack(cls, request_ids: Sequence[int], new_tokens: Sequence[Sequence[int]],
@@ -56,12 +61,32 @@ class StepBatch:
                    cached_lens=torch.from_numpy(cached.astype(np.int32)),
                    block_tables=torch.from_numpy(tables))
 
+    def input_ids_on(self, device) -> torch.Tensor:
+        """``input_ids`` on ``device`` with the device-resident tokens filled in."""
+        ids = self.input_ids.to(device, non_blocking=True)
+        if self.device_inputs is not None:
+            if ids is self.input_ids:        # .to() did not copy: do not edit the batch
+                ids = ids.clone()
+            fill_device_inputs(ids, self.device_inputs)
+        return ids
+
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
     def __len__(self) -> int:
         return len(self.request_ids)
+
+
+def fill_device_inputs(ids: torch.Tensor, device_inputs: tuple) -> torch.Tensor:
+    """Write the previous step's sampled tokens into ``ids`` (in place) where the batch has
+    placeholders, on ``ids``' device, without reading them on the host."""
+    src, dst, rows = device_inputs
+    dev = ids.device
+    ids[torch.tensor(dst, dtype=torch.int64).to(dev, non_blocking=True)] = \
+        src.to(dev)[torch.tensor(rows, dtype=torch.int64).to(dev, non_blocking=True)] \
+        .to(ids.dtype)
+    return ids
 
 
 @runtime_checkable

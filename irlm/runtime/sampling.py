@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
@@ -276,25 +276,73 @@ def process_logits(logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Ten
     return logits
 
 
-def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
-    """Next token of every row of ``logits`` [rows, vocab] (float32, any device)."""
+@dataclass
+class DrawnTokens:
+    """Tokens drawn on the logits' device, not yet read by the host.
+
+    :meth:`start_copy` queues their copy to (pinned) host memory behind the kernels that
+    computed them and records an event; :meth:`result` waits for that event only.  So the
+    host can queue the next step's work first and read these tokens while it runs, instead
+    of stalling the device at every step (LLMEngine's ``async_decode``)."""
+    tokens: torch.Tensor                      # [rows] int64
+    token_lp: torch.Tensor                    # [rows] float32: raw-model logprob of each
+    rows: Sequence[SampleRow]
+    top: Optional[tuple] = None               # (values, ids, rows wanting logprobs)
+    _host: Optional[tuple] = None
+    _event: Optional[object] = None
+
+    def start_copy(self) -> "DrawnTokens":
+        if self._host is not None:
+            return self
+        parts = [self.tokens, self.token_lp] + ([self.top[0], self.top[1]] if self.top else [])
+        if self.tokens.device.type == "cuda":
+            host = []
+            for t in parts:
+                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                buf.copy_(t, non_blocking=True)
+                host.append(buf)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._host = tuple(host)
+        else:
+            self._host = tuple(parts)
+        return self
+
+    def result(self) -> SampleResult:
+        self.start_copy()
+        if self._event is not None:
+            self._event.synchronize()
+        tokens, token_lp = self._host[0].tolist(), self._host[1].tolist()
+        top: list[dict[int, float] | None] = [None] * len(self.rows)
+        if self.top is not None:
+            values, ids = self._host[2].tolist(), self._host[3].tolist()
+            for j, i in enumerate(self.top[2]):
+                kk = self.rows[i].params.logprobs
+                entry = dict(zip(ids[j][:kk], values[j][:kk]))
+                entry[tokens[i]] = token_lp[i]
+                top[i] = entry
+        return SampleResult(tokens, token_lp, top)
+
+
+def draw_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> DrawnTokens:
+    """The device half of :func:`sample`: every row's next token, its log-probability and
+    the requested top log-probabilities, as device tensors (no host synchronization)."""
     logits = logits.float()
     processed = process_logits(logits, rows)
     tokens = draw(processed, [r.params.greedy for r in rows], [r.generator for r in rows])
     # log p(token) = logit - logsumexp(logits): one read of the [rows, vocab] logits, where a
     # full log_softmax would also write a matrix of that size (263 MB at 512 x 128k, f32)
     token_lp = logits.gather(1, tokens[:, None])[:, 0] - logits.logsumexp(dim=-1)
-    top: list[dict[int, float] | None] = [None] * len(rows)
-    k = max((r.params.logprobs or 0 for r in rows), default=0)
     wants = [i for i, r in enumerate(rows) if r.params.logprobs is not None]
+    top = None
     if wants:
+        k = max(r.params.logprobs or 0 for r in rows)
         raw_logprobs = logits[wants].log_softmax(dim=-1)
         values, ids = raw_logprobs.topk(min(max(k, 1), logits.shape[1]), dim=-1)
-        values, ids = values.tolist(), ids.tolist()
-    token_list, token_lp = tokens.tolist(), token_lp.tolist()
-    for j, i in enumerate(wants):
-        kk = rows[i].params.logprobs
-        entry = dict(zip(ids[j][:kk], values[j][:kk]))
-        entry[token_list[i]] = token_lp[i]
-        top[i] = entry
-    return SampleResult(token_list, token_lp, top)
+        top = (values, ids, wants)
+    return DrawnTokens(tokens, token_lp, rows, top)
+
+
+def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
+    """Next token of every row of ``logits`` [rows, vocab] (float32, any device)."""
+    return draw_tokens(logits, rows).result()

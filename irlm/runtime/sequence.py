@@ -30,6 +30,11 @@ def sample_seed(seed: int, index: int) -> int:
     return seed if index == 0 else (seed + index * 0x9E3779B97F4A7C15) % 2**63
 
 
+#: stands in token_ids for a token sampled on the device that the host has not read yet
+#: (LLMEngine's async_decode); never a valid token id
+PLACEHOLDER = -1
+
+
 @dataclass(eq=False)
 class Sequence:
     seq_id: int
@@ -53,7 +58,9 @@ class Sequence:
 
     @property
     def output_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
+        """The generated tokens, without a placeholder for a token still on the device."""
+        ids = self.token_ids[self.prompt_len:]
+        return ids[:-1] if ids and ids[-1] == PLACEHOLDER else ids
 
     @property
     def num_output(self) -> int:
