@@ -76,13 +76,17 @@ def test_async_decode_on_the_cuda_executor_gives_the_synchronous_outputs():
     from irlm.runtime.cuda_runner import CudaGraphRunner
     from irlm.runtime.testing import tiny_llama, tiny_tokenizer
     tok = tiny_tokenizer()
-    model = tiny_llama(len(tok))
+    model = tiny_llama(len(tok)).to(torch.bfloat16)
     graph = compile_causal_lm(model, level="2", max_seq=256, tokens_per_block=16)
     rng = random.Random(1)
     prompts = [[rng.randrange(2, len(tok)) for _ in range(rng.randrange(3, 40))]
                for _ in range(10)]
-    params = [SamplingParams(temperature=0, max_tokens=6 + i % 5) if i % 2 else
-              SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=7) for i in range(10)]
+    # Length limits only: a request that ends on a token read late keeps a (wasted) row in
+    # the next step, which changes that step's batch shape and so bf16 rounding elsewhere;
+    # the CPU tests (tests/test_runtime_async.py) cover stops exactly in f32.
+    params = [SamplingParams(temperature=0, max_tokens=6 + i % 5, ignore_eos=True) if i % 2
+              else SamplingParams(temperature=0.8, top_k=20, seed=i, max_tokens=7,
+                                  ignore_eos=True) for i in range(10)]
 
     def run(async_decode):
         runner = CudaGraphRunner(graph, num_blocks=128, max_model_len=256)
