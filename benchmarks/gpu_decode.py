@@ -137,27 +137,27 @@ def random_prompts(n, length, vocab, seed=0):
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def section_b1(runner, cfg, copy_bw):
+def section_b1(runner, cfg, copy_bw, key="b1"):
     prompts = random_prompts(1, 128, cfg.vocab_size)
     run_requests(runner, prompts, 16, 1, 4096)                      # warm-up and capture
     total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 1, 4096)
     step = tpot[0]
     wb = RESULTS["build"]["weight_bytes"]
-    RESULTS["b1"] = {"tokens_per_s": n / total, "decode_tokens_per_s": 1 / step,
+    RESULTS[key] = {"tokens_per_s": n / total, "decode_tokens_per_s": 1 / step,
                      "ttft_ms": ttft[0] * 1e3, "decode_step_ms": step * 1e3,
                      "weight_bw_fraction_of_copy": wb / step / copy_bw}
-    log(f"b1: {n / total:.1f} tok/s end to end, decode step {step * 1e3:.2f} ms "
+    log(f"{key}: {n / total:.1f} tok/s end to end, decode step {step * 1e3:.2f} ms "
         f"({1 / step:.1f} tok/s), TTFT {ttft[0] * 1e3:.1f} ms, weight traffic "
         f"{wb / step / 1e9:.0f} GB/s = {100 * wb / step / copy_bw:.0f}% of copy bandwidth")
 
 
-def section_b32(runner, cfg):
+def section_b32(runner, cfg, key="b32"):
     prompts = random_prompts(32, 128, cfg.vocab_size, seed=1)
     run_requests(runner, prompts, 8, 32, 4096)
     total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 32, 4096)
-    RESULTS["b32"] = {"tokens_per_s": n / total, "seconds": total, "steps": steps,
+    RESULTS[key] = {"tokens_per_s": n / total, "seconds": total, "steps": steps,
                       "tpot_ms_p50": pct(tpot, 50) * 1e3}
-    log(f"b32: {n / total:.0f} output tok/s ({n} tokens in {total:.2f}s, {steps} steps), "
+    log(f"{key}: {n / total:.0f} output tok/s ({n} tokens in {total:.2f}s, {steps} steps), "
         f"TPOT p50 {pct(tpot, 50) * 1e3:.2f} ms")
 
 
@@ -202,12 +202,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="copy,build,b1,b32,inflight,hf")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--async-decode", action="store_true",
-                    help="schedule step N+1 before reading step N's tokens (LLMEngine)")
+    ap.add_argument("--async-decode", choices=("off", "on", "both"), default="off",
+                    help="LLMEngine async_decode (schedule step N+1 before reading step N's "
+                         "tokens); both: run b1, b32 and inflight each way")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
-    ASYNC_DECODE = a.async_decode
     sections = a.sections.split(",")
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
@@ -216,17 +216,24 @@ def main():
     RESULTS["copy_bandwidth_GBps"] = copy_bw / 1e9
     log(f"{RESULTS['device']}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read+write)")
     cfg, graph, runner = build(a.layers)
-    for name, fn in (("b1", lambda: section_b1(runner, cfg, copy_bw)),
-                     ("b32", lambda: section_b32(runner, cfg)),
-                     ("inflight", lambda: section_inflight(runner, cfg, 128, "inflight_128_128")),
-                     ("inflight2k", lambda: section_inflight(runner, cfg, 2048,
-                                                             "inflight_2048_128"))):
-        if name in sections:
+    modes = {"off": [False], "on": [True], "both": [False, True]}[a.async_decode]
+    for name, fn in (("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx)),
+                     ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
+                     ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
+                                                               "inflight_128_128" + sfx)),
+                     ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
+                                                                 "inflight_2048_128" + sfx))):
+        if name not in sections:
+            continue
+        for mode in modes:
+            ASYNC_DECODE = mode
+            sfx = "_async" if mode and len(modes) > 1 else ""
             try:
-                fn()
+                fn(sfx)
             except Exception:
                 traceback.print_exc()
-                RESULTS[name] = {"error": traceback.format_exc(limit=3)}
+                RESULTS[name + sfx] = {"error": traceback.format_exc(limit=3)}
+    ASYNC_DECODE = False
     RESULTS["runner_stats"] = dict(runner.stats)
     RESULTS["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
     if "hf" in sections:

@@ -14,9 +14,10 @@ from ..errors import IRLMError
 from .beam_search import BeamSearch
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner, StepBatch
+from .model_runner import ModelRunner, StepBatch, device_index
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
-from .sampling import DrawnTokens, SampleRow, SamplingParams, apply_penalties, draw_tokens, sample
+from .sampling import (DrawnTokens, PinnedStaging, SampleRow, SamplingParams, apply_penalties,
+                       draw_tokens, sample)
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import PLACEHOLDER, Request, Sequence
 
@@ -57,6 +58,9 @@ class LLMEngine:
         self.requests: dict[int, Request] = {}
         self.async_decode = async_decode
         self._inflight: _InFlight | None = None
+        self._staging = PinnedStaging()
+        # host inputs of a GPU runner go through pinned memory (see StepBatch.pack)
+        self._pin = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
         self.num_steps = 0
         self._next_request_id = 0
         self._next_seq_id = 0
@@ -122,7 +126,8 @@ class LLMEngine:
                                [s.token_ids[s.num_computed:s.num_computed + n]
                                 for s, n in plan.rows],
                                [s.num_computed for s, _ in plan.rows],
-                               [bm.block_table(s.seq_id) for s, _ in plan.rows])
+                               [bm.block_table(s.seq_id) for s, _ in plan.rows],
+                               pin_memory=self._pin)
         logits = self.runner.step(batch)
         self.num_steps += 1
         ready = []
@@ -181,7 +186,8 @@ class LLMEngine:
         chunks = [s.token_ids[s.num_computed:s.num_computed + n] for s, n in plan.rows]
         batch = StepBatch.pack([s.seq_id for s, _ in plan.rows], chunks,
                                [s.num_computed for s, _ in plan.rows],
-                               [bm.block_table(s.seq_id) for s, _ in plan.rows])
+                               [bm.block_table(s.seq_id) for s, _ in plan.rows],
+                               pin_memory=self._pin)
         if inflight is not None:
             src = {id(seq): j for j, (seq, _) in enumerate(inflight.jobs)}
             dst, rows, offset = [], [], 0
@@ -205,7 +211,8 @@ class LLMEngine:
             sample_rows = [SampleRow(s.request.params, s.request.prompt_ids, (),
                                      s.generator(logits.device), self._suppressed(s))
                            for s, _ in jobs]
-            drawn = draw_tokens(logits[[r for _, r in jobs]], sample_rows).start_copy()
+            drawn = draw_tokens(self._rows_of(logits, [r for _, r in jobs]), sample_rows) \
+                .start_copy(self._staging)
         changed.update(self._drain())       # the previous step's tokens, read while this runs
         for seq, n in plan.rows:
             if seq.finished:                 # ended by a token the drain just read
@@ -222,6 +229,13 @@ class LLMEngine:
                     placed.append((seq, len(seq.token_ids) - 1))
             self._inflight = _InFlight(placed, drawn)
         return list(changed.values())
+
+    @staticmethod
+    def _rows_of(logits: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """logits[rows], without a copy when that is every row in order (steady decode)."""
+        if rows == list(range(logits.shape[0])):
+            return logits
+        return logits.index_select(0, device_index(rows, logits.device))
 
     def _drain(self) -> dict[int, Request]:
         """Read the in-flight step's tokens into their sequences: stops, retirement."""
@@ -263,7 +277,7 @@ class LLMEngine:
         rows = [SampleRow(s.request.params, s.request.prompt_ids,
                           s.output_ids if s.request.params.uses_penalties else (),
                           s.generator(logits.device), self._suppressed(s)) for s, _ in jobs]
-        result = sample(logits[[r for _, r in jobs]], rows)
+        result = sample(self._rows_of(logits, [r for _, r in jobs]), rows)
         for (seq, _), token, lp, top in zip(jobs, result.token_ids, result.token_logprobs,
                                             result.top_logprobs):
             seq.token_ids.append(token)

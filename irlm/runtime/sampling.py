@@ -291,16 +291,21 @@ class DrawnTokens:
     _host: Optional[tuple] = None
     _event: Optional[object] = None
 
-    def start_copy(self) -> "DrawnTokens":
+    def start_copy(self, staging: Optional["PinnedStaging"] = None) -> "DrawnTokens":
         if self._host is not None:
             return self
         parts = [self.tokens, self.token_lp] + ([self.top[0], self.top[1]] if self.top else [])
         if self.tokens.device.type == "cuda":
+            slot = staging.take() if staging is not None else {}
             host = []
-            for t in parts:
-                buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                buf.copy_(t, non_blocking=True)
-                host.append(buf)
+            for j, t in enumerate(parts):
+                buf = slot.get(j)
+                if buf is None or buf.numel() < t.numel() or buf.dtype != t.dtype:
+                    buf = torch.empty(max(t.numel(), 1024), dtype=t.dtype, pin_memory=True)
+                    slot[j] = buf
+                view = buf[:t.numel()].view(t.shape)
+                view.copy_(t, non_blocking=True)
+                host.append(view)
             self._event = torch.cuda.Event()
             self._event.record()
             self._host = tuple(host)
@@ -309,19 +314,40 @@ class DrawnTokens:
         return self
 
     def result(self) -> SampleResult:
-        self.start_copy()
-        if self._event is not None:
-            self._event.synchronize()
-        tokens, token_lp = self._host[0].tolist(), self._host[1].tolist()
+        if self._host is None:      # not staged: read the device tensors now (synchronous)
+            host = (self.tokens, self.token_lp) + ((self.top[0], self.top[1]) if self.top
+                                                   else ())
+        else:
+            if self._event is not None:
+                self._event.synchronize()
+            host = self._host
+        tokens, token_lp = host[0].tolist(), host[1].tolist()
         top: list[dict[int, float] | None] = [None] * len(self.rows)
         if self.top is not None:
-            values, ids = self._host[2].tolist(), self._host[3].tolist()
+            values, ids = host[2].tolist(), host[3].tolist()
             for j, i in enumerate(self.top[2]):
                 kk = self.rows[i].params.logprobs
                 entry = dict(zip(ids[j][:kk], values[j][:kk]))
                 entry[tokens[i]] = token_lp[i]
                 top[i] = entry
         return SampleResult(tokens, token_lp, top)
+
+
+class PinnedStaging:
+    """Pinned host buffers reused across steps for :meth:`DrawnTokens.start_copy`.
+
+    Allocating pinned memory (cudaHostAlloc) synchronizes the whole device, which would undo
+    the overlap; two slots alternate, since a step's tokens are read before the step after
+    next copies its own."""
+
+    def __init__(self, slots: int = 2):
+        self._slots: list[dict] = [{} for _ in range(slots)]
+        self._next = 0
+
+    def take(self) -> dict:
+        slot = self._slots[self._next]
+        self._next = (self._next + 1) % len(self._slots)
+        return slot
 
 
 def draw_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> DrawnTokens:
