@@ -69,6 +69,12 @@ def engine_dir(models, tmp_path_factory, arch, *flags):
 PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12]]
 
 
+def stored_shapes(path):
+    from safetensors import safe_open
+    with safe_open(str(path), "pt") as f:
+        return {k: list(f.get_slice(k).get_shape()) for k in f.keys()}
+
+
 def first_step_logits(path):
     runner = runner_for_engine(load_engine(path), device="cpu", num_blocks=16)
     batch = StepBatch.pack([0, 1], PROMPTS, [0, 0], [[0, 1], [2]])
@@ -91,7 +97,15 @@ def test_split_engine_generates_like_the_unsplit_one(models, tmp_path_factory, a
     for r, rank in enumerate(engine.ranks):
         ops = [op.name for op in rank.graph.ops]
         if flag == "--tp":
-            assert ops.count("dist.all_reduce") == 4 and ops.count("dist.all_gather") == 1
+            # o_proj and down_proj per layer, the embedding; the LM head's gather
+            assert ops.count("dist.all_reduce") == 5 and ops.count("dist.all_gather") == 1
+            # the rank stores only its V/N rows of the token embedding (OPT: tied to the LM
+            # head, one shard for both) and no whole table
+            shapes = stored_shapes(split / f"rank{r}" / "weights.safetensors")
+            table = "model.embed_tokens.weight" if arch == "llama" else "lm_head.weight"
+            half = VOCAB // 2
+            assert shapes[f"{table}#tp2.r{r}[vocab{r * half}:{(r + 1) * half}]"] == [half, 32]
+            assert not any(shape[0] == VOCAB for shape in shapes.values())
             # a rank caches its own kv heads only
             assert rank.graph.inputs[-1].type.shape[4] == load_engine(base).graph.inputs[-1] \
                 .type.shape[4] // 2
