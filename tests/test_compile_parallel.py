@@ -27,6 +27,10 @@ CONFIGS = {
     "opt": lambda: transformers.OPTConfig(
         hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
         word_embed_proj_dim=32, vocab_size=VOCAB, max_position_embeddings=64),
+    # wide enough that a rank's o_proj / down_proj slice (64 features) holds int4 groups of 32
+    "llama-wide": lambda: transformers.LlamaConfig(
+        hidden_size=128, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64),
 }
 
 
@@ -246,6 +250,9 @@ def fake_quant(w, mode, group=0):
     return ((q - z) * s).reshape(w.shape)
 
 
+ROW_PARALLEL = ("o_proj", "down_proj", "out_proj", "fc2")
+
+
 def hf_quantized_logits(model, mode, group=0, tp=1):
     """HF's logits for the first prompt with every projection but the LM head replaced by its
     quantized weight.  With tp > 1 the row-parallel projections (o_proj, down_proj) are
@@ -257,7 +264,7 @@ def hf_quantized_logits(model, mode, group=0, tp=1):
             if not isinstance(lin, torch.nn.Linear) or name == "lm_head":
                 continue
             w = lin.weight
-            if tp > 1 and name.endswith(("o_proj", "down_proj")):
+            if tp > 1 and name.endswith(ROW_PARALLEL):
                 lin.weight.copy_(torch.cat([fake_quant(c, mode, group)
                                             for c in w.chunk(tp, dim=1)], 1))
             else:
@@ -265,16 +272,18 @@ def hf_quantized_logits(model, mode, group=0, tp=1):
         return m(torch.tensor([PROMPTS[0]])).logits[0, -1]
 
 
-@pytest.mark.parametrize("split_flags, quant", [
-    (["--tp", "2"], ["--quant", "int8"]),
-    (["--pp", "2"], ["--quant", "int4", "--quant-group", "32"]),
+@pytest.mark.parametrize("arch, split_flags, quant", [
+    ("llama", ["--tp", "2"], ["--quant", "int8"]),
+    ("llama", ["--pp", "2"], ["--quant", "int4", "--quant-group", "32"]),
+    ("opt", ["--tp", "2"], ["--quant", "int8"]),     # biases, linear_act, tied LM head
+    ("llama-wide", ["--tp", "2"], ["--quant", "int4", "--quant-group", "32"]),
 ])
 def test_quantized_split_engine_generates_like_the_unsplit_quantized_one(
-        models, tmp_path_factory, split_flags, quant):
+        models, tmp_path_factory, arch, split_flags, quant):
     """Each rank's graph is quantized after the split: projections become quant.linear, the LM
     head (vocab-parallel, before its all_gather, or the last stage's) stays float."""
-    base = engine_dir(models, tmp_path_factory, "llama", *quant)
-    split = engine_dir(models, tmp_path_factory, "llama", *split_flags, *quant)
+    base = engine_dir(models, tmp_path_factory, arch, *quant)
+    split = engine_dir(models, tmp_path_factory, arch, *split_flags, *quant)
     mode, group = quant[1], (int(quant[3]) if len(quant) > 3 else 0)
     engine = load_engine(split)
     tp = 2 if split_flags[0] == "--tp" else 1
@@ -285,7 +294,7 @@ def test_quantized_split_engine_generates_like_the_unsplit_quantized_one(
         assert all(op.attrs["mode"] == mode for op in rank.graph.ops if op.name == "quant.linear")
         floats = [op for op in rank.graph.ops if op.name == "core.linear"]
         if tp > 1 or r == 1:
-            (head,) = floats
+            (head,) = floats   # OPT's is tied: the embedding's table, named lm_head.weight
             assert head.operands[1].producer.attrs["name"].startswith("lm_head.weight")
             assert head.operands[1].type.dtype.value == "f32"
             last = rank.graph.outputs[0].producer
@@ -298,13 +307,15 @@ def test_quantized_split_engine_generates_like_the_unsplit_quantized_one(
 
     want, got = first_step_logits(base), first_step_logits(split)
     scale = float(want.max() - want.min())
-    hf = hf_quantized_logits(models["llama"][1], mode, group, tp)
+    hf = hf_quantized_logits(models[arch][1], mode, group, tp)
     assert (got[0] - hf).abs().max().item() <= 1e-4 * scale
-    if tp == 1:   # a stage quantizes whole weights, as the unsplit engine does
+    if tp == 1 or mode == "int4":
+        # a stage quantizes whole weights, and int4 groups lie inside a rank's slice: the
+        # same quantized weights as the unsplit engine's
         assert (got - want).abs().max().item() <= 1e-5 * scale
     else:         # o_proj/down_proj scales come from each rank's slice: the unsplit int8
         assert (got - want).abs().max().item() <= 1e-2 * scale   # engine is only close
-        hf_unsplit = hf_quantized_logits(models["llama"][1], mode, group)
+        hf_unsplit = hf_quantized_logits(models[arch][1], mode, group)
         assert (want[0] - hf_unsplit).abs().max().item() <= 1e-4 * scale
 
     params = SamplingParams(max_tokens=6, temperature=0.0)
