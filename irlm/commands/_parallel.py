@@ -6,8 +6,10 @@ Three hooks into the compile (irlm/commands/compile.py):
 * :func:`check_model_stage` (right after load, before the trace): the flags against the
   model's config (heads, kv heads, intermediate size, layers), so a split that tp-split or
   pp-split would refuse is refused before the minutes a trace and the passes take;
-* :func:`split_stage` (after the passes) makes ``job.ranks``, and :func:`write_engine` writes
-  them as a multi-rank engine (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
+* :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``--quant int8`` /
+  ``int4``, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
+  of a split compile); :func:`write_engine` writes them as a multi-rank engine
+  (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
 """
 from __future__ import annotations
 
