@@ -154,7 +154,8 @@ def _reaches_output(v: Value, graph: Graph) -> bool:
         if id(x) in outputs:
             return True
         for u in x.uses:
-            if u.op.name not in _LINEARS:
+            # a pipeline stage returns what it sends on: the residual stream, not logits
+            if u.op.name not in _LINEARS and u.op.name != "dist.send":
                 todo.extend(u.op.results)
     return False
 

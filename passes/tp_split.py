@@ -29,7 +29,10 @@ The plan is derived from dataflow that the pass proves, never from names (docs/p
   elementwise op whose other operand has every dim 1) is followed like a reshape.
 * **LM head**: a graph output produced by a ``core.linear`` with a ``param`` weight of vocab V:
   column-parallel (V/N rows per rank) + ``dist.all_gather`` of the logits along the last axis.
-  When V % N != 0 it stays replicated.  The embedding stays replicated.
+  When V % N != 0 it stays replicated.
+* **token embedding**: a ``core.embedding`` over a ``param`` table whose ids are graph input 0
+  (the token ids): vocab-parallel when V % N == 0, the same rows as the LM head's shard (a tied
+  table is one shard).  A masked local lookup + ``dist.all_reduce`` completes it.
 
 Everything else (norms, residual adds, rotary tables) is replicated: every rank computes it on
 the same (all-reduced) values.  Weight shards are derived weights, sliced lazily from the
@@ -91,6 +94,9 @@ class _Plan:
     # row-parallel linears with a bias: the bias moves after the all_reduce, or the sum
     # would hold it N times
     biases: dict = field(default_factory=dict)
+    # vocab-parallel token embeddings: (core.embedding op, first row, rows on this rank,
+    # the unsplit table's name)
+    embeddings: list = field(default_factory=list)
 
 
 def _static(d, op, what) -> int:
@@ -470,6 +476,84 @@ def _plan_lm_head(plan: _Plan, graph: Graph) -> None:
                     f"{r}, gathered from {n} ranks"}))
 
 
+# ----- token embedding -------------------------------------------------------------------------
+
+def _plan_embedding(plan: _Plan, graph: Graph) -> None:
+    """The token embedding (a ``core.embedding`` over a 2-D ``param`` table whose ids are the
+    inference form's token ids, graph input 0, through reshapes only) becomes vocab-parallel
+    when its V rows divide by N: rank r holds rows ``[r*V/N, (r+1)*V/N)``, looks up the ids
+    clamped into that range, zeroes the rows of ids outside it, and an all_reduce sums the one
+    non-zero row of each token.  Other embeddings (OPT's and GPT-2's positions) read computed or
+    other ids and stay replicated: splitting them would cost an all_reduce for a small table."""
+    n, r = plan.size, plan.rank
+    token_ids = graph.inputs[0] if graph.inputs else None
+    for op in graph.ops:
+        if op.name != "core.embedding" or id(op) in plan.seen:
+            continue
+        table, ids = op.operands
+        if table.producer is None or table.producer.name != "param" or table.type.rank != 2:
+            continue
+        while ids.producer is not None and ids.producer.name == "core.reshape":
+            ids = ids.producer.operands[0]
+        if ids is not token_ids:
+            continue
+        vocab = table.type.shape[0]
+        if not isinstance(vocab, int) or vocab % n:
+            continue  # stays replicated, as an LM head of that vocab does
+        vl = vocab // n
+        # named as the LM head's shard of the same rows, so a tied table is sliced once
+        _add_row_shard(plan, op, 0, [(r * vl, (r + 1) * vl)], f"vocab{r * vl}:{(r + 1) * vl}",
+                       graph)
+        plan.seen.add(id(op))
+        plan.embeddings.append((op, r * vl, vl, table.producer.attrs["name"]))
+
+
+def _mask_embedding(graph: Graph, op: Op, first: int, rows: int, n: int, table: str) -> None:
+    """Rewrite the (already sharded) ``core.embedding`` ``op`` into the masked local lookup
+    followed by the all_reduce that completes it."""
+    ids = op.operands[1]
+    idt = ids.type.dtype.torch
+    loc = op.loc
+    before = []
+
+    def add(name, operands, attrs=None):
+        new = make_op(name, operands, attrs or {}, loc)
+        before.append(new)
+        return new.results[0]
+
+    def const(v):
+        return add("core.constant", [], {"value": torch.tensor(v, dtype=idt)})
+
+    local = add("core.sub", [ids, const(first)])
+    # clamped, so the lookup stays inside the shard; an id was outside the rank's rows exactly
+    # when clamping moved it
+    idx = add("core.minimum", [add("core.maximum", [local, const(0)]), const(rows - 1)])
+    outside = add("core.ne", [idx, local])
+    for new in before:
+        graph.insert_before(op, new)
+    op.set_operand(1, idx)
+    infer = infer_types(op.name, [v.type for v in op.operands], op.attrs, op.describe())
+    op.results[0].type = infer[0]
+    y = op.results[0]
+    uses = list(y.uses)
+    mask = make_op("core.unsqueeze", [outside], {"dim": -1}, loc)
+    masked = make_op("core.masked_fill", [y, mask.results[0]], {"value": 0.0}, loc)
+    vocab = rows * n
+    loc_name = loc.module or table
+    red = make_op("dist.all_reduce", [masked.results[0]], {
+        "group_size": n, "op": "sum",
+        "plan": f"vocab-parallel {loc_name}: rows {first}:{first + rows} of {vocab} on rank "
+                f"{first // rows}, other ids zeroed, summed over {n} ranks"}, loc)
+    graph.insert_after(op, mask)
+    graph.insert_after(mask, masked)
+    graph.insert_after(masked, red)
+    for u in uses:
+        u.op.set_operand(u.index, red.results[0])
+    graph._replace_output(y, red.results[0])
+    if y.name is not None:
+        red.results[0].name, y.name = y.name, f"{y.name}_local"
+
+
 # ----- the split -------------------------------------------------------------------------------
 
 def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
@@ -498,6 +582,7 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     if others:
         raise _err(others[0], "reads the KV cache, which tp-split shards by kv heads")
     _plan_lm_head(plan, graph)
+    _plan_embedding(plan, graph)
     return plan
 
 
@@ -519,16 +604,22 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
         stats.counters["weights sharded"] += len(plan.shards)
         for _, kind, _ in plan.collectives:
             stats.counters[f"{kind} inserted"] += 1
+        stats.counters["dist.all_reduce inserted"] += len(plan.embeddings)
     store = graph.weights
-    # 1. weight shards: derived weights, new param ops
+    # 1. weight shards: derived weights, new param ops (one per shard: a tied embedding and
+    #    LM head read the same one)
+    made: dict[str, Op] = {}
     for s in plan.shards:
         old = s.op.operands[s.index]
         src = old.producer.attrs["name"]
         t = TensorType(tuple(s.shape), store.type_of(src).dtype)
         if s.new_name not in store:
             store.add_derived(s.new_name, t, [src], s.fn, how=f"tp-shard {s.how}")
-        p = make_op("param", [], {"name": s.new_name, "type": t}, old.producer.loc)
-        graph.insert_before(old.producer, p)
+        p = made.get(s.new_name)
+        if p is None:
+            p = made[s.new_name] = make_op("param", [], {"name": s.new_name, "type": t},
+                                           old.producer.loc)
+            graph.insert_before(old.producer, p)
         s.op.set_operand(s.index, p.results[0])
         if not old.uses and not any(o is old for o in graph.outputs):
             graph.erase(old.producer)
@@ -564,6 +655,9 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
             last.results[0].name, old.name = old.name, f"{old.name}_partial"
             if last is not new:
                 new.results[0].name = f"{last.results[0].name}_reduced"
+    # 5. the vocab-parallel embeddings' masked lookups
+    for op, first, rows, table in plan.embeddings:
+        _mask_embedding(graph, op, first, rows, size, table)
     return graph
 
 

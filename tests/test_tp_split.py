@@ -41,6 +41,11 @@ CONFIGS = {
     # projection and its split, linear_act (gelu_tanh) over a transposed c_fc weight
     "gpt2": lambda: transformers.GPT2Config(
         vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64),
+    # the LM head reads the embedding's table (SmolLM2, Gemma): one vocab shard serves both
+    "llama-tied": lambda: transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=True),
 }
 _cache = {}
 
@@ -72,6 +77,20 @@ def steps():
     return [prefill, decode]
 
 
+def token_embedding_tables(g):
+    """The tables of the embeddings that look up the token ids (graph input 0)."""
+    found = []
+    for op in g.ops:
+        if op.name == "core.embedding":
+            ids = op.operands[1]
+            while ids.producer is not None and ids.producer.name in (
+                    "core.reshape", "core.sub", "core.maximum", "core.minimum"):
+                ids = ids.producer.operands[0]
+            if ids is g.inputs[0]:
+                found.append(op.operands[0])
+    return found
+
+
 def check_split(g, n):
     ranks = split_for_tensor_parallel(g, n)
     assert len(ranks) == n
@@ -98,8 +117,11 @@ def test_ranks_match_unsplit_prefill_and_decode(arch, n):
         # the KV cache holds the rank's kv heads (replicated when there are fewer than n)
         assert rg.inputs[-1].type.shape[4] == max(kv // n, 1)
         names = [op.name for op in rg.ops]
-        assert names.count("dist.all_reduce") == 2 * 2   # o_proj and down_proj per layer
+        # o_proj and down_proj per layer, and the vocab-parallel embedding
+        assert names.count("dist.all_reduce") == 2 * 2 + 1
         assert names.count("dist.all_gather") == 1       # vocab-parallel LM head
+        (table,) = token_embedding_tables(rg)
+        assert table.type.shape[0] == VOCAB // n          # the rank holds V/N rows
 
 
 def test_plan_is_in_the_dump_and_round_trips():
@@ -119,6 +141,10 @@ def test_plan_is_in_the_dump_and_round_trips():
         assert "row-parallel model.layers.0.self_attn.o_proj" in text
         assert "row-parallel model.layers.1.mlp.down_proj" in text
         assert f"vocab-parallel lm_head: logits {32 * r}:{32 * r + 32} of 64" in text
+        assert f'param "model.embed_tokens.weight#tp2.r{r}[vocab{32 * r}:{32 * r + 32}]" : ' \
+               f'tensor<32x32xf32>' in text
+        assert f"vocab-parallel model.embed_tokens: rows {32 * r}:{32 * r + 32} of 64 on " \
+               f"rank {r}, other ids zeroed, summed over 2 ranks" in text
     # the parsed-back graphs run too
     outs = run_ranks([parse_graph(print_graph(rg), weights=rg.weights) for rg in ranks],
                      [steps()[0] + [new_cache(rg)] for rg in ranks])
@@ -217,9 +243,9 @@ def test_pass_statistics():
     h = parse_graph(print_graph(g), weights=g.weights)
     stats = Statistics()
     split_rank(h, 2, 1, stats)
-    # per layer: qkv, o, gate|up, down; plus the LM head
-    assert stats.counters["weights sharded"] == 2 * 4 + 1
-    assert stats.counters["dist.all_reduce inserted"] == 4
+    # per layer: qkv, o, gate|up, down; plus the LM head and the embedding
+    assert stats.counters["weights sharded"] == 2 * 4 + 2
+    assert stats.counters["dist.all_reduce inserted"] == 2 * 2 + 1
     assert stats.counters["dist.all_gather inserted"] == 1
 
 
@@ -261,7 +287,7 @@ def test_opt_and_gpt2_plan_in_the_dump():
     assert '= param "model.decoder.layers.0.fc2.bias" : tensor<32xf32>' in text  # not sliced
     rank = parse_graph(text, weights=compiled("opt").weights)
     for op in rank.ops:
-        if op.name == "dist.all_reduce":
+        if op.name == "dist.all_reduce" and op.attrs["plan"].startswith("row-parallel"):
             linear, (use,) = op.operands[0].producer, op.results[0].uses
             assert len(linear.operands) == 2                   # reduced without the bias
             assert use.op.name == "core.add" and use.op.operands[1].producer.name == "param"
@@ -383,3 +409,35 @@ def test_unfused_mlp_linear_then_activation():
     assert "llm.linear_act" not in text
     assert "model.decoder.layers.1.fc1.weight#tp2.r0[rows0:24]" in text
     assert "row-parallel model.decoder.layers.1.fc2" in text
+
+
+@pytest.mark.parametrize("arch", ["llama-tied", "opt", "gpt2"])
+def test_tied_embedding_and_lm_head_read_one_vocab_shard(arch):
+    """A tied table is sliced once per rank: the embedding and the LM head read the same
+    shard param, of V/N rows; the position tables (OPT, GPT-2) stay whole."""
+    g = compiled(arch)
+    for r, rg in enumerate(split_for_tensor_parallel(g, 4)):
+        (table,) = token_embedding_tables(rg)
+        head = rg.outputs[0].producer.operands[0].producer
+        assert head.name == "core.linear" and head.operands[1] is table
+        assert table.type.shape[0] == VOCAB // 4
+        assert table.producer.attrs["name"].endswith(f"#tp4.r{r}[vocab{16 * r}:{16 * r + 16}]")
+        others = [op.operands[0] for op in rg.ops if op.name == "core.embedding"
+                  and op.operands[0] is not table]
+        assert all("#tp" not in t.producer.attrs["name"] for t in others)
+        assert len(others) == (0 if arch == "llama-tied" else 1)
+
+
+def test_indivisible_vocab_keeps_embedding_and_lm_head_replicated():
+    cfg = transformers.LlamaConfig(vocab_size=66, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    g = compile_causal_lm(transformers.LlamaForCausalLM(cfg).eval(), level="2", max_seq=64,
+                          tokens_per_block=4)
+    for rg in split_for_tensor_parallel(g, 4):
+        names = [op.name for op in rg.ops]
+        assert names.count("dist.all_reduce") == 2 and "dist.all_gather" not in names
+        (table,) = token_embedding_tables(rg)
+        assert table.producer.attrs["name"] == "model.embed_tokens.weight"
+        assert table.type.shape[0] == 66

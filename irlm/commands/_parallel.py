@@ -6,8 +6,10 @@ Three hooks into the compile (irlm/commands/compile.py):
 * :func:`check_model_stage` (right after load, before the trace): the flags against the
   model's config (heads, kv heads, intermediate size, layers), so a split that tp-split or
   pp-split would refuse is refused before the minutes a trace and the passes take;
-* :func:`split_stage` (after the passes) makes ``job.ranks``, and :func:`write_engine` writes
-  them as a multi-rank engine (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
+* :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``--quant int8`` /
+  ``int4``, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
+  of a split compile); :func:`write_engine` writes them as a multi-rank engine
+  (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
 """
 from __future__ import annotations
 
@@ -24,8 +26,17 @@ def add_parallel_arguments(p) -> None:
                         "counts (pp-split), one rank each (default 1)")
 
 
+#: the --quant modes that work with --tp / --pp: no calibration, so each rank quantizes alone
+WEIGHT_ONLY = ("int8", "int4")
+
+
 def _sizes(args) -> tuple[int, int]:
     return getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
+
+
+def splits(args) -> bool:
+    """Whether the compile splits into ranks (and so quantizes after the split)."""
+    return _sizes(args) != (1, 1)
 
 
 def check_parallel_arguments(args) -> None:
@@ -40,10 +51,16 @@ def check_parallel_arguments(args) -> None:
     if tp == 1 and pp == 1:
         return
     flag = f"--tp {tp}" if tp > 1 else f"--pp {pp}"
-    for other, value in (("--quant", getattr(args, "quant", None)),
-                         ("--kv-cache-dtype", getattr(args, "kv_cache_dtype", None))):
-        if value:
-            raise IRLMError(f"{flag} with {other} {value}: not supported together yet")
+    # The weight-only modes quantize each rank's graph after the split; the calibrated ones
+    # would have to run the calibration prompts through all ranks at once.
+    works = f"with {flag}, only the weight-only --quant {' and '.join(WEIGHT_ONLY)} work"
+    quant, kv = getattr(args, "quant", None), getattr(args, "kv_cache_dtype", None)
+    if quant and quant not in WEIGHT_ONLY:
+        raise IRLMError(f"{flag} with --quant {quant}: not supported together yet (its "
+                        f"calibration would need all ranks); {works}")
+    if kv:
+        raise IRLMError(f"{flag} with --kv-cache-dtype {kv}: not supported together yet (its "
+                        f"scales are calibrated on the whole model); {works}")
 
 
 def _first(cfg, *names):
@@ -97,9 +114,33 @@ def check_model_stage(job) -> None:
         if inter is not None and inter % tp:
             raise IRLMError(f"--tp {tp}: the model's intermediate size "
                             f"({s['intermediate_name']} = {inter}) is not divisible by it")
+        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else 0
+        if group:
+            _check_shard_groups(job, s, tp, group)
     if pp > 1 and s["layers"] is not None and s["layers"] % pp:
         raise IRLMError(f"--pp {pp}: the model has {s['layers']} layers, which --pp must "
                         f"divide")
+
+
+def _check_shard_groups(job, s, tp, group) -> None:
+    """A row-parallel projection of a rank reads 1/tp of the input features; int4 scale groups
+    must divide that, or quantize would refuse the rank's graph after the trace."""
+    cfg = job.model.config
+    heads = s["heads"]
+    _, hidden = _first(cfg, "hidden_size", "n_embd")
+    _, head_dim = _first(cfg, "head_dim")
+    if head_dim is None and heads and hidden:
+        head_dim = hidden // heads
+    flags = f"--tp {tp} with --quant int4 --quant-group {group}"
+    for what, total, how in (
+            ("attention output projection", heads * head_dim if heads and head_dim else None,
+             f"{heads} heads x head size {head_dim}"),
+            ("MLP down projection", s["intermediate"],
+             f"{s['intermediate_name']} = {s['intermediate']}")):
+        if total is not None and (total // tp) % group:
+            raise IRLMError(f"{flags}: a rank's {what} reads {total // tp} input features "
+                            f"({how}, / {tp}), which the group must divide; use a smaller "
+                            f"--quant-group or --tp")
 
 
 def split_stage(job) -> None:
@@ -113,6 +154,7 @@ def split_stage(job) -> None:
     else:
         job.ranks, what = split_for_pipeline(job.graph, pp), f"pp-split{{stages={pp}}}"
     job.pipeline = f"{job.pipeline},{what}" if job.pipeline else what
+    n = 0
     if job.args.dump_ir:
         from irlm.printer import print_graph
         ir = job.out / "ir"
@@ -124,8 +166,30 @@ def split_stage(job) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(print_graph(g), encoding="utf-8")
             job.written.append(path)
+    quantize_ranks(job, n + 1 if job.args.dump_ir else 0)
     job.notes.append(f"split into {len(job.ranks)} ranks ({what}); each rank's engine is "
                      f"under OUT/rank0 ... OUT/rank{len(job.ranks) - 1}")
+
+
+def quantize_ranks(job, stage_offset: int) -> None:
+    """``--quant`` with --tp/--pp: the compile's quantize pipeline run on each rank's graph
+    (compile.py's passes stage leaves it out when the compile splits).  After the split, a
+    vocab-parallel LM head is followed by its all_gather and still reaches the graph output,
+    so quantize keeps it in full precision as it does unsplit."""
+    import argparse
+    from irlm.passes import run_pipeline_from_args
+    from .compile import quant_pipeline
+    text = quant_pipeline(job)
+    if not text:
+        return
+    for r, g in enumerate(job.ranks):
+        ns = argparse.Namespace(**vars(job.args))
+        ns.opt_level, ns.pipeline, ns.pass_plugin = None, text, []
+        # the reference interpreter cannot run a rank's collectives alone
+        ns.check_numerics = False
+        ns.dump_ir_dir = str(job.out / "ir" / f"rank{r}") if job.args.dump_ir else None
+        run_pipeline_from_args(g, ns, stage_offset=stage_offset)
+    job.pipeline = f"{job.pipeline},{text}"
 
 
 def write_engine(job, config: dict, tokenizer) -> None:

@@ -172,7 +172,8 @@ def passes_stage(job: CompileJob) -> None:
     ns = argparse.Namespace(**vars(a))
     ns.opt_level = None
     default = compile_pipeline(job)
-    quant = quant_pipeline(job)
+    # with --tp/--pp each rank's graph is quantized after the split (_parallel.quantize_ranks)
+    quant = "" if _parallel.splits(a) else quant_pipeline(job)
     ns.pipeline = ",".join(p for p in (default, quant, a.pipeline) if p) or None
     if a.dump_ir and not a.dump_ir_dir:
         ns.dump_ir_dir = str(job.out / "ir")
