@@ -78,18 +78,8 @@ def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None
     save_file(tensors, str(out / WEIGHTS_FILE))
     (out / PLAN_FILE).write_text(print_graph(graph), encoding="utf-8")
     files = [PLAN_FILE, WEIGHTS_FILE]
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-        files += [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                              "chat_template.jinja") if (out / f).exists()]
-    manifest = {
-        "format": ENGINE_FORMAT,
-        "version": ENGINE_VERSION,
-        "config": config,
-        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
-                  for f in files},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    files += _save_tokenizer(tokenizer, out)
+    _write_manifest(out, config, files)
     return out
 
 
@@ -107,20 +97,30 @@ def write_parallel_engine(graphs: list[Graph], out: Path, config: dict[str, Any]
         write_engine(g, out / sub, rank_config)
         ranks.append({"rank": r, "tp_rank": r % tp, "pp_stage": r // tp, "path": sub})
     files = [f"{rk['path']}/{MANIFEST}" for rk in ranks]
-    if tokenizer is not None:
-        tokenizer.save_pretrained(str(out))
-        files += [f for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                              "chat_template.jinja") if (out / f).exists()]
-    manifest = {
-        "format": ENGINE_FORMAT,
-        "version": ENGINE_VERSION,
-        "config": config,
-        "parallel": {"tp": tp, "pp": pp, "ranks": ranks},
-        "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
-                  for f in files},
-    }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    files += _save_tokenizer(tokenizer, out)
+    _write_manifest(out, config, files, parallel={"tp": tp, "pp": pp, "ranks": ranks})
     return out
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+def _save_tokenizer(tokenizer, out: Path) -> list[str]:
+    """Save the tokenizer (if any) into ``out``; the files it wrote, for the manifest."""
+    if tokenizer is None:
+        return []
+    tokenizer.save_pretrained(str(out))
+    return [f for f in TOKENIZER_FILES if (out / f).exists()]
+
+
+def _write_manifest(out: Path, config: dict[str, Any], files: list[str], **extra) -> None:
+    """engine.json: format, version, config (and ``extra`` sections), and the size and SHA-256
+    of every file the engine consists of, so a load can refuse a modified one."""
+    manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "config": config, **extra,
+                "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
+                          for f in files}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
 
 
 def load_engine(path, verify_checksums: bool = True) -> Engine:

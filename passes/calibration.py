@@ -127,6 +127,7 @@ class ActStats:
     rows: int = 0
     samples: list = field(default_factory=list)
     stride: int = 1
+    last_run: int = -1        # layers sharing this input record it once per prompt
 
     def add(self, x: torch.Tensor) -> None:
         x = x.detach().float().reshape(-1, x.shape[-1])
@@ -229,9 +230,8 @@ def observe(graph: Graph, prompts: Sequence[Sequence[int]], linears: Iterable[Op
         def hook(ctx, args, attrs, _ref=ref):
             if id(ctx.op) in watched:
                 st = obs.inputs[id(ctx.op)]
-                # ops sharing one input record it once per run
-                if getattr(st, "_seen_run", None) != run_no[0]:
-                    st._seen_run = run_no[0]
+                if st.last_run != run_no[0]:
+                    st.last_run = run_no[0]
                     st.add(args[0])
             return _ref(ctx, args, attrs)
         overrides[name] = hook

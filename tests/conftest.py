@@ -34,3 +34,17 @@ def model(tok):
     """A tiny seeded Llama over ``tok``'s vocabulary (a module may override it)."""
     from irlm.runtime.testing import tiny_llama
     return tiny_llama(len(tok))
+
+
+@pytest.fixture(scope="session")
+def random_calibration(tmp_path_factory):
+    """``make(vocab, prompts, length, seed)``: the path (str) of a JSON calibration set of
+    random token ids, in passes/calibration.py's format."""
+    from irlm.passes.calibration import write_token_lists
+
+    def make(vocab: int, prompts: int, length: int, seed: int) -> str:
+        g = torch.Generator().manual_seed(seed)
+        ids = [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(prompts)]
+        path = tmp_path_factory.mktemp("calib") / "tokens.json"
+        return write_token_lists(ids, path).as_posix()
+    return make

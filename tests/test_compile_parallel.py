@@ -73,6 +73,13 @@ def engine_dir(models, tmp_path_factory, arch, *flags):
 PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12]]
 
 
+
+def greedy_tokens(engine_dir, max_tokens: int = 6) -> list[list[int]]:
+    """The engine's greedy continuation of every prompt, on the CPU."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    return [o.outputs[0].token_ids for o in
+            LLM.from_engine(engine_dir, device="cpu").generate(PROMPTS, params)]
+
 def stored_shapes(path):
     from safetensors import safe_open
     with safe_open(str(path), "pt") as f:
@@ -127,11 +134,7 @@ def test_split_engine_generates_like_the_unsplit_one(models, tmp_path_factory, a
         hf = models[arch][1](torch.tensor([PROMPTS[0]])).logits[0, -1]
     assert (got[0] - hf).abs().max().item() <= 1e-4 * scale
 
-    params = SamplingParams(max_tokens=6, temperature=0.0)
-    want_tokens = [o.outputs[0].token_ids for o in
-                   LLM.from_engine(base, device="cpu").generate(PROMPTS, params)]
-    got_tokens = [o.outputs[0].token_ids for o in
-                  LLM.from_engine(split, device="cpu").generate(PROMPTS, params)]
+    want_tokens, got_tokens = greedy_tokens(base), greedy_tokens(split)
     assert got_tokens == want_tokens and all(len(t) == 6 for t in got_tokens)
 
 
@@ -318,11 +321,7 @@ def test_quantized_split_engine_generates_like_the_unsplit_quantized_one(
         hf_unsplit = hf_quantized_logits(models[arch][1], mode, group)
         assert (want[0] - hf_unsplit).abs().max().item() <= 1e-4 * scale
 
-    params = SamplingParams(max_tokens=6, temperature=0.0)
-    want_tokens = [o.outputs[0].token_ids for o in
-                   LLM.from_engine(base, device="cpu").generate(PROMPTS, params)]
-    got_tokens = [o.outputs[0].token_ids for o in
-                  LLM.from_engine(split, device="cpu").generate(PROMPTS, params)]
+    want_tokens, got_tokens = greedy_tokens(base), greedy_tokens(split)
     assert got_tokens == want_tokens and all(len(t) == 6 for t in got_tokens)
 
 

@@ -48,13 +48,9 @@ def test_bad_quant_group_is_a_clear_error(model_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="module")
-def calib_tokens(tmp_path_factory):
-    import json
-    g = torch.Generator().manual_seed(2)
-    path = tmp_path_factory.mktemp("calib") / "tokens.json"
-    path.write_text(json.dumps([torch.randint(0, 96, (20,), generator=g).tolist()
-                                for _ in range(4)]))
-    return path
+def calib_tokens(random_calibration):
+    from pathlib import Path
+    return Path(random_calibration(96, prompts=4, length=20, seed=2))
 
 
 def test_w8a8_engine_with_int8_kv_cache_generates_the_models_greedy_tokens(

@@ -417,13 +417,8 @@ def test_awq_search_is_never_worse_than_rtn_and_helps_on_salient_channels():
 
 
 @pytest.fixture(scope="module")
-def calib_json(tmp_path_factory):
-    import json
-    gen = torch.Generator().manual_seed(1)
-    path = tmp_path_factory.mktemp("calib") / "tokens.json"
-    path.write_text(json.dumps([torch.randint(0, VOCAB, (24,), generator=gen).tolist()
-                                for _ in range(6)]))
-    return path.as_posix()
+def calib_json(random_calibration):
+    return random_calibration(VOCAB, prompts=6, length=24, seed=1)
 
 
 @pytest.mark.parametrize("mode, fused_op, max_err", [

@@ -15,8 +15,6 @@ weight-only int8).
 """
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import transformers
@@ -57,12 +55,8 @@ _compiled: dict = {}
 
 
 @pytest.fixture(scope="module")
-def calib(tmp_path_factory):
-    g = torch.Generator().manual_seed(7)
-    path = tmp_path_factory.mktemp("calib") / "tokens.json"
-    path.write_text(json.dumps([torch.randint(0, VOCAB, (20,), generator=g).tolist()
-                                for _ in range(6)]))
-    return path.as_posix()
+def calib(random_calibration):
+    return random_calibration(VOCAB, prompts=6, length=20, seed=7)
 
 
 def compiled(arch):

@@ -169,14 +169,21 @@ def test_indivisible_heads_are_refused(n, what):
         split_for_tensor_parallel(g, n)
 
 
-def test_indivisible_intermediate_is_refused():
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=50,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
+@pytest.mark.parametrize("make, mlp_op", [
+    (lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=50, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)),
+     "llm.gated_act"),
+    (lambda: transformers.OPTForCausalLM(transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=50, num_hidden_layers=1,
+        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64)),
+     "llm.linear_act"),
+], ids=["gated", "non-gated"])
+def test_indivisible_intermediate_is_refused(make, mlp_op):
     torch.manual_seed(0)
-    g = compile_causal_lm(transformers.LlamaForCausalLM(cfg).eval(), level="2", max_seq=64)
-    with pytest.raises(IRError, match="llm.gated_act.*intermediate size 50 is not divisible by "
-                                      "tp size 4"):
+    g = compile_causal_lm(make().eval(), level="2", max_seq=64)
+    with pytest.raises(IRError, match=f"{mlp_op}.*intermediate size 50 is not divisible by "
+                                      f"tp size 4"):
         split_for_tensor_parallel(g, 4)
 
 
@@ -297,15 +304,6 @@ def test_opt_and_gpt2_plan_in_the_dump():
     assert "transformer.h.0.mlp.c_proj.weight.T#tp2.r0[cols0:64]" in gpt2
 
 
-def test_indivisible_non_gated_intermediate_is_refused():
-    cfg = transformers.OPTConfig(vocab_size=VOCAB, hidden_size=32, ffn_dim=50,
-                                 num_hidden_layers=1, num_attention_heads=4,
-                                 word_embed_proj_dim=32, max_position_embeddings=64)
-    torch.manual_seed(0)
-    g = compile_causal_lm(transformers.OPTForCausalLM(cfg).eval(), level="2", max_seq=64)
-    with pytest.raises(IRError, match="llm.linear_act.*intermediate size 50 is not divisible "
-                                      "by tp size 4"):
-        split_for_tensor_parallel(g, 4)
 
 
 def test_refused_gpt2_split_leaves_the_graph_unchanged():

@@ -133,12 +133,18 @@ def _check_quantized(q: TensorType, s: TensorType, z, axis: int, group: int,
         same_dim(s.shape[0], q.shape[axis], f"scales length differs from dim {axis} of the data")
 
 
-def _is_broadcast_layout(q: TensorType, s: TensorType, z, group: int) -> bool:
+def _broadcast_layout(act_dtype: bool, q_rank: int, s_rank: int, has_zero: bool,
+                      group: int) -> bool:
     """Activations: i8/f8 data of any rank with a scale of the same rank whose dims are 1 or
-    the data's (``[tokens, 1]`` per token, ``[1, 1]`` per tensor).  Weight layouts never
-    have a scale of the data's rank with group = 0, so the two cannot be confused."""
-    return (z is None and group == 0 and q.dtype in (DType.i8, DType.f8e4m3)
-            and (s.rank == q.rank >= 1 or (s.rank == 0 and q.rank != 2)))
+    the data's (``[tokens, 1]`` per token, ``[1, 1]`` per tensor), or a 0-d scale on data that
+    is not rank 2.  Weight layouts never have a scale of the data's rank with group = 0, so
+    the two cannot be confused.  Shared by the type rule and the reference."""
+    return (act_dtype and not has_zero and group == 0
+            and (s_rank == q_rank >= 1 or (s_rank == 0 and q_rank != 2)))
+
+
+def _is_broadcast_layout(q: TensorType, s: TensorType, z, group: int) -> bool:
+    return _broadcast_layout(q.dtype in ACT_DTYPES, q.rank, s.rank, z is not None, group)
 
 
 def _infer_dequantize(t, a):
@@ -161,8 +167,8 @@ def _infer_dequantize(t, a):
 
 
 def _ref_dequantize(ctx, x, a):
-    if len(x) == 2 and a["group"] == 0 and x[0].dtype != torch.uint8 \
-            and (x[0].dim() == x[1].dim() >= 1 or (x[1].dim() == 0 and x[0].dim() != 2)):
+    if _broadcast_layout(x[0].dtype in (torch.int8, torch.float8_e4m3fn), x[0].dim(),
+                         x[1].dim(), len(x) > 2, a["group"]):
         return [(x[0].float() * x[1].float()).to(a["dtype"].torch)]
     return [dequantize_reference(x[0], x[1], x[2] if len(x) > 2 else None, axis=a["axis"],
                                  group=a["group"], dtype=a["dtype"].torch)]
@@ -194,6 +200,16 @@ def _linear_operands(t, mode):
     return t[0], t[1], t[2], None, t[3] if n_extra == 1 else None
 
 
+def _check_bias(b, x: TensorType, q: TensorType) -> None:
+    """An optional bias: one value per weight row, in the input's dtype."""
+    if b is None:
+        return
+    require_rank(b, 1, "bias")
+    if b.dtype is not x.dtype:
+        raise IRError(f"bias dtype {b.dtype.value} differs from the input's {x.dtype.value}")
+    same_dim(b.shape[0], q.shape[0], "bias length differs from weight rows")
+
+
 def _infer_qlinear(t, a):
     mode, group = a["mode"], a["group"]
     x, q, s, z, b = _linear_operands(t, mode)
@@ -211,11 +227,7 @@ def _infer_qlinear(t, a):
     _check_quantized(q, s, z, 0, group, mode)
     in_features = q.shape[1] * 2 if mode == "int4" else q.shape[1]
     same_dim(x.shape[-1], in_features, "input features differ from the weight's columns")
-    if b is not None:
-        require_rank(b, 1, "bias")
-        if b.dtype is not x.dtype:
-            raise IRError(f"bias dtype {b.dtype.value} differs from the input's {x.dtype.value}")
-        same_dim(b.shape[0], q.shape[0], "bias length differs from weight rows")
+    _check_bias(b, x, q)
     return [TensorType(tuple(x.shape[:-1]) + (q.shape[0],), x.dtype)]
 
 
@@ -357,11 +369,7 @@ def _infer_linear_a8(t, a):
         if ws.rank != 0 or xs.rank != 0:
             raise IRError(f"fp8 scales are per tensor (0-d), got {ws} and {xs}")
     same_dim(x.shape[-1], q.shape[1], "input features differ from the weight's columns")
-    if b is not None:
-        require_rank(b, 1, "bias")
-        if b.dtype is not x.dtype:
-            raise IRError(f"bias dtype {b.dtype.value} differs from the input's {x.dtype.value}")
-        same_dim(b.shape[0], q.shape[0], "bias length differs from weight rows")
+    _check_bias(b, x, q)
     return [TensorType(tuple(x.shape[:-1]) + (q.shape[0],), x.dtype)]
 
 

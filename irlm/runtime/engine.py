@@ -14,7 +14,7 @@ from ..errors import IRLMError
 from .beam_search import BeamSearch
 from .detokenizer import IncrementalDetokenizer, Tokenizer
 from .kv_cache import BlockManager
-from .model_runner import ModelRunner, StepBatch, device_index
+from .model_runner import ModelRunner, StepBatch, device_index, fill_device_inputs
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
 from .sampling import (DrawnTokens, PinnedStaging, SampleRow, SamplingParams, apply_penalties,
                        draw_tokens, sample)
@@ -200,8 +200,8 @@ class LLMEngine:
                 if getattr(self.runner, "supports_device_inputs", False):
                     batch.device_inputs = (inflight.drawn.tokens, dst, rows)
                 else:   # a runner that cannot: read the tokens now (correct, not overlapped)
-                    tokens = inflight.drawn.tokens.cpu()
-                    batch.input_ids[torch.tensor(dst)] = tokens[torch.tensor(rows)]
+                    fill_device_inputs(batch.input_ids,
+                                       (inflight.drawn.tokens.cpu(), dst, rows))
         logits = self.runner.step(batch)
         self.num_steps += 1
         jobs = [(seq, row) for row, (seq, n) in enumerate(plan.rows)
