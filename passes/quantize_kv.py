@@ -49,6 +49,9 @@ def quantize_kv_cache(graph: Graph, ctx):
     ctx.stats.counters["calibration prompts"] = obs.prompts
     ctx.stats.counters["calibration tokens"] = obs.tokens
     qmax = _QMAX[want]
+    # Attributes and the cache type change together, in place: each alone would fail the
+    # op's type rule (a quantized cache needs kv_scales and vice versa), so no op is rebuilt
+    # in between; the pass manager verifies the result.
     for op in atts:
         k_amax, v_amax = obs.kv.get(op.attrs["layer"], (0.0, 0.0))
         scales = (max(k_amax, 1e-6) / qmax, max(v_amax, 1e-6) / qmax)

@@ -119,8 +119,9 @@ class CudaGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
+        from irlm.ops.llm import KV_QUANT_DTYPES
         cache_dtype = graph.inputs[names.index("kv_cache")].type.dtype
-        if cache_dtype.value in ("i8", "f8e4m3"):
+        if cache_dtype in KV_QUANT_DTYPES:
             raise IRLMError(f"this engine stores its KV cache as {cache_dtype.value} "
                             f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
                             f"attention kernel yet; run it on the CPU (device='cpu') or "
