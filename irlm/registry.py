@@ -89,6 +89,16 @@ class OpDef:
                 out[name] = operands[i] if i < len(operands) else None
         return out
 
+    def run_reference(self, operands: Sequence[Any], attrs: Optional[dict[str, Any]] = None,
+                      ctx: Any = None) -> list[Any]:
+        """Run the reference implementation on torch tensors outside a graph.
+
+        ``attrs`` may be partial: they are checked and completed with the schema's defaults
+        here, so callers (tests, benchmarks, kernel fallbacks) never build a full attribute
+        dict by hand and never go stale when the op gains an attribute.
+        """
+        return self.reference(ctx, list(operands), self.normalize_attrs(dict(attrs or {})))
+
     def normalize_attrs(self, attrs: dict[str, Any], where: str = "") -> dict[str, Any]:
         """Check ``attrs`` against the schema, coerce their values, and fill in defaults."""
         where = where or self.name

@@ -142,7 +142,7 @@ def test_importing_irlm_kernels_needs_no_cuda_python():
 
 
 def test_attention_shared_memory_matches_the_kernel():
-    """kernels/ops.attention_smem_bytes must equal AttnSmem<...>::BYTES for every variant the
+    """kernels/src/ops.attention_smem_bytes must equal AttnSmem<...>::BYTES for every variant the
     launchers use, and fit Hopper's 227 KiB per block."""
     import torch
     lines = ['#include "attention.cuh"']

@@ -101,9 +101,9 @@ def reference(case, layer, window=0, alibi=(), scale=None):
     one_layer = case["cache"][layer:layer + 1].float()
     attrs = {"layer": 0, "scale": scale, "sliding_window": window,
              "alibi_slopes": tuple(alibi)}
-    ref = get_op_def("llm.paged_attention").reference(
-        None, [case["q"].float(), case["k"].float(), case["v"].float(), one_layer,
-               case["tables"], case["q_lens"], case["cached"]], attrs)[0]
+    ref = get_op_def("llm.paged_attention").run_reference(
+        [case["q"].float(), case["k"].float(), case["v"].float(), one_layer,
+         case["tables"], case["q_lens"], case["cached"]], attrs)[0]
     return exp_cache, ref
 
 

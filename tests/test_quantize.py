@@ -91,7 +91,7 @@ def _run_op(name, operands, attrs):
     d = get_op_def(name)
     types = [TensorType(tuple(x.shape), DType.from_torch(x.dtype)) for x in operands]
     out_t = d.infer(types, d.normalize_attrs(attrs))[0]
-    out = d.reference(None, operands, d.normalize_attrs(attrs))[0]
+    out = d.run_reference(operands, attrs)[0]
     assert tuple(out.shape) == out_t.shape and out.dtype == out_t.dtype.torch
     return out
 
@@ -314,7 +314,7 @@ def _run_ops_multi(name, operands, attrs):
     d = get_op_def(name)
     types = [TensorType(tuple(x.shape), DType.from_torch(x.dtype)) for x in operands]
     out_t = d.infer(types, d.normalize_attrs(attrs))
-    out = d.reference(None, operands, d.normalize_attrs(attrs))
+    out = d.run_reference(operands, attrs)
     assert [tuple(o.shape) for o in out] == [t.shape for t in out_t]
     return out
 

@@ -11,7 +11,7 @@ from the unfused chain, the reference follows the kernel and the difference is s
 * ``llm.rope``, ``llm.gated_act``, ``llm.linear_act``: the same operations as the unfused
   chain, in the operand dtype.
 
-Activation names (``act``) are the kernels' (irlm/kernels/ops.py): ``silu``, ``gelu`` (exact,
+Activation names (``act``) are the kernels' (kernels/src/ops.py): ``silu``, ``gelu`` (exact,
 erf), ``gelu_tanh`` (the tanh approximation), and for ``llm.linear_act`` also ``relu``.
 """
 from __future__ import annotations

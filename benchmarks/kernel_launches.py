@@ -1,6 +1,6 @@
 """Check and time irlm's CUDA kernels at Llama-3-8B shapes on the GPU.
 
-    python benchmarks/kernels.py [--quick] [--json FILE]
+    python benchmarks/kernel_launches.py [--quick] [--json FILE]
 
 Llama-3-8B: 32 query heads, 8 kv heads, head_dim 128, hidden 4096, intermediate 14336, vocab
 128256, bf16, paged cache with 16-token blocks.  For each kernel: a correctness check against
@@ -330,10 +330,9 @@ def diagnose():
         ref_cache = cache.clone().cpu()
         from irlm.ops.llm import write_kv
         from irlm.registry import get_op_def
-        ref = get_op_def("llm.paged_attention").reference(
-            None, [q.cpu().float(), k.cpu().float(), v.cpu().float(), ref_cache.float(),
-                   tables.cpu(), ql.cpu(), cl.cpu()],
-            {"layer": 0, "scale": None, "sliding_window": 0, "alibi_slopes": ()})[0]
+        ref = get_op_def("llm.paged_attention").run_reference(
+            [q.cpu().float(), k.cpu().float(), v.cpu().float(), ref_cache.float(),
+             tables.cpu(), ql.cpu(), cl.cpu()], {"layer": 0})[0]
         out = torch.full_like(q, float("nan"))
         ops.paged_attention(q, k, v, cache, tables, ql, cl, 0, out=out)
         torch.cuda.synchronize()
