@@ -25,35 +25,79 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: cuda if available)")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for the CPU executor (default: the physical cores)")
+    p.add_argument("--executor", choices=("fast", "reference"), default=None,
+                   help="CPU executor: fast (default; ops bound once to torch's CPU kernels) "
+                        "or reference (the interpreter; slow, for debugging)")
     p.add_argument("--no-stream", action="store_true", help="print the text once at the end")
+    p.add_argument("--quiet", action="store_true",
+                   help="do not print the timing line (TTFT, decode tok/s) on stderr")
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
+    import os
+    import time
     from ..runtime import LLM, SamplingParams
     if args.prompt is None and args.chat is None:
         raise IRLMError("give --prompt TEXT or --chat MESSAGE")
     if args.max_tokens < 1:
         raise IRLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
+    if args.threads is not None and args.threads < 1:
+        raise IRLMError(f"--threads {args.threads}: must be at least 1")
+    # The tokenizer's own thread pool would compete with the GEMMs' threads for the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    llm = LLM.from_engine(args.engine, device=args.device)
+    threads = args.threads
+    if threads is None and args.device != "cuda":
+        from ..runtime.cpu_runner import physical_cores
+        threads = physical_cores()
+    llm = LLM.from_engine(args.engine, device=args.device, executor=args.executor,
+                          threads=threads)
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.chat}]
         prompt = llm.apply_chat_template(messages)
         prompt_ids = llm.tokenizer.encode(prompt, add_special_tokens=False)
     else:
-        prompt_ids = args.prompt
-    if args.no_stream:
-        out = llm.generate([prompt_ids], params)[0]
-        print(out.outputs[0].text)
-        return 0
+        prompt_ids = llm.tokenizer.encode(args.prompt) if llm.tokenizer is not None \
+            else args.prompt
+    timing = {"first": None, "tokens": 0}
+    pieces: list[str] = []
 
     async def stream():
+        start = time.perf_counter()
         async for delta in llm.generate_stream(prompt_ids, params):
-            sys.stdout.write(delta.text)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
+            if delta.token_ids and timing["first"] is None:
+                timing["first"] = time.perf_counter()
+            timing["tokens"] += len(delta.token_ids)
+            if args.no_stream:
+                pieces.append(delta.text)
+            else:
+                sys.stdout.write(delta.text)
+                sys.stdout.flush()
+        timing["start"], timing["end"] = start, time.perf_counter()
     asyncio.run(stream())
+    sys.stdout.write("".join(pieces) + "\n")
+    sys.stdout.flush()
+    if not args.quiet:
+        print(timing_line(llm, len(prompt_ids), timing), file=sys.stderr)
     return 0
+
+
+def timing_line(llm, prompt_tokens: int, timing: dict) -> str:
+    """``prompt N tokens, TTFT x s (prefill y tok/s); M tokens, decode z tok/s (executor)``."""
+    first, n = timing["first"], timing["tokens"]
+    ttft = (first or timing["end"]) - timing["start"]
+    line = f"prompt {prompt_tokens} tokens, TTFT {ttft:.3f} s ({prompt_tokens / ttft:.1f} " \
+           f"tok/s prefill)"
+    if n > 1:
+        decode = timing["end"] - first
+        line += f"; {n} tokens, decode {(n - 1) / decode:.1f} tok/s"
+    runner = llm.engine.runner
+    what = type(runner).__name__
+    if hasattr(runner, "linear_dtype"):
+        what += f", {runner.linear_dtype} linears, {runner.threads} threads"
+    return f"{line} [{what}]"

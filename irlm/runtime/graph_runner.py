@@ -72,10 +72,25 @@ class GraphRunner:
         return out.float()
 
 
-def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None):
+CPU_EXECUTORS = ("fast", "reference")
+
+
+def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None,
+                      executor: Optional[str] = None, threads: Optional[int] = None):
     """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present).
     A multi-rank engine (``irlm compile --tp/--pp``) runs all its ranks in the CPU simulator
-    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it."""
+    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it.
+
+    On the CPU, ``executor`` ``fast`` (the default; :mod:`.cpu_runner`) binds every op once
+    and runs torch's CPU kernels; ``reference`` runs the interpreter (slow; the oracle, for
+    debugging).  The environment variable ``IRLM_CPU_EXECUTOR`` sets the default.
+    ``threads``: torch's CPU threads for a CPU engine (default: leave torch's setting; the
+    CLI defaults to the physical cores)."""
+    import os
+    executor = executor or os.environ.get("IRLM_CPU_EXECUTOR") or "fast"
+    if executor not in CPU_EXECUTORS:
+        raise IRLMError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR / executor=): expected "
+                        f"one of {', '.join(CPU_EXECUTORS)}")
     max_len = engine.config.get("max_model_len")
     if getattr(engine, "ranks", None):
         par = engine.parallel
@@ -97,4 +112,11 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
             return CudaGraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len)
+    if device == "cpu" and executor == "fast":
+        from .cpu_runner import CpuGraphRunner
+        return CpuGraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len,
+                              linear_dtype=engine.config.get("cpu_linear"), threads=threads)
+    if threads is not None and device == "cpu":
+        from .cpu_runner import set_threads
+        set_threads(threads)
     return GraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len, device=device)

@@ -56,16 +56,20 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine_dir, *, device: str = "auto", num_blocks: int | None = None,
+                    executor: str | None = None, threads: int | None = None,
                     **kwargs) -> "LLM":
         """Load a compiled engine directory (``irlm compile -o DIR``) and serve it.
 
-        ``device``: ``cpu`` (the reference interpreter), ``cuda``, or ``auto`` (cuda when a GPU
-        is present).  The tokenizer, chat template and EOS ids saved in the engine are used
+        ``device``: ``cpu``, ``cuda``, or ``auto`` (cuda when a GPU is present).  On the CPU,
+        ``executor`` is ``fast`` (default: the bound CPU executor, irlm/runtime/cpu_runner.py)
+        or ``reference`` (the interpreter; slow, for debugging); ``threads`` sets torch's CPU
+        threads.  The tokenizer, chat template and EOS ids saved in the engine are used
         unless given in ``kwargs``."""
         from .graph_runner import runner_for_engine
         from irlm.lowering.engine import load_engine
         engine = load_engine(engine_dir)
-        runner = runner_for_engine(engine, device=device, num_blocks=num_blocks)
+        runner = runner_for_engine(engine, device=device, num_blocks=num_blocks,
+                                   executor=executor, threads=threads)
         kwargs.setdefault("chat_template", engine.chat_template)
         kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))
         if getattr(runner, "max_num_tokens", None):

@@ -1,0 +1,595 @@
+"""The CPU executor: an inference-form graph on the CPU, bound once at load.
+
+The reference interpreter (:mod:`irlm.interpreter`, via :class:`~.graph_runner.GraphRunner`)
+looks every op up in the registry, evaluates symbolic dims with sympy, checks every result's
+type and runs paged attention one request at a time: it states the semantics, and it is slow.
+This executor runs the same graph the way :mod:`.cuda_runner` does on a GPU:
+
+* **bound once**: at load every op becomes one prepared Python closure over slots of a flat
+  value table (params and constants are placed in the table once); symbolic dims of reshapes
+  and splits are compiled to plain lookups; a step is one pass over that list, and each value
+  is dropped at its last use so activations die as early as the memory plan assumes;
+* **fast kernels**: linears through torch's CPU GEMM (oneDNN / MKL), in the *linear dtype*
+  (below); RMSNorm through ``torch.rms_norm``; paged attention for the whole batch at once
+  (:class:`AttentionPlan`): one scatter of the step's keys and values into the pool, one
+  gather of every row's context through its block table, one
+  ``scaled_dot_product_attention`` with a mask built once per step (causal, padding, sliding
+  window, ALiBi); no per-request Python loop;
+* **linear dtype**: the dtype the linears compute in.  ``f32`` keeps the graph's f32 weights
+  (exactly the reference's arithmetic); ``bf16`` stores the linear weights in bf16 and rounds
+  the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a CPU
+  with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``) run
+  torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) with bf16
+  inputs when the linear dtype is bf16 or the engine chose ``int8`` for the CPU; otherwise
+  their weights are dequantized to f32 once at load.  :func:`default_linear_dtype` picks per
+  CPU; ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``).
+
+The interpreter stays the oracle: tests compare this executor's logits and greedy tokens with
+the reference runner's and with Hugging Face transformers'.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Callable, Optional
+
+import sympy
+import torch
+import torch.nn.functional as F
+
+from irlm.errors import IRLMError
+from irlm.interpreter import RefContext
+from irlm.ir import Graph
+from irlm.registry import get_op_def
+
+from .graph_runner import REQUIRED_INPUTS
+from .model_runner import StepBatch
+
+LINEAR_DTYPES = ("f32", "bf16", "int8")
+_TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----- machine facts ---------------------------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def default_linear_dtype(quant: Optional[str] = None) -> str:
+    """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
+    has native bf16 arithmetic, f32 otherwise; ``int8`` (torch's int8 GEMM, bf16 inputs) for a
+    weight-only int8 engine, whose int8 weights halve the memory traffic again."""
+    if quant == "int8":
+        return "int8"
+    return "bf16" if has_fast_bf16() else "f32"
+
+
+def physical_cores() -> int:
+    """Physical cores this process may run on (hyperthread siblings counted once)."""
+    try:
+        allowed = os.sched_getaffinity(0)
+    except AttributeError:                                   # pragma: no cover (not Linux)
+        return max(1, (os.cpu_count() or 2) // 2)
+    cores = set()
+    for cpu in allowed:
+        path = f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list"
+        try:
+            with open(path, encoding="utf-8") as f:
+                cores.add(f.read().strip())
+        except OSError:
+            cores.add(str(cpu))
+    return max(1, len(cores))
+
+
+def set_threads(threads: Optional[int] = None) -> int:
+    """Set torch's intra-op threads (None: the physical cores); returns the count."""
+    if threads is not None and threads < 1:
+        raise IRLMError(f"--threads {threads}: must be at least 1")
+    n = threads or physical_cores()
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+    return n
+
+
+# ----- symbolic dims ---------------------------------------------------------------------------
+
+def _dim_fn(d) -> Callable[[dict], int]:
+    """A fast evaluator of one (possibly symbolic) dim over ``{Symbol: int}`` bindings."""
+    if isinstance(d, int):
+        return lambda b, d=d: d
+    if isinstance(d, sympy.Symbol):
+        return lambda b, d=d: b[d]
+    syms = sorted(d.free_symbols, key=lambda s: s.name)
+    f = sympy.lambdify(syms, d, modules="math")
+    return lambda b: int(f(*(b[s] for s in syms)))
+
+
+class _FastContext(RefContext):
+    """A RefContext whose ``dim`` is a cached compiled lookup, not a sympy substitution."""
+
+    def __init__(self, graph, device=None):
+        super().__init__(graph, None, {}, {}, device)
+        self._dims: dict[Any, Callable] = {}
+
+    def dim(self, d) -> int:
+        if isinstance(d, int):
+            return d
+        f = self._dims.get(d)
+        if f is None:
+            f = self._dims[d] = _dim_fn(d)
+        return f(self.bindings)
+
+
+# ----- paged attention for the whole batch -----------------------------------------------------
+
+class AttentionPlan:
+    """Everything paged attention needs that depends only on the step, not on the layer:
+    where each new token's key/value goes in the pool, which pool slots each row attends over,
+    and the mask.  Built once per step, shared by every layer."""
+
+    def __init__(self, q_lens: torch.Tensor, cached: torch.Tensor, tables: torch.Tensor,
+                 block_size: int):
+        q_lens, cached, tables = q_lens.long(), cached.long(), tables.long()
+        reqs = q_lens.shape[0]
+        self.reqs = reqs
+        self.decode = bool((q_lens == 1).all())
+        kv_lens = cached + q_lens
+        self.max_q = 1 if self.decode else int(q_lens.max())
+        self.max_kv = int(kv_lens.max())
+        rows = torch.arange(reqs)
+        if self.decode:
+            row_of, i_of = rows, torch.zeros(reqs, dtype=torch.long)
+        else:
+            row_of = torch.repeat_interleave(rows, q_lens)
+            starts = torch.cumsum(q_lens, 0) - q_lens
+            i_of = torch.arange(row_of.shape[0]) - starts[row_of]
+        self.row_of, self.i_of = row_of, i_of
+        pos = cached[row_of] + i_of                              # each new token's position
+        self.write_blocks = tables[row_of, pos // block_size]
+        self.write_slots = pos % block_size
+        kpos = torch.arange(self.max_kv)
+        self.read_blocks = tables[:, kpos // block_size]         # [reqs, max_kv]
+        self.read_slots = (kpos % block_size).expand(reqs, -1)
+        qpos = cached[:, None] + torch.arange(self.max_q)[None, :]          # [reqs, max_q]
+        self.dist = qpos[:, :, None] - kpos[None, None, :]       # [reqs, max_q, max_kv]
+        allowed = self.dist >= 0                                 # causal; also < kv_len
+        if not self.decode:      # padding query rows: let them see key 0 (no NaN), dropped later
+            pad = torch.arange(self.max_q)[None, :] >= q_lens[:, None]
+            allowed[:, :, 0] |= pad
+        self.allowed = allowed
+        self._masks: dict[tuple, torch.Tensor] = {}
+
+    def mask(self, window: int, slopes: tuple, heads: int) -> Optional[torch.Tensor]:
+        """The SDPA mask: bool [reqs, 1, max_q, max_kv], or float with ALiBi
+        [reqs, heads, max_q, max_kv]; None when nothing is masked (one token, full context)."""
+        key = (window, slopes)
+        m = self._masks.get(key)
+        if m is None and key not in self._masks:
+            allowed = self.allowed
+            if window:
+                allowed = allowed & (self.dist < window)
+            if slopes:
+                s = torch.tensor(slopes, dtype=torch.float32)
+                bias = -s[None, :, None, None] * self.dist[:, None].float()
+                m = bias.masked_fill(~allowed[:, None], float("-inf"))
+            elif self.reqs == 1 and self.decode and bool(allowed.all()):
+                m = None
+            else:
+                m = allowed[:, None]
+            self._masks[key] = m
+        return m
+
+
+def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
+    layer = a["layer"]
+    ks, vs = a["kv_scales"] or (1.0, 1.0)
+    pool = cache[layer]                                   # [blocks, 2, bs, kv_heads, d]
+    quantized = cache.dtype != k.dtype
+    if quantized:
+        from irlm.ops.llm import kv_to_cache
+        k, v = kv_to_cache(k, cache.dtype, ks), kv_to_cache(v, cache.dtype, vs)
+    pool[plan.write_blocks, 0, plan.write_slots] = k
+    pool[plan.write_blocks, 1, plan.write_slots] = v
+    keys = pool[plan.read_blocks, 0, plan.read_slots]     # [reqs, max_kv, kv_heads, d]
+    vals = pool[plan.read_blocks, 1, plan.read_slots]
+    heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    dt = torch.float32
+    keys = keys.to(dt) * ks if quantized else keys.to(dt)
+    vals = vals.to(dt) * vs if quantized else vals.to(dt)
+    if plan.decode:
+        qp = q.to(dt).view(plan.reqs, 1, heads, d)
+    else:
+        qp = q.new_zeros((plan.reqs, plan.max_q, heads, d), dtype=dt)
+        qp[plan.row_of, plan.i_of] = q.to(dt)
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    out = F.scaled_dot_product_attention(
+        qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
+        attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
+        scale=scale, enable_gqa=heads != kv_heads)        # [reqs, heads, max_q, dv]
+    out = out.transpose(1, 2)
+    if plan.decode:
+        out = out.reshape(plan.reqs, heads, out.shape[-1])
+    else:
+        out = out[plan.row_of, plan.i_of]
+    return out.to(q.dtype)
+
+
+# ----- binding ops -----------------------------------------------------------------------------
+
+class _Weights:
+    """The engine's weights as the CPU uses them: each linear's weight converted once to the
+    linear dtype (or int8-packed), every other param as declared."""
+
+    def __init__(self, graph: Graph, store, linear_dtype: str):
+        self.graph, self.store, self.linear_dtype = graph, store, linear_dtype
+        self._plain: dict[str, torch.Tensor] = {}
+        self._converted: dict[tuple, Any] = {}
+
+    def plain(self, name: str, dtype: torch.dtype) -> torch.Tensor:
+        t = self._plain.get(name)
+        if t is None:
+            t = self.store.get(name)
+            if t.dtype != dtype or t.device.type != "cpu":
+                t = t.to("cpu", dtype)
+            self._plain[name] = t
+        return t
+
+
+class _Binder:
+    """Turns each op into a closure ``fn(args) -> list[Tensor]`` once."""
+
+    def __init__(self, runner: "CpuGraphRunner", graph: Graph, linear_dtype: str):
+        self.runner = runner
+        self.graph = graph
+        self.linear_dtype = linear_dtype
+        self.ctx = _FastContext(graph, device=None)
+        self.params: dict[int, tuple[str, torch.dtype]] = {}     # value id -> (name, dtype)
+        self.consts: dict[int, torch.Tensor] = {}
+        self.stats = {"bound": 0, "reference": 0}
+
+    def bind(self, op) -> Callable:
+        fn = getattr(self, "_" + op.name.replace(".", "_"), None)
+        bound = fn(op) if fn is not None else None
+        if bound is not None:
+            self.stats["bound"] += 1
+            return bound
+        self.stats["reference"] += 1
+        ref, ctx, attrs = get_op_def(op.name).reference, self.ctx, op.attrs
+
+        def run_reference(args, ref=ref, attrs=attrs, op=op):
+            ctx.op = op
+            return ref(ctx, args, attrs)
+        return run_reference
+
+    # views and shapes: the symbolic dims compiled to lookups
+    def _core_reshape(self, op):
+        fns = [_dim_fn(d) for d in op.attrs["shape"]]
+        b = self.ctx.bindings
+        if all(isinstance(d, int) for d in op.attrs["shape"]):
+            shape = tuple(op.attrs["shape"])
+            return lambda x: [x[0].reshape(shape)]
+        return lambda x: [x[0].reshape([f(b) for f in fns])]
+
+    def _core_transpose(self, op):
+        d0, d1 = op.attrs["dim0"], op.attrs["dim1"]
+        return lambda x: [x[0].transpose(d0, d1)]
+
+    def _core_unsqueeze(self, op):
+        d = op.attrs["dim"]
+        return lambda x: [x[0].unsqueeze(d)]
+
+    def _core_split(self, op):
+        sizes, dim = op.attrs["sizes"], op.attrs["dim"]
+        if not all(isinstance(s, int) for s in sizes):
+            return None
+        sizes = list(sizes)
+        return lambda x: list(torch.split(x[0], sizes, dim))
+
+    def _core_embedding(self, op):
+        return lambda x: [F.embedding(x[1], x[0])] if x[1].dtype == torch.long \
+            else [F.embedding(x[1].long(), x[0])]
+
+    # linears
+    def _weight_param(self, op, i: int):
+        """The param feeding operand ``i`` of ``op``, if it is one (name, dtype)."""
+        v = op.operands[i] if i < len(op.operands) else None
+        return self.params.get(id(v)) if v is not None else None
+
+    def _core_linear(self, op):
+        w = self._weight_param(op, 1)
+        if w is None or w[1] != torch.float32 or self.linear_dtype == "f32":
+            return lambda x: [F.linear(x[0], x[1], x[2] if len(x) > 2 else None)]
+        lin = _TORCH["bf16"]
+        weight = self.runner._linear_weight(w[0], lambda: self.runner._store.get(w[0]).to(lin))
+        has_bias = len(op.operands) > 2
+
+        def linear_lowp(x):
+            y = F.linear(x[0].to(lin), weight)
+            y = y.to(x[0].dtype)
+            return [y + x[2] if has_bias else y]
+        return linear_lowp
+
+    def _quant_linear(self, op):
+        a = op.attrs
+        if a["mode"] != "int8":
+            return None
+        q, s = self._weight_param(op, 1), self._weight_param(op, 2)
+        if q is None or s is None:
+            return None
+        from irlm.ops.quant import _epilogue, dequantize_reference
+        act = a["act"]
+        has_bias = len(op.operands) > 3
+        store = self.runner._store
+        if self.linear_dtype in ("int8", "bf16"):
+            lin = _TORCH["bf16"]
+            qw = self.runner._linear_weight(q[0], lambda: store.get(q[0]).contiguous())
+            scales = self.runner._linear_weight(
+                (s[0], "bf16"), lambda: store.get(s[0]).to(lin).contiguous())
+
+            def int8_linear(x):
+                xv = x[0]
+                flat = xv.reshape(-1, xv.shape[-1]).to(lin)
+                y = torch._weight_int8pack_mm(flat, qw, scales)
+                y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],)).to(xv.dtype)
+                if has_bias:
+                    y = y + x[3]
+                return [_epilogue(y, act)]
+            return int8_linear
+        # f32: the reference's arithmetic, with the weight dequantized once at load
+        w = self.runner._linear_weight(
+            (q[0], "dequant"), lambda: dequantize_reference(store.get(q[0]), store.get(s[0]),
+                                                           axis=0, dtype=torch.float32))
+
+        def dequant_linear(x):
+            xv = x[0]
+            y = F.linear(xv, w if xv.dtype == w.dtype else w.to(xv.dtype),
+                         x[3] if has_bias else None)
+            return [_epilogue(y, act)]
+        return dequant_linear
+
+    # fused llm ops
+    def _llm_rms_norm(self, op):
+        eps, off = op.attrs["eps"], op.attrs["weight_offset"]
+        if off:
+            return None
+
+        def rms(x):
+            if x[0].dtype != torch.float32:
+                from irlm.ops.fused import rms_norm_reference
+                return [rms_norm_reference(x[0], x[1], eps)]
+            return [torch.rms_norm(x[0], (x[0].shape[-1],), x[1], eps)]
+        return rms
+
+    def _llm_add_rms_norm(self, op):
+        eps, off = op.attrs["eps"], op.attrs["weight_offset"]
+        if off:
+            return None
+
+        def add_rms(x):
+            total = x[0] + x[1]
+            if total.dtype != torch.float32:
+                from irlm.ops.fused import rms_norm_reference
+                return [rms_norm_reference(total, x[2], eps), total]
+            return [torch.rms_norm(total, (total.shape[-1],), x[2], eps), total]
+        return add_rms
+
+    def _llm_gated_act(self, op):
+        from irlm.ops.fused import ACTIVATIONS
+        act = ACTIVATIONS[op.attrs["act"]]
+
+        def gated(x):
+            gate, up = x[0].chunk(2, dim=-1)
+            return [act(gate) * up]
+        return gated
+
+    def _llm_rope(self, op):
+        if op.attrs["style"] != "rotate_half":
+            return None
+
+        def rope(x):
+            t, cos, sin = x
+            r = cos.shape[-1]
+            half = r // 2
+            t_rot = t[..., :r] if r != t.shape[-1] else t
+            x1, x2 = t_rot[..., :half], t_rot[..., half:]
+            rotated = torch.cat((-x2, x1), dim=-1)
+            out = t_rot * cos + rotated * sin
+            return [out] if r == t.shape[-1] else [torch.cat((out, t[..., r:]), dim=-1)]
+        return rope
+
+    def _llm_paged_attention(self, op):
+        a, runner = op.attrs, self.runner
+
+        def attention(x):
+            q, k, v, cache = x[0], x[1], x[2], x[3]
+            return [_paged_attention(runner._plan, q, k, v, cache, a)]
+        return attention
+
+    def _llm_last_tokens(self, op):
+        runner = self.runner
+
+        def last(x):
+            plan = runner._plan
+            if plan is not None and plan.decode and x[0].shape[0] == plan.reqs:
+                return [x[0]]
+            idx = torch.cumsum(x[1].long(), 0) - 1
+            return [x[0][idx]]
+        return last
+
+
+# ----- the runner ------------------------------------------------------------------------------
+
+class CpuGraphRunner:
+    """A :class:`~irlm.runtime.model_runner.ModelRunner` that runs an inference-form graph on
+    the CPU with every op bound once at load (see the module docstring)."""
+
+    supports_device_inputs = True     # the placeholders' tokens are on the CPU already
+
+    def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
+                 kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None,
+                 linear_dtype: Optional[str] = None, threads: Optional[int] = None,
+                 weights=None, quant: Optional[str] = None):
+        dist = next((op for op in graph.ops if op.dialect == "dist"), None)
+        if dist is not None:
+            raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
+                            f"({dist.describe()}): run the whole engine (RankRunner)")
+        names = [v.name for v in graph.inputs]
+        if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
+            raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
+                            f"with substitute-attention")
+        linear_dtype = linear_dtype or default_linear_dtype(quant)
+        if linear_dtype not in LINEAR_DTYPES:
+            raise IRLMError(f"linear dtype {linear_dtype!r}: expected one of "
+                            f"{', '.join(LINEAR_DTYPES)}")
+        # threads=None leaves torch's setting alone: the embedding process owns it
+        self.threads = set_threads(threads) if threads is not None else torch.get_num_threads()
+        self.graph = graph
+        self.linear_dtype = linear_dtype
+        self._order = [REQUIRED_INPUTS.index(n) for n in names]
+        self._store = weights if weights is not None else graph.weights
+        cache_t = graph.inputs[names.index("kv_cache")].type
+        layers, _, two, bs, kv_heads, head_dim = cache_t.shape
+        dtype = cache_t.dtype.torch
+        per_block = layers * two * bs * kv_heads * head_dim * dtype.itemsize
+        if num_blocks is None:
+            num_blocks = max(2, kv_cache_bytes // per_block)
+        self.block_size, self.num_blocks = int(bs), int(num_blocks)
+        self.vocab_size = int(graph.outputs[0].type.shape[-1])
+        tokens_range = graph.dims.get("tokens")
+        self.max_num_tokens = tokens_range.max if tokens_range else None
+        limit = self.num_blocks * self.block_size
+        self.max_model_len = min(max_model_len or limit, limit)
+        self.kv_cache = torch.zeros(layers, self.num_blocks, two, bs, kv_heads, head_dim,
+                                    dtype=dtype)
+        self._plan: Optional[AttentionPlan] = None
+        self._linear_weights: dict[Any, Any] = {}
+        self._bind(graph)
+        self.stats = {"steps": 0, **self._binder.stats}
+
+    # ----- load time -------------------------------------------------------------------------
+    def _linear_weight(self, key, make):
+        """A linear's converted weight, made once (shared by every op that reads it)."""
+        w = self._linear_weights.get(key)
+        if w is None:
+            w = self._linear_weights[key] = make()
+        return w
+
+    def _bind(self, graph: Graph) -> None:
+        binder = self._binder = _Binder(self, graph, self.linear_dtype)
+        slot: dict[int, int] = {}
+        table: list[Any] = []
+
+        def new_slot(v) -> int:
+            slot[id(v)] = len(table)
+            table.append(None)
+            return slot[id(v)]
+
+        self._input_slots = [new_slot(v) for v in graph.inputs]
+        # Symbolic dims bound by the inputs' shapes: (input index, axis, symbol)
+        self._dim_sources = []
+        for i, v in enumerate(graph.inputs):
+            for axis, d in enumerate(v.type.shape):
+                if isinstance(d, sympy.Symbol) and all(s != d for _, _, s in self._dim_sources):
+                    self._dim_sources.append((i, axis, d))
+        consumers: dict[int, list] = {}
+        for op in graph.ops:
+            for v in op.operands:
+                consumers.setdefault(id(v), []).append(op)
+        # which params are read only as linear weights (those need no plain copy)
+        linear_only = {}
+        for op in graph.params():
+            uses = consumers.get(id(op.results[0]), [])
+            linear_only[id(op.results[0])] = bool(uses) and self.linear_dtype != "f32" and all(
+                (u.name == "core.linear" and u.operands[1] is op.results[0])
+                or (u.name == "quant.linear" and u.attrs["mode"] == "int8"
+                    and any(o is op.results[0] for o in u.operands[1:3])) for u in uses)
+        last_use: dict[int, int] = {}
+        for i, op in enumerate(graph.ops):
+            for v in op.operands:
+                last_use[id(v)] = i
+        keep = {id(v) for v in graph.outputs} | {id(v) for v in graph.inputs}
+        program = []
+        store = self._store
+        for i, op in enumerate(graph.ops):
+            if op.name == "param":
+                r = op.results[0]
+                name, dt = op.attrs["name"], r.type.dtype.torch
+                binder.params[id(r)] = (name, dt)
+                s = new_slot(r)
+                if not linear_only[id(r)]:
+                    table[s] = store.get(name) if store.get(name).dtype == dt \
+                        else store.get(name).to(dt)
+                keep.add(id(r))
+                continue
+            if op.name == "core.constant":
+                r = op.results[0]
+                table[new_slot(r)] = op.attrs["value"].to("cpu", copy=True)
+                keep.add(id(r))
+                continue
+            fn = binder.bind(op)
+            ins = [slot[id(v)] for v in op.operands]
+            outs = [new_slot(r) for r in op.results]
+            dead = [slot[id(v)] for v in dict.fromkeys(op.operands)
+                    if last_use.get(id(v)) == i and id(v) not in keep]
+            program.append((fn, ins, outs, dead, op))
+        self._table = table
+        self._program = program
+        self._output_slot = slot[id(graph.outputs[0])]
+        if hasattr(store, "drop_cache"):
+            store.drop_cache()
+
+    # ----- one step --------------------------------------------------------------------------
+    def step(self, batch: StepBatch) -> torch.Tensor:
+        ids = batch.input_ids_on("cpu")
+        feeds = (ids, batch.positions, batch.q_lens, batch.cached_lens, batch.block_tables,
+                 self.kv_cache)
+        return self.run([feeds[i] for i in self._order]).float()
+
+    @torch.inference_mode()
+    def run(self, inputs) -> torch.Tensor:
+        """One step over the graph inputs in the graph's order; returns the logits."""
+        by_name = dict(zip((v.name for v in self.graph.inputs), inputs))
+        b = self._binder.ctx.bindings
+        b.clear()
+        for i, axis, s in self._dim_sources:
+            b[s] = int(inputs[i].shape[axis])
+        self._plan = AttentionPlan(by_name["q_lens"], by_name["cached_lens"],
+                                   by_name["block_tables"], self.block_size)
+        table = self._table
+        for s, x in zip(self._input_slots, inputs):
+            table[s] = x
+        try:
+            for fn, ins, outs, dead, op in self._program:
+                try:
+                    res = fn([table[j] for j in ins])
+                except IRLMError:
+                    raise
+                except Exception as e:
+                    raise IRLMError(f"{op.describe()}: CPU executor failed: "
+                                    f"{type(e).__name__}: {e}") from e
+                for j, x in zip(outs, res):
+                    table[j] = x
+                for j in dead:
+                    table[j] = None
+            out = table[self._output_slot]
+        finally:
+            for s in self._input_slots:
+                table[s] = None
+            table[self._output_slot] = None
+            self._plan = None
+        self.stats["steps"] += 1
+        return out
