@@ -260,6 +260,8 @@ class _Binder:
         self.params: dict[int, tuple[str, torch.dtype]] = {}     # value id -> (name, dtype)
         self.consts: dict[int, torch.Tensor] = {}
         self.stats = {"bound": 0, "reference": 0}
+        self.captured: set[tuple[int, int]] = set()   # (op id, operand index) bound as weights
+        self.reference_ops: set[str] = set()          # ops left to their reference impl
 
     def bind(self, op) -> Callable:
         fn = getattr(self, "_" + op.name.replace(".", "_"), None)
@@ -268,6 +270,7 @@ class _Binder:
             self.stats["bound"] += 1
             return bound
         self.stats["reference"] += 1
+        self.reference_ops.add(op.name)
         ref, ctx, attrs = get_op_def(op.name).reference, self.ctx, op.attrs
 
         def run_reference(args, ref=ref, attrs=attrs, op=op):
@@ -314,6 +317,7 @@ class _Binder:
         if w is None or w[1] != torch.float32 or self.linear_dtype == "f32":
             return lambda x: [F.linear(x[0], x[1], x[2] if len(x) > 2 else None)]
         lin = _TORCH["bf16"]
+        self.captured.add((id(op), 1))
         weight = self.runner._linear_weight(w[0], lambda: self.runner._store.get(w[0]).to(lin))
         has_bias = len(op.operands) > 2
 
@@ -325,17 +329,18 @@ class _Binder:
 
     def _quant_linear(self, op):
         a = op.attrs
-        if a["mode"] != "int8":
-            return None
         q, s = self._weight_param(op, 1), self._weight_param(op, 2)
-        if q is None or s is None:
+        z = self._weight_param(op, 3) if a["mode"] == "int4" else None
+        if q is None or s is None or (a["mode"] == "int4" and z is None):
             return None
         from irlm.ops.quant import _epilogue, dequantize_reference
         act = a["act"]
-        has_bias = len(op.operands) > 3
-        store = self.runner._store
-        if self.linear_dtype in ("int8", "bf16"):
-            lin = _TORCH["bf16"]
+        bias_at = 4 if a["mode"] == "int4" else 3
+        has_bias = len(op.operands) > bias_at
+        store, lin = self.runner._store, _TORCH["bf16"]
+        if a["mode"] == "int8" and self.linear_dtype in ("int8", "bf16"):
+            # torch's CPU int8 GEMM: int8 weights [N, K], one bf16 scale per row, bf16 inputs
+            self.captured.update({(id(op), 1), (id(op), 2)})
             qw = self.runner._linear_weight(q[0], lambda: store.get(q[0]).contiguous())
             scales = self.runner._linear_weight(
                 (s[0], "bf16"), lambda: store.get(s[0]).to(lin).contiguous())
@@ -346,45 +351,51 @@ class _Binder:
                 y = torch._weight_int8pack_mm(flat, qw, scales)
                 y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],)).to(xv.dtype)
                 if has_bias:
-                    y = y + x[3]
+                    y = y + x[bias_at]
                 return [_epilogue(y, act)]
             return int8_linear
-        # f32: the reference's arithmetic, with the weight dequantized once at load
-        w = self.runner._linear_weight(
-            (q[0], "dequant"), lambda: dequantize_reference(store.get(q[0]), store.get(s[0]),
-                                                           axis=0, dtype=torch.float32))
+        # Otherwise the weight is dequantized once at load (the reference's float32
+        # arithmetic), and kept in bf16 when the linears compute in bf16.
+        low = self.linear_dtype != "f32"
+        self.captured.update({(id(op), 1), (id(op), 2)} | ({(id(op), 3)} if z else set()))
+        w = self.runner._linear_weight((q[0], "dequant", low), lambda: dequantize_reference(
+            store.get(q[0]), store.get(s[0]), store.get(z[0]) if z else None, axis=0,
+            group=a["group"], dtype=lin if low else torch.float32))
 
         def dequant_linear(x):
             xv = x[0]
-            y = F.linear(xv, w if xv.dtype == w.dtype else w.to(xv.dtype),
-                         x[3] if has_bias else None)
+            if low:
+                y = F.linear(xv.to(lin), w).to(xv.dtype)
+                if has_bias:
+                    y = y + x[bias_at]
+            else:
+                y = F.linear(xv, w if xv.dtype == w.dtype else w.to(xv.dtype),
+                             x[bias_at] if has_bias else None)
             return [_epilogue(y, act)]
         return dequant_linear
 
     # fused llm ops
     def _llm_rms_norm(self, op):
         eps, off = op.attrs["eps"], op.attrs["weight_offset"]
-        if off:
-            return None
 
         def rms(x):
             if x[0].dtype != torch.float32:
                 from irlm.ops.fused import rms_norm_reference
-                return [rms_norm_reference(x[0], x[1], eps)]
-            return [torch.rms_norm(x[0], (x[0].shape[-1],), x[1], eps)]
+                return [rms_norm_reference(x[0], x[1], eps, off)]
+            w = x[1] + off if off else x[1]
+            return [torch.rms_norm(x[0], (x[0].shape[-1],), w, eps)]
         return rms
 
     def _llm_add_rms_norm(self, op):
         eps, off = op.attrs["eps"], op.attrs["weight_offset"]
-        if off:
-            return None
 
         def add_rms(x):
             total = x[0] + x[1]
             if total.dtype != torch.float32:
                 from irlm.ops.fused import rms_norm_reference
-                return [rms_norm_reference(total, x[2], eps), total]
-            return [torch.rms_norm(total, (total.shape[-1],), x[2], eps), total]
+                return [rms_norm_reference(total, x[2], eps, off), total]
+            w = x[2] + off if off else x[2]
+            return [torch.rms_norm(total, (total.shape[-1],), w, eps), total]
         return add_rms
 
     def _llm_gated_act(self, op):
@@ -478,7 +489,8 @@ class CpuGraphRunner:
         self._plan: Optional[AttentionPlan] = None
         self._linear_weights: dict[Any, Any] = {}
         self._bind(graph)
-        self.stats = {"steps": 0, **self._binder.stats}
+        self.stats = {"steps": 0, **self._binder.stats,
+                      "reference_ops": sorted(self._binder.reference_ops)}
 
     # ----- load time -------------------------------------------------------------------------
     def _linear_weight(self, key, make):
@@ -509,14 +521,6 @@ class CpuGraphRunner:
         for op in graph.ops:
             for v in op.operands:
                 consumers.setdefault(id(v), []).append(op)
-        # which params are read only as linear weights (those need no plain copy)
-        linear_only = {}
-        for op in graph.params():
-            uses = consumers.get(id(op.results[0]), [])
-            linear_only[id(op.results[0])] = bool(uses) and self.linear_dtype != "f32" and all(
-                (u.name == "core.linear" and u.operands[1] is op.results[0])
-                or (u.name == "quant.linear" and u.attrs["mode"] == "int8"
-                    and any(o is op.results[0] for o in u.operands[1:3])) for u in uses)
         last_use: dict[int, int] = {}
         for i, op in enumerate(graph.ops):
             for v in op.operands:
@@ -529,10 +533,8 @@ class CpuGraphRunner:
                 r = op.results[0]
                 name, dt = op.attrs["name"], r.type.dtype.torch
                 binder.params[id(r)] = (name, dt)
-                s = new_slot(r)
-                if not linear_only[id(r)]:
-                    table[s] = store.get(name) if store.get(name).dtype == dt \
-                        else store.get(name).to(dt)
+                t = store.get(name)
+                table[new_slot(r)] = t if t.dtype == dt else t.to(dt)
                 keep.add(id(r))
                 continue
             if op.name == "core.constant":
@@ -546,6 +548,14 @@ class CpuGraphRunner:
             dead = [slot[id(v)] for v in dict.fromkeys(op.operands)
                     if last_use.get(id(v)) == i and id(v) not in keep]
             program.append((fn, ins, outs, dead, op))
+        # A param that every reader captured in a converted form (a linear's bf16 or int8
+        # weight) needs no plain copy in the table.
+        for op in graph.params():
+            r = op.results[0]
+            uses = [(id(u), j) for u in consumers.get(id(r), [])
+                    for j, o in enumerate(u.operands) if o is r]
+            if uses and all(u in binder.captured for u in uses):
+                table[slot[id(r)]] = None
         self._table = table
         self._program = program
         self._output_slot = slot[id(graph.outputs[0])]
