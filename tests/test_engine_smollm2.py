@@ -128,3 +128,27 @@ def test_beam_search_matches_transformers(engine_dir, hf):
         end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
         beams.append(row[:end + 1])
     assert [c.token_ids for c in out.outputs] == beams
+
+
+def test_cpu_executor_logits_equal_the_interpreter(engine_dir):
+    """The default CPU executor (irlm/runtime/cpu_runner.py) against the reference interpreter
+    on the real weights: a chat prompt's prefill, then two greedy decode steps."""
+    from irlm.lowering.engine import load_engine
+    from irlm.runtime.graph_runner import runner_for_engine
+    from irlm.runtime.model_runner import StepBatch
+    engine = load_engine(engine_dir)
+    fast = runner_for_engine(engine, device="cpu", num_blocks=8)
+    ref = runner_for_engine(engine, device="cpu", num_blocks=8, executor="reference")
+    assert type(fast).__name__ == "CpuGraphRunner" and type(ref).__name__ == "GraphRunner"
+    text = engine.chat_template and LLM(fast, engine.tokenizer,
+                                        chat_template=engine.chat_template).apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}])
+    ids = engine.tokenizer.encode(text, add_special_tokens=False)
+    table = [[3, 0, 6, 1]]
+    batch = StepBatch.pack([0], [ids], [0], table)
+    for step in range(3):
+        want, got = ref.step(batch), fast.step(batch)
+        scale = float(want.max() - want.min())
+        assert (got - want).abs().max().item() <= 1e-4 * scale, step
+        n = batch.num_tokens + int(batch.cached_lens[0])
+        batch = StepBatch.pack([0], [[int(want[0].argmax())]], [n], table)
