@@ -202,3 +202,43 @@ def test_batched_paged_attention_equals_the_reference_op(window, alibi, cache_dt
     got = _paged_attention(plan, q, k, v, fast_pool, op.normalize_attrs(dict(attrs)))
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert torch.equal(fast_pool, ref_pool)
+
+
+@pytest.fixture(scope="module")
+def cpu_engine(tmp_path_factory):
+    """A tiny Llama (GQA) with a word-level tokenizer, compiled with ``--device cpu``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from irlm.cli import main as irlm_main
+    d = tmp_path_factory.mktemp("hf")
+    model, _, _ = hf_model("llama-gqa")
+    model.save_pretrained(d)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0").save_pretrained(d)
+    out = tmp_path_factory.mktemp("engine") / "e"
+    assert irlm_main(["compile", "--hf", str(d), "-o", str(out), "--tokens-per-block", "4",
+                      "--device", "cpu"]) == 0
+    return out
+
+
+def test_irlm_run_threads_timing_and_reference_executor(cpu_engine, capsys):
+    import json
+    from irlm.cli import main as irlm_main
+    config = json.loads((cpu_engine / "engine.json").read_text())["config"]
+    assert config["cpu_linear"] == default_linear_dtype(None)
+    argv = ["run", str(cpu_engine), "--prompt", "w5 w17 w33 w2", "--max-tokens", "6",
+            "--device", "cpu", "--no-stream"]
+    texts = []
+    for extra in (["--threads", "1"], ["--executor", "reference", "--quiet"]):
+        capsys.readouterr()
+        assert irlm_main(argv + extra) == 0
+        cap = capsys.readouterr()
+        texts.append(cap.out)
+        if "--quiet" in extra:
+            assert cap.err == ""
+        else:      # one timing line: prefill and decode rates, which executor, how many threads
+            assert "TTFT" in cap.err and "decode" in cap.err and "tok/s" in cap.err
+            assert "CpuGraphRunner" in cap.err and "threads 1" in cap.err
+    assert texts[0] == texts[1] and len(texts[0].split()) == 6
+    assert irlm_main(argv + ["--threads", "0"]) != 0
+    assert "--threads 0: must be at least 1" in capsys.readouterr().err

@@ -64,6 +64,10 @@ def add_parser(sub) -> None:
                    help="calibration prompts for int4-awq, w8a8-sq, fp8 and --kv-cache-dtype: "
                         "a text file (prompts separated by blank lines) or a .json list of "
                         "token-id lists (default: irlm's built-in English/code/chat set)")
+    p.add_argument("--device", choices=("any", "cpu", "cuda"), default="any",
+                   help="the device the engine is for: cpu records the dtype this CPU "
+                        "computes the linears fastest in (config.cpu_linear: bf16 with "
+                        "AVX512-BF16/AMX, int8 for --quant int8, else f32); default any")
     p.add_argument("--dump-ir", action="store_true",
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
@@ -246,6 +250,9 @@ def engine_stage(job: CompileJob) -> None:
         "pipeline": job.pipeline,
         "irlm_version": _irlm_version(),
     }
+    if getattr(job.args, "device", "any") == "cpu":
+        from irlm.runtime.cpu_runner import default_linear_dtype
+        config["cpu_linear"] = default_linear_dtype(job.args.quant)
     config["activation_arena_bytes"] = activation_plan(job.graph, job.args.max_num_tokens,
                                                        config["max_model_len"]).arena_bytes
     tok = job.model.tokenizer

