@@ -134,7 +134,7 @@ def test_f32_executor_equals_the_interpreter(arch, quant, calib):
 
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa"])
-@pytest.mark.parametrize("quant,linear", [("none", "bf16"), ("int8", "int8")])
+@pytest.mark.parametrize("quant,linear", [("none", "bf16"), ("int8", "int8"), ("int4", "int4")])
 def test_low_precision_linears_stay_close(arch, quant, linear, calib):
     g = graph_of(arch, quant, calib)
     want, got, fast = run_both(g, linear_dtype=linear)
@@ -163,6 +163,7 @@ def test_greedy_generation_equals_transformers():
 
 def test_linear_dtype_choice_and_bad_values():
     assert default_linear_dtype("int8") == "int8"
+    assert default_linear_dtype("int4") == "int4"
     assert default_linear_dtype(None) in ("f32", "bf16")
     _, text, weights = hf_model("llama-gqa")
     g = parse_graph(text, weights=weights)

@@ -17,12 +17,14 @@ This executor runs the same graph the way :mod:`.cuda_runner` does on a GPU:
   window, ALiBi); no per-request Python loop;
 * **linear dtype**: the dtype the linears compute in.  ``f32`` keeps the graph's f32 weights
   (exactly the reference's arithmetic); ``bf16`` stores the linear weights in bf16 and rounds
-  the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a CPU
-  with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``) run
-  torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) with bf16
-  inputs when the linear dtype is bf16 or the engine chose ``int8`` for the CPU; otherwise
-  their weights are dequantized to f32 once at load.  :func:`default_linear_dtype` picks per
-  CPU; ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``).
+  the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a
+  CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``)
+  run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) and
+  int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
+  (``_weight_int4pack_mm_for_cpu``), both with bf16 inputs (linear dtypes ``int8``,
+  ``int4``); with linear dtype ``f32`` (and for fp8) their weights are dequantized to f32
+  once at load.  :func:`default_linear_dtype` picks per CPU and quant mode;
+  ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``).
 
 The interpreter stays the oracle: tests compare this executor's logits and greedy tokens with
 the reference runner's and with Hugging Face transformers'.
@@ -45,7 +47,9 @@ from irlm.registry import get_op_def
 from .graph_runner import REQUIRED_INPUTS
 from .model_runner import StepBatch
 
-LINEAR_DTYPES = ("f32", "bf16", "int8")
+LINEAR_DTYPES = ("f32", "bf16", "int8", "int4")
+#: int4 group sizes torch's CPU int4 GEMM accepts
+INT4_GROUPS = (32, 64, 128, 256)
 _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -72,9 +76,12 @@ def has_fast_bf16() -> bool:
 def default_linear_dtype(quant: Optional[str] = None) -> str:
     """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
     has native bf16 arithmetic, f32 otherwise; ``int8`` (torch's int8 GEMM, bf16 inputs) for a
-    weight-only int8 engine, whose int8 weights halve the memory traffic again."""
+    weight-only int8 engine, whose int8 weights halve the memory traffic again; ``int4``
+    (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
     if quant == "int8":
         return "int8"
+    if quant in ("int4", "int4-awq"):
+        return "int4"
     return "bf16" if has_fast_bf16() else "f32"
 
 
@@ -354,6 +361,34 @@ class _Binder:
                     y = y + x[bias_at]
                 return [_epilogue(y, act)]
             return int8_linear
+        k = self.runner._store.get(q[0]).shape[1] * 2 if a["mode"] == "int4" else 0
+        if a["mode"] == "int4" and self.linear_dtype in ("int4", "int8", "bf16") \
+                and a["group"] in INT4_GROUPS and k % a["group"] == 0:
+            # torch's CPU int4 GEMM computes (q - 8) * scale + zero per group: irlm's
+            # (q - z) * s is that with zero = (8 - z) * s
+            self.captured.update({(id(op), 1), (id(op), 2), (id(op), 3)})
+            group = a["group"]
+
+            def pack():
+                from irlm.ops.quant import unpack_int4
+                qv = unpack_int4(store.get(q[0])).to(torch.int32).contiguous()
+                return torch._convert_weight_to_int4pack_for_cpu(qv, 1)
+
+            def scales_and_zeros():
+                sv, zv = store.get(s[0]).float(), store.get(z[0]).float()
+                return torch.stack([sv.T, ((8 - zv) * sv).T], -1).to(lin).contiguous()
+            qw = self.runner._linear_weight((q[0], "int4pack"), pack)
+            sz = self.runner._linear_weight((s[0], z[0], "int4sz"), scales_and_zeros)
+
+            def int4_linear(x):
+                xv = x[0]
+                flat = xv.reshape(-1, xv.shape[-1]).to(lin)
+                y = torch._weight_int4pack_mm_for_cpu(flat, qw, group, sz)
+                y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],)).to(xv.dtype)
+                if has_bias:
+                    y = y + x[bias_at]
+                return [_epilogue(y, act)]
+            return int4_linear
         # Otherwise the weight is dequantized once at load (the reference's float32
         # arithmetic), and kept in bf16 when the linears compute in bf16.
         low = self.linear_dtype != "f32"
@@ -462,9 +497,9 @@ class CpuGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
-        if quant is None and any(op.name == "quant.linear" and op.attrs["mode"] == "int8"
-                                 for op in graph.ops):
-            quant = "int8"
+        if quant is None:
+            modes = {op.attrs["mode"] for op in graph.ops if op.name == "quant.linear"}
+            quant = "int8" if "int8" in modes else "int4" if "int4" in modes else None
         linear_dtype = linear_dtype or default_linear_dtype(quant)
         if linear_dtype not in LINEAR_DTYPES:
             raise IRLMError(f"linear dtype {linear_dtype!r}: expected one of "
