@@ -75,10 +75,11 @@ PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12]]
 
 
 def greedy_tokens(engine_dir, max_tokens: int = 6) -> list[list[int]]:
-    """The engine's greedy continuation of every prompt, on the CPU."""
+    """The engine's greedy continuation of every prompt, on the CPU (the interpreter, as the
+    multi-rank simulator runs it; the fast CPU executor's int8/int4 GEMMs round inputs to bf16)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
-    return [o.outputs[0].token_ids for o in
-            LLM.from_engine(engine_dir, device="cpu").generate(PROMPTS, params)]
+    return [o.outputs[0].token_ids for o in LLM.from_engine(
+        engine_dir, device="cpu", executor="reference").generate(PROMPTS, params)]
 
 def stored_shapes(path):
     from safetensors import safe_open
@@ -87,7 +88,8 @@ def stored_shapes(path):
 
 
 def first_step_logits(path):
-    runner = runner_for_engine(load_engine(path), device="cpu", num_blocks=16)
+    runner = runner_for_engine(load_engine(path), device="cpu", num_blocks=16,
+                               executor="reference")
     batch = StepBatch.pack([0, 1], PROMPTS, [0, 0], [[0, 1], [2]])
     return runner.step(batch)
 
