@@ -7,12 +7,13 @@ every run decodes the same count) after a chat prompt; batch 1 (one prompt) and 
 HF left-padded in one ``generate`` call, irlm through in-flight batching).
 
 Per (threads, batch) and side, each run is timed twice: generating 1 token (the prefill:
-TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1).  Every figure is the
-median of ``--repeats`` runs.  Prefix caching is off, so repeated prompts are recomputed.
+TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1), from wall time and
+from process CPU time (robust on a shared machine at one thread; at more threads it counts
+every thread's time).  Every figure is the median of ``--repeats`` runs.  Prefix caching is off, so repeated prompts are recomputed.
 The greedy tokens of both sides are compared (batch 1, f32 engines) and the match printed.
 
     python benchmarks/cpu_decode.py                        # compiles the engine if needed
-    python benchmarks/cpu_decode.py --engine DIR --threads 1,2 --batch 1,8 --repeats 3
+    python benchmarks/cpu_decode.py --engine DIR[,DIR...] --threads 1,2 --batch 1,8
     python benchmarks/cpu_decode.py --quant int8           # an int8 engine (torch's int8 GEMM)
 
 On a shared machine pin the process (``taskset -c 0,1 python ...``) and run it when the
@@ -48,9 +49,9 @@ def gguf() -> Path:
     return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
-def engine_for(args) -> Path:
+def engines_for(args) -> list[Path]:
     if args.engine:
-        return Path(args.engine)
+        return [Path(e) for e in args.engine.split(",")]
     out = Path(tempfile.gettempdir()) / f"irlm-bench-smollm2-{args.quant or 'f32'}"
     if not (out / "engine.json").exists():
         cmd = [sys.executable, "-m", "irlm", "compile", "--gguf", str(gguf()), "-o", str(out),
@@ -59,21 +60,25 @@ def engine_for(args) -> Path:
             cmd += ["--quant", args.quant]
         print("compiling:", " ".join(cmd), file=sys.stderr)
         subprocess.run(cmd, check=True)
-    return out
+    return [out]
 
 
-def median_time(fn, repeats: int) -> float:
-    times = []
+def median_time(fn, repeats: int) -> tuple[float, float]:
+    """Median wall time and median process CPU time of ``fn()``.  On a shared machine the CPU
+    time (at one thread) is what the run would take alone, up to memory-bandwidth contention."""
+    wall, cpu = [], []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        wall.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    return statistics.median(wall), statistics.median(cpu)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", help="a compiled SmolLM2 engine (default: compile one)")
+    ap.add_argument("--engine", help="compiled SmolLM2 engine(s), comma-separated (default: "
+                    "compile one)")
     ap.add_argument("--quant", choices=("int8",), default=None,
                     help="compile the default engine with --quant (ignored with --engine)")
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts")
@@ -86,19 +91,18 @@ def main() -> int:
     import transformers
     from irlm.runtime import LLM, SamplingParams
     path = gguf()
-    engine = engine_for(args)
+    engines = engines_for(args)
     tok = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     hf = None if args.skip_hf else transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, torch_dtype=torch.float32).eval()
-    llm = LLM.from_engine(engine, device="cpu", enable_prefix_caching=False,
-                          max_num_tokens=512)
-    runner = llm.engine.runner
+    llms = [LLM.from_engine(e, device="cpu", enable_prefix_caching=False, max_num_tokens=512)
+            for e in engines]
     prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                        add_generation_prompt=True) for q in QUESTIONS]
     ids = [tok(p, add_special_tokens=False).input_ids for p in prompts]
     n = args.new_tokens
 
-    def irlm_run(batch: int, tokens: int):
+    def irlm_run(llm, batch: int, tokens: int):
         # EOS suppressed until the last token, as HF's min_new_tokens does
         params = SamplingParams(temperature=0, max_tokens=tokens, min_tokens=tokens)
         return llm.generate([ids[i % len(ids)] for i in range(batch)], params)
@@ -111,34 +115,41 @@ def main() -> int:
             return hf.generate(**enc, max_new_tokens=tokens, min_new_tokens=tokens,
                                do_sample=False, pad_token_id=tok.eos_token_id)
 
-    print(f"# {torch.__version__}, engine {engine} ({runner.linear_dtype} linears), "
-          f"{n} new tokens, median of {args.repeats}", file=sys.stderr)
+    print(f"# torch {torch.__version__}, {n} new tokens, median of {args.repeats}",
+          file=sys.stderr)
+    sides = [] if hf is None else [("HF eager fp32", None, hf_run)]
+    for e, llm in zip(engines, llms):
+        label = f"irlm {e.name} ({llm.engine.runner.linear_dtype} linears)"
+        sides.append((label, llm, lambda b, t, llm=llm: irlm_run(llm, b, t)))
     rows = []
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for batch in (int(b) for b in args.batch.split(",")):
-            row = {"threads": threads, "batch": batch}
-            sides = [("irlm", irlm_run)] + ([] if hf is None else [("hf", hf_run)])
-            for name, fn in sides:
+            base = None
+            for label, llm, fn in sides:
                 fn(batch, 2)                                   # warm up
-                t1 = median_time(lambda: fn(batch, 1), args.repeats)
-                tn = median_time(lambda: fn(batch, n), args.repeats)
-                row[f"{name}_ttft"] = t1
-                row[f"{name}_decode"] = batch * (n - 1) / max(tn - t1, 1e-9)
-            if hf is not None and batch == 1:
-                got = irlm_run(1, n)[0].outputs[0].token_ids
-                want = hf_run(1, n)[0, len(ids[0]):].tolist()
-                row["same_tokens"] = got == want
-            rows.append(row)
-            print(row, file=sys.stderr)
-    print("| threads | batch | HF eager fp32 decode tok/s | irlm decode tok/s | speed-up | "
-          "HF TTFT s | irlm TTFT s | greedy tokens equal |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+                w1, c1 = median_time(lambda: fn(batch, 1), args.repeats)
+                wn, cn = median_time(lambda: fn(batch, n), args.repeats)
+                row = {"threads": threads, "batch": batch, "side": label, "ttft": w1,
+                       "decode": batch * (n - 1) / max(wn - w1, 1e-9),
+                       "decode_cpu": batch * (n - 1) / max(cn - c1, 1e-9)}
+                if hf is not None and batch == 1 and llm is not None:
+                    got = irlm_run(llm, 1, n)[0].outputs[0].token_ids
+                    want = hf_run(1, n)[0, len(ids[0]):].tolist()
+                    row["same_tokens"] = got == want
+                if llm is None:
+                    base = row
+                row["vs_hf"] = row["decode"] / base["decode"] if base else None
+                row["vs_hf_cpu"] = row["decode_cpu"] / base["decode_cpu"] if base else None
+                rows.append(row)
+                print(row, file=sys.stderr, flush=True)
+    print("| threads | batch | runs | decode tok/s (wall) | vs HF | decode tok/s (CPU time) "
+          "| vs HF | TTFT s (wall) | greedy tokens = HF's |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        hf_d = r.get("hf_decode")
-        cells = [str(r["threads"]), str(r["batch"]), f"{hf_d:.1f}" if hf_d else "-",
-                 f"{r['irlm_decode']:.1f}", f"{r['irlm_decode'] / hf_d:.2f}x" if hf_d else "-",
-                 f"{r['hf_ttft']:.3f}" if hf_d else "-", f"{r['irlm_ttft']:.3f}",
+        cells = [str(r["threads"]), str(r["batch"]), r["side"], f"{r['decode']:.1f}",
+                 f"{r['vs_hf']:.2f}x" if r["vs_hf"] else "-", f"{r['decode_cpu']:.1f}",
+                 f"{r['vs_hf_cpu']:.2f}x" if r["vs_hf_cpu"] else "-", f"{r['ttft']:.3f}",
                  str(r.get("same_tokens", "-"))]
         print("| " + " | ".join(cells) + " |")
     return 0
