@@ -46,7 +46,7 @@ def oai(server):
 
 def metrics(server) -> dict[str, float]:
     req = urllib.request.Request(server.url + "/metrics",
-                                 headers={"Authorization": f"Bearer {KEY}"})
+                                 headers={"Authorization": f"Bearer {server.api_key}"})
     text = urllib.request.urlopen(req).read().decode()
     out = {}
     for line in text.splitlines():
