@@ -29,7 +29,7 @@ def add_parser(sub) -> None:
                         "(default: $IRLM_API_KEY if set)")
     p.add_argument("--served-model-name", default=None,
                    help="model name clients use (default: the engine directory's name)")
-    p.add_argument("--max-queue", type=int, default=256,
+    p.add_argument("--max-queue", type=int, default=None,
                    help="requests allowed to wait beyond the running batch before new ones get "
                         "429 / RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-num-tokens", type=int, default=None,
@@ -61,6 +61,9 @@ def run(args) -> int:
     from ..serving.model_repo import load_model_repo
 
     repo = load_model_repo(args.model_repo) if args.model_repo else None
+    args.max_queue_default = args.max_queue is None
+    if args.max_queue is None:
+        args.max_queue = 256
     engine = args.engine or (repo.engine_dir if repo else None)
     if (engine is None) == (args.factory is None):
         raise IRLMError("give ENGINE_DIR (or --model-repo DIR) or --factory MODULE:FN")
@@ -73,22 +76,26 @@ def run(args) -> int:
         llm_kwargs["enable_prefix_caching"] = False
     if args.async_decode:
         llm_kwargs["async_decode"] = True
-    for name in ("max_num_tokens", "max_batch_size", "max_queue", "num_blocks"):
+    for name in ("max_num_tokens", "max_batch_size", "num_blocks"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise IRLMError(f"--{name.replace('_', '-')} {v}: must be at least 1")
+    if args.max_queue < 0:
+        raise IRLMError(f"--max-queue {args.max_queue}: must be at least 0")
     fraction = args.kv_cache_fraction
     if fraction is None and repo is not None:
         fraction = repo.kv_cache_fraction
     spec = EngineSpec(engine_dir=engine, factory=args.factory, device=args.device,
-                      num_blocks=args.num_blocks or (repo.num_blocks if repo else None),
-                      kv_cache_fraction=fraction, llm_kwargs=llm_kwargs)
+                      num_blocks=args.num_blocks, kv_cache_fraction=fraction,
+                      kv_tokens=repo.kv_tokens if repo else None, llm_kwargs=llm_kwargs)
     name = args.served_model_name or (repo.name if repo else None) or \
         (os.path.basename(os.path.normpath(engine)) if engine else "model")
     cfg = ServeConfig(spec, host=args.host, port=args.port,
                       grpc_port=args.grpc_port if args.grpc_port > 0 else None,
                       api_key=args.api_key or os.environ.get("IRLM_API_KEY"),
-                      max_queue=args.max_queue, served_model_name=name,
+                      max_queue=(repo.max_queue if repo and repo.max_queue and
+                                 args.max_queue_default else args.max_queue),
+                      served_model_name=name,
                       drain_timeout=args.drain_timeout, log_level=args.log_level,
                       model_config=repo.config if repo else {})
 

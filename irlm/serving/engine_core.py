@@ -43,16 +43,32 @@ class EngineSpec:
     kv_cache_fraction: Optional[float] = None
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
 
+    kv_tokens: Optional[int] = None          # KV-cache size in tokens (overrides fraction)
+
     def build(self):
         if self.factory is not None:
             return load_factory(self.factory)(**self.llm_kwargs)
+        from irlm.lowering.engine import load_engine
         from ..runtime import LLM
+        from ..runtime.graph_runner import runner_for_engine
+        engine = load_engine(self.engine_dir)
         num_blocks = self.num_blocks
+        block_size = int(_kv_cache_type(engine).shape[3])
+        if num_blocks is None and self.kv_tokens is not None:
+            num_blocks = -(-self.kv_tokens // block_size)
         if num_blocks is None and self.kv_cache_fraction is not None:
-            num_blocks = blocks_for_fraction(self.engine_dir, self.device,
-                                             self.kv_cache_fraction)
-        return LLM.from_engine(self.engine_dir, device=self.device, num_blocks=num_blocks,
-                               **self.llm_kwargs)
+            num_blocks = blocks_for_fraction(engine, self.device, self.kv_cache_fraction)
+        runner = runner_for_engine(engine, device=self.device, num_blocks=num_blocks)
+        kwargs = dict(self.llm_kwargs)
+        kwargs.setdefault("chat_template", engine.chat_template)
+        kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))
+        if getattr(runner, "max_num_tokens", None):
+            kwargs.setdefault("max_num_tokens", min(512, runner.max_num_tokens))
+        return LLM(runner, engine.tokenizer, **kwargs)
+
+
+def _kv_cache_type(engine):
+    return next(v.type for v in engine.graph.inputs if v.name == "kv_cache")
 
 
 def load_factory(target: str):
@@ -76,22 +92,21 @@ def load_factory(target: str):
     return fn
 
 
-def blocks_for_fraction(engine_dir, device: str, fraction: float) -> Optional[int]:
-    """KV blocks that fill ``fraction`` of the GPU memory free after the weights are loaded
-    (TensorRT-LLM's kv_cache_free_gpu_mem_fraction); None on the CPU (the runner's default)."""
+def blocks_for_fraction(engine, device: str, fraction: float) -> Optional[int]:
+    """KV blocks that fill ``fraction`` of the GPU memory left free by the weights and the
+    activation arena (TensorRT-LLM's kv_cache_free_gpu_mem_fraction); None on the CPU (the
+    runner's default size)."""
     import torch
     if not 0 < fraction <= 1:
         raise IRLMError(f"--kv-cache-fraction {fraction}: must be in (0, 1]")
     if device == "cpu" or not torch.cuda.is_available():
         return None
-    from irlm.lowering.engine import load_engine
     from ..runtime import kv_block_bytes
-    engine = load_engine(engine_dir, verify_checksums=False)
-    cache_t = next(v.type for v in engine.graph.inputs if v.name == "kv_cache")
-    layers, _, _, block_size, kv_heads, head_dim = cache_t.shape
+    layers, _, _, block_size, kv_heads, head_dim = _kv_cache_type(engine).shape
     weight_bytes = engine.graph.weights.nbytes()
     reserved = weight_bytes + int(engine.config.get("activation_arena_bytes") or 0)
-    per_block = kv_block_bytes(layers, block_size, kv_heads, head_dim, cache_t.dtype.torch)
+    per_block = kv_block_bytes(layers, block_size, kv_heads, head_dim,
+                               _kv_cache_type(engine).dtype.torch)
     free, _ = torch.cuda.mem_get_info()
     n = int(max(0, free - reserved) * fraction) // per_block
     if n < 1:

@@ -67,10 +67,6 @@ class ModelRepo:
     config: dict[str, Any] = field(default_factory=dict)   # exclude_input_in_output, ...
     models: list[str] = field(default_factory=list)        # every model of the repository
 
-    @property
-    def num_blocks(self) -> None:     # sized from kv_tokens once the block size is known
-        return None
-
 
 def parse_config(path: Path):
     """``config.pbtxt`` -> ``ModelConfig``; errors name the file, line and column."""
@@ -84,7 +80,10 @@ def parse_config(path: Path):
     try:
         text_format.Parse(text, msg)
     except text_format.ParseError as e:
-        raise IRLMError(f"{path}:{e}") from None
+        line, col = e.GetLine(), e.GetColumn()
+        detail = str(e).split(" : ", 1)[-1] if line else str(e)
+        where = f"{path}:{line}:{col}" if line else str(path)
+        raise IRLMError(f"{where}: {detail}") from None
     return msg
 
 
