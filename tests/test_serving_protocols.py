@@ -287,3 +287,43 @@ def test_metrics_count_what_was_served(server, oai, oracle):
     assert d("irlm:iteration_latency_seconds_count") >= max(r.usage.completion_tokens
                                                             for r in done)
     assert after["vllm:num_requests_running"] == 0 and after["vllm:num_requests_waiting"] == 0
+
+
+def test_playground_chats_in_headless_chromium(server, oracle):
+    page = urllib.request.urlopen(server.url + "/").read().decode()    # public, no key
+    assert "/v1/chat/completions" in page and "<html" in page
+    import os
+    import shutil
+    webdriver = pytest.importorskip("selenium.webdriver")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_path = shutil.which("chromedriver")
+    if not chromium or not driver_path:
+        pytest.skip("Debian's chromium and chromium-driver are not installed")
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"):
+        opts.add_argument(a)
+    browser = webdriver.Chrome(service=Service(driver_path, env=dict(os.environ)), options=opts)
+    try:
+        browser.get(server.url + "/")
+        browser.find_element(By.ID, "key").send_keys(KEY)
+        for field, value in (("max_tokens", "8"), ("temperature", "0")):
+            el = browser.find_element(By.ID, field)
+            el.clear()
+            el.send_keys(value)
+        browser.find_element(By.ID, "input").send_keys("hello there\n")
+        WebDriverWait(browser, 60).until(
+            lambda b: b.find_element(By.ID, "stats").get_attribute("data-tokens"))
+        reply = browser.execute_script(
+            "return document.querySelector('.msg.assistant .text').textContent")
+        tokens = int(browser.find_element(By.ID, "stats").get_attribute("data-tokens"))
+        stats = browser.find_element(By.ID, "stats").text
+    finally:
+        browser.quit()
+    (w,) = oracle.chat([{"role": "user", "content": "hello there"}],
+                       SamplingParams(max_tokens=8, temperature=0))[0].outputs
+    assert reply == w.text and tokens == len(w.token_ids)
+    assert re.match(rf"TTFT \d+ ms · {tokens} tokens · [\d.]+ tokens/s", stats)

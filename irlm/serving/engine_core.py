@@ -209,6 +209,7 @@ class EngineCore:
         self.arrival: dict[int, float] = {}    # rid -> time the core received it
         self.cum: dict[tuple[int, int], float] = {}
         self.running = True
+        self.parent = os.getppid()
 
     # ----- messages from the server ----------------------------------------------------------
     def _handle(self, msg, rejected) -> None:
@@ -246,6 +247,8 @@ class EngineCore:
     def run(self) -> None:
         engine = self.engine
         while self.running:
+            if os.getppid() != self.parent:    # the server died without telling us
+                return
             rejected: list = []
             self._poll(not engine.has_unfinished() and not self.eid_of, rejected)
             step_s, changed = None, []

@@ -124,7 +124,14 @@ class OpenAIServer:
             params = self._params(f, max_tokens, lp)
             for prompt_ids in prompts:
                 self.client.validate(prompt_ids, params)
-            streams = [self.client.submit(p, params) for p in prompts]
+            streams = []
+            try:
+                for p in prompts:
+                    streams.append(self.client.submit(p, params))
+            except ServingError:
+                for s in streams:          # all or nothing
+                    s.cancel()
+                raise
         except ServingError as e:
             return openai_error(e)
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
