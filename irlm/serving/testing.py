@@ -102,3 +102,32 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class NullRunner:
+    """A ModelRunner that computes nothing (random logits): what is left is the runtime's and
+    the server's own cost per token, for overhead benchmarks."""
+
+    def __init__(self, vocab_size: int = 1024, block_size: int = 16, num_blocks: int = 65536,
+                 max_model_len: int = 4096):
+        import torch
+        self.vocab_size, self.block_size = vocab_size, block_size
+        self.num_blocks, self.max_model_len = num_blocks, max_model_len
+        self._logits = torch.randn(1024, vocab_size)
+
+    def step(self, batch):
+        n = batch.q_lens.shape[0]
+        return self._logits[:n] if n <= self._logits.shape[0] else \
+            self._logits[:1].expand(n, -1).contiguous()
+
+
+def null_llm(**llm_kwargs):
+    """``irlm serve --factory irlm.serving.testing:null_llm``: no tokenizer, no model."""
+    import torch
+
+    from ..runtime import LLM
+    torch.set_num_threads(1)
+    llm_kwargs.setdefault("max_batch_size", 512)
+    llm_kwargs.setdefault("max_num_tokens", 8192)
+    llm_kwargs.setdefault("enable_prefix_caching", False)
+    return LLM(NullRunner(), None, **llm_kwargs)
