@@ -278,7 +278,7 @@ def gpu_acceptance(args) -> int:
                   "llama3-8b-random", "--max-queue", "4096", "--log-level", "warning"]
     with ServerProcess(serve_args, timeout=1800, env=env) as srv:
         base = dict(url=srv.url, grpc=srv.grpc_addr, model="llama3-8b-random", api_key=None,
-                    tokens=True, vocab=128256, dataset=None, protocol="openai", seed=0,
+                    tokens=True, vocab=128256, dataset=None, protocol=args.protocol, seed=0,
                     input_len=128, output_len=128)
         warm = argparse.Namespace(**base, num_prompts=64, max_concurrency=64,
                                   request_rate=float("inf"))
@@ -286,11 +286,11 @@ def gpu_acceptance(args) -> int:
         load = argparse.Namespace(**base, num_prompts=512, max_concurrency=512,
                                   request_rate=float("inf"))
         results["served_512"] = s = asyncio.run(run_load(load))
-        report("served, 512 concurrent streams, 128/128", s)
+        report(f"served ({args.protocol}), 512 concurrent streams, 128/128", s)
         rate = argparse.Namespace(**{**base, "seed": 1}, num_prompts=args.rate_prompts,
                                   max_concurrency=None, request_rate=1.0)
         results["served_1rps"] = r = asyncio.run(run_load(rate))
-        report("served, 1 request/s, 128/128", r)
+        report(f"served ({args.protocol}), 1 request/s, 128/128", r)
     inflight = offline.get("inflight_128_128", {})
     b1 = offline.get("b1", {})
     if "output_tokens_per_s" in inflight:

@@ -70,14 +70,18 @@ class ServerProcess:
         import sys
         import time
         import urllib.request
+        import tempfile
         env = {**os.environ, **(self.env or {})}
+        # stderr to a file, not a pipe: a pipe nobody reads would block a chatty server
+        self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "irlm", "serve", *self.args],
-                                     env=env, stderr=subprocess.PIPE, text=True)
+                                     env=env, stderr=self.log, text=True)
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
+                self.log.seek(0)
                 raise RuntimeError(f"irlm serve exited with {self.proc.returncode}: "
-                                   f"{self.proc.stderr.read()}")
+                                   f"{self.log.read()[-4000:]}")
             try:
                 with urllib.request.urlopen(self.url + "/health", timeout=1) as r:
                     if r.status == 200:
