@@ -239,7 +239,7 @@ def test_grpc_stream_infer_and_cancellation(server, oracle):
     (w,) = want(oracle, PROMPT, **GREEDY)
     r = c.infer("tensorrt_llm", _grpc_inputs(ids, 12, False), headers=md)
     assert r.as_numpy("output_ids")[0, 0].tolist() == w.token_ids
-    # decoupled streaming: one response per token, the last flagged final
+    # decoupled streaming: responses as tokens come, the last flagged final
     q: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: q.put((result, error)), headers=md)
     c.async_stream_infer("tensorrt_llm", _grpc_inputs(ids, 12, True), request_id="s1")
@@ -251,7 +251,8 @@ def test_grpc_stream_infer_and_cancellation(server, oracle):
         toks += result.as_numpy("output_ids").reshape(-1).tolist()
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
-    assert toks == w.token_ids and responses == len(w.token_ids)
+    # one response per step (several tokens in one only when the server ran behind)
+    assert toks == w.token_ids and 1 < responses <= len(w.token_ids)
     # cancellation: a long request, cancelled after its first token, frees its blocks
     c.async_stream_infer("tensorrt_llm", _grpc_inputs(ids, 200, True), request_id="s2")
     q.get(timeout=30)

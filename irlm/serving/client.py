@@ -14,7 +14,7 @@ import itertools
 import math
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ..runtime.detokenizer import IncrementalDetokenizer
@@ -71,12 +71,15 @@ class RequestStream:
     async def _iterate(self):
         try:
             while not self.finished:
-                item = await self.queue.get()
-                if isinstance(item, BaseException):
-                    self._end("abort", count=False)
-                    raise item
-                for chunk in self._chunks(item):
-                    yield chunk
+                items = [await self.queue.get()]
+                while not self.queue.empty():      # the server fell behind: catch up at once
+                    items.append(self.queue.get_nowait())
+                for item in _merge(items):
+                    if isinstance(item, BaseException):
+                        self._end("abort", count=False)
+                        raise item
+                    for chunk in self._chunks(item):
+                        yield chunk
         finally:
             if not self.finished:
                 self.cancel()
@@ -88,11 +91,16 @@ class RequestStream:
         now = time.perf_counter()
         m = self.client.metrics
         if delta.token_ids:
+            k = len(delta.token_ids)
             if self.first_token is None:
                 self.first_token = now
                 m.ttft.observe(now - self.arrival)
+                k -= 1
             elif self.last_token is not None:
                 m.itl.observe(now - self.last_token)
+                k -= 1
+            for _ in range(k):               # tokens that arrived together
+                m.itl.observe(0.0)
             self.last_token = now
         ids, lps = list(delta.token_ids), list(delta.logprobs)
         tops = delta.top_logprobs
@@ -330,6 +338,30 @@ class EngineClient:
             s.queue.put_nowait(ServingError("the server shut down before the request "
                                             "finished", 503))
             s.cancel()
+
+
+def _merge(items: list) -> list:
+    """Deltas that queued up for one request, merged per sequence (order kept), so that a
+    server running behind the engine sends one chunk per sequence instead of one per step.
+    An error ends the list."""
+    out: list = []
+    by_index: dict[int, int] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            out.append(item)
+            break
+        j = by_index.get(item.index)
+        if j is None or out[j].finish_reason is not None:
+            by_index[item.index] = len(out)
+            out.append(item)
+            continue
+        a = out[j]
+        tops = None if a.top_logprobs is None else a.top_logprobs + (item.top_logprobs or [])
+        out[j] = replace(a, token_ids=a.token_ids + item.token_ids,
+                         logprobs=a.logprobs + item.logprobs, top_logprobs=tops,
+                         finish_reason=item.finish_reason, stop_reason=item.stop_reason,
+                         cumulative_logprob=item.cumulative_logprob)
+    return out
 
 
 def _fields(params: SamplingParams) -> dict:
