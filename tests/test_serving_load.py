@@ -37,7 +37,8 @@ def grpc_inputs(ids, n, stream=True):
                       ("request_output_len", np.array([[n]], np.int32)),
                       ("temperature", np.array([[0.0]], np.float32)),
                       ("streaming", np.array([[stream]], bool))]:
-        i = grpcclient.InferInput(name, list(arr.shape), grpcclient.np_to_triton_dtype(arr.dtype))
+        dtype = grpcclient.np_to_triton_dtype(arr.dtype)
+        i = grpcclient.InferInput(name, list(arr.shape), dtype)
         i.set_data_from_numpy(arr)
         ins.append(i)
     return ins

@@ -58,7 +58,8 @@ def test_tensorrt_llm_parameters_map_onto_irlm_settings(tmp_path):
      'placeholder'),
     (('"4096"', '"lots"'),
      'parameters["max_tokens_in_paged_kv_cache"]: \'lots\' is not an integer >= 1'),
-    (("max_batch_size: 32", "max_batch_size: thirty"), ":4:17: 'max_batch_size: thirty': Couldn't parse integer"),
+    (("max_batch_size: 32", "max_batch_size: thirty"),
+     ":4:17: 'max_batch_size: thirty': Couldn't parse integer"),
 ])
 def test_bad_parameters_name_the_file_and_the_field(tmp_path, edit, message):
     make_repo(tmp_path, TRTLLM.replace(*edit))

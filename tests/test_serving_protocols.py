@@ -176,8 +176,7 @@ def test_openai_errors_name_the_field(oai, server):
 
 
 def test_kserve_http_generate_infer_and_stream(server, oracle):
-    c = httpclient.InferenceServerClient(server.http_addr,
-                                         )
+    c = httpclient.InferenceServerClient(server.http_addr)
     hdr = {"Authorization": f"Bearer {KEY}"}
     assert c.is_server_live() and c.is_server_ready(headers=hdr)
     assert c.is_model_ready("ensemble", headers=hdr)
@@ -190,7 +189,8 @@ def test_kserve_http_generate_infer_and_stream(server, oracle):
     for name, arr in [("input_ids", ids), ("input_lengths", np.array([[ids.shape[1]]], np.int32)),
                       ("request_output_len", np.array([[12]], np.int32)),
                       ("runtime_top_k", np.array([[1]], np.int32))]:
-        i = httpclient.InferInput(name, list(arr.shape), httpclient.np_to_triton_dtype(arr.dtype))
+        dtype = httpclient.np_to_triton_dtype(arr.dtype)
+        i = httpclient.InferInput(name, list(arr.shape), dtype)
         i.set_data_from_numpy(arr)
         ins.append(i)
     r = c.infer("tensorrt_llm", ins, headers=hdr)
@@ -224,7 +224,8 @@ def _grpc_inputs(ids, n, stream):
                       ("request_output_len", np.array([[n]], np.int32)),
                       ("temperature", np.array([[0.0]], np.float32)),
                       ("streaming", np.array([[stream]], bool))]:
-        i = grpcclient.InferInput(name, list(arr.shape), grpcclient.np_to_triton_dtype(arr.dtype))
+        dtype = grpcclient.np_to_triton_dtype(arr.dtype)
+        i = grpcclient.InferInput(name, list(arr.shape), dtype)
         i.set_data_from_numpy(arr)
         ins.append(i)
     return ins

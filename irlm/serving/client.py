@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import math
 import threading
 import time
 from dataclasses import dataclass, field, replace
@@ -367,7 +366,3 @@ def _merge(items: list) -> list:
 def _fields(params: SamplingParams) -> dict:
     from dataclasses import fields
     return {f.name: getattr(params, f.name) for f in fields(params)}
-
-
-def finite(x: float) -> Optional[float]:
-    return x if math.isfinite(x) else None

@@ -251,13 +251,13 @@ class EngineCore:
                 return
             rejected: list = []
             self._poll(not engine.has_unfinished() and not self.eid_of, rejected)
-            step_s, changed = None, []
+            step_s = t0 = None
             waiting_before = {r.request_id for r in engine.scheduler.waiting}
             if engine.has_unfinished():
                 t0 = time.perf_counter()
                 engine.step()
                 step_s = time.perf_counter() - t0
-            queued = self._newly_scheduled(waiting_before, t0 if step_s is not None else None)
+            queued = self._newly_scheduled(waiting_before, t0)
             deltas = self._collect()
             if deltas or rejected or step_s is not None or queued:
                 self.outq.put(("out", CoreBatch(deltas, rejected, queued,

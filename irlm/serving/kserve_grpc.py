@@ -16,8 +16,8 @@ from tritonclient.grpc import model_config_pb2, service_pb2, service_pb2_grpc
 
 from .. import __version__
 from .errors import ServingError, bad_field
-from .kserve_http import EXTENSIONS, deserialize_bytes, np_datatype, serialize_bytes, _NP
-from .kserve_tensors import (ENSEMBLE_MODEL, TRTLLM_MODEL, Job, concat_batch, io_spec,
+from .kserve_tensors import (ENSEMBLE_MODEL, EXTENSIONS, NP_DTYPES, TRTLLM_MODEL, Job, concat_batch,
+                             deserialize_bytes, io_spec, np_datatype, serialize_bytes,
                              model_kind, parse_jobs, result_tensors, run_job)
 
 PUBLIC_METHODS = ("/inference.GRPCInferenceService/ServerLive",
@@ -35,16 +35,16 @@ def decode_inputs(req) -> dict:
         raise bad_field("raw_input_contents", "must have one entry per input")
     for i, inp in enumerate(req.inputs):
         dt, shape, name = inp.datatype, list(inp.shape), inp.name
-        if dt not in _NP:
+        if dt not in NP_DTYPES:
             raise bad_field(f"inputs[{name}].datatype", f"unknown datatype {dt!r}")
         if raw:
             if dt == "BYTES":
                 arr = np.array(deserialize_bytes(raw[i], name), dtype=np.object_)
             else:
-                arr = np.frombuffer(raw[i], dtype=_NP[dt])
+                arr = np.frombuffer(raw[i], dtype=NP_DTYPES[dt])
         else:
             vals = list(getattr(inp.contents, _CONTENTS[dt]))
-            arr = np.array(vals, dtype=_NP[dt])
+            arr = np.array(vals, dtype=NP_DTYPES[dt])
         count = int(np.prod(shape)) if shape else 1
         if arr.size != count:
             raise bad_field(f"inputs[{name}]", f"has {arr.size} elements, shape {shape} "

@@ -13,55 +13,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from .. import __version__
 from .errors import ServingError, bad_field
-from .kserve_tensors import (ENSEMBLE_MODEL, TRTLLM_MODEL, concat_batch, io_spec, model_config,
-                             model_kind, parse_jobs, result_tensors, run_job)
+from .kserve_tensors import (ENSEMBLE_MODEL, EXTENSIONS, NP_DTYPES, TRTLLM_MODEL,
+                             concat_batch, deserialize_bytes, io_spec, model_config,
+                             model_kind, np_datatype, parse_jobs, result_tensors, run_job,
+                             serialize_bytes)
 
 HEADER_LEN = "Inference-Header-Content-Length"
-EXTENSIONS = ["classification", "model_configuration", "generate", "binary_tensor_data",
-              "statistics"]
-_NP = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
-       "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-       "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-       "BYTES": np.object_}
-
-
-def np_datatype(a: np.ndarray) -> str:
-    if a.dtype == np.object_:
-        return "BYTES"
-    for k, v in _NP.items():
-        if a.dtype == v:
-            return k
-    raise ServingError(f"cannot send a {a.dtype} tensor", 500)
-
-
-def serialize_bytes(a: np.ndarray) -> bytes:
-    out = bytearray()
-    for x in a.reshape(-1):
-        b = x if isinstance(x, bytes) else str(x).encode()
-        out += len(b).to_bytes(4, "little") + b
-    return bytes(out)
-
-
-def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
-    out, i = [], 0
-    while i < len(raw):
-        if i + 4 > len(raw):
-            raise bad_field(name, "truncated BYTES element")
-        n = int.from_bytes(raw[i:i + 4], "little")
-        if i + 4 + n > len(raw):
-            raise bad_field(name, "truncated BYTES element")
-        out.append(raw[i + 4:i + 4 + n])
-        i += 4 + n
-    return out
-
-
 def tensor_from_json(inp: dict, binary: memoryview, offset: int) -> tuple[str, np.ndarray, int]:
     """One input of an infer request (JSON data or binary data at ``offset``)."""
     if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
         raise bad_field("inputs", "each input needs a name, shape and datatype")
     name = inp["name"]
     dt, shape = inp.get("datatype"), inp.get("shape")
-    if dt not in _NP:
+    if dt not in NP_DTYPES:
         raise bad_field(f"inputs[{name}].datatype", f"unknown datatype {dt!r}")
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
         raise bad_field(f"inputs[{name}].shape", f"must be a list of sizes, got {shape!r}")
@@ -75,7 +39,7 @@ def tensor_from_json(inp: dict, binary: memoryview, offset: int) -> tuple[str, n
         if dt == "BYTES":
             arr = np.array(deserialize_bytes(raw, name), dtype=np.object_)
         else:
-            arr = np.frombuffer(raw, dtype=_NP[dt])
+            arr = np.frombuffer(raw, dtype=NP_DTYPES[dt])
     else:
         data = inp.get("data")
         if data is None:
@@ -86,7 +50,7 @@ def tensor_from_json(inp: dict, binary: memoryview, offset: int) -> tuple[str, n
                            dtype=np.object_)
         else:
             try:
-                arr = np.array(flat, dtype=_NP[dt])
+                arr = np.array(flat, dtype=NP_DTYPES[dt])
             except (TypeError, ValueError):
                 raise bad_field(f"inputs[{name}].data", f"does not hold {dt} values") from None
     if arr.size != count:

@@ -22,6 +22,8 @@ from .errors import ServingError, bad_field
 from .fields import sampling_params
 
 TRTLLM_MODEL = "tensorrt_llm"
+EXTENSIONS = ["classification", "model_configuration", "generate", "binary_tensor_data",
+              "statistics"]
 ENSEMBLE_MODEL = "ensemble"
 
 # (name, datatype, dims without the batch dimension, optional)
@@ -233,6 +235,44 @@ def _stop_words_list(client, arr) -> tuple[list[int], list[str]]:
     if more and client.info.tokenizer is None:
         raise bad_field("stop_words_list", "multi-token stop words need a tokenizer")
     return one, [s for s in more if s]
+
+
+# ----- wire encoding (KServe's datatypes; BYTES elements are 4-byte-length prefixed) -----------
+NP_DTYPES = {"BOOL": np.bool_, "INT8": np.int8, "INT16": np.int16, "INT32": np.int32,
+       "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
+       "UINT64": np.uint64, "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
+       "BYTES": np.object_}
+
+
+def np_datatype(a: np.ndarray) -> str:
+    if a.dtype == np.object_:
+        return "BYTES"
+    for k, v in NP_DTYPES.items():
+        if a.dtype == v:
+            return k
+    raise ServingError(f"cannot send a {a.dtype} tensor", 500)
+
+
+def serialize_bytes(a: np.ndarray) -> bytes:
+    out = bytearray()
+    for x in a.reshape(-1):
+        b = x if isinstance(x, bytes) else str(x).encode()
+        out += len(b).to_bytes(4, "little") + b
+    return bytes(out)
+
+
+def deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
+    out, i = [], 0
+    while i < len(raw):
+        if i + 4 > len(raw):
+            raise bad_field(name, "truncated BYTES element")
+        n = int.from_bytes(raw[i:i + 4], "little")
+        if i + 4 + n > len(raw):
+            raise bad_field(name, "truncated BYTES element")
+        out.append(raw[i + 4:i + 4 + n])
+        i += 4 + n
+    return out
+
 
 
 # ----- results ---------------------------------------------------------------------------------
