@@ -56,21 +56,50 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine_dir, *, device: str = "auto", num_blocks: int | None = None,
-                    **kwargs) -> "LLM":
+                    parallel: str = "processes", **kwargs) -> "LLM":
         """Load a compiled engine directory (``irlm compile -o DIR``) and serve it.
 
         ``device``: ``cpu`` (the reference interpreter), ``cuda``, or ``auto`` (cuda when a GPU
         is present).  The tokenizer, chat template and EOS ids saved in the engine are used
-        unless given in ``kwargs``."""
+        unless given in ``kwargs``.
+
+        A multi-rank engine (``--tp``/``--pp``) runs one process per rank
+        (docs/distributed.md): this process is rank 0 and starts the others, or, when a
+        launcher (torchrun) started every rank, joins them; on a launched rank other than 0
+        this call serves that rank until rank 0 closes the engine, then exits the process.
+        ``parallel="simulator"`` runs all ranks in threads of this process instead (CPU)."""
         from .graph_runner import runner_for_engine
         from irlm.lowering.engine import load_engine
-        engine = load_engine(engine_dir)
-        runner = runner_for_engine(engine, device=device, num_blocks=num_blocks)
+        from .distributed.runner import is_multi_rank
+        if parallel == "processes" and is_multi_rank(engine_dir):
+            from .distributed.runner import DistributedRunner, launched_rank, serve_rank
+            env = launched_rank()
+            if env is not None and env[0] != 0:
+                serve_rank(engine_dir, device=device, num_blocks=num_blocks)
+                raise SystemExit(0)
+            runner = DistributedRunner(engine_dir, device=device, num_blocks=num_blocks)
+            engine = runner.header
+        else:
+            engine = load_engine(engine_dir)
+            runner = runner_for_engine(engine, device=device, num_blocks=num_blocks,
+                                       parallel=parallel)
         kwargs.setdefault("chat_template", engine.chat_template)
         kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))
         if getattr(runner, "max_num_tokens", None):
             kwargs.setdefault("max_num_tokens", min(512, runner.max_num_tokens))
         return cls(runner, engine.tokenizer, **kwargs)
+
+    def close(self) -> None:
+        """Release the runner's processes and devices (a multi-rank engine's workers)."""
+        close = getattr(self.engine.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ----- offline ---------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
