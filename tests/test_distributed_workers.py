@@ -168,9 +168,13 @@ def test_torchrun_launch_runs_irlm_run_on_every_rank(engines):
     base = subprocess.run([sys.executable, "-m", "irlm", run[0], str(engines["base"]), *run[1:]],
                           capture_output=True, text=True, env=env, timeout=300)
     assert base.returncode == 0, base.stderr
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", "0", "-m", "irlm", run[0], str(engines["tp2"]), *run[1:]],
+         "--master-port", str(port), "-m", "irlm", run[0], str(engines["tp2"]), *run[1:]],
         capture_output=True, text=True, env=env, timeout=300)
     assert launched.returncode == 0, launched.stderr[-3000:]
     # rank 0 prints the text once; rank 1 serves its shard and prints nothing

@@ -61,6 +61,14 @@ def launched_rank() -> Optional[tuple[int, int, int]]:
     return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", env["RANK"]))
 
 
+def _master_port() -> int:
+    port = int(os.environ.get("MASTER_PORT", 29500))
+    if port == 0:
+        raise DistributedError("MASTER_PORT=0: the ranks need one known port to meet at; "
+                               "give the launcher a port (torchrun --master-port PORT)")
+    return port
+
+
 def _env_prefix() -> str:
     env = os.environ
     return f"irlm/{env.get('TORCHELASTIC_RUN_ID', 'env')}/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
@@ -124,7 +132,7 @@ class DistributedRunner:
                                        f"ranks run serve_rank()")
             device = _pick_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
             self.spec = LaunchSpec(self.engine_dir, tp, pp, os.environ.get("MASTER_ADDR",
-                                   "127.0.0.1"), int(os.environ.get("MASTER_PORT", 29500)),
+                                   "127.0.0.1"), _master_port(),
                                    _env_prefix(), device, num_blocks=num_blocks,
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                    timeout=timeout, load_timeout=load_timeout)
@@ -425,7 +433,7 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
     if device == "cuda":
         configure_nccl_env()
     spec = LaunchSpec(str(engine_dir), tp, pp, os.environ.get("MASTER_ADDR", "127.0.0.1"),
-                      int(os.environ.get("MASTER_PORT", 29500)), _env_prefix(), device,
+                      _master_port(), _env_prefix(), device,
                       num_blocks=num_blocks, max_model_len=max_model_len,
                       kv_cache_bytes=kv_cache_bytes, timeout=timeout, load_timeout=load_timeout)
     try:
