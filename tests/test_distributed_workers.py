@@ -2,9 +2,9 @@
 
 A tiny seeded Llama (4 heads / 2 kv heads, 2 layers) compiled unsplit and as tp 2, pp 2 and
 tp 2 x pp 2 engines.  The oracles: the unsplit engine run by the reference interpreter (greedy
-tokens through in-flight batching, first-step logits) and, for tp 2 and pp 2, the threaded
-multi-rank simulator.  Faults: a worker killed mid-generation and a worker whose shard is
-corrupt stop the engine with one error naming the rank, and leave no process behind.
+tokens through in-flight batching, first-step logits) and the threaded multi-rank simulator.
+Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
+stop the engine with one error naming the rank, and leave no process behind.
 """
 import os
 import shutil
@@ -104,10 +104,10 @@ def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):
         got = runner.step(first_batch())
         scale = float(want_logits.max() - want_logits.min())
         assert (got - want_logits).abs().max().item() <= 1e-5 * scale
-        if layout != "tp2pp2":    # the simulator runs one group per engine
-            sim = runner_for_engine(load_engine(engines[layout]), device="cpu", num_blocks=16,
-                                    parallel="simulator").step(first_batch())
-            assert (got - sim).abs().max().item() <= 1e-6 * scale
+        # the threaded simulator (tp x pp: one group per stage)
+        sim = runner_for_engine(load_engine(engines[layout]), device="cpu", num_blocks=16,
+                                parallel="simulator").step(first_batch())
+        assert (got - sim).abs().max().item() <= 1e-6 * scale
         tokens = generate(runner)
         assert tokens == want_tokens
         assert [len(t) for t in tokens] == [6, 3, 5]
@@ -135,6 +135,30 @@ def test_a_killed_worker_stops_the_engine_with_its_rank(engines):
     assert not alive(worker.pid)
     with pytest.raises(EngineStopped, match="rank 1"):   # the engine stays stopped
         step(first_batch())
+
+
+@pytest.mark.slow
+def test_a_hung_worker_stops_the_engine_after_the_timeout(engines):
+    runner = DistributedRunner(engines["pp2"], device="cpu", num_blocks=16, timeout=5)
+    worker = runner._procs[1]
+    step = runner.step
+
+    def step_then_freeze(batch):
+        if runner.num_steps == 2:
+            os.kill(worker.pid, signal.SIGSTOP)     # alive, but runs nothing
+        return step(batch)
+    runner.step = step_then_freeze
+    start = time.monotonic()
+    try:
+        with pytest.raises(EngineStopped, match=r"rank 1 (did not finish step 2 within the "
+                                                r"timeout \(5 s\)|stopped responding during "
+                                                r"step 2)"):
+            generate(runner)
+        assert time.monotonic() - start < 30
+        assert not alive(worker.pid)
+    finally:
+        if alive(worker.pid):
+            os.kill(worker.pid, signal.SIGKILL)
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
                             f"parallel processes")
         from .rank_runner import RankRunner
         return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
-                          max_model_len=max_len)
+                          max_model_len=max_len, tp=int(par.get("tp", 1)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
