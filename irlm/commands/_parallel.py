@@ -112,7 +112,8 @@ def check_model_stage(job) -> None:
         if inter is not None and inter % tp:
             raise IRLMError(f"--tp {tp}: the model's intermediate size "
                             f"({s['intermediate_name']} = {inter}) is not divisible by it")
-        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else 0
+        # An unset group is chosen per rank's layer (it then divides the shard by construction).
+        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else None
         if group:
             _check_shard_groups(job, s, tp, group)
     if pp > 1 and s["layers"] is not None and s["layers"] % pp:

@@ -417,7 +417,7 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
                max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
                timeout: float = 60.0, load_timeout: float = 600.0) -> None:
     """Run this launched process's rank (not 0) of the engine until rank 0 stops it.  For
-    ranks started by torchrun: ``irlm run`` and ``LLM.from_engine`` call it on ranks != 0."""
+    ranks started by torchrun: ``irlm run`` and ``LLM(ENGINE)`` call it on ranks != 0."""
     from irlm.lowering.engine import load_engine_header
     from .worker import run_rank
     env = launched_rank()
