@@ -92,6 +92,28 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_pipeline_micro_batches_cut_the_rows_in_order(parts):
+    from irlm.runtime.distributed.rank import split_rows
+    prompts = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12], [1], [8, 8]]
+    batch = StepBatch.pack([10, 11, 12, 13], prompts, [0, 0, 4, 2],
+                           [[0, 1], [2], [3, 4], [5]])
+    got = split_rows(batch, parts)
+    assert len(got) == min(parts, 4) and all(len(p) >= 1 for p in got)
+    # each part is the batch that StepBatch.pack makes of its rows alone
+    rows = [0] + list(torch.cumsum(torch.tensor([len(p) for p in got]), 0))
+    for part, a, b in zip(got, rows, rows[1:]):
+        want = StepBatch.pack(batch.request_ids[a:b], prompts[a:b],
+                              batch.cached_lens[a:b].tolist(),
+                              [[0, 1], [2], [3, 4], [5]][a:b])
+        assert part.request_ids == want.request_ids
+        for name in ("input_ids", "positions", "q_lens", "cached_lens"):
+            assert torch.equal(getattr(part, name), getattr(want, name)), name
+        w = want.block_tables.shape[1]
+        assert torch.equal(part.block_tables[:, :w], want.block_tables)
+        assert not part.block_tables[:, w:].any()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
 def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):

@@ -126,10 +126,20 @@ class RankWorker:
                 "max_model_len": r.max_model_len}
 
     def step(self, batch: StepBatch) -> Optional[torch.Tensor]:
-        """Run this rank's part of the step; the logits on rank 0 (None elsewhere)."""
+        """Run this rank's part of the step; the logits on rank 0 (None elsewhere).
+
+        With pipeline stages, the batch's rows are cut into ``pp`` micro-batches that every
+        rank runs in order: while stage s+1 works on micro-batch i, stage s works on i+1, so
+        the stages overlap instead of waiting for each other for the whole step.  Rows are
+        independent (each its own sequence and KV blocks), so the logits are the same."""
         lay = self.layout
-        out = self.runner.step(batch)
+        parts = split_rows(batch, lay.pp) if lay.pp > 1 else [batch]
+        outs = [self.runner.step(part) for part in parts]
         self.steps += 1
+        if lay.rank != lay.logits_rank:        # a stage's output is what it sent
+            out = None
+        else:
+            out = outs[0] if len(outs) == 1 else torch.cat(outs)
         if lay.logits_rank == 0:
             return out if lay.rank == 0 else None
         if lay.rank == lay.logits_rank:
@@ -141,3 +151,34 @@ class RankWorker:
             dist.recv(logits, lay.logits_rank)
             return logits
         return None
+
+
+def split_rows(batch: StepBatch, parts: int) -> list[StepBatch]:
+    """``batch`` cut into up to ``parts`` micro-batches of consecutive rows (as even in tokens
+    as the rows allow); every rank cuts a batch the same way."""
+    rows = len(batch)
+    parts = min(parts, rows)
+    if parts <= 1:
+        return [batch]
+    q = batch.q_lens.to(torch.int64)
+    ends = torch.cumsum(q, 0)
+    total = int(ends[-1])
+    cuts, start = [], 0
+    for k in range(1, parts):
+        # the first row boundary at or past k/parts of the tokens, leaving a row for each rest
+        want = total * k // parts
+        i = int(torch.searchsorted(ends, torch.tensor(want), right=False)) + 1
+        i = max(i, start + 1)
+        i = min(i, rows - (parts - k))
+        cuts.append(i)
+        start = i
+    bounds = [0] + cuts + [rows]
+    out = []
+    for a, b in zip(bounds, bounds[1:]):
+        t0 = int(ends[a - 1]) if a else 0
+        t1 = int(ends[b - 1])
+        width = batch.block_tables.shape[1]
+        out.append(StepBatch(batch.request_ids[a:b], batch.input_ids[t0:t1],
+                             batch.positions[t0:t1], batch.q_lens[a:b],
+                             batch.cached_lens[a:b], batch.block_tables[a:b, :width]))
+    return out
