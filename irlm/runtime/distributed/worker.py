@@ -170,7 +170,7 @@ def run_rank(spec: LaunchSpec, rank: int, local_rank: int) -> None:
             worker.step(decode_batch(payload))
             n += 1
     except BaseException as e:  # noqa: BLE001
-        _report(store, spec.key("error", rank), f"in step {n}: {one_line(e)}")
+        _report(store, spec.key("error", rank), one_line(e))
         raise
     finally:
         hb.stop()
