@@ -23,7 +23,6 @@ import threading
 import time
 import uuid
 import weakref
-from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
