@@ -1,0 +1,1 @@
+"""ONNX converters for the ``quant`` dialect: filled in below (Q/DQ pairs)."""
