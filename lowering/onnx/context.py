@@ -135,8 +135,12 @@ class LoweringContext:
     def node(self, op_type: str, inputs: Sequence[Optional[str]], outputs: int | Sequence[str] = 1,
              domain: str = "", **attrs) -> list[str]:
         """Emit one node; ``outputs`` is a count (fresh names) or the names to use."""
-        stem = (self.op.results[0].name if self.op is not None and self.op.results else None) \
-            or op_type.lower()
+        stem = op_type.lower()
+        if self.op is not None:
+            stem = (self.op.results[0].name if self.op.results else None) or \
+                self.op.name.split(".")[-1]
+            if self.op.loc.module:   # TensorRT layer names then show the torch module
+                stem = f"{self.op.loc.module}/{stem}"
         if isinstance(outputs, int):
             outputs = [self.unique(f"{stem}/{op_type}") for _ in range(outputs)]
         attrs = {k: v for k, v in attrs.items() if v is not None}

@@ -97,7 +97,7 @@ def _standard_rope(op: Op) -> Optional[str]:
         return "not [batch, heads, seq, head_dim]"
     if cos.shape[1] != 1:
         return "cos varies per head"
-    if not (sympy.sympify(cos.shape[0] - x.shape[0]) == 0 and
+    if not ((cos.shape[0] == 1 or sympy.sympify(cos.shape[0] - x.shape[0]) == 0) and
             sympy.sympify(cos.shape[2] - x.shape[2]) == 0):
         return "cos does not cover every batch row and position"
     if not (_duplicated_halves(op.operands[1]) and _duplicated_halves(op.operands[2])):
@@ -117,7 +117,11 @@ def _rope(ctx: Ctx, op: Op):
     if _standard_rope(op) is None:
         half = lambda c: ctx.node1("Squeeze", [ctx.node1(  # noqa: E731
             "Slice", [c, ctx.ints([0]), ctx.ints([rot // 2]), ctx.ints([-1])]), ctx.ints([1])])
-        return [ctx.node1("RotaryEmbedding", [x, half(cos), half(sin)],
+        cos, sin = half(cos), half(sin)
+        if op.operands[1].type.shape[0] != xt.shape[0]:   # one cache row for every batch row
+            full = ctx.shape([xt.shape[0], xt.shape[2], rot // 2])
+            cos, sin = (ctx.node1("Expand", [c, full]) for c in (cos, sin))
+        return [ctx.node1("RotaryEmbedding", [x, cos, sin],
                           rotary_embedding_dim=rot if rot != d else None, interleaved=0)]
     last = xt.rank - 1
     sl = lambda t, a, b: ctx.node1("Slice", [t, ctx.ints([a]), ctx.ints([b]),  # noqa: E731

@@ -112,8 +112,10 @@ def _build_model(graph: Graph, external: ExternalData, metadata: dict[str, str])
             ctx.bind(r, _rename(ctx, first, n, r.name))
     ctx.op = None
     outputs = []
-    for v in graph.outputs:
-        outputs.append(_graph_output(ctx, ctx.name(v), v.name or "output", v.type))
+    for i, v in enumerate(graph.outputs):
+        want = v.name if v.name and not v.name.isdigit() else f"output_{i}"
+        outputs.append(_graph_output(ctx, ctx.name(v), want, v.type))
+        ctx.bind(v, outputs[-1].name)
     for v in graph.inputs:   # stateful inputs (the KV cache) come back updated
         latest = ctx.current_cache.get(id(v))
         if latest is not None:
@@ -158,12 +160,25 @@ def _rename(ctx: LoweringContext, first: int, name: str, ir_name: Optional[str])
 
 
 def _graph_output(ctx: LoweringContext, name: str, want: str, t):
+    """A graph output named ``want``: the producing node's output renamed (an input or an
+    initializer returned as is goes through an Identity)."""
     produced = any(name in n.output for n in ctx.nodes)
-    if not produced:   # a graph output must be a node's output: pass inputs through
-        new = ctx.unique(want)
+    if name == want and produced:
+        return value_info(name, t)
+    new = want if want not in ctx._used else ctx.unique(want)
+    ctx._used.add(new)
+    if not produced:
         ctx.nodes.append(helper.make_node("Identity", [name], [new], name=ctx.unique(new + "/id")))
-        name = new
-    return value_info(name, t)
+    else:
+        for n in ctx.nodes:
+            for seq in (n.input, n.output):
+                for i, x in enumerate(seq):
+                    if x == name:
+                        seq[i] = new
+        for key, bound in list(ctx._names.items()):
+            if bound == name:
+                ctx._names[key] = new
+    return value_info(new, t)
 
 
 def optimization_profile(graph: Graph, ctx: Optional[LoweringContext] = None
