@@ -158,7 +158,7 @@ def test_inference_form_runs_in_onnxruntime(name, attn, experts, models, tmp_pat
         next(a for a in n.attribute if a.name == "layer")) for n in custom] == list(range(layers))
     assert len(export.custom_nodes) == layers
     assert [o.name for o in m.graph.output][-1] == "kv_cache_out"
-    assert (tmp_path / "build_trt.sh").read_text().count("--staticPlugins=") == 1
+    assert (tmp_path / "build_trt.sh").read_text().count("--dynamicPlugins=") == 1
 
     cache_t = next(v for v in g.inputs if v.name == "kv_cache").type
     cache = torch.zeros((cache_t.shape[0], 8) + tuple(cache_t.shape[2:]))

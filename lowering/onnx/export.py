@@ -211,14 +211,14 @@ def trtexec_command(export: OnnxExport, engine: str = "model.plan",
         if shapes:
             cmd.append(f"--{what}Shapes={shapes}")
     if export.custom_nodes:
-        cmd.append(f"--staticPlugins={plugins or PLUGIN_LIBRARY}")
+        cmd.append(f"--dynamicPlugins={plugins or PLUGIN_LIBRARY}")
     return cmd
 
 
 def write_build_script(export: OnnxExport) -> Path:
     path = export.model_path.parent / BUILD_SCRIPT
-    plugin_note = ("# the irlm custom nodes need the plugin library: cmake -S kernels -B build "
-                   "&& cmake --build build\n# (IRLM_TRT_PLUGINS=path/to/"
+    plugin_note = ("# the irlm custom nodes need the plugin library: cmake -S kernels -B build/kernels "
+                   "&& cmake --build build/kernels\n# (IRLM_TRT_PLUGINS=path/to/"
                    f"{PLUGIN_LIBRARY})\n") if export.custom_nodes else ""
     plugins = "${IRLM_TRT_PLUGINS:-" + PLUGIN_LIBRARY + "}" if export.custom_nodes else None
     cmd = trtexec_command(export, plugins="__PLUGINS__")

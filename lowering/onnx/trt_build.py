@@ -8,7 +8,6 @@ installed, :func:`require_tensorrt` stops with one line that says so and what to
 """
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 from typing import Optional
@@ -73,7 +72,9 @@ def build_engine(export: OnnxExport, engine_path=None, *, dtype: str = "f32",
                             f"library (cmake -S kernels -B build/kernels && cmake --build "
                             f"build/kernels) and pass it with IRLM_TRT_PLUGINS=PATH")
         trt.init_libnvinfer_plugins(logger, "")
-        ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)   # its creators register on load
+        # the library exports getCreators / setLoggerFinder (TensorRT's plugin-library
+        # interface), which load_library reads
+        trt.get_plugin_registry().load_library(str(lib))
     builder = trt.Builder(logger)
     flags = 0
     if strongly_typed:
