@@ -217,9 +217,10 @@ def trtexec_command(export: OnnxExport, engine: str = "model.plan",
 
 def write_build_script(export: OnnxExport) -> Path:
     path = export.model_path.parent / BUILD_SCRIPT
-    plugin_note = ("# the irlm custom nodes need the plugin library: cmake -S kernels -B build/kernels "
-                   "&& cmake --build build/kernels\n# (IRLM_TRT_PLUGINS=path/to/"
-                   f"{PLUGIN_LIBRARY})\n") if export.custom_nodes else ""
+    plugin_note = ("# the irlm custom nodes need the plugin library: cmake -S kernels "
+                   "-B build/kernels && cmake --build build/kernels\n"
+                   f"# (IRLM_TRT_PLUGINS=path/to/{PLUGIN_LIBRARY})\n"
+                   ) if export.custom_nodes else ""
     plugins = "${IRLM_TRT_PLUGINS:-" + PLUGIN_LIBRARY + "}" if export.custom_nodes else None
     cmd = trtexec_command(export, plugins="__PLUGINS__")
     line = " ".join(shlex.quote(c) for c in cmd).replace("__PLUGINS__", plugins or "")
