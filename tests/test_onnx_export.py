@@ -215,3 +215,42 @@ def test_every_registry_op_is_covered_or_listed_as_not_lowering():
     doc = (Path(__file__).parent.parent / "docs" / "lowering.md").read_text()
     for name in missing:
         assert f"`{name}`" in doc, f"{name}: no converter and not listed in docs/lowering.md"
+
+
+QUANT = {
+    "int8": "quantize{{mode=int8,fuse=false}},fuse-quant,dce",
+    "int4": "quantize{{mode=int4,group=32,fuse=false}},fuse-quant,dce",
+    "w8a8-sq": 'quantize{{mode=w8a8-sq,fuse=false,calib="{calib}"}},fuse-quant,dce',
+    "fp8": 'quantize{{mode=fp8,fuse=false,calib="{calib}"}},fuse-quant,dce',
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", list(QUANT))
+def test_quantized_inference_form_exports_as_qdq(mode, models, random_calibration, tmp_path):
+    """Weights stay quantized (int8, UINT4 blocks, float8) behind DequantizeLinear; the
+    model's logits equal the interpreter's.  onnxruntime runs with basic graph rewrites only:
+    its extended ones swap int8 DQ + MatMul for a dynamically quantized GEMM."""
+    from irlm.compiler import compile_causal_lm
+    model = models(("llama", "sdpa", None))
+    extra = QUANT[mode].format(calib=random_calibration(VOCAB, 4, 16, 0))
+    g = compile_causal_lm(model, max_seq=64, tokens_per_block=4, extra_pipeline=extra)
+    assert any(op.name.startswith("quant.linear") for op in g.ops)
+    export = export_onnx(g, tmp_path)
+    m = onnx.load(str(export.model_path), load_external_data=False)
+    # qkv, o, gate|up, down per layer (the LM head is kept in float)
+    assert sum(n.op_type == "DequantizeLinear" for n in m.graph.node) >= 4 * 2
+    read = {i for n in m.graph.node for i in n.input}
+    assert all(t.name in read for t in m.graph.initializer)   # no weight written twice
+    stored = {t.data_type for t in m.graph.initializer}
+    want = {"int8": onnx.TensorProto.INT8, "int4": onnx.TensorProto.UINT4,
+            "w8a8-sq": onnx.TensorProto.INT8, "fp8": onnx.TensorProto.FLOAT8E4M3FN}[mode]
+    assert want in stored
+    cache_t = next(v for v in g.inputs if v.name == "kv_cache").type
+    cache = torch.zeros((cache_t.shape[0], 8) + tuple(cache_t.shape[2:]))
+    session = onnxruntime_session(export.model_path, optimize=False)
+    ref_cache = cache.clone()
+    for i, step in enumerate(packed_steps()[1]):
+        want_logits = Interpreter(g).run(dict(step, kv_cache=ref_cache)).outputs[0]
+        got, cache = run(session, dict(step, kv_cache=cache))
+        assert_close(got, want_logits, f"{mode} step {i}")

@@ -98,6 +98,7 @@ class LoweringContext:
         self._dim_sources: dict[str, tuple[str, int]] = {}
         #: a stateful input (the KV cache) -> the name of its latest updated version
         self.current_cache: dict[int, str] = {}
+        self._deferred: dict[str, tuple[str, TensorType]] = {}
         for v in graph.inputs:
             self.bind(v, self.unique(v.name or "input"))
         for v in graph.inputs:
@@ -120,9 +121,23 @@ class LoweringContext:
 
     def name(self, v: Value) -> str:
         try:
-            return self._names[id(v)]
+            name = self._names[id(v)]
         except KeyError:
             raise IRLMError(f"%{v.name} is used before it is defined") from None
+        if name in self._deferred:   # a weight is written when a node first reads it
+            self.weight(*self._deferred.pop(name), name_as=name)
+        return name
+
+    def defer_weight(self, name: str, t: TensorType) -> str:
+        """Reserve the initializer name of weight ``name``; its bytes are written only if a
+        node reads it by name (a converter that repacks it, e.g. int4 as UINT4, does not)."""
+        key = ("weight", name)
+        if key in self._consts:
+            return self._consts[key]
+        out = self.unique(name)
+        self._consts[key] = out
+        self._deferred[out] = (name, t)
+        return out
 
     def inp(self, op: Op, i: int) -> Optional[str]:
         """The ONNX name of operand ``i`` of ``op`` (None for an absent optional operand)."""
@@ -194,10 +209,10 @@ class LoweringContext:
             self._consts[key] = name
         return name
 
-    def weight(self, name: str, t: TensorType) -> str:
+    def weight(self, name: str, t: TensorType, *, name_as: Optional[str] = None) -> str:
         """The initializer for weight ``name`` of the graph's store (written once)."""
         key = ("weight", name)
-        if key in self._consts:
+        if key in self._consts and name_as is None:
             return self._consts[key]
         if self.weights is None:
             raise IRLMError(f"the graph reads weight '{name}' but has no weight store: load the "
@@ -206,7 +221,7 @@ class LoweringContext:
         if t.dtype is DType.i4:
             raise IRLMError(f"weight '{name}' is i4: export int4 weights through quant ops")
         out = self._tensor_initializer(data.to(t.dtype.torch), name, dedupe=False,
-                                       name=self.unique(name))
+                                       name=name_as or self.unique(name))
         self._consts[key] = out
         return out
 

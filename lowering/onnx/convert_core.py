@@ -38,7 +38,7 @@ def _out(op: Op, i: int = 0):
 @converter("param", "initializer (external data)")
 def _param(ctx: Ctx, op: Op):
     """A weight: an initializer whose bytes live in the external data file."""
-    return [ctx.weight(op.attrs["name"], op.attrs["type"])]
+    return [ctx.defer_weight(op.attrs["name"], op.attrs["type"])]
 
 
 @converter("core.constant", "initializer")

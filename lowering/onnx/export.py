@@ -125,8 +125,8 @@ def _build_model(graph: Graph, external: ExternalData, metadata: dict[str, str])
     infos = []
     for op in graph.ops:
         for r in op.results:
-            n = ctx.name(r)
-            if n not in io:
+            n = ctx._names.get(id(r))   # (not ctx.name: that would write unread weights)
+            if op.name != "param" and n not in io:
                 infos.append(value_info(n, r.type))
     produced = {o for node in ctx.nodes for o in node.output}
     infos = [i for i in infos if i.name in produced]

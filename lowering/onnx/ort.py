@@ -22,8 +22,11 @@ from irlm.errors import IRLMError
 from .custom_ops import CUSTOM_OPS, DOMAIN, PAGED_ATTENTION
 
 
-def onnxruntime_session(model_path, threads: int = 1):
-    """An onnxruntime CPU InferenceSession for an exported model."""
+def onnxruntime_session(model_path, threads: int = 1, optimize: bool = True):
+    """An onnxruntime CPU InferenceSession for an exported model.  ``optimize=False`` keeps
+    onnxruntime to basic graph rewrites: its extended ones replace DequantizeLinear + MatMul
+    of int8 weights with a kernel that also quantizes the activations (dynamic int8), which
+    is faster but no longer the model's arithmetic."""
     import onnx
     import onnxruntime as ort
     path = Path(model_path)
@@ -31,6 +34,8 @@ def onnxruntime_session(model_path, threads: int = 1):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
+    if not optimize:
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     if any(n.domain == DOMAIN for n in model.graph.node):
         path = _with_python_custom_ops(model, path, opts)
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
