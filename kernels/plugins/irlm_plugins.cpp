@@ -182,13 +182,15 @@ class PagedAttentionCreator : public IPluginCreatorV3One {
     for (int32_t i = 0; fc != nullptr && i < fc->nbFields; ++i) {
       PluginField const& f = fc->fields[i];
       auto asInt = [&]() {
-        return f.type == PluginFieldType::kINT64 ? static_cast<int32_t>(*static_cast<int64_t const*>(f.data))
-                                                 : *static_cast<int32_t const*>(f.data);
+        if (f.type == PluginFieldType::kINT64)
+          return static_cast<int32_t>(*static_cast<int64_t const*>(f.data));
+        return *static_cast<int32_t const*>(f.data);
       };
       auto floats = [&]() {
         std::vector<float> v(f.length);
         if (f.type == PluginFieldType::kFLOAT64) {
-          for (int32_t k = 0; k < f.length; ++k) v[k] = static_cast<float>(static_cast<double const*>(f.data)[k]);
+          auto const* d = static_cast<double const*>(f.data);
+          for (int32_t k = 0; k < f.length; ++k) v[k] = static_cast<float>(d[k]);
         } else if (f.length > 0) {
           std::memcpy(v.data(), f.data, sizeof(float) * f.length);
         }

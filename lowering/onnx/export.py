@@ -75,7 +75,8 @@ def export_onnx(graph: Graph, out_dir, *, model_file: str = MODEL_FILE, check: b
         check_model(model_path)
     dims = {k: (r.min, r.max) for k, r in graph.dims.items()}
     result = OnnxExport(model_path, data_path, [i.name for i in model.graph.input],
-                        [o.name for o in model.graph.output], dims, optimization_profile(graph, ctx),
+                        [o.name for o in model.graph.output], dims,
+                        optimization_profile(graph, ctx),
                         [f"{custom_ops.DOMAIN}.{n.op_type} ({n.name})"
                          for n in custom_ops.custom_nodes(model)])
     result.build_script = write_build_script(result)
