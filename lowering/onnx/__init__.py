@@ -8,6 +8,13 @@
 
 docs/lowering.md is the user guide (op mapping, the ``irlm`` custom domain, trtexec).
 """
+try:
+    import onnx as _onnx  # noqa: F401
+except ModuleNotFoundError as _e:   # one clear line from the CLI instead of a traceback
+    from irlm.errors import IRLMError
+    raise IRLMError(f"the ONNX lowering needs the onnx package ({_e}): "
+                    f"pip install 'irlm[onnx]'") from None
+
 from .custom_ops import CUSTOM_OPS, DOMAIN, custom_nodes
 from .export import (OnnxExport, check_model, export_onnx, optimization_profile,
                      trtexec_command)
