@@ -198,6 +198,75 @@ def _load_parallel(path: Path, manifest: dict, verify_checksums: bool) -> Engine
                   ranks=engines, parallel={"tp": par["tp"], "pp": par["pp"]})
 
 
+def load_engine_header(path, verify_checksums: bool = True) -> Engine:
+    """A multi-rank engine's top level only: config, tokenizer, ``parallel`` (tp, pp, rank
+    paths), its listed files checked; no rank is loaded (``ranks`` stays empty).  What the
+    scheduler's process needs; each rank process loads its own shard (:func:`load_rank`)."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    if "parallel" not in manifest:
+        raise EngineError(f"{path}: not a multi-rank engine (no \"parallel\" section)")
+    par, files = manifest["parallel"], manifest.get("files")
+    _check_parallel_manifest(path, par, files)
+    _check_files(path, files, verify_checksums)
+    tokenizer, template = _load_tokenizer(path)
+    return Engine(path, None, manifest.get("config", {}), tokenizer, template,
+                  parallel={"tp": par["tp"], "pp": par["pp"], "ranks": par["ranks"]})
+
+
+def load_rank(path, rank: int, verify_checksums: bool = True) -> Engine:
+    """Rank ``rank``'s engine of the multi-rank engine at ``path``, refused unless its
+    engine.json is the one the top-level manifest lists (size and SHA-256): a rank directory
+    from another compile cannot be mixed in."""
+    path = Path(path)
+    manifest = _read_manifest(path)
+    par, files = manifest.get("parallel"), manifest.get("files")
+    _check_parallel_manifest(path, par, files)
+    ranks = par["ranks"]
+    if not 0 <= rank < len(ranks):
+        raise EngineError(f"{path}: rank {rank} is not a rank of this engine (it has "
+                          f"{len(ranks)})")
+    key = f"{ranks[rank]['path']}/{MANIFEST}"
+    _check_files(path, {key: files[key]}, verify_checksums)
+    return load_engine(path / ranks[rank]["path"], verify_checksums)
+
+
+def _read_manifest(path: Path) -> dict:
+    mpath = path / MANIFEST
+    if not mpath.exists():
+        raise EngineError(f"{path}: missing {MANIFEST}; is this an irlm engine directory?")
+    try:
+        manifest = json.loads(mpath.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise EngineError(f"{mpath}: corrupted manifest ({e})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
+        raise EngineError(f"{mpath}: not an irlm engine manifest")
+    if manifest.get("version") != ENGINE_VERSION:
+        raise EngineError(f"{path}: engine format version {manifest.get('version')} is not "
+                          f"supported by this irlm (expects {ENGINE_VERSION}); recompile it")
+    return manifest
+
+
+def _check_parallel_manifest(path: Path, par, files) -> None:
+    ranks = par.get("ranks") if isinstance(par, dict) else None
+    if not isinstance(files, dict) or not isinstance(ranks, list) or not ranks or \
+            len(ranks) != par.get("tp", 0) * par.get("pp", 0):
+        raise EngineError(f"{path / MANIFEST}: malformed \"parallel\" section (needs tp, pp "
+                          f"and tp*pp ranks)")
+    for rk in ranks:
+        if f"{rk.get('path')}/{MANIFEST}" not in files:
+            raise EngineError(f"{path / MANIFEST}: rank {rk.get('rank')}'s {MANIFEST} is not "
+                              f"listed with a checksum")
+
+
+def _load_tokenizer(path: Path):
+    if not (path / "tokenizer.json").exists():
+        return None, None
+    from transformers import PreTrainedTokenizerFast
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
+    return tokenizer, getattr(tokenizer, "chat_template", None)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -56,8 +56,9 @@ def add_parser(sub) -> None:
                         "(round to nearest), int4-awq (activation-aware int4), w8a8-sq "
                         "(SmoothQuant: int8 weights and per-token int8 activations), fp8 "
                         "(e4m3 weights and activations, calibrated scales)")
-    p.add_argument("--quant-group", type=int, default=128, metavar="N",
-                   help="input features per int4 scale group (32, 64 or 128; default 128)")
+    p.add_argument("--quant-group", type=int, default=None, metavar="N",
+                   help="input features per int4 scale group (32, 64 or 128; default: per "
+                        "layer, the largest of them that divides its input features)")
     p.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
                    help="store the paged KV cache in 8 bits with calibrated per-layer scales")
     p.add_argument("--calib", metavar="FILE", default=None,
@@ -68,6 +69,9 @@ def add_parser(sub) -> None:
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
                    help="stop after the pass pipeline (write IR only, no engine)")
+    p.add_argument("--target", choices=("engine", "onnx", "tensorrt"), default="engine",
+                   help="what to write: irlm's engine (default), onnx (OUT/model.onnx + "
+                        "build_trt.sh), or tensorrt (also OUT/model.plan; needs TensorRT)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
     _parallel.add_parallel_arguments(p)
@@ -191,7 +195,8 @@ def quant_pipeline(job: CompileJob) -> str:
     calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
     if quant:
         mode_calib = calib if quant in CALIBRATED else ""
-        steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
+        group = f",group={a.quant_group}" if a.quant_group else ""
+        steps.append(f"quantize{{mode={quant}{group},fuse=false{mode_calib}}}")
         steps.append("fuse-quant")
     if kv:
         steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
@@ -227,7 +232,7 @@ def write_calibration_tokens(job: CompileJob) -> Path:
 
 
 def engine_stage(job: CompileJob) -> None:
-    if job.args.no_engine:
+    if job.args.no_engine or getattr(job.args, "target", "engine") != "engine":
         return
     if not any(v.name == "kv_cache" for v in job.graph.inputs):
         job.notes.append("no engine written: only causal LMs compile to a runnable engine "
@@ -282,6 +287,18 @@ def write_frontend_ir_stage(job: CompileJob) -> None:
     job.written.append(path)
 
 
+def onnx_stage(job: CompileJob) -> None:
+    """--target onnx / tensorrt: irlm.lowering.onnx writes OUT/model.onnx (+ model.plan)."""
+    a = job.args
+    if getattr(a, "target", "engine") == "engine" or a.no_engine:
+        return
+    from irlm.lowering.onnx.targets import lower_to_target
+    export, engine = lower_to_target(job.graph, job.out, a.target, dtype=a.dtype,
+                                     quant=getattr(a, "quant", None))
+    job.written += [export.model_path, export.data_path, export.build_script] + \
+        ([engine] if engine else [])
+
+
 STAGES: list[Stage] = [
     Stage("load", load_stage),
     Stage("check parallel", _parallel.check_model_stage),
@@ -292,6 +309,7 @@ STAGES: list[Stage] = [
     Stage("passes", passes_stage),
     Stage("split", _parallel.split_stage),
     Stage("write engine", engine_stage),
+    Stage("write ONNX", onnx_stage),
 ]
 
 
@@ -339,12 +357,18 @@ def check_arguments(args) -> None:
                             f"{'--quant ' + quant if quant else 'no --quant'} "
                             f"nothing is calibrated")
         _existing(args.calib, "--calib")
-    if quant in ("int4", "int4-awq") and args.quant_group not in (32, 64, 128):
+    if quant in ("int4", "int4-awq") and args.quant_group not in (None, 32, 64, 128):
         raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
     _parallel.check_parallel_arguments(args)
+    if getattr(args, "target", "engine") != "engine":
+        from irlm.lowering.onnx.targets import check_target
+        if _parallel.splits(args):
+            raise IRLMError(f"--target {args.target} writes one network: it does not take "
+                            f"--tp/--pp")
+        check_target(args.target)
 
 
 def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:
