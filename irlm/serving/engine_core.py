@@ -172,8 +172,9 @@ def start_core(spec: EngineSpec, ctx=None):
     """Start the core process; returns (process, in_queue, out_queue)."""
     ctx = ctx or mp.get_context("spawn")
     inq, outq = ctx.Queue(), ctx.Queue()
-    proc = ctx.Process(target=core_main, args=(spec, inq, outq), name="irlm-engine-core",
-                       daemon=True)
+    # not a daemon: a multi-rank engine starts worker processes of its own; the core exits
+    # on "shutdown" or when it sees its server gone
+    proc = ctx.Process(target=core_main, args=(spec, inq, outq), name="irlm-engine-core")
     proc.start()
     return proc, inq, outq
 
@@ -189,6 +190,10 @@ def core_main(spec: EngineSpec, inq, outq) -> None:
         EngineCore(llm, inq, outq).run()
     except BaseException:
         outq.put(("fatal", traceback.format_exc()))
+    finally:
+        close = getattr(llm, "close", None)      # a multi-rank engine's workers
+        if close is not None:
+            close()
 
 
 class EngineCore:
