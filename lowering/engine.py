@@ -33,7 +33,9 @@ from typing import Any, Optional
 
 import torch
 
+from irlm import safe_io
 from irlm.ir import Graph
+from irlm.safe_io import make_dir
 from irlm.lowering.engine_files import (EngineError, EngineFiles, manifest_digest, read_manifest,
                                         sha256_file)
 
@@ -58,10 +60,8 @@ class Engine:
 
 def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None) -> Path:
     """Write ``graph`` (inference form, weights in ``graph.weights``) as an engine directory."""
-    from safetensors.torch import save_file
     from irlm.printer import print_graph
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     tensors = {}
     for op in graph.params():
         name = op.attrs["name"]
@@ -75,8 +75,8 @@ def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None
             tensors[k] = t.clone()
         elif ptr is not None:
             seen[ptr] = k
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    (out / PLAN_FILE).write_text(print_graph(graph), encoding="utf-8")
+    _save_weights(tensors, out / WEIGHTS_FILE)
+    safe_io.write_text(out / PLAN_FILE, print_graph(graph))
     files = [PLAN_FILE, WEIGHTS_FILE]
     files += _save_tokenizer(tokenizer, out)
     _write_manifest(out, config, files)
@@ -88,8 +88,7 @@ def write_parallel_engine(graphs: list[Graph], out: Path, config: dict[str, Any]
     """Write one engine per rank under ``out/rank{r}`` and the top-level manifest."""
     if len(graphs) != tp * pp:
         raise EngineError(f"{len(graphs)} rank graphs for tp {tp} x pp {pp}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     ranks = []
     for r, g in enumerate(graphs):
         sub = f"rank{r}"
@@ -106,12 +105,42 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+def _save_weights(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    with safe_io.atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp))
+        except Exception as e:       # safetensors' own error type wraps the OS error
+            raise safe_io.OutputError(safe_io.describe_os_error(path, e)) from None
+
+
 def _save_tokenizer(tokenizer, out: Path) -> list[str]:
-    """Save the tokenizer (if any) into ``out``; the files it wrote, for the manifest."""
-    if tokenizer is None:
-        return []
-    tokenizer.save_pretrained(str(out))
-    return [f for f in TOKENIZER_FILES if (out / f).exists()]
+    """Save the tokenizer (if any) into ``out``; the files it wrote, for the manifest.
+    transformers writes into a private directory first; each file is then renamed into
+    place (never written through a link already in ``out``), and tokenizer files of an
+    earlier compile that this one does not write are removed."""
+    import shutil
+    import tempfile
+    written = []
+    if tokenizer is not None:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
+        try:
+            try:
+                tokenizer.save_pretrained(str(tmp))
+            except OSError as e:
+                raise safe_io.OutputError(safe_io.describe_os_error(out / "tokenizer.json", e)) \
+                    from None
+            for f in TOKENIZER_FILES:
+                if (tmp / f).is_file():
+                    os.chmod(tmp / f, safe_io.file_mode())
+                    os.replace(tmp / f, out / f)
+                    written.append(f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for f in TOKENIZER_FILES:
+        if f not in written and os.path.lexists(out / f):
+            (out / f).unlink()
+    return written
 
 
 def _write_manifest(out: Path, config: dict[str, Any], files: list[str], **extra) -> None:
@@ -121,7 +150,7 @@ def _write_manifest(out: Path, config: dict[str, Any], files: list[str], **extra
                 "files": {f: {"bytes": (out / f).stat().st_size, "sha256": sha256_file(out / f)}
                           for f in files}}
     manifest["manifest_sha256"] = manifest_digest(manifest)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    safe_io.write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
 def load_engine(path, verify_checksums: bool = True, *, _manifest_bytes: bytes | None = None,

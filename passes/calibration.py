@@ -85,11 +85,10 @@ def read_token_lists(path: Path) -> list[list[int]]:
 
 
 def write_token_lists(prompts: Sequence[Sequence[int]], path: Path) -> Path:
+    from irlm.safe_io import make_dir, write_text
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("[" + ",\n ".join(json.dumps(list(p)) for p in prompts) + "]\n",
-                    encoding="utf-8")
-    return path
+    make_dir(path.parent)
+    return write_text(path, "[" + ",\n ".join(json.dumps(list(p)) for p in prompts) + "]\n")
 
 
 def load_calibration(calib: str, tokenizer: str = "") -> list[list[int]]:

@@ -21,11 +21,12 @@ from irlm.lowering.engine_files import manifest_digest
 from irlm.weights import WeightStore
 
 
-def tiny_graph(seed: int = 0) -> Graph:
+def tiny_graph(seed: int = 0, size: int = 4) -> Graph:
+    """``x + w`` over ``size`` floats, ``w`` a weight."""
     ws = WeightStore()
-    ws.add_tensor("w", torch.arange(4, dtype=torch.float32) + seed)
+    ws.add_tensor("w", torch.arange(size, dtype=torch.float32) + seed)
     g = Graph("tiny", ws)
-    x = g.add_input(TensorType((4,), DType.f32), "x")
+    x = g.add_input(TensorType((size,), DType.f32), "x")
     b = Builder(g)
     g.set_outputs([b.op("core.add", x, b.param("w", ws.type_of("w")))])
     return g

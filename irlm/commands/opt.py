@@ -41,8 +41,8 @@ def run(args) -> int:
     if not text.endswith("\n"):
         text += "\n"
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        from irlm.safe_io import write_text
+        write_text(args.output, text)      # whole or not at all, never through a link
     else:
         sys.stdout.write(text)
     return 0
