@@ -364,6 +364,10 @@ def check_arguments(args) -> None:
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
+    for flag, value, top in (("--tokens-per-block", getattr(args, "tokens_per_block", 16), 4096),
+                             ("--max-num-tokens", getattr(args, "max_num_tokens", 8192), 1 << 24)):
+        if value is not None and not 1 <= value <= top:
+            raise IRLMError(f"{flag} {value}: must be in [1, {top}]")
     _parallel.check_parallel_arguments(args)
 
 
