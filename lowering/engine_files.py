@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from irlm.errors import IRLMError
+from irlm.input_limits import parse_json_bounded
 
 
 class EngineError(IRLMError):
@@ -40,8 +41,6 @@ MAX_MANIFEST_BYTES = 8 << 20
 MAX_MANIFEST_DEPTH = 32
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _CHUNK = 1 << 22
-_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
-_JSON_BRACKET = re.compile(r"[\[\]{}]")
 
 
 def check_member_name(name: Any, where: str) -> str:
@@ -66,26 +65,6 @@ def manifest_digest(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
     text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(text.encode("ascii")).hexdigest()
-
-
-def parse_json_bounded(data: bytes, where: str, *, max_depth: int = MAX_MANIFEST_DEPTH,
-                       error: type[IRLMError] = EngineError) -> Any:
-    """Parse JSON bytes, refusing non-UTF-8, bad syntax and nesting deeper than
-    ``max_depth`` with one line each.  The nesting is measured on the brackets before
-    parsing, so a 100,000-deep document costs a linear scan, not a recursion."""
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not UTF-8 text (byte {e.start})") from None
-    level = 0
-    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub('""', text)):
-        level += 1 if m.group() in "[{" else -1
-        if level > max_depth:
-            raise error(f"{where}: JSON nested deeper than {max_depth} levels")
-    try:
-        return json.loads(text)
-    except (json.JSONDecodeError, RecursionError, ValueError) as e:
-        raise error(f"{where}: corrupted JSON ({e})") from None
 
 
 # ----- type checks of the manifest sections -----------------------------------------------------
@@ -167,7 +146,8 @@ def read_manifest(path: Path, data: Optional[bytes] = None, *, format_name: str,
     checksum, and the types of ``config``, ``parallel`` and ``files``."""
     if data is None:
         data = _read_regular(path.parent, path, MAX_MANIFEST_BYTES, str(path))
-    manifest = parse_json_bounded(data, str(path))
+    manifest = parse_json_bounded(data, str(path), max_depth=MAX_MANIFEST_DEPTH,
+                                  error=EngineError)
     if not isinstance(manifest, dict) or manifest.get("format") != format_name:
         raise EngineError(f"{path}: not an irlm engine manifest")
     if manifest.get("version") != version:
