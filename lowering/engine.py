@@ -206,10 +206,7 @@ def _load_tokenizer(files: EngineFiles):
 def _load_parallel(path: Path, manifest: dict, files: EngineFiles,
                    verify_checksums: bool) -> Engine:
     par = manifest["parallel"]          # type-checked by read_manifest
-    for rk in par["ranks"]:
-        if f"{rk['path']}/{MANIFEST}" not in files:
-            raise EngineError(f"{path / MANIFEST}: rank {rk['rank']}'s {MANIFEST} is not "
-                              f"listed with a checksum")
+    _check_rank_listing(path, par, files)
     files.refuse_unlisted(TOKENIZER_FILES)
     files.check_all()
     engines = [load_engine(files.subdirectory(rk["path"]), verify_checksums, _rank=True,
@@ -218,3 +215,53 @@ def _load_parallel(path: Path, manifest: dict, files: EngineFiles,
     tokenizer, template = _load_tokenizer(files)
     return Engine(path, engines[0].graph, manifest.get("config", {}), tokenizer, template,
                   ranks=engines, parallel={"tp": par["tp"], "pp": par["pp"]})
+def load_engine_header(path, verify_checksums: bool = True) -> Engine:
+    """A multi-rank engine's top level only: config, tokenizer, ``parallel`` (tp, pp, rank
+    paths), its listed files checked; no rank is loaded (``ranks`` stays empty).  What the
+    scheduler's process needs; each rank process loads its own shard (:func:`load_rank`)."""
+    path = Path(path)
+    manifest, files = _open_parallel(path, verify_checksums)
+    par = manifest["parallel"]
+    files.refuse_unlisted(TOKENIZER_FILES)
+    files.check_all()
+    tokenizer, template = _load_tokenizer(files)
+    return Engine(path, None, manifest.get("config", {}), tokenizer, template,
+                  parallel={"tp": par["tp"], "pp": par["pp"], "ranks": par["ranks"]})
+
+
+def load_rank(path, rank: int, verify_checksums: bool = True) -> Engine:
+    """Rank ``rank``'s engine of the multi-rank engine at ``path``, refused unless its
+    engine.json is the one the top-level manifest lists (size and SHA-256): a rank directory
+    from another compile cannot be mixed in."""
+    path = Path(path)
+    manifest, files = _open_parallel(path, verify_checksums)
+    ranks = manifest["parallel"]["ranks"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(ranks):
+        raise EngineError(f"{path}: rank {rank} is not a rank of this engine (it has "
+                          f"{len(ranks)})")
+    sub = ranks[rank]["path"]
+    return load_engine(files.subdirectory(sub), verify_checksums, _rank=True,
+                       _manifest_bytes=files.read_bytes(f"{sub}/{MANIFEST}"))
+
+
+def _open_parallel(path: Path, verify_checksums: bool) -> tuple[dict, EngineFiles]:
+    """The checked manifest of multi-rank engine ``path`` and its file reader."""
+    if not path.is_dir():
+        raise EngineError(f"{path}: not an engine directory (it does not exist or is a file)")
+    mpath = path / MANIFEST
+    if not os.path.lexists(mpath):
+        raise EngineError(f"{path}: missing {MANIFEST}; is this an irlm engine directory?")
+    manifest = read_manifest(mpath, format_name=ENGINE_FORMAT, version=ENGINE_VERSION)
+    if "parallel" not in manifest:
+        raise EngineError(f"{path}: not a multi-rank engine (no \"parallel\" section)")
+    files = EngineFiles(path, manifest["files"], verify_checksums=verify_checksums,
+                        manifest_path=mpath)
+    _check_rank_listing(path, manifest["parallel"], files)
+    return manifest, files
+
+
+def _check_rank_listing(path: Path, par: dict, files: EngineFiles) -> None:
+    for rk in par["ranks"]:                 # par is type-checked by read_manifest
+        if f"{rk['path']}/{MANIFEST}" not in files:
+            raise EngineError(f"{path / MANIFEST}: rank {rk['rank']}'s {MANIFEST} is not "
+                              f"listed with a checksum")

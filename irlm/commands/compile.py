@@ -61,8 +61,9 @@ def add_parser(sub) -> None:
                         "(round to nearest), int4-awq (activation-aware int4), w8a8-sq "
                         "(SmoothQuant: int8 weights and per-token int8 activations), fp8 "
                         "(e4m3 weights and activations, calibrated scales)")
-    p.add_argument("--quant-group", type=int, default=128, metavar="N",
-                   help="input features per int4 scale group (32, 64 or 128; default 128)")
+    p.add_argument("--quant-group", type=int, default=None, metavar="N",
+                   help="input features per int4 scale group (32, 64 or 128; default: per "
+                        "layer, the largest of them that divides its input features)")
     p.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
                    help="store the paged KV cache in 8 bits with calibrated per-layer scales")
     p.add_argument("--calib", metavar="FILE", default=None,
@@ -196,7 +197,8 @@ def quant_pipeline(job: CompileJob) -> str:
     calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
     if quant:
         mode_calib = calib if quant in CALIBRATED else ""
-        steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
+        group = f",group={a.quant_group}" if a.quant_group else ""
+        steps.append(f"quantize{{mode={quant}{group},fuse=false{mode_calib}}}")
         steps.append("fuse-quant")
     if kv:
         steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
@@ -359,7 +361,7 @@ def check_arguments(args) -> None:
                             f"{'--quant ' + quant if quant else 'no --quant'} "
                             f"nothing is calibrated")
         _existing(args.calib, "--calib")
-    if quant in ("int4", "int4-awq") and args.quant_group not in (32, 64, 128):
+    if quant in ("int4", "int4-awq") and args.quant_group not in (None, 32, 64, 128):
         raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:

@@ -37,7 +37,14 @@ def run(args) -> int:
         raise IRLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    llm = LLM.from_engine(args.engine, device=args.device)
+    llm = LLM(args.engine, device=args.device)
+    try:
+        return _generate(llm, args, params)
+    finally:
+        llm.close()       # a multi-rank engine's worker processes
+
+
+def _generate(llm, args, params) -> int:
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.chat}]

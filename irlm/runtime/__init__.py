@@ -4,7 +4,8 @@ Layout (one concept a module): :mod:`.model_runner` (the engine interface), :mod
 (blocks and prefix reuse), :mod:`.scheduler` (in-flight batching and its policies),
 :mod:`.sampling` (parameters and the vectorized sampler), :mod:`.beam_search`,
 :mod:`.detokenizer`, :mod:`.sequence` (request state), :mod:`.engine` (the step loop),
-:mod:`.llm` (the user API), :mod:`.reference_runner` (HF-backed runners for tests).
+:mod:`.llm` (the user API), :mod:`.reference_runner` (HF-backed runners for tests),
+:mod:`.distributed` (multi-rank engines as one process per rank).
 See docs/runtime.md.
 """
 from .engine import LLMEngine

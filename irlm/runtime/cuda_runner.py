@@ -107,12 +107,15 @@ class CudaGraphRunner:
 
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
-                 device: str = "cuda", cuda_graphs: bool = True, weights=None):
+                 device: str = "cuda", cuda_graphs: bool = True, weights=None,
+                 collectives: bool = False):
+        """``collectives``: the graph is one rank of a multi-rank engine and its ``dist`` ops
+        get their implementation from the caller (irlm.runtime.distributed, over NCCL)."""
         dist = next((op for op in graph.ops if op.dialect == "dist"), None)
-        if dist is not None:
+        if dist is not None and not collectives:
             raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
-                            f"({dist.describe()}): the CUDA executor has no NCCL collectives "
-                            f"yet; run the whole engine on the CPU (--device cpu)")
+                            f"({dist.describe()}): run the whole engine (LLM.from_engine / "
+                            f"irlm run start one process per rank), not one rank alone")
         if not torch.cuda.is_available():
             raise IRLMError("the CUDA executor needs a CUDA GPU")
         names = [v.name for v in graph.inputs]

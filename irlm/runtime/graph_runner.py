@@ -74,20 +74,29 @@ class GraphRunner:
         return out.float()
 
 
-def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None):
+def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None,
+                      parallel: str = "processes"):
     """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present).
-    A multi-rank engine (``irlm compile --tp/--pp``) runs all its ranks in the CPU simulator
-    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it."""
+    A multi-rank engine (``irlm compile --tp/--pp``) runs one process per rank over
+    torch.distributed (:class:`~irlm.runtime.distributed.DistributedRunner`), or with
+    ``parallel="simulator"`` all its ranks in threads of this process on the CPU
+    (:class:`~irlm.runtime.rank_runner.RankRunner`, a test oracle)."""
     max_len = engine.config.get("max_model_len")
-    if getattr(engine, "ranks", None):
+    if getattr(engine, "ranks", None) or getattr(engine, "parallel", None):
+        if parallel not in ("processes", "simulator"):
+            raise IRLMError(f"parallel '{parallel}': expected processes or simulator")
+        if parallel == "processes":
+            from .distributed import DistributedRunner
+            return DistributedRunner(engine.path, device=device, num_blocks=num_blocks,
+                                     max_model_len=max_len)
         par = engine.parallel
         if device not in ("auto", "cpu"):
-            raise IRLMError(f"{engine.path}: a multi-rank engine (tp {par.get('tp')}, pp "
-                            f"{par.get('pp')}) runs only on the CPU simulator for now (there "
-                            f"are no NCCL collectives yet); use --device cpu")
+            raise IRLMError(f"{engine.path}: the multi-rank simulator (tp {par.get('tp')}, pp "
+                            f"{par.get('pp')}) runs on the CPU only; use device cpu or "
+                            f"parallel processes")
         from .rank_runner import RankRunner
         return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
-                          max_model_len=max_len)
+                          max_model_len=max_len, tp=int(par.get("tp", 1)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
