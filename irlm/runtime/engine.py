@@ -158,15 +158,15 @@ class LLMEngine:
     def _step_each_request(self, rows, error: Exception):
         """The batch's forward pass raised: run each request's rows alone, so that a failure
         attributable to one request ends that request only.  Returns the rows that ran and
-        their logits.  (Re-running rows rewrites the same cache slots with the same values.)"""
+        their logits.  When no request runs alone either (a dead worker, a lost device), or the
+        batch held one request, the failure is the engine's: ``error`` is raised as it was.
+        (Re-running rows rewrites the same cache slots with the same values.)"""
         by_request: dict[int, list] = {}
         for seq, n in rows:
             by_request.setdefault(seq.request.request_id, []).append((seq, n))
-        if len(by_request) == 1:
-            (group,) = by_request.values()
-            self._fail(group[0][0].request, error)
-            return [], None
-        kept, parts = [], []
+        if len(by_request) == 1:          # nothing to tell a request's fault from the engine's
+            raise error
+        kept, parts, failed = [], [], []
         bm = self.block_manager
         for group in by_request.values():
             batch = StepBatch.pack([s.seq_id for s, _ in group],
@@ -178,9 +178,13 @@ class LLMEngine:
             try:
                 parts.append(self.runner.step(batch))
                 kept += group
-            except Exception as e:               # noqa: BLE001 - this request's failure
-                self._fail(group[0][0].request, e)
-        return kept, (torch.cat(parts) if parts else None)
+            except Exception as e:               # noqa: BLE001 - this request's failure?
+                failed.append((group[0][0].request, e))
+        if not kept:                      # every request fails alone too: the engine's fault
+            raise error
+        for req, e in failed:
+            self._fail(req, e)
+        return kept, torch.cat(parts)
 
     def _fail(self, req: Request, error: BaseException) -> None:
         """End ``req`` alone with finish_reason "error" and the reason; free its blocks."""
