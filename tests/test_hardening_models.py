@@ -154,3 +154,23 @@ def test_deeply_nested_config_json(bounded, tmp_path):
     raw = b'{"model_type": "llama", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
     with pytest.raises(ModelLoadError, match="JSON nested deeper than 64 levels"):
         bounded(load_hf, hf_dir(tmp_path, raw), memory_mb=256)
+
+
+def kv_strings(key: str, values: list[str]) -> bytes:
+    return gstr(key) + struct.pack("<IIQ", ARRAY, STRING, len(values)) + \
+        b"".join(gstr(v) for v in values)
+
+
+def test_corrupted_bpe_merge_fails_at_load_not_after_the_passes(tmp_path, capsys):
+    """Old behaviour: the compile traced and ran every pass, then failed writing the engine
+    (with tokenizers' own exception)."""
+    from irlm.cli import main as irlm_main
+    tok = [kv("tokenizer.ggml.model", STRING, "gpt2"), kv("tokenizer.ggml.pre", STRING, "smollm"),
+           kv_strings("tokenizer.ggml.tokens", ["a", "b", "ab"]),
+           kv_strings("tokenizer.ggml.merges", ["a b", "corrupted-merge-without-a-space"])]
+    path = llama(tmp_path / "tok.gguf", extra=tok)
+    out = tmp_path / "out"
+    assert irlm_main(["compile", "--gguf", str(path), "-o", str(out), "--max-seq", "32"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{path}: cannot build its tokenizer" in err[0]
+    assert not (out / "ir" / "00-frontend.irlm").exists()     # failed before the trace

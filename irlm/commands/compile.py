@@ -119,6 +119,8 @@ def load_stage(job: CompileJob) -> None:
                                      _existing(a.config, "--config"), dtype=dtype)
     else:
         job.model = load_model(_existing(a.model, "MODEL.py"), dtype=dtype)
+    if not a.no_engine:
+        job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
 
 
 def trace_stage(job: CompileJob) -> None:
