@@ -13,6 +13,7 @@ Three hooks into the compile (irlm/commands/compile.py):
 """
 from __future__ import annotations
 
+from .. import safe_io
 from ..errors import IRLMError
 
 
@@ -167,8 +168,8 @@ def split_stage(job) -> None:
         name = "tp-split" if tp > 1 else "pp-split"   # tp x pp: the last split made
         for r, g in enumerate(job.ranks):
             path = ir / f"rank{r}" / f"{n:02d}-{name}.irlm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(print_graph(g), encoding="utf-8")
+            safe_io.make_dir(path.parent)
+            safe_io.write_text(path, print_graph(g))
             job.written.append(path)
     quantize_ranks(job, n + 1 if job.args.dump_ir else 0)
     job.notes.append(f"split into {len(job.ranks)} ranks ({what}); each rank's engine is "

@@ -8,12 +8,14 @@ for causal LMs it ends in the paged inference form) → write the engine into OU
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .. import safe_io
 from ..errors import IRLMError
 from . import _parallel
 
@@ -40,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", metavar="JSON", help="the config.json for --safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output directory (created; IR goes to OUT/ir/)")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT even if it is a non-empty directory that is not an "
+                        "earlier irlm output (never into the source model's directory)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="largest batch the compiled graph accepts (default 8)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
@@ -117,6 +122,8 @@ def load_stage(job: CompileJob) -> None:
                                      _existing(a.config, "--config"), dtype=dtype)
     else:
         job.model = load_model(_existing(a.model, "MODEL.py"), dtype=dtype)
+    if not a.no_engine:
+        job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
 
 
 def trace_stage(job: CompileJob) -> None:
@@ -282,8 +289,8 @@ def verify_stage(job: CompileJob) -> None:
 def write_frontend_ir_stage(job: CompileJob) -> None:
     from irlm.printer import print_graph
     path = job.out / FRONTEND_IR
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(print_graph(job.graph), encoding="utf-8")
+    safe_io.make_dir(path.parent)
+    safe_io.write_text(path, print_graph(job.graph))
     job.written.append(path)
 
 
@@ -316,9 +323,8 @@ STAGES: list[Stage] = [
 # ----- the command ------------------------------------------------------------------------------
 def run(args) -> int:
     check_arguments(args)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise IRLMError(f"-o {out}: exists and is not a directory")
+    out = safe_io.prepare_output_dir(args.output, flag="-o", force=getattr(args, "force", False),
+                                     sources=source_dirs(args), owned=compile_output_owns)
     job = CompileJob(args=args, out=out)
     start = time.perf_counter()
     with _progress() as progress:
@@ -331,6 +337,22 @@ def run(args) -> int:
     for note in list(job.model.notes) + job.notes:
         print(f"irlm: note: {note}", file=sys.stderr)
     return 0
+
+
+def source_dirs(args) -> list[Path]:
+    """The directories the compile reads its model from (never written into)."""
+    dirs = [Path(args.hf)] if getattr(args, "hf", None) else []
+    for f in (getattr(args, k, None) for k in ("model", "gguf", "safetensors", "config")):
+        if f:
+            dirs += [Path(f)] if Path(f).is_dir() else [Path(f).parent]
+    return dirs
+
+
+def compile_output_owns(name: str) -> bool:
+    """Whether an entry of OUT is one a compile writes (so OUT may be compiled into again)."""
+    from irlm.lowering.engine import MANIFEST, PLAN_FILE, TOKENIZER_FILES, WEIGHTS_FILE
+    return (name in (MANIFEST, PLAN_FILE, WEIGHTS_FILE, CALIB_TOKENS, "ir", *TOKENIZER_FILES)
+            or re.fullmatch(r"rank\d+|\..+\.tmp|\.tokenizer-.+", name) is not None)
 
 
 def check_arguments(args) -> None:
@@ -362,6 +384,10 @@ def check_arguments(args) -> None:
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
+    for flag, value, top in (("--tokens-per-block", getattr(args, "tokens_per_block", 16), 4096),
+                             ("--max-num-tokens", getattr(args, "max_num_tokens", 8192), 1 << 24)):
+        if value is not None and not 1 <= value <= top:
+            raise IRLMError(f"{flag} {value}: must be in [1, {top}]")
     _parallel.check_parallel_arguments(args)
     if getattr(args, "target", "engine") != "engine":
         from irlm.lowering.onnx.targets import check_target

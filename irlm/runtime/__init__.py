@@ -9,7 +9,8 @@ Layout (one concept a module): :mod:`.model_runner` (the engine interface), :mod
 See docs/runtime.md.
 """
 from .engine import LLMEngine
-from .errors import QueueFullError, RequestRejectedError, SamplingParamsError
+from .errors import (QueueFullError, RequestFailedError, RequestRejectedError,
+                     SamplingParamsError)
 from .kv_cache import BlockManager, kv_block_bytes, num_blocks_for_free_memory
 from .llm import LLM
 from .model_runner import ModelRunner, StepBatch
@@ -21,5 +22,5 @@ from .scheduler import Scheduler, SchedulerConfig
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
            "StreamOutput", "ModelRunner", "StepBatch", "ReferenceRunner", "RecomputeRunner",
            "BlockManager", "Scheduler", "SchedulerConfig", "QueueFullError",
-           "RequestRejectedError", "SamplingParamsError", "kv_block_bytes",
+           "RequestRejectedError", "RequestFailedError", "SamplingParamsError", "kv_block_bytes",
            "num_blocks_for_free_memory"]

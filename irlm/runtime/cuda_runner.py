@@ -22,7 +22,7 @@ from irlm.ir import Graph
 from irlm.weights import WeightStore
 
 from .graph_runner import REQUIRED_INPUTS
-from .kv_cache import kv_block_bytes
+from .kv_cache import check_kv_pool, kv_block_bytes
 from .model_runner import StepBatch, fill_device_inputs
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -157,7 +157,9 @@ class CudaGraphRunner:
                 raise IRLMError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
                                 f"free, activations need {plan.arena_bytes / 2**30:.1f} GiB "
                                 f"at {tokens} tokens per step")
-        self.block_size, self.num_blocks = int(bs), int(num_blocks)
+        self.block_size = int(bs)
+        self.num_blocks = check_kv_pool(cache_t.shape, dtype, num_blocks, self.device,
+                                        f"graph @{graph.name}")
         self.vocab_size = int(graph.outputs[0].type.shape[-1])
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)

@@ -16,6 +16,7 @@ from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
 
+from .kv_cache import check_kv_pool
 from .model_runner import StepBatch
 
 REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
@@ -47,15 +48,16 @@ class GraphRunner:
         dtype = cache_t.dtype.torch
         per_block = layers * two * block_size * kv_heads * head_dim * dtype.itemsize
         if num_blocks is None:
-            num_blocks = max(2, kv_cache_bytes // per_block)
+            num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
+        self.device = torch.device(device)
         self.block_size = int(block_size)
-        self.num_blocks = int(num_blocks)
+        self.num_blocks = check_kv_pool(cache_t.shape, dtype, num_blocks, self.device,
+                                        f"graph @{graph.name}")
         self.vocab_size = int(graph.outputs[0].type.shape[-1])
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)
-        self.device = torch.device(device)
         self.kv_cache = torch.zeros(layers, self.num_blocks, two, block_size, kv_heads, head_dim,
                                     dtype=dtype, device=self.device)
         weights = graph.weights

@@ -19,6 +19,7 @@ from typing import AsyncIterator, Sequence
 
 from ..errors import IRLMError
 from .engine import LLMEngine
+from .errors import RequestFailedError
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, StreamOutput
 from .sampling import SamplingParams
@@ -199,7 +200,7 @@ class LLM:
                 if not engine.has_unfinished():
                     return
                 await asyncio.sleep(0)           # let consumers run and new requests arrive
-        except Exception as e:                   # hand the failure to every waiting stream
+        except Exception as e:   # not attributable to one request: every waiting stream gets it
             for queue in self._streams.values():
                 queue.put_nowait(e)
 
@@ -213,7 +214,8 @@ class LLM:
             for delta in self.engine.stream_deltas(request_id):
                 queue.put_nowait(delta)
             if req.finished:
-                queue.put_nowait(None)
+                # a request that failed alone ends its own stream with its reason
+                queue.put_nowait(RequestFailedError(req.error) if req.error else None)
                 del self._streams[request_id]
 
     # ----- helpers ---------------------------------------------------------------------------
@@ -254,16 +256,6 @@ def _open_engine(path, device: str, num_blocks, parallel: str):
 
 def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
                           tokenizer) -> str:
-    """Render a jinja2 chat template the way HF does (sandboxed, trimmed blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise IRLMError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    special = {name: getattr(tokenizer, name, None) or ""
-               for name in ("bos_token", "eos_token")} if tokenizer is not None else {}
-    return env.from_string(template).render(messages=messages,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **special)
+    """Render a jinja2 chat template the way HF does (sandboxed, bounded: chat_template.py)."""
+    from .chat_template import render_chat_template
+    return render_chat_template(template, messages, add_generation_prompt, tokenizer)

@@ -16,6 +16,7 @@ from irlm.errors import IRLMError
 from irlm.ir import Graph
 
 from .graph_runner import REQUIRED_INPUTS
+from .kv_cache import check_kv_pool
 from .model_runner import StepBatch
 
 
@@ -51,8 +52,11 @@ class RankRunner:
             per_block = max(int(t.shape[0]) * int(t.shape[2]) * self.block_size *
                             int(t.shape[4]) * int(t.shape[5]) * t.dtype.torch.itemsize
                             for t in shapes)
-            num_blocks = max(2, kv_cache_bytes // per_block)
-        self.num_blocks = int(num_blocks)
+            num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
+        for r, t in enumerate(shapes):     # all ranks live in this one process
+            check_kv_pool(t.shape, t.dtype.torch, num_blocks, torch.device("cpu"),
+                          f"rank {r}: graph @{self.graphs[r].name}")
+        self.num_blocks = num_blocks
         self.vocab_size = int(last.outputs[0].type.shape[-1])
         tokens_range = last.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
