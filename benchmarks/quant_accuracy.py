@@ -33,6 +33,8 @@ EVAL_TEXT = Path(__file__).with_name("data") / "eval.txt"
 PROMPT = "The three most important inventions of the modern age are"
 
 MODES = {"int8": "quantize{{mode=int8}}",
+         "int4": "quantize{{mode=int4}}",                     # group chosen per layer
+         "int4-awq": 'quantize{{mode=int4-awq,calib="{calib}"}}',
          "int4-g32": "quantize{{mode=int4,group=32}}",
          "int4-awq-g32": 'quantize{{mode=int4-awq,group=32,calib="{calib}"}}',
          "int4-g64": "quantize{{mode=int4,group=64}}",

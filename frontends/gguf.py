@@ -129,6 +129,8 @@ def gguf_config(file: GGUFFile, arch: Optional[GGUFArchitecture] = None):
     for key, attr in arch.hparams.items():
         if f"{name}.{key}" in meta:
             values[attr] = meta[f"{name}.{key}"]
+    from .hyperparameters import check_sizes
+    check_sizes(values, str(file.path))           # before dividing by any of them
     values.setdefault("num_key_value_heads", values["num_attention_heads"])
     if "token_embd.weight" in file.tensors:
         # the embedding is what the module must match; vocab_size metadata is optional
@@ -252,6 +254,8 @@ def load_gguf(path, dtype: torch.dtype = torch.float32) -> LoadedModel:
     file = GGUFFile(path)
     arch = _architecture(file)
     config = gguf_config(file, arch)
+    from .hyperparameters import check_hyperparameters
+    check_hyperparameters(config, {n: t.shape for n, t in file.tensors.items()}, str(file.path))
     module = build_meta_module(config, dtype)
     store = gguf_weights(file, module, config, arch)
     meta = file.metadata

@@ -38,6 +38,10 @@ _NUMPY_TYPES = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32
 _STRING, _ARRAY = 8, 9
 
 
+MAX_DIMS = 8             # GGML tensors have at most 4; a larger count is a corrupt header
+MAX_ARRAY_DEPTH = 8      # real metadata nests arrays at most 2 deep
+
+
 @dataclass(frozen=True)
 class GGUFTensorInfo:
     """Where one tensor is and how it is stored."""
@@ -63,7 +67,8 @@ class GGUFFile:
         self._data = np.memmap(self.path, dtype=np.uint8, mode="r")
         try:
             self._parse()
-        except (struct.error, UnicodeDecodeError, IndexError, ValueError) as e:
+        except (struct.error, UnicodeDecodeError, IndexError, ValueError, OverflowError,
+                MemoryError) as e:
             raise ModelLoadError(f"{self.path}: truncated or corrupt GGUF header "
                                  f"({type(e).__name__}: {e})") from None
 
@@ -78,6 +83,12 @@ class GGUFFile:
                                  f"(supported: {', '.join(map(str, SUPPORTED_VERSIONS))})")
         pos = 24
         self.metadata: dict[str, Any] = {}
+        # every entry takes at least 13 (metadata) or 24 (tensor) bytes: a count the file
+        # cannot hold is refused before the loop, not discovered one entry at a time
+        if kv_count * 13 + tensor_count * 24 > len(buf):
+            raise ModelLoadError(f"{self.path}: truncated or corrupt GGUF header (it claims "
+                                 f"{kv_count} metadata entries and {tensor_count} tensors, more "
+                                 f"than its {len(buf)} bytes hold)")
         for _ in range(kv_count):
             key, pos = _read_string(buf, pos)
             (vtype,), pos = struct.unpack_from("<I", buf, pos), pos + 4
@@ -86,12 +97,19 @@ class GGUFFile:
         for _ in range(tensor_count):
             name, pos = _read_string(buf, pos)
             (n_dims,), pos = struct.unpack_from("<I", buf, pos), pos + 4
+            if n_dims > MAX_DIMS:
+                raise ModelLoadError(f"{self.path}: tensor '{name}' has {n_dims} dimensions "
+                                     f"(GGUF tensors have at most {MAX_DIMS})")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
             pos += 8 * n_dims
             ggml_type, offset = struct.unpack_from("<IQ", buf, pos)
             pos += 12
             raw.append((name, tuple(reversed(dims)), ggml_type, offset))
-        alignment = int(self.metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+        alignment = self.metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+        if isinstance(alignment, bool) or not isinstance(alignment, int) or \
+                not 1 <= alignment <= 1 << 16 or alignment & (alignment - 1):
+            raise ModelLoadError(f"{self.path}: general.alignment must be a power of two in "
+                                 f"[1, 65536], got {alignment!r:.40}")
         data_start = -(-pos // alignment) * alignment
         self.tensors: dict[str, GGUFTensorInfo] = {}
         for name, shape, ggml_type, offset in raw:
@@ -144,19 +162,23 @@ def _read_string(buf: memoryview, pos: int) -> tuple[str, int]:
     return bytes(buf[pos:pos + n]).decode("utf-8"), pos + n
 
 
-def _read_value(buf: memoryview, pos: int, vtype: int) -> tuple[Any, int]:
+def _read_value(buf: memoryview, pos: int, vtype: int, depth: int = 0) -> tuple[Any, int]:
     if vtype == _STRING:
         return _read_string(buf, pos)
     if vtype == _ARRAY:
         elem_type, count = struct.unpack_from("<IQ", buf, pos)
         pos += 12
+        if depth >= MAX_ARRAY_DEPTH:
+            raise ValueError(f"metadata arrays nested deeper than {MAX_ARRAY_DEPTH}")
+        if count > len(buf) - pos:          # every element takes at least one byte
+            raise ValueError(f"an array of {count} elements cannot fit in the file")
         if elem_type in _NUMPY_TYPES:
             dt = np.dtype(_NUMPY_TYPES[elem_type]).newbyteorder("<")
             values = np.frombuffer(buf, dtype=dt, count=count, offset=pos)
             return values.tolist(), pos + count * dt.itemsize
         out = []
         for _ in range(count):
-            v, pos = _read_value(buf, pos, elem_type)
+            v, pos = _read_value(buf, pos, elem_type, depth + 1)
             out.append(v)
         return out, pos
     fmt = _SCALAR_FORMATS.get(vtype)

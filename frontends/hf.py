@@ -26,6 +26,9 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 # ----- config ---------------------------------------------------------------------------------
+#: config.json larger than this is refused unread (real ones are a few kB)
+MAX_CONFIG_BYTES = 16 << 20
+
 def read_config(path: Union[str, Path]):
     """A transformers config from a ``config.json`` file (or a directory holding one)."""
     import transformers
@@ -35,19 +38,29 @@ def read_config(path: Union[str, Path]):
     if not path.is_file():
         raise ModelLoadError(f"{path}: no such config file (a Hugging Face model needs its "
                              f"config.json)")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise ModelLoadError(f"{path}: not valid JSON: {e}") from None
+    from irlm.input_limits import parse_json_bounded, read_bounded
+    data = parse_json_bounded(read_bounded(path, MAX_CONFIG_BYTES, "config", ModelLoadError),
+                              str(path), max_depth=64, error=ModelLoadError)
     if not isinstance(data, dict) or "model_type" not in data:
         raise ModelLoadError(f"{path}: has no \"model_type\" key, so irlm cannot tell which "
                              f"transformers architecture it describes")
     model_type = data.pop("model_type")
+    if not isinstance(model_type, str):
+        raise ModelLoadError(f"{path}: model_type must be a string, got {model_type!r:.40}")
+    from .hyperparameters import check_sizes
+    check_sizes(data, str(path))                 # "32" or 0 where a size belongs
     try:
         return transformers.AutoConfig.for_model(model_type, **data)
-    except ValueError:
-        raise ModelLoadError(f"{path}: model_type \"{model_type}\" is not an architecture this "
-                             f"transformers ({transformers.__version__}) knows") from None
+    except ValueError as e:
+        if model_type not in transformers.CONFIG_MAPPING:
+            raise ModelLoadError(f"{path}: model_type \"{model_type}\" is not an architecture "
+                                 f"this transformers ({transformers.__version__}) knows") from None
+        raise ModelLoadError(f"{path}: not a valid {model_type} config: "
+                             f"{' '.join(str(e).split())}") from None
+    except Exception as e:       # e.g. TypeError on "32" where a number belongs
+        detail = " ".join(str(e).split())           # one line, whatever transformers wrote
+        raise ModelLoadError(f"{path}: not a valid {model_type} config: "
+                             f"{type(e).__name__}: {detail}") from None
 
 
 # ----- the module skeleton --------------------------------------------------------------------
@@ -262,10 +275,14 @@ def load_safetensors(file, config, dtype: torch.dtype = torch.float32) -> Loaded
 
 def _load(config, files: list[Path], source: Path, fmt: str, dtype: torch.dtype,
           tokenizer_dir: Optional[Path]) -> LoadedModel:
+    from .hyperparameters import check_hyperparameters
     from .tokenizer import load_hf_tokenizer, read_chat_template
-    module = build_meta_module(config, dtype)
     where = str(files[0]) if len(files) == 1 else f"{source} ({len(files)} shards)"
-    store, notes = bind_checkpoint(module, open_checkpoint(files), where)
+    checkpoint = open_checkpoint(files)          # memory-mapped: names and shapes only
+    check_hyperparameters(config, {n: checkpoint.type_of(n).shape for n in checkpoint.names()},
+                          str(source))
+    module = build_meta_module(config, dtype)
+    store, notes = bind_checkpoint(module, checkpoint, where)
     loader = (lambda: load_hf_tokenizer(tokenizer_dir)) if tokenizer_dir is not None else None
     template = read_chat_template(tokenizer_dir) if tokenizer_dir is not None else None
     return LoadedModel(module=module, weights=store, config=config, source=source, format=fmt,

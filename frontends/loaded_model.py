@@ -51,8 +51,19 @@ class LoadedModel:
 
     @cached_property
     def tokenizer(self):
-        """The tokenizer (a ``transformers.PreTrainedTokenizerFast``); None if there is none."""
-        return self.tokenizer_loader() if self.tokenizer_loader is not None else None
+        """The tokenizer (a ``transformers.PreTrainedTokenizerFast``); None if there is none.
+        A tokenizer the file describes badly (a corrupted BPE merge, ...) is one
+        :class:`ModelLoadError` line."""
+        if self.tokenizer_loader is None:
+            return None
+        try:
+            return self.tokenizer_loader()
+        except ModelLoadError:
+            raise
+        except Exception as e:       # tokenizers / transformers raise many types
+            detail = " ".join(str(e).split())[:300]
+            raise ModelLoadError(f"{self.source}: cannot build its tokenizer: "
+                                 f"{type(e).__name__}: {detail}") from None
 
     def example_inputs(self):
         """Example inputs for tracing: a tuple of positional inputs, or a dict of keyword

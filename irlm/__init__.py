@@ -6,4 +6,16 @@ from .builder import Builder, make_op
 
 __version__ = "0.1.0"
 __all__ = ["IRError", "IRLMError", "ParseError", "VerificationError", "Graph", "Location", "Op",
-           "Value", "DType", "TensorType", "sym", "Builder", "make_op"]
+           "Value", "DType", "TensorType", "sym", "Builder", "make_op", "LLM", "SamplingParams"]
+
+# The runtime's user API, named as vLLM and TensorRT-LLM name it.  Resolved on first use so
+# that `import irlm` (the IR core, used by pass writers) does not pull in the runtime, torch's
+# CUDA state or transformers.
+_RUNTIME_API = ("LLM", "SamplingParams")
+
+
+def __getattr__(name):
+    if name in _RUNTIME_API:
+        from . import runtime
+        return getattr(runtime, name)
+    raise AttributeError(f"module 'irlm' has no attribute {name!r}")

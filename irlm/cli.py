@@ -13,7 +13,7 @@ import sys
 
 from .errors import IRLMError, ParseError
 
-COMMANDS = ("ir", "opt", "compile", "run")
+COMMANDS = ("ir", "opt", "compile", "run", "export_onnx", "serve")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -74,9 +74,15 @@ class Group:
 class RankComm:
     """One rank's view of its group: what ``ctx.state["dist"]`` holds."""
 
-    def __init__(self, group: Group, rank: int):
+    def __init__(self, group: Group, rank: int, *, world: Optional[Group] = None,
+                 world_rank: Optional[int] = None, tp: int = 1):
         self.group, self.rank, self.size = group, rank, group.size
         self.seq = 0  # collectives this rank has run
+        # tp x pp: collectives over the stage's tp group (``group``); send/recv name a stage,
+        # i.e. the rank with this tp rank in that stage, through the world's channels
+        self.world = world or group
+        self.world_rank = rank if world_rank is None else world_rank
+        self.tp = tp
 
     def exchange(self, what: str, x: torch.Tensor, where: str = "") -> list[torch.Tensor]:
         """Post ``x``; return every rank's tensor (in rank order) once all have posted."""
@@ -111,23 +117,26 @@ class RankComm:
     def all_gather(self, x: torch.Tensor, axis: int, where: str = "") -> torch.Tensor:
         return torch.cat(self.exchange(f"all_gather(axis={axis})", x, where), dim=axis)
 
-    def _check_peer(self, peer: int, where: str) -> None:
-        if not 0 <= peer < self.size or peer == self.rank:
+    def _check_peer(self, peer: int, where: str) -> int:
+        """The world rank of stage ``peer`` (a rank when tp is 1)."""
+        stages = self.world.size // self.tp
+        if not 0 <= peer < stages or peer == self.world_rank // self.tp:
             raise DistributedError(f"{where}: peer {peer} is not another rank of a group of "
-                                   f"{self.size}")
+                                   f"{stages}")
+        return peer * self.tp + self.world_rank % self.tp
 
     def send(self, x: torch.Tensor, peer: int, tag: int = 0, where: str = "") -> None:
         """Point to point: queue ``x`` for ``peer`` (does not wait for the receiver)."""
-        self._check_peer(peer, where)
-        self.group.channel(self.rank, peer, tag).put(x)
+        dst = self._check_peer(peer, where)
+        self.world.channel(self.world_rank, dst, tag).put(x)
 
     def recv(self, peer: int, tag: int = 0, where: str = "") -> torch.Tensor:
         """Wait for the next tensor that ``peer`` sent to this rank with ``tag``."""
-        self._check_peer(peer, where)
-        q = self.group.channel(peer, self.rank, tag)
+        src = self._check_peer(peer, where)
+        q = self.world.channel(src, self.world_rank, tag)
         deadline = time.monotonic() + self.group.timeout
         while True:
-            if self.group.barrier.broken:
+            if self.world.barrier.broken or self.group.barrier.broken:
                 raise RankAborted("another rank failed while this rank waited in a recv")
             try:
                 return q.get(timeout=0.05)
@@ -138,28 +147,45 @@ class RankComm:
 
 
 def run_ranks(graphs: Sequence, inputs_per_rank: Sequence, *, states: Optional[Sequence] = None,
-              weights=None, timeout: float = 120.0) -> list[list[torch.Tensor]]:
+              weights=None, timeout: float = 120.0, tp: Optional[int] = None
+              ) -> list[list[torch.Tensor]]:
     """Run ``graphs[r]`` on ``inputs_per_rank[r]`` for every rank r at once; return each
     rank's outputs.  ``states[r]`` (optional) is rank r's interpreter state dict; the
-    communicator goes in under ``"dist"``.  ``weights`` overrides the graphs' stores."""
+    communicator goes in under ``"dist"``.  ``weights`` overrides the graphs' stores.
+    ``tp`` (tp x pp engines): rank r is tp rank ``r % tp`` of stage ``r // tp``; its
+    collectives run in its stage's group and its send/recv peers are stages.  Without it,
+    one group holds every rank."""
     n = len(graphs)
     if len(inputs_per_rank) != n:
         raise DistributedError(f"{n} graphs but inputs for {len(inputs_per_rank)} ranks")
     states = list(states) if states is not None else [{} for _ in range(n)]
     if len(states) != n:
         raise DistributedError(f"{n} graphs but {len(states)} states")
-    group = Group(n, timeout)
+    world = Group(n, timeout)
+    if tp is None or tp in (1, n):      # one group: every collective and peer is a world rank
+        comms = [RankComm(world, r) for r in range(n)]
+        groups = [world]
+    else:
+        if n % tp:
+            raise DistributedError(f"{n} ranks are not stages of tp {tp}")
+        groups = [Group(tp, timeout) for _ in range(n // tp)]
+        comms = [RankComm(groups[r // tp], r % tp, world=world, world_rank=r, tp=tp)
+                 for r in range(n)]
     results: list[Optional[list[torch.Tensor]]] = [None] * n
     errors: list[Optional[BaseException]] = [None] * n
 
+    def abort_all() -> None:
+        for g in {id(g): g for g in groups + [world]}.values():
+            g.abort()
+
     def work(r: int) -> None:
         try:
-            states[r]["dist"] = group.comm(r)
+            states[r]["dist"] = comms[r]
             interp = Interpreter(graphs[r], weights)
             results[r] = interp.run(inputs_per_rank[r], state=states[r]).outputs
         except BaseException as e:  # noqa: BLE001 - reported below, per rank
             errors[r] = e
-            group.abort()
+            abort_all()
         finally:
             states[r].pop("dist", None)
 

@@ -433,7 +433,7 @@ def _at(offset: int, fn, *args):
         raise _TextError(offset + e.offset, e.message) from None
 
 
-_STR = r'"((?:[^"\\\n]|\\.)*)"'
+_STR = r'"([^"\\\n]*+(?:\\.[^"\\\n]*+)*+)"'
 _LOC_RE = re.compile(r"loc\(\s*" + _STR + r"\s*(?:" + _STR + r"\s*:\s*([0-9]+)\s*)?\)\Z")
 
 

@@ -17,30 +17,32 @@ one per rank, under a top-level manifest::
 
 Rank r is tp rank ``r % tp`` of pipeline stage ``r // tp``.
 
-Loading checks the format version, every file's size and SHA-256, that the plan parses and
-verifies, and that every weight the plan reads exists with its declared type, so a corrupted,
-truncated or mismatched engine is refused with a message saying what is wrong.
+Loading checks the format version, the manifest's own checksum and field types, every file's
+size and SHA-256, that the plan parses and verifies, and that every weight the plan reads exists
+with its declared type, so a corrupted, truncated or mismatched engine is refused with a message
+saying what is wrong.  Every file is read through lowering/engine_files.py: only files the
+manifest lists, only regular files inside the engine directory.
 """
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
-from irlm.errors import IRLMError
+from irlm import safe_io
 from irlm.ir import Graph
+from irlm.safe_io import make_dir
+from irlm.lowering.engine_files import (EngineError, EngineFiles, manifest_digest, read_manifest,
+                                        sha256_file)
 
 ENGINE_FORMAT = "irlm-engine"
-ENGINE_VERSION = 1
+# 2: engine.json carries manifest_sha256 (over config, parallel and files)
+ENGINE_VERSION = 2
 PLAN_FILE, WEIGHTS_FILE, MANIFEST = "plan.irlm", "weights.safetensors", "engine.json"
-
-
-class EngineError(IRLMError):
-    """An engine directory that cannot be loaded."""
 
 
 @dataclass
@@ -58,10 +60,8 @@ class Engine:
 
 def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None) -> Path:
     """Write ``graph`` (inference form, weights in ``graph.weights``) as an engine directory."""
-    from safetensors.torch import save_file
     from irlm.printer import print_graph
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     tensors = {}
     for op in graph.params():
         name = op.attrs["name"]
@@ -75,8 +75,8 @@ def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None
             tensors[k] = t.clone()
         elif ptr is not None:
             seen[ptr] = k
-    save_file(tensors, str(out / WEIGHTS_FILE))
-    (out / PLAN_FILE).write_text(print_graph(graph), encoding="utf-8")
+    _save_weights(tensors, out / WEIGHTS_FILE)
+    safe_io.write_text(out / PLAN_FILE, print_graph(graph))
     files = [PLAN_FILE, WEIGHTS_FILE]
     files += _save_tokenizer(tokenizer, out)
     _write_manifest(out, config, files)
@@ -88,8 +88,7 @@ def write_parallel_engine(graphs: list[Graph], out: Path, config: dict[str, Any]
     """Write one engine per rank under ``out/rank{r}`` and the top-level manifest."""
     if len(graphs) != tp * pp:
         raise EngineError(f"{len(graphs)} rank graphs for tp {tp} x pp {pp}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     ranks = []
     for r, g in enumerate(graphs):
         sub = f"rank{r}"
@@ -106,24 +105,56 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja")
 
 
+def _save_weights(tensors: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+    with safe_io.atomic_path(path) as tmp:
+        try:
+            save_file(tensors, str(tmp))
+        except Exception as e:       # safetensors' own error type wraps the OS error
+            raise safe_io.OutputError(safe_io.describe_os_error(path, e)) from None
+
+
 def _save_tokenizer(tokenizer, out: Path) -> list[str]:
-    """Save the tokenizer (if any) into ``out``; the files it wrote, for the manifest."""
-    if tokenizer is None:
-        return []
-    tokenizer.save_pretrained(str(out))
-    return [f for f in TOKENIZER_FILES if (out / f).exists()]
+    """Save the tokenizer (if any) into ``out``; the files it wrote, for the manifest.
+    transformers writes into a private directory first; each file is then renamed into
+    place (never written through a link already in ``out``), and tokenizer files of an
+    earlier compile that this one does not write are removed."""
+    import shutil
+    import tempfile
+    written = []
+    if tokenizer is not None:
+        tmp = Path(tempfile.mkdtemp(dir=out, prefix=".tokenizer-"))
+        try:
+            try:
+                tokenizer.save_pretrained(str(tmp))
+            except OSError as e:
+                raise safe_io.OutputError(safe_io.describe_os_error(out / "tokenizer.json", e)) \
+                    from None
+            for f in TOKENIZER_FILES:
+                if (tmp / f).is_file():
+                    os.chmod(tmp / f, safe_io.file_mode())
+                    os.replace(tmp / f, out / f)
+                    written.append(f)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    for f in TOKENIZER_FILES:
+        if f not in written and os.path.lexists(out / f):
+            (out / f).unlink()
+    return written
 
 
 def _write_manifest(out: Path, config: dict[str, Any], files: list[str], **extra) -> None:
     """engine.json: format, version, config (and ``extra`` sections), and the size and SHA-256
     of every file the engine consists of, so a load can refuse a modified one."""
     manifest = {"format": ENGINE_FORMAT, "version": ENGINE_VERSION, "config": config, **extra,
-                "files": {f: {"bytes": (out / f).stat().st_size, "sha256": _sha256(out / f)}
+                "files": {f: {"bytes": (out / f).stat().st_size, "sha256": sha256_file(out / f)}
                           for f in files}}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True), encoding="utf-8")
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    safe_io.write_text(out / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
 
 
-def load_engine(path, verify_checksums: bool = True) -> Engine:
+def load_engine(path, verify_checksums: bool = True, *, _manifest_bytes: bytes | None = None,
+                _rank: bool = False) -> Engine:
     from irlm.parser import parse_graph
     from irlm.verifier import verify
     from irlm.weights import WeightStore
@@ -131,76 +162,106 @@ def load_engine(path, verify_checksums: bool = True) -> Engine:
     if not path.is_dir():
         raise EngineError(f"{path}: not an engine directory (it does not exist or is a file)")
     mpath = path / MANIFEST
-    if not mpath.exists():
+    if _manifest_bytes is None and not os.path.lexists(mpath):
         raise EngineError(f"{path}: missing {MANIFEST}; is this an irlm engine directory?")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise EngineError(f"{mpath}: corrupted manifest ({e})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != ENGINE_FORMAT:
-        raise EngineError(f"{mpath}: not an irlm engine manifest")
-    if manifest.get("version") != ENGINE_VERSION:
-        raise EngineError(f"{path}: engine format version {manifest.get('version')} is not "
-                          f"supported by this irlm (expects {ENGINE_VERSION}); recompile it")
-    files = manifest.get("files")
+    manifest = read_manifest(mpath, _manifest_bytes, format_name=ENGINE_FORMAT,
+                             version=ENGINE_VERSION)
+    files = EngineFiles(path, manifest["files"], verify_checksums=verify_checksums,
+                        manifest_path=mpath)
     if "parallel" in manifest:
-        return _load_parallel(path, manifest, verify_checksums)
-    if not isinstance(files, dict) or PLAN_FILE not in files or WEIGHTS_FILE not in files:
+        if _rank:
+            raise EngineError(f"{mpath}: a rank's engine cannot itself be multi-rank")
+        return _load_parallel(path, manifest, files, verify_checksums)
+    if PLAN_FILE not in files or WEIGHTS_FILE not in files:
         raise EngineError(f"{mpath}: manifest does not list {PLAN_FILE} and {WEIGHTS_FILE}")
-    _check_files(path, files, verify_checksums)
+    files.refuse_unlisted(TOKENIZER_FILES)
+    files.check_all()
     store = WeightStore()
-    store.add_safetensors(path / WEIGHTS_FILE)
-    graph = parse_graph((path / PLAN_FILE).read_text(encoding="utf-8"), str(path / PLAN_FILE),
-                        weights=store)
+    store.add_safetensors(files.path(WEIGHTS_FILE))
+    graph = parse_graph(files.read_text(PLAN_FILE), str(path / PLAN_FILE), weights=store)
     graph.weights = store
     verify(graph)
-    tokenizer, template = None, None
-    if (path / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        template = getattr(tokenizer, "chat_template", None)
+    tokenizer, template = _load_tokenizer(files)
     return Engine(path, graph, manifest.get("config", {}), tokenizer, template)
 
 
-def _check_files(path: Path, files: dict, verify_checksums: bool) -> None:
-    for name, info in files.items():
-        f = path / name
-        if not f.exists():
-            raise EngineError(f"{path}: missing file {name}")
-        size = f.stat().st_size
-        if size != info.get("bytes"):
-            raise EngineError(f"{f}: size {size} bytes, the manifest says {info.get('bytes')} "
-                              f"(truncated or replaced)")
-        if verify_checksums and _sha256(f) != info.get("sha256"):
-            raise EngineError(f"{f}: checksum mismatch (the file is corrupted or was modified)")
+def _load_tokenizer(files: EngineFiles):
+    """The tokenizer from the listed tokenizer files alone: their checked bytes are copied to a
+    private directory for transformers, which would otherwise read whatever else lies in the
+    engine directory (added_tokens.json, a stray special_tokens_map.json, ...)."""
+    if "tokenizer.json" not in files:
+        return None, None
+    import tempfile
+    from transformers import PreTrainedTokenizerFast
+    with tempfile.TemporaryDirectory(prefix="irlm-tokenizer-") as tmp:
+        files.copy_to(TOKENIZER_FILES, Path(tmp))
+        try:
+            tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp, local_files_only=True)
+        except Exception as e:       # transformers/tokenizers raise many types on bad files
+            raise EngineError(f"{files.root}: cannot load its tokenizer "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    return tokenizer, getattr(tokenizer, "chat_template", None)
 
 
-def _load_parallel(path: Path, manifest: dict, verify_checksums: bool) -> Engine:
-    par = manifest["parallel"]
-    files = manifest.get("files")
-    ranks = par.get("ranks") if isinstance(par, dict) else None
-    if not isinstance(files, dict) or not isinstance(ranks, list) or not ranks or \
-            len(ranks) != par.get("tp", 0) * par.get("pp", 0):
-        raise EngineError(f"{path / MANIFEST}: malformed \"parallel\" section (needs tp, pp "
-                          f"and tp*pp ranks)")
-    for rk in ranks:
-        if f"{rk.get('path')}/{MANIFEST}" not in files:
-            raise EngineError(f"{path / MANIFEST}: rank {rk.get('rank')}'s {MANIFEST} is not "
-                              f"listed with a checksum")
-    _check_files(path, files, verify_checksums)
-    engines = [load_engine(path / rk["path"], verify_checksums) for rk in ranks]
-    tokenizer, template = None, None
-    if (path / "tokenizer.json").exists():
-        from transformers import PreTrainedTokenizerFast
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(path))
-        template = getattr(tokenizer, "chat_template", None)
+def _load_parallel(path: Path, manifest: dict, files: EngineFiles,
+                   verify_checksums: bool) -> Engine:
+    par = manifest["parallel"]          # type-checked by read_manifest
+    _check_rank_listing(path, par, files)
+    files.refuse_unlisted(TOKENIZER_FILES)
+    files.check_all()
+    engines = [load_engine(files.subdirectory(rk["path"]), verify_checksums, _rank=True,
+                           _manifest_bytes=files.read_bytes(f"{rk['path']}/{MANIFEST}"))
+               for rk in par["ranks"]]
+    tokenizer, template = _load_tokenizer(files)
     return Engine(path, engines[0].graph, manifest.get("config", {}), tokenizer, template,
                   ranks=engines, parallel={"tp": par["tp"], "pp": par["pp"]})
+def load_engine_header(path, verify_checksums: bool = True) -> Engine:
+    """A multi-rank engine's top level only: config, tokenizer, ``parallel`` (tp, pp, rank
+    paths), its listed files checked; no rank is loaded (``ranks`` stays empty).  What the
+    scheduler's process needs; each rank process loads its own shard (:func:`load_rank`)."""
+    path = Path(path)
+    manifest, files = _open_parallel(path, verify_checksums)
+    par = manifest["parallel"]
+    files.refuse_unlisted(TOKENIZER_FILES)
+    files.check_all()
+    tokenizer, template = _load_tokenizer(files)
+    return Engine(path, None, manifest.get("config", {}), tokenizer, template,
+                  parallel={"tp": par["tp"], "pp": par["pp"], "ranks": par["ranks"]})
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def load_rank(path, rank: int, verify_checksums: bool = True) -> Engine:
+    """Rank ``rank``'s engine of the multi-rank engine at ``path``, refused unless its
+    engine.json is the one the top-level manifest lists (size and SHA-256): a rank directory
+    from another compile cannot be mixed in."""
+    path = Path(path)
+    manifest, files = _open_parallel(path, verify_checksums)
+    ranks = manifest["parallel"]["ranks"]
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < len(ranks):
+        raise EngineError(f"{path}: rank {rank} is not a rank of this engine (it has "
+                          f"{len(ranks)})")
+    sub = ranks[rank]["path"]
+    return load_engine(files.subdirectory(sub), verify_checksums, _rank=True,
+                       _manifest_bytes=files.read_bytes(f"{sub}/{MANIFEST}"))
+
+
+def _open_parallel(path: Path, verify_checksums: bool) -> tuple[dict, EngineFiles]:
+    """The checked manifest of multi-rank engine ``path`` and its file reader."""
+    if not path.is_dir():
+        raise EngineError(f"{path}: not an engine directory (it does not exist or is a file)")
+    mpath = path / MANIFEST
+    if not os.path.lexists(mpath):
+        raise EngineError(f"{path}: missing {MANIFEST}; is this an irlm engine directory?")
+    manifest = read_manifest(mpath, format_name=ENGINE_FORMAT, version=ENGINE_VERSION)
+    if "parallel" not in manifest:
+        raise EngineError(f"{path}: not a multi-rank engine (no \"parallel\" section)")
+    files = EngineFiles(path, manifest["files"], verify_checksums=verify_checksums,
+                        manifest_path=mpath)
+    _check_rank_listing(path, manifest["parallel"], files)
+    return manifest, files
+
+
+def _check_rank_listing(path: Path, par: dict, files: EngineFiles) -> None:
+    for rk in par["ranks"]:                 # par is type-checked by read_manifest
+        if f"{rk['path']}/{MANIFEST}" not in files:
+            raise EngineError(f"{path / MANIFEST}: rank {rk['rank']}'s {MANIFEST} is not "
+                              f"listed with a checksum")

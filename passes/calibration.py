@@ -25,11 +25,17 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from irlm.errors import IRLMError
+from irlm.input_limits import read_bounded
 from irlm.ir import Graph, Op, Value
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
 MAX_PROMPT_TOKENS = 256
 MAX_SAMPLE_ROWS = 512
+
+
+#: calibration files larger than this are refused before they are read (the built-in set is
+#: a few kB; a calibration run reads a few hundred prompts)
+MAX_CALIBRATION_BYTES = 64 << 20
 
 
 class CalibrationError(IRLMError):
@@ -41,10 +47,9 @@ class CalibrationError(IRLMError):
 
 def read_prompts(path: Path) -> list[str]:
     """The prompts of a text file: paragraphs separated by blank lines."""
+    data = read_bounded(path, MAX_CALIBRATION_BYTES, "calibration file", CalibrationError)
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise CalibrationError(f"calibration file {path}: {e.strerror or e}") from None
+        text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CalibrationError(f"calibration file {path}: not UTF-8 text ({e.reason} at byte "
                                f"{e.start})") from None
@@ -69,12 +74,16 @@ def tokenize_prompts(prompts: Sequence[str], tokenizer,
 
 def read_token_lists(path: Path) -> list[list[int]]:
     """A JSON calibration set: a non-empty list of non-empty lists of token ids."""
+    raw = read_bounded(path, MAX_CALIBRATION_BYTES, "calibration file", CalibrationError)
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise CalibrationError(f"calibration file {path}: {e.strerror or e}") from None
+        data = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise CalibrationError(f"calibration file {path}: not UTF-8 text ({e.reason} at byte "
+                               f"{e.start})") from None
     except json.JSONDecodeError as e:
         raise CalibrationError(f"{path}:{e.lineno}:{e.colno}: invalid JSON: {e.msg}") from None
+    except RecursionError:
+        raise CalibrationError(f"calibration file {path}: JSON nested too deeply") from None
     ok = isinstance(data, list) and data and all(
         isinstance(p, list) and p and all(isinstance(t, int) and t >= 0 for t in p)
         for p in data)
@@ -85,11 +94,10 @@ def read_token_lists(path: Path) -> list[list[int]]:
 
 
 def write_token_lists(prompts: Sequence[Sequence[int]], path: Path) -> Path:
+    from irlm.safe_io import make_dir, write_text
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("[" + ",\n ".join(json.dumps(list(p)) for p in prompts) + "]\n",
-                    encoding="utf-8")
-    return path
+    make_dir(path.parent)
+    return write_text(path, "[" + ",\n ".join(json.dumps(list(p)) for p in prompts) + "]\n")
 
 
 def load_calibration(calib: str, tokenizer: str = "") -> list[list[int]]:

@@ -219,6 +219,11 @@ class FoldConstants(RewritePattern):
             p = v.producer
             if p is None or p.name not in CONSTANT_OPS or not v.type.is_static:
                 return False
+            # evaluating materializes the operands: a core.full is a few bytes of attributes
+            # but may stand for gigabytes (a core.constant's tensor is already in memory)
+            if p.name != "core.constant" and \
+                    _static_numel(v.type.shape) > max(self.max_elements, MATERIALIZE_LIMIT):
+                return False
         for r in o.results:
             if not r.type.is_static or _static_numel(r.type.shape) > self.max_elements:
                 return False
@@ -227,6 +232,10 @@ class FoldConstants(RewritePattern):
             return False
         rw.replace_op(o, [rw.constant(t) for t in values])
         return True
+
+
+#: most elements folding materializes for an operand that is not a stored tensor
+MATERIALIZE_LIMIT = 1 << 16
 
 
 def _static_numel(shape) -> int:

@@ -97,12 +97,14 @@ class DumpIR(Instrument):
         self.dir = Path(directory)
 
     def _write(self, name: str, graph: Graph) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / name).write_text(_print_graph(graph), encoding="utf-8")
+        from irlm.safe_io import make_dir, write_text
+        make_dir(self.dir)
+        write_text(self.dir / name, _print_graph(graph))
 
     def before_pipeline(self, graph, pipeline, stage_offset):
-        self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "pipeline.txt").write_text(str(pipeline) + "\n", encoding="utf-8")
+        from irlm.safe_io import make_dir, write_text
+        make_dir(self.dir)
+        write_text(self.dir / "pipeline.txt", str(pipeline) + "\n")
         if stage_offset == 0:
             self._write("00-input.irlm", graph)
 

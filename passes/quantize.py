@@ -336,6 +336,32 @@ def _act_roundtrip(x: torch.Tensor, mode: str, scale: Optional[float]) -> torch.
     return quantize_act_reference(x, s, dt).float() * s
 
 
+INT4_GROUPS = (128, 64, 32)   # the group sizes int4 kernels are tuned for, largest first
+
+
+def _int4_group(op: Op, group: int) -> int:
+    """The int4 group of one linear: ``group`` when given (it must divide the input features),
+    else the largest of :data:`INT4_GROUPS` that does."""
+    k = op.operands[1].type.shape[1]
+    where = _layer(op, op.operands[1].producer.attrs["name"])
+    if not isinstance(k, int) or k % 2:
+        raise PassError(f"quantize: int4 needs an even, static number of input features; "
+                        f"{where} has {k}")
+    if group:
+        if k % group:
+            raise PassError(f"quantize: option group={group} does not divide the {k} input "
+                            f"features of {where} (use a group that divides it, e.g. "
+                            f"{next((g for g in INT4_GROUPS if k % g == 0), 2)}, or leave "
+                            f"group unset to choose per layer)")
+        return group
+    fits = [g for g in INT4_GROUPS if k % g == 0]
+    if not fits:
+        raise PassError(f"quantize: none of the int4 groups {', '.join(map(str, INT4_GROUPS))} "
+                        f"divides the {k} input features of {where}; give option group= "
+                        f"explicitly (a divisor of {k})")
+    return fits[0]
+
+
 def _tag(mode: str, group: int, sdt: DType) -> str:
     tag = {"int8": "int8", "int4": f"int4g{group}", "int4-awq": f"awq-int4g{group}",
            "w8a8-sq": "sq-int8", "fp8": "fp8", "fp8-weight": "fp8"}[mode]
@@ -347,7 +373,8 @@ def _tag(mode: str, group: int, sdt: DType) -> str:
                    "int4), w8a8-sq (SmoothQuant int8 weights + per-token int8 activations), "
                    "fp8 (e4m3 weights + static e4m3 activations), fp8-weight (e4m3 weights)",
                    choices=list(MODES)),
-    "group": Option(int, 128, "int4: input features that share one scale and zero point"),
+    "group": Option(int, 0, "int4: input features that share one scale and zero point; 0: "
+                    "per layer, the largest of 128, 64, 32 that divides its input features"),
     "skip": Option(str, "lm_head", "lm_head: keep the LM head in full precision; none: "
                    "quantize every linear", choices=["lm_head", "none"]),
     "scale_dtype": Option(str, "f32", "dtype of the stored scales", choices=["f32", "f16"]),
@@ -372,23 +399,15 @@ def quantize(graph: Graph, ctx):
     if mode not in MODES:  # options are checked by the registry; this guards direct calls
         raise PassError(f"quantize: unknown mode '{mode}' (valid: {', '.join(MODES)})")
     fmt = WEIGHT_FORMAT[mode]
-    group = o.group
-    if fmt == "int4" and group <= 0:
+    if fmt == "int4" and o.group < 0:
         raise PassError(f"quantize: option 'group' must be a positive number of input "
-                        f"features for mode {mode}, got {group}")
-    if fmt != "int4":
-        group = 0
+                        f"features for mode {mode} (or 0 to choose per layer), got {o.group}")
     if not 0.0 <= o.alpha <= 1.0:
         raise PassError(f"quantize: option alpha={o.alpha} must lie in [0, 1]")
     sdt = DType.parse(o.scale_dtype)
     todo, skipped = _candidates(graph, o.skip)
     # Check every layer before changing anything: an error leaves the graph as it was.
-    for op in todo:
-        k = op.operands[1].type.shape[1]
-        if fmt == "int4" and (not isinstance(k, int) or k % group or k % 2):
-            raise PassError(f"quantize: option group={group} does not divide the {k} input "
-                            f"features of {_layer(op, op.operands[1].producer.attrs['name'])}"
-                            f" (use a group that divides it, e.g. 32)")
+    group_of = {id(op): _int4_group(op, o.group) if fmt == "int4" else 0 for op in todo}
     if not todo:
         ctx.stats.bump("linears skipped (lm_head)", len(skipped))
         return
@@ -404,11 +423,14 @@ def quantize(graph: Graph, ctx):
     for op in todo:
         groups.setdefault(id(op.operands[0]), []).append(op)
     rw = Rewriter(graph, ctx.stats)
-    tag = _tag(mode, group, sdt)
     errors: list[float] = []
     out_errors: list[float] = []
     for members in groups.values():
         x = members[0].operands[0]
+        group = group_of[id(members[0])]     # members share their input, so their features
+        tag = _tag(mode, group, sdt)
+        if fmt == "int4":
+            ctx.stats.bump(f"linears with int4 group {group}", len(members))
         st = obs.inputs[id(members[0])] if obs is not None else None
         smooth = None
         if mode in ("int4-awq", "w8a8-sq"):

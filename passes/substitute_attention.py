@@ -36,6 +36,14 @@ def substitute_attention(graph: Graph, tokens_per_block: int = 16, sliding_windo
                          kv_cache_dtype: Optional[DType] = None, max_tokens: int = 8192,
                          max_reqs: int = 512, max_blocks_per_seq: int = 4096) -> Graph:
     g = graph
+    for name, value, top in (("tokens_per_block", tokens_per_block, 4096),
+                             ("sliding_window", sliding_window, 1 << 24),
+                             ("max_tokens", max_tokens, 1 << 24), ("max_reqs", max_reqs, 1 << 20),
+                             ("max_blocks_per_seq", max_blocks_per_seq, 1 << 20)):
+        low = 0 if name == "sliding_window" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top:
+            raise IRError(f"substitute-attention: {name} must be an int in [{low}, {top}], "
+                          f"got {value!r}")
     sdpas = [op for op in g.ops if op.name == "core.scaled_dot_product_attention"]
     if not sdpas:
         raise IRError("substitute-attention: the graph has no core.scaled_dot_product_attention "

@@ -563,8 +563,11 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     from irlm.passes.fusions.weights import ensure_weight_store
     ensure_weight_store(graph)  # IR text without --weights: shapes are enough to plan
     plan = _Plan(size, rank)
-    if any(op.dialect == "dist" for op in graph.ops):
-        raise TPSplitError(f"tp-split: graph @{graph.name} is already split (has dist ops)")
+    # A pipeline stage (dist.send / dist.recv) splits like a whole graph: what crosses the
+    # cut is replicated across the stage's tp ranks.  Collectives mean it is tp-split already.
+    if any(op.name in ("dist.all_reduce", "dist.all_gather") for op in graph.ops):
+        raise TPSplitError(f"tp-split: graph @{graph.name} is already split (has dist "
+                           f"collectives)")
     atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
     if not atts:
         raise TPSplitError("tp-split: the graph has no llm.paged_attention (run "

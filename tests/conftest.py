@@ -48,3 +48,49 @@ def random_calibration(tmp_path_factory):
         path = tmp_path_factory.mktemp("calib") / "tokens.json"
         return write_token_lists(ids, path).as_posix()
     return make
+
+
+@pytest.fixture
+def bounded():
+    """``bounded(fn, *args, seconds=30, memory_mb=1024)``: run ``fn(*args)`` in a forked child
+    under a wall-clock limit and an address-space limit ``memory_mb`` above what the child
+    already maps, and return its result or re-raise its exception here.  For hostile inputs:
+    a hang or a runaway allocation fails the test instead of the machine."""
+    import multiprocessing
+    import pickle
+    import resource
+
+    def child(conn, fn, args, memory_mb):
+        with open("/proc/self/status") as f:
+            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+        resource.setrlimit(resource.RLIMIT_AS, (vm + (memory_mb << 20), resource.RLIM_INFINITY))
+        try:
+            result = ("ok", fn(*args))
+        except BaseException as e:              # noqa: B036 - handed to the parent
+            result = ("err", e)
+        try:
+            conn.send(result)
+        except (pickle.PicklingError, TypeError, AttributeError):
+            conn.send(("err", RuntimeError(f"{type(result[1]).__name__}: {result[1]}")))
+
+    def run(fn, *args, seconds: float = 30, memory_mb: int = 1024):
+        ctx = multiprocessing.get_context("fork")
+        parent, conn = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=child, args=(conn, fn, args, memory_mb), daemon=True)
+        proc.start()
+        conn.close()
+        if not parent.poll(seconds):
+            proc.kill()
+            proc.join()
+            pytest.fail(f"{getattr(fn, '__name__', fn)} did not finish within {seconds} s")
+        try:
+            kind, value = parent.recv()
+        except EOFError:
+            proc.join()
+            pytest.fail(f"{getattr(fn, '__name__', fn)} died (exit code {proc.exitcode}) "
+                        f"under a {memory_mb} MiB memory limit")
+        proc.join()
+        if kind == "err":
+            raise value
+        return value
+    return run

@@ -79,7 +79,8 @@ def greedy_tokens(engine_dir, max_tokens: int = 6) -> list[list[int]]:
     multi-rank simulator runs it; the fast CPU executor's int8/int4 GEMMs round inputs to bf16)."""
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
     return [o.outputs[0].token_ids for o in LLM.from_engine(
-        engine_dir, device="cpu", executor="reference").generate(PROMPTS, params)]
+        engine_dir, device="cpu", parallel="simulator", executor="reference").generate(
+        PROMPTS, params)]
 
 def stored_shapes(path):
     from safetensors import safe_open
@@ -89,7 +90,7 @@ def stored_shapes(path):
 
 def first_step_logits(path):
     runner = runner_for_engine(load_engine(path), device="cpu", num_blocks=16,
-                               executor="reference")
+                               parallel="simulator", executor="reference")
     batch = StepBatch.pack([0, 1], PROMPTS, [0, 0], [[0, 1], [2]])
     return runner.step(batch)
 
@@ -165,10 +166,10 @@ def test_dump_ir_per_rank_and_irlm_run(models, tmp_path_factory, capsys):
 def test_multi_rank_engine_is_refused_by_the_cuda_runner(models, tmp_path_factory):
     split = engine_dir(models, tmp_path_factory, "llama", "--tp", "2")
     engine = load_engine(split)
-    with pytest.raises(IRLMError, match="multi-rank engine .tp 2, pp 1. runs only on the CPU"):
-        runner_for_engine(engine, device="cuda")
+    with pytest.raises(IRLMError, match="the multi-rank simulator .tp 2, pp 1. runs on the CPU"):
+        runner_for_engine(engine, device="cuda", parallel="simulator")
     from irlm.runtime.cuda_runner import CudaGraphRunner
-    with pytest.raises(IRLMError, match="one rank of a multi-rank .* no NCCL collectives"):
+    with pytest.raises(IRLMError, match="one rank of a multi-rank .* run the whole engine"):
         CudaGraphRunner(engine.ranks[0].graph)
 
 
@@ -195,9 +196,6 @@ def wide_dir(tmp_path_factory):
     ("opt", ["--pp", "3"], "--pp 3: the model has 2 layers, which --pp must divide"),
     ("llama", ["--tp", "0"], "--tp 0: must be at least 1"),
     ("llama", ["--pp", "-1"], "--pp -1: must be at least 1"),
-    ("llama", ["--tp", "2", "--pp", "2"], "--tp 2 with --pp 2: not supported together yet (the "
-                                          "CPU simulator has one group per engine); use one "
-                                          "of them"),
     ("llama", ["--tp", "2", "--quant", "int4-awq"],
      "--tp 2 with --quant int4-awq: not supported together yet (its calibration would need all "
      "ranks); with --tp 2, only the weight-only --quant int8 and int4 work"),

@@ -249,7 +249,7 @@ def test_bad_options_give_clear_errors(llama):
                                         "layer .*q_proj"):
         run_pipeline(g, "quantize{mode=int4,group=48}")
     with pytest.raises(PassError, match="group"):
-        run_pipeline(g, "quantize{mode=int4,group=0}")
+        run_pipeline(g, "quantize{mode=int4,group=-1}")
     with pytest.raises(PassError, match="skip"):
         run_pipeline(g, "quantize{skip=everything}")
     # the failed runs left the graph unquantized
@@ -502,3 +502,40 @@ def test_text_calibration_is_tokenized_with_the_given_tokenizer(tmp_path, tok, m
     want = tokenize_prompts(read_prompts(text), tok)     # the transformers tokenizer's ids
     assert stats.counters["calibration prompts"] == 2
     assert stats.counters["calibration tokens"] == sum(len(p) for p in want)
+
+
+def _traced_llama(hidden, intermediate, heads=4):
+    from irlm.frontends.trace import trace
+    cfg = transformers.LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                                   num_hidden_layers=1, num_attention_heads=heads,
+                                   num_key_value_heads=2, vocab_size=VOCAB)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ex = {"input_ids": torch.randint(0, VOCAB, (2, SEQ)),
+          "attention_mask": torch.ones(2, SEQ, dtype=torch.long),
+          "position_ids": torch.arange(SEQ).repeat(2, 1)}
+    return trace(model, ex)
+
+
+def test_int4_group_defaults_per_layer_to_the_largest_that_divides():
+    # 96 input features (q/k/v/o, gate/up) take group 32; 320 (down) takes 64; none takes 128.
+    g = _traced_llama(96, 320)
+    stats = run_pass(g, "quantize", mode="int4").counters
+    groups = {op.operands[1].producer.attrs["name"].split(".int4")[0]: op.attrs["group"]
+              for op in g.ops if op.name == "quant.linear"}
+    assert groups == {f"model.layers.0.{m}.weight": 64 if m == "mlp.down_proj" else 32
+                      for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                "mlp.down_proj")}
+    assert stats["linears with int4 group 32"] == 6 and stats["linears with int4 group 64"] == 1
+    assert "linears with int4 group 128" not in stats
+    verify(g)
+
+
+def test_int4_without_a_fitting_group_names_the_layer():
+    g = _traced_llama(80, 256)          # 80 input features: neither 128, 64 nor 32 divides
+    with pytest.raises(PassError, match=r"none of the int4 groups 128, 64, 32 divides the 80 "
+                                        r"input features of layer .*q_proj.*group="):
+        run_pass(g, "quantize", mode="int4")
+    assert not any(op.name.startswith("quant.") for op in g.ops)

@@ -221,5 +221,5 @@ def test_bad_sampling_params_name_the_field_and_the_valid_range(kwargs, field, v
 
 def test_good_sampling_params_normalize():
     p = SamplingParams(stop="###", top_k=-1)
-    assert p.stop == ["###"] and p.top_k == 0 and not p.greedy
+    assert p.stop == ("###",) and p.top_k == 0 and not p.greedy
     assert SamplingParams(temperature=0).greedy

@@ -13,6 +13,7 @@ Three hooks into the compile (irlm/commands/compile.py):
 """
 from __future__ import annotations
 
+from .. import safe_io
 from ..errors import IRLMError
 
 
@@ -45,12 +46,10 @@ def check_parallel_arguments(args) -> None:
         if value is not None and value < 1:
             raise IRLMError(f"{flag} {value}: must be at least 1")
     tp, pp = _sizes(args)
-    if tp > 1 and pp > 1:
-        raise IRLMError(f"--tp {tp} with --pp {pp}: not supported together yet (the CPU "
-                        f"simulator has one group per engine); use one of them")
     if tp == 1 and pp == 1:
         return
-    flag = f"--tp {tp}" if tp > 1 else f"--pp {pp}"
+    flag = " ".join(f for f in (f"--tp {tp}" if tp > 1 else "", f"--pp {pp}" if pp > 1 else "")
+                    if f)
     # The weight-only modes quantize each rank's graph after the split; the calibrated ones
     # would have to run the calibration prompts through all ranks at once.
     works = f"with {flag}, only the weight-only --quant {' and '.join(WEIGHT_ONLY)} work"
@@ -114,7 +113,8 @@ def check_model_stage(job) -> None:
         if inter is not None and inter % tp:
             raise IRLMError(f"--tp {tp}: the model's intermediate size "
                             f"({s['intermediate_name']} = {inter}) is not divisible by it")
-        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else 0
+        # An unset group is chosen per rank's layer (it then divides the shard by construction).
+        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else None
         if group:
             _check_shard_groups(job, s, tp, group)
     if pp > 1 and s["layers"] is not None and s["layers"] % pp:
@@ -149,7 +149,12 @@ def split_stage(job) -> None:
     if tp == 1 and pp == 1:
         return
     from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
-    if tp > 1:
+    if tp > 1 and pp > 1:
+        # stages first, then each stage's tp ranks: rank s*tp + t = tp rank t of stage s
+        job.ranks = [g for stage in split_for_pipeline(job.graph, pp)
+                     for g in split_for_tensor_parallel(stage, tp)]
+        what = f"pp-split{{stages={pp}}},tp-split{{size={tp}}}"
+    elif tp > 1:
         job.ranks, what = split_for_tensor_parallel(job.graph, tp), f"tp-split{{size={tp}}}"
     else:
         job.ranks, what = split_for_pipeline(job.graph, pp), f"pp-split{{stages={pp}}}"
@@ -160,11 +165,11 @@ def split_stage(job) -> None:
         ir = job.out / "ir"
         # continue the pass dumps' numbering, one folder per rank
         n = len(list(ir.glob("[0-9][0-9]-*.irlm"))) if ir.is_dir() else 0
-        name = "tp-split" if tp > 1 else "pp-split"
+        name = "tp-split" if tp > 1 else "pp-split"   # tp x pp: the last split made
         for r, g in enumerate(job.ranks):
             path = ir / f"rank{r}" / f"{n:02d}-{name}.irlm"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(print_graph(g), encoding="utf-8")
+            safe_io.make_dir(path.parent)
+            safe_io.write_text(path, print_graph(g))
             job.written.append(path)
     quantize_ranks(job, n + 1 if job.args.dump_ir else 0)
     job.notes.append(f"split into {len(job.ranks)} ranks ({what}); each rank's engine is "

@@ -8,12 +8,14 @@ for causal LMs it ends in the paged inference form) → write the engine into OU
 """
 from __future__ import annotations
 
+import re
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from .. import safe_io
 from ..errors import IRLMError
 from . import _parallel
 
@@ -40,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--config", metavar="JSON", help="the config.json for --safetensors")
     p.add_argument("-o", "--output", required=True, metavar="OUT",
                    help="output directory (created; IR goes to OUT/ir/)")
+    p.add_argument("--force", action="store_true",
+                   help="write into OUT even if it is a non-empty directory that is not an "
+                        "earlier irlm output (never into the source model's directory)")
     p.add_argument("--max-batch", type=int, default=8, metavar="N",
                    help="largest batch the compiled graph accepts (default 8)")
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
@@ -56,8 +61,9 @@ def add_parser(sub) -> None:
                         "(round to nearest), int4-awq (activation-aware int4), w8a8-sq "
                         "(SmoothQuant: int8 weights and per-token int8 activations), fp8 "
                         "(e4m3 weights and activations, calibrated scales)")
-    p.add_argument("--quant-group", type=int, default=128, metavar="N",
-                   help="input features per int4 scale group (32, 64 or 128; default 128)")
+    p.add_argument("--quant-group", type=int, default=None, metavar="N",
+                   help="input features per int4 scale group (32, 64 or 128; default: per "
+                        "layer, the largest of them that divides its input features)")
     p.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
                    help="store the paged KV cache in 8 bits with calibrated per-layer scales")
     p.add_argument("--calib", metavar="FILE", default=None,
@@ -72,6 +78,9 @@ def add_parser(sub) -> None:
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
                    help="stop after the pass pipeline (write IR only, no engine)")
+    p.add_argument("--target", choices=("engine", "onnx", "tensorrt"), default="engine",
+                   help="what to write: irlm's engine (default), onnx (OUT/model.onnx + "
+                        "build_trt.sh), or tensorrt (also OUT/model.plan; needs TensorRT)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
     _parallel.add_parallel_arguments(p)
@@ -117,6 +126,8 @@ def load_stage(job: CompileJob) -> None:
                                      _existing(a.config, "--config"), dtype=dtype)
     else:
         job.model = load_model(_existing(a.model, "MODEL.py"), dtype=dtype)
+    if not a.no_engine:
+        job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
 
 
 def trace_stage(job: CompileJob) -> None:
@@ -195,7 +206,8 @@ def quant_pipeline(job: CompileJob) -> str:
     calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
     if quant:
         mode_calib = calib if quant in CALIBRATED else ""
-        steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
+        group = f",group={a.quant_group}" if a.quant_group else ""
+        steps.append(f"quantize{{mode={quant}{group},fuse=false{mode_calib}}}")
         steps.append("fuse-quant")
     if kv:
         steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
@@ -231,7 +243,7 @@ def write_calibration_tokens(job: CompileJob) -> Path:
 
 
 def engine_stage(job: CompileJob) -> None:
-    if job.args.no_engine:
+    if job.args.no_engine or getattr(job.args, "target", "engine") != "engine":
         return
     if not any(v.name == "kv_cache" for v in job.graph.inputs):
         job.notes.append("no engine written: only causal LMs compile to a runnable engine "
@@ -284,9 +296,21 @@ def verify_stage(job: CompileJob) -> None:
 def write_frontend_ir_stage(job: CompileJob) -> None:
     from irlm.printer import print_graph
     path = job.out / FRONTEND_IR
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(print_graph(job.graph), encoding="utf-8")
+    safe_io.make_dir(path.parent)
+    safe_io.write_text(path, print_graph(job.graph))
     job.written.append(path)
+
+
+def onnx_stage(job: CompileJob) -> None:
+    """--target onnx / tensorrt: irlm.lowering.onnx writes OUT/model.onnx (+ model.plan)."""
+    a = job.args
+    if getattr(a, "target", "engine") == "engine" or a.no_engine:
+        return
+    from irlm.lowering.onnx.targets import lower_to_target
+    export, engine = lower_to_target(job.graph, job.out, a.target, dtype=a.dtype,
+                                     quant=getattr(a, "quant", None))
+    job.written += [export.model_path, export.data_path, export.build_script] + \
+        ([engine] if engine else [])
 
 
 STAGES: list[Stage] = [
@@ -299,15 +323,15 @@ STAGES: list[Stage] = [
     Stage("passes", passes_stage),
     Stage("split", _parallel.split_stage),
     Stage("write engine", engine_stage),
+    Stage("write ONNX", onnx_stage),
 ]
 
 
 # ----- the command ------------------------------------------------------------------------------
 def run(args) -> int:
     check_arguments(args)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise IRLMError(f"-o {out}: exists and is not a directory")
+    out = safe_io.prepare_output_dir(args.output, flag="-o", force=getattr(args, "force", False),
+                                     sources=source_dirs(args), owned=compile_output_owns)
     job = CompileJob(args=args, out=out)
     start = time.perf_counter()
     with _progress() as progress:
@@ -320,6 +344,22 @@ def run(args) -> int:
     for note in list(job.model.notes) + job.notes:
         print(f"irlm: note: {note}", file=sys.stderr)
     return 0
+
+
+def source_dirs(args) -> list[Path]:
+    """The directories the compile reads its model from (never written into)."""
+    dirs = [Path(args.hf)] if getattr(args, "hf", None) else []
+    for f in (getattr(args, k, None) for k in ("model", "gguf", "safetensors", "config")):
+        if f:
+            dirs += [Path(f)] if Path(f).is_dir() else [Path(f).parent]
+    return dirs
+
+
+def compile_output_owns(name: str) -> bool:
+    """Whether an entry of OUT is one a compile writes (so OUT may be compiled into again)."""
+    from irlm.lowering.engine import MANIFEST, PLAN_FILE, TOKENIZER_FILES, WEIGHTS_FILE
+    return (name in (MANIFEST, PLAN_FILE, WEIGHTS_FILE, CALIB_TOKENS, "ir", *TOKENIZER_FILES)
+            or re.fullmatch(r"rank\d+|\..+\.tmp|\.tokenizer-.+", name) is not None)
 
 
 def check_arguments(args) -> None:
@@ -346,12 +386,22 @@ def check_arguments(args) -> None:
                             f"{'--quant ' + quant if quant else 'no --quant'} "
                             f"nothing is calibrated")
         _existing(args.calib, "--calib")
-    if quant in ("int4", "int4-awq") and args.quant_group not in (32, 64, 128):
+    if quant in ("int4", "int4-awq") and args.quant_group not in (None, 32, 64, 128):
         raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
     for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
         if value is not None and value < 2:
             raise IRLMError(f"{flag} {value}: must be at least 2")
+    for flag, value, top in (("--tokens-per-block", getattr(args, "tokens_per_block", 16), 4096),
+                             ("--max-num-tokens", getattr(args, "max_num_tokens", 8192), 1 << 24)):
+        if value is not None and not 1 <= value <= top:
+            raise IRLMError(f"{flag} {value}: must be in [1, {top}]")
     _parallel.check_parallel_arguments(args)
+    if getattr(args, "target", "engine") != "engine":
+        from irlm.lowering.onnx.targets import check_target
+        if _parallel.splits(args):
+            raise IRLMError(f"--target {args.target} writes one network: it does not take "
+                            f"--tp/--pp")
+        check_target(args.target)
 
 
 def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:

@@ -18,14 +18,11 @@ def add_parser(sub) -> None:
 
 def load(path: str):
     """Parse and verify an IR file; errors carry file:line:col."""
-    from ..parser import parse_graph
+    from ..parser import parse_file, parse_graph
     from ..verifier import verify
-    if path == "-":
-        text, name = sys.stdin.read(), "<stdin>"
-    else:
-        with open(path, encoding="utf-8") as f:
-            text, name = f.read(), path
-    g = parse_graph(text, name)
+    # bytes, not text: parse_graph reports bad UTF-8 with its position, not a traceback
+    g = parse_graph(getattr(sys.stdin, "buffer", sys.stdin).read(), "<stdin>") if path == "-" \
+        else parse_file(path)
     verify(g)
     return g
 

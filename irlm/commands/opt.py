@@ -41,8 +41,8 @@ def run(args) -> int:
     if not text.endswith("\n"):
         text += "\n"
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text)
+        from irlm.safe_io import write_text
+        write_text(args.output, text)      # whole or not at all, never through a link
     else:
         sys.stdout.write(text)
     return 0
@@ -56,19 +56,17 @@ def _no_pipeline(args):
 
 
 def _load(path: str, weight_files):
-    from irlm.parser import parse_graph
+    from irlm.parser import parse_file, parse_graph
     store = None
     if weight_files:
         from irlm.weights import WeightStore
         store = WeightStore()
         for w in weight_files:
             store.add_safetensors(w)
-    if path == "-":
-        text, name = sys.stdin.read(), "<stdin>"
-    else:
-        with open(path, encoding="utf-8") as f:
-            text, name = f.read(), path
-    return parse_graph(text, name, weights=store)
+    if path == "-":                # bytes: parse_graph reports bad UTF-8 with its position
+        stdin = getattr(sys.stdin, "buffer", sys.stdin)
+        return parse_graph(stdin.read(), "<stdin>", weights=store)
+    return parse_file(path, weights=store)
 
 
 def list_passes() -> str:

@@ -54,8 +54,14 @@ def run(args) -> int:
     if threads is None and args.device != "cuda":
         from ..runtime.cpu_runner import physical_cores
         threads = physical_cores()
-    llm = LLM.from_engine(args.engine, device=args.device, executor=args.executor,
-                          threads=threads)
+    llm = LLM(args.engine, device=args.device, executor=args.executor, threads=threads)
+    try:
+        return _generate(llm, args, params)
+    finally:
+        llm.close()       # a multi-rank engine's worker processes
+
+
+def _generate(llm, args, params) -> int:
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.chat}]

@@ -4,11 +4,13 @@ Layout (one concept a module): :mod:`.model_runner` (the engine interface), :mod
 (blocks and prefix reuse), :mod:`.scheduler` (in-flight batching and its policies),
 :mod:`.sampling` (parameters and the vectorized sampler), :mod:`.beam_search`,
 :mod:`.detokenizer`, :mod:`.sequence` (request state), :mod:`.engine` (the step loop),
-:mod:`.llm` (the user API), :mod:`.reference_runner` (HF-backed runners for tests).
+:mod:`.llm` (the user API), :mod:`.reference_runner` (HF-backed runners for tests),
+:mod:`.distributed` (multi-rank engines as one process per rank).
 See docs/runtime.md.
 """
 from .engine import LLMEngine
-from .errors import QueueFullError, RequestRejectedError, SamplingParamsError
+from .errors import (QueueFullError, RequestFailedError, RequestRejectedError,
+                     SamplingParamsError)
 from .kv_cache import BlockManager, kv_block_bytes, num_blocks_for_free_memory
 from .llm import LLM
 from .model_runner import ModelRunner, StepBatch
@@ -20,5 +22,5 @@ from .scheduler import Scheduler, SchedulerConfig
 __all__ = ["LLM", "LLMEngine", "SamplingParams", "RequestOutput", "CompletionOutput",
            "StreamOutput", "ModelRunner", "StepBatch", "ReferenceRunner", "RecomputeRunner",
            "BlockManager", "Scheduler", "SchedulerConfig", "QueueFullError",
-           "RequestRejectedError", "SamplingParamsError", "kv_block_bytes",
+           "RequestRejectedError", "RequestFailedError", "SamplingParamsError", "kv_block_bytes",
            "num_blocks_for_free_memory"]

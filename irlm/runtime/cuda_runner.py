@@ -22,7 +22,7 @@ from irlm.ir import Graph
 from irlm.weights import WeightStore
 
 from .graph_runner import REQUIRED_INPUTS
-from .kv_cache import kv_block_bytes
+from .kv_cache import check_kv_pool, kv_block_bytes
 from .model_runner import StepBatch, fill_device_inputs
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
@@ -107,12 +107,15 @@ class CudaGraphRunner:
 
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
-                 device: str = "cuda", cuda_graphs: bool = True, weights=None):
+                 device: str = "cuda", cuda_graphs: bool = True, weights=None,
+                 collectives: bool = False):
+        """``collectives``: the graph is one rank of a multi-rank engine and its ``dist`` ops
+        get their implementation from the caller (irlm.runtime.distributed, over NCCL)."""
         dist = next((op for op in graph.ops if op.dialect == "dist"), None)
-        if dist is not None:
+        if dist is not None and not collectives:
             raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
-                            f"({dist.describe()}): the CUDA executor has no NCCL collectives "
-                            f"yet; run the whole engine on the CPU (--device cpu)")
+                            f"({dist.describe()}): run the whole engine (LLM.from_engine / "
+                            f"irlm run start one process per rank), not one rank alone")
         if not torch.cuda.is_available():
             raise IRLMError("the CUDA executor needs a CUDA GPU")
         names = [v.name for v in graph.inputs]
@@ -154,7 +157,9 @@ class CudaGraphRunner:
                 raise IRLMError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
                                 f"free, activations need {plan.arena_bytes / 2**30:.1f} GiB "
                                 f"at {tokens} tokens per step")
-        self.block_size, self.num_blocks = int(bs), int(num_blocks)
+        self.block_size = int(bs)
+        self.num_blocks = check_kv_pool(cache_t.shape, dtype, num_blocks, self.device,
+                                        f"graph @{graph.name}")
         self.vocab_size = int(graph.outputs[0].type.shape[-1])
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)

@@ -70,6 +70,9 @@ class LLMEngine:
                     prompt: str | None = None, stream: bool = False) -> int:
         """Queue a request; returns its id.  Raises QueueFullError / RequestRejectedError."""
         params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise IRLMError(f"add_request: params must be a SamplingParams, got "
+                            f"{type(params).__name__}")
         if params.stop and self.tokenizer is None:
             raise IRLMError("stop strings need a tokenizer to detokenize the output")
         if params.logprobs is not None and params.logprobs > self.runner.vocab_size:
@@ -128,10 +131,14 @@ class LLMEngine:
                                [s.num_computed for s, _ in plan.rows],
                                [bm.block_table(s.seq_id) for s, _ in plan.rows],
                                pin_memory=self._pin)
-        logits = self.runner.step(batch)
+        rows = plan.rows
+        try:
+            logits = self.runner.step(batch)
+        except Exception as e:                   # noqa: BLE001 - isolated per request below
+            rows, logits = self._step_each_request(rows, e)
         self.num_steps += 1
         ready = []
-        for row, (seq, n) in enumerate(plan.rows):
+        for row, (seq, n) in enumerate(rows):
             seq.num_computed += n
             bm.commit(seq.seq_id, seq.token_ids, seq.num_computed)
             if seq.num_uncomputed == 0:       # else: a prompt chunk, its logits are unused
@@ -142,9 +149,70 @@ class LLMEngine:
                 seq.beam_logits = logits[row].clone()   # not a view pinning the batch
         for req in {id(s.request): s.request for s, _ in ready if s.request.beam}.values():
             if all(s.beam_logits is not None for s in req.seqs):
-                self._beam_step(req)
+                with self._failing_alone(req):
+                    self._beam_step(req)
                 changed[req.request_id] = req
         return list(changed.values())
+
+    # ----- one request fails alone ----------------------------------------------------------
+    def _step_each_request(self, rows, error: Exception):
+        """The batch's forward pass raised: run each request's rows alone, so that a failure
+        attributable to one request ends that request only.  Returns the rows that ran and
+        their logits.  When no request runs alone either (a dead worker, a lost device), or the
+        batch held one request, the failure is the engine's: ``error`` is raised as it was.
+        (Re-running rows rewrites the same cache slots with the same values.)"""
+        by_request: dict[int, list] = {}
+        for seq, n in rows:
+            by_request.setdefault(seq.request.request_id, []).append((seq, n))
+        if len(by_request) == 1:          # nothing to tell a request's fault from the engine's
+            raise error
+        kept, parts, failed = [], [], []
+        bm = self.block_manager
+        for group in by_request.values():
+            batch = StepBatch.pack([s.seq_id for s, _ in group],
+                                   [s.token_ids[s.num_computed:s.num_computed + n]
+                                    for s, n in group],
+                                   [s.num_computed for s, _ in group],
+                                   [bm.block_table(s.seq_id) for s, _ in group],
+                                   pin_memory=self._pin)
+            try:
+                parts.append(self.runner.step(batch))
+                kept += group
+            except Exception as e:               # noqa: BLE001 - this request's failure?
+                failed.append((group[0][0].request, e))
+        if not kept:                      # every request fails alone too: the engine's fault
+            raise error
+        for req, e in failed:
+            self._fail(req, e)
+        return kept, torch.cat(parts)
+
+    def _fail(self, req: Request, error: BaseException) -> None:
+        """End ``req`` alone with finish_reason "error" and the reason; free its blocks."""
+        if req.finished:
+            return
+        reason = str(error) if isinstance(error, IRLMError) else \
+            f"{type(error).__name__}: {error}".rstrip(": ")
+        req.error = f"request {req.request_id} failed: {reason}"
+        for seq in req.seqs:
+            if seq.token_ids and seq.token_ids[-1] == PLACEHOLDER:
+                seq.token_ids.pop()
+            seq.finish_reason = "error"
+        self.scheduler.finish(req)
+
+    def _failing_alone(self, req: Request):
+        """A context in which an exception fails ``req`` alone instead of the batch."""
+        engine = self
+
+        class _Guard:
+            def __enter__(self):
+                return self
+
+            def __exit__(self, kind, error, tb):
+                if error is not None and isinstance(error, Exception):
+                    engine._fail(req, error)
+                    return True
+                return False
+        return _Guard()
 
     # ----- overlapped (async) decode --------------------------------------------------------
     def _can_overlap(self) -> bool:
@@ -277,21 +345,52 @@ class LLMEngine:
         rows = [SampleRow(s.request.params, s.request.prompt_ids,
                           s.output_ids if s.request.params.uses_penalties else (),
                           s.generator(logits.device), self._suppressed(s)) for s, _ in jobs]
-        result = sample(self._rows_of(logits, [r for _, r in jobs]), rows)
-        for (seq, _), token, lp, top in zip(jobs, result.token_ids, result.token_logprobs,
-                                            result.top_logprobs):
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += lp
-            if seq.logprobs is not None:
-                seq.logprobs.append(top)
-            self._check_stop(seq)
+        drawn = self._sample_isolating(logits, jobs, rows)
+        for (seq, _), (token, lp, top) in zip(jobs, drawn):
             changed[seq.request.request_id] = seq.request
+            if token is None or seq.request.finished:     # its request failed
+                continue
+            with self._failing_alone(seq.request):
+                seq.token_ids.append(token)
+                seq.cumulative_logprob += lp
+                if seq.logprobs is not None:
+                    seq.logprobs.append(top)
+                self._check_stop(seq)
         for seq, _ in jobs:
-            if seq.finished:
+            if seq.finished and not seq.request.finished:
                 self._retire(seq)
 
+    def _sample_isolating(self, logits, jobs, rows) -> list[tuple]:
+        """(token, logprob, top logprobs) per job, sampled as one batch; when that raises,
+        each request's rows are sampled alone (from the generator states they had) and a
+        request whose rows still raise fails alone (its entries are (None, None, None))."""
+        gens = [r.generator for r in rows]
+        states = [g.get_state() if g is not None else None for g in gens]
+        try:
+            res = sample(self._rows_of(logits, [r for _, r in jobs]), rows)
+            return list(zip(res.token_ids, res.token_logprobs, res.top_logprobs))
+        except Exception:                        # noqa: BLE001 - isolated per request below
+            pass
+        for g, st in zip(gens, states):
+            if g is not None:
+                g.set_state(st)
+        out: list[tuple] = [(None, None, None)] * len(jobs)
+        groups: dict[int, list[int]] = {}
+        for k, (seq, _) in enumerate(jobs):
+            groups.setdefault(seq.request.request_id, []).append(k)
+        for ks in groups.values():
+            try:
+                res = sample(self._rows_of(logits, [jobs[k][1] for k in ks]),
+                             [rows[k] for k in ks])
+            except Exception as e:               # noqa: BLE001 - this request's failure
+                self._fail(jobs[ks[0]][0].request, e)
+                continue
+            for k, t, lp, top in zip(ks, res.token_ids, res.token_logprobs, res.top_logprobs):
+                out[k] = (t, lp, top)
+        return out
+
     def _stop_ids(self, params: SamplingParams) -> list[int]:
-        return params.stop_token_ids + ([] if params.ignore_eos else self.eos_token_ids)
+        return list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
 
     def _suppressed(self, seq: Sequence) -> list[int]:
         """Stop token ids a sequence may not draw yet (``min_tokens``)."""
@@ -399,7 +498,8 @@ class LLMEngine:
             outs = [CompletionOutput(s.index, self._text(s), s.output_ids, s.finish_reason,
                                      s.stop_reason, s.cumulative_logprob, s.logprobs)
                     for s in sorted(req.done + req.seqs, key=lambda s: s.index)]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished)
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, req.finished,
+                             req.error)
 
     def _beam_outputs(self, req: Request) -> list[CompletionOutput]:
         p = req.params

@@ -16,6 +16,7 @@ from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
 
+from .kv_cache import check_kv_pool
 from .model_runner import StepBatch
 
 REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
@@ -47,15 +48,16 @@ class GraphRunner:
         dtype = cache_t.dtype.torch
         per_block = layers * two * block_size * kv_heads * head_dim * dtype.itemsize
         if num_blocks is None:
-            num_blocks = max(2, kv_cache_bytes // per_block)
+            num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
+        self.device = torch.device(device)
         self.block_size = int(block_size)
-        self.num_blocks = int(num_blocks)
+        self.num_blocks = check_kv_pool(cache_t.shape, dtype, num_blocks, self.device,
+                                        f"graph @{graph.name}")
         self.vocab_size = int(graph.outputs[0].type.shape[-1])
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)
-        self.device = torch.device(device)
         self.kv_cache = torch.zeros(layers, self.num_blocks, two, block_size, kv_heads, head_dim,
                                     dtype=dtype, device=self.device)
         weights = graph.weights
@@ -76,10 +78,13 @@ CPU_EXECUTORS = ("fast", "reference")
 
 
 def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None,
-                      executor: Optional[str] = None, threads: Optional[int] = None):
+                      parallel: str = "processes", executor: Optional[str] = None,
+                      threads: Optional[int] = None):
     """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present).
-    A multi-rank engine (``irlm compile --tp/--pp``) runs all its ranks in the CPU simulator
-    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it.
+    A multi-rank engine (``irlm compile --tp/--pp``) runs one process per rank over
+    torch.distributed (:class:`~irlm.runtime.distributed.DistributedRunner`), or with
+    ``parallel="simulator"`` all its ranks in threads of this process on the CPU
+    (:class:`~irlm.runtime.rank_runner.RankRunner`, a test oracle).
 
     On the CPU, ``executor`` ``fast`` (the default; :mod:`.cpu_runner`) binds every op once
     and runs torch's CPU kernels; ``reference`` runs the interpreter (slow; the oracle, for
@@ -92,15 +97,21 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         raise IRLMError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR / executor=): expected "
                         f"one of {', '.join(CPU_EXECUTORS)}")
     max_len = engine.config.get("max_model_len")
-    if getattr(engine, "ranks", None):
+    if getattr(engine, "ranks", None) or getattr(engine, "parallel", None):
+        if parallel not in ("processes", "simulator"):
+            raise IRLMError(f"parallel '{parallel}': expected processes or simulator")
+        if parallel == "processes":
+            from .distributed import DistributedRunner
+            return DistributedRunner(engine.path, device=device, num_blocks=num_blocks,
+                                     max_model_len=max_len)
         par = engine.parallel
         if device not in ("auto", "cpu"):
-            raise IRLMError(f"{engine.path}: a multi-rank engine (tp {par.get('tp')}, pp "
-                            f"{par.get('pp')}) runs only on the CPU simulator for now (there "
-                            f"are no NCCL collectives yet); use --device cpu")
+            raise IRLMError(f"{engine.path}: the multi-rank simulator (tp {par.get('tp')}, pp "
+                            f"{par.get('pp')}) runs on the CPU only; use device cpu or "
+                            f"parallel processes")
         from .rank_runner import RankRunner
         return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
-                          max_model_len=max_len)
+                          max_model_len=max_len, tp=int(par.get("tp", 1)))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():

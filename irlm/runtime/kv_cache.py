@@ -201,6 +201,44 @@ def kv_block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: in
     return num_layers * 2 * block_size * kv_heads * head_dim * itemsize
 
 
+def available_memory(device: torch.device) -> int | None:
+    """Bytes that can still be allocated on ``device`` (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_kv_pool(shape, dtype: torch.dtype, num_blocks, device: torch.device,
+                  where: str) -> int:
+    """``num_blocks`` as an int after checking it, and the pool ``shape`` (a graph's
+    ``kv_cache`` input with ``num_blocks`` in dimension 1) against the memory left on
+    ``device``, before anything is allocated: a bad count or an absurd layer count is one
+    line naming the value, not an allocator failure (or the machine swapping)."""
+    if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or num_blocks < 1:
+        raise IRLMError(f"{where}: num_blocks must be an int >= 1, got {num_blocks!r}")
+    dims = [int(d) for i, d in enumerate(shape) if i != 1]
+    if any(d < 1 for d in dims):
+        raise IRLMError(f"{where}: KV cache shape {tuple(shape)} has a dimension < 1")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    total = num_blocks * itemsize
+    for d in dims:
+        total *= d
+    free = available_memory(device)
+    if free is not None and total > free:
+        layers, block = dims[0], dims[2]
+        raise IRLMError(f"{where}: a KV cache of {num_blocks} blocks x {block} tokens x "
+                        f"{layers} layers needs {total / 2**30:.1f} GiB, more than the "
+                        f"{free / 2**30:.1f} GiB available on {device}; lower num_blocks")
+    return num_blocks
+
+
 def num_blocks_for_free_memory(bytes_per_block: int, fraction: float = 0.9,
                                device: int | str | torch.device | None = None) -> int:
     """How many blocks fit in ``fraction`` of the GPU memory free now (call after the weights

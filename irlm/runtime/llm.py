@@ -1,22 +1,25 @@
 """``LLM``: the user-facing entry point (offline batches, chat, async streaming).
 
-    llm = LLM(runner, tokenizer)
+    from irlm import LLM, SamplingParams
+    llm = LLM("out/smollm2")                      # an engine directory from `irlm compile`
     outs = llm.generate(["Hello", "The capital of"], SamplingParams(temperature=0, max_tokens=32))
     async for delta in llm.generate_stream("Tell me", SamplingParams(max_tokens=64)):
         print(delta.text, end="")
 
-A runner is anything implementing :class:`~irlm.runtime.model_runner.ModelRunner`: a
-compiled engine (``LLM.from_engine``), or for tests a
+``LLM`` takes an engine directory, or any runner implementing
+:class:`~irlm.runtime.model_runner.ModelRunner` (with its tokenizer): for tests a
 :class:`~irlm.runtime.reference_runner.ReferenceRunner` over a Hugging Face model.
 """
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import deque
 from typing import AsyncIterator, Sequence
 
 from ..errors import IRLMError
 from .engine import LLMEngine
+from .errors import RequestFailedError
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, StreamOutput
 from .sampling import SamplingParams
@@ -37,11 +40,44 @@ def as_hf_tokenizer(tokenizer):
 
 
 class LLM:
-    def __init__(self, runner: ModelRunner, tokenizer=None, *, max_num_tokens: int = 512,
+    """Generate with a compiled engine: ``LLM(engine_dir)`` or ``LLM(runner, tokenizer)``.
+
+    For an engine directory, ``device`` is ``cpu``, ``cuda`` or ``auto`` (cuda when a GPU is
+    present), and the tokenizer, chat template and EOS ids saved in the engine are used unless
+    given here.  ``max_num_tokens`` (the per-step token budget) defaults to 512, or less where
+    the engine was compiled for less.
+
+    A multi-rank engine (``--tp``/``--pp``) runs one process per rank (docs/distributed.md):
+    this process is rank 0 and starts the others, or, when a launcher (torchrun) started every
+    rank, joins them; on a launched rank other than 0 the constructor serves that rank until
+    rank 0 closes the engine, then exits the process.  ``parallel="simulator"`` runs all ranks
+    in threads of this process instead (CPU, a test oracle).  :meth:`close` (or ``with``)
+    stops the workers.
+
+    On the CPU, ``executor`` is ``fast`` (default: the bound CPU executor,
+    irlm/runtime/cpu_runner.py) or ``reference`` (the interpreter; slow, for debugging);
+    ``threads`` sets torch's CPU threads (default: the process's setting)."""
+
+    def __init__(self, model: "str | os.PathLike | ModelRunner", tokenizer=None, *,
+                 device: str = "auto", num_blocks: int | None = None,
+                 max_num_tokens: int | None = None,
                  max_batch_size: int = 64, policy: str = "guaranteed-no-evict",
                  max_waiting: int = 1024, enable_prefix_caching: bool = True,
                  chat_template: str | None = None,
-                 eos_token_id: int | list[int] | None = None, async_decode: bool = False):
+                 eos_token_id: int | list[int] | None = None, async_decode: bool = False,
+                 parallel: str = "processes", executor: str | None = None,
+                 threads: int | None = None):
+        if isinstance(model, (str, os.PathLike)):
+            runner, engine = _open_engine(model, device, num_blocks, parallel, executor,
+                                          threads)
+            tokenizer = engine.tokenizer if tokenizer is None else tokenizer
+            chat_template = engine.chat_template if chat_template is None else chat_template
+            if eos_token_id is None:
+                eos_token_id = engine.config.get("eos_token_id")
+        else:
+            runner = model
+        if max_num_tokens is None:
+            max_num_tokens = min(512, getattr(runner, "max_num_tokens", None) or 512)
         self.tokenizer = as_hf_tokenizer(tokenizer)
         if eos_token_id is None and self.tokenizer is not None:
             eos_token_id = getattr(self.tokenizer, "eos_token_id", None)
@@ -56,25 +92,21 @@ class LLM:
 
     @classmethod
     def from_engine(cls, engine_dir, *, device: str = "auto", num_blocks: int | None = None,
-                    executor: str | None = None, threads: int | None = None,
                     **kwargs) -> "LLM":
-        """Load a compiled engine directory (``irlm compile -o DIR``) and serve it.
+        """``LLM(engine_dir, ...)`` under its older name."""
+        return cls(engine_dir, device=device, num_blocks=num_blocks, **kwargs)
 
-        ``device``: ``cpu``, ``cuda``, or ``auto`` (cuda when a GPU is present).  On the CPU,
-        ``executor`` is ``fast`` (default: the bound CPU executor, irlm/runtime/cpu_runner.py)
-        or ``reference`` (the interpreter; slow, for debugging); ``threads`` sets torch's CPU
-        threads.  The tokenizer, chat template and EOS ids saved in the engine are used
-        unless given in ``kwargs``."""
-        from .graph_runner import runner_for_engine
-        from irlm.lowering.engine import load_engine
-        engine = load_engine(engine_dir)
-        runner = runner_for_engine(engine, device=device, num_blocks=num_blocks,
-                                   executor=executor, threads=threads)
-        kwargs.setdefault("chat_template", engine.chat_template)
-        kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))
-        if getattr(runner, "max_num_tokens", None):
-            kwargs.setdefault("max_num_tokens", min(512, runner.max_num_tokens))
-        return cls(runner, engine.tokenizer, **kwargs)
+    def close(self) -> None:
+        """Release the runner's processes and devices (a multi-rank engine's workers)."""
+        close = getattr(self.engine.runner, "close", None)
+        if close is not None:
+            close()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ----- offline ---------------------------------------------------------------------------
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -174,7 +206,7 @@ class LLM:
                 if not engine.has_unfinished():
                     return
                 await asyncio.sleep(0)           # let consumers run and new requests arrive
-        except Exception as e:                   # hand the failure to every waiting stream
+        except Exception as e:   # not attributable to one request: every waiting stream gets it
             for queue in self._streams.values():
                 queue.put_nowait(e)
 
@@ -188,7 +220,8 @@ class LLM:
             for delta in self.engine.stream_deltas(request_id):
                 queue.put_nowait(delta)
             if req.finished:
-                queue.put_nowait(None)
+                # a request that failed alone ends its own stream with its reason
+                queue.put_nowait(RequestFailedError(req.error) if req.error else None)
                 del self._streams[request_id]
 
     # ----- helpers ---------------------------------------------------------------------------
@@ -209,18 +242,26 @@ class LLM:
         return [int(t) for t in prompt]
 
 
+def _open_engine(path, device: str, num_blocks, parallel: str, executor=None, threads=None):
+    """(runner, engine) for an engine directory; a multi-rank one as one process per rank."""
+    from .graph_runner import runner_for_engine
+    from irlm.lowering.engine import load_engine
+    from .distributed.runner import is_multi_rank
+    if parallel == "processes" and is_multi_rank(path):
+        from .distributed.runner import DistributedRunner, launched_rank, serve_rank
+        env = launched_rank()
+        if env is not None and env[0] != 0:
+            serve_rank(path, device=device, num_blocks=num_blocks)
+            raise SystemExit(0)
+        runner = DistributedRunner(path, device=device, num_blocks=num_blocks)
+        return runner, runner.header
+    engine = load_engine(path)
+    return runner_for_engine(engine, device=device, num_blocks=num_blocks,
+                             parallel=parallel, executor=executor, threads=threads), engine
+
+
 def _render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool,
                           tokenizer) -> str:
-    """Render a jinja2 chat template the way HF does (sandboxed, trimmed blocks)."""
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise IRLMError(f"chat template: {message}")
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    env.globals["raise_exception"] = raise_exception
-    special = {name: getattr(tokenizer, name, None) or ""
-               for name in ("bos_token", "eos_token")} if tokenizer is not None else {}
-    return env.from_string(template).render(messages=messages,
-                                            add_generation_prompt=add_generation_prompt,
-                                            **special)
+    """Render a jinja2 chat template the way HF does (sandboxed, bounded: chat_template.py)."""
+    from .chat_template import render_chat_template
+    return render_chat_template(template, messages, add_generation_prompt, tokenizer)

@@ -10,7 +10,7 @@ class CompletionOutput:
     index: int
     text: str | None                  # None when the runtime has no tokenizer
     token_ids: list[int]              # generated tokens, the stop token included
-    finish_reason: str | None         # "stop" | "length" | "abort"; None while running
+    finish_reason: str | None         # "stop" | "length" | "abort" | "error"; None: running
     stop_reason: int | str | None = None   # the stop token id / stop string that ended it
     cumulative_logprob: float = 0.0   # sum of the raw model logprobs of token_ids
     logprobs: list[dict[int, float]] | None = None  # per token: top-k ids -> logprob
@@ -24,6 +24,7 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]   # by index; beams: best first
     finished: bool
+    error: str | None = None          # set when this request failed alone (finish "error")
 
 
 @dataclass

@@ -16,6 +16,7 @@ from irlm.errors import IRLMError
 from irlm.ir import Graph
 
 from .graph_runner import REQUIRED_INPUTS
+from .kv_cache import check_kv_pool
 from .model_runner import StepBatch
 
 
@@ -24,10 +25,15 @@ class RankRunner:
     (every tp rank holds the gathered logits; the last pipeline stage is the one with them)."""
 
     def __init__(self, graphs: Sequence[Graph], *, num_blocks: Optional[int] = None,
-                 kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None):
+                 kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None,
+                 tp: Optional[int] = None):
+        """``tp``: the tp size of a tp x pp engine (rank r = tp rank r % tp of stage r // tp);
+        the logits are then tp rank 0 of the last stage's."""
         if not graphs:
             raise IRLMError("a multi-rank runner needs at least one rank graph")
         self.graphs = list(graphs)
+        self.tp = tp
+        self._logits_rank = len(self.graphs) - (tp or 1)
         self._orders, shapes = [], []
         for r, g in enumerate(self.graphs):
             names = [v.name for v in g.inputs]
@@ -37,7 +43,7 @@ class RankRunner:
                                 f"{', '.join('%' + n for n in REQUIRED_INPUTS)})")
             self._orders.append([REQUIRED_INPUTS.index(n) for n in names])
             shapes.append(g.inputs[names.index("kv_cache")].type)
-        last = self.graphs[-1]
+        last = self.graphs[self._logits_rank]
         self.block_size = int(shapes[0].shape[3])
         if any(int(t.shape[3]) != self.block_size for t in shapes):
             raise IRLMError("the ranks' KV caches have different block sizes")
@@ -46,8 +52,11 @@ class RankRunner:
             per_block = max(int(t.shape[0]) * int(t.shape[2]) * self.block_size *
                             int(t.shape[4]) * int(t.shape[5]) * t.dtype.torch.itemsize
                             for t in shapes)
-            num_blocks = max(2, kv_cache_bytes // per_block)
-        self.num_blocks = int(num_blocks)
+            num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
+        for r, t in enumerate(shapes):     # all ranks live in this one process
+            check_kv_pool(t.shape, t.dtype.torch, num_blocks, torch.device("cpu"),
+                          f"rank {r}: graph @{self.graphs[r].name}")
+        self.num_blocks = num_blocks
         self.vocab_size = int(last.outputs[0].type.shape[-1])
         tokens_range = last.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
@@ -61,5 +70,5 @@ class RankRunner:
         feeds = [(batch.input_ids, batch.positions, batch.q_lens, batch.cached_lens,
                   batch.block_tables, cache) for cache in self.kv_caches]
         inputs = [[f[i] for i in order] for f, order in zip(feeds, self._orders)]
-        outs = run_ranks(self.graphs, inputs)
-        return outs[-1][0].float()
+        outs = run_ranks(self.graphs, inputs, tp=self.tp)
+        return outs[self._logits_rank][0].float()

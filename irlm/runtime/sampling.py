@@ -22,7 +22,7 @@ in the batch.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -33,9 +33,13 @@ from .errors import SamplingParamsError
 _MIN_TEMPERATURE = 1e-5
 
 
-@dataclass
+@dataclass(frozen=True)
 class SamplingParams:
-    """How to generate for one request (defaults: one sample, temperature 1, 16 tokens)."""
+    """How to generate for one request (defaults: one sample, temperature 1, 16 tokens).
+
+    Immutable once validated (``stop`` and ``stop_token_ids`` become tuples): a request's
+    parameters cannot change after it was checked.  Derive a variant with
+    ``dataclasses.replace(params, temperature=0.7)``, which validates again."""
     n: int = 1                          # independent samples of the prompt (beams: returned)
     max_tokens: int = 16
     min_tokens: int = 0                 # no stop token / stop string before this many
@@ -47,8 +51,8 @@ class SamplingParams:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     seed: int | None = None             # per-request generator: reproducible, batch-independent
-    stop: list[str] | str | None = None     # stop strings, matched on the detokenized text
-    stop_token_ids: list[int] = field(default_factory=list)
+    stop: tuple[str, ...] | list[str] | str | None = None  # stop strings, on the detokenized text
+    stop_token_ids: tuple[int, ...] | list[int] = ()
     ignore_eos: bool = False            # do not stop at EOS (it may still be generated)
     logprobs: int | None = None         # return the top-k logprobs at each sampled token
     use_beam_search: bool = False
@@ -58,12 +62,15 @@ class SamplingParams:
     skip_special_tokens: bool = True    # when detokenizing
 
     def __post_init__(self):
-        if isinstance(self.stop, str):
-            self.stop = [self.stop]
-        self.stop = list(self.stop or [])
-        self.stop_token_ids = list(self.stop_token_ids or [])
+        stop = [self.stop] if isinstance(self.stop, str) else self.stop
+        try:
+            object.__setattr__(self, "stop", tuple(stop or ()))
+            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
+        except TypeError:
+            raise SamplingParamsError(f"SamplingParams.stop / stop_token_ids must be lists, got "
+                                      f"{self.stop!r:.60} / {self.stop_token_ids!r:.60}") from None
         if self.top_k == -1:
-            self.top_k = 0
+            object.__setattr__(self, "top_k", 0)
         self._validate()
 
     @property
@@ -130,7 +137,7 @@ class SamplingParams:
             bad("early_stopping", "True, False or 'never'")
         # Beam search is deterministic: it ranks by log-probabilities, it does not sample.
         for name, off in (("temperature", (0.0, 1.0)), ("top_k", (0,)), ("top_p", (1.0,)),
-                          ("min_p", (0.0,)), ("seed", (None,)), ("stop", ([],)),
+                          ("min_p", (0.0,)), ("seed", (None,)), ("stop", ((),)),
                           ("logprobs", (None,)), ("presence_penalty", (0.0,)),
                           ("frequency_penalty", (0.0,))):
             if getattr(self, name) not in off:

@@ -98,6 +98,7 @@ class Request:
     seqs: list[Sequence] = field(default_factory=list)       # live sequences
     done: list[Sequence] = field(default_factory=list)       # finished samples
     beam: BeamSearch | None = None
+    error: str | None = None              # why it failed alone (finish_reason "error")
 
     @property
     def width(self) -> int:

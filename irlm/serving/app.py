@@ -1,0 +1,168 @@
+"""Assembling the server: engine core + FastAPI app (OpenAI, KServe v2 HTTP, metrics,
+playground) on uvicorn + the KServe v2 gRPC service on grpc.aio, in one event loop.
+
+Life cycle: the engine core process loads the engine (the server refuses to start if that
+fails, with the core's error); HTTP and gRPC listen on loopback unless told otherwise.
+SIGTERM or SIGINT drains: new requests get 503 / UNAVAILABLE, requests in flight run to their
+end (up to ``drain_timeout`` seconds), then the listeners close and the core exits.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import signal
+from dataclasses import dataclass, field
+from importlib import resources
+from typing import Callable, Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from .client import EngineClient
+from .engine_core import EngineSpec
+from .errors import ServingError
+from .metrics import CONTENT_TYPE_LATEST, ServingMetrics
+
+log = logging.getLogger("irlm.serving")
+
+#: paths reachable without the API key: liveness / readiness probes and the static page
+PUBLIC_PATHS = ("/health", "/v2/health/live", "/v2/health/ready", "/")
+
+
+@dataclass
+class ServeConfig:
+    spec: EngineSpec
+    host: str = "127.0.0.1"
+    port: int = 8000
+    grpc_port: Optional[int] = 8001        # None: no gRPC listener
+    api_key: Optional[str] = None
+    max_queue: int = 256                   # requests waiting beyond the running batch
+    served_model_name: str = "model"
+    model_version: str = "1"
+    drain_timeout: float = 30.0
+    model_config: dict = field(default_factory=dict)   # from --model-repo (config.pbtxt)
+    log_level: str = "warning"
+
+
+def check_key(cfg: ServeConfig, header: Optional[str]) -> bool:
+    if cfg.api_key is None:
+        return True
+    if not header:
+        return False
+    scheme, _, value = header.partition(" ")
+    token = value.strip() if scheme.lower() == "bearer" else header.strip()
+    return hmac.compare_digest(token.encode(), cfg.api_key.encode())
+
+
+def build_app(client: EngineClient, cfg: ServeConfig) -> FastAPI:
+    from .kserve_http import KServeHTTP
+    from .openai_api import OpenAIServer
+    app = FastAPI(title="irlm", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.middleware("http")
+    async def auth(request: Request, call_next):
+        if request.url.path not in PUBLIC_PATHS and not check_key(
+                cfg, request.headers.get("authorization") or request.headers.get("x-api-key")):
+            e = ServingError("missing or wrong API key (send Authorization: Bearer KEY)", 401)
+            if request.url.path.startswith("/v1/"):
+                return JSONResponse(e.openai_body(), status_code=401)
+            return JSONResponse({"error": e.message}, status_code=401)
+        return await call_next(request)
+
+    app.include_router(OpenAIServer(client, cfg.served_model_name).router())
+    app.include_router(KServeHTTP(client, cfg).router())
+
+    @app.get("/health")
+    async def health():
+        if client._dead is not None:
+            return JSONResponse({"status": "engine failed"}, status_code=503)
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(client.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return resources.files(__package__).joinpath("playground.html").read_text("utf-8")
+
+    @app.exception_handler(ServingError)
+    async def serving_error(request: Request, e: ServingError):
+        if request.url.path.startswith("/v1/"):
+            return JSONResponse(e.openai_body(), status_code=e.status)
+        return JSONResponse({"error": e.message}, status_code=e.status)
+    return app
+
+
+class _Server:
+    """uvicorn without its own signal handling (we drain first)."""
+
+    def __init__(self, app, cfg: ServeConfig):
+        import uvicorn
+
+        class Quiet(uvicorn.Server):
+            @contextlib.contextmanager
+            def capture_signals(self):
+                yield
+
+            def install_signal_handlers(self):       # older uvicorn
+                pass
+        self.server = Quiet(uvicorn.Config(app, host=cfg.host, port=cfg.port,
+                                           log_level=cfg.log_level, access_log=False,
+                                           timeout_graceful_shutdown=5,
+                                           lifespan="off"))
+
+
+async def serve_async(cfg: ServeConfig, *, on_ready: Optional[Callable[[], None]] = None,
+                      client: Optional[EngineClient] = None) -> int:
+    loop = asyncio.get_running_loop()
+    if client is None:
+        client = EngineClient(cfg.spec, max_queue=cfg.max_queue,
+                              metrics=ServingMetrics(cfg.served_model_name))
+        await loop.run_in_executor(None, client.start_process)
+    client.attach(loop)
+    http = _Server(build_app(client, cfg), cfg).server
+    grpc_server = None
+    try:
+        if cfg.grpc_port is not None:
+            from .kserve_grpc import start_grpc
+            grpc_server = await start_grpc(client, cfg)
+        stopping = asyncio.Event()
+
+        async def drain():
+            log.warning("irlm serve: draining %d requests", client.num_active)
+            await client.drain(cfg.drain_timeout)
+            http.should_exit = True
+            stopping.set()
+
+        def on_signal():
+            if not client.draining:
+                loop.create_task(drain())
+            else:                                  # second signal: stop now
+                http.force_exit = http.should_exit = True
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, on_signal)
+        serve_task = loop.create_task(http.serve())
+        while not http.started and not serve_task.done():
+            await asyncio.sleep(0.02)
+        if serve_task.done():
+            serve_task.result()
+            raise ServingError(f"could not listen on {cfg.host}:{cfg.port}", 500)
+        if on_ready:
+            on_ready()
+        await serve_task
+        if grpc_server is not None:
+            await grpc_server.stop(grace=1.0)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(sig)
+        await loop.run_in_executor(None, client.shutdown)
+    return 0
+
+
+def serve(cfg: ServeConfig, on_ready: Optional[Callable[[], None]] = None) -> int:
+    return asyncio.run(serve_async(cfg, on_ready=on_ready))

@@ -1,0 +1,368 @@
+"""The server side of the engine core: submit requests, stream their tokens back as text.
+
+:class:`EngineClient` owns the core process and its two queues.  A reader thread blocks on
+the out-queue and hands each step's batch to the event loop; every request has an
+``asyncio.Queue`` of its deltas.  Detokenization (incremental, never splitting a UTF-8
+character: :class:`~irlm.runtime.detokenizer.IncrementalDetokenizer`) and stop strings run
+here, in the server process; a sequence that hits a stop string ends here, and the request is
+aborted in the core once all its sequences ended, which frees its KV blocks.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any, Optional
+
+from ..runtime.detokenizer import IncrementalDetokenizer
+from ..runtime.sampling import SamplingParams
+from .engine_core import CoreInfo, EngineSpec, start_core
+from .errors import ServingError, bad_field
+from .metrics import ServingMetrics
+
+# core exception class names -> HTTP status
+_REJECT_STATUS = {"QueueFullError": 429, "RequestRejectedError": 400,
+                  "SamplingParamsError": 400, "IRLMError": 400}
+
+
+@dataclass
+class Chunk:
+    """What one sequence (``index``) of a request produced since the previous Chunk."""
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[float]
+    top_logprobs: Optional[list[dict[int, float]]]
+    finish_reason: Optional[str] = None
+    stop_reason: Any = None
+
+
+@dataclass
+class _Seq:
+    detok: Optional[IncrementalDetokenizer]
+    token_ids: list[int] = field(default_factory=list)
+    finished: bool = False
+
+
+class RequestStream:
+    """Async iterator of :class:`Chunk` for one request; ``cancel()`` (or leaving early and
+    calling ``aclose``) aborts it in the core at once."""
+
+    def __init__(self, client: "EngineClient", rid: int, prompt_ids: list[int],
+                 params: SamplingParams, stop: list[str]):
+        self.client, self.rid, self.prompt_ids, self.params = client, rid, prompt_ids, params
+        self.queue: asyncio.Queue = asyncio.Queue()
+        tok = client.info.tokenizer
+        self.seqs = [_Seq(IncrementalDetokenizer(tok, stop, params.skip_special_tokens)
+                          if tok is not None else None) for _ in range(max(1, params.n))]
+        self.arrival = time.perf_counter()
+        self.first_token: Optional[float] = None
+        self.last_token: Optional[float] = None
+        self.num_generated = 0
+        self.finished = False
+        self.finish_reasons: list[Optional[str]] = [None] * len(self.seqs)
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self):
+        try:
+            while not self.finished:
+                items = [await self.queue.get()]
+                while not self.queue.empty():      # the server fell behind: catch up at once
+                    items.append(self.queue.get_nowait())
+                for item in _merge(items):
+                    if isinstance(item, BaseException):
+                        self._end("abort", count=False)
+                        raise item
+                    for chunk in self._chunks(item):
+                        yield chunk
+        finally:
+            if not self.finished:
+                self.cancel()
+
+    def _chunks(self, delta) -> list[Chunk]:
+        seq = self.seqs[delta.index]
+        if seq.finished:                      # ended here by a stop string; the rest is moot
+            return []
+        now = time.perf_counter()
+        m = self.client.metrics
+        if delta.token_ids:
+            k = len(delta.token_ids)
+            if self.first_token is None:
+                self.first_token = now
+                m.ttft.observe(now - self.arrival)
+                k -= 1
+            elif self.last_token is not None:
+                m.itl.observe(now - self.last_token)
+                k -= 1
+            for _ in range(k):               # tokens that arrived together
+                m.itl.observe(0.0)
+            self.last_token = now
+        ids, lps = list(delta.token_ids), list(delta.logprobs)
+        tops = delta.top_logprobs
+        finish, stop_reason = delta.finish_reason, delta.stop_reason
+        text = ""
+        if seq.detok is not None:
+            # With stop strings the text is checked after every token, so that the tokens
+            # reported end exactly at the one that completed the stop string.
+            for k, t in enumerate(ids):
+                seq.token_ids.append(t)
+                if not seq.detok.stop and k < len(ids) - 1:
+                    continue
+                found = seq.detok.update(seq.token_ids,
+                                         len(seq.token_ids) >= self.params.min_tokens)
+                if found is not None:
+                    ids, lps = ids[:k + 1], lps[:k + 1]
+                    tops = tops[:k + 1] if tops is not None else None
+                    finish, stop_reason = "stop", found
+                    break
+            text = seq.detok.delta(final=finish is not None)
+        else:
+            seq.token_ids.extend(ids)
+        self.num_generated += len(ids)
+        m.generation_tokens.inc(len(ids))
+        if finish is not None:
+            seq.finished = True
+            self.finish_reasons[delta.index] = finish
+            if all(s.finished for s in self.seqs):
+                if delta.finish_reason is None:   # a stop string ended it: stop the core too
+                    self.client._abort(self.rid)
+                self._end(None)
+        return [Chunk(delta.index, ids, text, lps, tops, finish, stop_reason)]
+
+    def _end(self, reason: Optional[str], count: bool = True) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        self.client._forget(self.rid)
+        if not count:
+            return
+        m = self.client.metrics
+        reasons = [r or "abort" for r in self.finish_reasons]
+        reason = reason or ("abort" if "abort" in reasons else
+                            "length" if "length" in reasons else "stop")
+        m.success[reason].inc()
+        m.e2e.observe(time.perf_counter() - self.arrival)
+        if self.first_token is not None and self.num_generated > len(self.seqs):
+            m.tpot.observe((self.last_token - self.first_token) /
+                           max(1, self.num_generated / len(self.seqs) - 1))
+
+    def cancel(self) -> None:
+        """Abort now: the core frees the request's KV blocks before its next step."""
+        if self.finished:
+            return
+        self.client._abort(self.rid)
+        self._end("abort")
+
+
+class EngineClient:
+    """Starts the engine core and talks to it.  Use ``await start()`` then ``submit()``."""
+
+    def __init__(self, spec: EngineSpec, *, max_queue: int = 256,
+                 metrics: Optional[ServingMetrics] = None, model_name: str = "model"):
+        self.spec, self.max_queue = spec, max_queue
+        self.metrics = metrics or ServingMetrics(model_name)
+        self.info: Optional[CoreInfo] = None
+        self.streams: dict[int, RequestStream] = {}
+        self.draining = False
+        self.last_stats = None
+        self._ids = itertools.count()
+        self._proc = self._inq = self._outq = None
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._reader: Optional[threading.Thread] = None
+        self._dead: Optional[str] = None
+
+    # ----- life cycle -----------------------------------------------------------------------
+    def start_process(self) -> None:
+        """Start the core and wait until its engine is loaded (blocking)."""
+        self._proc, self._inq, self._outq = start_core(self.spec)
+        while True:
+            try:
+                msg = self._outq.get(timeout=1.0)
+            except Exception:
+                if not self._proc.is_alive():
+                    raise ServingError("the engine core exited while loading", 500) from None
+                continue
+            if msg[0] == "fatal":
+                self._proc.join(5)
+                raise ServingError(f"the engine failed to load: {msg[1]}", 500)
+            if msg[0] == "ready":
+                self.info = msg[1]
+                return
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start delivering the core's output on ``loop``."""
+        self._loop = loop
+        self._reader = threading.Thread(target=self._read, name="irlm-core-reader",
+                                        daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                msg = self._outq.get()
+            except (EOFError, OSError):
+                msg = ("fatal", "the engine core's queue closed")
+            if msg is None:
+                return
+            try:
+                self._loop.call_soon_threadsafe(self._dispatch, msg)
+            except RuntimeError:              # loop closed
+                return
+            if msg[0] == "fatal":
+                return
+
+    def _dispatch(self, msg) -> None:
+        if msg[0] == "fatal":
+            self._dead = msg[1]
+            err = ServingError(f"the engine core failed: {msg[1].splitlines()[-1]}", 500)
+            for s in list(self.streams.values()):
+                s.queue.put_nowait(err)
+            return
+        batch = msg[1]
+        self.last_stats = batch.stats
+        self.metrics.on_core_stats(batch.stats)
+        for rid, seconds in batch.queued.items():
+            self.metrics.queue_time.observe(seconds)
+        for rid, kind, message in batch.rejected:
+            s = self.streams.get(rid)
+            status = _REJECT_STATUS.get(kind, 400)
+            self.metrics.reject("queue_full" if status == 429 else "invalid")
+            if s is not None:
+                s.queue.put_nowait(ServingError(message, status))
+        for d in batch.deltas:
+            s = self.streams.get(d.rid)
+            if s is not None:
+                s.queue.put_nowait(d)
+
+    def shutdown(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            self._inq.put(("shutdown",))
+            self._proc.join(10)
+        finally:
+            if self._proc.is_alive():
+                self._proc.terminate()
+                self._proc.join(5)
+            try:
+                self._outq.put(None)            # wake the reader thread
+            except Exception:
+                pass
+            self._proc = None
+
+    # ----- requests -------------------------------------------------------------------------
+    @property
+    def num_active(self) -> int:
+        return len(self.streams)
+
+    def check_room(self) -> None:
+        if self._dead is not None:
+            raise ServingError("the engine core has failed; restart the server", 503)
+        if self.draining:
+            raise ServingError("the server is shutting down", 503)
+        if self.num_active >= self.info.max_batch_size + self.max_queue:
+            self.metrics.reject("queue_full")
+            raise ServingError(f"the server is at capacity ({self.num_active} requests "
+                               f"running or queued); retry later", 429)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        tok = self.info.tokenizer
+        if tok is None:
+            raise ServingError("this engine has no tokenizer: send token ids", 400)
+        return list(tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        tok = self.info.tokenizer
+        return "" if tok is None else tok.decode(list(ids),
+                                                 skip_special_tokens=skip_special_tokens)
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams,
+                 prompt_field: str = "prompt", max_tokens_field: str = "max_tokens") -> None:
+        info = self.info
+        if not prompt_ids:
+            raise bad_field(prompt_field, "the prompt is empty")
+        bad = [t for t in prompt_ids if not 0 <= t < info.vocab_size]
+        if bad:
+            raise bad_field(prompt_field, f"token id {bad[0]} is outside the vocabulary "
+                                          f"[0, {info.vocab_size})")
+        if len(prompt_ids) + params.max_tokens > info.max_model_len:
+            raise bad_field(max_tokens_field,
+                            f"the prompt ({len(prompt_ids)} tokens) plus {max_tokens_field} "
+                            f"({params.max_tokens}) exceeds the model's maximum length of "
+                            f"{info.max_model_len} tokens")
+        if params.num_sequences > info.max_batch_size:
+            raise bad_field("n", f"{params.num_sequences} sequences exceed the server's "
+                                 f"max batch size {info.max_batch_size}")
+        blocks = params.num_sequences * -(-(len(prompt_ids) + params.max_tokens)
+                                          // info.block_size)
+        if blocks > info.num_blocks:
+            raise bad_field(max_tokens_field, f"needs {blocks} KV-cache blocks; the cache has "
+                                              f"{info.num_blocks}")
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, *,
+               prompt_field: str = "prompt", max_tokens_field: str = "max_tokens"
+               ) -> RequestStream:
+        """Queue a request (raises ServingError at once for what can never run)."""
+        self.check_room()
+        self.validate(prompt_ids, params, prompt_field, max_tokens_field)
+        stop = list(params.stop)
+        core_params = params
+        if stop:   # the core works on token ids: stop strings are matched here
+            core_params = SamplingParams(**{**_fields(params), "stop": []})
+        rid = next(self._ids)
+        stream = RequestStream(self, rid, list(prompt_ids), params, stop)
+        self.streams[rid] = stream
+        self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self._inq.put(("add", rid, list(prompt_ids), core_params))
+        return stream
+
+    def _abort(self, rid: int) -> None:
+        if self._inq is not None:
+            self._inq.put(("abort", rid))
+
+    def _forget(self, rid: int) -> None:
+        self.streams.pop(rid, None)
+
+    async def drain(self, timeout: float) -> None:
+        """Refuse new requests, wait (up to ``timeout`` s) for the running ones to end."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for s in list(self.streams.values()):
+            s.queue.put_nowait(ServingError("the server shut down before the request "
+                                            "finished", 503))
+            s.cancel()
+
+
+def _merge(items: list) -> list:
+    """Deltas that queued up for one request, merged per sequence (order kept), so that a
+    server running behind the engine sends one chunk per sequence instead of one per step.
+    An error ends the list."""
+    out: list = []
+    by_index: dict[int, int] = {}
+    for item in items:
+        if isinstance(item, BaseException):
+            out.append(item)
+            break
+        j = by_index.get(item.index)
+        if j is None or out[j].finish_reason is not None:
+            by_index[item.index] = len(out)
+            out.append(item)
+            continue
+        a = out[j]
+        tops = None if a.top_logprobs is None else a.top_logprobs + (item.top_logprobs or [])
+        out[j] = replace(a, token_ids=a.token_ids + item.token_ids,
+                         logprobs=a.logprobs + item.logprobs, top_logprobs=tops,
+                         finish_reason=item.finish_reason, stop_reason=item.stop_reason,
+                         cumulative_logprob=item.cumulative_logprob)
+    return out
+
+
+def _fields(params: SamplingParams) -> dict:
+    from dataclasses import fields
+    return {f.name: getattr(params, f.name) for f in fields(params)}

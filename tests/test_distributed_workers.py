@@ -1,0 +1,227 @@
+"""Multi-rank engines run as one process per rank over torch.distributed (gloo on the CPU).
+
+A tiny seeded Llama (4 heads / 2 kv heads, 2 layers) compiled unsplit and as tp 2, pp 2 and
+tp 2 x pp 2 engines.  The oracles: the unsplit engine run by the reference interpreter (greedy
+tokens through in-flight batching, first-step logits) and the threaded multi-rank simulator.
+Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
+stop the engine with one error naming the rank, and leave no process behind.
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import transformers
+
+from irlm.cli import main as irlm_main
+from irlm.lowering.engine import EngineError, load_engine, write_parallel_engine
+from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+from irlm.runtime import LLM, SamplingParams
+from irlm.runtime.distributed import DistributedRunner, EngineStopped
+from irlm.runtime.graph_runner import GraphRunner, runner_for_engine
+from irlm.runtime.model_runner import StepBatch
+
+VOCAB = 96
+PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12], [8, 8, 40, 1]]
+# different lengths: the second request leaves early, the third joins when a slot frees
+PARAMS = [SamplingParams(max_tokens=n, temperature=0.0) for n in (6, 3, 5)]
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=VOCAB, max_position_embeddings=64)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    model.save_pretrained(root / "hf")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(VOCAB)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w0") \
+        .save_pretrained(root / "hf")
+    out = {}
+    base = root / "base"
+    assert irlm_main(["compile", "--hf", str(root / "hf"), "-o", str(base),
+                      "--tokens-per-block", "4"]) == 0
+    out["base"] = base
+    # tp 2 x pp 2 through the CLI; tp 2 and pp 2 split from the unsplit plan (the same
+    # split_stage does, without tracing the model again)
+    out["tp2pp2"] = root / "tp2pp2"
+    assert irlm_main(["compile", "--hf", str(root / "hf"), "-o", str(out["tp2pp2"]),
+                      "--tokens-per-block", "4", "--tp", "2", "--pp", "2"]) == 0
+    engine = load_engine(base)
+    for name, ranks, tp, pp in (("tp2", split_for_tensor_parallel(engine.graph, 2), 2, 1),
+                                ("pp2", split_for_pipeline(engine.graph, 2), 1, 2)):
+        out[name] = write_parallel_engine(ranks, root / name, engine.config, tp=tp, pp=pp,
+                                          tokenizer=engine.tokenizer)
+    return out
+
+
+def first_batch():
+    return StepBatch.pack([0, 1], PROMPTS[:2], [0, 0], [[0, 1], [2]])
+
+
+def generate(runner, tokenizer=None):
+    llm = LLM(runner, tokenizer, max_batch_size=2)
+    return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
+
+
+@pytest.fixture(scope="module")
+def unsplit(engines):
+    engine = load_engine(engines["base"])
+    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    return logits, generate(GraphRunner(engine.graph, num_blocks=16))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie is gone as far as work goes; reaped children never show up here
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.parametrize("parts", [1, 2, 3, 5])
+def test_pipeline_micro_batches_cut_the_rows_in_order(parts):
+    from irlm.runtime.distributed.rank import split_rows
+    prompts = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12], [1], [8, 8]]
+    batch = StepBatch.pack([10, 11, 12, 13], prompts, [0, 0, 4, 2],
+                           [[0, 1], [2], [3, 4], [5]])
+    got = split_rows(batch, parts)
+    assert len(got) == min(parts, 4) and all(len(p) >= 1 for p in got)
+    # each part is the batch that StepBatch.pack makes of its rows alone
+    rows = [0] + list(torch.cumsum(torch.tensor([len(p) for p in got]), 0))
+    for part, a, b in zip(got, rows, rows[1:]):
+        want = StepBatch.pack(batch.request_ids[a:b], prompts[a:b],
+                              batch.cached_lens[a:b].tolist(),
+                              [[0, 1], [2], [3, 4], [5]][a:b])
+        assert part.request_ids == want.request_ids
+        for name in ("input_ids", "positions", "q_lens", "cached_lens"):
+            assert torch.equal(getattr(part, name), getattr(want, name)), name
+        w = want.block_tables.shape[1]
+        assert torch.equal(part.block_tables[:, :w], want.block_tables)
+        assert not part.block_tables[:, w:].any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
+def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):
+    want_logits, want_tokens = unsplit
+    runner = DistributedRunner(engines[layout], device="cpu", num_blocks=16)
+    try:
+        procs = list(runner._procs.values())
+        assert len(procs) == {"tp2": 1, "pp2": 1, "tp2pp2": 3}[layout]
+        assert runner.vocab_size == VOCAB and runner.num_blocks == 16
+        got = runner.step(first_batch())
+        scale = float(want_logits.max() - want_logits.min())
+        assert (got - want_logits).abs().max().item() <= 1e-5 * scale
+        # the threaded simulator (tp x pp: one group per stage)
+        sim = runner_for_engine(load_engine(engines[layout]), device="cpu", num_blocks=16,
+                                parallel="simulator").step(first_batch())
+        assert (got - sim).abs().max().item() <= 1e-6 * scale
+        tokens = generate(runner)
+        assert tokens == want_tokens
+        assert [len(t) for t in tokens] == [6, 3, 5]
+    finally:
+        runner.close()
+    assert not any(alive(p.pid) for p in procs)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_engine_with_its_rank(engines):
+    runner = DistributedRunner(engines["tp2"], device="cpu", num_blocks=16, timeout=20)
+    worker = runner._procs[1]
+    step = runner.step
+
+    def step_then_kill(batch):
+        if runner.num_steps == 3:          # mid-generation: the prefill and two decodes ran
+            os.kill(worker.pid, signal.SIGKILL)
+        return step(batch)
+    runner.step = step_then_kill
+    start = time.monotonic()
+    with pytest.raises(EngineStopped, match=r"rank 1 \(pid \d+\) was killed by signal SIGKILL "
+                                            r"during step 3"):
+        generate(runner)
+    assert time.monotonic() - start < 30
+    assert not alive(worker.pid)
+    with pytest.raises(EngineStopped, match="rank 1"):   # the engine stays stopped
+        step(first_batch())
+
+
+@pytest.mark.slow
+def test_a_hung_worker_stops_the_engine_after_the_timeout(engines):
+    runner = DistributedRunner(engines["pp2"], device="cpu", num_blocks=16, timeout=5)
+    worker = runner._procs[1]
+    step = runner.step
+
+    def step_then_freeze(batch):
+        if runner.num_steps == 2:
+            os.kill(worker.pid, signal.SIGSTOP)     # alive, but runs nothing
+        return step(batch)
+    runner.step = step_then_freeze
+    start = time.monotonic()
+    try:
+        with pytest.raises(EngineStopped, match=r"rank 1 (did not finish step 2 within the "
+                                                r"timeout \(5 s\)|stopped responding during "
+                                                r"step 2)"):
+            generate(runner)
+        assert time.monotonic() - start < 30
+        assert not alive(worker.pid)
+    finally:
+        if alive(worker.pid):
+            os.kill(worker.pid, signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(engines["pp2"], broken)
+    weights = broken / "rank1" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-16])          # truncated
+    start = time.monotonic()
+    with pytest.raises(EngineStopped, match=r"rank 1 could not start: .*rank1/weights"
+                                            r"\.safetensors: size .* \(truncated or replaced\)"):
+        DistributedRunner(broken, device="cpu", num_blocks=16)
+    assert time.monotonic() - start < 60
+
+
+def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_path):
+    mixed = tmp_path / "mixed"
+    shutil.copytree(engines["tp2"], mixed)
+    # rank 1 of the pp 2 engine: a valid engine, but not the one this manifest lists
+    shutil.rmtree(mixed / "rank1")
+    shutil.copytree(engines["pp2"] / "rank1", mixed / "rank1")
+    with pytest.raises(EngineError, match=r"rank1/engine.json: (size|checksum)"):
+        DistributedRunner(mixed, device="cpu")
+
+
+@pytest.mark.slow
+def test_torchrun_launch_runs_irlm_run_on_every_rank(engines):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = ["run", "--prompt", "w5 w17 w33 w2", "--max-tokens", "5", "--no-stream",
+           "--device", "cpu"]
+    base = subprocess.run([sys.executable, "-m", "irlm", run[0], str(engines["base"]), *run[1:]],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert base.returncode == 0, base.stderr
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+         "--master-port", str(port), "-m", "irlm", run[0], str(engines["tp2"]), *run[1:]],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    # rank 0 prints the text once; rank 1 serves its shard and prints nothing
+    assert launched.stdout == base.stdout and len(base.stdout.split()) == 5
