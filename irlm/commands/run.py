@@ -3,7 +3,9 @@ streaming tokens to the terminal."""
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import time
 
 from ..errors import IRLMError
 
@@ -37,8 +39,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    import os
-    import time
     from ..runtime import LLM, SamplingParams
     if args.prompt is None and args.chat is None:
         raise IRLMError("give --prompt TEXT or --chat MESSAGE")
