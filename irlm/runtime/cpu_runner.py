@@ -237,25 +237,6 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
 
 # ----- binding ops -----------------------------------------------------------------------------
 
-class _Weights:
-    """The engine's weights as the CPU uses them: each linear's weight converted once to the
-    linear dtype (or int8-packed), every other param as declared."""
-
-    def __init__(self, graph: Graph, store, linear_dtype: str):
-        self.graph, self.store, self.linear_dtype = graph, store, linear_dtype
-        self._plain: dict[str, torch.Tensor] = {}
-        self._converted: dict[tuple, Any] = {}
-
-    def plain(self, name: str, dtype: torch.dtype) -> torch.Tensor:
-        t = self._plain.get(name)
-        if t is None:
-            t = self.store.get(name)
-            if t.dtype != dtype or t.device.type != "cpu":
-                t = t.to("cpu", dtype)
-            self._plain[name] = t
-        return t
-
-
 class _Binder:
     """Turns each op into a closure ``fn(args) -> list[Tensor]`` once."""
 
