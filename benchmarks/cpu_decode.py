@@ -11,7 +11,8 @@ Per (threads, batch) and side, each run is timed twice: generating 1 token (the 
 TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1), from wall time and
 from process CPU time (robust on a shared machine at one thread; at more threads it counts
 every thread's time).  Every figure is the median of ``--repeats`` runs.  Prefix caching is
-off, so repeated prompts are recomputed.  The greedy tokens of both sides are compared (batch 1, f32 engines) and the match printed.
+off, so repeated prompts are recomputed.  The greedy tokens of both sides are compared at
+batch 1 and the match printed.
 
     python benchmarks/cpu_decode.py                        # compiles the engine if needed
     python benchmarks/cpu_decode.py --engine DIR[,DIR...] --threads 1,2 --batch 1,8
