@@ -109,10 +109,12 @@ def render(template):
     return LLM(HistoryHashRunner()).apply_chat_template(MESSAGES, chat_template=template)
 
 
-def test_chat_template_renders_like_transformers(tok):
+def test_chat_template_renders_like_transformers():
     """Oracle: transformers' own renderer on a typical template."""
+    from irlm.runtime.testing import tiny_tokenizer
     template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{{ eos_token }}"
                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    tok = tiny_tokenizer()        # its own: the session's `tok` fixture must keep no template
     tok.chat_template = template
     expected = tok.apply_chat_template(MESSAGES, tokenize=False, add_generation_prompt=True)
     assert LLM(HistoryHashRunner(), tok).apply_chat_template(MESSAGES) == expected
