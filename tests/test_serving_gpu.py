@@ -25,7 +25,9 @@ def engine_dir(tmp_path_factory):
     hf = tmp_path_factory.mktemp("tiny-hf")
     tok = tiny_tokenizer()
     tok.chat_template = CHAT_TEMPLATE
-    tiny_llama(len(tok), max_len=256).save_pretrained(hf)
+    # head_dim 64 (the attention kernels' smallest), bf16 as GPU engines run
+    tiny_llama(len(tok), hidden=256, heads=4, kv_heads=2, max_len=256) \
+        .to(torch.bfloat16).save_pretrained(hf)
     tok.save_pretrained(hf)
     out = tmp_path_factory.mktemp("tiny-engine")
     assert irlm_main(["compile", "--hf", str(hf), "-o", str(out), "--max-seq", "256"]) == 0
