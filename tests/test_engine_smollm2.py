@@ -62,7 +62,8 @@ def hf():
 
 def test_greedy_chat_matches_transformers_token_for_token(engine_dir, hf):
     tok, model = hf
-    llm = LLM.from_engine(engine_dir, device="cpu", max_num_tokens=64)
+    import irlm                       # the conventional spelling: irlm.LLM(engine_dir)
+    llm = irlm.LLM(engine_dir, device="cpu", max_num_tokens=64)
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     outs = llm.chat(convs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     lengths = set()

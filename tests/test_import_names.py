@@ -57,3 +57,16 @@ def test_transformers_and_hf_kernels_resolve_to_site_packages(cwd):
     assert not hf.is_relative_to(REPO), hf
     assert "site-packages" in hf.parts or "dist-packages" in hf.parts, hf
     assert ours == REPO / "kernels" / "src" / "ops.py" or "site-packages" in ours.parts
+
+
+def test_import_irlm_is_lazy_about_the_runtime():
+    """`import irlm` (the IR core pass writers use) loads neither the runtime nor transformers;
+    `from irlm import LLM, SamplingParams` gives the runtime's classes."""
+    code = ("import sys, irlm; assert 'transformers' not in sys.modules; "
+            "assert 'irlm.runtime' not in sys.modules; "
+            "from irlm import LLM, SamplingParams; import irlm.runtime as r; "
+            "assert LLM is r.LLM and SamplingParams is r.SamplingParams; "
+            "assert 'transformers' not in sys.modules; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
