@@ -79,6 +79,9 @@ def bounded():
         proc = ctx.Process(target=child, args=(conn, fn, args, memory_mb), daemon=True)
         proc.start()
         conn.close()
+        # A hang guard, not a speed test: the limits are generous because CI runs two test
+        # processes on two shared cores (a 30 s case once took longer there under load).
+        seconds *= 4
         if not parent.poll(seconds):
             proc.kill()
             proc.join()
