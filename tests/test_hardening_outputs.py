@@ -129,9 +129,20 @@ def _write_big_engine(out: str):
     return None
 
 
-def test_full_disk_while_writing_weights_is_one_line_naming_the_file(bounded, tmp_path):
+def test_full_disk_while_writing_weights_is_one_line_naming_the_file(tmp_path):
+    # In a fresh interpreter, not a fork of this one: a forked child inherited a lock held by
+    # one of the parent's threads and hung in a fresh venv (never in the write under test).
+    import json
+    import subprocess
+    import sys
     out = tmp_path / "e"
-    result = bounded(_limited, 4096, _write_big_engine, str(out))
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); "
+            f"from test_hardening_outputs import _limited, _write_big_engine; "
+            f"print(json.dumps(_limited(4096, _write_big_engine, {str(out)!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result is not None, "the oversized weights were written"
     message, left = result
     assert message.startswith(f"{out / WEIGHTS_FILE}: cannot write: ") and "\n" not in message
