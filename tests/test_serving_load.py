@@ -12,36 +12,21 @@ import random
 import signal
 import time
 
-import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 grpcaio = pytest.importorskip("tritonclient.grpc.aio")
-grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from irlm.runtime import SamplingParams  # noqa: E402
 from irlm.serving.testing import ServerProcess, tiny_llm  # noqa: E402
-from test_serving_protocols import metrics, wait_all_blocks_free  # noqa: E402
+from test_serving_protocols import (_grpc_inputs as grpc_inputs, metrics,  # noqa: E402
+                                    wait_all_blocks_free)
 
 pytestmark = pytest.mark.slow
 CLIENTS = 64
 KEY = "k"
 WORDS = ["fox", "compiler", "Café", "crème", "kernels", "日本語", "block", "the", "word", "lazy"]
-
-
-def grpc_inputs(ids, n, stream=True):
-    ins = []
-    for name, arr in [("input_ids", np.array([ids], np.int32)),
-                      ("input_lengths", np.array([[len(ids)]], np.int32)),
-                      ("request_output_len", np.array([[n]], np.int32)),
-                      ("temperature", np.array([[0.0]], np.float32)),
-                      ("streaming", np.array([[stream]], bool))]:
-        dtype = grpcclient.np_to_triton_dtype(arr.dtype)
-        i = grpcclient.InferInput(name, list(arr.shape), dtype)
-        i.set_data_from_numpy(arr)
-        ins.append(i)
-    return ins
 
 
 class Client:
@@ -82,7 +67,7 @@ class Client:
         ids = self.tok_ids
 
         async def requests():
-            yield {"model_name": "tensorrt_llm", "inputs": grpc_inputs(ids, self.max_tokens),
+            yield {"model_name": "tensorrt_llm", "inputs": grpc_inputs(ids, self.max_tokens, True),
                    "request_id": str(self.i)}
         return client.stream_infer(requests(), headers={"authorization": f"Bearer {KEY}"})
 
