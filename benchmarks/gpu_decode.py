@@ -61,7 +61,7 @@ def copy_bandwidth() -> float:
 def build(layers: int, max_num_tokens: int = 8192):
     """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU."""
     import transformers
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     from irlm.runtime.cuda_runner import CudaGraphRunner
     cfg = llama3_8b_config(layers)
     t0 = time.perf_counter()

@@ -92,7 +92,7 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256, help="eval text tokens to score")
     args = ap.parse_args(argv)
 
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     from irlm.errors import IRLMError
     from irlm.frontends.gguf import load_gguf
     from irlm.passes import run_pipeline

@@ -117,6 +117,12 @@ class Op:
     def dialect(self) -> str:
         return self.name.split(".", 1)[0] if "." in self.name else ""
 
+    def operand(self, name: str) -> Value:
+        """The operand the op's registry definition calls ``name`` (``op.operand("kv_cache")``
+        rather than ``op.operands[3]``)."""
+        from .registry import get_op_def
+        return self.operands[get_op_def(self.name).operand_index(name)]
+
     def set_operand(self, index: int, value: Value) -> None:
         old = self.operands[index]
         old.uses = [u for u in old.uses if not (u.op is self and u.index == index)]

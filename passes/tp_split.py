@@ -58,6 +58,8 @@ import torch
 from irlm.builder import infer_types, make_op
 from irlm.errors import IRError
 from irlm.ir import Graph, Op, Value
+from irlm.ops.llm import KV_CACHE_AXIS
+from irlm.registry import ACTIVATION, get_op_def, ops_with_trait
 from irlm.types import TensorType, dim_product, dims_equal
 
 
@@ -365,7 +367,9 @@ def _plan_gated_mlp(plan: _Plan, graph: Graph, act: Op) -> None:
 
 # ----- non-gated MLP (GPT-2, OPT) ---------------------------------------------------------------
 
-ACTIVATIONS = ("core.relu", "core.gelu", "core.silu", "core.tanh", "core.sigmoid")
+#: where llm.paged_attention reads the KV cache
+_CACHE = get_op_def("llm.paged_attention").operand_index("kv_cache")
+ACTIVATIONS = ops_with_trait(ACTIVATION)
 
 
 def _plan_mlp(plan: _Plan, graph: Graph, fc1: Op, out: Value, what: str) -> None:
@@ -578,7 +582,7 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     for fc1, out in _unfused_mlp_candidates(graph, plan):
         _plan_mlp(plan, graph, fc1, out, "MLP intermediate")
     cache = plan.kv_cache
-    others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != 3]
+    others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != _CACHE]
     if others:
         raise _err(others[0], "reads the KV cache, which tp-split shards by kv heads")
     _plan_lm_head(plan, graph)
@@ -628,7 +632,7 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
         op.attrs = _normalized(op, attrs)
     c = plan.kv_cache
     shape = list(c.type.shape)
-    shape[4] = plan.kv_heads_local
+    shape[KV_CACHE_AXIS["kv_heads"]] = plan.kv_heads_local
     c.type = c.type.with_shape(tuple(shape))
     # 3. types, in order
     for op in graph.ops:
@@ -769,8 +773,8 @@ def check_pipeline(graph: Graph, stages: int) -> int:
     if len(atts) % stages:
         raise PPSplitError(f"pp-split: stages={stages}: {len(atts)} layers cannot be cut into "
                            f"{stages} equal stages")
-    caches = {id(a.operands[3]) for a in atts}
-    if len(caches) != 1 or atts[0].operands[3].producer is not None:
+    caches = {id(a.operand("kv_cache")) for a in atts}
+    if len(caches) != 1 or atts[0].operand("kv_cache").producer is not None:
         raise _err(atts[0], "pp-split: the layers do not share one KV cache graph input")
     return len(atts)
 
@@ -796,7 +800,7 @@ def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
         cuts.append(_layer_start(atts[s * per], atts[s * per - 1], pos))
     cuts.append(len(ops))
     copyable = _COPYABLE
-    cache = atts[0].operands[3]
+    cache = atts[0].operand("kv_cache")
     out = []
     for s in range(stages):
         lo, hi = cuts[s], cuts[s + 1]

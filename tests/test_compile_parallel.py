@@ -226,15 +226,14 @@ def test_bad_parallel_flags_fail_before_the_trace(models, wide_dir, tmp_path, ca
 
 
 def test_kv_cache_dtype_with_parallel_is_refused():
-    from irlm.commands._parallel import check_parallel_arguments
-    args = argparse.Namespace(tp=1, pp=2, quant=None, kv_cache_dtype="fp8")
+    from irlm.compilation import CompileConfig
+    args = CompileConfig(output="out", tp=1, pp=2, quant=None, kv_cache_dtype="fp8")
     with pytest.raises(IRLMError, match="--pp 2 with --kv-cache-dtype fp8: not supported "
                                         "together yet"):
-        check_parallel_arguments(args)
-    check_parallel_arguments(argparse.Namespace(tp=2, pp=1, quant=None, kv_cache_dtype=None))
+        args.check()
+    CompileConfig(output="out", tp=2, pp=1, quant=None, kv_cache_dtype=None).check()
     for quant in ("int8", "int4"):   # weight-only: accepted
-        check_parallel_arguments(argparse.Namespace(tp=2, pp=1, quant=quant,
-                                                    kv_cache_dtype=None))
+        CompileConfig(output="out", tp=2, pp=1, quant=quant, kv_cache_dtype=None).check()
 
 
 def fake_quant(w, mode, group=0):

@@ -128,3 +128,30 @@ def test_beam_search_matches_transformers(engine_dir, hf):
         end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
         beams.append(row[:end + 1])
     assert [c.token_ids for c in out.outputs] == beams
+
+
+@pytest.mark.slow
+def test_library_compile_writes_the_cli_engine(engine_dir, tmp_path):
+    """``irlm.compile`` with the same settings writes what ``irlm compile`` wrote: a
+    byte-equal plan, equal weights and build config; progress names every stage in order."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import irlm
+    seen = []
+    out = tmp_path / "lib"
+    engine = irlm.compile(smollm_gguf(), irlm.CompileConfig(output=out, max_seq=512),
+                          progress=lambda name, i, n: seen.append((name, i, n)))
+    assert [i for _, i, _ in seen] == list(range(len(seen))) and seen[0][0] == "load"
+    assert seen[-1][0] == "write engine" and {n for _, _, n in seen} == {len(seen)}
+    assert engine.engine_written and engine.path == out
+    assert (out / "plan.irlm").read_bytes() == (engine_dir / "plan.irlm").read_bytes()
+    want, got = load_file(engine_dir / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    manifest = json.loads((out / "engine.json").read_text())
+    assert manifest == json.loads((engine_dir / "engine.json").read_text())
+    assert engine.config == manifest["config"]                # what it returns is what it wrote
+    assert str(engine.graph) == (out / "plan.irlm").read_text()

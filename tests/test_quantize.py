@@ -490,7 +490,7 @@ def test_calibration_errors_are_clear(llama, tmp_path):
 
 
 def test_text_calibration_is_tokenized_with_the_given_tokenizer(tmp_path, tok, model):
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     from irlm.passes.calibration import read_prompts, tokenize_prompts
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\nIn the beginning was the "

@@ -19,7 +19,7 @@ import pytest
 import torch
 import transformers
 
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.interpreter import Interpreter
 from irlm.parser import parse_graph
 from irlm.passes import run_pipeline

@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams
 from irlm.runtime.graph_runner import GraphRunner
 from irlm.runtime.sequence import PLACEHOLDER

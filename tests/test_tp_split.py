@@ -9,7 +9,7 @@ import pytest
 import torch
 import transformers
 
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.distributed import CollectiveMismatch, DistributedError, run_ranks
 from irlm.errors import IRError, IRLMError
 from irlm.interpreter import Interpreter

@@ -1,27 +1,18 @@
 """``irlm compile``: a model (model.py, Hugging Face directory, safetensors, GGUF) → OUT/.
 
-A compile is a list of :class:`Stage` s run in order over one :class:`CompileJob`; each stage
-reads what earlier ones left on the job and adds its own result: load → trace → verify →
-write the frontend IR (``OUT/ir/00-frontend.irlm``) → the pass pipeline (``-O2`` by default;
-for causal LMs it ends in the paged inference form) → write the engine into OUT
-(``engine.json``, ``plan.irlm``, ``weights.safetensors``, tokenizer; see lowering/engine.py).
+Argument parsing only: the flags become an :class:`irlm.compilation.CompileConfig` and a
+:class:`~irlm.compilation.Source`, and :func:`irlm.compile` runs every stage (see
+irlm/compilation/stages.py).  This module adds the progress display and the summary line.
 """
 from __future__ import annotations
 
 import sys
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Optional
 
+from ..compilation import CompileConfig, Source, compile as compile_model
+from ..compilation.config import DTYPES, KV_CACHE_DTYPES, QUANT_MODES
+from ..compilation.stages import STAGES
 from ..errors import IRLMError
-from . import _parallel
-
-FRONTEND_IR = Path("ir") / "00-frontend.irlm"
-DTYPES = ("f32", "f16", "bf16")
-QUANT_MODES = ("int8", "int4", "int4-awq", "w8a8-sq", "fp8")
-CALIBRATED = ("int4-awq", "w8a8-sq", "fp8")
-CALIB_TOKENS = "calib-tokens.json"
 
 
 def add_parser(sub) -> None:
@@ -58,7 +49,7 @@ def add_parser(sub) -> None:
                         "(e4m3 weights and activations, calibrated scales)")
     p.add_argument("--quant-group", type=int, default=128, metavar="N",
                    help="input features per int4 scale group (32, 64 or 128; default 128)")
-    p.add_argument("--kv-cache-dtype", choices=("int8", "fp8"), default=None,
+    p.add_argument("--kv-cache-dtype", choices=KV_CACHE_DTYPES, default=None,
                    help="store the paged KV cache in 8 bits with calibrated per-layer scales")
     p.add_argument("--calib", metavar="FILE", default=None,
                    help="calibration prompts for int4-awq, w8a8-sq, fp8 and --kv-cache-dtype: "
@@ -70,253 +61,33 @@ def add_parser(sub) -> None:
                    help="stop after the pass pipeline (write IR only, no engine)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
-    _parallel.add_parallel_arguments(p)
+    add_parallel_arguments(p)
     p.set_defaults(func=run)
 
 
-# ----- the job and its stages -------------------------------------------------------------------
-@dataclass
-class CompileJob:
-    """Everything a compile knows; each stage fills in its part."""
-    args: Any
-    out: Path
-    model: Any = None      # frontends.loaded_model.LoadedModel, after "load"
-    graph: Any = None      # irlm.Graph, after "trace"
-    written: list[Path] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-    pipeline: str = ""
-    calib_tokens: Optional[Path] = None   # OUT/calib-tokens.json, when something calibrates
-    timings: dict[str, float] = field(default_factory=dict)
-    ranks: list = field(default_factory=list)   # per-rank graphs of --tp / --pp
+def add_parallel_arguments(p) -> None:
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tp", type=int, default=1, metavar="N",
+                   help="tensor parallel: split the engine into N ranks (tp-split: attention "
+                        "heads, MLP, vocab), written under OUT/rank0 ... (default 1)")
+    g.add_argument("--pp", type=int, default=1, metavar="N",
+                   help="pipeline parallel: cut the engine into N stages of equal layer "
+                        "counts (pp-split), one rank each (default 1)")
 
 
-@dataclass(frozen=True)
-class Stage:
-    name: str                               # shown in progress and timings
-    run: Callable[[CompileJob], None]
-
-
-def load_stage(job: CompileJob) -> None:
-    import torch
-    from irlm.frontends.loaded_model import load_model
-    a = job.args
-    dtype = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}[a.dtype]
-    if a.hf is not None:
-        from irlm.frontends.hf import load_hf_directory
-        job.model = load_hf_directory(_existing(a.hf, "--hf"), dtype=dtype)
-    elif a.gguf is not None:
-        from irlm.frontends.gguf import load_gguf
-        job.model = load_gguf(_existing(a.gguf, "--gguf"), dtype=dtype)
-    elif a.safetensors is not None:
-        from irlm.frontends.hf import load_safetensors
-        job.model = load_safetensors(_existing(a.safetensors, "--safetensors"),
-                                     _existing(a.config, "--config"), dtype=dtype)
-    else:
-        job.model = load_model(_existing(a.model, "MODEL.py"), dtype=dtype)
-
-
-def trace_stage(job: CompileJob) -> None:
-    from irlm.frontends import trace
-    m = job.model
-    inputs = inference_example_inputs(m) if is_causal_lm(m) else m.example_inputs()
-    job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
-                      weights=m.weights, name=_graph_name(m))
-
-
-def is_causal_lm(model) -> bool:
-    """Decoders compile to the paged inference form; encoders stay stateless graphs."""
-    module = model.module
-    return hasattr(module, "generate") and hasattr(module, "get_output_embeddings") and \
-        module.get_output_embeddings() is not None and \
-        not getattr(model.config, "is_encoder_decoder", False)
-
-
-def inference_example_inputs(model) -> dict:
-    from irlm.compiler import inference_example_inputs as inputs
-    return inputs(int(getattr(model.config, "vocab_size", 2) or 2))
-
-
-def compile_pipeline(job: CompileJob) -> str:
-    """The -O level's passes for this model, ending in the inference form for decoders."""
-    a = job.args
-    level = (a.opt_level or ("2" if a.pipeline is None else None))
-    if level is None:
-        return ""
-    from irlm.compiler import sliding_window_of
-    return default_pipeline(level, is_causal_lm(job.model), a.tokens_per_block,
-                            sliding_window_of(job.model.config), a.max_num_tokens)
-
-
-def default_pipeline(level: str, causal_lm: bool = True, tokens_per_block: int = 16,
-                     sliding_window: int = 0, max_num_tokens: int = 8192) -> str:
-    """``-O0``: only what the engine needs; ``-O1``: + canonicalize/CSE; ``-O2``: + fusions."""
-    level = str(level).lstrip("O")
-    if level not in ("0", "1", "2"):
-        raise IRLMError(f"-O{level}: unknown optimization level (valid: -O0, -O1, -O2)")
-    cleanup = "" if level == "0" else "canonicalize,cse,"
-    if not causal_lm:
-        return cleanup.rstrip(",")
-    sub = (f"substitute-attention{{tokens_per_block={tokens_per_block},"
-           f"sliding_window={sliding_window},max_tokens={max_num_tokens}}}")
-    text = f"{cleanup}{sub},{cleanup}dce"
-    if level == "2":
-        from irlm.passes.fusions import FUSION_PIPELINE
-        text += "," + FUSION_PIPELINE
-    return text
-
-
-def passes_stage(job: CompileJob) -> None:
-    import argparse
-    from irlm.passes import run_pipeline_from_args
-    a = job.args
-    ns = argparse.Namespace(**vars(a))
-    ns.opt_level = None
-    default = compile_pipeline(job)
-    # with --tp/--pp each rank's graph is quantized after the split (_parallel.quantize_ranks)
-    quant = "" if _parallel.splits(a) else quant_pipeline(job)
-    ns.pipeline = ",".join(p for p in (default, quant, a.pipeline) if p) or None
-    if a.dump_ir and not a.dump_ir_dir:
-        ns.dump_ir_dir = str(job.out / "ir")
-    job.pipeline = ns.pipeline or ""
-    if ns.pipeline:
-        run_pipeline_from_args(job.graph, ns, stage_offset=1 if ns.dump_ir_dir else 0)
-
-
-def quant_pipeline(job: CompileJob) -> str:
-    """``quantize`` (explicit quantize/dequantize ops, then ``fuse-quant``) and
-    ``quantize-kv-cache``; calibrated steps read OUT/calib-tokens.json."""
-    a = job.args
-    quant, kv = getattr(a, "quant", None), getattr(a, "kv_cache_dtype", None)
-    steps = []
-    calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
-    if quant:
-        mode_calib = calib if quant in CALIBRATED else ""
-        steps.append(f"quantize{{mode={quant},group={a.quant_group},fuse=false{mode_calib}}}")
-        steps.append("fuse-quant")
-    if kv:
-        steps.append(f"quantize-kv-cache{{dtype={kv}{calib}}}")
-    return ",".join(steps + ["dce"]) if steps else ""
-
-
-def calibration_stage(job: CompileJob) -> None:
-    """Tokenize --calib (or the built-in set) into OUT/calib-tokens.json when a calibrated
-    mode asks for it: right after loading, so a missing tokenizer fails before tracing."""
-    a = job.args
-    if getattr(a, "quant", None) in CALIBRATED or getattr(a, "kv_cache_dtype", None):
-        job.calib_tokens = write_calibration_tokens(job)
-
-
-def write_calibration_tokens(job: CompileJob) -> Path:
-    """Tokenize --calib (or the built-in set) with the model's tokenizer into OUT/, so the
-    recorded pipeline names every input it read."""
-    from irlm.passes.calibration import (DEFAULT_CALIBRATION, read_prompts, read_token_lists,
-                                         tokenize_prompts, write_token_lists)
-    given = getattr(job.args, "calib", None)
-    src = Path(given) if given else DEFAULT_CALIBRATION
-    if src.suffix == ".json":
-        tokens = read_token_lists(src)
-    else:
-        tok = job.model.tokenizer
-        if tok is None:
-            raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read text "
-                            f"with; give --calib FILE.json with token ids ([[1, 2, ...], ...])")
-        tokens = tokenize_prompts(read_prompts(src), tok)
-    path = write_token_lists(tokens, job.out / CALIB_TOKENS)
-    job.written.append(path)
-    return path.resolve()
-
-
-def engine_stage(job: CompileJob) -> None:
-    if job.args.no_engine:
-        return
-    if not any(v.name == "kv_cache" for v in job.graph.inputs):
-        job.notes.append("no engine written: only causal LMs compile to a runnable engine "
-                         "(this model's IR is in OUT/ir/)")
-        return
-    cfg = job.model.config
-    eos = getattr(cfg, "eos_token_id", None)
-    config = {
-        "source": str(job.model.source),
-        "model_type": getattr(cfg, "model_type", None),
-        "architecture": type(job.model.module).__name__,
-        "dtype": job.args.dtype,
-        "max_model_len": int(symbolic_dims(job)["seq"][1]),
-        "eos_token_id": eos,
-        "bos_token_id": getattr(cfg, "bos_token_id", None),
-        "pipeline": job.pipeline,
-        "irlm_version": _irlm_version(),
-    }
-    config["activation_arena_bytes"] = activation_plan(job.graph, job.args.max_num_tokens,
-                                                       config["max_model_len"]).arena_bytes
-    tok = job.model.tokenizer
-    if tok is not None and job.model.chat_template and not getattr(tok, "chat_template", None):
-        tok.chat_template = job.model.chat_template
-    _parallel.write_engine(job, config, tok)
-    job.written.append(job.out / "engine.json")
-
-
-def activation_plan(graph, max_num_tokens: int, max_model_len: int):
-    """The activation memory plan of the engine's largest step (lowering/memory_plan.py)."""
-    from irlm.lowering.memory_plan import plan_activation_memory
-    block = next(v for v in graph.inputs if v.name == "kv_cache").type.shape[3]
-    dims = {"tokens": max_num_tokens, "reqs": min(512, max_num_tokens),
-            "max_blocks": -(-max_model_len // block), "cache_blocks": 1}
-    return plan_activation_memory(graph, dims)
-
-
-def _irlm_version() -> str:
-    from irlm import __version__
-    return __version__
-
-
-def verify_stage(job: CompileJob) -> None:
-    from irlm.verifier import verify
-    verify(job.graph)
-
-
-def write_frontend_ir_stage(job: CompileJob) -> None:
-    from irlm.printer import print_graph
-    path = job.out / FRONTEND_IR
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(print_graph(job.graph), encoding="utf-8")
-    job.written.append(path)
-
-
-STAGES: list[Stage] = [
-    Stage("load", load_stage),
-    Stage("check parallel", _parallel.check_model_stage),
-    Stage("calibration set", calibration_stage),
-    Stage("trace", trace_stage),
-    Stage("verify", verify_stage),
-    Stage("write IR", write_frontend_ir_stage),
-    Stage("passes", passes_stage),
-    Stage("split", _parallel.split_stage),
-    Stage("write engine", engine_stage),
-]
-
-
-# ----- the command ------------------------------------------------------------------------------
 def run(args) -> int:
-    check_arguments(args)
-    out = Path(args.output)
-    if out.exists() and not out.is_dir():
-        raise IRLMError(f"-o {out}: exists and is not a directory")
-    job = CompileJob(args=args, out=out)
-    start = time.perf_counter()
+    source = source_from_args(args)
+    config = config_from_args(args)
     with _progress() as progress:
-        for stage in STAGES:
-            t0 = time.perf_counter()
-            progress(stage.name)
-            stage.run(job)
-            job.timings[stage.name] = time.perf_counter() - t0
-    print(summary(job, time.perf_counter() - start))
-    for note in list(job.model.notes) + job.notes:
+        engine = compile_model(source, config, progress=progress)
+    print(engine.summary())
+    for note in engine.notes:
         print(f"irlm: note: {note}", file=sys.stderr)
     return 0
 
 
-def check_arguments(args) -> None:
-    """Exactly one source; --config only with --safetensors; positive dim limits."""
+def source_from_args(args) -> Source:
+    """Exactly one source; --config only with --safetensors."""
     given = [flag for flag, value in (("MODEL.py", args.model), ("--hf", args.hf),
                                       ("--gguf", args.gguf), ("--safetensors", args.safetensors))
              if value is not None]
@@ -331,49 +102,29 @@ def check_arguments(args) -> None:
     if args.config is not None and args.safetensors is None:
         raise IRLMError("--config is only for --safetensors (a model directory or GGUF "
                         "carries its own config)")
-    quant, kv = getattr(args, "quant", None), getattr(args, "kv_cache_dtype", None)
-    if getattr(args, "calib", None) is not None:
-        if not (quant in CALIBRATED or kv):
-            raise IRLMError(f"--calib is only read by --quant {', '.join(CALIBRATED)} and "
-                            f"--kv-cache-dtype; with "
-                            f"{'--quant ' + quant if quant else 'no --quant'} "
-                            f"nothing is calibrated")
-        _existing(args.calib, "--calib")
-    if quant in ("int4", "int4-awq") and args.quant_group not in (32, 64, 128):
-        raise IRLMError(f"--quant-group {args.quant_group}: must be 32, 64 or 128")
-    for flag, value in (("--max-batch", args.max_batch), ("--max-seq", args.max_seq)):
-        if value is not None and value < 2:
-            raise IRLMError(f"{flag} {value}: must be at least 2")
-    _parallel.check_parallel_arguments(args)
+    if args.hf is not None:
+        return Source(args.hf, "hf", flag="--hf")
+    if args.gguf is not None:
+        return Source(args.gguf, "gguf", flag="--gguf")
+    if args.safetensors is not None:
+        return Source(args.safetensors, "safetensors", config=args.config, flag="--safetensors")
+    return Source(args.model, None, flag="MODEL.py")
 
 
-def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:
-    """The ranges of the graph's symbolic dimensions, from --max-batch / --max-seq."""
-    a = job.args
-    max_seq = a.max_seq
-    if max_seq is None:
-        max_seq = int(getattr(job.model.config, "max_position_embeddings", 0) or 2048)
-    return {"batch": (1, a.max_batch), "seq": (1, max_seq)}
-
-
-def summary(job: CompileJob, seconds: float) -> str:
-    g = job.graph
-    n_params = sum(1 for _ in g.params())
-    wrote = ", ".join(str(p) for p in job.written)
-    return (f"{job.model.source}: {job.model.describe()} → @{g.name}: {len(g)} ops "
-            f"({n_params} params); wrote {wrote} in {seconds:.1f}s")
-
-
-def _existing(path: Optional[str], flag: str) -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise IRLMError(f"{flag} {path}: no such file or directory")
-    return p
-
-
-def _graph_name(model) -> str:
-    cls = type(model.module).__name__
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in cls) or "main"
+def config_from_args(args) -> CompileConfig:
+    """The flags as a CompileConfig (checked by irlm.compile)."""
+    level: Optional[str] = args.opt_level or ("2" if args.pipeline is None else None)
+    return CompileConfig(
+        output=args.output, opt_level=level, pipeline=args.pipeline, dtype=args.dtype,
+        max_batch=args.max_batch, max_seq=args.max_seq, tokens_per_block=args.tokens_per_block,
+        max_num_tokens=args.max_num_tokens, quant=args.quant, quant_group=args.quant_group,
+        kv_cache_dtype=args.kv_cache_dtype, calib=args.calib, tp=args.tp, pp=args.pp,
+        write_engine=not args.no_engine, dump_ir=args.dump_ir, dump_ir_dir=args.dump_ir_dir,
+        print_ir_before=list(args.print_ir_before), print_ir_after=list(args.print_ir_after),
+        timing=args.timing, stats=args.stats, check_numerics=args.check_numerics,
+        numerics_atol=args.numerics_atol, numerics_rtol=args.numerics_rtol,
+        numerics_seed=args.numerics_seed, numerics_int_max=args.numerics_int_max,
+        verify_each=args.verify_each, pass_plugins=list(args.pass_plugin))
 
 
 class _progress:
@@ -391,10 +142,9 @@ class _progress:
             self._task = self._live.add_task("compile", total=len(STAGES))
         return self
 
-    def __call__(self, stage_name: str) -> None:
+    def __call__(self, stage_name: str, index: int, total: int) -> None:
         if self._live is not None:
-            self._live.update(self._task, description=stage_name,
-                              completed=[s.name for s in STAGES].index(stage_name))
+            self._live.update(self._task, description=stage_name, completed=index)
 
     def __exit__(self, *exc):
         if self._live is not None:

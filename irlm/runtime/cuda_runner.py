@@ -19,6 +19,7 @@ import torch
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
+from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
 from irlm.weights import WeightStore
 
 from .graph_runner import REQUIRED_INPUTS
@@ -120,7 +121,7 @@ class CudaGraphRunner:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
         from irlm.ops.llm import KV_QUANT_DTYPES
-        cache_dtype = graph.inputs[names.index("kv_cache")].type.dtype
+        cache_dtype = graph.inputs[names.index(KV_CACHE_INPUT)].type.dtype
         if cache_dtype in KV_QUANT_DTYPES:
             raise IRLMError(f"this engine stores its KV cache as {cache_dtype.value} "
                             f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
@@ -131,8 +132,8 @@ class CudaGraphRunner:
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
         store = weights if weights is not None else graph.weights
         self.weights = _to_device(graph, store, self.device)
-        cache_t = graph.inputs[names.index("kv_cache")].type
-        layers, _, two, bs, kv_heads, head_dim = cache_t.shape
+        cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
+        layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         dtype = cache_t.dtype.torch
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None

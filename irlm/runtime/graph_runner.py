@@ -1,7 +1,7 @@
 """A :class:`ModelRunner` over a compiled inference-form graph.
 
 The graph (``plan.irlm`` of an engine, or the output of ``substitute-attention``) takes the
-inputs named in :data:`irlm.passes.substitute_attention.INFERENCE_INPUTS`; this runner owns
+inputs named in :data:`irlm.ops.llm.INFERENCE_INPUTS`; this runner owns
 the KV pool those graphs read and write, and runs one step per call.  On the CPU every op runs
 its registry reference implementation through the interpreter: slow, but exactly the
 semantics that the GPU kernels are tested against.
@@ -15,11 +15,12 @@ import torch
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
+from irlm.ops.llm import INFERENCE_INPUTS, KV_CACHE_INPUT, KVCacheLayout
 
 from .model_runner import StepBatch
 
-REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
-                   "kv_cache")
+#: the inputs this runner feeds, in order: the inference form's (irlm.ops.llm)
+REQUIRED_INPUTS = INFERENCE_INPUTS
 
 
 class GraphRunner:
@@ -42,10 +43,10 @@ class GraphRunner:
             extra = [n for n in names if n not in REQUIRED_INPUTS]
             raise IRLMError(f"graph @{graph.name} has inputs the runtime cannot feed: "
                             f"{', '.join('%' + n for n in extra)}")
-        cache_t = graph.inputs[names.index("kv_cache")].type
-        layers, _, two, block_size, kv_heads, head_dim = cache_t.shape
+        cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
+        layers, _, two, block_size, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         dtype = cache_t.dtype.torch
-        per_block = layers * two * block_size * kv_heads * head_dim * dtype.itemsize
+        per_block = KVCacheLayout.of(cache_t).block_bytes(dtype.itemsize)
         if num_blocks is None:
             num_blocks = max(2, kv_cache_bytes // per_block)
         self.block_size = int(block_size)

@@ -15,6 +15,8 @@ import torch
 from irlm.errors import IRLMError
 from irlm.ir import Graph
 
+from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
+
 from .graph_runner import REQUIRED_INPUTS
 from .model_runner import StepBatch
 
@@ -36,15 +38,14 @@ class RankRunner:
                                 f"{', '.join('%' + n for n in names)}; expected "
                                 f"{', '.join('%' + n for n in REQUIRED_INPUTS)})")
             self._orders.append([REQUIRED_INPUTS.index(n) for n in names])
-            shapes.append(g.inputs[names.index("kv_cache")].type)
+            shapes.append(g.inputs[names.index(KV_CACHE_INPUT)].type)
         last = self.graphs[-1]
-        self.block_size = int(shapes[0].shape[3])
-        if any(int(t.shape[3]) != self.block_size for t in shapes):
+        self.block_size = int(KVCacheLayout.of(shapes[0]).block_size)
+        if any(int(KVCacheLayout.of(t).block_size) != self.block_size for t in shapes):
             raise IRLMError("the ranks' KV caches have different block sizes")
         if num_blocks is None:
             # the budget is per rank, like a GPU's memory; the tightest rank decides
-            per_block = max(int(t.shape[0]) * int(t.shape[2]) * self.block_size *
-                            int(t.shape[4]) * int(t.shape[5]) * t.dtype.torch.itemsize
+            per_block = max(KVCacheLayout.of(t).block_bytes(t.dtype.torch.itemsize)
                             for t in shapes)
             num_blocks = max(2, kv_cache_bytes // per_block)
         self.num_blocks = int(num_blocks)
