@@ -254,6 +254,26 @@ class Graph:
                 return v
         raise IRError(f"graph @{self.name} has no value named %{name}")
 
+    def clone(self, weights=None, value_map: Optional[dict] = None) -> "Graph":
+        """A structural copy: new values and ops with the same names, types, attributes,
+        locations and order; attribute values are shared (passes replace them, never mutate
+        them).  ``weights``: the copy's store (default: this graph's).  ``value_map``, when
+        given, is filled with ``id(old value) -> new value``."""
+        vmap = value_map if value_map is not None else {}
+        g = Graph(self.name, self.weights if weights is None else weights)
+        g.dims = dict(self.dims)
+        for v in self.inputs:
+            vmap[id(v)] = g.add_input(v.type, v.name)
+        for op in self.ops:
+            new = Op(op.name, [vmap[id(v)] for v in op.operands], [r.type for r in op.results],
+                     dict(op.attrs), op.loc, [r.name for r in op.results])
+            new.text_pos = op.text_pos
+            g.append(new)
+            for a, b in zip(op.results, new.results):
+                vmap[id(a)] = b
+        g.set_outputs([vmap[id(v)] for v in self.outputs])
+        return g
+
     def params(self) -> Iterator[Op]:
         return (op for op in self.ops if op.name == "param")
 

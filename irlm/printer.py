@@ -260,6 +260,15 @@ class _Printer:
         return "\n".join(lines)
 
 
+def printed_names(graph: Graph) -> dict[Value, str]:
+    """The name (without ``%``) each value of ``graph`` prints with: its own when valid and
+    unique, else a number.  A structural copy named this way prints, and names what passes
+    derive from it, exactly as a print → parse round trip would."""
+    p = _Printer(graph)
+    p.assign_names()
+    return {v: n[1:] for v, n in p.names.items()}
+
+
 def print_graph(graph: Graph) -> str:
     """The text of ``graph`` (ends with a newline); ``str(graph)`` calls this."""
     return _Printer(graph).run()
