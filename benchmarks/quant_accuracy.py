@@ -97,7 +97,7 @@ def main(argv=None):
     from irlm.frontends.gguf import load_gguf
     from irlm.passes import run_pipeline
     from irlm.runtime import LLM, SamplingParams
-    from irlm.runtime.graph_runner import GraphRunner
+    from irlm.runtime.runners.interpreter import GraphRunner
 
     path = gguf_path()
     loaded = load_gguf(path)
@@ -110,8 +110,8 @@ def main(argv=None):
     calib = write_token_lists(tokenize_prompts(read_prompts(DEFAULT_CALIBRATION), tok),
                               Path(tempfile.mkdtemp()) / "calib-tokens.json")
 
-    from irlm.parser import parse_graph
-    from irlm.printer import print_graph
+    from irlm.text.parser import parse_graph
+    from irlm.text.printer import print_graph
     compiled = compile_causal_lm(loaded.module, weights=loaded.weights, level="2", max_seq=512)
     gtext = print_graph(compiled)
 

@@ -278,5 +278,5 @@ class Graph:
         return (op for op in self.ops if op.name == "param")
 
     def __str__(self) -> str:
-        from .printer import print_graph
+        from .text.printer import print_graph
         return print_graph(self)

@@ -10,7 +10,7 @@ engine, its largest step (``tokens = max_num_tokens``) — so the plan bounds ev
 activation memory.
 
 The CUDA executor uses the plan to reserve activation memory before it sizes the KV pool from
-what is left (irlm/runtime/cuda_runner.py); buffers themselves still come from torch's caching
+what is left (irlm/runtime/runners/cuda_graphs.py); buffers themselves still come from torch's caching
 allocator, which reuses freed blocks in the same liveness order.
 """
 from __future__ import annotations

@@ -14,9 +14,9 @@ import transformers
 
 from irlm.cli import main as irlm_main
 from irlm.errors import IRLMError
-from irlm.lowering.engine import load_engine
+from irlm.lowering.engine_format import load_engine
 from irlm.runtime import LLM, SamplingParams
-from irlm.runtime.graph_runner import runner_for_engine
+from irlm.runtime.runners.interpreter import runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 
 VOCAB = 96
@@ -165,7 +165,7 @@ def test_multi_rank_engine_is_refused_by_the_cuda_runner(models, tmp_path_factor
     engine = load_engine(split)
     with pytest.raises(IRLMError, match="multi-rank engine .tp 2, pp 1. runs only on the CPU"):
         runner_for_engine(engine, device="cuda")
-    from irlm.runtime.cuda_runner import CudaGraphRunner
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     with pytest.raises(IRLMError, match="one rank of a multi-rank .* no NCCL collectives"):
         CudaGraphRunner(engine.ranks[0].graph)
 

@@ -87,7 +87,7 @@ def test_greedy_chat_matches_transformers_token_for_token(engine_dir, hf):
 
 def test_engine_directory_damage_is_refused(engine_dir, tmp_path):
     import shutil
-    from irlm.lowering.engine import EngineError, load_engine
+    from irlm.lowering.engine_format import EngineError, load_engine
     bad = tmp_path / "bad"
     shutil.copytree(engine_dir, bad, ignore=shutil.ignore_patterns("weights.safetensors"))
     with pytest.raises(EngineError, match="missing file weights.safetensors"):

@@ -19,10 +19,10 @@ import transformers
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ops.quant import dequantize_reference, pack_int4, unpack_int4
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import PassError, run_pass, run_pipeline
 from irlm.passes.quantize import (quantize_fp8, quantize_int4, quantize_int8, relative_error)
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 from irlm.types import DType
 from irlm.verifier import verify
 

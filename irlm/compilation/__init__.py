@@ -10,7 +10,7 @@
 Modules: :mod:`.config` (the typed settings), :mod:`.source` (what can be compiled and how
 it is loaded), :mod:`.stages` (the stages, in order), :mod:`.parallel` (the tp/pp split
 stages), :mod:`.driver` (:func:`compile`), :mod:`.causal_lm` (a module → its inference-form
-graph in memory, for tests and benchmarks).  ``irlm compile`` (irlm/commands/compile.py) is
+graph in memory, for tests and benchmarks).  ``irlm compile`` (irlm/cli/compile.py) is
 argument parsing around :func:`compile`.
 """
 from .causal_lm import compile_causal_lm, inference_example_inputs, pipeline_for

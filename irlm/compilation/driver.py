@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from ..errors import IRLMError
 from .config import CompileConfig
 from .stages import STAGES, CompileJob
-from irlm.lowering.engine import Engine
+from irlm.lowering.engine_format import Engine
 
 #: ``progress(stage_name, index, total)``, called before each stage runs
 ProgressCallback = Callable[[str, int, int], None]
@@ -18,7 +18,7 @@ ProgressCallback = Callable[[str, int, int], None]
 @dataclass
 class CompiledEngine(Engine):
     """What :func:`compile` returns: the engine it wrote (an
-    :class:`irlm.lowering.engine.Engine`: path, final graph, build config, tokenizer, ranks;
+    :class:`irlm.lowering.engine_format.Engine`: path, final graph, build config, tokenizer, ranks;
     ``graph`` is rank 0's for a split engine) plus the compile's record."""
     model: Any = None                  # the LoadedModel that was compiled
     full_graph: Any = None             # the whole model's final graph (before a tp/pp split)

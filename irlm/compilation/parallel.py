@@ -9,7 +9,7 @@ the rest of the config (:meth:`CompileConfig.check`):
 * :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``quant`` int8 /
   int4, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
   of a split compile); :func:`write_engine` writes them as a multi-rank engine
-  (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
+  (lowering/engine_format.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
 """
 from __future__ import annotations
 
@@ -107,7 +107,7 @@ def split_stage(job) -> None:
     tp, pp = _sizes(job.config)
     if tp == 1 and pp == 1:
         return
-    from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+    from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
     if tp > 1:
         job.ranks, what = split_for_tensor_parallel(job.graph, tp), f"tp-split{{size={tp}}}"
     else:
@@ -115,7 +115,7 @@ def split_stage(job) -> None:
     job.pipeline = f"{job.pipeline},{what}" if job.pipeline else what
     n = 0
     if job.config.dump_ir:
-        from irlm.printer import print_graph
+        from irlm.text.printer import print_graph
         ir = job.out / "ir"
         # continue the pass dumps' numbering, one folder per rank
         n = len(list(ir.glob("[0-9][0-9]-*.irlm"))) if ir.is_dir() else 0
@@ -149,8 +149,8 @@ def quantize_ranks(job, stage_offset: int) -> None:
 
 
 def write_engine(job, config: dict, tokenizer) -> None:
-    """The engine: one graph (lowering/engine.py's layout), or one per rank."""
-    from irlm.lowering.engine import write_engine as write_one, write_parallel_engine
+    """The engine: one graph (lowering/engine_format.py's layout), or one per rank."""
+    from irlm.lowering.engine_format import write_engine as write_one, write_parallel_engine
     if not job.ranks:
         write_one(job.graph, job.out, config, tokenizer=tokenizer)
         return

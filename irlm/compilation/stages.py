@@ -5,7 +5,7 @@ parallel split against the model → tokenize the calibration set → trace → 
 frontend IR (``OUT/ir/00-frontend.irlm``) → the pass pipeline (the ``-O`` level's named
 pipeline; for causal LMs it ends in the paged inference form) → split into ranks (``tp``/``pp``)
 → write the engine into OUT (``engine.json``, ``plan.irlm``, ``weights.safetensors``,
-tokenizer; see lowering/engine.py).  A new stage is one entry in :data:`STAGES`.
+tokenizer; see lowering/engine_format.py).  A new stage is one entry in :data:`STAGES`.
 """
 from __future__ import annotations
 
@@ -207,7 +207,7 @@ def verify_stage(job: CompileJob) -> None:
 
 
 def write_frontend_ir_stage(job: CompileJob) -> None:
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     path = job.out / FRONTEND_IR
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(print_graph(job.graph), encoding="utf-8")

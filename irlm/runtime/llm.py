@@ -7,7 +7,7 @@
 
 A runner is anything implementing :class:`~irlm.runtime.model_runner.ModelRunner`: a
 compiled engine (``LLM.from_engine``), or for tests a
-:class:`~irlm.runtime.reference_runner.ReferenceRunner` over a Hugging Face model.
+:class:`~irlm.runtime.runners.hf_reference.ReferenceRunner` over a Hugging Face model.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from collections import deque
 from typing import AsyncIterator, Sequence
 
 from ..errors import IRLMError
-from .engine import LLMEngine
+from .llm_engine import LLMEngine
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, StreamOutput
 from .sampling import SamplingParams
@@ -62,8 +62,8 @@ class LLM:
         ``device``: ``cpu`` (the reference interpreter), ``cuda``, or ``auto`` (cuda when a GPU
         is present).  The tokenizer, chat template and EOS ids saved in the engine are used
         unless given in ``kwargs``."""
-        from .graph_runner import runner_for_engine
-        from irlm.lowering.engine import load_engine
+        from .runners.interpreter import runner_for_engine
+        from irlm.lowering.engine_format import load_engine
         engine = load_engine(engine_dir)
         runner = runner_for_engine(engine, device=device, num_blocks=num_blocks)
         kwargs.setdefault("chat_template", engine.chat_template)

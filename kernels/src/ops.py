@@ -2,7 +2,7 @@
 
 Every launcher takes and returns torch tensors on a CUDA device, checks shapes, dtypes,
 devices, strides and alignment before anything reaches the GPU (raising
-:class:`~irlm.kernels.compiler.KernelArgumentError`), and launches on torch's current stream
+:class:`~irlm.kernels.nvrtc.KernelArgumentError`), and launches on torch's current stream
 without synchronising.  Supported element types: bfloat16, float16, float32 (float32
 attention runs on the tensor cores as tf32).
 
@@ -23,7 +23,7 @@ import torch
 
 from irlm.ops.llm import KVCacheLayout
 
-from .compiler import Kernel, KernelArgumentError
+from .nvrtc import Kernel, KernelArgumentError
 
 c_void_p, c_longlong, c_int, c_float = (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
                                         ctypes.c_float)

@@ -43,7 +43,7 @@ def run(args) -> int:
     pipeline_from_args(args)  # a bad pipeline is reported before a big file is read
     graph = _load(args.file, args.weights)
     run_pipeline_from_args(graph, args)
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     text = print_graph(graph)
     if not text.endswith("\n"):
         text += "\n"
@@ -63,7 +63,7 @@ def _no_pipeline(args):
 
 
 def _load(path: str, weight_files):
-    from irlm.parser import parse_graph
+    from irlm.text.parser import parse_graph
     store = None
     if weight_files:
         from irlm.weights import WeightStore

@@ -1,7 +1,7 @@
 """A :class:`ModelRunner` over the per-rank graphs of a tensor- or pipeline-parallel engine.
 
 On the CPU all ranks run together in the multi-rank simulator
-(:func:`irlm.distributed.run_ranks`): one thread per rank, each with the reference interpreter
+(:func:`irlm.runtime.distributed.run_ranks`): one thread per rank, each with the reference interpreter
 and its own paged KV pool.  A pool's shape comes from its rank's graph (a tp rank caches its kv
 heads, a pipeline stage its layers), but every pool has the same number of blocks, because the
 runtime's one block manager hands out block tables that all ranks index.
@@ -17,8 +17,8 @@ from irlm.ir import Graph
 
 from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
 
-from .graph_runner import REQUIRED_INPUTS
-from .model_runner import StepBatch
+from .interpreter import REQUIRED_INPUTS
+from ..model_runner import StepBatch
 
 
 class RankRunner:
@@ -58,7 +58,7 @@ class RankRunner:
                                       dtype=t.dtype.torch) for t in shapes]
 
     def step(self, batch: StepBatch) -> torch.Tensor:
-        from irlm.distributed import run_ranks
+        from irlm.runtime.distributed import run_ranks
         feeds = [(batch.input_ids, batch.positions, batch.q_lens, batch.cached_lens,
                   batch.block_tables, cache) for cache in self.kv_caches]
         inputs = [[f[i] for i in order] for f, order in zip(feeds, self._orders)]

@@ -1,6 +1,6 @@
 """The ``irlm`` command line.
 
-Each subcommand lives in ``irlm/commands/<name>.py`` and provides ``add_parser(subparsers)``;
+Each subcommand lives in ``irlm/cli/<name>.py`` and provides ``add_parser(subparsers)``;
 the parser it adds sets ``func``.  Every user mistake surfaces as an :class:`IRLMError` (or an
 ``OSError`` for a missing file) and is printed here as one line, with exit status 1; argparse
 usage errors exit with status 2.  Anything else is a bug in irlm (or in a pass plugin): it is
@@ -15,7 +15,7 @@ import sys
 
 import traceback
 
-from .errors import InternalError, IRLMError, ParseError
+from ..errors import InternalError, IRLMError, ParseError
 
 COMMANDS = ("ir", "opt", "compile", "run")
 
@@ -30,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     import importlib
     for name in COMMANDS:
         try:
-            mod = importlib.import_module(f"irlm.commands.{name}")
+            mod = importlib.import_module(f"irlm.cli.{name}")
         except ModuleNotFoundError as e:
-            if e.name == f"irlm.commands.{name}":
+            if e.name == f"irlm.cli.{name}":
                 continue  # command not built yet
             raise
         mod.add_parser(sub)
@@ -51,7 +51,7 @@ def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def _version() -> str:
-    from . import __version__
+    from .. import __version__
     return __version__
 
 

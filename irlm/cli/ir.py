@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 def load(path: str):
     """Parse and verify an IR file; errors carry file:line:col."""
-    from ..parser import parse_graph
+    from ..text.parser import parse_graph
     from ..verifier import verify
     if path == "-":
         text, name = sys.stdin.read(), "<stdin>"

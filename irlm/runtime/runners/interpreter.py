@@ -17,7 +17,7 @@ from irlm.interpreter import Interpreter
 from irlm.ir import Graph
 from irlm.ops.llm import INFERENCE_INPUTS, KV_CACHE_INPUT, KVCacheLayout
 
-from .model_runner import StepBatch
+from ..model_runner import StepBatch
 
 #: the inputs this runner feeds, in order: the inference form's (irlm.ops.llm)
 REQUIRED_INPUTS = INFERENCE_INPUTS
@@ -61,7 +61,7 @@ class GraphRunner:
                                     dtype=dtype, device=self.device)
         weights = graph.weights
         if self.device.type != "cpu":
-            from .cuda_runner import _to_device
+            from .cuda_graphs import _to_device
             weights = _to_device(graph, graph.weights, self.device)
         self._interp = Interpreter(graph, weights, device=self.device)
 
@@ -76,7 +76,7 @@ class GraphRunner:
 def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None):
     """The ModelRunner that serves a loaded engine on ``device`` (auto: cuda if present).
     A multi-rank engine (``irlm compile --tp/--pp``) runs all its ranks in the CPU simulator
-    (:class:`~irlm.runtime.rank_runner.RankRunner`); auto picks the CPU for it."""
+    (:class:`~irlm.runtime.runners.ranks.RankRunner`); auto picks the CPU for it."""
     max_len = engine.config.get("max_model_len")
     if getattr(engine, "ranks", None):
         par = engine.parallel
@@ -84,7 +84,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
             raise IRLMError(f"{engine.path}: a multi-rank engine (tp {par.get('tp')}, pp "
                             f"{par.get('pp')}) runs only on the CPU simulator for now (there "
                             f"are no NCCL collectives yet); use --device cpu")
-        from .rank_runner import RankRunner
+        from .ranks import RankRunner
         return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
                           max_model_len=max_len)
     if device == "auto":
@@ -93,7 +93,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         raise IRLMError("--device cuda: no CUDA GPU is available here")
     if device == "cuda":
         try:
-            from .cuda_runner import CudaGraphRunner
+            from .cuda_graphs import CudaGraphRunner
         except ImportError:
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
