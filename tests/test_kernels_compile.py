@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from irlm.errors import IRLMError
-from irlm.kernels import compiler, ops
+from irlm.kernels import nvrtc as compiler, ops
 from irlm.kernels.nvrtc import KernelCompileError, compile_source
 
 OK, WHY = compiler.nvrtc_available()

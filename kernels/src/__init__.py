@@ -26,6 +26,6 @@ def __getattr__(name):
         from . import ops
         return getattr(ops, name)
     if name in _ERRORS:
-        from . import compiler
-        return getattr(compiler, name)
+        from . import nvrtc
+        return getattr(nvrtc, name)
     raise AttributeError(f"module 'irlm.kernels' has no attribute {name!r}")
