@@ -60,7 +60,7 @@ def main() -> None:
     timed("import", imports)
     from irlm.frontends import trace
     from irlm.frontends.gguf import load_gguf
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     from irlm.verifier import verify
 
     model = timed("load", lambda: load_gguf(path))

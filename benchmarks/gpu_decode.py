@@ -61,8 +61,8 @@ def copy_bandwidth() -> float:
 def build(layers: int, max_num_tokens: int = 8192):
     """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU."""
     import transformers
-    from irlm.compiler import compile_causal_lm
-    from irlm.runtime.cuda_runner import CudaGraphRunner
+    from irlm.compilation import compile_causal_lm
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     cfg = llama3_8b_config(layers)
     t0 = time.perf_counter()
     with torch.device("meta"):
@@ -104,7 +104,7 @@ ASYNC_DECODE = False  # --async-decode
 def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens):
     """Submit every prompt at once; returns (seconds, per-request TTFT, per-request TPOT)."""
     from irlm.runtime import SamplingParams
-    from irlm.runtime.engine import LLMEngine
+    from irlm.runtime.llm_engine import LLMEngine
     engine = LLMEngine(runner, None, max_num_tokens=max_num_tokens, max_batch_size=max_batch,
                        max_waiting=len(prompts) + 1, enable_prefix_caching=False,
                        async_decode=ASYNC_DECODE)

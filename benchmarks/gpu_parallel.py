@@ -42,9 +42,9 @@ def log(*a):
 def write_engine(cfg, tp: int, pp: int, out: Path) -> Path:
     """Trace on meta, compile -O2, fill random bf16 weights, split, write the engine."""
     import transformers
-    from irlm.compiler import compile_causal_lm
-    from irlm.lowering.engine import write_engine as write_one, write_parallel_engine
-    from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+    from irlm.compilation import compile_causal_lm
+    from irlm.lowering.engine_format import write_engine as write_one, write_parallel_engine
+    from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
     t0 = time.perf_counter()
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
@@ -77,7 +77,7 @@ def write_engine(cfg, tp: int, pp: int, out: Path) -> Path:
 
 def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens=8192):
     from irlm.runtime import SamplingParams
-    from irlm.runtime.engine import LLMEngine
+    from irlm.runtime.llm_engine import LLMEngine
     engine = LLMEngine(runner, None, max_num_tokens=max_num_tokens, max_batch_size=max_batch,
                        max_waiting=len(prompts) + 1, enable_prefix_caching=False)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
@@ -213,8 +213,8 @@ def main() -> int:
                     log(f"{tag}: {tp * pp} ranks up in {time.perf_counter() - t0:.1f}s, "
                         f"{runner.num_blocks} KV blocks")
                 else:
-                    from irlm.lowering.engine import load_engine
-                    from irlm.runtime.cuda_runner import CudaGraphRunner
+                    from irlm.lowering.engine_format import load_engine
+                    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
                     runner = CudaGraphRunner(load_engine(path).graph)
                 try:
                     if "b1" in sections:

@@ -3,7 +3,7 @@
 On the GPU the decode step of a large batch is a CUDA graph replay of a few milliseconds;
 everything the runtime does on the CPU around it (schedule, pack the batch, sample, update
 sequences, retire) adds to every step unless it overlaps.  This benchmark runs
-:class:`~irlm.runtime.engine.LLMEngine` over a runner that computes nothing (it returns
+:class:`~irlm.runtime.llm_engine.LLMEngine` over a runner that computes nothing (it returns
 precomputed logits of a small vocabulary, so sampling's device work is negligible) and
 reports milliseconds per step of each part, for a steady decode batch of ``--batch``
 sequences: the cost that a faster GPU step cannot hide.
@@ -41,9 +41,9 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    import irlm.runtime.engine as E
+    import irlm.runtime.llm_engine as E
     from irlm.runtime import SamplingParams
-    from irlm.runtime.engine import LLMEngine
+    from irlm.runtime.llm_engine import LLMEngine
 
     runner = NullRunner(args.vocab, args.batch)
     eng = LLMEngine(runner, None, max_num_tokens=args.batch * args.prompt,

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def fan_out(n: int) -> None:
-    from irlm.parser import parse_graph
+    from irlm.text.parser import parse_graph
     from irlm.verifier import verify
     lines = ["graph @f(%x: tensor<4xf32>) -> (tensor<4xf32>) {"]
     lines += [f"  %y{i} = core.neg(%x) : tensor<4xf32>" for i in range(n)]
@@ -29,7 +29,7 @@ def fan_out(n: int) -> None:
 
 
 def long_string(n: int) -> None:
-    from irlm.parser import parse_graph
+    from irlm.text.parser import parse_graph
     text = ("graph @f(%x: tensor<4xf32>) -> (tensor<4xf32>) {\n"
             f'  %y = core.neg(%x) {{note = "{"w" * n}"}} : tensor<4xf32>\n  return %y\n}}\n')
     try:
@@ -72,7 +72,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every base size")
     args = ap.parse_args()
-    import irlm.parser  # noqa: F401  (warm imports and the grammar before forking)
+    import irlm.text.parser  # noqa: F401  (warm imports and the grammar before forking)
     import irlm.verifier  # noqa: F401
     print(f"{'family':<16} {'n':>10} {'seconds':>8} {'MiB':>8}")
     for name, (fn, base) in FAMILIES.items():

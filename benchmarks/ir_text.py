@@ -18,8 +18,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from irlm import Builder, DType, Graph, Location, TensorType, sym  # noqa: E402
-from irlm.parser import parse_graph  # noqa: E402
-from irlm.printer import print_graph  # noqa: E402
+from irlm.text.parser import parse_graph  # noqa: E402
+from irlm.text.printer import print_graph  # noqa: E402
 
 PARSE_TARGET = 10_000   # ops/s
 PRINT_TARGET = 50_000   # ops/s

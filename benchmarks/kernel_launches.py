@@ -28,7 +28,7 @@ try:
 except ImportError:  # not installed: run from the checkout (needs the package-dir mapping)
     sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
     from irlm.kernels import ops
-from irlm.kernels.compiler import precompile  # noqa: E402
+from irlm.kernels.nvrtc import precompile  # noqa: E402
 
 DEV = "cuda"
 H, KV, D, HIDDEN, INTER, VOCAB, BS = 32, 8, 128, 4096, 14336, 128256, 16

@@ -94,12 +94,12 @@ def main(argv=None):
     ap.add_argument("--tokens", type=int, default=256, help="eval text tokens to score")
     args = ap.parse_args(argv)
 
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     from irlm.errors import IRLMError
     from irlm.frontends.gguf import load_gguf
     from irlm.passes import run_pipeline
     from irlm.runtime import LLM, SamplingParams
-    from irlm.runtime.graph_runner import GraphRunner
+    from irlm.runtime.runners.interpreter import GraphRunner
 
     path = gguf_path()
     loaded = load_gguf(path)
@@ -112,8 +112,8 @@ def main(argv=None):
     calib = write_token_lists(tokenize_prompts(read_prompts(DEFAULT_CALIBRATION), tok),
                               Path(tempfile.mkdtemp()) / "calib-tokens.json")
 
-    from irlm.parser import parse_graph
-    from irlm.printer import print_graph
+    from irlm.text.parser import parse_graph
+    from irlm.text.printer import print_graph
     compiled = compile_causal_lm(loaded.module, weights=loaded.weights, level="2", max_seq=512)
     gtext = print_graph(compiled)
 

@@ -29,7 +29,7 @@ from typing import Callable, Optional
 import torch
 
 from irlm.ir import Value
-from irlm.types import DType, dims_equal, normalize_dim
+from irlm.types import DType, dims_equal, normalize_axis, normalize_dim
 
 SUPPORTED_OPS_DOC = "docs/supported-ops.md"
 
@@ -114,8 +114,7 @@ def _expand(cx, x: Value, shape) -> Value:
     return cx.op("core.expand", x, shape=list(shape))
 
 
-def _axis(dim: int, rank: int) -> int:
-    return dim % rank if rank else 0
+_axis = normalize_axis   # torch.export has checked the dims
 
 
 def _scaled(cx, v: Value, factor) -> Value:

@@ -11,6 +11,11 @@ class IRLMError(Exception):
     """Base class of every error that is the user's to fix, not a bug in irlm."""
 
 
+class InternalError(Exception):
+    """A bug in irlm (or in a pass plugin), not the user's to fix.  The CLI prints it on one
+    line with "re-run with --debug for the traceback"; ``--debug`` shows the traceback."""
+
+
 class IRError(IRLMError):
     """An ill-formed graph, op or type (raised by builders, inference and the verifier)."""
 

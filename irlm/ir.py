@@ -117,6 +117,12 @@ class Op:
     def dialect(self) -> str:
         return self.name.split(".", 1)[0] if "." in self.name else ""
 
+    def operand(self, name: str) -> Value:
+        """The operand the op's registry definition calls ``name`` (``op.operand("kv_cache")``
+        rather than ``op.operands[3]``)."""
+        from .registry import get_op_def
+        return self.operands[get_op_def(self.name).operand_index(name)]
+
     def set_operand(self, index: int, value: Value) -> None:
         old = self.operands[index]
         old.uses = [u for u in old.uses if not (u.op is self and u.index == index)]
@@ -248,9 +254,29 @@ class Graph:
                 return v
         raise IRError(f"graph @{self.name} has no value named %{name}")
 
+    def clone(self, weights=None, value_map: Optional[dict] = None) -> "Graph":
+        """A structural copy: new values and ops with the same names, types, attributes,
+        locations and order; attribute values are shared (passes replace them, never mutate
+        them).  ``weights``: the copy's store (default: this graph's).  ``value_map``, when
+        given, is filled with ``id(old value) -> new value``."""
+        vmap = value_map if value_map is not None else {}
+        g = Graph(self.name, self.weights if weights is None else weights)
+        g.dims = dict(self.dims)
+        for v in self.inputs:
+            vmap[id(v)] = g.add_input(v.type, v.name)
+        for op in self.ops:
+            new = Op(op.name, [vmap[id(v)] for v in op.operands], [r.type for r in op.results],
+                     dict(op.attrs), op.loc, [r.name for r in op.results])
+            new.text_pos = op.text_pos
+            g.append(new)
+            for a, b in zip(op.results, new.results):
+                vmap[id(a)] = b
+        g.set_outputs([vmap[id(v)] for v in self.outputs])
+        return g
+
     def params(self) -> Iterator[Op]:
         return (op for op in self.ops if op.name == "param")
 
     def __str__(self) -> str:
-        from .printer import print_graph
+        from .text.printer import print_graph
         return print_graph(self)

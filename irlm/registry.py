@@ -47,6 +47,25 @@ def attr(kind: str, default: Any = REQUIRED, choices: Optional[Sequence] = None)
     return AttrSpec(kind, default, tuple(choices) if choices else None, default is None)
 
 
+# ----- traits: what passes, lowering and runtime may assume about an op -------------------------
+#: The result aliases operand 0's storage (reshape, transpose, slice, ...): no new buffer.
+VIEW = "view"
+#: A view that keeps element order (reshape, squeeze, unsqueeze): two in a row are one reshape.
+RESHAPE_LIKE = "reshape-like"
+#: Computes each output element from the operand elements at the same (broadcast) index.
+ELEMENTWISE = "elementwise"
+#: An elementwise nonlinearity a layer applies after a linear (relu, gelu, silu, ...).
+ACTIVATION = "activation"
+#: Produces a value from attributes alone, no operands (param, constant).
+CONSTANT_LIKE = "constant-like"
+#: The first two operands may be swapped.
+COMMUTATIVE = "commutative"
+#: Has an effect beyond its results (collectives, cache writes): never erased or merged.
+HAS_SIDE_EFFECTS = "has-side-effects"
+
+TRAITS = (VIEW, RESHAPE_LIKE, ELEMENTWISE, ACTIVATION, CONSTANT_LIKE, COMMUTATIVE,
+          HAS_SIDE_EFFECTS)
+
 InferFn = Callable[[list[Optional[TensorType]], dict[str, Any]], list[TensorType]]
 RefFn = Callable[..., list[torch.Tensor]]
 
@@ -61,10 +80,21 @@ class OpDef:
     doc: str = ""
     pure: bool = True          # no side effects: removable when unused, mergeable by CSE
     commutative: bool = False  # the first two operands may be swapped
+    traits: frozenset[str] = frozenset()   # TRAITS; pure/commutative are among them
 
     @property
     def operand_names(self) -> list[str]:
         return [o.rstrip("?*") for o in self.operands]
+
+    def has_trait(self, trait: str) -> bool:
+        return trait in self.traits
+
+    def operand_index(self, name: str) -> int:
+        """The position of operand ``name`` (``"kv_cache"`` of llm.paged_attention is 3)."""
+        names = self.operand_names
+        if name not in names:
+            raise IRError(f"{self.name} has no operand '{name}' (operands: {', '.join(names)})")
+        return names.index(name)
 
     def check_operand_count(self, n: int) -> Optional[str]:
         required = sum(1 for o in self.operands if not o.endswith(("?", "*")))
@@ -124,10 +154,20 @@ _REGISTRY: dict[str, OpDef] = {}
 
 def define_op(name: str, operands: Sequence[str], attrs: Optional[dict[str, AttrSpec]] = None, *,
               infer: InferFn, reference: RefFn, doc: str = "", pure: bool = True,
-              commutative: bool = False) -> OpDef:
+              commutative: bool = False, traits: Sequence[str] = ()) -> OpDef:
     if name in _REGISTRY:
         raise ValueError(f"op {name} is defined twice")
-    d = OpDef(name, tuple(operands), dict(attrs or {}), infer, reference, doc, pure, commutative)
+    unknown = set(traits) - set(TRAITS)
+    if unknown:
+        raise ValueError(f"op {name}: unknown traits {sorted(unknown)} (traits: {TRAITS})")
+    all_traits = set(traits) | ({COMMUTATIVE} if commutative else set()) | \
+        (set() if pure else {HAS_SIDE_EFFECTS})
+    if RESHAPE_LIKE in all_traits:
+        all_traits.add(VIEW)
+    if ACTIVATION in all_traits:
+        all_traits.add(ELEMENTWISE)
+    d = OpDef(name, tuple(operands), dict(attrs or {}), infer, reference, doc, pure, commutative,
+              frozenset(all_traits))
     _REGISTRY[name] = d
     return d
 
@@ -150,6 +190,32 @@ def has_op(name: str) -> bool:
 def all_ops() -> dict[str, OpDef]:
     _ensure_loaded()
     return dict(_REGISTRY)
+
+
+def ops_with_trait(trait: str) -> frozenset[str]:
+    """The names of every registered op with ``trait``."""
+    _ensure_loaded()
+    if trait not in TRAITS:
+        raise ValueError(f"unknown trait {trait!r} (traits: {', '.join(TRAITS)})")
+    return frozenset(n for n, d in _REGISTRY.items() if trait in d.traits)
+
+
+def has_trait(op_name: str, trait: str) -> bool:
+    """Whether the op named ``op_name`` has ``trait`` (False for an unknown op)."""
+    _ensure_loaded()
+    d = _REGISTRY.get(op_name)
+    return d is not None and trait in d.traits
+
+
+def is_dead(op) -> bool:
+    """An op that may be erased: registered, free of side effects, and nothing (no op, no
+    graph output) reads any of its results.  The one dead-op predicate of every pass."""
+    _ensure_loaded()
+    d = _REGISTRY.get(op.name)
+    if d is None or not d.pure:
+        return False
+    outputs = op.graph.outputs if op.graph is not None else ()
+    return not any(r.uses or any(r is o for o in outputs) for r in op.results)
 
 
 _loaded = False

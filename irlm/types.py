@@ -86,6 +86,16 @@ def sym(name: str) -> sympy.Symbol:
     return sympy.Symbol(name, integer=True, positive=True)
 
 
+def normalize_axis(axis: int, rank: int) -> int:
+    """A possibly negative axis (torch's convention) as an index in ``range(rank)``; a scalar
+    (rank 0) takes axis 0 or -1 like torch.  An IRError when out of range.  The one axis
+    normalizer: ops, passes and frontends all call this."""
+    n = max(rank, 1)
+    if not -n <= axis < n:
+        raise IRError(f"axis {axis} is out of range for rank {rank}")
+    return axis % n
+
+
 def normalize_dim(d) -> Dim:
     """Turn ints, sympy integers and constant expressions into ``int``; keep symbolic ones."""
     if isinstance(d, bool):

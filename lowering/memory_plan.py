@@ -10,7 +10,7 @@ engine, its largest step (``tokens = max_num_tokens``) — so the plan bounds ev
 activation memory.
 
 The CUDA executor uses the plan to reserve activation memory before it sizes the KV pool from
-what is left (irlm/runtime/cuda_runner.py); buffers themselves still come from torch's caching
+what is left (irlm/runtime/runners/cuda_graphs.py); buffers themselves still come from torch's caching
 allocator, which reuses freed blocks in the same liveness order.
 """
 from __future__ import annotations
@@ -21,10 +21,13 @@ from typing import Mapping
 import sympy
 
 from irlm.ir import Graph, Value
+from irlm.registry import CONSTANT_LIKE, VIEW, ops_with_trait
 from irlm.types import sym
 
-VIEW_OPS = frozenset({"core.reshape", "core.transpose", "core.permute", "core.expand",
-                      "core.squeeze", "core.unsqueeze", "core.slice", "core.split"})
+#: ops whose results alias their first operand's storage (the registry's view trait)
+VIEW_OPS = ops_with_trait(VIEW)
+#: ops that own no activation storage (weights, constants)
+CONSTANT_OPS = ops_with_trait(CONSTANT_LIKE)
 ALIGN = 256
 
 
@@ -62,7 +65,7 @@ def plan_activation_memory(graph: Graph, dims: Mapping[str, int]) -> MemoryPlan:
                 base = root.get(id(op.operands[0]), op.operands[0])
                 root[id(r)] = base
                 continue
-            if op.name == "param" or op.name == "core.constant":
+            if op.name in CONSTANT_OPS:
                 continue
             size = _bytes(r, subs)
             buffers[id(r)] = Buffer(r.name or f"%{i}", size, i, i)

@@ -34,6 +34,7 @@ from .pipeline import (NAMED_PIPELINES, PassInvocation, Pipeline, named_pipeline
 from .plugins import load_plugin
 from .registry import PassInfo, all_passes, get_pass, register_pass
 from .rewriter import RewriteListener, Rewriter
+from . import levels  # noqa: E402,F401  (registers -O0/-O1/-O2 and their causal-lm forms)
 
 
 def register_canonicalization(pattern) -> None:

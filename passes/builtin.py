@@ -3,4 +3,4 @@ from . import canonicalize, cse, dce  # noqa: F401
 from . import substitute_attention  # noqa: F401
 from . import fusions  # noqa: F401  (fuse-rms-norm, fuse-rope, fuse-qkv, ...)
 from . import quantize, quant_fuse, quantize_kv  # noqa: F401  (quantize, fuse-quant, quantize-kv-cache)
-from . import tp_split  # noqa: F401  (tp-split)
+from .parallel import tp_split, pp_split  # noqa: F401  (tp-split)

@@ -13,8 +13,8 @@ from typing import Optional
 import torch
 
 from irlm.ir import Op
-from irlm.registry import get_op_def, has_op
-from irlm.types import DType, TensorType
+from irlm.registry import RESHAPE_LIKE, get_op_def, has_op, ops_with_trait
+from irlm.types import DType, TensorType, normalize_axis
 
 from .context import PassContext
 from .driver import PatternSet, apply_patterns
@@ -24,7 +24,8 @@ from .registry import register_pass
 
 x = Var("x")
 
-VIEW_OPS = ("core.reshape", "core.squeeze", "core.unsqueeze")
+#: views that keep element order (reshape, squeeze, unsqueeze): the registry's reshape-like ops
+VIEW_OPS = tuple(sorted(ops_with_trait(RESHAPE_LIKE)))
 PERMUTE_OPS = ("core.transpose", "core.permute")
 
 
@@ -76,8 +77,7 @@ def _squeezes_only(squeeze: Op, d: int) -> bool:
     return [i for i, s in enumerate(src.shape) if isinstance(s, int) and s == 1] == [d]
 
 
-def _axis(a: int, rank: int) -> int:
-    return a % rank if rank else 0
+_axis = normalize_axis   # attributes of verified ops: always in range
 
 
 # ----- transposes and permutes -----------------------------------------------------------------

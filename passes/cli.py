@@ -81,21 +81,33 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
 
 
 def instruments_from_args(args: argparse.Namespace) -> list:
+    return make_instruments(
+        print_ir_before=args.print_ir_before, print_ir_after=args.print_ir_after,
+        dump_ir_dir=args.dump_ir_dir, check_numerics=args.check_numerics,
+        numerics_atol=args.numerics_atol, numerics_rtol=args.numerics_rtol,
+        numerics_seed=args.numerics_seed, numerics_int_max=args.numerics_int_max,
+        timing=args.timing, stats=args.stats)
+
+
+def make_instruments(*, print_ir_before=(), print_ir_after=(), dump_ir_dir=None,
+                     check_numerics: bool = False, numerics_atol=None, numerics_rtol=None,
+                     numerics_seed: int = 0, numerics_int_max=None, timing: bool = False,
+                     stats: bool = False) -> list:
+    """The instruments the pipeline flags ask for (the library form of the flags)."""
     out = []
-    before = PassFilter(args.print_ir_before, "--print-ir-before")
-    after = PassFilter(args.print_ir_after, "--print-ir-after")
+    before = PassFilter(list(print_ir_before), "--print-ir-before")
+    after = PassFilter(list(print_ir_after), "--print-ir-after")
     if before or after:
         out.append(PrintIR(before, after))
-    if args.dump_ir_dir:
-        out.append(DumpIR(args.dump_ir_dir))
-    if args.check_numerics:
-        if args.numerics_int_max is not None and args.numerics_int_max < 1:
+    if dump_ir_dir:
+        out.append(DumpIR(dump_ir_dir))
+    if check_numerics:
+        if numerics_int_max is not None and numerics_int_max < 1:
             raise PassError("--numerics-int-max must be at least 1")
-        out.append(CheckNumerics(args.numerics_atol, args.numerics_rtol, args.numerics_seed,
-                                 args.numerics_int_max))
-    if args.timing:
+        out.append(CheckNumerics(numerics_atol, numerics_rtol, numerics_seed, numerics_int_max))
+    if timing:
         out.append(Timing())
-    if args.stats:
+    if stats:
         out.append(Stats())
     return out
 

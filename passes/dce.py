@@ -7,7 +7,7 @@ they are gone by the time it is visited.
 from __future__ import annotations
 
 from irlm.ir import Graph
-from irlm.registry import get_op_def, has_op
+from irlm.registry import is_dead
 
 from .context import PassContext
 from .registry import register_pass
@@ -17,16 +17,11 @@ from .rewriter import Rewriter
 def eliminate_dead_code(graph: Graph, ctx: PassContext) -> int:
     """Erase unused pure ops; returns how many."""
     rw = Rewriter(graph, ctx.stats)
-    outputs = {id(v) for v in graph.outputs}
-    pure: dict[str, bool] = {}
     erased = 0
     op = graph.last
     while op is not None:
         prev = op.prev
-        p = pure.get(op.name)
-        if p is None:
-            p = pure[op.name] = has_op(op.name) and get_op_def(op.name).pure
-        if p and not any(r.uses or id(r) in outputs for r in op.results):
+        if is_dead(op):
             rw.erase_op(op)
             erased += 1
         op = prev

@@ -25,14 +25,19 @@ from typing import Callable, Iterable, Optional, Sequence, Union
 
 from irlm.errors import IRLMError
 from irlm.ir import Graph, Op, Value
-from irlm.registry import get_op_def, has_op
+from irlm.registry import is_dead
 
 from .context import PassContext, Statistics
-from .errors import PassFailedError, RewriteError, RewriteLimitError
+from .errors import PassError, PassFailedError, RewriteError, RewriteLimitError, closest
 from .pattern import RewritePattern
 from .rewriter import RewriteListener, Rewriter
 
 PatternLike = Union[RewritePattern, type]
+
+
+def _did_you_mean_op(name: str, known) -> str:
+    hint = closest(name, known)
+    return f"; did you mean '{hint}'?" if hint else ""
 
 
 class PatternSet:
@@ -46,6 +51,7 @@ class PatternSet:
             if not isinstance(p, RewritePattern):
                 raise TypeError(f"not a pattern: {p!r} (use @rule or subclass RewritePattern)")
             self.patterns.append(p)
+        self._check_op_names()
         self._rank = {id(p): i for i, p in enumerate(self.patterns)}
         self._by_root: dict[str, list[RewritePattern]] = {}
         self._any_root: list[RewritePattern] = []
@@ -57,6 +63,16 @@ class PatternSet:
                 for r in roots:
                     self._by_root.setdefault(r, []).append(p)
         self._cache: dict[str, tuple[RewritePattern, ...]] = {}
+
+    def _check_op_names(self) -> None:
+        """A misspelt op name (``op("core.mull")``) would silently never match: refuse it."""
+        from irlm.registry import all_ops
+        known = all_ops()
+        for p in self.patterns:
+            for name in sorted(p.op_names()):
+                if name not in known:
+                    raise PassError(f"pattern '{p.name}' names unknown op '{name}'"
+                                    + _did_you_mean_op(name, known))
 
     def for_op(self, name: str) -> tuple[tuple[RewritePattern, Optional[Callable]], ...]:
         """(pattern, prefilter) for an op named ``name``, in the order to try them.
@@ -145,7 +161,6 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
     work = _Worklist(graph)
     rw = Rewriter(graph, stats, work)
     recent: deque[str] = deque(maxlen=1000)
-    pure_cache: dict[str, bool] = {}
     rewrites = erased = visited = 0
 
     stack, queued = work.stack, work.queued  # the hot loop pops inline
@@ -155,15 +170,11 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
         if op.graph is not graph:
             continue  # erased since it was queued
         visited += 1
-        if erase_dead:
-            pure = pure_cache.get(op.name)
-            if pure is None:
-                pure = pure_cache[op.name] = has_op(op.name) and get_op_def(op.name).pure
-            if pure and _unused(op, graph.outputs):
-                rw.pattern_name = None
-                rw.erase_op(op)
-                erased += 1
-                continue
+        if erase_dead and is_dead(op):
+            rw.pattern_name = None
+            rw.erase_op(op)
+            erased += 1
+            continue
         for pattern, prefilter in pset.for_op(op.name):
             if prefilter is not None and not prefilter(op):
                 continue
@@ -192,18 +203,6 @@ def apply_patterns(graph: Graph, patterns: Union[PatternSet, Iterable[PatternLik
                 break
     rw.pattern_name = None
     return DriverResult(rewrites, erased, visited)
-
-
-def _unused(op: Op, outputs: list[Value]) -> bool:
-    for r in op.results:
-        if r.uses:
-            return False
-    if outputs:
-        for r in op.results:
-            for o in outputs:
-                if o is r:
-                    return False
-    return True
 
 
 def _limit_error(rewrites: int, limit: int, recent: deque, ctx: Optional[PassContext]

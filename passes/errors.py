@@ -1,6 +1,8 @@
 """Errors raised by the pass infrastructure.
 
-Each is an :class:`irlm.errors.IRLMError`, so the CLI prints it as one line and exits non-zero.
+Each is an :class:`irlm.errors.IRLMError`, so the CLI prints it as one line and exits non-zero,
+except :class:`PassFailedError`, a bug in a pass, which is an
+:class:`irlm.errors.InternalError` (the CLI offers ``--debug`` for its traceback).
 Messages name the thing (pass, option, pattern, plugin file), the place (pipeline column,
 stage, op) and what would be valid.
 """
@@ -9,7 +11,7 @@ from __future__ import annotations
 import difflib
 from typing import Iterable, Optional
 
-from irlm.errors import IRLMError
+from irlm.errors import InternalError, IRLMError
 
 
 class PassError(IRLMError):
@@ -27,8 +29,9 @@ class PipelineSyntaxError(PassError):
         super().__init__(f"{where}: {message}")
 
 
-class PassFailedError(PassError):
-    """A pass raised something other than an IRLMError (a bug in the pass)."""
+class PassFailedError(InternalError):
+    """A pass raised something other than an IRLMError (a bug in the pass, not the user's
+    input); the message names the pass or pattern and the line that raised."""
 
 
 class PassVerificationError(PassError):

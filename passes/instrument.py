@@ -28,7 +28,7 @@ class Instrument:
 
 
 def _print_graph(graph: Graph) -> str:
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     text = print_graph(graph)
     return text if text.endswith("\n") else text + "\n"
 

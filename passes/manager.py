@@ -94,7 +94,7 @@ class PassManager:
             t0 = time.perf_counter()
             try:
                 info.run(graph, ctx)
-            except PassError as e:
+            except (PassError, PassFailedError) as e:
                 self._failed(graph, stage, e)
                 raise
             except IRLMError as e:

@@ -148,6 +148,10 @@ class Pattern:
         self._checks: tuple[tuple[str, Callable[[Value], bool]], ...] = ()
         self._capture: Optional[str] = None
 
+    def op_names(self) -> frozenset[str]:
+        """Every op name this pattern (and its operand patterns) can match."""
+        return frozenset()
+
     # -- constraints on the matched value ---------------------------------------------------
     def where(self, predicate: Callable[[Value], bool], what: str = "") -> "Pattern":
         """Also require ``predicate(value)``."""
@@ -315,6 +319,12 @@ class OpPattern(Pattern):
         self.result_index = result_index
         self._commutative: Optional[bool] = None
 
+    def op_names(self) -> frozenset[str]:
+        names = set(self.names)
+        for o in self.operands or ():
+            names |= o.op_names()
+        return frozenset(names)
+
     def __call__(self, *operands) -> "OpPattern":
         """The op's operands, in order; a trailing ``...`` accepts any further ones."""
         variadic = bool(operands) and operands[-1] is Ellipsis
@@ -479,6 +489,9 @@ class Or(Pattern):
                         and a._capture is None else [a])
         self.alternatives = tuple(flat)
 
+    def op_names(self) -> frozenset[str]:
+        return frozenset().union(*(a.op_names() for a in self.alternatives))
+
     def match_value(self, v, env=None):
         env = {} if env is None else env
         if not self._checks_pass(v):
@@ -584,6 +597,10 @@ class RewritePattern:
             return None
         return (r,) if isinstance(r, str) else tuple(r)
 
+    def op_names(self) -> frozenset[str]:
+        """The op names this pattern refers to (checked against the registry by PatternSet)."""
+        return frozenset(self.roots or ())
+
     def match_and_rewrite(self, op: Op, rw) -> bool:
         raise NotImplementedError(f"{type(self).__name__}.match_and_rewrite")
 
@@ -614,6 +631,9 @@ class Rule(RewritePattern):
         self.benefit = benefit
         self.root = tuple(sorted(pattern.root_names()))
         self.prefilter = pattern.may_match_op  # the driver checks it before match_and_rewrite
+
+    def op_names(self) -> frozenset[str]:
+        return self.pattern.op_names()
 
     def match(self, op: Op) -> Optional[Match]:
         """The first match rooted at ``op`` (for tests and tools), else None."""

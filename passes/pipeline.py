@@ -10,11 +10,13 @@ or double-quoted (``"a b"``, with ``\\"`` and ``\\\\`` escapes).  Whitespace bet
 ignored.  ``str(parse_pipeline(text))`` is ``text`` without the whitespace: values keep the
 spelling they were written with.
 
-Named pipelines (``-O0``, ``-O1``, ``-O2``) expand to pipeline text; other subsystems extend
-them with :func:`register_named_pipeline` or by editing :data:`NAMED_PIPELINES`.
+Named pipelines (``-O0``, ``-O1``, ``-O2`` and their ``-causal-lm`` forms) expand to pipeline
+text; they are defined once, in :mod:`irlm.passes.levels`, and users add their own with
+:func:`register_named_pipeline`.
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional, Union
 
@@ -26,12 +28,9 @@ from .options import format_value
 
 # ----- named pipelines -------------------------------------------------------------------------
 
-#: Optimization levels and what they expand to.  The LLM passes extend -O1/-O2.
-NAMED_PIPELINES: dict[str, str] = {
-    "O0": "",
-    "O1": "canonicalize,cse,dce",
-    "O2": "canonicalize,cse,dce",
-}
+#: Named pipelines (the optimization levels and any a user registers) and their text; the
+#: levels are filled in by irlm.passes.levels.
+NAMED_PIPELINES: dict[str, str] = {}
 
 
 def register_named_pipeline(name: str, text: str) -> None:
@@ -43,8 +42,11 @@ def named_pipeline(name: str) -> str:
     """The text ``-O<level>`` / a named pipeline expands to (``name`` is ``O1`` or ``1``)."""
     key = name if name in NAMED_PIPELINES else f"O{name}"
     if key not in NAMED_PIPELINES:
+        levels = [k for k in NAMED_PIPELINES if re.fullmatch(r"O\d+", k)]
+        others = sorted(k for k in NAMED_PIPELINES if k not in levels)
+        more = f"; other named pipelines: {', '.join(others)}" if others else ""
         raise PassError(f"unknown optimization level '{name}'"
-                        + did_you_mean(key, NAMED_PIPELINES, "levels"))
+                        + did_you_mean(key, levels or NAMED_PIPELINES, "levels") + more)
     return NAMED_PIPELINES[key]
 
 
@@ -103,6 +105,17 @@ class Pipeline:
 
     def __add__(self, other: "Pipeline") -> "Pipeline":
         return Pipeline(self.passes + other.passes)
+
+    def with_options(self, name: str, **options) -> "Pipeline":
+        """This pipeline with ``options`` set on every invocation of pass ``name`` (options
+        already given keep their place; new ones follow in the order given here)."""
+        out = []
+        for p in self.passes:
+            if p.name == name:
+                merged = {**p.given, **options}
+                p = PassInvocation.create(name, **merged)
+            out.append(p)
+        return Pipeline(tuple(out))
 
     @staticmethod
     def of(*items: Union[str, PassInvocation]) -> "Pipeline":

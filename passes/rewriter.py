@@ -10,14 +10,13 @@ replaces, so dumps stay readable and ``--check-numerics`` can follow values acro
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 
-from irlm.builder import make_op
+from irlm.builder import Builder, make_op
 from irlm.errors import IRLMError
-from irlm.ir import UNKNOWN_LOC, Graph, Location, Op, Value
+from irlm.ir import Graph, Location, Op, Value
 from irlm.types import DType, TensorType
 
 from .context import Statistics
@@ -34,8 +33,10 @@ class RewriteListener:
     def value_replaced(self, old: Value, new: Value, users: list[Op]) -> None: ...
 
 
-class Rewriter:
-    """Create, replace and erase ops in ``graph``; derive new weights.
+class Rewriter(Builder):
+    """Create, replace and erase ops in ``graph``; derive new weights.  A
+    :class:`irlm.Builder` (the same ``op``/``create``/``constant``/``param`` and insertion
+    points) that counts and reports every change, so the pass manager knows what changed.
 
     ``rw.op("core.reshape", x, shape=(4, 8))`` creates an op at the insertion point and returns
     its result; ``rw.replace_op(op, value)`` replaces ``op``'s result and erases it;
@@ -44,49 +45,27 @@ class Rewriter:
 
     def __init__(self, graph: Graph, stats: Optional[Statistics] = None,
                  listener: Optional[RewriteListener] = None):
-        self.graph = graph
+        super().__init__(graph)
         self.stats = stats if stats is not None else Statistics()
         self.listener = listener or RewriteListener()
         self.change_count = 0          # bumps on every mutation; lets callers detect changes
         self.pattern_name: Optional[str] = None  # the pattern now rewriting, for errors
-        self.loc: Location = UNKNOWN_LOC  # default location of created ops
-        self._before: Optional[Op] = None
-        self._after: Optional[Op] = None
 
-    # ----- where new ops go ---------------------------------------------------------------
     def set_insertion_point(self, before: Optional[Op] = None, after: Optional[Op] = None) -> None:
-        """New ops go before ``before`` or after ``after`` (neither: at the graph's end).
-        After-insertion keeps order: two ops created after X appear in creation order."""
-        if before is not None and after is not None:
-            raise RewriteError("give an insertion point before an op or after one, not both")
-        self._before, self._after = before, after
-
-    @contextlib.contextmanager
-    def insertion_point(self, before: Optional[Op] = None, after: Optional[Op] = None):
-        """``with rw.insertion_point(after=op): ...`` then restore the previous point."""
-        saved = self._before, self._after
-        self.set_insertion_point(before, after)
         try:
-            yield
-        finally:
-            self._before, self._after = saved
+            super().set_insertion_point(before, after)
+        except IRLMError as e:
+            raise RewriteError(str(e)) from None
 
     def insert(self, op: Op) -> Op:
         """Link a detached op (from :func:`irlm.builder.make_op`) at the insertion point."""
-        if self._before is not None:
-            self.graph.insert_before(self._before, op)
-        elif self._after is not None:
-            self.graph.insert_after(self._after, op)
-            self._after = op
-        else:
-            self.graph.append(op)
+        super().insert(op)
         self.change_count += 1
         self.stats.counters["ops created"] += 1
         self.listener.op_created(op)
         return op
 
-    # ----- creating ops -------------------------------------------------------------------
-    def create(self, name: str, operands: Sequence[Value] = (), attrs: Optional[dict] = None, *,
+    def create(self, name: str, operands: Sequence[Value] = (), attrs: Optional[dict] = None,
                loc: Optional[Location] = None, result_types: Optional[list[TensorType]] = None,
                result_names: Optional[list[Optional[str]]] = None) -> Op:
         """Create ``name`` (types inferred by the registry) at the insertion point."""
@@ -97,22 +76,11 @@ class Rewriter:
             raise RewriteError(self._where() + str(e)) from None
         return self.insert(new)
 
-    def op(self, name: str, *operands: Value, loc: Optional[Location] = None,
-           result_types: Optional[list[TensorType]] = None, **attrs) -> Union[Value, list[Value]]:
-        """``rw.op("core.add", x, y)``: create an op and return its result (list if several).
-
-        Give ``result_types`` when you know them (e.g. "the same as the op being replaced") to
-        skip type inference; the verifier still checks them after the pass."""
-        new = self.create(name, operands, attrs, loc=loc, result_types=result_types)
-        return new.results[0] if len(new.results) == 1 else new.results
-
-    def constant(self, value, loc: Optional[Location] = None) -> Value:
-        """A ``core.constant`` holding ``value`` (a tensor or a Python number/list)."""
-        return self.create("core.constant", (), {"value": torch.as_tensor(value)}, loc=loc).result
-
     # ----- replacing and erasing ----------------------------------------------------------
-    def replace_all_uses_with(self, old: Value, new: Value, check_type: bool = True) -> None:
-        """Every reader of ``old`` (and the graph outputs) reads ``new`` instead.
+    def replace_all_uses_with(self, old: Value, new: Value, check_type: bool = True,
+                              except_in: Optional[Op] = None) -> None:
+        """Every reader of ``old`` (and the graph outputs) reads ``new`` instead; with
+        ``except_in``, that op keeps reading ``old`` (e.g. the collective that consumes it).
 
         ``new`` must have ``old``'s type; an unnamed ``new`` takes ``old``'s name."""
         if old is new:
@@ -122,7 +90,14 @@ class Rewriter:
                                f"%{new.name} of a different type ({new.type})")
         users = old.users
         was_output = any(o is old for o in self.graph.outputs)
-        old.replace_all_uses_with(new)
+        if except_in is None:
+            old.replace_all_uses_with(new)
+        else:
+            for u in list(old.uses):
+                if u.op is not except_in:
+                    u.op.set_operand(u.index, new)
+            if was_output:
+                self.graph._replace_output(old, new)
         if was_output and old.producer is None:  # a graph input returned directly
             self.graph._replace_output(old, new)
         if new.name is None and old.name is not None and old.producer is not None:
@@ -158,12 +133,50 @@ class Rewriter:
         self.stats.counters["ops erased"] += 1
         self.listener.op_erased(op)
 
-    def set_operand(self, op: Op, index: int, value: Value) -> None:
-        """Make operand ``index`` of ``op`` read ``value`` (its type must not change)."""
-        if not same_type(op.operands[index].type, value.type):
+    def set_operand(self, op: Op, index: int, value: Value, check_type: bool = True) -> None:
+        """Make operand ``index`` of ``op`` read ``value`` (its type must not change, unless
+        ``check_type=False``: the caller then re-infers the result types with retype)."""
+        if check_type and not same_type(op.operands[index].type, value.type):
             raise RewriteError(self._where() + f"operand {index} of {op.describe()} is "
                                f"{op.operands[index].type}, cannot set it to {value.type}")
         op.set_operand(index, value)
+        self.change_count += 1
+        self.listener.op_modified(op)
+
+    def replace_body(self, other: Graph) -> None:
+        """Make the graph hold ``other``'s inputs, ops, outputs and dims, leaving ``other``
+        empty: for a pass that builds its result as a new graph (pp-split's stage) but must
+        rewrite the graph object it was given."""
+        g = self.graph
+        for op in list(g.ops):
+            self.listener.op_erased(op)
+        g.inputs, g.outputs, g.dims = other.inputs, other.outputs, other.dims
+        g.first, g.last, g._num_ops = other.first, other.last, other._num_ops
+        for op in g.ops:
+            op.graph = g
+            self.listener.op_created(op)
+        other.inputs, other.outputs, other.dims = [], [], {}
+        other.first, other.last, other._num_ops = None, None, 0
+        self.change_count += 1
+
+    def retype(self, value: Value, type: TensorType) -> None:
+        """Give ``value`` (a graph input, or a result whose op's operands changed) a new
+        type; the verifier checks the readers after the pass."""
+        if value.type == type:
+            return
+        value.type = type
+        self.change_count += 1
+        if value.producer is not None:
+            self.listener.op_modified(value.producer)
+
+    def set_attrs(self, op: Op, attrs: dict[str, Any]) -> None:
+        """Replace ``op``'s attributes (normalized by the registry), allowing the result types
+        to change (callers re-infer them with :meth:`retype`)."""
+        from irlm.registry import get_op_def
+        try:
+            op.attrs = get_op_def(op.name).normalize_attrs(dict(attrs), op.describe())
+        except IRLMError as e:
+            raise RewriteError(self._where() + str(e)) from None
         self.change_count += 1
         self.listener.op_modified(op)
 

@@ -1,7 +1,7 @@
 """substitute-attention: turn a traced, stateless decoder into the paged inference form.
 
 Input: a causal LM traced with ``input_ids``, an all-ones ``attention_mask`` and
-``position_ids`` of shape ``[batch, seq]`` (``irlm.compiler.inference_example_inputs``).  Output (see irlm/ops/llm.py for the semantics):
+``position_ids`` of shape ``[batch, seq]`` (``irlm.compilation.inference_example_inputs``).  Output (see irlm/ops/llm.py for the semantics):
 
     inputs:  input_ids [tokens] i64, position_ids [tokens] i64,
              q_lens [reqs] i32, cached_lens [reqs] i32, block_tables [reqs, max_blocks] i32,
@@ -24,11 +24,10 @@ import sympy
 from irlm.builder import Builder, make_op
 from irlm.errors import IRError
 from irlm.ir import Graph, Op, Value
-from irlm.registry import get_op_def
+from irlm.registry import get_op_def, is_dead
 from irlm.types import DType, TensorType, dims_equal, sym
 
-INFERENCE_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
-                    "kv_cache")
+from irlm.ops.llm import INFERENCE_INPUTS  # noqa: E402  (declared with the llm ops)
 _BIG = 2 ** 62
 
 
@@ -250,11 +249,10 @@ def _noop_slice(op: Op) -> bool:
 def remove_dead_ops(g: Graph) -> int:
     """Erase pure ops whose results are unused, last to first."""
     removed = 0
-    outputs = {id(v) for v in g.outputs}
     op = g.last
     while op is not None:
         prev = op.prev
-        if get_op_def(op.name).pure and not any(r.uses or id(r) in outputs for r in op.results):
+        if is_dead(op):
             g.erase(op)
             removed += 1
         op = prev

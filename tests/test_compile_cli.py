@@ -37,7 +37,7 @@ FRONTEND_ONLY = ("-O0", "--no-engine")
 
 
 def check_frontend_ir(out: Path, expect_params: int):
-    from irlm.parser import parse_file
+    from irlm.text.parser import parse_file
     from irlm.verifier import verify
     ir = out / "ir" / "00-frontend.irlm"
     assert ir.is_file()
@@ -79,7 +79,7 @@ def test_compile_model_file_in_process(tmp_path, capsys):
         "    return (torch.randn(2, 5, 8),)\n")
     out = tmp_path / "out"
     assert main(["compile", str(model), "-o", str(out), *FRONTEND_ONLY]) == 0
-    from irlm.parser import parse_file
+    from irlm.text.parser import parse_file
     from irlm.verifier import verify
     graph = parse_file(out / "ir" / "00-frontend.irlm")
     verify(graph)

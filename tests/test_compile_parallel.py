@@ -14,9 +14,9 @@ import transformers
 
 from irlm.cli import main as irlm_main
 from irlm.errors import IRLMError
-from irlm.lowering.engine import load_engine
+from irlm.lowering.engine_format import load_engine
 from irlm.runtime import LLM, SamplingParams
-from irlm.runtime.graph_runner import runner_for_engine
+from irlm.runtime.runners.interpreter import runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 
 VOCAB = 96
@@ -168,7 +168,7 @@ def test_multi_rank_engine_is_refused_by_the_cuda_runner(models, tmp_path_factor
     engine = load_engine(split)
     with pytest.raises(IRLMError, match="the multi-rank simulator .tp 2, pp 1. runs on the CPU"):
         runner_for_engine(engine, device="cuda", parallel="simulator")
-    from irlm.runtime.cuda_runner import CudaGraphRunner
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     with pytest.raises(IRLMError, match="one rank of a multi-rank .* run the whole engine"):
         CudaGraphRunner(engine.ranks[0].graph)
 
@@ -226,15 +226,14 @@ def test_bad_parallel_flags_fail_before_the_trace(models, wide_dir, tmp_path, ca
 
 
 def test_kv_cache_dtype_with_parallel_is_refused():
-    from irlm.commands._parallel import check_parallel_arguments
-    args = argparse.Namespace(tp=1, pp=2, quant=None, kv_cache_dtype="fp8")
+    from irlm.compilation import CompileConfig
+    args = CompileConfig(output="out", tp=1, pp=2, quant=None, kv_cache_dtype="fp8")
     with pytest.raises(IRLMError, match="--pp 2 with --kv-cache-dtype fp8: not supported "
                                         "together yet"):
-        check_parallel_arguments(args)
-    check_parallel_arguments(argparse.Namespace(tp=2, pp=1, quant=None, kv_cache_dtype=None))
+        args.check()
+    CompileConfig(output="out", tp=2, pp=1, quant=None, kv_cache_dtype=None).check()
     for quant in ("int8", "int4"):   # weight-only: accepted
-        check_parallel_arguments(argparse.Namespace(tp=2, pp=1, quant=quant,
-                                                    kv_cache_dtype=None))
+        CompileConfig(output="out", tp=2, pp=1, quant=quant, kv_cache_dtype=None).check()
 
 
 def fake_quant(w, mode, group=0):

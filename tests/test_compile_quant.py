@@ -4,7 +4,7 @@ import torch
 import transformers
 
 from irlm.cli import main as irlm_main
-from irlm.lowering.engine import load_engine
+from irlm.lowering.engine_format import load_engine
 from irlm.runtime import LLM, SamplingParams
 
 

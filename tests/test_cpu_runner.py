@@ -1,4 +1,4 @@
-"""The CPU executor (irlm/runtime/cpu_runner.py) computes what the reference interpreter does.
+"""The CPU executor (irlm/runtime/runners/cpu.py) computes what the reference interpreter does.
 
 Oracles: the reference interpreter (``GraphRunner``) on the same graph and the same steps, and
 Hugging Face transformers' greedy ``generate``.  Models: tiny seeded random-weight configs of
@@ -22,14 +22,14 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from irlm.compiler import compile_causal_lm  # noqa: E402
+from irlm.compilation import compile_causal_lm  # noqa: E402
 from irlm.errors import IRLMError  # noqa: E402
 from irlm.passes import run_pipeline  # noqa: E402
-from irlm.parser import parse_graph  # noqa: E402
-from irlm.printer import print_graph  # noqa: E402
+from irlm.text.parser import parse_graph  # noqa: E402
+from irlm.text.printer import print_graph  # noqa: E402
 from irlm.runtime import LLM, SamplingParams  # noqa: E402
-from irlm.runtime.cpu_runner import CpuGraphRunner, default_linear_dtype  # noqa: E402
-from irlm.runtime.graph_runner import GraphRunner  # noqa: E402
+from irlm.runtime.runners.cpu import CpuGraphRunner, default_linear_dtype  # noqa: E402
+from irlm.runtime.runners.interpreter import GraphRunner  # noqa: E402
 from irlm.runtime.model_runner import StepBatch  # noqa: E402
 
 VOCAB, BS = 96, 4
@@ -181,7 +181,7 @@ def test_batched_paged_attention_equals_the_reference_op(window, alibi, cache_dt
     keys, a decode row), GQA 6/2 heads, against llm.paged_attention's reference (which also
     checks the pool it leaves behind)."""
     from irlm.registry import get_op_def
-    from irlm.runtime.cpu_runner import AttentionPlan, _paged_attention
+    from irlm.runtime.runners.cpu import AttentionPlan, _paged_attention
     g = torch.Generator().manual_seed(0)
     heads, kv_heads, d, bs = 6, 2, 8, 4
     q_lens, cached = torch.tensor([5, 3, 1], dtype=torch.int32), \

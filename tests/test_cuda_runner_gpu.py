@@ -15,8 +15,8 @@ if not torch.cuda.is_available():
 
 import transformers  # noqa: E402
 
-from irlm.compiler import compile_causal_lm  # noqa: E402
-from irlm.runtime.cuda_runner import CudaGraphRunner  # noqa: E402
+from irlm.compilation import compile_causal_lm  # noqa: E402
+from irlm.runtime.runners.cuda_graphs import CudaGraphRunner  # noqa: E402
 from irlm.runtime.model_runner import StepBatch  # noqa: E402
 
 VOCAB = 512

@@ -18,8 +18,8 @@ PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12], [8, 8, 40, 1]]
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory):
     from irlm.cli import main as irlm_main
-    from irlm.lowering.engine import load_engine, write_parallel_engine
-    from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+    from irlm.lowering.engine_format import load_engine, write_parallel_engine
+    from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
     root = tmp_path_factory.mktemp("distgpu")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,8 +47,8 @@ def run(runner):
 
 @pytest.mark.parametrize("layout", ["tp2", "pp2"])
 def test_nccl_engine_equals_the_unsplit_engine(engines, layout):
-    from irlm.lowering.engine import load_engine
-    from irlm.runtime.cuda_runner import CudaGraphRunner
+    from irlm.lowering.engine_format import load_engine
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     from irlm.runtime.distributed import DistributedRunner
     want_logits, want = run(CudaGraphRunner(load_engine(engines["base"]).graph, num_blocks=64))
     runner = DistributedRunner(engines[layout], device="cuda", num_blocks=64)

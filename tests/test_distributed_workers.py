@@ -18,11 +18,11 @@ import torch
 import transformers
 
 from irlm.cli import main as irlm_main
-from irlm.lowering.engine import EngineError, load_engine, write_parallel_engine
-from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+from irlm.lowering.engine_format import EngineError, load_engine, write_parallel_engine
+from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.distributed import DistributedRunner, EngineStopped
-from irlm.runtime.graph_runner import GraphRunner, runner_for_engine
+from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 
 VOCAB = 96

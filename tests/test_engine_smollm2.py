@@ -88,7 +88,7 @@ def test_greedy_chat_matches_transformers_token_for_token(engine_dir, hf):
 
 def test_engine_directory_damage_is_refused(engine_dir, tmp_path):
     import shutil
-    from irlm.lowering.engine import EngineError, load_engine
+    from irlm.lowering.engine_format import EngineError, load_engine
     bad = tmp_path / "bad"
     shutil.copytree(engine_dir, bad, ignore=shutil.ignore_patterns("weights.safetensors"))
     with pytest.raises(EngineError, match="missing file weights.safetensors"):
@@ -132,10 +132,10 @@ def test_beam_search_matches_transformers(engine_dir, hf):
 
 
 def test_cpu_executor_logits_equal_the_interpreter(engine_dir):
-    """The default CPU executor (irlm/runtime/cpu_runner.py) against the reference interpreter
+    """The default CPU executor (irlm/runtime/runners/cpu.py) against the reference interpreter
     on the real weights: a chat prompt's prefill, then two greedy decode steps."""
-    from irlm.lowering.engine import load_engine
-    from irlm.runtime.graph_runner import runner_for_engine
+    from irlm.lowering.engine_format import load_engine
+    from irlm.runtime.runners.interpreter import runner_for_engine
     from irlm.runtime.model_runner import StepBatch
     engine = load_engine(engine_dir)
     fast = runner_for_engine(engine, device="cpu", num_blocks=8)
@@ -153,3 +153,30 @@ def test_cpu_executor_logits_equal_the_interpreter(engine_dir):
         assert (got - want).abs().max().item() <= 1e-4 * scale, step
         n = batch.num_tokens + int(batch.cached_lens[0])
         batch = StepBatch.pack([0], [[int(want[0].argmax())]], [n], table)
+
+
+@pytest.mark.slow
+def test_library_compile_writes_the_cli_engine(engine_dir, tmp_path):
+    """``irlm.compile`` with the same settings writes what ``irlm compile`` wrote: a
+    byte-equal plan, equal weights and build config; progress names every stage in order."""
+    import json
+
+    from safetensors.torch import load_file
+
+    import irlm
+    seen = []
+    out = tmp_path / "lib"
+    engine = irlm.compile(smollm_gguf(), irlm.CompileConfig(output=out, max_seq=512),
+                          progress=lambda name, i, n: seen.append((name, i, n)))
+    assert [i for _, i, _ in seen] == list(range(len(seen))) and seen[0][0] == "load"
+    assert seen[-1][0] == "write ONNX" and {n for _, _, n in seen} == {len(seen)}
+    assert engine.engine_written and engine.path == out
+    assert (out / "plan.irlm").read_bytes() == (engine_dir / "plan.irlm").read_bytes()
+    want, got = load_file(engine_dir / "weights.safetensors"), load_file(out / "weights.safetensors")
+    assert want.keys() == got.keys()
+    for k in want:
+        assert want[k].dtype == got[k].dtype and torch.equal(want[k], got[k]), k
+    manifest = json.loads((out / "engine.json").read_text())
+    assert manifest == json.loads((engine_dir / "engine.json").read_text())
+    assert engine.config == manifest["config"]                # what it returns is what it wrote
+    assert str(engine.graph) == (out / "plan.irlm").read_text()

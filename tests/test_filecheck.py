@@ -109,7 +109,7 @@ def _run(command: str, stdin: str | None = None) -> tuple[int, str, str]:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("irlm.cli") is None,
-                    reason="the irlm CLI (irlm/cli.py) is not in this checkout")
+                    reason="the irlm CLI (irlm/cli/__init__.py) is not in this checkout")
 @pytest.mark.skipif(shutil.which("filecheck") is None,
                     reason="FileCheck is not installed (pip install filecheck)")
 @pytest.mark.parametrize("path", FILES, ids=[str(p.relative_to(FILECHECK_DIR)) for p in FILES])

@@ -115,7 +115,7 @@ def test_architecture_matches_transformers(name, attn, experts):
         assert {"core.topk", "core.sort", "core.histc", "core.grouped_mm",
                 "core.scatter"} <= {op.name for op in g.ops}
 
-    parser = pytest.importorskip("irlm.parser")
+    parser = pytest.importorskip("irlm.text.parser")
     text = str(g)
     reparsed = parser.parse_graph(text, f"{name}.irlm", weights=g.weights)
     verify(reparsed)

@@ -19,7 +19,7 @@ import transformers
 from irlm.frontends.trace import trace
 from irlm.interpreter import Interpreter
 from irlm.ir import Value
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import run_pipeline
 from irlm.passes.fusions import FUSION_PASSES, FUSION_PIPELINE
 from irlm.verifier import verify

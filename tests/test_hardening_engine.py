@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from irlm import Builder, DType, Graph, TensorType
-from irlm.lowering.engine import EngineError, load_engine, write_engine, write_parallel_engine
+from irlm.lowering.engine_format import EngineError, load_engine, write_engine, write_parallel_engine
 from irlm.lowering.engine_files import manifest_digest
 from irlm.weights import WeightStore
 

@@ -8,7 +8,7 @@ import pytest
 
 from irlm import Builder, DType, Graph, TensorType
 from irlm.cli import main as irlm_main
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.verifier import verify
 
 

@@ -23,7 +23,7 @@ def inference_graph(layers: int, block: int = 16) -> Graph:
 
 
 def make_runner(layers: int, num_blocks, block: int = 16):
-    from irlm.runtime.graph_runner import GraphRunner
+    from irlm.runtime.runners.interpreter import GraphRunner
     GraphRunner(inference_graph(layers, block), num_blocks=num_blocks)
 
 

@@ -15,7 +15,7 @@ import pytest
 transformers = pytest.importorskip("transformers")
 
 from irlm.cli import main as irlm_main  # noqa: E402
-from irlm.lowering.engine import WEIGHTS_FILE, load_engine, write_engine  # noqa: E402
+from irlm.lowering.engine_format import WEIGHTS_FILE, load_engine, write_engine  # noqa: E402
 from irlm.safe_io import OutputError  # noqa: E402
 
 from test_hardening_engine import tiny_graph  # noqa: E402
@@ -68,7 +68,7 @@ def test_symlinks_in_the_output_directory_are_replaced_not_followed(compiled_ove
 @pytest.mark.slow
 def test_foreign_non_empty_directory_needs_force(compiled_over_links, tmp_path, capsys):
     """Old behaviour: a directory holding other files was silently written into."""
-    from irlm.commands.compile import compile_output_owns
+    from irlm.compilation.driver import compile_output_owns
     from irlm.safe_io import prepare_output_dir
     out = tmp_path / "mine"
     out.mkdir()

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from irlm.errors import IRLMError
-from irlm.kernels import compiler, ops
-from irlm.kernels.compiler import KernelCompileError, compile_source
+from irlm.kernels import nvrtc as compiler, ops
+from irlm.kernels.nvrtc import KernelCompileError, compile_source
 
 OK, WHY = compiler.nvrtc_available()
 pytestmark = pytest.mark.skipif(not OK, reason=f"NVRTC (cuda-python) cannot be loaded: {WHY}")
@@ -135,7 +135,7 @@ def test_parameter_blocks_match_the_c_structs(header, cname, cls):
 def test_importing_irlm_kernels_needs_no_cuda_python():
     # torch may import parts of cuda-python itself; irlm.kernels must add nothing to that
     code = ("import sys, torch; before = {m for m in sys.modules if m.startswith('cuda')}; "
-            "import irlm, irlm.kernels, irlm.kernels.ops, irlm.kernels.compiler; "
+            "import irlm, irlm.kernels, irlm.kernels.ops, irlm.kernels.nvrtc; "
             "new = {m for m in sys.modules if m.startswith('cuda')} - before; "
             "assert not new, sorted(new)")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -28,7 +28,7 @@ ELEM_TOL = {bf16: 8e-3, fp16: 1.5e-3, fp32: 2e-6}
 
 @pytest.fixture(scope="module", autouse=True)
 def _compiled():
-    from irlm.kernels.compiler import precompile
+    from irlm.kernels.nvrtc import precompile
     precompile(ops.all_kernels())
 
 

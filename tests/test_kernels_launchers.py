@@ -6,7 +6,7 @@ import torch
 
 from irlm.errors import IRLMError
 from irlm.kernels import ops
-from irlm.kernels.compiler import KernelArgumentError, arch_for_capability, KernelUnavailableError
+from irlm.kernels.nvrtc import KernelArgumentError, arch_for_capability, KernelUnavailableError
 
 
 def test_cpu_tensors_are_refused_with_a_clear_error():

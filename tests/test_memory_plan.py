@@ -3,7 +3,7 @@ import torch
 import transformers
 
 from irlm import Builder, DType, Graph, TensorType
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.lowering.memory_plan import ALIGN, plan_activation_memory
 
 

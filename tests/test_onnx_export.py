@@ -29,7 +29,7 @@ from irlm.interpreter import Interpreter, run_graph  # noqa: E402
 from irlm.lowering.onnx import (UnsupportedOpsError, export_onnx,  # noqa: E402
                                 get_converters, unsupported_ops)
 from irlm.lowering.onnx.ort import onnxruntime_session, run  # noqa: E402
-from irlm.parser import parse_graph  # noqa: E402
+from irlm.text.parser import parse_graph  # noqa: E402
 from irlm.passes import run_pipeline  # noqa: E402
 from irlm.passes.fusions import FUSION_PIPELINE  # noqa: E402
 
@@ -145,7 +145,7 @@ def packed_steps():
 @pytest.mark.slow
 @pytest.mark.parametrize("name,attn,experts", CAUSAL, ids=[c[0] for c in CAUSAL])
 def test_inference_form_runs_in_onnxruntime(name, attn, experts, models, tmp_path):
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     model = models((name, attn, experts))
     g = compile_causal_lm(model, max_seq=64, tokens_per_block=4)
     assert unsupported_ops(g) == []    # the converter table covers the -O2 graph
@@ -234,7 +234,7 @@ def test_quantized_inference_form_exports_as_qdq(mode, models, random_calibratio
     """Weights stay quantized (int8, UINT4 blocks, float8) behind DequantizeLinear; the
     model's logits equal the interpreter's.  onnxruntime runs with basic graph rewrites only:
     its extended ones swap int8 DQ + MatMul for a dynamically quantized GEMM."""
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     model = models(("llama", "sdpa", None))
     extra = QUANT[mode].format(calib=random_calibration(VOCAB, 4, 16, 0))
     g = compile_causal_lm(model, max_seq=64, tokens_per_block=4, extra_pipeline=extra)

@@ -8,10 +8,10 @@ from hypothesis import given, settings, strategies as st
 
 from irlm import Builder, DType, Graph, TensorType
 from irlm.interpreter import Interpreter
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import CheckNumerics, PassContext, run_pass, run_pipeline
 from irlm.passes.canonicalize import EXACT_WIDENINGS, permutation_of
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 from irlm.verifier import verify
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -168,3 +168,36 @@ def test_weights_flag_feeds_params_to_the_numerics_check(tmp_path):
                         tmp_path / "w.safetensors")
     assert rc == 0, err
     assert out.count("param") == 1  # cse merged the two reads of one weight
+
+
+def test_list_pipelines_shows_each_level_and_its_causal_lm_form():
+    from irlm.passes.fusions import FUSION_PASSES
+    rc, out, _ = irlm("opt", "--list-pipelines")
+    assert rc == 0
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["O0"] == "(no passes)" and lines["O1"] == "canonicalize,cse,dce"
+    assert lines["O0-causal-lm"] == "substitute-attention,dce"
+    o2 = lines["O2-causal-lm"].split(",")
+    assert "substitute-attention" in o2 and all(f in o2 for f in FUSION_PASSES)
+    assert o2.index("substitute-attention") < o2.index(FUSION_PASSES[0])
+
+
+def test_an_internal_error_is_one_line_and_debug_shows_the_traceback(ir_file, tmp_path):
+    plugin = tmp_path / "crash_debug.py"
+    plugin.write_text("from irlm.passes import register_pass\n"
+                      "@register_pass('crash-debug')\n"
+                      "def crash(graph, ctx):\n"
+                      "    return {}['missing']\n")
+    try:
+        rc, out, err = irlm("opt", ir_file, "--pass-plugin", plugin, "--pipeline", "crash-debug")
+        assert rc == 1 and "Traceback" not in err
+        assert err.strip().splitlines() == [err.strip()]
+        assert err.startswith("irlm: internal error: pass 'crash-debug'")
+        assert "re-run with --debug for the traceback" in err
+        for argv in (("--debug", "opt"), ("opt", "--debug")):
+            rc, out, err = irlm(*argv, ir_file, "--pass-plugin", plugin, "--pipeline",
+                                "crash-debug")
+            assert rc == 1 and "Traceback" in err and "KeyError: 'missing'" in err
+            assert "re-run with --debug" not in err
+    finally:
+        unregister_pass("crash-debug")

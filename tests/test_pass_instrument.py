@@ -3,12 +3,12 @@ import io
 
 import pytest
 
-from irlm.parser import parse_file, parse_graph
+from irlm.text.parser import parse_file, parse_graph
 from irlm.passes import (DumpIR, PassFailedError, PassFilter, PassError, PassManager,
                          PassVerificationError, PrintIR, Stats, Timing, register_pass,
                          run_pipeline)
 from irlm.passes.registry import unregister_pass
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 
 TEXT = """
 graph @g(%x: tensor<4x8xf32>) -> (tensor<4x8xf32>) {

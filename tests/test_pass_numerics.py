@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import (CheckNumerics, NumericsError, Rewriter, load_plugin, register_pass,
                          run_pipeline)
 from irlm.passes.numerics import difference, make_inputs, symbol_values

@@ -228,3 +228,17 @@ def test_imperative_pattern_and_rule_docstrings():
     assert g.outputs == [a] and len(g) == 0
     assert ctx.stats.patterns == {"FoldDoubleNeg": 1}
     assert FoldDoubleNeg.__doc__ == "-(-x) = x"
+
+
+def test_a_pattern_set_refuses_unknown_op_names():
+    """op("core.mull") would never match; building the set says so, with a suggestion."""
+    from irlm.passes import PassError, PatternSet, op, rule
+
+    @rule(op("core.neg")(op("core.mull")(Var("a"), Var("b"))))
+    def typo(m, rw):
+        """-(a*b) = ..."""
+        return None
+
+    with pytest.raises(PassError, match=r"pattern 'typo' names unknown op 'core.mull'; "
+                                        r"did you mean 'core.mul'\?"):
+        PatternSet([typo])

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import PluginError, get_pass, load_plugin, run_pipeline
 from irlm.passes.registry import unregister_pass
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "writing-a-pass.md"

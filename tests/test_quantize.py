@@ -19,10 +19,10 @@ import transformers
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ops.quant import dequantize_reference, pack_int4, unpack_int4
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import PassError, run_pass, run_pipeline
 from irlm.passes.quantize import (quantize_fp8, quantize_int4, quantize_int8, relative_error)
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 from irlm.types import DType
 from irlm.verifier import verify
 
@@ -490,7 +490,7 @@ def test_calibration_errors_are_clear(llama, tmp_path):
 
 
 def test_text_calibration_is_tokenized_with_the_given_tokenizer(tmp_path, tok, model):
-    from irlm.compiler import compile_causal_lm
+    from irlm.compilation import compile_causal_lm
     from irlm.passes.calibration import read_prompts, tokenize_prompts
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\nIn the beginning was the "

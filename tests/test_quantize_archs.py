@@ -19,11 +19,11 @@ import pytest
 import torch
 import transformers
 
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.interpreter import Interpreter
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import run_pipeline
-from irlm.printer import print_graph
+from irlm.text.printer import print_graph
 from irlm.verifier import verify
 
 VOCAB, BS = 96, 4

@@ -11,9 +11,9 @@ import random
 
 import pytest
 
-from irlm.compiler import compile_causal_lm
+from irlm.compilation import compile_causal_lm
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams
-from irlm.runtime.graph_runner import GraphRunner
+from irlm.runtime.runners.interpreter import GraphRunner
 from irlm.runtime.sequence import PLACEHOLDER
 
 BS = 4

@@ -72,8 +72,8 @@ def test_pool_sized_from_free_gpu_memory():
 def test_async_decode_on_the_cuda_executor_gives_the_synchronous_outputs():
     """Overlapped steps on the GPU (in-flight tokens filled on the device, copied to pinned
     memory behind an event) produce exactly the synchronous engine's tokens."""
-    from irlm.compiler import compile_causal_lm
-    from irlm.runtime.cuda_runner import CudaGraphRunner
+    from irlm.compilation import compile_causal_lm
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     from irlm.runtime.testing import tiny_llama, tiny_tokenizer
     tok = tiny_tokenizer()
     # head_dim 64: the attention kernels' smallest

@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from irlm import Builder, DType, Graph, IRError, Location, ParseError, TensorType, sym
-from irlm.parser import parse_file, parse_graph
-from irlm.printer import print_graph, quote_string
+from irlm.text.parser import parse_file, parse_graph
+from irlm.text.printer import print_graph, quote_string
 from irlm.registry import attr, define_op, has_op
 from irlm.types import dims_equal
 from irlm.verifier import verify

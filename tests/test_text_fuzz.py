@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from irlm.errors import ParseError
-from irlm.parser import parse_graph
-from irlm.printer import print_graph
+from irlm.text.parser import parse_graph
+from irlm.text.printer import print_graph
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,21 +2,21 @@
 
 Tiny seeded HF models (Llama with GQA, Qwen2 with a QKV bias and one kv head, Mistral with a
 sliding window) are compiled at -O2 (fused QKV, gate|up, paged attention), split N ways, and run
-with :func:`irlm.distributed.run_ranks` over a prefill step of two requests and a decode step,
+with :func:`irlm.runtime.distributed.run_ranks` over a prefill step of two requests and a decode step,
 each rank with its own KV cache of its kv heads.
 """
 import pytest
 import torch
 import transformers
 
-from irlm.compiler import compile_causal_lm
-from irlm.distributed import CollectiveMismatch, DistributedError, run_ranks
+from irlm.compilation import compile_causal_lm
+from irlm.runtime.distributed.simulator import CollectiveMismatch, DistributedError, run_ranks
 from irlm.errors import IRError, IRLMError
 from irlm.interpreter import Interpreter
-from irlm.parser import parse_graph
+from irlm.text.parser import parse_graph
 from irlm.passes import run_pipeline
-from irlm.passes.tp_split import split_for_tensor_parallel
-from irlm.printer import print_graph
+from irlm.passes.parallel.tp_split import split_for_tensor_parallel
+from irlm.text.printer import print_graph
 from irlm.verifier import verify
 
 VOCAB, BLOCKS = 64, 16
@@ -244,7 +244,7 @@ def test_split_graph_is_not_split_again():
 
 
 def test_pass_statistics():
-    from irlm.passes.tp_split import split_rank
+    from irlm.passes.parallel.tp_split import split_rank
     from irlm.passes.context import Statistics
     g = compiled("llama-gqa")
     h = parse_graph(print_graph(g), weights=g.weights)
@@ -258,7 +258,7 @@ def test_pass_statistics():
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "qwen2-mqa-bias", "opt", "gpt2"])
 def test_pipeline_stages_match_unsplit(arch):
-    from irlm.passes.tp_split import split_for_pipeline
+    from irlm.passes.parallel.pp_split import split_for_pipeline
     g = compiled(arch)
     stages = split_for_pipeline(g, 2)
     for st in stages:
@@ -278,7 +278,7 @@ def test_pipeline_stages_match_unsplit(arch):
 
 
 def test_pipeline_needs_equal_stages():
-    from irlm.passes.tp_split import split_for_pipeline
+    from irlm.passes.parallel.pp_split import split_for_pipeline
     with pytest.raises(IRError, match="2 layers cannot be cut into 3 equal stages"):
         split_for_pipeline(compiled("llama-gqa"), 3)
 
@@ -342,7 +342,7 @@ def run_stages(g, stages):
 
 @pytest.mark.parametrize("arch", ["llama-gqa", "opt", "gpt2"])
 def test_pp_split_pass_builds_each_stage(arch):
-    from irlm.passes.tp_split import split_for_pipeline
+    from irlm.passes.parallel.pp_split import split_for_pipeline
     g = compiled(arch)
     want = split_for_pipeline(parse_graph(print_graph(g), weights=g.weights), 2)
     built = []

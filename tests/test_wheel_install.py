@@ -57,7 +57,7 @@ def test_wheel_in_a_fresh_venv_runs_the_main_job(wheel, tmp_path):
     py, cli = venv / "bin" / "python", venv / "bin" / "irlm"
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    where = _run([py, "-c", "import irlm, irlm.commands, irlm.kernels.ops; print(irlm.__file__)"],
+    where = _run([py, "-c", "import irlm, irlm.cli, irlm.kernels.ops; print(irlm.__file__)"],
                  cwd=tmp_path, env=env, timeout=300)
     assert Path(where.strip()).is_relative_to(venv), where
     _run([cli, "compile", "--gguf", gguf, "-o", tmp_path / "out"], cwd=tmp_path, env=env,

@@ -6,13 +6,11 @@ from typing import Sequence
 import sympy
 
 from ..errors import IRError
-from ..types import Dim, DType, TensorType, dim_product, dims_equal, normalize_dim
+from ..types import (Dim, DType, TensorType, dim_product, dims_equal, normalize_axis,
+                     normalize_dim)
 
 
-def norm_axis(axis: int, rank: int) -> int:
-    if not -max(rank, 1) <= axis < max(rank, 1):
-        raise IRError(f"axis {axis} is out of range for rank {rank}")
-    return axis % max(rank, 1)
+norm_axis = normalize_axis   # the ops' short name for irlm.types.normalize_axis
 
 
 def broadcast_shapes(a: Sequence[Dim], b: Sequence[Dim]) -> tuple[Dim, ...]:

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import IRError
-from ..registry import attr, define_op
+from ..registry import (ACTIVATION, CONSTANT_LIKE, ELEMENTWISE, RESHAPE_LIKE, VIEW, attr,
+                        define_op)
 from ..types import DType, TensorType, dims_equal, format_dim, normalize_dim
 from ._shape import (broadcast_shapes, norm_axis, promote, reduce_shape, require_float,
                      require_int, require_rank, reshape_shape, same_dim)
@@ -23,7 +24,7 @@ define_op(
     "param", [], {"name": attr("str"), "type": attr("type")},
     infer=lambda t, a: [a["type"]],
     reference=lambda ctx, x, a: [ctx.load_weight(a["name"], a["type"])],
-    doc="A weight read from the graph's weight store by name.")
+    doc="A weight read from the graph's weight store by name.", traits=[CONSTANT_LIKE])
 
 
 def _infer_constant(t, a):
@@ -33,7 +34,7 @@ def _infer_constant(t, a):
 
 define_op("core.constant", [], {"value": attr("tensor")}, infer=_infer_constant,
           reference=lambda ctx, x, a: [a["value"].to(ctx.device or "cpu", copy=True)],
-          doc="A small dense tensor stored in the op.")
+          doc="A small dense tensor stored in the op.", traits=[CONSTANT_LIKE])
 
 
 def _full_shape(ctx, shape):
@@ -72,11 +73,21 @@ define_op(
 # ----- elementwise -----------------------------------------------------------------------------
 
 
+#: the elementwise nonlinearities that layers apply after a linear (tp-split follows them,
+#: the fusions fold them into llm.gated_act / llm.linear_act when they have an ``act`` name)
+_ACTIVATIONS = ("tanh", "sigmoid", "silu", "relu", "gelu")
+
+
+def _traits(name):
+    return [ACTIVATION] if name in _ACTIVATIONS else [ELEMENTWISE]
+
+
 def _unary_float(name, fn, doc):
     def infer(t, a):
         require_float(t[0], "the operand")
         return [t[0]]
-    define_op(f"core.{name}", ["x"], infer=infer, reference=lambda ctx, x, a: [fn(x[0])], doc=doc)
+    define_op(f"core.{name}", ["x"], infer=infer, reference=lambda ctx, x, a: [fn(x[0])], doc=doc,
+              traits=_traits(name))
 
 
 for _name, _fn in {
@@ -89,7 +100,7 @@ for _name, _fn in {
 
 def _unary_any(name, fn, doc):
     define_op(f"core.{name}", ["x"], infer=lambda t, a: [t[0]],
-              reference=lambda ctx, x, a: [fn(x[0])], doc=doc)
+              reference=lambda ctx, x, a: [fn(x[0])], doc=doc, traits=_traits(name))
 
 
 _unary_any("neg", torch.neg, "Elementwise negation.")
@@ -105,10 +116,11 @@ def _infer_gelu(t, a):
 define_op("core.gelu", ["x"], {"approximate": attr("str", "none", ["none", "tanh"])},
           infer=_infer_gelu,
           reference=lambda ctx, x, a: [F.gelu(x[0], approximate=a["approximate"])],
-          doc="GELU, exact (erf) or with the tanh approximation.")
+          doc="GELU, exact (erf) or with the tanh approximation.", traits=_traits("gelu"))
 
 define_op("core.logical_not", ["x"], infer=lambda t, a: [t[0].with_dtype(DType.bool)],
-          reference=lambda ctx, x, a: [torch.logical_not(x[0])], doc="Elementwise not.")
+          reference=lambda ctx, x, a: [torch.logical_not(x[0])], doc="Elementwise not.",
+          traits=[ELEMENTWISE])
 
 
 def _infer_cast(t, a):
@@ -117,7 +129,8 @@ def _infer_cast(t, a):
 
 define_op("core.cast", ["x"], {"dtype": attr("dtype")}, infer=_infer_cast,
           reference=lambda ctx, x, a: [x[0].to(a["dtype"].torch)],
-          doc="Convert to another element type (round to nearest even for floats).")
+          doc="Convert to another element type (round to nearest even for floats).",
+          traits=[ELEMENTWISE])
 
 
 def _infer_clamp(t, a):
@@ -127,7 +140,7 @@ def _infer_clamp(t, a):
 define_op("core.clamp", ["x"], {"min": attr("float", None), "max": attr("float", None)},
           infer=_infer_clamp,
           reference=lambda ctx, x, a: [torch.clamp(x[0], a["min"], a["max"])],
-          doc="Clamp to [min, max]; either bound may be absent.")
+          doc="Clamp to [min, max]; either bound may be absent.", traits=[ELEMENTWISE])
 
 
 def _binary(name, fn, result=None, commutative=False, float_only=False, doc=""):
@@ -139,7 +152,7 @@ def _binary(name, fn, result=None, commutative=False, float_only=False, doc=""):
         return [TensorType(shape, result or dtype)]
     define_op(f"core.{name}", ["lhs", "rhs"], infer=infer,
               reference=lambda ctx, x, a: [fn(x[0], x[1])], commutative=commutative,
-              doc=doc or f"Elementwise {name} with broadcasting.")
+              doc=doc or f"Elementwise {name} with broadcasting.", traits=[ELEMENTWISE])
 
 
 _binary("add", torch.add, commutative=True)
@@ -169,7 +182,7 @@ def _infer_where(t, a):
 
 define_op("core.where", ["cond", "lhs", "rhs"], infer=_infer_where,
           reference=lambda ctx, x, a: [torch.where(x[0], x[1], x[2])],
-          doc="lhs where cond else rhs, with broadcasting.")
+          doc="lhs where cond else rhs, with broadcasting.", traits=[ELEMENTWISE])
 
 
 def _infer_masked_fill(t, a):
@@ -181,7 +194,7 @@ def _infer_masked_fill(t, a):
 
 define_op("core.masked_fill", ["x", "mask"], {"value": attr("float")}, infer=_infer_masked_fill,
           reference=lambda ctx, x, a: [x[0].masked_fill(x[1], a["value"])],
-          doc="x with value where mask is true.")
+          doc="x with value where mask is true.", traits=[ELEMENTWISE])
 
 # ----- matrix products -------------------------------------------------------------------------
 
@@ -319,7 +332,7 @@ def _infer_reshape(t, a):
 
 define_op("core.reshape", ["x"], {"shape": attr("dims")}, infer=_infer_reshape,
           reference=lambda ctx, x, a: [x[0].reshape([ctx.dim(d) for d in a["shape"]])],
-          doc="Same elements in a new shape (one -1 is inferred).")
+          doc="Same elements in a new shape (one -1 is inferred).", traits=[RESHAPE_LIKE])
 
 
 def _infer_transpose(t, a):
@@ -332,7 +345,7 @@ def _infer_transpose(t, a):
 define_op("core.transpose", ["x"], {"dim0": attr("int"), "dim1": attr("int")},
           infer=_infer_transpose,
           reference=lambda ctx, x, a: [x[0].transpose(a["dim0"], a["dim1"])],
-          doc="Swap two dims.")
+          doc="Swap two dims.", traits=[VIEW])
 
 
 def _infer_permute(t, a):
@@ -345,7 +358,7 @@ def _infer_permute(t, a):
 
 define_op("core.permute", ["x"], {"dims": attr("ints")}, infer=_infer_permute,
           reference=lambda ctx, x, a: [x[0].permute(list(a["dims"]))],
-          doc="Reorder dims: result dim i is operand dim dims[i].")
+          doc="Reorder dims: result dim i is operand dim dims[i].", traits=[VIEW])
 
 
 def _infer_expand(t, a):
@@ -370,7 +383,8 @@ def _infer_expand(t, a):
 
 define_op("core.expand", ["x"], {"shape": attr("dims")}, infer=_infer_expand,
           reference=lambda ctx, x, a: [x[0].expand([ctx.dim(d) for d in a["shape"]])],
-          doc="Broadcast size-1 dims (and new leading dims) to shape; -1 keeps a dim.")
+          doc="Broadcast size-1 dims (and new leading dims) to shape; -1 keeps a dim.",
+          traits=[VIEW])
 
 
 def _infer_squeeze(t, a):
@@ -388,7 +402,8 @@ def _ref_squeeze(ctx, x, a):
 
 
 define_op("core.squeeze", ["x"], {"dims": attr("ints", ())}, infer=_infer_squeeze,
-          reference=_ref_squeeze, doc="Remove size-1 dims (all static ones when dims is empty).")
+          reference=_ref_squeeze, doc="Remove size-1 dims (all static ones when dims is empty).",
+          traits=[RESHAPE_LIKE])
 
 
 def _infer_unsqueeze(t, a):
@@ -398,7 +413,8 @@ def _infer_unsqueeze(t, a):
 
 
 define_op("core.unsqueeze", ["x"], {"dim": attr("int")}, infer=_infer_unsqueeze,
-          reference=lambda ctx, x, a: [x[0].unsqueeze(a["dim"])], doc="Insert a size-1 dim.")
+          reference=lambda ctx, x, a: [x[0].unsqueeze(a["dim"])], doc="Insert a size-1 dim.",
+          traits=[RESHAPE_LIKE])
 
 _BIG = 2 ** 62
 
@@ -448,7 +464,7 @@ def _ref_slice(ctx, x, a):
 define_op("core.slice", ["x"], {"dim": attr("int"), "start": attr("dim", 0),
                                  "end": attr("dim", _BIG), "step": attr("int", 1)},
           infer=_infer_slice, reference=_ref_slice,
-          doc="x[..., start:end:step, ...] along dim, with Python's clamping.")
+          doc="x[..., start:end:step, ...] along dim, with Python's clamping.", traits=[VIEW])
 
 
 def _infer_concat(t, a):
@@ -493,7 +509,7 @@ def _infer_split(t, a):
 define_op("core.split", ["x"], {"dim": attr("int"), "sizes": attr("dims")}, infer=_infer_split,
           reference=lambda ctx, x, a: list(torch.split(x[0], [ctx.dim(s) for s in a["sizes"]],
                                                        a["dim"])),
-          doc="Cut x along dim into pieces of the given sizes (one result each).")
+          doc="Cut x along dim into pieces of the given sizes (one result each).", traits=[VIEW])
 
 
 def _infer_gather(t, a):

@@ -1,10 +1,10 @@
 """The ``dist`` dialect: collectives between the ranks of a tensor-parallel group, and
 point-to-point ``send``/``recv`` between pipeline stages.
 
-Every rank runs its own graph (``tp-split`` makes them, irlm/passes/tp_split.py); a collective
+Every rank runs its own graph (``tp-split`` makes them, irlm/passes/parallel/tp_split.py); a collective
 is an op that every rank of the group reaches in the same order with a tensor of one type.
 Its reference implementation exchanges tensors with the other ranks through the communicator
-that the multi-rank simulator (:func:`irlm.distributed.run_ranks`) puts in ``ctx.state["dist"]``.
+that the multi-rank simulator (:func:`irlm.runtime.distributed.run_ranks`) puts in ``ctx.state["dist"]``.
 The reduction order is fixed (rank 0 + rank 1 + ...), so every rank gets bit-identical results.
 
 ``plan`` is free text that tp-split fills in (which projection the collective completes and how
@@ -47,7 +47,7 @@ def _communicator(ctx, a):
         if a["group_size"] == 1:
             return None
         raise IRError(f"{ctx.op.name} with group_size {a['group_size']} needs the other ranks: "
-                      f"run the per-rank graphs with irlm.distributed.run_ranks")
+                      f"run the per-rank graphs with irlm.runtime.distributed.run_ranks")
     if comm.size != a["group_size"]:
         raise IRError(f"{ctx.op.name} has group_size {a['group_size']} but runs in a group of "
                       f"{comm.size} ranks")
@@ -89,7 +89,7 @@ def _ref_send(ctx, x, a):
     comm = (ctx.state or {}).get("dist")
     if comm is None:
         raise IRError("dist.send needs the other ranks: run the per-stage graphs with "
-                      "irlm.distributed.run_ranks")
+                      "irlm.runtime.distributed.run_ranks")
     comm.send(x[0], a["peer"], a["tag"], ctx.op.describe())
     return [x[0]]
 
@@ -98,7 +98,7 @@ def _ref_recv(ctx, x, a):
     comm = (ctx.state or {}).get("dist")
     if comm is None:
         raise IRError("dist.recv needs the other ranks: run the per-stage graphs with "
-                      "irlm.distributed.run_ranks")
+                      "irlm.runtime.distributed.run_ranks")
     return [comm.recv(a["peer"], a["tag"], ctx.op.describe())]
 
 

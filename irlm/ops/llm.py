@@ -16,6 +16,7 @@ step's keys and values into it (its one side effect) and attends over everything
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 
@@ -23,6 +24,53 @@ from ..errors import IRError
 from ..registry import attr, define_op
 from ..types import DType, TensorType
 from ._shape import require_float, require_int, require_rank, same_dim
+
+#: The inputs of a graph in the inference form, in the order the runtime feeds them
+#: (substitute-attention makes them; runtime runners and engine loading check them).
+INFERENCE_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
+                    "kv_cache")
+#: The inference-form input that holds the paged KV cache.
+KV_CACHE_INPUT = "kv_cache"
+
+
+class KVCacheLayout(NamedTuple):
+    """The paged KV cache pool ``[layers, blocks, 2, block_size, kv_heads, head_dim]`` (the
+    2 is key, value): llm.paged_attention's ``kv_cache`` operand.  The one declaration of the
+    layout; passes, runtime and kernels index it through these names."""
+    layers: int
+    blocks: int
+    kv: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def of(cls, shape_or_type) -> "KVCacheLayout":
+        """The layout of a cache's shape, TensorType, tensor or graph input Value."""
+        shape = getattr(shape_or_type, "type", shape_or_type)
+        shape = getattr(shape, "shape", shape)
+        if len(shape) != len(cls._fields):
+            raise IRError(f"a KV cache has {len(cls._fields)} dims ({', '.join(cls._fields)}), "
+                          f"got {len(shape)}")
+        return cls(*shape)
+
+    def block_bytes(self, itemsize: int) -> int:
+        """Bytes one block takes across all layers (keys and values)."""
+        return int(self.layers) * int(self.kv) * int(self.block_size) * int(self.kv_heads) * \
+            int(self.head_dim) * int(itemsize)
+
+
+#: the axis of each KV-cache dim, by name (``KV_CACHE_AXIS["kv_heads"]`` is 4)
+KV_CACHE_AXIS = {name: i for i, name in enumerate(KVCacheLayout._fields)}
+
+
+def kv_cache_input(graph):
+    """The graph's KV-cache input Value (an IRError if it is not in the inference form)."""
+    for v in graph.inputs:
+        if v.name == KV_CACHE_INPUT:
+            return v
+    raise IRError(f"graph @{graph.name} has no %{KV_CACHE_INPUT} input (not in the inference "
+                  f"form; compile it with substitute-attention)")
 
 
 def _infer_paged_attention(t, a):

@@ -3,19 +3,19 @@
 Layout (one concept a module): :mod:`.model_runner` (the engine interface), :mod:`.kv_cache`
 (blocks and prefix reuse), :mod:`.scheduler` (in-flight batching and its policies),
 :mod:`.sampling` (parameters and the vectorized sampler), :mod:`.beam_search`,
-:mod:`.detokenizer`, :mod:`.sequence` (request state), :mod:`.engine` (the step loop),
-:mod:`.llm` (the user API), :mod:`.reference_runner` (HF-backed runners for tests),
-:mod:`.distributed` (multi-rank engines as one process per rank).
+:mod:`.detokenizer`, :mod:`.sequence` (request state), :mod:`.llm_engine` (the step loop),
+:mod:`.llm` (the user API), :mod:`.runners` (the model runners: interpreter, CUDA graphs, ranks,
+HF reference), :mod:`.distributed` (multi-rank engines as one process per rank).
 See docs/runtime.md.
 """
-from .engine import LLMEngine
+from .llm_engine import LLMEngine
 from .errors import (QueueFullError, RequestFailedError, RequestRejectedError,
                      SamplingParamsError)
 from .kv_cache import BlockManager, kv_block_bytes, num_blocks_for_free_memory
 from .llm import LLM
 from .model_runner import ModelRunner, StepBatch
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
-from .reference_runner import RecomputeRunner, ReferenceRunner
+from .runners.hf_reference import RecomputeRunner, ReferenceRunner
 from .sampling import SamplingParams
 from .scheduler import Scheduler, SchedulerConfig
 

@@ -197,8 +197,9 @@ class BlockManager:
 def kv_block_bytes(num_layers: int, block_size: int, kv_heads: int, head_dim: int,
                    dtype: torch.dtype) -> int:
     """Bytes one block takes in the pool ``[layers, blocks, 2, block_size, kv_heads, head_dim]``."""
+    from irlm.ops.llm import KVCacheLayout
     itemsize = torch.empty((), dtype=dtype).element_size()
-    return num_layers * 2 * block_size * kv_heads * head_dim * itemsize
+    return KVCacheLayout(num_layers, 1, 2, block_size, kv_heads, head_dim).block_bytes(itemsize)
 
 
 def available_memory(device: torch.device) -> int | None:

@@ -8,7 +8,7 @@
 
 ``LLM`` takes an engine directory, or any runner implementing
 :class:`~irlm.runtime.model_runner.ModelRunner` (with its tokenizer): for tests a
-:class:`~irlm.runtime.reference_runner.ReferenceRunner` over a Hugging Face model.
+:class:`~irlm.runtime.runners.hf_reference.ReferenceRunner` over a Hugging Face model.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from collections import deque
 from typing import AsyncIterator, Sequence
 
 from ..errors import IRLMError
-from .engine import LLMEngine
+from .llm_engine import LLMEngine
 from .errors import RequestFailedError
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, StreamOutput
@@ -55,7 +55,7 @@ class LLM:
     stops the workers.
 
     On the CPU, ``executor`` is ``fast`` (default: the bound CPU executor,
-    irlm/runtime/cpu_runner.py) or ``reference`` (the interpreter; slow, for debugging);
+    irlm/runtime/runners/cpu.py) or ``reference`` (the interpreter; slow, for debugging);
     ``threads`` sets torch's CPU threads (default: the process's setting)."""
 
     def __init__(self, model: "str | os.PathLike | ModelRunner", tokenizer=None, *,
@@ -244,8 +244,8 @@ class LLM:
 
 def _open_engine(path, device: str, num_blocks, parallel: str, executor=None, threads=None):
     """(runner, engine) for an engine directory; a multi-rank one as one process per rank."""
-    from .graph_runner import runner_for_engine
-    from irlm.lowering.engine import load_engine
+    from .runners.interpreter import runner_for_engine
+    from irlm.lowering.engine_format import load_engine
     from .distributed.runner import is_multi_rank
     if parallel == "processes" and is_multi_rank(path):
         from .distributed.runner import DistributedRunner, launched_rank, serve_rank

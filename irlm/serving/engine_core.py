@@ -48,9 +48,9 @@ class EngineSpec:
     def build(self):
         if self.factory is not None:
             return load_factory(self.factory)(**self.llm_kwargs)
-        from irlm.lowering.engine import load_engine
+        from irlm.lowering.engine_format import load_engine
         from ..runtime import LLM
-        from ..runtime.graph_runner import runner_for_engine
+        from ..runtime.runners.interpreter import runner_for_engine
         engine = load_engine(self.engine_dir)
         num_blocks = self.num_blocks
         block_size = int(_kv_cache_type(engine).shape[3])

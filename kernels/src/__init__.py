@@ -1,6 +1,6 @@
 """irlm.kernels: CUDA C++ kernels compiled at run time with NVRTC, and their launchers.
 
-* :mod:`irlm.kernels.compiler`: NVRTC compilation (``sm_90a`` on Hopper), the on-disk cubin
+* :mod:`irlm.kernels.nvrtc`: NVRTC compilation (``sm_90a`` on Hopper), the on-disk cubin
   cache, module loading and launches on torch's current stream.
 * :mod:`irlm.kernels.ops`: the launchers: ``paged_attention`` (``llm.paged_attention`` on the
   GPU), ``paged_attention_decode``, ``prefill_attention``, ``kv_cache_write``,
@@ -26,6 +26,6 @@ def __getattr__(name):
         from . import ops
         return getattr(ops, name)
     if name in _ERRORS:
-        from . import compiler
-        return getattr(compiler, name)
+        from . import nvrtc
+        return getattr(nvrtc, name)
     raise AttributeError(f"module 'irlm.kernels' has no attribute {name!r}")

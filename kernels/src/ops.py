@@ -2,7 +2,7 @@
 
 Every launcher takes and returns torch tensors on a CUDA device, checks shapes, dtypes,
 devices, strides and alignment before anything reaches the GPU (raising
-:class:`~irlm.kernels.compiler.KernelArgumentError`), and launches on torch's current stream
+:class:`~irlm.kernels.nvrtc.KernelArgumentError`), and launches on torch's current stream
 without synchronising.  Supported element types: bfloat16, float16, float32 (float32
 attention runs on the tensor cores as tf32).
 
@@ -21,7 +21,9 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from .compiler import Kernel, KernelArgumentError
+from irlm.ops.llm import KVCacheLayout
+
+from .nvrtc import Kernel, KernelArgumentError
 
 c_void_p, c_longlong, c_int, c_float = (ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int,
                                         ctypes.c_float)
@@ -186,7 +188,7 @@ def _ptr(t) -> int:
 
 def _cache_geometry(kv_cache, layer, kv_heads, head_dim, dtype):
     _tensor("kv_cache", kv_cache, ndim=6)
-    L, nb, two, bs, kvh, d = kv_cache.shape
+    L, nb, two, bs, kvh, d = KVCacheLayout.of(kv_cache.shape)
     if two != 2:
         raise KernelArgumentError(f"kv_cache dim 2 must be 2 (key, value), got {two}")
     if kvh != kv_heads or d != head_dim:
@@ -288,7 +290,7 @@ def _attn_common(q, kv_cache, layer, block_tables, cached_lens, scale, sliding_w
         raise KernelArgumentError(f"head_dim {D} has no attention kernel (supported: "
                                   f"{', '.join(map(str, ATTENTION_HEAD_DIMS))})")
     _tensor("kv_cache", kv_cache, ndim=6, device=dev)
-    kvh = kv_cache.shape[4]
+    kvh = KVCacheLayout.of(kv_cache.shape).kv_heads
     if kvh == 0 or H % kvh:
         raise KernelArgumentError(f"{H} query heads are not a multiple of {kvh} kv heads")
     layer_off, bs, shift = _cache_geometry(kv_cache, layer, kvh, D, q.dtype)

@@ -41,11 +41,11 @@ def lower_to_target(graph, out_dir, target: str = "onnx", *, dtype: str = "f32",
 def load_ir(path, weight_files: Sequence[str] = ()):
     """An IR file (with its weights from safetensors files), or an engine directory
     (plan.irlm + weights.safetensors)."""
-    from irlm.parser import parse_graph
+    from irlm.text.parser import parse_graph
     from irlm.weights import WeightStore
     p = Path(path)
     if p.is_dir():
-        from irlm.lowering.engine import MANIFEST, PLAN_FILE, WEIGHTS_FILE
+        from irlm.lowering.engine_format import MANIFEST, PLAN_FILE, WEIGHTS_FILE
         if not (p / MANIFEST).is_file():
             raise IRLMError(f"{p}: a directory that is not an engine (no {MANIFEST}); give an "
                             f"IR file or an engine directory")

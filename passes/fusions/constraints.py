@@ -11,7 +11,9 @@ import math
 from typing import Optional, Sequence
 
 from irlm.ir import Location, Op, Value
-from irlm.types import DType, dims_equal
+from irlm.ops.fused import ACTIVATIONS
+from irlm.registry import ACTIVATION, ops_with_trait
+from irlm.types import DType, dims_equal, normalize_axis
 
 from ..canonicalize import EXACT_WIDENINGS
 from ..pattern import Const, Pattern, same_type, splat_value
@@ -20,13 +22,8 @@ from ..pattern import Const, Pattern, same_type, splat_value
 # ----- axes ------------------------------------------------------------------------------------
 
 
-def axis(a: int, rank: int) -> int:
-    """A possibly negative axis as an index in ``range(rank)`` (-1 if out of range)."""
-    return a + rank if -rank <= a < 0 else (a if 0 <= a < rank else -1)
-
-
 def is_last_axis(a: int, rank: int) -> bool:
-    return rank > 0 and axis(a, rank) == rank - 1
+    return rank > 0 and -rank <= a < rank and normalize_axis(a, rank) == rank - 1
 
 
 def reduces_last_axis(reduction: Op) -> bool:
@@ -109,7 +106,9 @@ def is_param(v: Value) -> bool:
 # ----- activations -----------------------------------------------------------------------------
 
 #: core activation ops the fusions absorb (their act name is given by :func:`activation_name`).
-ACTIVATION_OPS = ("core.silu", "core.gelu", "core.relu")
+#: the registry's activation ops that a fused op's ``act`` attribute can name (silu, gelu, relu)
+ACTIVATION_OPS = tuple(sorted(n for n in ops_with_trait(ACTIVATION)
+                              if n.split(".", 1)[1] in ACTIVATIONS))
 
 
 def activation_name(act: Op) -> Optional[str]:

@@ -1,7 +1,7 @@
 """The ``dist`` ops on torch.distributed: one rank's communicator and the op overrides.
 
 A multi-rank engine has ``tp * pp`` ranks; rank ``r`` is tp rank ``r % tp`` of pipeline stage
-``r // tp`` (lowering/engine.py).  Its graph's collectives (``dist.all_reduce``,
+``r // tp`` (lowering/engine_format.py).  Its graph's collectives (``dist.all_reduce``,
 ``dist.all_gather``) run over the **tp group of its stage** (ranks ``s*tp ... s*tp + tp-1``);
 its ``dist.send``/``dist.recv`` name a **stage** as ``peer`` (pp-split numbers stages), which is
 the rank with the same tp rank in that stage (``peer * tp + tp_rank``).
@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from irlm.distributed import DistributedError
+from irlm.runtime.distributed.simulator import DistributedError
 
 _REDUCE = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
@@ -64,7 +64,7 @@ class Layout:
 
 class TorchComm:
     """One rank's collectives and point-to-point transfers, with the interface of the
-    simulator's :class:`irlm.distributed.RankComm` (so the ``dist`` ops' reference
+    simulator's :class:`irlm.runtime.distributed.simulator.RankComm` (so the ``dist`` ops' reference
     implementations run on it unchanged).  ``tp_groups[s]`` is stage s's tp group (every
     rank must create every subgroup, in the same order: :func:`make_tp_groups`)."""
 

@@ -2,7 +2,7 @@
 
 Every rank (the scheduler's process is rank 0) builds a :class:`RankWorker` the same way:
 
-1. load its shard (:func:`irlm.lowering.engine.load_rank`: refused unless the top-level
+1. load its shard (:func:`irlm.lowering.engine_format.load_rank`: refused unless the top-level
    manifest lists that rank's engine.json with this checksum);
 2. join the process group (gloo on the CPU, NCCL on GPUs) and create the tp groups;
 3. build the executor of its graph (the reference interpreter on the CPU, the CUDA executor
@@ -21,14 +21,14 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from irlm.distributed import DistributedError
+from irlm.runtime.distributed.simulator import DistributedError
 
 from ..model_runner import StepBatch
 from .comm import Layout, TorchComm, configure_nccl_env, dist_kernels, make_tp_groups
 
 
 def load_shard(engine_dir, rank: int):
-    from irlm.lowering.engine import load_rank
+    from irlm.lowering.engine_format import load_rank
     return load_rank(engine_dir, rank)
 
 
@@ -41,10 +41,10 @@ def build_runner(graph, layout: Layout, device: torch.device, *, num_blocks: Opt
     if len(graph.outputs) > 1:
         graph.set_outputs([graph.outputs[0]])
     if device.type == "cuda":
-        from ..cuda_runner import CudaGraphRunner
+        from ..runners.cuda_graphs import CudaGraphRunner
         return CudaGraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                                device=str(device), collectives=True)
-    from ..graph_runner import GraphRunner
+    from ..runners.interpreter import GraphRunner
     return GraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                        kv_cache_bytes=kv_cache_bytes, device=str(device))
 

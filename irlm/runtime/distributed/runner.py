@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from irlm.distributed import DistributedError
+from irlm.runtime.distributed.simulator import DistributedError
 
 from .comm import Layout, configure_nccl_env
 from .worker import STOP, HEARTBEAT_S, LaunchSpec, connect_store, encode_batch, one_line
@@ -106,7 +106,7 @@ class DistributedRunner:
     def __init__(self, engine_dir, *, device: str = "auto", num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
                  launch: str = "auto", timeout: float = 60.0, load_timeout: float = 600.0):
-        from irlm.lowering.engine import load_engine_header
+        from irlm.lowering.engine_format import load_engine_header
         from .rank import RankWorker, resize_pool
         self.engine_dir = str(engine_dir)
         header = load_engine_header(engine_dir)
@@ -417,7 +417,7 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
                timeout: float = 60.0, load_timeout: float = 600.0) -> None:
     """Run this launched process's rank (not 0) of the engine until rank 0 stops it.  For
     ranks started by torchrun: ``irlm run`` and ``LLM(ENGINE)`` call it on ranks != 0."""
-    from irlm.lowering.engine import load_engine_header
+    from irlm.lowering.engine_format import load_engine_header
     from .worker import run_rank
     env = launched_rank()
     if env is None:

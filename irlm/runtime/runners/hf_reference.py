@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import IRLMError
-from .model_runner import StepBatch
+from ...errors import IRLMError
+from ..model_runner import StepBatch
 
 
 class _HFRunner:

@@ -1,6 +1,6 @@
 """The CPU executor: an inference-form graph on the CPU, bound once at load.
 
-The reference interpreter (:mod:`irlm.interpreter`, via :class:`~.graph_runner.GraphRunner`)
+The reference interpreter (:mod:`irlm.interpreter`, via :class:`~.interpreter.GraphRunner`)
 looks every op up in the registry, evaluates symbolic dims with sympy, checks every result's
 type and runs paged attention one request at a time: it states the semantics, and it is slow.
 This executor runs the same graph the way :mod:`.cuda_runner` does on a GPU:
@@ -42,10 +42,11 @@ import torch.nn.functional as F
 from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
+from irlm.lowering.kernel_selection import cpu_flags, default_linear_dtype, has_fast_bf16  # noqa: F401
 from irlm.registry import get_op_def
 
-from .graph_runner import REQUIRED_INPUTS
-from .model_runner import StepBatch
+from .interpreter import REQUIRED_INPUTS
+from ..model_runner import StepBatch
 
 LINEAR_DTYPES = ("f32", "bf16", "int8", "int4")
 #: int4 group sizes torch's CPU int4 GEMM accepts
@@ -54,36 +55,6 @@ _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
 
 
 # ----- machine facts ---------------------------------------------------------------------------
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def has_fast_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
-    flags = cpu_flags()
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
-def default_linear_dtype(quant: Optional[str] = None) -> str:
-    """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
-    has native bf16 arithmetic, f32 otherwise; ``int8`` (torch's int8 GEMM, bf16 inputs) for a
-    weight-only int8 engine, whose int8 weights halve the memory traffic again; ``int4``
-    (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
-    if quant == "int8":
-        return "int8"
-    if quant in ("int4", "int4-awq"):
-        return "int4"
-    return "bf16" if has_fast_bf16() else "f32"
-
 
 def physical_cores() -> int:
     """Physical cores this process may run on (hyperthread siblings counted once)."""

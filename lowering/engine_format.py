@@ -60,7 +60,7 @@ class Engine:
 
 def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None) -> Path:
     """Write ``graph`` (inference form, weights in ``graph.weights``) as an engine directory."""
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     out = make_dir(out)
     tensors = {}
     for op in graph.params():
@@ -155,7 +155,7 @@ def _write_manifest(out: Path, config: dict[str, Any], files: list[str], **extra
 
 def load_engine(path, verify_checksums: bool = True, *, _manifest_bytes: bytes | None = None,
                 _rank: bool = False) -> Engine:
-    from irlm.parser import parse_graph
+    from irlm.text.parser import parse_graph
     from irlm.verifier import verify
     from irlm.weights import WeightStore
     path = Path(path)

@@ -1,6 +1,6 @@
-"""The IR text parser: text in the format of :mod:`irlm.printer` (docs/ir.md) → a Graph.
+"""The IR text parser: text in the format of :mod:`irlm.text.printer` (docs/ir.md) → a Graph.
 
-The grammar is ``irlm/ir.lark``, run by lark's LALR(1) parser with an *inline* transformer:
+The grammar is ``irlm/text/ir.lark``, run by lark's LALR(1) parser with an *inline* transformer:
 the callbacks below run as the parser reduces each rule, so no parse tree is built; ops are
 created with :func:`irlm.builder.make_op` and appended to the graph in text order.
 
@@ -31,11 +31,11 @@ from lark import Lark, Token, Transformer, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedInput, UnexpectedToken
 from lark.lexer import Lexer
 
-from .builder import make_op
-from .errors import IRError, ParseError
-from .ir import UNKNOWN_LOC, Graph, Location, Value
-from .registry import REQUIRED, Ident, OpDef, coerce_attr, get_op_def
-from .types import DType, TensorType, format_expr, format_type, normalize_dim, sym
+from ..builder import make_op
+from ..errors import IRError, ParseError
+from ..ir import UNKNOWN_LOC, Graph, Location, Value
+from ..registry import REQUIRED, Ident, OpDef, coerce_attr, get_op_def
+from ..types import DType, TensorType, format_expr, format_type, normalize_dim, sym
 
 __all__ = ["parse_graph", "parse_file"]
 

@@ -52,7 +52,7 @@ def run(args) -> int:
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     threads = args.threads
     if threads is None and args.device != "cuda":
-        from ..runtime.cpu_runner import physical_cores
+        from ..runtime.runners.cpu import physical_cores
         threads = physical_cores()
     llm = LLM(args.engine, device=args.device, executor=args.executor, threads=threads)
     try:

@@ -1,7 +1,7 @@
 """The multi-rank simulator: run the per-rank graphs of a tensor-parallel split on the CPU.
 
 :func:`run_ranks` runs N graphs (one per rank, e.g. from
-:func:`irlm.passes.tp_split.split_for_tensor_parallel`) in lockstep, one Python thread per
+:func:`irlm.passes.parallel.tp_split.split_for_tensor_parallel`) in lockstep, one Python thread per
 rank, each with the reference interpreter.  The ``dist`` ops' reference implementations
 (irlm/ops/dist.py) reach the other ranks through a :class:`RankComm` in ``ctx.state["dist"]``:
 each collective is an exchange through a shared slot table between two barrier waits.
@@ -24,8 +24,8 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from .errors import IRLMError
-from .interpreter import Interpreter
+from irlm.errors import IRLMError
+from irlm.interpreter import Interpreter
 
 
 class DistributedError(IRLMError):

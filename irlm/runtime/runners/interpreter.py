@@ -1,7 +1,7 @@
 """A :class:`ModelRunner` over a compiled inference-form graph.
 
 The graph (``plan.irlm`` of an engine, or the output of ``substitute-attention``) takes the
-inputs named in :data:`irlm.passes.substitute_attention.INFERENCE_INPUTS`; this runner owns
+inputs named in :data:`irlm.ops.llm.INFERENCE_INPUTS`; this runner owns
 the KV pool those graphs read and write, and runs one step per call.  On the CPU every op runs
 its registry reference implementation through the interpreter: slow, but exactly the
 semantics that the GPU kernels are tested against.
@@ -15,12 +15,13 @@ import torch
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
+from irlm.ops.llm import INFERENCE_INPUTS, KV_CACHE_INPUT, KVCacheLayout
 
-from .kv_cache import check_kv_pool
-from .model_runner import StepBatch
+from ..kv_cache import check_kv_pool
+from ..model_runner import StepBatch
 
-REQUIRED_INPUTS = ("input_ids", "position_ids", "q_lens", "cached_lens", "block_tables",
-                   "kv_cache")
+#: the inputs this runner feeds, in order: the inference form's (irlm.ops.llm)
+REQUIRED_INPUTS = INFERENCE_INPUTS
 
 
 class GraphRunner:
@@ -43,10 +44,10 @@ class GraphRunner:
             extra = [n for n in names if n not in REQUIRED_INPUTS]
             raise IRLMError(f"graph @{graph.name} has inputs the runtime cannot feed: "
                             f"{', '.join('%' + n for n in extra)}")
-        cache_t = graph.inputs[names.index("kv_cache")].type
-        layers, _, two, block_size, kv_heads, head_dim = cache_t.shape
+        cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
+        layers, _, two, block_size, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         dtype = cache_t.dtype.torch
-        per_block = layers * two * block_size * kv_heads * head_dim * dtype.itemsize
+        per_block = KVCacheLayout.of(cache_t).block_bytes(dtype.itemsize)
         if num_blocks is None:
             num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
         self.device = torch.device(device)
@@ -62,7 +63,7 @@ class GraphRunner:
                                     dtype=dtype, device=self.device)
         weights = graph.weights
         if self.device.type != "cpu":
-            from .cuda_runner import _to_device
+            from .cuda_graphs import _to_device
             weights = _to_device(graph, graph.weights, self.device)
         self._interp = Interpreter(graph, weights, device=self.device)
 
@@ -84,9 +85,9 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
     A multi-rank engine (``irlm compile --tp/--pp``) runs one process per rank over
     torch.distributed (:class:`~irlm.runtime.distributed.DistributedRunner`), or with
     ``parallel="simulator"`` all its ranks in threads of this process on the CPU
-    (:class:`~irlm.runtime.rank_runner.RankRunner`, a test oracle).
+    (:class:`~irlm.runtime.runners.ranks.RankRunner`, a test oracle).
 
-    On the CPU, ``executor`` ``fast`` (the default; :mod:`.cpu_runner`) binds every op once
+    On the CPU, ``executor`` ``fast`` (the default; :mod:`.cpu`) binds every op once
     and runs torch's CPU kernels; ``reference`` runs the interpreter (slow; the oracle, for
     debugging).  The environment variable ``IRLM_CPU_EXECUTOR`` sets the default.
     ``threads``: torch's CPU threads for a CPU engine (default: leave torch's setting; the
@@ -101,7 +102,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         if parallel not in ("processes", "simulator"):
             raise IRLMError(f"parallel '{parallel}': expected processes or simulator")
         if parallel == "processes":
-            from .distributed import DistributedRunner
+            from ..distributed import DistributedRunner
             return DistributedRunner(engine.path, device=device, num_blocks=num_blocks,
                                      max_model_len=max_len)
         par = engine.parallel
@@ -109,7 +110,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
             raise IRLMError(f"{engine.path}: the multi-rank simulator (tp {par.get('tp')}, pp "
                             f"{par.get('pp')}) runs on the CPU only; use device cpu or "
                             f"parallel processes")
-        from .rank_runner import RankRunner
+        from .ranks import RankRunner
         return RankRunner([e.graph for e in engine.ranks], num_blocks=num_blocks,
                           max_model_len=max_len, tp=int(par.get("tp", 1)))
     if device == "auto":
@@ -118,16 +119,16 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         raise IRLMError("--device cuda: no CUDA GPU is available here")
     if device == "cuda":
         try:
-            from .cuda_runner import CudaGraphRunner
+            from .cuda_graphs import CudaGraphRunner
         except ImportError:
             CudaGraphRunner = None
         if CudaGraphRunner is not None:
             return CudaGraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len)
     if device == "cpu" and executor == "fast":
-        from .cpu_runner import CpuGraphRunner
+        from .cpu import CpuGraphRunner
         return CpuGraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len,
                               linear_dtype=engine.config.get("cpu_linear"), threads=threads)
     if threads is not None and device == "cpu":
-        from .cpu_runner import set_threads
+        from .cpu import set_threads
         set_threads(threads)
     return GraphRunner(engine.graph, num_blocks=num_blocks, max_model_len=max_len, device=device)

@@ -1,4 +1,4 @@
-"""The IR text printer: Graph → the text format of docs/ir.md, which irlm.parser reads back.
+"""The IR text printer: Graph → the text format of docs/ir.md, which irlm.text.parser reads back.
 
 Printing is on the hot path of every IR dump (after each pass, for every layer of a model), so
 it avoids per-op sympy work: type strings are cached by shape, locations by value, op
@@ -12,10 +12,10 @@ from typing import Any
 import sympy
 import torch
 
-from .errors import IRError
-from .ir import Graph, Location, Op, Value
-from .registry import REQUIRED, AttrSpec, OpDef, get_op_def
-from .types import DType, TensorType, format_expr, format_type
+from ..errors import IRError
+from ..ir import Graph, Location, Op, Value
+from ..registry import REQUIRED, AttrSpec, OpDef, get_op_def
+from ..types import DType, TensorType, format_expr, format_type
 
 __all__ = ["print_graph", "format_attr_value", "quote_string"]
 
@@ -258,6 +258,15 @@ class _Printer:
         lines.append("}")
         lines.append("")
         return "\n".join(lines)
+
+
+def printed_names(graph: Graph) -> dict[Value, str]:
+    """The name (without ``%``) each value of ``graph`` prints with: its own when valid and
+    unique, else a number.  A structural copy named this way prints, and names what passes
+    derive from it, exactly as a print → parse round trip would."""
+    p = _Printer(graph)
+    p.assign_names()
+    return {v: n[1:] for v, n in p.names.items()}
 
 
 def print_graph(graph: Graph) -> str:

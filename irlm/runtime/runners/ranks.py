@@ -1,7 +1,7 @@
 """A :class:`ModelRunner` over the per-rank graphs of a tensor- or pipeline-parallel engine.
 
 On the CPU all ranks run together in the multi-rank simulator
-(:func:`irlm.distributed.run_ranks`): one thread per rank, each with the reference interpreter
+(:func:`irlm.runtime.distributed.run_ranks`): one thread per rank, each with the reference interpreter
 and its own paged KV pool.  A pool's shape comes from its rank's graph (a tp rank caches its kv
 heads, a pipeline stage its layers), but every pool has the same number of blocks, because the
 runtime's one block manager hands out block tables that all ranks index.
@@ -15,9 +15,11 @@ import torch
 from irlm.errors import IRLMError
 from irlm.ir import Graph
 
-from .graph_runner import REQUIRED_INPUTS
-from .kv_cache import check_kv_pool
-from .model_runner import StepBatch
+from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
+
+from .interpreter import REQUIRED_INPUTS
+from ..kv_cache import check_kv_pool
+from ..model_runner import StepBatch
 
 
 class RankRunner:
@@ -42,15 +44,14 @@ class RankRunner:
                                 f"{', '.join('%' + n for n in names)}; expected "
                                 f"{', '.join('%' + n for n in REQUIRED_INPUTS)})")
             self._orders.append([REQUIRED_INPUTS.index(n) for n in names])
-            shapes.append(g.inputs[names.index("kv_cache")].type)
+            shapes.append(g.inputs[names.index(KV_CACHE_INPUT)].type)
         last = self.graphs[self._logits_rank]
-        self.block_size = int(shapes[0].shape[3])
-        if any(int(t.shape[3]) != self.block_size for t in shapes):
+        self.block_size = int(KVCacheLayout.of(shapes[0]).block_size)
+        if any(int(KVCacheLayout.of(t).block_size) != self.block_size for t in shapes):
             raise IRLMError("the ranks' KV caches have different block sizes")
         if num_blocks is None:
             # the budget is per rank, like a GPU's memory; the tightest rank decides
-            per_block = max(int(t.shape[0]) * int(t.shape[2]) * self.block_size *
-                            int(t.shape[4]) * int(t.shape[5]) * t.dtype.torch.itemsize
+            per_block = max(KVCacheLayout.of(t).block_bytes(t.dtype.torch.itemsize)
                             for t in shapes)
             num_blocks = max(2, kv_cache_bytes // max(per_block, 1))
         for r, t in enumerate(shapes):     # all ranks live in this one process
@@ -66,7 +67,7 @@ class RankRunner:
                                       dtype=t.dtype.torch) for t in shapes]
 
     def step(self, batch: StepBatch) -> torch.Tensor:
-        from irlm.distributed import run_ranks
+        from irlm.runtime.distributed.simulator import run_ranks
         feeds = [(batch.input_ids, batch.positions, batch.q_lens, batch.cached_lens,
                   batch.block_tables, cache) for cache in self.kv_caches]
         inputs = [[f[i] for i in order] for f, order in zip(feeds, self._orders)]

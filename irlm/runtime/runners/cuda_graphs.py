@@ -3,7 +3,8 @@
 Every op runs on the GPU: the ``llm`` ops that irlm has kernels for (paged attention, RMSNorm,
 residual-add + RMSNorm, gated activations; :mod:`irlm.kernels`) run those kernels, and every
 other op runs its registry reference implementation on CUDA tensors (torch: cuBLAS for the
-linears, views for reshapes).  This is the kernel selection: one table, :data:`KERNELS`.
+linears, views for reshapes).  Which kernel runs each op is lowering's kernel selection
+(:data:`irlm.lowering.kernel_selection.KERNELS`).
 
 Pure decode steps (one new token per request) are captured as CUDA graphs per
 (batch bucket, context bucket) and replayed: the host then spends one launch per step instead
@@ -19,83 +20,15 @@ import torch
 from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
+from irlm.lowering.kernel_selection import KERNELS
+from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
 from irlm.weights import WeightStore
 
-from .graph_runner import REQUIRED_INPUTS
-from .kv_cache import check_kv_pool, kv_block_bytes
-from .model_runner import StepBatch, fill_device_inputs
+from .interpreter import REQUIRED_INPUTS
+from ..kv_cache import check_kv_pool, kv_block_bytes
+from ..model_runner import StepBatch, fill_device_inputs
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
-
-
-# ----- kernel selection ------------------------------------------------------------------------
-
-def _paged_attention(ctx, x, a):
-    from irlm.kernels import ops as k
-    q, key, value, cache, tables, q_lens, cached = x
-    st = ctx.state
-    return [k.paged_attention(
-        _heads(q), _heads(key), _heads(value), cache, tables, q_lens, cached, a["layer"],
-        scale=a["scale"], sliding_window=a["sliding_window"],
-        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
-        max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
-        decode=st.get("decode"))]
-
-
-def _heads(t: torch.Tensor) -> torch.Tensor:
-    """[tokens, heads, D] with heads and D contiguous (what the attention kernels read)."""
-    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
-        return t
-    return t.contiguous()
-
-
-def _slopes(state, slopes, device):
-    if not slopes:
-        return None
-    cache = state.setdefault("alibi", {})
-    if slopes not in cache:
-        cache[slopes] = torch.tensor(slopes, dtype=torch.float32, device=device)
-    return cache[slopes]
-
-
-def _rms_norm(ctx, x, a):
-    from irlm.kernels import ops as k
-    from irlm.ops.fused import rms_norm_reference
-    if a["weight_offset"]:
-        return [rms_norm_reference(x[0], x[1], a["eps"], a["weight_offset"])]
-    return [k.rms_norm(x[0].contiguous(), x[1], a["eps"])]
-
-
-def _add_rms_norm(ctx, x, a):
-    from irlm.kernels import ops as k
-    if a["weight_offset"]:
-        from irlm.ops.fused import rms_norm_reference
-        total = x[0] + x[1]
-        return [rms_norm_reference(total, x[2], a["eps"], a["weight_offset"]), total]
-    out, total = k.fused_add_rms_norm(x[0].contiguous(), x[1].contiguous(), x[2], a["eps"])
-    return [out, total]
-
-
-def _gated_act(ctx, x, a):
-    from irlm.kernels import ops as k
-    return [k.gated_act(x[0].contiguous(), a["act"])]
-
-
-def _rope(ctx, x, a):
-    from irlm.kernels import ops as k
-    if a["style"] != "rotate_half" or x[0].dtype != x[1].dtype and x[1].dtype != torch.float32:
-        from irlm.registry import get_op_def
-        return get_op_def("llm.rope").reference(ctx, x, a)
-    return [k.rope_apply(x[0], x[1], x[2])]
-
-
-KERNELS = {
-    "llm.rope": _rope,
-    "llm.paged_attention": _paged_attention,
-    "llm.rms_norm": _rms_norm,
-    "llm.add_rms_norm": _add_rms_norm,
-    "llm.gated_act": _gated_act,
-}
 
 
 # ----- the runner ------------------------------------------------------------------------------
@@ -123,7 +56,7 @@ class CudaGraphRunner:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
         from irlm.ops.llm import KV_QUANT_DTYPES
-        cache_dtype = graph.inputs[names.index("kv_cache")].type.dtype
+        cache_dtype = graph.inputs[names.index(KV_CACHE_INPUT)].type.dtype
         if cache_dtype in KV_QUANT_DTYPES:
             raise IRLMError(f"this engine stores its KV cache as {cache_dtype.value} "
                             f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
@@ -134,8 +67,8 @@ class CudaGraphRunner:
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
         store = weights if weights is not None else graph.weights
         self.weights = _to_device(graph, store, self.device)
-        cache_t = graph.inputs[names.index("kv_cache")].type
-        layers, _, two, bs, kv_heads, head_dim = cache_t.shape
+        cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
+        layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         dtype = cache_t.dtype.torch
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None

@@ -18,7 +18,7 @@ def add_parser(sub) -> None:
 
 def load(path: str):
     """Parse and verify an IR file; errors carry file:line:col."""
-    from ..parser import parse_file, parse_graph
+    from ..text.parser import parse_file, parse_graph
     from ..verifier import verify
     # bytes, not text: parse_graph reports bad UTF-8 with its position, not a traceback
     g = parse_graph(getattr(sys.stdin, "buffer", sys.stdin).read(), "<stdin>") if path == "-" \

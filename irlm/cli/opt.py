@@ -20,6 +20,9 @@ def add_parser(sub) -> None:
                         "and passes that derive weights)")
     p.add_argument("--list-passes", action="store_true",
                    help="list the registered passes, their options and the -O levels, and exit")
+    p.add_argument("--list-pipelines", action="store_true",
+                   help="list the named pipelines (-O0/-O1/-O2 and their causal-LM forms, "
+                        "which irlm compile runs on decoders) and exit")
     add_pipeline_arguments(p)
     p.set_defaults(func=run)
 
@@ -27,6 +30,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from irlm.errors import IRLMError
     from irlm.passes import pipeline_from_args, run_pipeline_from_args
+    if args.list_pipelines:
+        pipeline_from_args(_no_pipeline(args))  # loads the plugins (they may add pipelines)
+        sys.stdout.write(list_pipelines())
+        return 0
     if args.list_passes:
         pipeline_from_args(_no_pipeline(args))  # loads the plugins
         sys.stdout.write(list_passes())
@@ -36,7 +43,7 @@ def run(args) -> int:
     pipeline_from_args(args)  # a bad pipeline is reported before a big file is read
     graph = _load(args.file, args.weights)
     run_pipeline_from_args(graph, args)
-    from irlm.printer import print_graph
+    from irlm.text.printer import print_graph
     text = print_graph(graph)
     if not text.endswith("\n"):
         text += "\n"
@@ -56,7 +63,7 @@ def _no_pipeline(args):
 
 
 def _load(path: str, weight_files):
-    from irlm.parser import parse_file, parse_graph
+    from irlm.text.parser import parse_file, parse_graph
     store = None
     if weight_files:
         from irlm.weights import WeightStore
@@ -69,8 +76,17 @@ def _load(path: str, weight_files):
     return parse_file(path, weights=store)
 
 
+def list_pipelines() -> str:
+    """``NAME: TEXT`` per named pipeline (irlm.passes.levels defines the -O levels)."""
+    from irlm.passes import NAMED_PIPELINES
+    width = max(map(len, NAMED_PIPELINES), default=0)
+    return "".join(f"{name:<{width}}  {text or '(no passes)'}\n"
+                   for name, text in NAMED_PIPELINES.items())
+
+
 def list_passes() -> str:
     from irlm.passes import NAMED_PIPELINES, all_passes
+    from irlm.passes.levels import LEVELS
     lines = ["passes:"]
     for name, info in all_passes().items():
         lines.append(f"  {name}" + (f"  -- {info.summary}" if info.summary else ""))
@@ -78,5 +94,7 @@ def list_passes() -> str:
             lines.append(f"      {key}: {opt.describe()}")
     lines.append("optimization levels:")
     for name, text in NAMED_PIPELINES.items():
-        lines.append(f"  -{name}: {text or '(no passes)'}")
+        if name in LEVELS:
+            lines.append(f"  -{name}: {text or '(no passes)'}")
+    lines.append("(irlm opt --list-pipelines shows every named pipeline)")
     return "\n".join(lines) + "\n"

@@ -1,65 +1,26 @@
-"""``irlm compile --tp N`` / ``--pp N``: split the compiled graph into per-rank graphs.
+"""Splitting a compile into ranks (``tp`` / ``pp``).
 
-Three hooks into the compile (irlm/commands/compile.py):
+Two stages of the compile (irlm/compilation/stages.py); the settings alone are checked with
+the rest of the config (:meth:`CompileConfig.check`):
 
-* :func:`check_parallel_arguments` (with the other argument checks): the flags alone;
-* :func:`check_model_stage` (right after load, before the trace): the flags against the
-  model's config (heads, kv heads, intermediate size, layers), so a split that tp-split or
-  pp-split would refuse is refused before the minutes a trace and the passes take;
-* :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``--quant int8`` /
-  ``int4``, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
+* :func:`check_model_stage` (right after load, before the trace): tp/pp against the model's
+  config (heads, kv heads, intermediate size, layers), so a split that tp-split or pp-split
+  would refuse is refused before the minutes a trace and the passes take;
+* :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``quant`` int8 /
+  int4, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
   of a split compile); :func:`write_engine` writes them as a multi-rank engine
-  (lowering/engine.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
+  (lowering/engine_format.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 from .. import safe_io
 from ..errors import IRLMError
 
 
-def add_parallel_arguments(p) -> None:
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tp", type=int, default=1, metavar="N",
-                   help="tensor parallel: split the engine into N ranks (tp-split: attention "
-                        "heads, MLP, vocab), written under OUT/rank0 ... (default 1)")
-    g.add_argument("--pp", type=int, default=1, metavar="N",
-                   help="pipeline parallel: cut the engine into N stages of equal layer "
-                        "counts (pp-split), one rank each (default 1)")
-
-
-#: the --quant modes that work with --tp / --pp: no calibration, so each rank quantizes alone
-WEIGHT_ONLY = ("int8", "int4")
-
-
-def _sizes(args) -> tuple[int, int]:
-    return getattr(args, "tp", 1) or 1, getattr(args, "pp", 1) or 1
-
-
-def splits(args) -> bool:
-    """Whether the compile splits into ranks (and so quantizes after the split)."""
-    return _sizes(args) != (1, 1)
-
-
-def check_parallel_arguments(args) -> None:
-    tp, pp = getattr(args, "tp", 1), getattr(args, "pp", 1)
-    for flag, value in (("--tp", tp), ("--pp", pp)):
-        if value is not None and value < 1:
-            raise IRLMError(f"{flag} {value}: must be at least 1")
-    tp, pp = _sizes(args)
-    if tp == 1 and pp == 1:
-        return
-    flag = " ".join(f for f in (f"--tp {tp}" if tp > 1 else "", f"--pp {pp}" if pp > 1 else "")
-                    if f)
-    # The weight-only modes quantize each rank's graph after the split; the calibrated ones
-    # would have to run the calibration prompts through all ranks at once.
-    works = f"with {flag}, only the weight-only --quant {' and '.join(WEIGHT_ONLY)} work"
-    quant, kv = getattr(args, "quant", None), getattr(args, "kv_cache_dtype", None)
-    if quant and quant not in WEIGHT_ONLY:
-        raise IRLMError(f"{flag} with --quant {quant}: not supported together yet (its "
-                        f"calibration would need all ranks); {works}")
-    if kv:
-        raise IRLMError(f"{flag} with --kv-cache-dtype {kv}: not supported together yet (its "
-                        f"scales are calibrated on the whole model); {works}")
+def _sizes(config) -> tuple[int, int]:
+    return config.tp or 1, config.pp or 1
 
 
 def _first(cfg, *names):
@@ -90,10 +51,10 @@ def model_shape(cfg) -> dict:
 
 def check_model_stage(job) -> None:
     """Refuse --tp/--pp values the model cannot be split by, before the trace."""
-    tp, pp = _sizes(job.args)
+    tp, pp = _sizes(job.config)
     if tp == 1 and pp == 1:
         return
-    from .compile import is_causal_lm
+    from .stages import is_causal_lm
     if not is_causal_lm(job.model):
         flag = f"--tp {tp}" if tp > 1 else f"--pp {pp}"
         raise IRLMError(f"{flag}: only causal LMs compile to a (splittable) engine; "
@@ -114,7 +75,7 @@ def check_model_stage(job) -> None:
             raise IRLMError(f"--tp {tp}: the model's intermediate size "
                             f"({s['intermediate_name']} = {inter}) is not divisible by it")
         # An unset group is chosen per rank's layer (it then divides the shard by construction).
-        group = job.args.quant_group if getattr(job.args, "quant", None) == "int4" else None
+        group = job.config.quant_group if job.config.quant == "int4" else None
         if group:
             _check_shard_groups(job, s, tp, group)
     if pp > 1 and s["layers"] is not None and s["layers"] % pp:
@@ -145,10 +106,10 @@ def _check_shard_groups(job, s, tp, group) -> None:
 
 def split_stage(job) -> None:
     """After the passes: ``job.ranks`` = the per-rank graphs (and their IR with --dump-ir)."""
-    tp, pp = _sizes(job.args)
+    tp, pp = _sizes(job.config)
     if tp == 1 and pp == 1:
         return
-    from irlm.passes.tp_split import split_for_pipeline, split_for_tensor_parallel
+    from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
     if tp > 1 and pp > 1:
         # stages first, then each stage's tp ranks: rank s*tp + t = tp rank t of stage s
         job.ranks = [g for stage in split_for_pipeline(job.graph, pp)
@@ -160,8 +121,8 @@ def split_stage(job) -> None:
         job.ranks, what = split_for_pipeline(job.graph, pp), f"pp-split{{stages={pp}}}"
     job.pipeline = f"{job.pipeline},{what}" if job.pipeline else what
     n = 0
-    if job.args.dump_ir:
-        from irlm.printer import print_graph
+    if job.config.dump_ir:
+        from irlm.text.printer import print_graph
         ir = job.out / "ir"
         # continue the pass dumps' numbering, one folder per rank
         n = len(list(ir.glob("[0-9][0-9]-*.irlm"))) if ir.is_dir() else 0
@@ -171,7 +132,7 @@ def split_stage(job) -> None:
             safe_io.make_dir(path.parent)
             safe_io.write_text(path, print_graph(g))
             job.written.append(path)
-    quantize_ranks(job, n + 1 if job.args.dump_ir else 0)
+    quantize_ranks(job, n + 1 if job.config.dump_ir else 0)
     job.notes.append(f"split into {len(job.ranks)} ranks ({what}); each rank's engine is "
                      f"under OUT/rank0 ... OUT/rank{len(job.ranks) - 1}")
 
@@ -181,27 +142,24 @@ def quantize_ranks(job, stage_offset: int) -> None:
     (compile.py's passes stage leaves it out when the compile splits).  After the split, a
     vocab-parallel LM head is followed by its all_gather and still reaches the graph output,
     so quantize keeps it in full precision as it does unsplit."""
-    import argparse
-    from irlm.passes import run_pipeline_from_args
-    from .compile import quant_pipeline
+    from .stages import quant_pipeline, run_passes
     text = quant_pipeline(job)
     if not text:
         return
     for r, g in enumerate(job.ranks):
-        ns = argparse.Namespace(**vars(job.args))
-        ns.opt_level, ns.pipeline, ns.pass_plugin = None, text, []
-        # the reference interpreter cannot run a rank's collectives alone
-        ns.check_numerics = False
-        ns.dump_ir_dir = str(job.out / "ir" / f"rank{r}") if job.args.dump_ir else None
-        run_pipeline_from_args(g, ns, stage_offset=stage_offset)
+        # the reference interpreter cannot run a rank's collectives alone; pass plugins were
+        # loaded by the passes stage
+        dump = job.out / "ir" / f"rank{r}" if job.config.dump_ir else None
+        run_passes(g, text, replace(job.config, pass_plugins=[]), dump_dir=dump,
+                   stage_offset=stage_offset, check_numerics=False)
     job.pipeline = f"{job.pipeline},{text}"
 
 
 def write_engine(job, config: dict, tokenizer) -> None:
-    """The engine: one graph (lowering/engine.py's layout), or one per rank."""
-    from irlm.lowering.engine import write_engine as write_one, write_parallel_engine
+    """The engine: one graph (lowering/engine_format.py's layout), or one per rank."""
+    from irlm.lowering.engine_format import write_engine as write_one, write_parallel_engine
     if not job.ranks:
         write_one(job.graph, job.out, config, tokenizer=tokenizer)
         return
-    tp, pp = _sizes(job.args)
+    tp, pp = _sizes(job.config)
     write_parallel_engine(job.ranks, job.out, config, tp=tp, pp=pp, tokenizer=tokenizer)

@@ -55,9 +55,13 @@ from typing import Callable, Optional
 
 import torch
 
-from irlm.builder import infer_types, make_op
+from irlm.builder import Builder, infer_types
 from irlm.errors import IRError
 from irlm.ir import Graph, Op, Value
+from irlm.ops.llm import KV_CACHE_AXIS
+from irlm.registry import ACTIVATION, CONSTANT_LIKE, get_op_def, ops_with_trait
+
+from ..rewriter import Rewriter
 from irlm.types import TensorType, dim_product, dims_equal
 
 
@@ -365,7 +369,9 @@ def _plan_gated_mlp(plan: _Plan, graph: Graph, act: Op) -> None:
 
 # ----- non-gated MLP (GPT-2, OPT) ---------------------------------------------------------------
 
-ACTIVATIONS = ("core.relu", "core.gelu", "core.silu", "core.tanh", "core.sigmoid")
+#: where llm.paged_attention reads the KV cache
+_CACHE = get_op_def("llm.paged_attention").operand_index("kv_cache")
+ACTIVATIONS = ops_with_trait(ACTIVATION)
 
 
 def _plan_mlp(plan: _Plan, graph: Graph, fc1: Op, out: Value, what: str) -> None:
@@ -410,6 +416,7 @@ def _conv1d_as_linear(graph: Graph) -> int:
     bias) into ``core.linear(x, W.T[, b])``, so the plan sees one projection form.  ``W.T`` is
     a derived weight, named as the bias-act fusion names it.  Returns the rewrites made."""
     from irlm.passes.fusions.weights import ensure_weight_store
+    rw = Rewriter(graph)
     count = 0
     for mm in list(graph.ops):
         if mm.name != "core.matmul":
@@ -424,8 +431,8 @@ def _conv1d_as_linear(graph: Graph) -> int:
         if name not in store:
             store.add_derived(name, t, [wp.attrs["name"]], lambda m: m.t().contiguous(),
                               how="transpose")
-        wt = make_op("param", [], {"name": name, "type": t}, wp.loc)
-        graph.insert_before(mm, wt)
+        with rw.insertion_point(before=mm):
+            wt = rw.create("param", [], {"name": name, "type": t}, wp.loc)
         operands, last = [x, wt.results[0]], mm
         y = mm.results[0]
         add = y.uses[0].op if len(y.uses) == 1 else None
@@ -435,18 +442,15 @@ def _conv1d_as_linear(graph: Graph) -> int:
                     b.type.shape[0] == t.shape[0]:
                 operands.append(b)
                 last = add
-        lin = make_op("core.linear", operands, {}, last.loc,
-                      result_names=[last.results[0].name])
-        graph.insert_before(last, lin)
-        old = last.results[0]
-        for u in list(old.uses):
-            u.op.set_operand(u.index, lin.results[0])
-        graph._replace_output(old, lin.results[0])
-        graph.erase(last)
+        with rw.insertion_point(before=last):
+            lin = rw.create("core.linear", operands, {}, last.loc,
+                            result_names=[last.results[0].name])
+        rw.replace_all_uses_with(last.results[0], lin.results[0], check_type=False)
+        rw.erase_op(last)
         if last is not mm:
-            graph.erase(mm)
+            rw.erase_op(mm)
         if not w.uses and not any(o is w for o in graph.outputs):
-            graph.erase(wp)
+            rw.erase_op(wp)
         count += 1
     return count
 
@@ -508,18 +512,16 @@ def _plan_embedding(plan: _Plan, graph: Graph) -> None:
         plan.embeddings.append((op, r * vl, vl, table.producer.attrs["name"]))
 
 
-def _mask_embedding(graph: Graph, op: Op, first: int, rows: int, n: int, table: str) -> None:
+def _mask_embedding(rw: Rewriter, op: Op, first: int, rows: int, n: int, table: str) -> None:
     """Rewrite the (already sharded) ``core.embedding`` ``op`` into the masked local lookup
     followed by the all_reduce that completes it."""
     ids = op.operands[1]
     idt = ids.type.dtype.torch
     loc = op.loc
-    before = []
 
     def add(name, operands, attrs=None):
-        new = make_op(name, operands, attrs or {}, loc)
-        before.append(new)
-        return new.results[0]
+        with rw.insertion_point(before=op):
+            return rw.create(name, operands, attrs or {}, loc).results[0]
 
     def const(v):
         return add("core.constant", [], {"value": torch.tensor(v, dtype=idt)})
@@ -529,29 +531,23 @@ def _mask_embedding(graph: Graph, op: Op, first: int, rows: int, n: int, table: 
     # when clamping moved it
     idx = add("core.minimum", [add("core.maximum", [local, const(0)]), const(rows - 1)])
     outside = add("core.ne", [idx, local])
-    for new in before:
-        graph.insert_before(op, new)
-    op.set_operand(1, idx)
+    rw.set_operand(op, 1, idx)
     infer = infer_types(op.name, [v.type for v in op.operands], op.attrs, op.describe())
-    op.results[0].type = infer[0]
     y = op.results[0]
-    uses = list(y.uses)
-    mask = make_op("core.unsqueeze", [outside], {"dim": -1}, loc)
-    masked = make_op("core.masked_fill", [y, mask.results[0]], {"value": 0.0}, loc)
+    rw.retype(y, infer[0])
+    name = y.name
     vocab = rows * n
     loc_name = loc.module or table
-    red = make_op("dist.all_reduce", [masked.results[0]], {
-        "group_size": n, "op": "sum",
-        "plan": f"vocab-parallel {loc_name}: rows {first}:{first + rows} of {vocab} on rank "
-                f"{first // rows}, other ids zeroed, summed over {n} ranks"}, loc)
-    graph.insert_after(op, mask)
-    graph.insert_after(mask, masked)
-    graph.insert_after(masked, red)
-    for u in uses:
-        u.op.set_operand(u.index, red.results[0])
-    graph._replace_output(y, red.results[0])
-    if y.name is not None:
-        red.results[0].name, y.name = y.name, f"{y.name}_local"
+    with rw.insertion_point(after=op):
+        mask = rw.create("core.unsqueeze", [outside], {"dim": -1}, loc)
+        masked = rw.create("core.masked_fill", [y, mask.results[0]], {"value": 0.0}, loc)
+        red = rw.create("dist.all_reduce", [masked.results[0]], {
+            "group_size": n, "op": "sum",
+            "plan": f"vocab-parallel {loc_name}: rows {first}:{first + rows} of {vocab} on rank "
+                    f"{first // rows}, other ids zeroed, summed over {n} ranks"}, loc)
+    rw.replace_all_uses_with(y, red.results[0], check_type=False, except_in=masked)
+    if name is not None:
+        red.results[0].name, y.name = name, f"{name}_local"
 
 
 # ----- the split -------------------------------------------------------------------------------
@@ -581,7 +577,7 @@ def plan_rank(graph: Graph, size: int, rank: int) -> _Plan:
     for fc1, out in _unfused_mlp_candidates(graph, plan):
         _plan_mlp(plan, graph, fc1, out, "MLP intermediate")
     cache = plan.kv_cache
-    others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != 3]
+    others = [u.op for u in cache.uses if u.op.name != "llm.paged_attention" or u.index != _CACHE]
     if others:
         raise _err(others[0], "reads the KV cache, which tp-split shards by kv heads")
     _plan_lm_head(plan, graph)
@@ -609,6 +605,7 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
             stats.counters[f"{kind} inserted"] += 1
         stats.counters["dist.all_reduce inserted"] += len(plan.embeddings)
     store = graph.weights
+    rw = Rewriter(graph)
     # 1. weight shards: derived weights, new param ops (one per shard: a tied embedding and
     #    LM head read the same one)
     made: dict[str, Op] = {}
@@ -620,72 +617,72 @@ def split_rank(graph: Graph, size: int, rank: int, stats=None) -> Graph:
             store.add_derived(s.new_name, t, [src], s.fn, how=f"tp-shard {s.how}")
         p = made.get(s.new_name)
         if p is None:
-            p = made[s.new_name] = make_op("param", [], {"name": s.new_name, "type": t},
-                                           old.producer.loc)
-            graph.insert_before(old.producer, p)
-        s.op.set_operand(s.index, p.results[0])
+            with rw.insertion_point(before=old.producer):
+                p = made[s.new_name] = rw.create("param", [], {"name": s.new_name, "type": t},
+                                                 old.producer.loc)
+        rw.set_operand(s.op, s.index, p.results[0], check_type=False)  # types re-inferred in 3.
         if not old.uses and not any(o is old for o in graph.outputs):
-            graph.erase(old.producer)
+            rw.erase_op(old.producer)
     # 2. attributes (reshape targets, split sizes, alibi slopes) and the KV cache input
     for op, attrs in plan.attrs:
-        op.attrs = _normalized(op, attrs)
+        rw.set_attrs(op, {**op.attrs, **attrs})
     c = plan.kv_cache
     shape = list(c.type.shape)
-    shape[4] = plan.kv_heads_local
-    c.type = c.type.with_shape(tuple(shape))
+    shape[KV_CACHE_AXIS["kv_heads"]] = plan.kv_heads_local
+    rw.retype(c, c.type.with_shape(tuple(shape)))
     # 3. types, in order
     for op in graph.ops:
         for res, t in zip(op.results, infer_types(op.name, [v.type for v in op.operands],
                                                   op.attrs, op.describe())):
-            res.type = t
+            rw.retype(res, t)
     # 4. collectives after the row-parallel projections and the LM head
     for op, kind, attrs in plan.collectives:
         bias = plan.biases.get(id(op))
         if bias is not None:
-            op = _without_bias(graph, op)
+            op = _without_bias(rw, op)
         old = op.results[0]
-        new = make_op(kind, [old], attrs, op.loc)
-        uses = list(old.uses)
-        graph.insert_after(op, new)
-        last = new
-        if bias is not None:
-            last = make_op("core.add", [new.results[0], bias], {}, op.loc)
-            graph.insert_after(new, last)
-        for u in uses:
-            u.op.set_operand(u.index, last.results[0])
-        graph._replace_output(old, last.results[0])
-        if old.name is not None:
-            last.results[0].name, old.name = old.name, f"{old.name}_partial"
+        name = old.name
+        with rw.insertion_point(after=op):
+            new = rw.create(kind, [old], attrs, op.loc)
+            last = new
+            if bias is not None:
+                last = rw.create("core.add", [new.results[0], bias], {}, op.loc)
+        rw.replace_all_uses_with(old, last.results[0], check_type=False, except_in=new)
+        if name is not None:
+            last.results[0].name, old.name = name, f"{name}_partial"
             if last is not new:
-                new.results[0].name = f"{last.results[0].name}_reduced"
+                new.results[0].name = f"{name}_reduced"
     # 5. the vocab-parallel embeddings' masked lookups
     for op, first, rows, table in plan.embeddings:
-        _mask_embedding(graph, op, first, rows, size, table)
+        _mask_embedding(rw, op, first, rows, size, table)
     return graph
 
 
-def _trial_copy(graph: Graph) -> Graph:
-    """A copy to prove a split on; its ops keep the original's positions, so a refusal names
-    the op where the user sees it."""
-    from irlm.parser import parse_graph
-    from irlm.passes.fusions.weights import ensure_weight_store
-    from irlm.printer import print_graph
-    copy = parse_graph(print_graph(graph), f"@{graph.name}", weights=ensure_weight_store(graph))
-    for a, b in zip(graph.ops, copy.ops):
-        b.text_pos = a.text_pos
+def _clone(graph: Graph, weights=None) -> Graph:
+    """A structural copy (irlm.ir.Graph.clone) whose values carry the names they print with,
+    so what the split names after them (``%x_partial``) reads as in the graph's dump; its ops
+    keep the original's positions, so a refusal names the op where the user sees it."""
+    from irlm.text.printer import printed_names
+    vmap: dict = {}
+    copy = graph.clone(weights, vmap)
+    for v, name in printed_names(graph).items():
+        vmap[id(v)].name = name
     return copy
 
 
-def _without_bias(graph: Graph, op: Op) -> Op:
+def _trial_copy(graph: Graph) -> Graph:
+    """A copy to prove a split on."""
+    from irlm.passes.fusions.weights import ensure_weight_store
+    return _clone(graph, ensure_weight_store(graph))
+
+
+def _without_bias(rw: Rewriter, op: Op) -> Op:
     """Replace ``core.linear(x, w, b)`` by ``core.linear(x, w)``; returns the new op."""
-    new = make_op("core.linear", op.operands[:2], dict(op.attrs), op.loc,
-                  result_names=[op.results[0].name])
-    graph.insert_before(op, new)
-    old = op.results[0]
-    for u in list(old.uses):
-        u.op.set_operand(u.index, new.results[0])
-    graph._replace_output(old, new.results[0])
-    graph.erase(op)
+    with rw.insertion_point(before=op):
+        new = rw.create("core.linear", op.operands[:2], dict(op.attrs), op.loc,
+                        result_names=[op.results[0].name])
+    rw.replace_all_uses_with(op.results[0], new.results[0], check_type=False)
+    rw.erase_op(op)
     return new
 
 
@@ -697,23 +694,20 @@ def _normalized(op: Op, attrs: dict) -> dict:
 def split_for_tensor_parallel(graph: Graph, size: int) -> list[Graph]:
     """The ``size`` per-rank graphs of a tensor-parallel split of ``graph`` (left unchanged).
     They share ``graph``'s weight store, which gains the lazily sliced shards."""
-    from irlm.parser import parse_graph
-    from irlm.printer import print_graph
-    text = print_graph(graph)
     trial = _trial_copy(graph)
     _conv1d_as_linear(trial)
     plan_rank(trial, size, 0)  # refuse before splitting anything
     out = []
     for r in range(size):
-        g = parse_graph(text, f"<tp-split rank {r}>", weights=graph.weights)
+        g = _clone(graph)
         split_rank(g, size, r)
         out.append(g)
     return out
 
 
 def _register() -> None:
-    from .options import Option
-    from .registry import register_pass
+    from ..options import Option
+    from ..registry import register_pass
 
     @register_pass("tp-split", options={
         "size": Option(int, 2, "ranks in the tensor-parallel group"),
@@ -727,190 +721,3 @@ def _register() -> None:
 
 
 _register()
-
-
-# ----- pipeline stages (pp) --------------------------------------------------------------------
-
-class PPSplitError(TPSplitError):
-    """pp-split cannot cut this graph into the stages asked for."""
-
-
-_NORMS = ("core.layer_norm", "llm.rms_norm", "llm.add_rms_norm")
-_COPYABLE = ("param", "core.constant")
-
-
-def _layer_start(att: Op, prev: Op, pos: dict) -> int:
-    """Where the layer of ``att`` starts: its input norm, found by walking back from the query
-    through the first computed operand of each op; stops after ``prev`` (the previous layer's
-    attention).  Any cut between ``prev`` and ``att`` is correct (what crosses it is sent);
-    cutting at the norm sends the fewest values (the residual stream and rotary tables)."""
-    at, v = pos[id(att)], att.operands[0]
-    while True:
-        p = v.producer
-        if p is None or p.name in _COPYABLE or pos[id(p)] <= pos[id(prev)]:
-            return at
-        at = pos[id(p)]
-        if p.name in _NORMS:
-            return at
-        computed = [x for x in p.operands if x.producer is None or
-                    x.producer.name not in _COPYABLE]
-        if not computed:
-            return at
-        v = computed[0]
-
-
-def check_pipeline(graph: Graph, stages: int) -> int:
-    """Refuse a graph that cannot be cut into ``stages`` equal stages; the layer count."""
-    atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
-    if stages < 1:
-        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
-    if any(op.dialect == "dist" for op in graph.ops):
-        raise PPSplitError(f"pp-split: graph @{graph.name} is already split (has dist ops)")
-    if not atts:
-        raise PPSplitError("pp-split: the graph has no llm.paged_attention (run "
-                           "substitute-attention first: compile at -O0 or above)")
-    if len(atts) % stages:
-        raise PPSplitError(f"pp-split: stages={stages}: {len(atts)} layers cannot be cut into "
-                           f"{stages} equal stages")
-    caches = {id(a.operands[3]) for a in atts}
-    if len(caches) != 1 or atts[0].operands[3].producer is not None:
-        raise _err(atts[0], "pp-split: the layers do not share one KV cache graph input")
-    return len(atts)
-
-
-def split_for_pipeline(graph: Graph, stages: int) -> list[Graph]:
-    """Cut ``graph`` (the paged inference form) into ``stages`` per-stage graphs by layers.
-
-    Stage s runs the ops from layer ``s*L/S``'s input norm up to the next stage's cut.  Every
-    value that crosses a cut (the residual stream, the rotary tables...) is sent with
-    ``dist.send`` and received with ``dist.recv``; ``param`` and ``core.constant`` ops are
-    copied instead of sent.  Each stage keeps the graph's inputs (one calling convention);
-    its KV cache holds its own layers only (``layer`` renumbered).  A stage other than the last
-    returns what it sent; the last stage returns the logits.  Run them with
-    :func:`irlm.distributed.run_ranks`.  ``graph`` is left unchanged."""
-    from irlm.ir import Graph as G
-    L = check_pipeline(graph, stages)
-    ops = list(graph.ops)
-    atts = [op for op in ops if op.name == "llm.paged_attention"]
-    per = L // stages
-    pos = {id(op): i for i, op in enumerate(ops)}
-    cuts = [0]
-    for s in range(1, stages):
-        cuts.append(_layer_start(atts[s * per], atts[s * per - 1], pos))
-    cuts.append(len(ops))
-    copyable = _COPYABLE
-    cache = atts[0].operands[3]
-    out = []
-    for s in range(stages):
-        lo, hi = cuts[s], cuts[s + 1]
-        g = G(graph.name, graph.weights)
-        g.dims = dict(graph.dims)
-        vmap: dict[int, Value] = {}
-        for v in graph.inputs:
-            t = v.type
-            if v is cache:
-                shape = list(t.shape)
-                shape[0] = per
-                t = t.with_shape(tuple(shape))
-            vmap[id(v)] = g.add_input(t, v.name)
-
-        def clone(op: Op) -> Op:
-            attrs = dict(op.attrs)
-            if op.name == "llm.paged_attention":
-                attrs["layer"] = op.attrs["layer"] - s * per
-            new = make_op(op.name, [vmap[id(x)] for x in op.operands], attrs, op.loc,
-                          result_types=[r.type for r in op.results],
-                          result_names=[r.name for r in op.results])
-            g.append(new)
-            for r, nr in zip(op.results, new.results):
-                vmap[id(r)] = nr
-            return new
-
-        def crossing(at: int) -> list[Value]:
-            """Values defined before op ``at`` (not inputs, params, constants) read at or
-            after it (or returned)."""
-            live = []
-            seen = set()
-            later = ops[at:]
-            wanted = [x for op in later for x in op.operands] + \
-                (list(graph.outputs) if at < len(ops) else [])
-            for x in wanted:
-                p = x.producer
-                if p is None or p.name in copyable or pos[id(p)] >= at or id(x) in seen:
-                    continue
-                seen.add(id(x))
-                live.append(x)
-            return live
-
-        if s > 0:
-            for tag, x in enumerate(crossing(lo)):
-                r = make_op("dist.recv", [], {"peer": s - 1, "type": x.type, "tag": tag,
-                                              "plan": f"pipeline stage {s} <- {s - 1}"},
-                            x.producer.loc, result_names=[x.name])
-                g.append(r)
-                vmap[id(x)] = r.results[0]
-        for op in ops[lo:hi]:
-            for x in op.operands:
-                if id(x) not in vmap and x.producer is not None and \
-                        x.producer.name in copyable:
-                    clone(x.producer)
-            clone(op)
-        if s < stages - 1:
-            sent = []
-            for tag, x in enumerate(crossing(hi)):
-                if id(x) not in vmap and x.producer.name in copyable:
-                    clone(x.producer)
-                snd = make_op("dist.send", [vmap[id(x)]], {
-                    "peer": s + 1, "tag": tag, "plan": f"pipeline stage {s} -> {s + 1}"},
-                    x.producer.loc)
-                g.append(snd)
-                sent.append(snd.results[0])
-            g.set_outputs(sent)
-        else:
-            g.set_outputs([vmap[id(v)] for v in graph.outputs])
-        # drop what this stage does not need (e.g. params copied for nothing)
-        for op in reversed(list(g.ops)):
-            if op.name in copyable and not op.results[0].uses:
-                g.erase(op)
-        out.append(g)
-    return out
-
-
-def split_stage(graph: Graph, stages: int, stage: int, stats=None) -> Graph:
-    """Rewrite ``graph`` in place into stage ``stage`` of ``split_for_pipeline(graph, stages)``."""
-    if stages < 1:
-        raise PPSplitError(f"pp-split: stages={stages}: must be at least 1")
-    if not 0 <= stage < stages:
-        raise PPSplitError(f"pp-split: stage={stage} is not a stage of {stages} "
-                           f"(0 to {stages - 1})")
-    if stages == 1:
-        check_pipeline(graph, 1)
-        return graph
-    new = split_for_pipeline(graph, stages)[stage]
-    if stats is not None:
-        for kind in ("dist.send", "dist.recv"):
-            stats.counters[f"{kind} inserted"] += sum(op.name == kind for op in new.ops)
-    # A pass rewrites the graph object it was given: move the stage's ops into it.
-    graph.inputs, graph.outputs, graph.dims = new.inputs, new.outputs, new.dims
-    graph.first, graph.last, graph._num_ops = new.first, new.last, new._num_ops
-    for op in graph.ops:
-        op.graph = graph
-    return graph
-
-
-def _register_pp() -> None:
-    from .options import Option
-    from .registry import register_pass
-
-    @register_pass("pp-split", options={
-        "stages": Option(int, 2, "pipeline stages (the layer count must divide evenly)"),
-        "stage": Option(int, 0, "the stage whose graph this run produces"),
-    })
-    def _pass(graph, ctx):
-        """Pipeline-parallel split of the inference form by layers: stage `stage` of
-        `stages`, joined to its neighbours by dist.send/dist.recv (docs/parallelism.md)."""
-        o = ctx.options
-        split_stage(graph, o["stages"], o["stage"], ctx.stats)
-
-
-_register_pp()

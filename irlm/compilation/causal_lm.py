@@ -1,7 +1,8 @@
-"""The compile pipeline as a library call: a causal LM module → its inference-form graph.
+"""A causal LM module → its inference-form graph, in memory (no loading, no files).
 
-``irlm compile`` (irlm/commands/compile.py) adds loading, dumps and engine writing around the
-same steps; tests and benchmarks call :func:`compile_causal_lm` directly.
+:func:`irlm.compile` runs the same trace and pipeline and adds loading, quantization, the
+parallel split, dumps and the engine; tests and benchmarks that only want the graph call
+:func:`compile_causal_lm`.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional
 
 import torch
 
-from .ir import Graph
+from ..ir import Graph
 
 
 def inference_example_inputs(vocab_size: int, device=None) -> dict:
@@ -32,17 +33,34 @@ def compile_causal_lm(module, *, level: str = "2", weights=None, max_batch: int 
                       max_num_tokens: int = 8192, extra_pipeline: str = "") -> Graph:
     """Trace ``module`` (a Hugging Face causal LM, possibly on the meta device) and run the
     ``-O{level}`` pipeline, ending in the paged inference form."""
-    from .commands.compile import default_pipeline
-    from .frontends import trace
-    from .passes import run_pipeline
+    from irlm.frontends import trace
+    from irlm.passes import run_pipeline
     cfg = module.config
     if max_seq is None:
         max_seq = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
     device = next(iter(module.parameters())).device
     g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device),
               dims={"batch": (1, max_batch), "seq": (1, max_seq)}, weights=weights)
-    text = default_pipeline(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
+    text = pipeline_for(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
     if extra_pipeline:
         text = f"{text},{extra_pipeline}"
     run_pipeline(g, text)
     return g
+
+
+def pipeline_for(level, causal_lm: bool = True, tokens_per_block: int = 16,
+                 sliding_window: int = 0, max_num_tokens: int = 8192) -> str:
+    """The ``-O{level}`` named pipeline (irlm.passes.levels) for a model: its causal-LM form,
+    with substitute-attention's build options, for decoders; the plain form otherwise."""
+    from irlm.errors import IRLMError
+    from irlm.passes import named_pipeline, parse_pipeline
+    from irlm.passes.levels import LEVELS, level_name
+    name = level_name(level)
+    if name not in LEVELS:
+        raise IRLMError(f"-O{str(level).lstrip('O')}: unknown optimization level "
+                        f"(valid: -O0, -O1, -O2)")
+    if not causal_lm:
+        return named_pipeline(name)
+    pipeline = parse_pipeline(named_pipeline(level_name(level, causal_lm=True)))
+    return str(pipeline.with_options("substitute-attention", tokens_per_block=tokens_per_block,
+                                     sliding_window=sliding_window, max_tokens=max_num_tokens))

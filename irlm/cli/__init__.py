@@ -1,0 +1,90 @@
+"""The ``irlm`` command line.
+
+Each subcommand lives in ``irlm/cli/<name>.py`` and provides ``add_parser(subparsers)``;
+the parser it adds sets ``func``.  Every user mistake surfaces as an :class:`IRLMError` (or an
+``OSError`` for a missing file) and is printed here as one line, with exit status 1; argparse
+usage errors exit with status 2.  Anything else is a bug in irlm (or in a pass plugin): it is
+printed as one ``irlm: internal error:`` line that says to re-run with ``--debug``, which
+prints the traceback (of user errors too).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import traceback
+
+from ..errors import InternalError, IRLMError, ParseError
+
+COMMANDS = ("ir", "opt", "compile", "run", "export_onnx", "serve")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="irlm", description="A graph compiler for LLM inference.")
+    p.add_argument("--version", action="version", version=f"irlm {_version()}")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of any error (for bug reports)")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    import importlib
+    for name in COMMANDS:
+        try:
+            mod = importlib.import_module(f"irlm.cli.{name}")
+        except ModuleNotFoundError as e:
+            if e.name == f"irlm.cli.{name}":
+                continue  # command not built yet
+            raise
+        mod.add_parser(sub)
+    for command in sub.choices.values():   # --debug also after the command name
+        _add_debug_flag(command)
+    return p
+
+
+def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="print the traceback of any error (for bug reports)")
+    for action in parser._actions:   # nested commands (irlm ir check)
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                _add_debug_flag(child)
+
+
+def _version() -> str:
+    from .. import __version__
+    return __version__
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    debug = getattr(args, "debug", False)
+    try:
+        return args.func(args) or 0
+    except IRLMError as e:
+        if debug:
+            traceback.print_exc()
+        # parse errors already read "FILE:LINE:COL: error: ..."
+        print(str(e) if isinstance(e, ParseError) else f"irlm: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        if debug:
+            traceback.print_exc()
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"irlm: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("irlm: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as e:  # noqa: BLE001 - a bug: one line, the traceback on request
+        if debug:
+            traceback.print_exc()
+        what = str(e) if isinstance(e, InternalError) else f"{type(e).__name__}: {e}"
+        hint = "" if debug else " (re-run with --debug for the traceback)"
+        print(f"irlm: internal error: {what}{hint}", file=sys.stderr)
+        return 1
+
+if __name__ == "__main__":
+    sys.exit(main())

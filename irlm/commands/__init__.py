@@ -1,1 +1,0 @@
-"""One module per ``irlm`` subcommand (see irlm/cli.py)."""

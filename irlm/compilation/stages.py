@@ -1,0 +1,260 @@
+"""The stages of a compile, run in order over one :class:`CompileJob`.
+
+Each stage reads what earlier ones left on the job and adds its own result: load → check the
+parallel split against the model → tokenize the calibration set → trace → verify → write the
+frontend IR (``OUT/ir/00-frontend.irlm``) → the pass pipeline (the ``-O`` level's named
+pipeline; for causal LMs it ends in the paged inference form) → split into ranks (``tp``/``pp``)
+→ write the engine into OUT (``engine.json``, ``plan.irlm``, ``weights.safetensors``,
+tokenizer; see lowering/engine_format.py).  A new stage is one entry in :data:`STAGES`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from .. import safe_io
+from ..errors import IRLMError
+from . import parallel
+from .config import CALIBRATED, CompileConfig
+
+FRONTEND_IR = Path("ir") / "00-frontend.irlm"
+CALIB_TOKENS = "calib-tokens.json"
+
+
+@dataclass
+class CompileJob:
+    """Everything a compile knows; each stage fills in its part."""
+    config: CompileConfig
+    source: Any
+    out: Path
+    model: Any = None      # frontends.loaded_model.LoadedModel, after "load"
+    graph: Any = None      # irlm.Graph, after "trace"
+    written: list[Path] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    pipeline: str = ""
+    calib_tokens: Optional[Path] = None   # OUT/calib-tokens.json, when something calibrates
+    timings: dict[str, float] = field(default_factory=dict)
+    ranks: list = field(default_factory=list)   # per-rank graphs of tp / pp
+    engine_config: Optional[dict] = None        # engine.json's build facts, when written
+    tokenizer: Any = None
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str                               # shown in progress and timings
+    run: Callable[[CompileJob], None]
+
+
+def load_stage(job: CompileJob) -> None:
+    from .source import load_source
+    job.model = load_source(job.source, job.config.dtype)
+    if job.config.write_engine:
+        job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
+
+
+def trace_stage(job: CompileJob) -> None:
+    from irlm.frontends import trace
+    m = job.model
+    inputs = inference_example_inputs(m) if is_causal_lm(m) else m.example_inputs()
+    job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
+                      weights=m.weights, name=_graph_name(m))
+
+
+def is_causal_lm(model) -> bool:
+    """Decoders compile to the paged inference form; encoders stay stateless graphs."""
+    module = model.module
+    return hasattr(module, "generate") and hasattr(module, "get_output_embeddings") and \
+        module.get_output_embeddings() is not None and \
+        not getattr(model.config, "is_encoder_decoder", False)
+
+
+def inference_example_inputs(model) -> dict:
+    from .causal_lm import inference_example_inputs as inputs
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2))
+
+
+def level_pipeline(job: CompileJob) -> str:
+    """The -O level's named pipeline for this model (irlm.passes.levels), its
+    substitute-attention options filled in from the build."""
+    c = job.config
+    if c.opt_level is None:
+        return ""
+    from .causal_lm import pipeline_for, sliding_window_of
+    causal = is_causal_lm(job.model)
+    return pipeline_for(c.opt_level, causal, c.tokens_per_block,
+                        sliding_window_of(job.model.config) if causal else 0, c.max_num_tokens)
+
+
+def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
+               stage_offset: int = 0, check_numerics: Optional[bool] = None) -> None:
+    """Run pipeline ``text`` over ``graph`` with the config's instruments."""
+    from irlm.passes import PassManager, load_plugin, parse_pipeline
+    from irlm.passes.cli import make_instruments
+    c = config
+    for path in c.pass_plugins:
+        load_plugin(path)
+    instruments = make_instruments(
+        print_ir_before=c.print_ir_before, print_ir_after=c.print_ir_after,
+        dump_ir_dir=dump_dir,
+        check_numerics=c.check_numerics if check_numerics is None else check_numerics,
+        numerics_atol=c.numerics_atol, numerics_rtol=c.numerics_rtol,
+        numerics_seed=c.numerics_seed, numerics_int_max=c.numerics_int_max,
+        timing=c.timing, stats=c.stats)
+    PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
+                stage_offset=stage_offset).run(graph)
+
+
+def passes_stage(job: CompileJob) -> None:
+    c = job.config
+    # with tp/pp each rank's graph is quantized after the split (parallel.quantize_ranks)
+    quant = "" if c.splits else quant_pipeline(job)
+    text = ",".join(p for p in (level_pipeline(job), quant, c.pipeline) if p)
+    dump_dir = c.dump_ir_dir or (job.out / "ir" if c.dump_ir else None)
+    job.pipeline = text
+    if text:
+        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0)
+
+
+def quant_pipeline(job: CompileJob) -> str:
+    """``quantize`` (explicit quantize/dequantize ops, then ``fuse-quant``) and
+    ``quantize-kv-cache``; calibrated steps read OUT/calib-tokens.json."""
+    c = job.config
+    steps = []
+    calib = f',calib="{job.calib_tokens.as_posix()}"' if job.calib_tokens else ""
+    if c.quant:
+        mode_calib = calib if c.quant in CALIBRATED else ""
+        group = f",group={c.quant_group}" if c.quant_group else ""
+        steps.append(f"quantize{{mode={c.quant}{group},fuse=false{mode_calib}}}")
+        steps.append("fuse-quant")
+    if c.kv_cache_dtype:
+        steps.append(f"quantize-kv-cache{{dtype={c.kv_cache_dtype}{calib}}}")
+    return ",".join(steps + ["dce"]) if steps else ""
+
+
+def calibration_stage(job: CompileJob) -> None:
+    """Tokenize the calibration prompts into OUT/calib-tokens.json when a calibrated mode asks
+    for it: right after loading, so a missing tokenizer fails before tracing."""
+    if job.config.calibrates:
+        job.calib_tokens = write_calibration_tokens(job)
+
+
+def write_calibration_tokens(job: CompileJob) -> Path:
+    """Tokenize ``calib`` (or the built-in set) with the model's tokenizer into OUT/, so the
+    recorded pipeline names every input it read."""
+    from irlm.passes.calibration import (DEFAULT_CALIBRATION, read_prompts, read_token_lists,
+                                         tokenize_prompts, write_token_lists)
+    given = job.config.calib
+    src = Path(given) if given else DEFAULT_CALIBRATION
+    if src.suffix == ".json":
+        tokens = read_token_lists(src)
+    else:
+        tok = job.model.tokenizer
+        if tok is None:
+            raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read text "
+                            f"with; give --calib FILE.json with token ids ([[1, 2, ...], ...])")
+        tokens = tokenize_prompts(read_prompts(src), tok)
+    path = write_token_lists(tokens, job.out / CALIB_TOKENS)
+    job.written.append(path)
+    return path.resolve()
+
+
+def engine_stage(job: CompileJob) -> None:
+    if not job.config.write_engine or job.config.target != "engine":
+        return
+    from irlm.ops.llm import KV_CACHE_INPUT
+    if not any(v.name == KV_CACHE_INPUT for v in job.graph.inputs):
+        job.notes.append("no engine written: only causal LMs compile to a runnable engine "
+                         "(this model's IR is in OUT/ir/)")
+        return
+    cfg = job.model.config
+    eos = getattr(cfg, "eos_token_id", None)
+    config = {
+        "source": str(job.model.source),
+        "model_type": getattr(cfg, "model_type", None),
+        "architecture": type(job.model.module).__name__,
+        "dtype": job.config.dtype,
+        "max_model_len": int(symbolic_dims(job)["seq"][1]),
+        "eos_token_id": eos,
+        "bos_token_id": getattr(cfg, "bos_token_id", None),
+        "pipeline": job.pipeline,
+        "irlm_version": _irlm_version(),
+    }
+    if job.config.device == "cpu":
+        from irlm.lowering.kernel_selection import default_linear_dtype
+        config["cpu_linear"] = default_linear_dtype(job.config.quant)
+    config["activation_arena_bytes"] = activation_plan(job.graph, job.config.max_num_tokens,
+                                                       config["max_model_len"]).arena_bytes
+    tok = job.model.tokenizer
+    if tok is not None and job.model.chat_template and not getattr(tok, "chat_template", None):
+        tok.chat_template = job.model.chat_template
+    parallel.write_engine(job, config, tok)
+    job.engine_config, job.tokenizer = config, tok
+    job.written.append(job.out / "engine.json")
+
+
+def activation_plan(graph, max_num_tokens: int, max_model_len: int):
+    """The activation memory plan of the engine's largest step (lowering/memory_plan.py)."""
+    from irlm.lowering.memory_plan import plan_activation_memory
+    from irlm.ops.llm import KVCacheLayout, kv_cache_input
+    block = KVCacheLayout.of(kv_cache_input(graph)).block_size
+    dims = {"tokens": max_num_tokens, "reqs": min(512, max_num_tokens),
+            "max_blocks": -(-max_model_len // block), "cache_blocks": 1}
+    return plan_activation_memory(graph, dims)
+
+
+def _irlm_version() -> str:
+    from irlm import __version__
+    return __version__
+
+
+def verify_stage(job: CompileJob) -> None:
+    from irlm.verifier import verify
+    verify(job.graph)
+
+
+def write_frontend_ir_stage(job: CompileJob) -> None:
+    from irlm.text.printer import print_graph
+    path = job.out / FRONTEND_IR
+    safe_io.make_dir(path.parent)
+    safe_io.write_text(path, print_graph(job.graph))
+    job.written.append(path)
+
+
+def onnx_stage(job: CompileJob) -> None:
+    """target onnx / tensorrt: irlm.lowering.onnx writes OUT/model.onnx (+ model.plan)."""
+    c = job.config
+    if c.target == "engine" or not c.write_engine:
+        return
+    from irlm.lowering.onnx.targets import lower_to_target
+    export, engine = lower_to_target(job.graph, job.out, c.target, dtype=c.dtype, quant=c.quant)
+    job.written += [export.model_path, export.data_path, export.build_script] + \
+        ([engine] if engine else [])
+
+
+def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:
+    """The ranges of the graph's symbolic dimensions, from max_batch / max_seq."""
+    c = job.config
+    max_seq = c.max_seq
+    if max_seq is None:
+        max_seq = int(getattr(job.model.config, "max_position_embeddings", 0) or 2048)
+    return {"batch": (1, c.max_batch), "seq": (1, max_seq)}
+
+
+def _graph_name(model) -> str:
+    cls = type(model.module).__name__
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in cls) or "main"
+
+
+STAGES: list[Stage] = [
+    Stage("load", load_stage),
+    Stage("check parallel", parallel.check_model_stage),
+    Stage("calibration set", calibration_stage),
+    Stage("trace", trace_stage),
+    Stage("verify", verify_stage),
+    Stage("write IR", write_frontend_ir_stage),
+    Stage("passes", passes_stage),
+    Stage("split", parallel.split_stage),
+    Stage("write engine", engine_stage),
+    Stage("write ONNX", onnx_stage),
+]

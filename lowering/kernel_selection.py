@@ -1,0 +1,118 @@
+"""Kernel selection: which irlm kernel (irlm.kernels) runs each op on a GPU.
+
+One table, :data:`KERNELS`: op name → an interpreter override ``fn(ctx, operands, attrs)``
+that launches the kernel (falling back to the op's reference semantics for the variants a
+kernel does not cover).  Every op not in the table runs its registry reference implementation
+on CUDA tensors (torch: cuBLAS for the linears, views for reshapes).  The runtime's CUDA runner
+(irlm/runtime/runners/cuda_graphs.py) installs the table in its interpreter.
+
+On a CPU, the choice is the linears' dtype (:func:`default_linear_dtype`): ``irlm compile
+--device cpu`` records it in the engine and the CPU runner (irlm/runtime/runners/cpu.py) uses it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+# ----- CPU: the dtype the linears run in -------------------------------------------------------
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def has_fast_bf16() -> bool:
+    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags)
+
+
+def default_linear_dtype(quant: Optional[str] = None) -> str:
+    """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
+    has native bf16 arithmetic, f32 otherwise; ``int8`` (torch's int8 GEMM, bf16 inputs) for a
+    weight-only int8 engine, whose int8 weights halve the memory traffic again; ``int4``
+    (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
+    if quant == "int8":
+        return "int8"
+    if quant in ("int4", "int4-awq"):
+        return "int4"
+    return "bf16" if has_fast_bf16() else "f32"
+
+
+# ----- GPU: the kernel table --------------------------------------------------------------------
+
+def _paged_attention(ctx, x, a):
+    from irlm.kernels import ops as k
+    q, key, value, cache, tables, q_lens, cached = x
+    st = ctx.state
+    return [k.paged_attention(
+        _heads(q), _heads(key), _heads(value), cache, tables, q_lens, cached, a["layer"],
+        scale=a["scale"], sliding_window=a["sliding_window"],
+        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
+        max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
+        decode=st.get("decode"))]
+
+
+def _heads(t: torch.Tensor) -> torch.Tensor:
+    """[tokens, heads, D] with heads and D contiguous (what the attention kernels read)."""
+    if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
+        return t
+    return t.contiguous()
+
+
+def _slopes(state, slopes, device):
+    if not slopes:
+        return None
+    cache = state.setdefault("alibi", {})
+    if slopes not in cache:
+        cache[slopes] = torch.tensor(slopes, dtype=torch.float32, device=device)
+    return cache[slopes]
+
+
+def _rms_norm(ctx, x, a):
+    from irlm.kernels import ops as k
+    from irlm.ops.fused import rms_norm_reference
+    if a["weight_offset"]:
+        return [rms_norm_reference(x[0], x[1], a["eps"], a["weight_offset"])]
+    return [k.rms_norm(x[0].contiguous(), x[1], a["eps"])]
+
+
+def _add_rms_norm(ctx, x, a):
+    from irlm.kernels import ops as k
+    if a["weight_offset"]:
+        from irlm.ops.fused import rms_norm_reference
+        total = x[0] + x[1]
+        return [rms_norm_reference(total, x[2], a["eps"], a["weight_offset"]), total]
+    out, total = k.fused_add_rms_norm(x[0].contiguous(), x[1].contiguous(), x[2], a["eps"])
+    return [out, total]
+
+
+def _gated_act(ctx, x, a):
+    from irlm.kernels import ops as k
+    return [k.gated_act(x[0].contiguous(), a["act"])]
+
+
+def _rope(ctx, x, a):
+    from irlm.kernels import ops as k
+    if a["style"] != "rotate_half" or x[0].dtype != x[1].dtype and x[1].dtype != torch.float32:
+        from irlm.registry import get_op_def
+        return get_op_def("llm.rope").reference(ctx, x, a)
+    return [k.rope_apply(x[0], x[1], x[2])]
+
+
+KERNELS = {
+    "llm.rope": _rope,
+    "llm.paged_attention": _paged_attention,
+    "llm.rms_norm": _rms_norm,
+    "llm.add_rms_norm": _add_rms_norm,
+    "llm.gated_act": _gated_act,
+}

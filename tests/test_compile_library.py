@@ -1,0 +1,52 @@
+"""``irlm.compile(source, CompileConfig)``, the library under ``irlm compile``.
+
+For an ``nn.Module`` source the oracle is transformers: the compiled engine's greedy tokens
+equal ``generate``'s.  That the library and the CLI write the same SmolLM2 engine is in
+tests/test_engine_smollm2.py (it reuses that file's CLI-compiled engine).
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import irlm  # noqa: E402
+from irlm.compilation import CompileConfig, Source  # noqa: E402
+from irlm.errors import IRLMError  # noqa: E402
+
+
+def test_module_source_compiles_to_an_engine_that_matches_transformers(tiny_llama, tmp_path):
+    from irlm.runtime import LLM, SamplingParams
+    engine = irlm.compile(tiny_llama, CompileConfig(output=tmp_path / "e", max_seq=64,
+                                                    tokens_per_block=4))
+    assert engine.engine_written and "substitute-attention{tokens_per_block=4" in engine.pipeline
+    prompt = [5, 17, 3, 99, 42]
+    llm = LLM.from_engine(engine.path, device="cpu")
+    got = llm.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    with torch.no_grad():
+        want = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+    assert got.outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("config, message", [
+    (dict(max_seq=1), "--max-seq 1: must be at least 2"),
+    (dict(opt_level="3"), "-O3: unknown optimization level"),
+    (dict(quant="int5"), "--quant int5: not one of"),
+    (dict(quant="int4", quant_group=48), "--quant-group 48: must be 32, 64 or 128"),
+    (dict(tp=2, pp=2, quant="fp8"), "--tp 2 --pp 2 with --quant fp8: not supported together"),
+    (dict(target="onnx", tp=2), "--target onnx writes one network: it does not take"),
+    (dict(calib="x.txt"), "--calib is only read by"),
+])
+def test_bad_configs_are_refused_before_loading(tmp_path, config, message):
+    with pytest.raises(IRLMError, match=message.replace("+", r"\+")):
+        irlm.compile(tmp_path / "missing.gguf", CompileConfig(output=tmp_path / "o", **config))
+
+
+def test_a_forced_format_names_its_flag(tmp_path):
+    with pytest.raises(IRLMError, match="--gguf .*nope.gguf: no such file"):
+        irlm.compile(Source(tmp_path / "nope.gguf", "gguf", flag="--gguf"),
+                     CompileConfig(output=tmp_path / "o"))
