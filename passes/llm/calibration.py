@@ -5,7 +5,7 @@ Activation-aware quantization (AWQ, SmoothQuant), static activation scales (FP8)
 scales all depend on what values flow through the model, which the weights alone cannot
 tell.  A *calibration set* is a list of token-id lists: read from a JSON file
 (``[[1, 2, ...], ...]``), or from a text file (prompts separated by blank lines) tokenized with
-the model's tokenizer.  ``passes/calibration.txt`` is the built-in default set; ``irlm compile``
+the model's tokenizer.  ``passes/llm/calibration.txt`` is the built-in default set; ``irlm compile``
 tokenizes it (or ``--calib FILE``) and hands the passes the token ids as a JSON file, so the
 pipeline string in ``engine.json`` is enough to replay the compile.
 
