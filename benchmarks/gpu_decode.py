@@ -102,7 +102,7 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
             continue
         t = e.type
         if "inv_freq" in name:
-            store.add_tensor(name, rot.inv_freq.to(t.dtype.torch))
+            store.add_tensor(name, rot.inv_freq.to("cuda", t.dtype.torch))
         elif "norm" in name:
             store.add_lazy(name, t, lambda t=t: torch.ones(t.shape, dtype=t.dtype.torch,
                                                            device="cuda"), "ones")

@@ -134,8 +134,8 @@ VOCAB = 512
 def _engine(mode, tmp_path):
     import transformers
     from irlm.compilation import compile_causal_lm
-    cfg = transformers.LlamaConfig(hidden_size=512, intermediate_size=1024, num_hidden_layers=2,
-                                   num_attention_heads=8, num_key_value_heads=2,
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=1,
                                    vocab_size=VOCAB, head_dim=64)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
