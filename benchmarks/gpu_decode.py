@@ -21,6 +21,7 @@ Workloads (prompt of random tokens, greedy, EOS ignored):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -287,6 +288,7 @@ def main():
         RESULTS["runner_stats" + q] = dict(runner.stats)
         RESULTS["peak_gpu_memory_GB" + q] = torch.cuda.max_memory_allocated() / 1e9
         del runner, graph
+        gc.collect()            # engines and runners reference each other: free the KV pool now
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if "hf" in sections:

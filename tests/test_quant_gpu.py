@@ -148,14 +148,19 @@ def _engine(mode, tmp_path):
         f'quantize{{mode={mode},fuse=false,calib="{calib}"}},fuse-quant,dce'))
 
 
-@pytest.mark.parametrize("mode,path", [
-    ("int8", "int8: gemv / dequantize+cublas"),
-    ("int4", "int4: tinygemm / dequantize+cublas"),
-    ("int4-awq", "int4: tinygemm / dequantize+cublas"),
-    ("fp8", "fp8: cublaslt _scaled_mm"),
-    ("w8a8-sq", "w8a8: cublaslt _int_mm"),
+# Weight-only modes: bf16 rounding alone (2e-2, the runner tests' bound).  Modes that quantize
+# activations round every linear's input to 8 bits, so an upstream difference of one bf16 ulp
+# can move an element to the next e4m3 / int8 step (up to 1/8 of its value in e4m3): 5e-2
+# (seen on an H200: fp8 3.0e-2 on the 110-token prefill).
+@pytest.mark.parametrize("mode,path,tol", [
+    ("int8", "int8: gemv / dequantize+cublas", 2e-2),
+    ("int4", "int4: tinygemm / dequantize+cublas", 2e-2),
+    ("int4-awq", "int4: tinygemm / dequantize+cublas", 2e-2),
+    ("fp8", "fp8: cublaslt _scaled_mm", 5e-2),
+    ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
 ])
-def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path, tmp_path):
+def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path, tol,
+                                                                      tmp_path):
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     graph = _engine(mode, tmp_path)
@@ -167,8 +172,8 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path
     seqs = [torch.randint(0, VOCAB, (90,), generator=g) for _ in range(4)]
     tables = [list(range(r * 12, r * 12 + 12)) for r in range(4)]
     done = [0, 0, 0, 0]
-    # a 110-token prefill (large-M paths), decode as graph replays (M = 3 in bucket 4), a
-    # 10-token prefill (small-M paths, eager), then decode with all four
+    # a 110-token prefill (large-M paths), decode as graph replays (M = 3 and 4: one graph, bucket
+    # 4), a 10-token prefill (small-M paths, eager), then decode with all four
     schedule = [{0: 60, 1: 30, 2: 20}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{3: 10}] + \
                [{0: 1, 1: 1, 2: 1, 3: 1}] * 4
     for step in schedule:
@@ -180,5 +185,5 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path
         for r in reqs:
             done[r] += step[r]
         err = rel(got, want)
-        assert err <= 2e-2, (mode, step, err)
-    assert fast.stats["graph_replays"] >= 7 and fast.stats["graph_captures"] >= 2
+        assert err <= tol, (mode, step, err)
+    assert fast.stats["graph_replays"] == 7 and fast.stats["graph_captures"] == 1

@@ -45,8 +45,9 @@ c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 #: above it, dequantize + cuBLAS (one write and one read of a bf16 copy of the weight)
 GEMV_MAX_M = 16
 GEMV_ROWS = (1, 2, 4, 8)
-#: up to this many rows int4 runs tinygemm; above it, dequantize + cuBLAS
-INT4_TINYGEMM_MAX_M = 64
+#: up to this many rows int4 runs tinygemm; above it, dequantize + cuBLAS (H200, Llama-3-8B
+#: shapes: tinygemm took 19 ms per batch-32 decode step, slower than dequantize + cuBLAS)
+INT4_TINYGEMM_MAX_M = 16
 #: the int4 group sizes tinygemm accepts
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 GEMV_DTYPES = (torch.bfloat16, torch.float16)

@@ -82,6 +82,7 @@ class CudaGraphRunner:
             # workspaces and CUDA graph pools), then give the KV pool a fraction of the rest.
             from irlm.lowering.memory_plan import plan_activation_memory
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()    # what torch's allocator caches (e.g. of a calibration)
             per_block = kv_block_bytes(layers, bs, kv_heads, head_dim, dtype)
             tokens = self.max_num_tokens or 8192
             plan = plan_activation_memory(graph, {
