@@ -84,9 +84,13 @@ class QuantLinearPlan:
                     q, s, z, high_first=self.tinygemm_order == "high")
                 return "int4: tinygemm / dequantize+cublas", entry
             return "int4: dequantize+cublas", entry
-        return "reference", None      # fp8 weight-only: no fused kernel yet
+        if a["mode"] == "fp8" and ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
+            ws = weights.get(names[1]).float().reshape(())
+            return "fp8 weight-only: gemv / dequantize+cublas", {"w_scale": ws}
+        return "reference", None
 
     def _a8(self, op: Op, weights):
+        from irlm.kernels import quant_linear as ql
         a = op.attrs
         ws_name = _param(op, 2)
         if ws_name is None:
@@ -98,7 +102,12 @@ class QuantLinearPlan:
             if xs_name is None or k % 16 or n % 16:
                 return "reference", None
             xs = weights.get(xs_name).float().reshape(())
-            return "fp8: cublaslt _scaled_mm", {"w_scale": ws.reshape(()), "x_scale": xs}
+            entry = {"w_scale": ws.reshape(()), "x_scale": xs}
+            q = weights.get(_param(op, 1))
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
+                entry["x_scale_value"] = float(xs)      # a constant: read once, here
+                return "fp8: gemv / cublaslt _scaled_mm", entry
+            return "fp8: cublaslt _scaled_mm", entry
         if k % 8 or n % 8:
             return "reference", None
         return "w8a8: cublaslt _int_mm", {"w_scales": ws.contiguous()}
@@ -131,6 +140,11 @@ class QuantLinearPlan:
                 y = ql.w8a16_gemv(flat, x[1], entry["scales"], bias)
             else:
                 y = F.linear(flat, ql.dequantize_int8(x[1], entry["scales"], xv.dtype), bias)
+        elif a["mode"] == "fp8":
+            if m <= ql.GEMV_MAX_M:
+                y = ql.fp8_gemv(flat, x[1], entry["w_scale"], bias)
+            else:
+                y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
         else:
             if "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
                 y = ql.int4_tinygemm(flat, entry["packed"], entry["group"],
@@ -154,7 +168,11 @@ class QuantLinearPlan:
         flat = xv.reshape(-1, xv.shape[-1])
         if a["mode"] == "fp8":
             bias = x[4] if len(x) > 4 else None
-            y = ql.fp8_linear(flat, x[1], entry["w_scale"], entry["x_scale"], bias)
+            if "x_scale_value" in entry and flat.shape[0] <= ql.FP8_GEMV_MAX_M:
+                y = ql.fp8_linear_gemv(flat, x[1], entry["w_scale"], entry["x_scale"],
+                                       entry["x_scale_value"], bias)
+            else:
+                y = ql.fp8_linear(flat, x[1], entry["w_scale"], entry["x_scale"], bias)
         else:
             bias = x[3] if len(x) > 3 else None
             y = ql.w8a8_linear(flat, x[1], entry["w_scales"], bias)

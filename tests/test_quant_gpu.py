@@ -114,6 +114,32 @@ def test_fp8_scaled_mm_matches_reference(m):
     assert rel(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("m", [1, 3, 8, 16])
+def test_fp8_weight_gemv_matches_reference(m):
+    n, k = 392, 1536
+    q, ws = quantize_fp8(randn(n, k, scale=0.05))
+    x = randn(m, k).to(torch.bfloat16)
+    bias = randn(n).to(torch.bfloat16)
+    got = ql.fp8_gemv(x.to(DEV), q.to(DEV), ws.to(DEV), bias.to(DEV))
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    assert rel(got, weight_only_reference(x, q, ws, None, 0, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("m", [1, 5, 8])
+def test_fp8_w8a8_gemv_matches_reference(m):
+    n, k = 512, 1024
+    q, ws = quantize_fp8(randn(n, k, scale=0.05))
+    x = randn(m, k).to(torch.bfloat16)
+    xs = (x.float().abs().amax() / 300.0).reshape(())       # some values saturate at 448
+    bias = randn(n).to(torch.bfloat16)
+    want = linear_a8_reference(x, q, ws, xs, bias, "fp8")
+    got = ql.fp8_linear_gemv(x.to(DEV), q.to(DEV), ws.to(DEV), xs.to(DEV), float(xs),
+                             bias.to(DEV))
+    assert got.dtype == torch.bfloat16 and got.shape == (m, n)
+    # the same e4m3 products as the reference, summed in fp32 instead of float64
+    assert rel(got, want) < 5e-3
+
+
 @pytest.mark.parametrize("m", [1, 9, 16, 17, 64, 300])
 def test_w8a8_int_mm_matches_reference(m):
     n, k = 384, 1024
@@ -156,7 +182,8 @@ def _engine(mode, tmp_path):
     ("int8", "int8: gemv / dequantize+cublas", 2e-2),
     ("int4", "int4: tinygemm / dequantize+cublas", 2e-2),
     ("int4-awq", "int4: tinygemm / dequantize+cublas", 2e-2),
-    ("fp8", "fp8: cublaslt _scaled_mm", 5e-2),
+    ("fp8", "fp8: gemv / cublaslt _scaled_mm", 5e-2),
+    ("fp8-weight", "fp8 weight-only: gemv / dequantize+cublas", 2e-2),
     ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
 ])
 def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path, tol,

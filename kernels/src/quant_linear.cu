@@ -2,7 +2,10 @@
 // large ones).
 //
 // irlm_w8a16_gemv: out[m, n] = (sum_k x[m, k] * q[n, k]) * scale[n] (+ bias[n]) for up to MAXM
-// rows of x, int8 weights q [N, K] (row-major, one float scale per output row).  Decode is
+// rows of x, int8 weights q [N, K] (row-major, one float scale per output row), or with WFP8
+// e4m3 weights (one scale per tensor).  For quant.linear_a8 fp8 the caller passes x already
+// rounded to e4m3 (held exactly in bf16) and its static scale as x_scale, which multiplies the
+// result with the weight scale: the products of two e4m3 values are exact in fp32.  Decode is
 // bound by reading the weights, so one warp owns one output feature and streams its row once:
 // every lane loads 16 weight bytes per step (a warp reads 512 consecutive bytes), UNROLL steps
 // issued before the first is used, and multiplies them with each of the m rows of x (read
@@ -23,6 +26,8 @@ struct QGemvParams {
   void* out;
   long long x_stride, o_stride;
   int m, n, k;
+  int scale_stride;  // 1: one scale per output row (int8); 0: one per tensor (fp8)
+  float x_scale;     // > 0: x holds e4m3 values of an activation with this scale (fp8 W8A8)
 };
 
 struct DequantParams {
@@ -47,6 +52,29 @@ IRLM_DEVICE void int8x4_to_float(int v, float* f) {
   for (int i = 0; i < 4; ++i) f[i] = static_cast<float>(static_cast<signed char>((v >> (8 * i)) & 0xff));
 }
 
+// Four e4m3 values (byte i = element i) -> floats, exactly (every e4m3 value is an fp16 value).
+IRLM_DEVICE void e4m3x4_to_float(int v, float* f) {
+  unsigned lo, hi;
+  const unsigned short a = v & 0xffff, b = (unsigned)v >> 16;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(lo) : "h"(a));
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(hi) : "h"(b));
+  irlm_fp16 h[4] = {{(unsigned short)(lo & 0xffff)}, {(unsigned short)(lo >> 16)},
+                    {(unsigned short)(hi & 0xffff)}, {(unsigned short)(hi >> 16)}};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) f[i] = to_float(h[i]);
+}
+
+// 16 weights of one kind (WFP8: e4m3, else int8) from 16 bytes.
+template <bool WFP8> IRLM_DEVICE void weights_to_float(const int4& v, float (&f)[16]) {
+  if (WFP8) {
+    e4m3x4_to_float(v.x, f); e4m3x4_to_float(v.y, f + 4);
+    e4m3x4_to_float(v.z, f + 8); e4m3x4_to_float(v.w, f + 12);
+  } else {
+    int8x4_to_float(v.x, f); int8x4_to_float(v.y, f + 4);
+    int8x4_to_float(v.z, f + 8); int8x4_to_float(v.w, f + 12);
+  }
+}
+
 template <typename T>
 IRLM_DEVICE void load16(const T* p, float (&f)[16]) {
   float a[8], b[8];
@@ -56,7 +84,7 @@ IRLM_DEVICE void load16(const T* p, float (&f)[16]) {
   for (int i = 0; i < 8; ++i) { f[i] = a[i]; f[8 + i] = b[i]; }
 }
 
-template <typename T, int MAXM>
+template <typename T, int MAXM, bool WFP8>
 __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
   constexpr int UNROLL = 4;
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -79,10 +107,7 @@ __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
       const int k0 = base + u * 32 * 16;
       if (k0 >= p.k) break;
       float wf[16];
-      int8x4_to_float(wv[u].x, wf);
-      int8x4_to_float(wv[u].y, wf + 4);
-      int8x4_to_float(wv[u].z, wf + 8);
-      int8x4_to_float(wv[u].w, wf + 12);
+      weights_to_float<WFP8>(wv[u], wf);
 #pragma unroll
       for (int m = 0; m < MAXM; ++m) {
         if (m < p.m) {
@@ -94,7 +119,7 @@ __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
       }
     }
   }
-  const float s = p.scales[row];
+  const float s = p.scales[(long long)row * p.scale_stride] * (p.x_scale > 0.f ? p.x_scale : 1.f);
   const float b = p.bias ? to_float(reinterpret_cast<const T*>(p.bias)[row]) : 0.f;
   T* out = reinterpret_cast<T*>(p.out);
 #pragma unroll

@@ -10,8 +10,11 @@ linear int8     ``irlm_w8a16_gemv``        ``irlm_dequant_int8`` + cuBLAS bf16 G
 linear int4     ``torch._weight_int4pack_  ``irlm_dequant_int4`` + cuBLAS bf16 GEMM     tinygemm
 (W4A16, AWQ)    mm`` (tinygemm, bf16)                                                   packed
                 (M <= INT4_TINYGEMM_MAX_M)                                              at load
-linear_a8 fp8   ``torch._scaled_mm`` (cuBLASLt fp8 GEMM, per-tensor scales), every M   as
-                                                                                        stored
+linear_a8 fp8   ``irlm_w8a16_gemv``        ``torch._scaled_mm`` (cuBLASLt fp8 GEMM,     as
+(W8A8)          with e4m3 weights, x       per-tensor scales)                           stored
+                rounded to e4m3 in-kernel
+linear fp8      ``irlm_w8a16_gemv`` with   fp32 dequantize (torch) + cuBLAS             as
+(W8A16)         e4m3 weights                                                            stored
 linear_a8 w8a8  ``torch._int_mm`` (cuBLASLt int8 GEMM) + per-token x per-channel        as
 (SmoothQuant)   scales in fp32 (M padded to 17 rows where cuBLASLt needs it)            stored
 ==============  =========================  ===========================================  =======
@@ -44,6 +47,9 @@ c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 #: up to this many rows the int8 GEMV kernel runs (one pass over the weights per 8 rows);
 #: above it, dequantize + cuBLAS (one write and one read of a bf16 copy of the weight)
 GEMV_MAX_M = 16
+#: up to this many rows fp8 engines run the GEMV with e4m3 weights (cuBLASLt's fp8 GEMM read
+#: the weights at under half the copy bandwidth at batch 1 on an H200); 0 turns it off
+FP8_GEMV_MAX_M = 8
 GEMV_ROWS = (1, 2, 4, 8)
 #: up to this many rows int4 runs tinygemm; above it, dequantize + cuBLAS (H200, Llama-3-8B
 #: shapes: tinygemm took 19 ms per batch-32 decode step, slower than dequantize + cuBLAS)
@@ -57,7 +63,8 @@ FP8_MAX = 448.0
 class QGemvParams(ctypes.Structure):
     _fields_ = [("x", c_void_p), ("w", c_void_p), ("scales", c_void_p), ("bias", c_void_p),
                 ("out", c_void_p), ("x_stride", c_longlong), ("o_stride", c_longlong),
-                ("m", c_int), ("n", c_int), ("k", c_int)]
+                ("m", c_int), ("n", c_int), ("k", c_int), ("scale_stride", c_int),
+                ("x_scale", ctypes.c_float)]
 
 
 class DequantParams(ctypes.Structure):
@@ -70,7 +77,8 @@ def quant_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     names = [f"irlm_dequant_int8<{t}>", f"irlm_dequant_int4<{t}>"]
     if dtype in GEMV_DTYPES:
-        names += [f"irlm_w8a16_gemv<{t}, {m}>" for m in GEMV_ROWS]
+        names += [f"irlm_w8a16_gemv<{t}, {m}, {w}>" for m in GEMV_ROWS
+                  for w in ("false", "true")]
     return Kernel("quant_linear.cu", names)
 
 
@@ -80,7 +88,8 @@ def all_quant_kernels() -> list[Kernel]:
 
 # ---- int8 weight-only ----------------------------------------------------------------------------
 def gemv_supported(x: torch.Tensor, qweight: torch.Tensor) -> bool:
-    """Whether :func:`w8a16_gemv` takes this input (else use the dequantize path)."""
+    """Whether :func:`w8a16_gemv` / :func:`fp8_gemv` take this input (else use the other
+    path)."""
     k = qweight.shape[1]
     return (x.dtype in GEMV_DTYPES and k % 16 == 0 and qweight.is_contiguous()
             and qweight.data_ptr() % 16 == 0)
@@ -90,12 +99,37 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``x [M, K] @ (qweight i8 [N, K] * scales f32 [N, 1])^T (+ bias)`` in x's dtype
     (bf16/fp16), accumulated in fp32; launched once per 8 rows of x."""
+    return _gemv(x, qweight, scales, bias, 0.0)
+
+
+def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+             bias: Optional[torch.Tensor] = None, x_scale: float = 0.0) -> torch.Tensor:
+    """The e4m3 weight ``qweight [N, K]`` (f32 0-d ``w_scale``) times x [M, K] (bf16/fp16)
+    (quant.linear fp8).  ``x_scale > 0``: x holds e4m3 values (exactly, in bf16) of an
+    activation quantized with that scale, which multiplies the result (see fp8_linear_gemv)."""
+    return _gemv(x, qweight, w_scale, bias, float(x_scale))
+
+
+def fp8_linear_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    x_scale: torch.Tensor, x_scale_value: float,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quant.linear_a8{mode=fp8} for a few rows: x rounded to e4m3 once (as quant.quantize),
+    held exactly in x's dtype, then the fp8-weight GEMV with both scales applied to the fp32
+    sums.  ``x_scale_value``: ``x_scale`` as a Python float, read once at load."""
+    xq = quantize_fp8_static(x, x_scale).to(x.dtype)
+    return _gemv(xq, qweight, w_scale, bias, x_scale_value)
+
+
+def _gemv(x, qweight, scales, bias, x_scale):
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
-    _tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,), device=dev)
-    _tensor("scales", scales, ndim=1, dtypes=(torch.float32,), device=dev)
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    _tensor("qweight", qweight, ndim=2, dtypes=(torch.int8, torch.float8_e4m3fn), device=dev)
+    _tensor("scales", scales, ndim=0 if fp8 else 1, dtypes=(torch.float32,), device=dev)
     n, k = qweight.shape
-    if x.shape[1] != k or scales.shape[0] != n or not scales.is_contiguous():
+    if x_scale and not fp8:
+        raise KernelArgumentError("x_scale (activation rounding to e4m3) needs fp8 weights")
+    if x.shape[1] != k or (not fp8 and (scales.shape[0] != n or not scales.is_contiguous())):
         raise KernelArgumentError(f"x {tuple(x.shape)}, qweight {tuple(qweight.shape)} and "
                                   f"scales {tuple(scales.shape)} do not fit together")
     if not gemv_supported(x, qweight):
@@ -116,9 +150,9 @@ def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         maxm = next(r for r in GEMV_ROWS if r >= rows)
         xs, os_ = x[r0:r0 + rows], out[r0:r0 + rows]
         p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
-                        x.stride(0), out.stride(0), rows, n, k)
-        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}>", (-(-n // warps),), (32 * warps,),
-                    p, device=dev)
+                        x.stride(0), out.stride(0), rows, n, k, 0 if fp8 else 1, x_scale)
+        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
+                    (-(-n // warps),), (32 * warps,), p, device=dev)
     return out
 
 
@@ -131,6 +165,11 @@ def _dequant(name, q, scales, zeros, k, group, dtype):
     p = DequantParams(_ptr(q), _ptr(scales), _ptr(zeros), _ptr(out), n, k, group)
     quant_kernel(dtype).launch(f"{name}<{CTYPES[dtype]}>", (blocks,), (256,), p, device=dev)
     return out
+
+
+def dequantize_fp8(qweight: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
+    """``float(qweight) * w_scale`` in dtype (fp32 math, one rounding; torch ops)."""
+    return (qweight.float() * w_scale).to(dtype)
 
 
 def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
