@@ -39,6 +39,7 @@ class QuantLinearPlan:
         self.prepared: dict[int, dict] = {}
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
+        self.fp8_gemv_ok: Optional[bool] = None
 
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
@@ -84,9 +85,12 @@ class QuantLinearPlan:
                     q, s, z, high_first=self.tinygemm_order == "high")
                 return "int4: tinygemm / dequantize+cublas", entry
             return "int4: dequantize+cublas", entry
-        if a["mode"] == "fp8" and ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
+        if a["mode"] == "fp8":
             ws = weights.get(names[1]).float().reshape(())
-            return "fp8 weight-only: gemv / dequantize+cublas", {"w_scale": ws}
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+                    and self._fp8_gemv(device):
+                return "fp8 weight-only: gemv / dequantize+cublas", {"w_scale": ws, "gemv": 1}
+            return "fp8 weight-only: dequantize+cublas", {"w_scale": ws}
         return "reference", None
 
     def _a8(self, op: Op, weights):
@@ -104,7 +108,8 @@ class QuantLinearPlan:
             xs = weights.get(xs_name).float().reshape(())
             entry = {"w_scale": ws.reshape(()), "x_scale": xs}
             q = weights.get(_param(op, 1))
-            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+                    and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
                 return "fp8: gemv / cublaslt _scaled_mm", entry
             return "fp8: cublaslt _scaled_mm", entry
@@ -119,6 +124,13 @@ class QuantLinearPlan:
             self.tinygemm_order = next((o for o in ("high", "low")
                                         if tinygemm_matches_reference(device, o == "high")), "")
         return bool(self.tinygemm_order)
+
+    def _fp8_gemv(self, device) -> bool:
+        """Whether the GEMV with e4m3 weights computes the reference op here (checked once on
+        a small random weight; the paths fall back to cuBLAS(Lt) otherwise)."""
+        if self.fp8_gemv_ok is None:
+            self.fp8_gemv_ok = fp8_gemv_matches_reference(device)
+        return self.fp8_gemv_ok
 
     # ----- run time -----------------------------------------------------------------------------
     def overrides(self) -> dict:
@@ -141,7 +153,7 @@ class QuantLinearPlan:
             else:
                 y = F.linear(flat, ql.dequantize_int8(x[1], entry["scales"], xv.dtype), bias)
         elif a["mode"] == "fp8":
-            if m <= ql.GEMV_MAX_M:
+            if "gemv" in entry and m <= ql.GEMV_MAX_M:
                 y = ql.fp8_gemv(flat, x[1], entry["w_scale"], bias)
             else:
                 y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
@@ -186,6 +198,25 @@ class QuantLinearPlan:
 def _reference(name, ctx, x, a):
     from irlm.registry import get_op_def
     return get_op_def(name).reference(ctx, x, a)
+
+
+def fp8_gemv_matches_reference(device) -> bool:
+    """Run the fp8-weight GEMV once on a small random e4m3 weight and compare with the
+    reference dequantization (fp32 matmul); False if it differs or cannot run (no GPU)."""
+    from irlm.kernels import quant_linear as ql
+    from irlm.kernels.nvrtc import KernelError
+    from irlm.passes.quantize import quantize_fp8
+    if torch.device(device).type != "cuda":
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, s = quantize_fp8(torch.randn(48, 256, generator=g))
+    xv = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    ref = xv.float() @ (q.float() * s).t()
+    try:
+        got = ql.fp8_gemv(xv.to(device), q.to(device), s.float().reshape(()).to(device))
+    except (RuntimeError, KernelError):
+        return False
+    return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)
 
 
 def tinygemm_matches_reference(device, high_first: bool = True) -> bool:

@@ -19,7 +19,8 @@ if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 from irlm.kernels import quant_linear as ql  # noqa: E402
-from irlm.lowering.quant_linears import QuantLinearPlan, tinygemm_matches_reference  # noqa: E402
+from irlm.lowering.quant_linears import (QuantLinearPlan, fp8_gemv_matches_reference,  # noqa: E402
+                                        tinygemm_matches_reference)
 from irlm.ops.quant import dequantize_reference, linear_a8_reference  # noqa: E402
 from irlm.passes.quantize import quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 
@@ -112,6 +113,11 @@ def test_fp8_scaled_mm_matches_reference(m):
     got = ql.fp8_linear(x.to(DEV), q.to(DEV), ws.to(DEV), xs.to(DEV), bias.to(DEV))
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert rel(got, want) < 1e-2
+
+
+def test_fp8_gemv_load_check_passes_on_this_device():
+    # else the runner quietly uses cuBLAS(Lt) for fp8 (correct, slower): this test says so
+    assert fp8_gemv_matches_reference(torch.device(DEV))
 
 
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
