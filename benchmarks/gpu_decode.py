@@ -70,7 +70,7 @@ def quantize_graph(graph, mode: str, vocab: int) -> dict:
     import os
     import tempfile
     from irlm.passes import run_pipeline
-    from irlm.passes.quantize import CALIBRATED
+    from irlm.passes.llm.quantize import CALIBRATED
     calib = ""
     if mode in CALIBRATED:
         fd, path = tempfile.mkstemp(suffix=".json")
@@ -245,7 +245,7 @@ def main():
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
-    from irlm.passes.quantize import MODES
+    from irlm.passes.llm.quantize import MODES
     quants = a.quant.split(",")
     bad = [q for q in quants if q != "bf16" and q not in MODES]
     if bad:

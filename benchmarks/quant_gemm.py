@@ -67,7 +67,7 @@ def timed_graph(fn) -> float:
 
 def make_weights():
     from irlm.kernels import quant_linear as ql
-    from irlm.passes.quantize import quantize_fp8, quantize_int4, quantize_int8
+    from irlm.passes.llm.quantize import quantize_fp8, quantize_int4, quantize_int8
     layers = []
     for _ in range(LAYERS):
         ws = []

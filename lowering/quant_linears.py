@@ -205,7 +205,7 @@ def fp8_gemv_matches_reference(device) -> bool:
     reference dequantization (fp32 matmul); False if it differs or cannot run (no GPU)."""
     from irlm.kernels import quant_linear as ql
     from irlm.kernels.nvrtc import KernelError
-    from irlm.passes.quantize import quantize_fp8
+    from irlm.passes.llm.quantize import quantize_fp8
     if torch.device(device).type != "cuda":
         return False
     g = torch.Generator(device="cpu").manual_seed(0)

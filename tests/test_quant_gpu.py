@@ -22,7 +22,7 @@ from irlm.kernels import quant_linear as ql  # noqa: E402
 from irlm.lowering.quant_linears import (QuantLinearPlan, fp8_gemv_matches_reference,  # noqa: E402
                                         tinygemm_matches_reference)
 from irlm.ops.quant import dequantize_reference, linear_a8_reference  # noqa: E402
-from irlm.passes.quantize import quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
+from irlm.passes.llm.quantize import quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 
 DEV = "cuda"
 GEN = torch.Generator().manual_seed(1234)
