@@ -364,16 +364,28 @@ class DistributedRunner:
             pass
 
 
+_WORKER_MAIN = ("import json, sys; from irlm.runtime.distributed.worker import LaunchSpec, "
+                "worker_main; worker_main(LaunchSpec(**json.loads(sys.argv[1])), "
+                "int(sys.argv[2]))")
+
+
 class WorkerProcess:
-    """A spawned worker: ``python -m irlm.runtime.distributed.worker SPEC RANK``."""
+    """A spawned worker: a fresh interpreter running :func:`worker.worker_main` (SPEC RANK)."""
 
     def __init__(self, spec: LaunchSpec, rank: int):
         import dataclasses
         import subprocess
         import sys
         self.rank = rank
-        self._p = subprocess.Popen([sys.executable, "-m", "irlm.runtime.distributed.worker",
-                                    json.dumps(dataclasses.asdict(spec)), str(rank)])
+        env = dict(os.environ)
+        if spec.device == "cpu" and "OMP_NUM_THREADS" not in env:
+            # N ranks on this host's cores: torch's default (every core per process) would
+            # oversubscribe them, and gloo's collectives then wait on descheduled peers
+            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // spec.world_size))
+        # ``-c`` rather than ``-m ...worker``: the package already imports that module, and
+        # runpy warns when it runs a module that is in sys.modules
+        self._p = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN,
+                                    json.dumps(dataclasses.asdict(spec)), str(rank)], env=env)
         self.pid = self._p.pid
 
     @property
