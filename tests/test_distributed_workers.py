@@ -332,3 +332,11 @@ def test_a_launch_of_the_wrong_size_is_refused(engines, monkeypatch):
     with pytest.raises(DistributedError, match=r"the engine has 2 ranks \(tp 2 x pp 1\) but the "
                                         r"launch has WORLD_SIZE=3"):
         DistributedRunner(engines["tp2"], device="cpu")
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_ranks_per_gpu_must_be_a_positive_whole_number(engines, monkeypatch, value):
+    monkeypatch.setenv("IRLM_RANKS_PER_GPU", value)
+    with pytest.raises(DistributedError, match=f"IRLM_RANKS_PER_GPU='{value}': expected a "
+                                               f"whole number of at least 1"):
+        DistributedRunner(engines["tp2"], device="cpu")
