@@ -7,6 +7,7 @@ Faults: a worker killed mid-generation, a frozen worker and a worker whose shard
 stop the engine with one error naming the rank, and leave no process behind.
 """
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -185,7 +186,8 @@ def test_a_hung_worker_stops_the_engine_after_the_timeout(engines):
 
 
 @pytest.mark.slow
-def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path):
+def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path, monkeypatch):
+    tag = monkeypatch_tag(monkeypatch)
     broken = tmp_path / "broken"
     shutil.copytree(engines["pp2"], broken)
     weights = broken / "rank1" / "weights.safetensors"
@@ -195,9 +197,12 @@ def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path):
                                             r"\.safetensors: size .* \(truncated or replaced\)"):
         DistributedRunner(broken, device="cpu", num_blocks=16)
     assert time.monotonic() - start < 60
+    assert not tagged(tag)                   # the worker that failed is gone
 
 
-def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_path):
+def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_path,
+                                                                monkeypatch):
+    tag = monkeypatch_tag(monkeypatch)
     mixed = tmp_path / "mixed"
     shutil.copytree(engines["tp2"], mixed)
     # rank 1 of the pp 2 engine: a valid engine, but not the one this manifest lists
@@ -205,6 +210,16 @@ def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_pat
     shutil.copytree(engines["pp2"] / "rank1", mixed / "rank1")
     with pytest.raises(EngineError, match=r"rank1/engine.json: (size|checksum)"):
         DistributedRunner(mixed, device="cpu")
+    assert not tagged(tag)                   # no worker was started
+
+
+def monkeypatch_tag(monkeypatch) -> str:
+    """A tag in this process's environment that the workers it starts inherit (this
+    process's own /proc/PID/environ is the one it was started with: it never matches)."""
+    import uuid
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("IRLM_TEST_LAUNCH", tag)
+    return tag
 
 
 RUN = ["--prompt", "w5 w17 w33 w2", "--max-tokens", "5", "--no-stream", "--device", "cpu"]
@@ -340,3 +355,63 @@ def test_ranks_per_gpu_must_be_a_positive_whole_number(engines, monkeypatch, val
     with pytest.raises(DistributedError, match=f"IRLM_RANKS_PER_GPU='{value}': expected a "
                                                f"whole number of at least 1"):
         DistributedRunner(engines["tp2"], device="cpu")
+
+
+def environ_of(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_of_a_two_node_launch_stops_both_nodes(engines):
+    """Two torchrun "nodes", rank 1 killed once rank 0 has streamed its first token: rank 0
+    has no exit code to read (not its child), only gloo's closed socket and rank 1's
+    heartbeat that stopped; it names rank 1, both launches end within 30 s, no process
+    of them is left."""
+    import select
+    import uuid
+    tag = uuid.uuid4().hex
+    port = free_port()
+    run = ["--prompt", "w5 w17 w33 w2", "--max-tokens", "50", "--device", "cpu"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "irlm", "run", str(engines["tp2"]), *run],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env=dict(os.environ, IRLM_TEST_LAUNCH=tag, OMP_NUM_THREADS="1")) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        first = b""
+        while not first.strip() and time.monotonic() < deadline:   # rank 0 streams tokens
+            ready, _, _ = select.select([nodes[0].stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(nodes[0].stdout.fileno(), 4096)
+                assert chunk, nodes[0].stderr.read().decode()[-3000:]
+                first += chunk
+        assert first.strip(), "rank 0 printed no token within 240 s"
+        rank1 = [pid for pid in tagged(tag) if environ_of(pid).get("RANK") == "1"]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        killed = time.monotonic()
+        results = [p.communicate(timeout=max(1.0, killed + 30 - time.monotonic()))
+                   for p in nodes]
+        assert time.monotonic() - killed < 30
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    err0 = results[0][1].decode()
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert re.search(r"irlm: error: multi-rank engine \S+ stopped: rank 1 stopped responding "
+                     r"during step \d+ \(no heartbeat for \d+ s: its process died or froze\)",
+                     err0), err0[-3000:]
+    for _ in range(20):
+        if not tagged(tag):
+            break
+        time.sleep(0.25)
+    assert not tagged(tag)
