@@ -6,6 +6,7 @@ tokens through in-flight batching, first-step logits) and the threaded multi-ran
 Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
 stop the engine with one error naming the rank, and leave no process behind.
 """
+import json
 import os
 import re
 import shutil
@@ -415,3 +416,34 @@ def test_a_killed_rank_of_a_two_node_launch_stops_both_nodes(engines):
             break
         time.sleep(0.25)
     assert not tagged(tag)
+
+
+JOINING_PROGRAM = r"""
+import json, sys
+import torch.distributed as dist
+from irlm.runtime import LLM, SamplingParams
+dist.init_process_group("gloo")        # the program's own group (env://), before the engine
+llm = LLM(sys.argv[1], device="cpu")   # rank 1 serves its shard here, then exits
+out = llm.generate([[5, 17, 33, 2]], SamplingParams(max_tokens=5, temperature=0.0))
+llm.close()
+assert dist.is_initialized()           # closing the engine left the program's group alone
+print(json.dumps(out[0].outputs[0].token_ids))
+"""
+
+
+@pytest.mark.slow
+def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
+    """env:// launch of a program that calls init_process_group itself (rank 0 hosts that
+    store at MASTER_PORT), then opens the engine: the engine joins that group and store."""
+    engine = load_engine(engines["base"])
+    want = LLM(GraphRunner(engine.graph, num_blocks=16), None).generate(
+        [[5, 17, 33, 2]], SamplingParams(max_tokens=5, temperature=0.0))[0].outputs[0].token_ids
+    port = free_port()
+    envs = [dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0",
+                 LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            for r in (0, 1)]
+    cmd = [sys.executable, "-c", JOINING_PROGRAM, str(engines["tp2"])]
+    (rc0, out0, err0), (rc1, out1, err1) = launch_together([cmd, cmd], envs)
+    assert rc0 == 0, err0[-3000:]
+    assert rc1 == 0, err1[-3000:]
+    assert json.loads(out0) == want and len(want) == 5 and out1 == ""

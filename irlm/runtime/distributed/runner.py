@@ -161,7 +161,11 @@ class DistributedRunner:
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                    timeout=timeout, load_timeout=load_timeout,
                                    ranks_per_gpu=ranks_per_gpu)
-            master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+            # The store is torchrun's (its agent hosts it), or the one the program's own
+            # init_process_group made at MASTER_ADDR:MASTER_PORT (env://: rank 0 hosts it in
+            # this process already); otherwise this rank hosts it.
+            master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" \
+                and not dist.is_initialized()
         else:
             if dist.is_initialized():
                 raise DistributedError("this process already has a torch.distributed process "
@@ -178,6 +182,9 @@ class DistributedRunner:
         if device == "cuda":
             configure_nccl_env()        # before any worker starts: they inherit it
         self.layout = Layout(tp, pp, 0)
+        # a process group the program made itself (it joined a launch before opening the
+        # engine) is the program's: closing the engine leaves it in place
+        self._owns_group = not dist.is_initialized()
         self._procs: dict[int, object] = {}
         self._closed, self._fault = False, None
         self._step_started: Optional[float] = None
@@ -384,7 +391,7 @@ class DistributedRunner:
             if self._fault is not None and getattr(self, "worker", None) is not None and \
                     self.worker.backend == "nccl":
                 _abort_nccl()
-            else:
+            elif self._owns_group:
                 try:
                     dist.destroy_process_group()
                 except Exception:                 # noqa: BLE001
@@ -483,10 +490,11 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
                       num_blocks=num_blocks, max_model_len=max_model_len,
                       kv_cache_bytes=kv_cache_bytes, timeout=timeout, load_timeout=load_timeout,
                       ranks_per_gpu=ranks_per_gpu)
+    owns_group = not dist.is_initialized()     # else the program's own: left in place
     try:
         run_rank(spec, rank, local)
     finally:
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:                     # noqa: BLE001
