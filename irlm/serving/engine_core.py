@@ -68,7 +68,8 @@ class EngineSpec:
 
 
 def _kv_cache_type(engine):
-    return next(v.type for v in engine.graph.inputs if v.name == "kv_cache")
+    from ..ops.llm import kv_cache_input
+    return kv_cache_input(engine.graph).type
 
 
 def load_factory(target: str):

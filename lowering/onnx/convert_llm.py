@@ -12,6 +12,7 @@ from typing import Optional
 import sympy
 
 from irlm.ir import Op, Value
+from irlm.registry import get_op_def
 from irlm.types import DType
 
 from .context import LoweringContext as Ctx
@@ -178,8 +179,8 @@ def _paged_attention(ctx: Ctx, op: Op):
         hd = op.operands[0].type.shape[2]
         scale = 1.0 / float(hd) ** 0.5
     names = [ctx.inp(op, i) for i in range(7)]
-    cache_value = op.operands[3]
-    names[3] = ctx.current_cache.get(id(cache_value), names[3])
+    slot, cache_value = get_op_def(op.name).operand_index("kv_cache"), op.operand("kv_cache")
+    names[slot] = ctx.current_cache.get(id(cache_value), names[slot])
     out, cache_out = ctx.node(PAGED_ATTENTION.name, names, 2, domain=DOMAIN,
                               layer=a["layer"], scale=float(scale),
                               sliding_window=a["sliding_window"],

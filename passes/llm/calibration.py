@@ -27,6 +27,7 @@ import torch
 from irlm.errors import IRLMError
 from irlm.input_limits import read_bounded
 from irlm.ir import Graph, Op, Value
+from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
 
 DEFAULT_CALIBRATION = Path(__file__).with_name("calibration.txt")
 MAX_PROMPT_TOKENS = 256
@@ -171,17 +172,17 @@ def _inference_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     """One request prefilling ``ids`` from an empty cache, in the graph's input order."""
     n = len(ids)
     feed = {}
-    cache = next((v for v in graph.inputs if v.name == "kv_cache"), None)
+    cache = next((v for v in graph.inputs if v.name == KV_CACHE_INPUT), None)
     if cache is not None:
-        bs = cache.type.shape[3]
-        nb = -(-n // bs)
-        shape = [nb if i == 1 else d for i, d in enumerate(cache.type.shape)]
+        layout = KVCacheLayout.of(cache)
+        nb = -(-n // int(layout.block_size))
+        shape = list(layout._replace(blocks=nb))
         feed = {"input_ids": torch.tensor(ids, dtype=torch.int64),
                 "position_ids": torch.arange(n, dtype=torch.int64),
                 "q_lens": torch.tensor([n], dtype=torch.int32),
                 "cached_lens": torch.zeros(1, dtype=torch.int32),
                 "block_tables": torch.arange(nb, dtype=torch.int32)[None],
-                "kv_cache": torch.zeros(shape, dtype=cache.type.dtype.torch)}
+                KV_CACHE_INPUT: torch.zeros(shape, dtype=cache.type.dtype.torch)}
     else:
         feed = {"input_ids": torch.tensor([ids], dtype=torch.int64),
                 "attention_mask": torch.ones(1, n, dtype=torch.int64),

@@ -14,7 +14,7 @@ measured accuracy.
 from __future__ import annotations
 
 from irlm.ir import Graph
-from irlm.ops.llm import KV_QUANT_DTYPES
+from irlm.ops.llm import KV_CACHE_INPUT, KV_QUANT_DTYPES
 from irlm.types import DType
 
 from ..errors import PassError
@@ -36,7 +36,7 @@ def quantize_kv_cache(graph: Graph, ctx):
     and one for values (the paged inference form only)."""
     o = ctx.options
     want = KV_DTYPES[o.dtype]
-    cache = next((v for v in graph.inputs if v.name == "kv_cache"), None)
+    cache = next((v for v in graph.inputs if v.name == KV_CACHE_INPUT), None)
     atts = [op for op in graph.ops if op.name == "llm.paged_attention"]
     if cache is None or not atts:
         raise PassError("quantize-kv-cache: the graph has no paged KV cache (run "

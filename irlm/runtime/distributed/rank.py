@@ -69,8 +69,8 @@ def resize_pool(runner, num_blocks: int, max_model_len: Optional[int]) -> None:
 
 
 def _dtype_of(runner):
-    names = [v.name for v in runner.graph.inputs]
-    return runner.graph.inputs[names.index("kv_cache")].type.dtype.torch
+    from irlm.ops.llm import kv_cache_input
+    return kv_cache_input(runner.graph).type.dtype.torch
 
 
 class RankWorker:

@@ -43,6 +43,7 @@ from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
 from irlm.lowering.kernel_selection import cpu_flags, default_linear_dtype, has_fast_bf16  # noqa: F401
+from irlm.ops.llm import KVCacheLayout, kv_cache_input
 from irlm.registry import get_op_def
 
 from .interpreter import REQUIRED_INPUTS
@@ -462,10 +463,11 @@ class CpuGraphRunner:
         self.linear_dtype = linear_dtype
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
         self._store = weights if weights is not None else graph.weights
-        cache_t = graph.inputs[names.index("kv_cache")].type
-        layers, _, two, bs, kv_heads, head_dim = cache_t.shape
+        cache_t = kv_cache_input(graph).type
         dtype = cache_t.dtype.torch
-        per_block = layers * two * bs * kv_heads * head_dim * dtype.itemsize
+        layout = KVCacheLayout.of(cache_t)
+        bs = layout.block_size
+        per_block = layout.block_bytes(dtype.itemsize)
         if num_blocks is None:
             num_blocks = max(2, kv_cache_bytes // per_block)
         self.block_size, self.num_blocks = int(bs), int(num_blocks)
@@ -474,7 +476,7 @@ class CpuGraphRunner:
         self.max_num_tokens = tokens_range.max if tokens_range else None
         limit = self.num_blocks * self.block_size
         self.max_model_len = min(max_model_len or limit, limit)
-        self.kv_cache = torch.zeros(layers, self.num_blocks, two, bs, kv_heads, head_dim,
+        self.kv_cache = torch.zeros(*map(int, layout._replace(blocks=self.num_blocks)),
                                     dtype=dtype)
         self._plan: Optional[AttentionPlan] = None
         self._linear_weights: dict[Any, Any] = {}
