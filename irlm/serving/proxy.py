@@ -31,9 +31,7 @@ from ..runtime.errors import QueueFullError, RequestRejectedError
 
 @dataclass
 class _Seq:
-    request_id: int
-    prompt_ids: list[int]
-    output_ids: list[int] = field(default_factory=list)
+    token_ids: list[int]                 # prompt + output, as a runtime Sequence
     index: int = 0
     num_streamed: int = 0
     stream_done: bool = False
@@ -50,6 +48,7 @@ class _Seq:
 @dataclass
 class _Request:
     request_id: int
+    prompt_ids: list[int]
     params: object
     seqs: list = field(default_factory=list)
     done: list = field(default_factory=list)
@@ -121,7 +120,7 @@ class ProxyEngine:
         if len(sched.waiting) >= sched.config.max_waiting:
             raise QueueFullError(f"the waiting queue holds {len(sched.waiting)} requests")
         rid, self._next_id = self._next_id, self._next_id + 1
-        req = _Request(rid, params, [_Seq(rid, list(prompt_ids))])
+        req = _Request(rid, list(prompt_ids), params, [_Seq(list(prompt_ids))])
         self.requests[rid] = req
         sched.waiting.append(req)
         return rid
@@ -153,17 +152,18 @@ class ProxyEngine:
             sched.running.extend(sched.waiting[:room])
             del sched.waiting[:room]
         vocab, eos = self.runner.vocab_size, self.eos_token_ids
-        ended = []
-        for req in sched.running:
+        ended, changed = [], list(sched.running)
+        for req in changed:
             seq, p = req.seqs[0], req.params
-            out = seq.output_ids
-            token = (seq.prompt_ids[-1] * 31 + 7 * len(out) + 1) % vocab
-            out.append(token)
+            toks = seq.token_ids
+            n_out = len(toks) - len(req.prompt_ids) + 1
+            token = (req.prompt_ids[-1] * 31 + 7 * n_out) % vocab
+            toks.append(token)
             if token in p.stop_token_ids:
                 seq.finish_reason, seq.stop_reason = "stop", token
             elif not p.ignore_eos and token in eos:
                 seq.finish_reason = "stop"
-            elif len(out) >= p.max_tokens:
+            elif n_out >= p.max_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 ended.append(req)
@@ -173,7 +173,7 @@ class ProxyEngine:
         rest = self.step_s - (time.perf_counter() - t0)
         if rest > 0:
             time.sleep(rest)
-        return []
+        return changed
 
     def output(self, rid: int):
         raise NotImplementedError("the proxy engine has no beams")
