@@ -362,9 +362,18 @@ def proxy(args) -> int:
                     output_len=args.output_len, client_procs=args.client_procs)
         load_in_procs(argparse.Namespace(**base, num_prompts=min(64, n), max_concurrency=n,
                                          request_rate=float("inf")))
+        cpu0 = _cpu_seconds(srv.proc.pid)
         s = load_in_procs(argparse.Namespace(**base, num_prompts=args.num_prompts or n,
                                              max_concurrency=n, request_rate=float("inf")))
+        cpu1 = _cpu_seconds(srv.proc.pid)
     results["served"] = s
+    # CPU seconds the server (front end) and the engine core spent per streamed token: on a
+    # machine with cores to spare, 1 / that is what one front-end core carries
+    for name in cpu0:
+        us = (cpu1[name] - cpu0[name]) / max(1, s["output_tokens"]) * 1e6
+        results[f"{name}_cpu_us_per_token"] = us
+        print(f"== {name} process: {us:.1f} CPU us per streamed token "
+              f"(one core carries {1e6 / us if us else float('inf'):.0f} tok/s)")
     report(f"proxy ({args.protocol}, step {args.proxy_step_ms} ms, {n} streams, "
            f"{args.input_len}/{args.output_len}, {args.client_procs} client procs)", s)
     if "offered_tokens_per_s" in results:
@@ -374,6 +383,17 @@ def proxy(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0 if s["failed"] == 0 else 1
+
+
+def _cpu_seconds(pid: int) -> dict:
+    """User + system CPU seconds of the server process (all its threads) and of its children
+    (the engine core)."""
+    import psutil
+    p = psutil.Process(pid)
+    t = p.cpu_times()
+    kids = [c.cpu_times() for c in p.children(recursive=True)]
+    return {"server": t.user + t.system,
+            "engine_core": sum(k.user + k.system for k in kids)}
 
 
 def main(argv=None) -> int:

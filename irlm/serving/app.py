@@ -180,7 +180,11 @@ async def serve_async(cfg: ServeConfig, *, on_ready: Optional[Callable[[], None]
 
 def event_loop_factory() -> Optional[Callable[[], asyncio.AbstractEventLoop]]:
     """uvloop's loop where it is installed (its socket writes, the bulk of streaming many
-    small server-sent events, cost a fraction of asyncio's), else asyncio's."""
+    small server-sent events, cost a fraction of asyncio's), else asyncio's.
+    ``IRLM_SERVE_LOOP=asyncio`` picks asyncio's anyway."""
+    import os
+    if os.environ.get("IRLM_SERVE_LOOP", "auto") == "asyncio":
+        return None
     try:
         import uvloop
     except ImportError:

@@ -28,6 +28,10 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
 
 
+#: responses a ModelStreamInfer call holds ready for gRPC to write (see there)
+_STREAM_BACKLOG = 8
+
+
 def decode_inputs(req) -> dict:
     tensors = {}
     raw = list(req.raw_input_contents)
@@ -172,7 +176,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, e)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        out: asyncio.Queue = asyncio.Queue()
+        # Bounded: when gRPC writes fall behind the engine, a request's producer waits here
+        # and its new tokens gather in its stream's inbox, to go out as one response of
+        # several tokens, instead of a backlog of one-token responses that never catches up.
+        out: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_BACKLOG)
         tasks: set[asyncio.Task] = set()
 
         async def one(request):

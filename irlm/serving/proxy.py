@@ -32,6 +32,7 @@ from ..runtime.errors import QueueFullError, RequestRejectedError
 @dataclass
 class _Seq:
     token_ids: list[int]                 # prompt + output, as a runtime Sequence
+    prompt_len: int = 0
     index: int = 0
     num_streamed: int = 0
     stream_done: bool = False
@@ -43,6 +44,10 @@ class _Seq:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
 
 
 @dataclass
@@ -120,7 +125,7 @@ class ProxyEngine:
         if len(sched.waiting) >= sched.config.max_waiting:
             raise QueueFullError(f"the waiting queue holds {len(sched.waiting)} requests")
         rid, self._next_id = self._next_id, self._next_id + 1
-        req = _Request(rid, list(prompt_ids), params, [_Seq(list(prompt_ids))])
+        req = _Request(rid, list(prompt_ids), params, [_Seq(list(prompt_ids), len(prompt_ids))])
         self.requests[rid] = req
         sched.waiting.append(req)
         return rid
