@@ -111,3 +111,18 @@ def test_proxy_engine_streams_through_the_server():
                         "proxy"], env={"IRLM_PROXY_STEP_MS": "2"}) as srv:
         results = asyncio.run(run(srv.openai_url))
     assert all(tokens == 20 and 1 <= events <= 20 for events, tokens in results)
+
+
+@pytest.mark.parametrize("ids", [[5], [0, 2**31 - 1, 17, 3]])
+@pytest.mark.parametrize("wanted", [[], ["sequence_length"], ["sequence_length", "output_ids"]])
+def test_grpc_ids_increment_equals_the_tensor_encoder(ids, wanted):
+    pytest.importorskip("tritonclient.grpc")
+    from irlm.runtime import SamplingParams
+    from irlm.serving.kserve_grpc import encode_ids_increment, encode_response
+    from irlm.serving.kserve_tensors import TRTLLM_MODEL, Beam, Job, result_tensors
+    job = Job([1, 2, 3], SamplingParams(), TRTLLM_MODEL, stream=True)
+    for final in (False, True):
+        res = result_tensors(job, [Beam(list(ids))], None, partial=True)
+        want = encode_response("tensorrt_llm", "1", "r7", res, wanted, final=final)
+        got = encode_ids_increment("tensorrt_llm", "1", "r7", list(ids), wanted, final)
+        assert got == want

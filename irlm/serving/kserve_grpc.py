@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import struct
 from typing import Optional
 
 import grpc
@@ -29,7 +30,7 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
 
 
 #: responses a ModelStreamInfer call holds ready for gRPC to write (see there)
-_STREAM_BACKLOG = 8
+_STREAM_BACKLOG = 2
 
 
 def decode_inputs(req) -> dict:
@@ -72,6 +73,27 @@ def encode_response(model: str, version: str, rid: str, res: dict, requested: li
                                         else np.ascontiguousarray(a).tobytes())
     if final is not None:
         resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+def encode_ids_increment(model: str, version: str, rid: str, token_ids: list[int],
+                         requested: list[str], final: bool):
+    """``encode_response`` of a one-beam tensorrt_llm stream increment without log probs
+    (output_ids ``[1, 1, k]``, sequence_length ``[1, 1]``), built without numpy: at hundreds
+    of streams this runs once per token, and the arrays cost more than the message."""
+    k = len(token_ids)
+    raw = {"output_ids": ([1, 1, k], struct.pack(f"<{k}i", *token_ids)),
+           "sequence_length": ([1, 1], struct.pack("<i", k))}
+    resp = service_pb2.ModelInferResponse(model_name=model, model_version=version, id=rid)
+    for name in requested or raw:
+        if name not in raw:
+            raise bad_field("outputs", f"{name!r} is not an output of {model!r}")
+        shape, data = raw[name]
+        t = resp.outputs.add()
+        t.name, t.datatype = name, "INT32"
+        t.shape.extend(shape)
+        resp.raw_output_contents.append(data)
+    resp.parameters["triton_final_response"].bool_param = final
     return resp
 
 
@@ -191,12 +213,21 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     else False
                 wanted = [o.name for o in request.outputs]
                 if len(jobs) == 1 and jobs[0].stream:
+                    job = jobs[0]
+                    ids_only = job.kind == TRTLLM_MODEL and job.params.n == 1 and \
+                        not job.return_log_probs
+
                     async def on_chunk(job, index, inc, finished):
-                        res = result_tensors(job, [inc], self.client, partial=True)
+                        final = finished and not empty_final
+                        if ids_only:
+                            resp = encode_ids_increment(request.model_name, mv, request.id,
+                                                        inc.token_ids, wanted, final)
+                        else:
+                            res = result_tensors(job, [inc], self.client, partial=True)
+                            resp = encode_response(request.model_name, mv, request.id, res,
+                                                   wanted, final=final)
                         await out.put(service_pb2.ModelStreamInferResponse(
-                            infer_response=encode_response(
-                                request.model_name, mv, request.id, res, wanted,
-                                final=finished and not empty_final)))
+                            infer_response=resp))
                     await run_job(self.client, jobs[0], on_chunk)
                     if empty_final:
                         final = service_pb2.ModelInferResponse(
