@@ -350,8 +350,7 @@ class EngineClient:
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.streams.values()):
-            s.put(ServingError("the server shut down before the request "
-                                            "finished", 503))
+            s.put(ServingError("the server shut down before the request finished", 503))
             s.cancel()
 
 

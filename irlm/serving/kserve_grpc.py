@@ -292,9 +292,13 @@ class _Auth(grpc.aio.ServerInterceptor):
 
 async def start_grpc(client, cfg):
     interceptors = [_Auth(cfg.api_key)] if cfg.api_key else []
+    # max_concurrent_streams: one client channel multiplexes all its calls over one HTTP/2
+    # connection; with the default cap, 512 concurrent ModelStreamInfer calls started in
+    # waves (TTFT p90 of seconds on the proxy benchmark)
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20)])
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_concurrent_streams", 2**31 - 1)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(client, cfg), server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     if port == 0:
