@@ -292,9 +292,9 @@ class _Auth(grpc.aio.ServerInterceptor):
 
 async def start_grpc(client, cfg):
     interceptors = [_Auth(cfg.api_key)] if cfg.api_key else []
-    # max_concurrent_streams: one client channel multiplexes all its calls over one HTTP/2
-    # connection; with the default cap, 512 concurrent ModelStreamInfer calls started in
-    # waves (TTFT p90 of seconds on the proxy benchmark)
+    # max_concurrent_streams, explicitly unbounded: one client channel multiplexes all its
+    # calls over one HTTP/2 connection, and hundreds of concurrent ModelStreamInfer calls
+    # must not wait on a per-connection limit (admission is --max-queue's job)
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.max_send_message_length", 64 << 20),
