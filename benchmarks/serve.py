@@ -53,21 +53,27 @@ class Result:
 
 
 # ----- one request per protocol -----------------------------------------------------------------
+def _events(line: bytes):
+    """The JSON of one server-sent-event ``data:`` line, None for anything else."""
+    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        return None
+    return json.loads(line[6:])
+
+
 async def openai_request(http, args, prompt, res: Result) -> None:
     body = {"model": args.model, "prompt": prompt, "max_tokens": args.output_len,
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     t0 = last = time.perf_counter()
-    async with http.stream("POST", args.url + "/v1/completions", json=body,
-                           headers=headers) as r:
-        if r.status_code != 200:
-            res.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+    async with http.post(args.url + "/v1/completions", json=body, headers=headers) as r:
+        if r.status != 200:
+            res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
+        async for line in r.content:
+            msg = _events(line)
+            if msg is None:
                 continue
-            msg = json.loads(line[6:])
             if msg.get("usage"):
                 res.output_len = msg["usage"]["completion_tokens"]
                 res.prompt_len = msg["usage"]["prompt_tokens"]
@@ -88,15 +94,15 @@ async def kserve_request(http, args, prompt, res: Result) -> None:
             "stream": True, "end_id": NO_TOKEN}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     t0 = last = time.perf_counter()
-    async with http.stream("POST", f"{args.url}/v2/models/ensemble/generate_stream",
-                           json=body, headers=headers) as r:
-        if r.status_code != 200:
-            res.error = f"HTTP {r.status_code}"
+    async with http.post(f"{args.url}/v2/models/ensemble/generate_stream", json=body,
+                         headers=headers) as r:
+        if r.status != 200:
+            res.error = f"HTTP {r.status}"
             return
-        async for line in r.aiter_lines():
-            if not line.startswith("data: "):
+        async for line in r.content:
+            msg = _events(line)
+            if msg is None:
                 continue
-            msg = json.loads(line[6:])
             if "error" in msg:
                 res.error = msg["error"]
                 return
@@ -163,18 +169,28 @@ def make_prompts(args) -> list:
 
 
 async def run_load(args) -> dict:
-    import httpx
-    prompts = make_prompts(args)
+    results, t0, t1 = await load_results(args)
+    return summarize(results, t1 - t0)
+
+
+async def load_results(args, share: tuple[int, int] = (0, 1)):
+    """Run this process's share (every ``share[1]``-th prompt from ``share[0]``) of the load;
+    returns its Results and the wall-clock (time.time) start and end."""
+    # aiohttp (a C HTTP parser, a pool that scales to hundreds of connections): with httpx
+    # the load generator itself was the bottleneck at 512 streams
+    import aiohttp
+    prompts = make_prompts(args)[share[0]::share[1]]
     results = [Result() for _ in prompts]
-    limit = args.max_concurrency or len(prompts)
+    limit = -(-(args.max_concurrency or len(prompts) * share[1]) // share[1])
     sem = asyncio.Semaphore(limit)
-    http = httpx.AsyncClient(timeout=httpx.Timeout(600.0), limits=httpx.Limits(
-        max_connections=limit, max_keepalive_connections=limit))
+    http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600.0),
+                                 connector=aiohttp.TCPConnector(limit=limit))
     grpc = None
     if args.protocol == "grpc":
         import tritonclient.grpc.aio as ga
         grpc = ga.InferenceServerClient(args.grpc)
-    rng = random.Random(args.seed + 1)
+    rng = random.Random(args.seed + 1 + share[0])
+    rate = args.request_rate / share[1]
 
     async def one(i):
         async with sem:
@@ -188,18 +204,36 @@ async def run_load(args) -> dict:
             except Exception as e:        # counted, reported; the run goes on
                 results[i].error = f"{type(e).__name__}: {e}"
 
-    t0 = time.perf_counter()
+    t0 = time.time()
     tasks = []
     for i in range(len(prompts)):
         tasks.append(asyncio.ensure_future(one(i)))
-        if args.request_rate != float("inf"):
-            await asyncio.sleep(rng.expovariate(args.request_rate))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
     await asyncio.gather(*tasks)
-    duration = time.perf_counter() - t0
-    await http.aclose()
+    t1 = time.time()
+    await http.close()
     if grpc is not None:
         await grpc.close()
-    return summarize(results, duration)
+    return results, t0, t1
+
+
+def _load_share(job):
+    args, share = job
+    return asyncio.run(load_results(args, share))
+
+
+def load_in_procs(args) -> dict:
+    """The load, split over ``args.client_procs`` processes (one Python client process tops
+    out below what the server carries); summarized over all of them."""
+    procs = max(1, getattr(args, "client_procs", 1) or 1)
+    if procs == 1:
+        return asyncio.run(run_load(args))
+    import multiprocessing as mp
+    with mp.get_context("spawn").Pool(procs) as pool:
+        parts = pool.map(_load_share, [(args, (k, procs)) for k in range(procs)])
+    results = [r for rs, _, _ in parts for r in rs]
+    return summarize(results, max(p[2] for p in parts) - min(p[1] for p in parts))
 
 
 def pct(xs, p):
@@ -279,13 +313,13 @@ def gpu_acceptance(args) -> int:
     with ServerProcess(serve_args, timeout=1800, env=env) as srv:
         base = dict(url=srv.url, grpc=srv.grpc_addr, model="llama3-8b-random", api_key=None,
                     tokens=True, vocab=128256, dataset=None, protocol=args.protocol, seed=0,
-                    input_len=128, output_len=128)
+                    input_len=128, output_len=128, client_procs=args.client_procs)
         warm = argparse.Namespace(**base, num_prompts=64, max_concurrency=64,
                                   request_rate=float("inf"))
-        asyncio.run(run_load(warm))
+        load_in_procs(warm)
         load = argparse.Namespace(**base, num_prompts=512, max_concurrency=512,
                                   request_rate=float("inf"))
-        results["served_512"] = s = asyncio.run(run_load(load))
+        results["served_512"] = s = load_in_procs(load)
         report(f"served ({args.protocol}), 512 concurrent streams, 128/128", s)
         rate = argparse.Namespace(**{**base, "seed": 1}, num_prompts=args.rate_prompts,
                                   max_concurrency=None, request_rate=1.0)
@@ -306,6 +340,60 @@ def gpu_acceptance(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def proxy(args) -> int:
+    """Serve the proxy engine (irlm.serving.proxy: no model, a token per request per step,
+    ``--proxy-step-ms`` per step) and measure what the server and this load generator carry."""
+    from irlm.serving.testing import ServerProcess
+    env = {"IRLM_PROXY_STEP_MS": str(args.proxy_step_ms),
+           "IRLM_PROXY_TOKENIZER": args.proxy_tokenizer}
+    n = args.max_concurrency or 512
+    serve_args = ["--factory", "irlm.serving.proxy:proxy_llm", "--served-model-name", "proxy",
+                  "--max-batch-size", str(n), "--max-queue", "4096", "--log-level", "warning"]
+    results: dict = {"step_ms": args.proxy_step_ms, "concurrency": n,
+                     "tokenizer": args.proxy_tokenizer}
+    if args.proxy_step_ms > 0:     # what the engine alone would give: n streams per step
+        results["offered_tokens_per_s"] = n * 1e3 / args.proxy_step_ms
+    with ServerProcess(serve_args, env=env) as srv:
+        base = dict(url=srv.url, grpc=srv.grpc_addr, model="proxy", api_key=None,
+                    tokens=args.proxy_tokenizer == "none", vocab=args.vocab, dataset=None,
+                    protocol=args.protocol, seed=0, input_len=args.input_len,
+                    output_len=args.output_len, client_procs=args.client_procs)
+        load_in_procs(argparse.Namespace(**base, num_prompts=min(64, n), max_concurrency=n,
+                                         request_rate=float("inf")))
+        cpu0 = _cpu_seconds(srv.proc.pid)
+        s = load_in_procs(argparse.Namespace(**base, num_prompts=args.num_prompts or n,
+                                             max_concurrency=n, request_rate=float("inf")))
+        cpu1 = _cpu_seconds(srv.proc.pid)
+    results["served"] = s
+    # CPU seconds the server (front end) and the engine core spent per streamed token: on a
+    # machine with cores to spare, 1 / that is what one front-end core carries
+    for name in cpu0:
+        us = (cpu1[name] - cpu0[name]) / max(1, s["output_tokens"]) * 1e6
+        results[f"{name}_cpu_us_per_token"] = us
+        print(f"== {name} process: {us:.1f} CPU us per streamed token "
+              f"(one core carries {1e6 / us if us else float('inf'):.0f} tok/s)")
+    report(f"proxy ({args.protocol}, step {args.proxy_step_ms} ms, {n} streams, "
+           f"{args.input_len}/{args.output_len}, {args.client_procs} client procs)", s)
+    if "offered_tokens_per_s" in results:
+        print(f"== served / offered: {s['output_tokens_per_s']:.0f} / "
+              f"{results['offered_tokens_per_s']:.0f} = "
+              f"{100 * s['output_tokens_per_s'] / results['offered_tokens_per_s']:.1f}%")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0 if s["failed"] == 0 else 1
+
+
+def _cpu_seconds(pid: int) -> dict:
+    """User + system CPU seconds of the server process (all its threads) and of its children
+    (the engine core)."""
+    import psutil
+    p = psutil.Process(pid)
+    t = p.cpu_times()
+    kids = [c.cpu_times() for c in p.children(recursive=True)]
+    return {"server": t.user + t.system,
+            "engine_core": sum(k.user + k.system for k in kids)}
 
 
 def main(argv=None) -> int:
@@ -330,10 +418,22 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=32, help="--gpu-acceptance: model layers")
     ap.add_argument("--rate-prompts", type=int, default=30,
                     help="--gpu-acceptance: requests in the 1 request/s run")
+    ap.add_argument("--proxy", action="store_true",
+                    help="serve the proxy engine (no model) and measure the serving path")
+    ap.add_argument("--proxy-step-ms", type=float, default=0.0,
+                    help="--proxy: milliseconds per engine step (0: as fast as it goes)")
+    ap.add_argument("--proxy-tokenizer", choices=("none", "tiny"), default="none",
+                    help="--proxy: token ids only, or the byte-level test tokenizer")
+    ap.add_argument("--client-procs", type=int, default=1,
+                    help="load generator processes sharing the requests")
     args = ap.parse_args(argv)
+    if args.proxy:
+        if args.num_prompts == 200:
+            args.num_prompts = None
+        return proxy(args)
     if args.gpu_acceptance:
         return gpu_acceptance(args)
-    s = asyncio.run(run_load(args))
+    s = load_in_procs(args)
     report(f"{args.protocol} {args.input_len}/{args.output_len}", s)
     if args.json:
         Path(args.json).write_text(json.dumps(s, indent=2))

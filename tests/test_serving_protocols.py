@@ -329,3 +329,47 @@ def test_playground_chats_in_headless_chromium(server, oracle):
                        SamplingParams(max_tokens=8, temperature=0))[0].outputs
     assert reply == w.text and tokens == len(w.token_ids)
     assert re.match(rf"TTFT \d+ ms · {tokens} tokens · [\d.]+ tokens/s", stats)
+
+
+def test_kserve_bad_words_equal_the_runtimes(server, oracle):
+    """bad_words (ensemble text, each word tokenized alone) over HTTP generate and
+    bad_words_list (tensorrt_llm [batch, 2, N] ids + offsets) over gRPC infer ban what
+    ``SamplingParams.bad_words_ids`` bans in LLM.generate."""
+    import json
+    tok = oracle.tokenizer
+    hdr = {"Authorization": f"Bearer {KEY}"}
+    ids = tok.encode(PROMPT)
+    (free,) = want(oracle, PROMPT, **GREEDY)
+    # a one-token word and a two-token word out of the unconstrained output
+    words = [[free.token_ids[1]], free.token_ids[4:6]]
+    (w,) = want(oracle, PROMPT, bad_words_ids=words, **GREEDY)
+    assert w.token_ids != free.token_ids
+    flat = [t for word in words for t in word]
+    offsets = [1, 3] + [-1] * (len(flat) - 2)
+    ins = _grpc_inputs(ids, 12, False)
+    arr = np.array([[flat, offsets]], np.int32)
+    i = grpcclient.InferInput("bad_words_list", list(arr.shape), "INT32")
+    i.set_data_from_numpy(arr)
+    r = grpcclient.InferenceServerClient(server.grpc_addr).infer(
+        "tensorrt_llm", ins + [i], headers={"authorization": f"Bearer {KEY}"})
+    assert r.as_numpy("output_ids")[0, 0].tolist() == w.token_ids
+    # text words: what the words encode to alone is what is banned; a word from the output
+    # that encodes back to its own token (not half a character), so that the ban bites
+    text_words = [s for s in (tok.decode([t]) for t in free.token_ids)
+                  if tok.encode(s, add_special_tokens=False) in ([t] for t in free.token_ids)]
+    text_words = text_words[:1]
+    banned = [tok.encode(s, add_special_tokens=False) for s in text_words]
+    (wt,) = want(oracle, PROMPT, bad_words_ids=banned, **GREEDY)
+    assert text_words and wt.token_ids != free.token_ids
+    body = json.dumps({"text_input": PROMPT, "max_tokens": 12, "temperature": 0.0,
+                       "bad_words": text_words}).encode()
+    req = urllib.request.Request(server.url + "/v2/models/ensemble/generate", body, hdr)
+    assert json.load(urllib.request.urlopen(req))["text_output"] == wt.text
+    # a word outside the vocabulary: 400 naming the field
+    body = json.dumps({"text_input": PROMPT, "max_tokens": 4}).encode()
+    arr = np.array([[[10**6], [1]]], np.int32)
+    i = grpcclient.InferInput("bad_words_list", list(arr.shape), "INT32")
+    i.set_data_from_numpy(arr)
+    with pytest.raises(Exception, match="bad_words_list"):
+        grpcclient.InferenceServerClient(server.grpc_addr).infer(
+            "tensorrt_llm", ins + [i], headers={"authorization": f"Bearer {KEY}"})

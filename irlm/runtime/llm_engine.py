@@ -17,7 +17,7 @@ from .kv_cache import BlockManager
 from .model_runner import ModelRunner, StepBatch, device_index, fill_device_inputs
 from .outputs import CompletionOutput, RequestOutput, StreamOutput
 from .sampling import (DrawnTokens, PinnedStaging, SampleRow, SamplingParams, apply_penalties,
-                       draw_tokens, sample)
+                       bad_word_bans, draw_tokens, sample)
 from .scheduler import Scheduler, SchedulerConfig
 from .sequence import PLACEHOLDER, Request, Sequence
 
@@ -223,6 +223,9 @@ class LLMEngine:
                 p = req.params
                 if req.beam is not None or p.num_sequences > 1 or p.uses_penalties:
                     return False
+                # a multi-token bad word's ban depends on the token still being drawn
+                if any(len(w) > 1 for w in p.bad_words_ids):
+                    return False
         return True
 
     def _step_overlapped(self) -> list[Request]:
@@ -393,9 +396,13 @@ class LLMEngine:
         return list(params.stop_token_ids) + ([] if params.ignore_eos else self.eos_token_ids)
 
     def _suppressed(self, seq: Sequence) -> list[int]:
-        """Stop token ids a sequence may not draw yet (``min_tokens``)."""
+        """Token ids a sequence may not draw now: stop ids before ``min_tokens``, and what
+        ``bad_words_ids`` forbids after its tokens so far."""
         p = seq.request.params
-        return self._stop_ids(p) if seq.num_output < p.min_tokens else []
+        out = self._stop_ids(p) if seq.num_output < p.min_tokens else []
+        if p.bad_words_ids:
+            out = out + bad_word_bans(seq.token_ids, p.bad_words_ids)
+        return out
 
     def _check_stop(self, seq: Sequence) -> None:
         req, p = seq.request, seq.request.params

@@ -60,6 +60,9 @@ class SamplingParams:
     length_penalty: float = 1.0         # beams: score = sum logprob / generated_len ** this
     early_stopping: bool | str = False  # beams: True, False (heuristic) or "never"
     skip_special_tokens: bool = True    # when detokenizing
+    # token sequences never to generate (HF's bad_words_ids, TensorRT-LLM's bad words): a
+    # word's last token is banned wherever the tokens before it end the sequence so far
+    bad_words_ids: tuple[tuple[int, ...], ...] | list[list[int]] = ()
 
     def __post_init__(self):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
@@ -69,6 +72,12 @@ class SamplingParams:
         except TypeError:
             raise SamplingParamsError(f"SamplingParams.stop / stop_token_ids must be lists, got "
                                       f"{self.stop!r:.60} / {self.stop_token_ids!r:.60}") from None
+        try:
+            object.__setattr__(self, "bad_words_ids",
+                               tuple(tuple(w) for w in self.bad_words_ids or ()))
+        except TypeError:
+            raise SamplingParamsError(f"SamplingParams.bad_words_ids must be a list of lists of "
+                                      f"token ids, got {self.bad_words_ids!r:.60}") from None
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
         self._validate()
@@ -125,6 +134,8 @@ class SamplingParams:
             bad("stop_token_ids", "a list of token ids (ints >= 0)")
         if self.logprobs is not None and (not is_int(self.logprobs) or self.logprobs < 0):
             bad("logprobs", "None or an int >= 0")
+        if any(not w or any(not is_int(t) or t < 0 for t in w) for w in self.bad_words_ids):
+            bad("bad_words_ids", "a list of non-empty lists of token ids (ints >= 0)")
         if not self.use_beam_search:
             return
         if not is_int(self.beam_width) or self.beam_width < 2:
@@ -139,6 +150,7 @@ class SamplingParams:
         for name, off in (("temperature", (0.0, 1.0)), ("top_k", (0,)), ("top_p", (1.0,)),
                           ("min_p", (0.0,)), ("seed", (None,)), ("stop", ((),)),
                           ("logprobs", (None,)), ("presence_penalty", (0.0,)),
+                          ("bad_words_ids", ((),)),
                           ("frequency_penalty", (0.0,))):
             if getattr(self, name) not in off:
                 bad(name, f"{' or '.join(map(repr, off))} with use_beam_search "
@@ -240,6 +252,19 @@ def draw(logits: torch.Tensor, greedy: Sequence[bool],
     return torch.where(torch.tensor(list(greedy), device=tokens.device), tokens, sampled)
 
 
+def bad_word_bans(token_ids: Sequence[int], words: Sequence[Sequence[int]]) -> list[int]:
+    """The tokens ``bad_words_ids`` forbid next after ``token_ids`` (prompt and output): each
+    one-token word, and the last token of each longer word whose other tokens end
+    ``token_ids``."""
+    out = []
+    n = len(token_ids)
+    for w in words:
+        k = len(w) - 1
+        if k == 0 or (k <= n and tuple(token_ids[n - k:]) == tuple(w[:k])):
+            out.append(w[k])
+    return out
+
+
 # ----- the sampler -------------------------------------------------------------------------
 @dataclass
 class SampleRow:
@@ -248,7 +273,8 @@ class SampleRow:
     prompt_ids: Sequence[int]
     output_ids: Sequence[int]
     generator: torch.Generator | None = None
-    suppress_ids: Sequence[int] = ()      # token ids that must not be drawn (min_tokens)
+    suppress_ids: Sequence[int] = ()      # token ids that must not be drawn (min_tokens,
+                                          # bad words)
 
 
 @dataclass

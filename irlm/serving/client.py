@@ -1,8 +1,8 @@
 """The server side of the engine core: submit requests, stream their tokens back as text.
 
 :class:`EngineClient` owns the core process and its two queues.  A reader thread blocks on
-the out-queue and hands each step's batch to the event loop; every request has an
-``asyncio.Queue`` of its deltas.  Detokenization (incremental, never splitting a UTF-8
+the out-queue and hands each step's batch to the event loop; every request has an inbox of
+its deltas (:meth:`RequestStream.put`).  Detokenization (incremental, never splitting a UTF-8
 character: :class:`~irlm.runtime.detokenizer.IncrementalDetokenizer`) and stop strings run
 here, in the server process; a sequence that hits a stop string ends here, and the request is
 aborted in the core once all its sequences ended, which frees its KV blocks.
@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 from ..runtime.detokenizer import IncrementalDetokenizer
 from ..runtime.sampling import SamplingParams
-from .engine_core import CoreInfo, EngineSpec, start_core
+from .engine_core import CoreInfo, Delta, EngineSpec, start_core
 from .errors import ServingError, bad_field
 from .metrics import ServingMetrics
 
@@ -53,7 +53,8 @@ class RequestStream:
     def __init__(self, client: "EngineClient", rid: int, prompt_ids: list[int],
                  params: SamplingParams, stop: list[str]):
         self.client, self.rid, self.prompt_ids, self.params = client, rid, prompt_ids, params
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.inbox: list = []          # Deltas (or an error) not yet taken by the iterator
+        self._waiter: Optional[asyncio.Future] = None
         tok = client.info.tokenizer
         self.seqs = [_Seq(IncrementalDetokenizer(tok, stop, params.skip_special_tokens)
                           if tok is not None else None) for _ in range(max(1, params.n))]
@@ -64,16 +65,30 @@ class RequestStream:
         self.finished = False
         self.finish_reasons: list[Optional[str]] = [None] * len(self.seqs)
 
+    def put(self, item) -> None:
+        """Hand a Delta (or an exception) to the iterator.  A plain list and one future
+        rather than an asyncio.Queue: at 512 streams this runs 512 times per engine step."""
+        self.inbox.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
     def __aiter__(self):
         return self._iterate()
 
     async def _iterate(self):
+        loop = asyncio.get_running_loop()
         try:
             while not self.finished:
-                items = [await self.queue.get()]
-                while not self.queue.empty():      # the server fell behind: catch up at once
-                    items.append(self.queue.get_nowait())
-                for item in _merge(items):
+                if not self.inbox:
+                    self._waiter = loop.create_future()
+                    try:
+                        await self._waiter
+                    finally:
+                        self._waiter = None
+                # everything that arrived meanwhile (the server fell behind): one chunk
+                items, self.inbox = self.inbox, []
+                for item in (items if len(items) == 1 else _merge(items)):
                     if isinstance(item, BaseException):
                         self._end("abort", count=False)
                         raise item
@@ -220,7 +235,7 @@ class EngineClient:
             self._dead = msg[1]
             err = ServingError(f"the engine core failed: {msg[1].splitlines()[-1]}", 500)
             for s in list(self.streams.values()):
-                s.queue.put_nowait(err)
+                s.put(err)
             return
         batch = msg[1]
         self.last_stats = batch.stats
@@ -232,11 +247,12 @@ class EngineClient:
             status = _REJECT_STATUS.get(kind, 400)
             self.metrics.reject("queue_full" if status == 429 else "invalid")
             if s is not None:
-                s.queue.put_nowait(ServingError(message, status))
-        for d in batch.deltas:
-            s = self.streams.get(d.rid)
+                s.put(ServingError(message, status))
+        streams = self.streams
+        for t in batch.deltas:
+            s = streams.get(t[0])
             if s is not None:
-                s.queue.put_nowait(d)
+                s.put(Delta(*t))
 
     def shutdown(self) -> None:
         if self._proc is None:
@@ -334,8 +350,7 @@ class EngineClient:
         while self.streams and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for s in list(self.streams.values()):
-            s.queue.put_nowait(ServingError("the server shut down before the request "
-                                            "finished", 503))
+            s.put(ServingError("the server shut down before the request finished", 503))
             s.cancel()
 
 

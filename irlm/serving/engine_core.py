@@ -13,6 +13,11 @@ through two multiprocessing queues:
 
 Token ids go out after every step, one message per step for all requests, so the message
 count does not grow with the number of streams.  The core never blocks on the server.
+
+What the core does between two steps delays the next step by as much, so it is kept to a
+few microseconds per running request: the new tokens are sliced out of each sequence's token
+list (never a copy of its whole output), a Delta travels as a plain tuple, and the queue's
+feeder thread pickles the batch while the next step runs.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ..errors import IRLMError
+from ..runtime.sequence import PLACEHOLDER
 
 
 @dataclass
@@ -133,9 +139,11 @@ class CoreInfo:
     pid: int
 
 
-@dataclass
+@dataclass(slots=True)
 class Delta:
-    """New tokens of one sequence of one request since the previous Delta."""
+    """New tokens of one sequence of one request since the previous Delta.  On the wire (the
+    out-queue) a Delta is the plain tuple of its fields in this order: at 512 streams a step
+    sends 512 of them, and pickling tuples costs a fraction of pickling dataclasses."""
     rid: int
     index: int
     token_ids: list[int]
@@ -163,7 +171,7 @@ class CoreStats:
 
 @dataclass
 class CoreBatch:
-    deltas: list[Delta]
+    deltas: list[tuple]                     # Delta fields as tuples (see Delta)
     rejected: list[tuple[int, str, str]]    # (rid, error class name, message)
     queued: dict[int, float]                # rid -> seconds from arrival to first scheduling
     stats: CoreStats
@@ -280,43 +288,53 @@ class EngineCore:
                 out[rid] = max(0.0, t0 - self.arrival.pop(rid))
         return out
 
-    def _collect(self) -> list[Delta]:
-        """New tokens of every request; forget finished ones."""
+    def _collect(self) -> list[tuple]:
+        """New tokens of every request (Delta tuples); forget finished ones."""
         engine, deltas = self.engine, []
-        for eid in list(self.rid_of):
-            req = engine.requests.get(eid)
-            rid = self.rid_of[eid]
+        requests, cum = engine.requests, self.cum
+        for eid, rid in list(self.rid_of.items()):
+            req = requests.get(eid)
             if req is None:
                 continue
             if req.beam is not None:
                 if req.finished:
                     for o in engine.output(eid).outputs:
-                        deltas.append(Delta(rid, o.index, o.token_ids, [], None,
-                                            o.finish_reason or "abort", None,
-                                            o.cumulative_logprob))
+                        deltas.append((rid, o.index, o.token_ids, [], None,
+                                       o.finish_reason or "abort", None,
+                                       o.cumulative_logprob))
             else:
-                for seq in sorted(req.done + req.seqs, key=lambda s: s.index):
+                seqs = req.seqs if not req.done else \
+                    sorted(req.done + req.seqs, key=lambda s: s.index)
+                plen = len(req.prompt_ids)
+                for seq in seqs:
                     if seq.stream_done:
                         continue
-                    new = seq.output_ids[seq.num_streamed:]
-                    if not new and not seq.finished:
+                    toks = seq.token_ids
+                    end = len(toks)
+                    if end and toks[-1] == PLACEHOLDER:     # a token still on the device
+                        end -= 1
+                    start = plen + seq.num_streamed
+                    finished = seq.finish_reason is not None
+                    if start >= end and not finished:
                         continue
+                    new = toks[start:end]
                     key = (rid, seq.index)
-                    lp_total = seq.cumulative_logprob - self.cum.get(key, 0.0)
-                    self.cum[key] = seq.cumulative_logprob
+                    lp_total = seq.cumulative_logprob - cum.get(key, 0.0)
+                    cum[key] = seq.cumulative_logprob
                     tops = None
                     if seq.logprobs is not None:
                         tops = seq.logprobs[seq.num_streamed:seq.num_streamed + len(new)]
-                    lps = _per_token_logprobs(new, lp_total, tops)
-                    deltas.append(Delta(rid, seq.index, new, lps, tops, seq.finish_reason,
-                                        seq.stop_reason, seq.cumulative_logprob))
-                    seq.num_streamed, seq.stream_done = len(seq.output_ids), seq.finished
+                    lps = [lp_total] if len(new) == 1 else _per_token_logprobs(new, lp_total,
+                                                                               tops)
+                    deltas.append((rid, seq.index, new, lps, tops, seq.finish_reason,
+                                   seq.stop_reason, seq.cumulative_logprob))
+                    seq.num_streamed, seq.stream_done = end - plen, finished
             if req.finished:
                 engine.pop_output(eid)
                 del self.rid_of[eid], self.eid_of[rid]
                 self.arrival.pop(rid, None)
-                for k in [k for k in self.cum if k[0] == rid]:
-                    del self.cum[k]
+                for index in range(len(req.seqs) + len(req.done)):
+                    cum.pop((rid, index), None)
         return deltas
 
     def _stats(self, step_s, deltas) -> CoreStats:
@@ -325,7 +343,7 @@ class EngineCore:
         return CoreStats(len(sched.running), len(sched.waiting), bm.num_free_blocks,
                          bm.num_blocks, bm.stats.prefix_queries, bm.stats.prefix_hits,
                          sched.num_preemptions, step_s,
-                         sum(len(d.token_ids) for d in deltas), engine.num_steps)
+                         sum(len(d[2]) for d in deltas), engine.num_steps)
 
 
 def _per_token_logprobs(new: list[int], total: float, tops) -> list[float]:

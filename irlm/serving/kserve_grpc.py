@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import struct
 from typing import Optional
 
 import grpc
@@ -26,6 +27,10 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
              "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
              "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+
+
+#: responses a ModelStreamInfer call holds ready for gRPC to write (see there)
+_STREAM_BACKLOG = 2
 
 
 def decode_inputs(req) -> dict:
@@ -68,6 +73,27 @@ def encode_response(model: str, version: str, rid: str, res: dict, requested: li
                                         else np.ascontiguousarray(a).tobytes())
     if final is not None:
         resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+def encode_ids_increment(model: str, version: str, rid: str, token_ids: list[int],
+                         requested: list[str], final: bool):
+    """``encode_response`` of a one-beam tensorrt_llm stream increment without log probs
+    (output_ids ``[1, 1, k]``, sequence_length ``[1, 1]``), built without numpy: at hundreds
+    of streams this runs once per token, and the arrays cost more than the message."""
+    k = len(token_ids)
+    raw = {"output_ids": ([1, 1, k], struct.pack(f"<{k}i", *token_ids)),
+           "sequence_length": ([1, 1], struct.pack("<i", k))}
+    resp = service_pb2.ModelInferResponse(model_name=model, model_version=version, id=rid)
+    for name in requested or raw:
+        if name not in raw:
+            raise bad_field("outputs", f"{name!r} is not an output of {model!r}")
+        shape, data = raw[name]
+        t = resp.outputs.add()
+        t.name, t.datatype = name, "INT32"
+        t.shape.extend(shape)
+        resp.raw_output_contents.append(data)
+    resp.parameters["triton_final_response"].bool_param = final
     return resp
 
 
@@ -172,7 +198,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
             await self._abort(context, e)
 
     async def ModelStreamInfer(self, request_iterator, context):
-        out: asyncio.Queue = asyncio.Queue()
+        # Bounded: when gRPC writes fall behind the engine, a request's producer waits here
+        # and its new tokens gather in its stream's inbox, to go out as one response of
+        # several tokens, instead of a backlog of one-token responses that never catches up.
+        out: asyncio.Queue = asyncio.Queue(maxsize=_STREAM_BACKLOG)
         tasks: set[asyncio.Task] = set()
 
         async def one(request):
@@ -184,12 +213,21 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
                     else False
                 wanted = [o.name for o in request.outputs]
                 if len(jobs) == 1 and jobs[0].stream:
+                    job = jobs[0]
+                    ids_only = job.kind == TRTLLM_MODEL and job.params.n == 1 and \
+                        not job.return_log_probs
+
                     async def on_chunk(job, index, inc, finished):
-                        res = result_tensors(job, [inc], self.client, partial=True)
+                        final = finished and not empty_final
+                        if ids_only:
+                            resp = encode_ids_increment(request.model_name, mv, request.id,
+                                                        inc.token_ids, wanted, final)
+                        else:
+                            res = result_tensors(job, [inc], self.client, partial=True)
+                            resp = encode_response(request.model_name, mv, request.id, res,
+                                                   wanted, final=final)
                         await out.put(service_pb2.ModelStreamInferResponse(
-                            infer_response=encode_response(
-                                request.model_name, mv, request.id, res, wanted,
-                                final=finished and not empty_final)))
+                            infer_response=resp))
                     await run_job(self.client, jobs[0], on_chunk)
                     if empty_final:
                         final = service_pb2.ModelInferResponse(
@@ -254,9 +292,13 @@ class _Auth(grpc.aio.ServerInterceptor):
 
 async def start_grpc(client, cfg):
     interceptors = [_Auth(cfg.api_key)] if cfg.api_key else []
+    # max_concurrent_streams, explicitly unbounded: one client channel multiplexes all its
+    # calls over one HTTP/2 connection, and hundreds of concurrent ModelStreamInfer calls
+    # must not wait on a per-connection limit (admission is --max-queue's job)
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", 64 << 20),
-        ("grpc.max_send_message_length", 64 << 20)])
+        ("grpc.max_send_message_length", 64 << 20),
+        ("grpc.max_concurrent_streams", 2**31 - 1)])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(client, cfg), server)
     port = server.add_insecure_port(f"{cfg.host}:{cfg.grpc_port}")
     if port == 0:

@@ -270,7 +270,9 @@ class KServeHTTP:
             job = await self._generate_jobs(request, model, version)
         except ServingError as e:
             return JSONResponse({"error": e.message}, status_code=e.status)
-        q: asyncio.Queue = asyncio.Queue()
+        # bounded: when writing falls behind, new tokens gather in the request's inbox and go
+        # out as one event of several tokens instead of a growing backlog of one-token events
+        q: asyncio.Queue = asyncio.Queue(maxsize=2)
         mv = self.cfg.model_version
 
         async def on_chunk(job, index, inc, final):
@@ -283,7 +285,9 @@ class KServeHTTP:
             except ServingError as e:
                 await q.put({"error": e.message})
             finally:
-                await q.put(None)
+                # not when cancelled (the client went away): nobody empties the queue then
+                if not asyncio.current_task().cancelling():
+                    await q.put(None)
 
         async def events():
             task = asyncio.ensure_future(work())

@@ -154,9 +154,7 @@ def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
             top_k, top_p = sv("runtime_top_k", 0), sv("runtime_top_p", 1.0, float)
             stream = bool(sv("streaming", False, bool))
             stop_ids, stop_strs = _stop_words_list(client, _row(tensors, "stop_words_list", b))
-            bad = _row(tensors, "bad_words_list", b)
-            if bad is not None and (bad.reshape(-1)[:bad.size // 2] >= 0).any() and bad.size:
-                raise bad_field("bad_words_list", "bad words are not supported by irlm")
+            bad_words = _words_list(_row(tensors, "bad_words_list", b), "bad_words_list")
             text = ""
             mt_field = "request_output_len"
         else:
@@ -169,8 +167,12 @@ def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
             top_k, top_p = sv("top_k", 0), sv("top_p", 1.0, float)
             stream = bool(sv("stream", False, bool))
             stop_ids, stop_strs = [], _text_list(tensors, "stop_words", b)
-            if _text_list(tensors, "bad_words", b):
-                raise bad_field("bad_words", "bad words are not supported by irlm")
+            # TensorRT-LLM's preprocessing model: each word tokenized on its own, without
+            # special tokens (so " word" and "word" are different words)
+            bad_words = [client.encode(w, add_special_tokens=False)
+                         for w in _text_list(tensors, "bad_words", b)]
+            if any(not w for w in bad_words):
+                raise bad_field("bad_words", "a word encodes to no tokens")
             mt_field = "max_tokens"
         if max_tokens is None or max_tokens < 1:
             raise bad_field(mt_field, f"must be an integer >= 1, got {max_tokens}")
@@ -191,7 +193,7 @@ def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
                   frequency_penalty=sv("frequency_penalty", 0.0, float),
                   min_tokens=min(sv("min_length", 0), max_tokens),
                   min_p=sv("min_p", 0.0, float),
-                  stop=stop_strs, stop_token_ids=stop_ids,
+                  stop=stop_strs, stop_token_ids=stop_ids, bad_words_ids=bad_words,
                   seed=None if seed is None or beam > 1 else seed % 2**63,
                   logprobs=0 if sv("return_log_probs", False, bool) and beam == 1 else None)
         if top_k == 1:                   # TensorRT-LLM: top_k 1 is greedy
@@ -202,9 +204,17 @@ def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
         if beam > 1:
             kw.update(use_beam_search=True, beam_width=beam, n=beam,
                       length_penalty=sv("length_penalty", 1.0, float), top_k=0, top_p=1.0)
+        bad_name = "bad_words_list" if kind == TRTLLM_MODEL else "bad_words"
+        for w in bad_words:
+            if any(not 0 <= t < info.vocab_size for t in w):
+                raise bad_field(bad_name, f"token id outside the vocabulary [0, "
+                                          f"{info.vocab_size}) in {w}")
+        if beam > 1 and bad_words:
+            raise bad_field(bad_name, "bad words are not supported with beam_width > 1")
         names = {"top_k": "runtime_top_k" if kind == TRTLLM_MODEL else "top_k",
                  "top_p": "runtime_top_p" if kind == TRTLLM_MODEL else "top_p",
-                 "min_tokens": "min_length", "seed": "random_seed", "max_tokens": mt_field}
+                 "min_tokens": "min_length", "seed": "random_seed", "max_tokens": mt_field,
+                 "bad_words_ids": bad_name}
         params = sampling_params(names, **kw)
         pad = sv("pad_id", end_id if end_id is not None else
                  (info.eos_token_ids[0] if info.eos_token_ids else 0))
@@ -215,21 +225,30 @@ def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
     return jobs
 
 
-def _stop_words_list(client, arr) -> tuple[list[int], list[str]]:
-    """TensorRT-LLM's ``[2, N]`` stop words (concatenated ids; end offsets, -1 padded):
-    one-token words become stop token ids, longer ones stop strings."""
+def _words_list(arr, name: str) -> list[list[int]]:
+    """TensorRT-LLM's ``[2, N]`` word list (stop or bad words): the words' token ids
+    concatenated, then each word's end offset, -1 padded."""
     if arr is None or arr.size == 0:
-        return [], []
+        return []
     if arr.size % 2:
-        raise bad_field("stop_words_list", "must have shape [batch, 2, N]")
+        raise bad_field(name, "must have shape [batch, 2, N]")
+    if arr.dtype.kind not in "iu":
+        raise bad_field(name, f"must hold integers, got {arr.dtype}")
     ids, offsets = arr.reshape(2, -1)
     ids, offsets = ids.tolist(), [int(o) for o in offsets.tolist() if o >= 0]
     words, start = [], 0
     for end in offsets:
         if not start < end <= len(ids):
-            raise bad_field("stop_words_list", f"offset {end} is out of range")
+            raise bad_field(name, f"offset {end} is out of range")
         words.append(ids[start:end])
         start = end
+    return words
+
+
+def _stop_words_list(client, arr) -> tuple[list[int], list[str]]:
+    """TensorRT-LLM's ``[2, N]`` stop words: one-token words become stop token ids, longer
+    ones stop strings."""
+    words = _words_list(arr, "stop_words_list")
     one = [w[0] for w in words if len(w) == 1]
     more = [client.decode(w, skip_special_tokens=False) for w in words if len(w) > 1]
     if more and client.info.tokenizer is None:

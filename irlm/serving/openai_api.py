@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from json.encoder import encode_basestring as _jstr  # = dumps(str, ensure_ascii=False)
 import time
 import uuid
 from typing import Any, AsyncIterator, Optional
@@ -35,6 +36,14 @@ _IGNORED = {"logit_bias", "metadata", "store", "service_tier", "parallel_tool_ca
 
 def sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+def _sse_head(rid: str, obj: str, created: int, model: str) -> str:
+    """The constant start of a stream's chunks, up to the choice's index: the common chunk
+    (text only, not the last) is then this head plus a few formatted fields, the same bytes
+    ``sse`` writes for it without building and encoding a dict per token."""
+    return (f'data: {{"id":{_jstr(rid)},"object":"{obj}","created":{created},'
+            f'"model":{_jstr(model)},"choices":[{{"index":')
 
 
 def openai_error(e: ServingError) -> JSONResponse:
@@ -198,8 +207,13 @@ class OpenAIServer:
                                    "index": i * n + j, "text": self.client.decode(s.prompt_ids),
                                    "logprobs": None, "finish_reason": None}]})
         completion_tokens = 0
+        head = _sse_head(rid, "text_completion", created, self.model_name)
         async for i, c in gen:
             completion_tokens += len(c.token_ids)
+            if c.finish_reason is None and c.top_logprobs is None:
+                yield (f'{head}{i * n + c.index},"text":{_jstr(c.text)},"logprobs":null,'
+                       f'"finish_reason":null}}]}}\n\n')
+                continue
             choice = {"index": i * n + c.index, "text": c.text,
                       "logprobs": self._completion_logprobs(_as_out(c))
                       if c.top_logprobs is not None else None,
@@ -327,10 +341,15 @@ class OpenAIServer:
             yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""},
                           "logprobs": None, "finish_reason": None}])
         completion_tokens = 0
+        head = _sse_head(rid, "chat.completion.chunk", created, self.model_name)
         async for _, c in gen:
             completion_tokens += len(c.token_ids)
             if not c.text and c.finish_reason is None and not want_lp:
                 continue             # a token whose text is held back (half a character)
+            if c.finish_reason is None and not want_lp:
+                yield (f'{head}{c.index},"delta":{{"content":{_jstr(c.text)}}},'
+                       f'"logprobs":null,"finish_reason":null}}]}}\n\n')
+                continue
             choice = {"index": c.index, "delta": {"content": c.text} if c.text else {},
                       "logprobs": {"content": self._chat_logprobs(_as_out(c), top)}
                       if want_lp else None, "finish_reason": c.finish_reason}
