@@ -1,7 +1,7 @@
 """A hostile engine directory is refused with one line, in bounded time, without reading any
 file outside the directory or any file its manifest does not list (issue 21, finding 1).
 
-Each case takes a real engine (lowering.engine.write_engine: a tiny plan, its weights and a
+Each case takes a real engine (lowering.engine_format.write_engine: a tiny plan, its weights and a
 trained tokenizer), damages it the way an attacker who can write the directory would (editing
 engine.json and recomputing its checksum, since that needs no secret), and loads it in a forked
 child under a time and memory limit (the ``bounded`` fixture)."""
