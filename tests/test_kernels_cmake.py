@@ -77,3 +77,184 @@ def test_gpu_kernel_tests_pass_through_the_library(kernel_library, tmp_path):
                        capture_output=True, text=True, timeout=1800)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert int(count.read_text()) > 0
+
+
+# ---- irlm_paged_attention: the C++ launch logic of irlm.kernels.ops.paged_attention ------------
+def test_paged_attention_c_structs_match_the_ctypes_mirrors(tmp_path):
+    """kernels/capi/irlm_paged_attention.h against irlm.kernels.capi, checked by the C++
+    compiler: sizes, every field's offset, and the enum values."""
+    from irlm.kernels import capi
+    cxx = shutil.which("c++") or shutil.which("g++")
+    if cxx is None:
+        pytest.skip("no C++ compiler")
+    lines = ['#include "irlm_paged_attention.h"', "#include <cstddef>"]
+    for cname, cls in capi.STRUCTS:
+        lines.append(f'static_assert(sizeof({cname}) == {ctypes.sizeof(cls)}, "sizeof {cname}");')
+        for name, _ in cls._fields_:
+            off = getattr(cls, name).offset
+            lines.append(f'static_assert(offsetof({cname}, {name}) == {off}, '
+                         f'"{cname}.{name} is not at byte {off}");')
+    enums = {"IRLM_DTYPE_F32": capi.DTYPES[torch_dtype("float32")],
+             "IRLM_DTYPE_F16": capi.DTYPES[torch_dtype("float16")],
+             "IRLM_DTYPE_BF16": capi.DTYPES[torch_dtype("bfloat16")],
+             "IRLM_DTYPE_I8": capi.DTYPES[torch_dtype("int8")],
+             "IRLM_DTYPE_F8E4M3": capi.DTYPES[torch_dtype("float8_e4m3fn")],
+             "IRLM_PA_OK": capi.OK, "IRLM_PA_INVALID": capi.INVALID,
+             "IRLM_PA_UNSUPPORTED": capi.UNSUPPORTED, "IRLM_PA_WORKSPACE": capi.WORKSPACE,
+             "IRLM_PA_INTERNAL": capi.INTERNAL, "IRLM_PA_MAX_ALIBI_HEADS": capi.MAX_ALIBI_HEADS}
+    lines += [f'static_assert({k} == {v}, "{k}");' for k, v in enums.items()]
+    probe = tmp_path / "probe.cpp"
+    probe.write_text("\n".join(lines) + "\n")
+    r = subprocess.run([cxx, "-std=c++17", "-fsyntax-only", f"-I{ROOT / 'kernels' / 'capi'}",
+                        str(probe)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def torch_dtype(name):
+    import torch
+    return getattr(torch, name)
+
+
+_FAKE = 1 << 20   # fake, 256-byte aligned device addresses for host-only plans
+
+
+def _plan_args(dtype, D, H, KV, bs, T, R, *, window=0, max_q=0, max_kv=0, max_blocks=64,
+               decode=-1, sms=132, k_stride=0, k_misalign=0, alibi=False):
+    from irlm.kernels import capi
+    a = capi.IrlmPagedAttentionArgs()
+    a.query, a.key, a.value, a.kv_cache = _FAKE, _FAKE * 2 + k_misalign, _FAKE * 3, _FAKE * 4
+    a.block_tables, a.q_lens, a.cached_lens, a.out = _FAKE * 5, _FAKE * 6, _FAKE * 7, _FAKE * 8
+    a.key_stride = k_stride
+    a.num_tokens, a.num_reqs, a.heads, a.kv_heads, a.head_dim = T, R, H, KV, D
+    a.layers, a.num_blocks, a.block_size, a.max_blocks, a.layer = 3, 500, bs, max_blocks, 2
+    a.dtype = a.cache_dtype = capi.DTYPES[dtype]
+    a.sliding_window, a.max_q_len, a.max_kv_len, a.decode, a.num_sms = (window, max_q, max_kv,
+                                                                         decode, sms)
+    if alibi:
+        slopes = (ctypes.c_float * H)(*[0.5] * H)
+        a.alibi_slopes, a.num_alibi_slopes = ctypes.addressof(slopes), H
+        a._keep = slopes
+    return a
+
+
+_PLAN_CASES = [
+    # dtype, D, H, KV, bs, tokens, reqs, window, max_q_len, max_kv_len, sms, k stride, misalign
+    ("bfloat16", 128, 32, 8, 16, 9, 9, 0, 0, 0, 132, 0, 0),          # decode, shape bounds
+    ("bfloat16", 128, 32, 8, 16, 9, 9, 0, 0, 2048, 132, 0, 0),       # decode, given bound
+    ("float16", 64, 12, 4, 64, 3, 3, 0, 0, 777, 108, 0, 0),          # G = 3
+    ("float32", 256, 16, 8, 64, 2, 2, 0, 0, 513, 132, 0, 0),
+    ("bfloat16", 128, 32, 1, 16, 1, 1, 0, 0, 100, 132, 0, 0),        # MQA: two row tiles, short
+    ("bfloat16", 128, 8, 2, 16, 7, 7, 37, 0, 3001, 132, 0, 0),       # sliding window
+    ("bfloat16", 128, 64, 8, 16, 256, 256, 0, 0, 4096, 132, 0, 0),   # a big decode batch
+    ("bfloat16", 128, 8, 1, 16, 1, 1, 0, 0, 16384, 132, 0, 0),       # the most partitions (64)
+    ("bfloat16", 128, 32, 8, 16, 435, 7, 0, 200, 0, 132, 0, 0),      # prefill
+    ("float16", 64, 8, 8, 32, 204, 4, 0, 0, 0, 132, 0, 0),           # prefill, max_q = tokens
+    ("float32", 128, 16, 4, 16, 158, 4, 0, 90, 290, 132, 0, 0),
+    ("bfloat16", 256, 8, 1, 64, 188, 3, 16, 120, 0, 132, 0, 0),
+    ("bfloat16", 128, 16, 4, 16, 100, 3, 0, 70, 0, 132, 3072, 0),    # fused-qkv key stride
+    ("float16", 128, 16, 4, 16, 100, 3, 0, 70, 0, 132, 0, 2),        # misaligned key: VEC 1
+    ("float32", 64, 4, 1, 16, 43, 3, 0, 40, 0, 132, 130, 0),         # key stride % 4 != 0
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _PLAN_CASES, ids=[f"{c[0]}-d{c[1]}-t{c[5]}r{c[6]}-{i}"
+                                                   for i, c in enumerate(_PLAN_CASES)])
+def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case):
+    """The kernels, grids, shared memory and split-KV partitions irlm_paged_attention picks are
+    the ones irlm.kernels.ops.paged_attention picks for the same shapes and bounds (the two
+    launch paths kept in step), every one of them is in the library's table, and the workspace
+    query bounds what any smaller batch uses."""
+    from irlm.kernels import capi, ops
+    dt_name, D, H, KV, bs, T, R, window, max_q, max_kv, sms, k_stride, mis = case
+    dt = torch_dtype(dt_name)
+    lib = capi.PagedAttentionLibrary(kernel_library)
+    lib.lib.irlm_kernel_function.restype = ctypes.c_void_p
+    lib.lib.irlm_kernel_function.argtypes = [ctypes.c_char_p]
+    a = _plan_args(dt, D, H, KV, bs, T, R, window=window, max_q=max_q, max_kv=max_kv, sms=sms,
+                   k_stride=k_stride, k_misalign=mis)
+    ws = lib.workspace_size(a)
+    plan = lib.plan(a, ws)
+    for launch in (plan.kv_write, plan.attention, plan.split_reduce):
+        if launch.kernel is not None:
+            assert lib.lib.irlm_kernel_function(launch.kernel), launch.kernel
+    # ops.kv_cache_write's variant choice
+    vec = 16 // torch_dtype_size(dt)
+    ks = k_stride or KV * D
+    vec_ok = (KV * D) % vec == 0 and ks % vec == 0 and mis % 16 == 0
+    assert plan.kv_write.kernel.decode() == ops.kv_write_kernel(dt).names[0 if vec_ok else 1]
+    assert (tuple(plan.kv_write.grid), tuple(plan.kv_write.block)) == ((T, 1, 1), (128, 1, 1))
+    G = H // KV
+    if T == R:   # ops.paged_attention_decode
+        kv_len = max_kv or 64 * bs
+        kv_len = min(kv_len, window) if window else kv_len
+        tiles = -(-G // 16)
+        bn = ops.attention_block_n(dt, D, True)
+        splits, size = ops.choose_splits(R * KV * tiles, kv_len, bn, sms)
+        assert plan.decode == 1
+        assert (plan.num_splits, plan.split_size) == (splits, size)
+        names = ops.decode_kernel(dt, D).names
+        assert plan.attention.kernel.decode() == names[0]
+        assert tuple(plan.attention.grid) == (tiles * splits, KV, R)
+        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, True)
+        if splits > 1:
+            assert plan.split_reduce.kernel.decode() == names[1]
+            assert tuple(plan.split_reduce.grid) == (H, R, 1)
+        else:
+            assert plan.split_reduce.kernel is None
+    else:        # ops.prefill_attention
+        assert plan.decode == 0 and plan.num_splits == 1 and plan.split_reduce.kernel is None
+        assert plan.attention.kernel.decode() == ops.prefill_kernel(dt, D).names[0]
+        assert tuple(plan.attention.grid) == (-(-(max_q or T) * G // 64), KV, R)
+        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, False)
+    assert tuple(plan.attention.block) == (128, 1, 1)
+    # the workspace query holds any smaller batch's plan; a small workspace means fewer splits
+    for r in sorted({1, 2, 3, R // 2, R - 1} - {0}):
+        small = _plan_args(dt, D, H, KV, bs, r if T == R else T, r, window=window, max_q=max_q,
+                           max_kv=max_kv, sms=sms, k_stride=k_stride)
+        assert lib.plan(small, ws).workspace_bytes + 256 <= ws
+    if plan.num_splits > 1:
+        tight = lib.plan(a, plan.workspace_bytes - 1)   # no alignment slack: one split less
+        assert 1 <= tight.num_splits < plan.num_splits
+        assert lib.plan(a, 2048).num_splits == 1
+
+
+def torch_dtype_size(dt):
+    import torch
+    return torch.empty((), dtype=dt).element_size()
+
+
+@pytest.mark.slow
+def test_paged_attention_refuses_what_has_no_kernel_with_a_reason(kernel_library):
+    from irlm.kernels import capi
+    from irlm.kernels.nvrtc import KernelArgumentError
+    lib = capi.PagedAttentionLibrary(kernel_library)
+    bf16 = torch_dtype("bfloat16")
+
+    def refused(why, **change):
+        a = _plan_args(bf16, 128, 32, 8, 16, 40, 4, max_q=10)
+        for k, v in change.items():
+            setattr(a, k, v)
+        with pytest.raises(KernelArgumentError, match=why):
+            lib.plan(a, 1 << 30)
+        rc = lib.lib.irlm_paged_attention(ctypes.byref(a), None, 0, None)
+        assert rc in (capi.INVALID, capi.UNSUPPORTED) and why.split()[0] in lib.error()
+
+    refused("quantized caches", cache_dtype=capi.DTYPES[torch_dtype("int8")])
+    refused("quantized caches", cache_dtype=capi.DTYPES[torch_dtype("float8_e4m3fn")],
+            kv_scale_k=0.5, kv_scale_v=0.5)
+    refused("kv_scales are for an i8", kv_scale_k=0.5, kv_scale_v=0.5)
+    refused("head_dim 96 has no attention kernel", head_dim=96)
+    refused("32 query heads are not a multiple of 5 kv heads", kv_heads=5)
+    refused("decode takes one query per request", decode=1)
+    refused("block_size must be a power of two", block_size=24)
+    refused("layer 3 is outside", layer=3)
+    refused("sliding_window must be >= 0", sliding_window=-1)
+    refused("7 alibi slopes for 32 heads", num_alibi_slopes=7, alibi_slopes=_FAKE)
+    refused("q must be 16-byte aligned", query=_FAKE + 8)
+    refused("kv_cache must be 16-byte aligned", kv_cache=_FAKE + 4)
+    refused("a tensor pointer is NULL", out=None)
+    # a valid call with too small a workspace is refused before any launch (no device needed)
+    a = _plan_args(bf16, 128, 32, 8, 16, 40, 4, max_q=10, alibi=True)
+    rc = lib.lib.irlm_paged_attention(ctypes.byref(a), None, 0, None)
+    assert rc == capi.WORKSPACE and "workspace" in lib.error()
