@@ -118,8 +118,10 @@ typedef struct IrlmPagedAttentionPlan {
 } IrlmPagedAttentionPlan;
 
 /* Workspace bytes enough for any call with these arguments where num_tokens, num_reqs,
- * max_q_len and max_kv_len are upper bounds (pointers are not read; NULL is fine).  Returns a
- * status; *bytes is set on IRLM_PA_OK. */
+ * max_blocks, max_q_len and max_kv_len are upper bounds (pointers are not read; NULL is fine).
+ * The answer never shrinks as those bounds grow (for the same num_sms), so the size for a
+ * profile's largest shapes serves every call within it.  Returns a status; *bytes is set on
+ * IRLM_PA_OK. */
 int irlm_paged_attention_workspace_size(const IrlmPagedAttentionArgs* args, size_t* bytes);
 
 /* The launches a call would make with a workspace of workspace_bytes (host only: no device

@@ -395,29 +395,30 @@ extern "C" int irlm_paged_attention_workspace_size(const IrlmPagedAttentionArgs*
   const IrlmPagedAttentionArgs& a = *args;
   int rc = check(a, false);
   if (rc) return rc;
-  // the most any batch of up to num_reqs requests (and num_tokens tokens) needs: split-KV
-  // applies to decode batches (tokens == reqs <= min(num_reqs, num_tokens))
+  // The most any batch within these bounds needs.  Split-KV applies to decode batches
+  // (tokens == reqs <= min(num_reqs, num_tokens)); the partition count before rounding the
+  // partition size (which bounds the final count) grows with the context bound, and the
+  // maximum over every batch size grows with num_reqs, so the answer never shrinks as the
+  // bounds grow: a workspace sized for a profile's largest shapes serves every smaller call.
   size_t most = layout(a, a.num_reqs, a.num_tokens, 1).bytes;
   const int decode_reqs = a.decode == 0 ? 0 : std::min(a.num_reqs, a.num_tokens);
   if (decode_reqs > 0) {
-    Variant v{};
-    variant(a.dtype, a.head_dim, true, &v);
     const long long kv_len = kv_len_bound(a);
     const long long tiles = cdiv(a.heads / a.kv_heads, 16);
     int sms = 0;
     if (!a.num_splits && (rc = sm_count(a, &sms))) return rc;
-    for (int r = 1; r <= decode_reqs; ++r) {
-      int splits, size;
-      if (a.num_splits)
-        forced_splits(a.num_splits, kv_len, v.block_n, &splits, &size);
-      else
-        choose_splits(static_cast<long long>(r) * a.kv_heads * tiles, kv_len, v.block_n, sms,
-                      &splits, &size);
-      most = std::max(most, layout(a, r, r, splits).bytes);
+    for (int r = a.num_splits ? decode_reqs : 1; r <= decode_reqs; ++r) {
+      long long splits;
       if (a.num_splits) {
-        most = std::max(most, layout(a, decode_reqs, decode_reqs, splits).bytes);
-        break;
+        splits = std::min(kMaxSplits, a.num_splits);
+      } else if (kv_len <= kMinSplitKeys) {
+        splits = 1;
+      } else {   // choose_splits before the partition size is rounded up
+        splits = std::max(1LL, cdiv(4LL * sms, static_cast<long long>(r) * a.kv_heads * tiles));
+        splits = std::min(std::min(splits, kv_len / kMinSplitKeys),
+                          static_cast<long long>(kChosenMaxSplits));
       }
+      most = std::max(most, layout(a, r, r, static_cast<int>(std::max(1LL, splits))).bytes);
     }
   }
   *bytes = most + kAlign;  // room to align the base
