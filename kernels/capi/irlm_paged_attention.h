@@ -125,7 +125,8 @@ typedef struct IrlmPagedAttentionPlan {
 int irlm_paged_attention_workspace_size(const IrlmPagedAttentionArgs* args, size_t* bytes);
 
 /* The launches a call would make with a workspace of workspace_bytes (host only: no device
- * work; a CUDA call only when num_sms is 0).  Returns a status. */
+ * work; a CUDA call only when num_sms is 0).  The kernel names stay valid until the calling
+ * thread's next irlm_paged_attention* call.  Returns a status. */
 int irlm_paged_attention_plan(const IrlmPagedAttentionArgs* args, size_t workspace_bytes,
                               IrlmPagedAttentionPlan* plan);
 

@@ -57,6 +57,14 @@ int32_t irlmDType(DataType t) {
   }
 }
 
+size_t elementSize(DataType t) {
+  switch (t) {
+    case DataType::kFLOAT: case DataType::kINT32: return 4;
+    case DataType::kHALF: case DataType::kBF16: return 2;
+    default: return 1;  // kINT8, kFP8
+  }
+}
+
 // irlm_paged_attention's arguments from the node's attributes and its inputs' dims and types
 // (pointers are set by enqueue).  Returns "" or why the shapes do not fit together.
 std::string shapeArgs(PagedAttentionAttrs const& attrs, Dims const* dims, DataType const* types,
@@ -217,7 +225,19 @@ class PagedAttentionPlugin : public IPluginV3,
     a.query = inputs[kQuery];
     a.key = inputs[kKey];
     a.value = inputs[kValue];
-    a.kv_cache = outputs[kCacheOut];  // == inputs[kCache] (getAliasedInput)
+    // kv_cache_out is kv_cache in place (getAliasedInput); should a TensorRT give separate
+    // buffers anyway, the output starts as a copy of the input
+    if (outputs[kCacheOut] != inputs[kCache]) {
+      size_t n = elementSize(types[kCache]);
+      for (int32_t i = 0; i < dims[kCache].nbDims; ++i)
+        n *= static_cast<size_t>(dims[kCache].d[i]);
+      if (cudaMemcpyAsync(outputs[kCacheOut], inputs[kCache], n, cudaMemcpyDeviceToDevice,
+                          stream) != cudaSuccess) {
+        logError("irlm.PagedAttention: copying kv_cache to kv_cache_out failed");
+        return -1;
+      }
+    }
+    a.kv_cache = outputs[kCacheOut];
     a.block_tables = static_cast<int const*>(inputs[kTables]);
     a.q_lens = static_cast<int const*>(inputs[kQLens]);
     a.cached_lens = static_cast<int const*>(inputs[kCachedLens]);
