@@ -91,7 +91,8 @@ typedef struct IrlmPagedAttentionArgs {
    * fewer idle CTAs and pick split-KV partitions closer to the real lengths. */
   int max_q_len;
   int max_kv_len;
-  int decode;                  /* -1: decode kernel iff num_tokens == num_reqs; 0: prefill;
+  int decode;                  /* -1: decode kernel iff num_tokens == num_reqs (every q_len
+                                  is then taken to be 1, as the Python launcher does); 0: prefill;
                                   1: decode (one token per request) */
   int num_splits;              /* decode split-KV partitions; 0: chosen from the batch */
   int num_sms;                 /* the device's SM count; 0: asked of the current device */
