@@ -6,6 +6,9 @@
   GPU), ``paged_attention_decode``, ``prefill_attention``, ``kv_cache_write``,
   ``rope_kv_write``, ``rms_norm``, ``fused_add_rms_norm``, ``gated_act``, ``sample``,
   ``greedy``.
+* :mod:`irlm.kernels.capi`: ctypes mirrors of the CMake-built ``libirlm_kernels.so``'s
+  ``irlm_paged_attention`` C ABI (the same launch logic in C++, for C/C++ callers such as the
+  TensorRT plugin) and a caller for torch tensors.
 
 Importing this package needs neither cuda-python nor a GPU; the first launch compiles (or
 loads from the cache) what it needs.  See docs/kernels.md.

@@ -434,6 +434,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     write_kv: bool = True) -> torch.Tensor:
     """``llm.paged_attention`` on the GPU: write k/v into the cache, then attend.
 
+    kernels/capi/paged_attention.cu makes the same launch choices in C++ (the TensorRT
+    plugin's path); tests/test_kernels_cmake.py checks that the two agree.
+
     Runs the decode kernel when every request has one token (``decode=None`` infers this from
     ``tokens == reqs``, which assumes every q_len >= 1), else the prefill kernel (which also
     handles decode requests mixed into a prefill batch).
