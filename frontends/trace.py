@@ -159,13 +159,15 @@ def _default_ranges(module, dims: dict) -> dict[str, tuple[int, int]]:
 def _dynamic_shapes(module, args, kwargs, ranges):
     """``{input name: {axis: Dim}}``: dim 0 is batch, dim 1 (rank >= 2) is seq."""
     from torch.export import Dim
-    batch = Dim("batch", min=ranges["batch"][0], max=ranges["batch"][1])
-    seq = Dim("seq", min=ranges["seq"][0], max=ranges["seq"][1])
+    # A fixed range (min == max, e.g. --max-batch 1) is a static size, not a Dim.
+    batch, seq = (None if lo == hi else Dim(k, min=lo, max=hi)
+                  for k, (lo, hi) in ((k, ranges[k]) for k in ("batch", "seq")))
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        return {0: batch} if x.dim() == 1 else {0: batch, 1: seq}
+        axes = {0: batch} if x.dim() == 1 else {0: batch, 1: seq}
+        return {a: d for a, d in axes.items() if d is not None} or None
 
     if not kwargs:
         return tuple(spec(a) for a in args)
@@ -189,7 +191,7 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
     args, kwargs = _normalize_inputs(module, example_inputs)
     ranges = _default_ranges(module, dims)
     if dynamic:
-        _check_example_sizes(args, kwargs)
+        _check_example_sizes(args, kwargs, ranges)
     was_training = getattr(module, "training", False)
     module.eval()
     try:
@@ -230,10 +232,19 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
     return ep, _dim_names_by_convention(ep, dynamic)
 
 
-def _check_example_sizes(args, kwargs) -> None:
+def _check_example_sizes(args, kwargs, ranges) -> None:
     named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     for what, x in named:
-        if isinstance(x, torch.Tensor) and any(n < 2 for n in x.shape[:2]):
+        if not isinstance(x, torch.Tensor):
+            continue
+        for axis, dim in ((0, "batch"), (1, "seq"))[:min(x.dim(), 2)]:
+            lo, hi = ranges[dim]
+            if lo == hi and x.shape[axis] != lo:
+                raise TraceError(
+                    f"example {what} has shape {tuple(x.shape)}: its {dim} (dim {axis}) is "
+                    f"fixed to {lo}, so the example's must be {lo}")
+        if any(n < 2 for axis, n in enumerate(x.shape[:2])
+               if ranges[("batch", "seq")[axis]][0] != ranges[("batch", "seq")[axis]][1]):
             raise TraceError(
                 f"example {what} has shape {tuple(x.shape)}: for symbolic dims the example's "
                 f"batch (dim 0) and seq (dim 1) must be at least 2, because torch.export "

@@ -111,9 +111,11 @@ class CompileConfig:
             existing(self.calib, "--calib")
         if quant in ("int4", "int4-awq") and self.quant_group not in (None, *INT4_GROUPS):
             raise IRLMError(f"--quant-group {self.quant_group}: must be 32, 64 or 128")
-        for flag, value in (("--max-batch", self.max_batch), ("--max-seq", self.max_seq)):
-            if value is not None and value < 2:
-                raise IRLMError(f"{flag} {value}: must be at least 2")
+        # batch 1 is a static batch; a sequence needs a prompt token and a generated one
+        for flag, value, low in (("--max-batch", self.max_batch, 1),
+                                 ("--max-seq", self.max_seq, 2)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise IRLMError(f"{flag} {value}: must be at least {low}")
         for flag, value, top in (("--tokens-per-block", self.tokens_per_block, 4096),
                                  ("--max-num-tokens", self.max_num_tokens, 1 << 24)):
             if value is not None and not 1 <= value <= top:

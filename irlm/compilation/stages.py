@@ -56,7 +56,8 @@ def load_stage(job: CompileJob) -> None:
 def trace_stage(job: CompileJob) -> None:
     from irlm.frontends import trace
     m = job.model
-    inputs = inference_example_inputs(m) if is_causal_lm(m) else m.example_inputs()
+    inputs = inference_example_inputs(m, min(2, job.config.max_batch)) if is_causal_lm(m) \
+        else m.example_inputs()
     job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
                       weights=m.weights, name=_graph_name(m))
 
@@ -69,9 +70,9 @@ def is_causal_lm(model) -> bool:
         not getattr(model.config, "is_encoder_decoder", False)
 
 
-def inference_example_inputs(model) -> dict:
+def inference_example_inputs(model, batch: int = 2) -> dict:
     from .causal_lm import inference_example_inputs as inputs
-    return inputs(int(getattr(model.config, "vocab_size", 2) or 2))
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch)
 
 
 def level_pipeline(job: CompileJob) -> str:
