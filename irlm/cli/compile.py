@@ -72,6 +72,10 @@ def add_parser(sub) -> None:
                         "build_trt.sh), or tensorrt (also OUT/model.plan; needs TensorRT)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
+    p.add_argument("--replace-pipeline", action="store_true",
+                   help="run only --pipeline's passes, instead of after the -O level's "
+                        "(a causal LM then needs substitute-attention in it for an engine; "
+                        "without it the graph stays stateless, e.g. for --target onnx)")
     add_parallel_arguments(p)
     p.set_defaults(func=run)
 
@@ -124,7 +128,14 @@ def source_from_args(args) -> Source:
 
 def config_from_args(args) -> CompileConfig:
     """The flags as a CompileConfig (checked by irlm.compile)."""
-    level: Optional[str] = args.opt_level or ("2" if args.pipeline is None else None)
+    if args.replace_pipeline and args.pipeline is None:
+        raise IRLMError("--replace-pipeline needs --pipeline P (the passes to run instead of "
+                        "the -O level's)")
+    if args.replace_pipeline and args.opt_level is not None:
+        raise IRLMError(f"--replace-pipeline with -O{args.opt_level}: the level's passes are "
+                        f"what it replaces; give one of them")
+    # --pipeline extends the level (default -O2); --replace-pipeline runs it alone
+    level: Optional[str] = None if args.replace_pipeline else (args.opt_level or "2")
     return CompileConfig(
         output=args.output, opt_level=level, pipeline=args.pipeline, dtype=args.dtype,
         max_batch=args.max_batch, max_seq=args.max_seq, tokens_per_block=args.tokens_per_block,

@@ -165,8 +165,7 @@ def engine_stage(job: CompileJob) -> None:
         return
     from irlm.ops.llm import KV_CACHE_INPUT
     if not any(v.name == KV_CACHE_INPUT for v in job.graph.inputs):
-        job.notes.append("no engine written: only causal LMs compile to a runnable engine "
-                         "(this model's IR is in OUT/ir/)")
+        job.notes.append(no_engine_reason(job))
         return
     cfg = job.model.config
     eos = getattr(cfg, "eos_token_id", None)
@@ -192,6 +191,24 @@ def engine_stage(job: CompileJob) -> None:
     parallel.write_engine(job, config, tok)
     job.engine_config, job.tokenizer = config, tok
     job.written.append(job.out / "engine.json")
+
+
+def no_engine_reason(job: CompileJob) -> str:
+    """Why a compile that was to write an engine wrote only IR (the engine runs the paged
+    inference form that substitute-attention makes of a causal LM)."""
+    where = "its IR is in OUT/ir/00-frontend.irlm" + \
+        (" and the pass dumps beside it" if job.config.dump_ir else
+         " (--dump-ir writes the graph after every pass)")
+    if not is_causal_lm(job.model):
+        return (f"no engine written: {type(job.model.module).__name__} is not a causal LM, and "
+                f"only causal LMs compile to a runnable engine (they run with a paged KV "
+                f"cache); {where}; --target onnx exports any graph")
+    ran = [p.split("{")[0] for p in job.pipeline.split(",") if p]
+    why = ("substitute-attention did not run" if "substitute-attention" not in ran else
+           "substitute-attention found no attention to turn into paged attention")
+    return (f"no engine written: {why}, so this causal LM stayed a stateless graph "
+            f"(pipeline: {job.pipeline or 'none'}); drop --replace-pipeline or add "
+            f"substitute-attention to --pipeline for an engine; {where}")
 
 
 def activation_plan(graph, max_num_tokens: int, max_model_len: int):
