@@ -423,11 +423,30 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
+def _wrapper_dirs() -> tuple[str, ...]:
+    """Where frames are never the model's own line: torch, and Hugging Face's ``kernels``
+    (its hub-kernel decorator wraps functions such as ``apply_rotary_pos_emb``: without this
+    every RoPE op was located at ``"layer.py":856``, the wrapper's ``return func(...)``)."""
+    import importlib.util
+    dirs = [_TORCH_DIR]
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        spec = None
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        dirs.append(os.path.join(d, ""))
+    return tuple(dirs)
+
+
+_WRAPPER_DIRS = _wrapper_dirs()
+
+
 def node_location(node) -> Location:
     """The innermost module path and the innermost model-source frame of an FX node.
 
-    Frames inside torch itself (``nn/modules/linear.py``) are skipped: they are the same for
-    every op of a kind; the model line that called them is what a reader needs.
+    Frames inside torch itself (``nn/modules/linear.py``) and in function wrappers
+    (:func:`_wrapper_dirs`) are skipped: they are the same for every op of a kind; the model
+    line that called them is what a reader needs.
     """
     module = ""
     stack = node.meta.get("nn_module_stack")
@@ -439,7 +458,7 @@ def node_location(node) -> Location:
     file, line = "", 0
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
     for path, ln in reversed(frames):
-        if not path.startswith(_TORCH_DIR):
+        if not path.startswith(_WRAPPER_DIRS):
             file, line = os.path.basename(path), int(ln)
             break
     return Location(module, file, line)

@@ -38,6 +38,7 @@ class CompileJob:
     ranks: list = field(default_factory=list)   # per-rank graphs of tp / pp
     engine_config: Optional[dict] = None        # engine.json's build facts, when written
     tokenizer: Any = None
+    frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
 
 
 @dataclass(frozen=True)
@@ -236,6 +237,7 @@ def write_frontend_ir_stage(job: CompileJob) -> None:
     path = job.out / FRONTEND_IR
     safe_io.make_dir(path.parent)
     safe_io.write_text(path, print_graph(job.graph))
+    job.frontend_ops = len(job.graph)
     job.written.append(path)
 
 
