@@ -17,7 +17,7 @@ import traceback
 
 from ..errors import InternalError, IRLMError, ParseError
 
-COMMANDS = ("ir", "opt", "compile", "run", "export_onnx", "serve")
+COMMANDS = ("ir", "opt", "compile", "build", "run", "export_onnx", "serve")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -39,6 +39,7 @@ class CompileJob:
     engine_config: Optional[dict] = None        # engine.json's build facts, when written
     tokenizer: Any = None
     frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
+    dump_params: set = field(default_factory=set)   # param names any IR dump reads
 
 
 @dataclass(frozen=True)
@@ -89,7 +90,8 @@ def level_pipeline(job: CompileJob) -> str:
 
 
 def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
-               stage_offset: int = 0, check_numerics: Optional[bool] = None) -> None:
+               stage_offset: int = 0, check_numerics: Optional[bool] = None,
+               extra_instruments=()) -> None:
     """Run pipeline ``text`` over ``graph`` with the config's instruments."""
     from irlm.passes import PassManager, load_plugin, parse_pipeline
     from irlm.passes.cli import make_instruments
@@ -102,7 +104,7 @@ def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
         check_numerics=c.check_numerics if check_numerics is None else check_numerics,
         numerics_atol=c.numerics_atol, numerics_rtol=c.numerics_rtol,
         numerics_seed=c.numerics_seed, numerics_int_max=c.numerics_int_max,
-        timing=c.timing, stats=c.stats)
+        timing=c.timing, stats=c.stats) + list(extra_instruments)
     PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
                 stage_offset=stage_offset).run(graph)
 
@@ -112,10 +114,61 @@ def passes_stage(job: CompileJob) -> None:
     # with tp/pp each rank's graph is quantized after the split (parallel.quantize_ranks)
     quant = "" if c.splits else quant_pipeline(job)
     text = ",".join(p for p in (level_pipeline(job), quant, c.pipeline) if p)
-    dump_dir = c.dump_ir_dir or (job.out / "ir" if c.dump_ir else None)
+    dump_dir = dump_directory(job)
     job.pipeline = text
+    if dump_dir is not None:
+        job.dump_params |= {op.attrs["name"] for op in job.graph.params()}
     if text:
-        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0)
+        extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
+        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
+                   extra_instruments=extra)
+
+
+def dump_directory(job: CompileJob) -> Optional[Path]:
+    c = job.config
+    d = c.dump_ir_dir or (job.out / "ir" if c.dump_ir else None)
+    return Path(d) if d is not None else None
+
+
+class _ParamNames:
+    """Collects the param names of the graph after every pass (what the dumps read)."""
+
+    def __init__(self, names: set):
+        self.names = names
+
+    def before_pipeline(self, graph, pipeline, stage_offset):
+        pass
+
+    def before_pass(self, graph, stage):
+        pass
+
+    def after_pass(self, graph, result):
+        self.names |= {op.attrs["name"] for op in graph.params()}
+
+    def pass_failed(self, graph, stage, error):
+        pass
+
+    def after_pipeline(self, graph, report):
+        pass
+
+
+def ir_weights_stage(job: CompileJob) -> None:
+    """With --dump-ir: OUT/ir/weights.safetensors holds every weight a dump reads that the
+    engine's weights.safetensors does not (the original names before fusions, the unfused
+    parts), so any dump can be re-fed (irlm build DUMP --weights OUT/weights.safetensors
+    --weights OUT/ir/weights.safetensors)."""
+    d = dump_directory(job)
+    if d is None or not job.dump_params:
+        return
+    from irlm.lowering.engine_format import write_weights
+    in_engine = set()
+    if job.engine_config is not None and not job.ranks and d.resolve() == (job.out / "ir").resolve():
+        in_engine = {op.attrs["name"] for op in job.graph.params()}
+    store = job.graph.weights
+    names = sorted(n for n in job.dump_params - in_engine if n in store)
+    path = d / "weights.safetensors"
+    write_weights({n: store.get(n) for n in names}, path)
+    job.written.append(path)
 
 
 def quant_pipeline(job: CompileJob) -> str:
@@ -276,5 +329,6 @@ STAGES: list[Stage] = [
     Stage("passes", passes_stage),
     Stage("split", parallel.split_stage),
     Stage("write engine", engine_stage),
+    Stage("write IR weights", ir_weights_stage),
     Stage("write ONNX", onnx_stage),
 ]
