@@ -46,6 +46,13 @@ CLI = [
     ("argparse: bad int", ["compile", "--max-seq", "lots", "-o", "{tmp}/o4"],
      "argument --max-seq: invalid int value: 'lots'"),
     ("engine that is not one", ["run", "{tmp}", "--prompt", "x"], "engine.json"),
+    ("build without weights", ["build", "{tmp}/good.irlm", "-o", "{tmp}/o5"],
+     "--weights: give the safetensors file(s)"),
+    ("build a stateless non-LLM", ["build", "{tmp}/good.irlm", "--weights",
+                                   "{engine}/weights.safetensors", "-o", "{tmp}/o6"],
+     "good.irlm: not a causal LM in the paged inference form"),
+    ("--dims with an unknown dim", ["compile", "m.py", "-o", "{tmp}/o7", "--dims", "tokens=4"],
+     "--dims tokens=...: unknown dimension 'tokens'"),
 ]
 
 # (id, function of the fixtures' namespace, what the message must contain)
@@ -69,6 +76,10 @@ API = [
                                                                    max_batch=0)),
      "--max-batch 0: must be at least 1"),
     ("parse a GGUF as IR", lambda ns: ns.parse_file(ns.gguf), "not IR text: a GGUF model"),
+    ("CompileConfig dims range upside down",
+     lambda ns: ns.irlm.compile(ns.tmp / "x.gguf", ns.CompileConfig(output=ns.tmp / "o",
+                                                                   dims={"seq": (9, 2)})),
+     "--dims seq=9:2: a range must be MIN:MAX"),
 ]
 
 

@@ -126,6 +126,12 @@ def build_engine(ir_file: PathLike, weights: Sequence[PathLike], output: PathLik
     ref_config = _reference_config(ref_dir) if ref_dir is not None else {}
 
     paged = any(v.name == KV_CACHE_INPUT for v in graph.inputs)
+    if not paged and not _stateless_causal_lm(graph):
+        raise IRLMError(f"{ir_file}: not a causal LM in the paged inference form (no "
+                        f"%{KV_CACHE_INPUT} input), nor a traced one substitute-attention could "
+                        f"turn into it (inputs %input_ids and %position_ids and "
+                        f"core.scaled_dot_product_attention ops); an engine runs a decoder with "
+                        f"a paged KV cache")
     stateless_seq = _dim_max(graph, "seq")
     text = _pipeline(paged, opt_level, pipeline, tokens_per_block, max_num_tokens)
     if text:
@@ -176,6 +182,12 @@ def _pipeline(paged: bool, level, extra, tokens_per_block: int, max_num_tokens: 
     if extra:
         steps.append(extra)
     return ",".join(s for s in steps if s)
+
+
+def _stateless_causal_lm(graph) -> bool:
+    names = {v.name for v in graph.inputs}
+    return {"input_ids", "position_ids"} <= names and \
+        any(op.name == "core.scaled_dot_product_attention" for op in graph.ops)
 
 
 def _dim_max(graph, name: str) -> Optional[int]:

@@ -46,6 +46,11 @@ class CompileConfig:
     max_seq: Optional[int] = None
     tokens_per_block: int = 16
     max_num_tokens: int = 8192
+    #: ranges of the traced dims, overriding max_batch / max_seq: ``{"seq": (1, 512)}``; a
+    #: range of one value (``(16, 16)``) makes that dim static
+    dims: Optional[dict] = None
+    #: trace with the example inputs' shapes, no symbolic dims (not for causal LMs)
+    static: bool = False
     quant: Optional[str] = None
     #: int4 scale group (32, 64 or 128); None: per layer, the largest that divides its inputs
     quant_group: Optional[int] = None
@@ -120,6 +125,7 @@ class CompileConfig:
                                  ("--max-num-tokens", self.max_num_tokens, 1 << 24)):
             if value is not None and not 1 <= value <= top:
                 raise IRLMError(f"{flag} {value}: must be in [1, {top}]")
+        self._check_dims()
         self._check_parallel()
         if self.target != "engine":
             from irlm.lowering.onnx.targets import check_target
@@ -127,6 +133,24 @@ class CompileConfig:
                 raise IRLMError(f"--target {self.target} writes one network: it does not take "
                                 f"--tp/--pp")
             check_target(self.target)
+
+    def _check_dims(self) -> None:
+        if self.dims is None:
+            return
+        if self.static:
+            raise IRLMError("--dims with --static: static shapes have no ranges; give one")
+        if not isinstance(self.dims, dict):
+            raise IRLMError(f"--dims: expected NAME=MIN:MAX pairs, got {self.dims!r:.60}")
+        for name, r in self.dims.items():
+            if name not in DIM_NAMES:
+                raise IRLMError(f"--dims {name}=...: unknown dimension '{name}' (the traced "
+                                f"dims are {' and '.join(DIM_NAMES)}: dim 0 and dim 1 of every "
+                                f"input)")
+            ok = isinstance(r, (tuple, list)) and len(r) == 2 and \
+                all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            if not ok or not 1 <= r[0] <= r[1]:
+                raise IRLMError(f"--dims {name}={_range_text(r)}: a range must be MIN:MAX with "
+                                f"1 <= MIN <= MAX")
 
     def _check_parallel(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
@@ -147,6 +171,33 @@ class CompileConfig:
             raise IRLMError(f"{flag} with --kv-cache-dtype {self.kv_cache_dtype}: not supported "
                             f"together yet (its scales are calibrated on the whole model); "
                             f"{works}")
+
+
+#: the traced dims: dim 0 (batch) and dim 1 (seq) of every input
+DIM_NAMES = ("batch", "seq")
+
+
+def _range_text(r) -> str:
+    return f"{r[0]}:{r[1]}" if isinstance(r, (tuple, list)) and len(r) == 2 else repr(r)
+
+
+def parse_dims(text: str) -> dict:
+    """``"batch=1:8,seq=1:2048"`` (``seq=16``: static 16) → ``{"batch": (1, 8), ...}``."""
+    out = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        lo, colon, hi = value.partition(":")
+        try:
+            r = (int(lo), int(hi)) if colon else (int(lo), int(lo))
+        except ValueError:
+            raise IRLMError(f"--dims {text}: '{item.strip()}' is not NAME=MIN:MAX (e.g. "
+                            f"batch=1:8,seq=1:2048; seq=16 for a static size)") from None
+        if not eq or not name:
+            raise IRLMError(f"--dims {text}: '{item.strip()}' is not NAME=MIN:MAX")
+        if name in out:
+            raise IRLMError(f"--dims {text}: '{name}' is given twice")
+        out[name] = r
+    return out
 
 
 def _choice(flag: str, value, valid) -> None:

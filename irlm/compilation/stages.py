@@ -60,7 +60,10 @@ def trace_stage(job: CompileJob) -> None:
     m = job.model
     inputs = inference_example_inputs(m, min(2, job.config.max_batch)) if is_causal_lm(m) \
         else m.example_inputs()
-    job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
+    if job.config.static and is_causal_lm(m):
+        raise IRLMError(f"--static: {type(m.module).__name__} is a causal LM, whose engine "
+                        f"needs a symbolic sequence length; use --dims seq=1:N (or --max-seq)")
+    job.graph = trace(m.module, inputs, dynamic=not job.config.static, dims=symbolic_dims(job),
                       weights=m.weights, name=_graph_name(m))
 
 
@@ -311,7 +314,9 @@ def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:
     max_seq = c.max_seq
     if max_seq is None:
         max_seq = int(getattr(job.model.config, "max_position_embeddings", 0) or 2048)
-    return {"batch": (1, c.max_batch), "seq": (1, max_seq)}
+    dims = {"batch": (1, c.max_batch), "seq": (1, max_seq)}
+    dims.update({k: tuple(v) for k, v in (c.dims or {}).items()})    # --dims wins
+    return dims
 
 
 def _graph_name(model) -> str:
