@@ -3,7 +3,12 @@
 One run answers correctness and speed (run on the device machine):
 
     python benchmarks/gpu_decode.py [--sections copy,build,b1,b32,inflight,inflight2k,hf]
-                                    [--json OUT.json] [--layers 32]
+                                    [--json OUT.json] [--layers 32] [--quant bf16,fp8,int8,int4]
+
+--quant: one engine per listed mode, built and measured one after the other in the same run
+(bf16: unquantized; otherwise the ``quantize`` pass's mode: int8, int4, int4-awq, w8a8-sq, fp8,
+fp8-weight; the calibrated modes calibrate on two random 32-token prompts, which is all random
+weights need).  Result keys of a quantized engine end in ``_MODE`` (``b1_fp8``).
 
 Workloads (prompt of random tokens, greedy, EOS ignored):
   b1        batch 1, 128 prompt / 128 new tokens: tokens/s, decode step time, the fraction of
@@ -16,6 +21,7 @@ Workloads (prompt of random tokens, greedy, EOS ignored):
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import sys
@@ -58,8 +64,27 @@ def copy_bandwidth() -> float:
     return bw
 
 
-def build(layers: int, max_num_tokens: int = 8192):
-    """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU."""
+def quantize_graph(graph, mode: str, vocab: int) -> dict:
+    """Run the quantize pass of ``mode`` on the compiled graph (weights still lazy on the GPU);
+    the calibrated modes get two random 32-token prompts.  Returns the pass statistics."""
+    import os
+    import tempfile
+    from irlm.passes import run_pipeline
+    from irlm.passes.llm.quantize import CALIBRATED
+    calib = ""
+    if mode in CALIBRATED:
+        fd, path = tempfile.mkstemp(suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            json.dump(random_prompts(2, 32, vocab, seed=7), f)
+        calib = f',calib="{path}"'
+    stats = run_pipeline(graph, f"quantize{{mode={mode},measure=false,fuse=false{calib}}},"
+                                f"fuse-quant,dce")
+    return getattr(stats, "counters", {}) if stats is not None else {}
+
+
+def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
+    """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU,
+    then (quant != bf16) the quantize pass of that mode."""
     import transformers
     from irlm.compilation import compile_causal_lm
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
@@ -78,23 +103,32 @@ def build(layers: int, max_num_tokens: int = 8192):
             continue
         t = e.type
         if "inv_freq" in name:
-            store.add_tensor(name, rot.inv_freq.to(t.dtype.torch))
+            store.add_tensor(name, rot.inv_freq.to("cuda", t.dtype.torch))
         elif "norm" in name:
             store.add_lazy(name, t, lambda t=t: torch.ones(t.shape, dtype=t.dtype.torch,
                                                            device="cuda"), "ones")
         else:
             store.add_lazy(name, t, lambda t=t: (torch.randn(
                 t.shape, dtype=t.dtype.torch, device="cuda", generator=gen) * 0.02), "random")
+    t_quant = 0.0
+    if quant != "bf16":
+        tq = time.perf_counter()
+        quantize_graph(graph, quant, cfg.vocab_size)
+        t_quant = time.perf_counter() - tq
     t1 = time.perf_counter()
     runner = CudaGraphRunner(graph)
     torch.cuda.synchronize()
     t_load = time.perf_counter() - t1
     weight_bytes = sum(runner.weights.get(op.attrs["name"]).nbytes for op in graph.params())
-    RESULTS["build"] = {"trace_and_passes_s": t_compile, "weights_to_gpu_and_kv_alloc_s": t_load,
-                        "graph_ops": len(graph), "weight_bytes": weight_bytes,
-                        "kv_blocks": runner.num_blocks, "block_size": runner.block_size}
-    log(f"build: trace+passes {t_compile:.1f}s, weights+KV {t_load:.1f}s, {len(graph)} ops, "
-        f"weights {weight_bytes / 1e9:.2f} GB, {runner.num_blocks} KV blocks")
+    key = "build" + ("" if quant == "bf16" else "_" + quant)
+    RESULTS[key] = {"trace_and_passes_s": t_compile, "quantize_s": t_quant,
+                    "weights_to_gpu_and_kv_alloc_s": t_load,
+                    "graph_ops": len(graph), "weight_bytes": weight_bytes,
+                    "kv_blocks": runner.num_blocks, "block_size": runner.block_size,
+                    "quant_linear_paths": runner.quant_plan.summary()}
+    log(f"{key}: trace+passes {t_compile:.1f}s, quantize {t_quant:.1f}s, weights+KV "
+        f"{t_load:.1f}s, {len(graph)} ops, weights {weight_bytes / 1e9:.2f} GB, "
+        f"{runner.num_blocks} KV blocks, quantized linears {runner.quant_plan.summary()}")
     return cfg, graph, runner
 
 
@@ -137,12 +171,12 @@ def random_prompts(n, length, vocab, seed=0):
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
 
 
-def section_b1(runner, cfg, copy_bw, key="b1"):
+def section_b1(runner, cfg, copy_bw, key="b1", build_key="build"):
     prompts = random_prompts(1, 128, cfg.vocab_size)
     run_requests(runner, prompts, 16, 1, 4096)                      # warm-up and capture
     total, n, ttft, tpot, steps = run_requests(runner, prompts, 128, 1, 4096)
     step = tpot[0]
-    wb = RESULTS["build"]["weight_bytes"]
+    wb = RESULTS[build_key]["weight_bytes"]
     RESULTS[key] = {"tokens_per_s": n / total, "decode_tokens_per_s": 1 / step,
                      "ttft_ms": ttft[0] * 1e3, "decode_step_ms": step * 1e3,
                      "weight_bw_fraction_of_copy": wb / step / copy_bw}
@@ -205,9 +239,17 @@ def main():
     ap.add_argument("--async-decode", choices=("off", "on", "both"), default="off",
                     help="LLMEngine async_decode (schedule step N+1 before reading step N's "
                          "tokens); both: run b1, b32 and inflight each way")
+    ap.add_argument("--quant", default="bf16",
+                    help="comma-separated engine modes, built and measured one after the other: "
+                         "bf16 (unquantized), int8, int4, int4-awq, w8a8-sq, fp8, fp8-weight")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
+    from irlm.passes.llm.quantize import MODES
+    quants = a.quant.split(",")
+    bad = [q for q in quants if q != "bf16" and q not in MODES]
+    if bad:
+        ap.error(f"--quant: unknown mode {bad[0]!r} (valid: bf16, {', '.join(MODES)})")
     sections = a.sections.split(",")
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
@@ -215,30 +257,41 @@ def main():
     copy_bw = copy_bandwidth()
     RESULTS["copy_bandwidth_GBps"] = copy_bw / 1e9
     log(f"{RESULTS['device']}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read+write)")
-    cfg, graph, runner = build(a.layers)
     modes = {"off": [False], "on": [True], "both": [False, True]}[a.async_decode]
-    for name, fn in (("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx)),
-                     ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
-                     ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
-                                                               "inflight_128_128" + sfx)),
-                     ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
-                                                                 "inflight_2048_128" + sfx))):
-        if name not in sections:
+    cfg = llama3_8b_config(a.layers)
+    for quant in quants:
+        q = "" if quant == "bf16" else "_" + quant
+        try:
+            cfg, graph, runner = build(a.layers, quant=quant)
+        except Exception:
+            traceback.print_exc()
+            RESULTS["build" + q] = {"error": traceback.format_exc(limit=3)}
             continue
-        for mode in modes:
-            ASYNC_DECODE = mode
-            sfx = "_async" if mode and len(modes) > 1 else ""
-            try:
-                fn(sfx)
-            except Exception:
-                traceback.print_exc()
-                RESULTS[name + sfx] = {"error": traceback.format_exc(limit=3)}
-    ASYNC_DECODE = False
-    RESULTS["runner_stats"] = dict(runner.stats)
-    RESULTS["peak_gpu_memory_GB"] = torch.cuda.max_memory_allocated() / 1e9
-    if "hf" in sections:
+        for name, fn in (
+                ("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx, "build" + q)),
+                ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
+                ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
+                                                          "inflight_128_128" + sfx)),
+                ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
+                                                            "inflight_2048_128" + sfx))):
+            if name not in sections:
+                continue
+            for mode in modes:
+                ASYNC_DECODE = mode
+                sfx = ("_async" if mode and len(modes) > 1 else "") + q
+                try:
+                    fn(sfx)
+                except Exception:
+                    traceback.print_exc()
+                    RESULTS[name + sfx] = {"error": traceback.format_exc(limit=3)}
+        ASYNC_DECODE = False
+        RESULTS["runner_stats" + q] = dict(runner.stats)
+        RESULTS["peak_gpu_memory_GB" + q] = torch.cuda.max_memory_allocated() / 1e9
         del runner, graph
+        gc.collect()            # engines and runners reference each other: free the KV pool now
         torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    if "hf" in sections:
         try:
             section_hf(cfg)
         except Exception:
@@ -247,6 +300,26 @@ def main():
         with open(a.json, "w") as f:
             json.dump(RESULTS, f, indent=2)
     log(json.dumps(RESULTS, indent=1))
+    if len(quants) > 1:
+        log(summary_table(quants))
+
+
+def summary_table(quants) -> str:
+    """One line per mode: b1 tok/s and decode step, b32 tok/s, 512-in-flight out tok/s."""
+    rows = ["mode | b1 tok/s (e2e) | b1 decode step ms | b1 weight GB/s | b32 tok/s | "
+            "inflight 128/128 out tok/s"]
+    for quant in quants:
+        q = "" if quant == "bf16" else "_" + quant
+        b1, b32 = RESULTS.get("b1" + q, {}), RESULTS.get("b32" + q, {})
+        inf = RESULTS.get("inflight_128_128" + q, {})
+        wb = RESULTS.get("build" + q, {}).get("weight_bytes", 0)
+        step = b1.get("decode_step_ms")
+        rows.append(" | ".join([
+            quant, f"{b1.get('tokens_per_s', float('nan')):.1f}",
+            f"{step:.2f}" if step else "-", f"{wb / (step / 1e3) / 1e9:.0f}" if step else "-",
+            f"{b32.get('tokens_per_s', float('nan')):.0f}",
+            f"{inf.get('output_tokens_per_s', float('nan')):.0f}"]))
+    return "\n".join(rows)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ with the unquantized one:
   (``LLM`` over ``GraphRunner``): how many leading tokens equal the unquantized output.
 
 Calibrated modes (int4-awq, w8a8-sq, fp8, kv-*) use the built-in calibration set
-(passes/calibration.txt) tokenized with the model's tokenizer.
+(passes/llm/calibration.txt) tokenized with the model's tokenizer.
 
     python benchmarks/quant_accuracy.py [--modes int8,w8a8-sq,...] [--new 32] [--tokens 256]
 """
@@ -107,7 +107,7 @@ def main(argv=None):
     text = EVAL_TEXT.read_text(encoding="utf-8")
     ids = torch.tensor(tok.encode(text, add_special_tokens=False)[:args.tokens])
     prompt_ids = tok.encode(PROMPT, add_special_tokens=False)
-    from irlm.passes.calibration import (DEFAULT_CALIBRATION, read_prompts, tokenize_prompts,
+    from irlm.passes.llm.calibration import (DEFAULT_CALIBRATION, read_prompts, tokenize_prompts,
                                          write_token_lists)
     calib = write_token_lists(tokenize_prompts(read_prompts(DEFAULT_CALIBRATION), tok),
                               Path(tempfile.mkdtemp()) / "calib-tokens.json")

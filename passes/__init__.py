@@ -20,26 +20,27 @@ Running passes::
 """
 from .cli import add_pipeline_arguments, pipeline_from_args, run_pipeline_from_args
 from .context import Options, PassContext, Statistics
-from .driver import DriverResult, PatternSet, apply_patterns, pattern_pass
+from .rewriting.driver import DriverResult, PatternSet, apply_patterns, pattern_pass
 from .errors import (NumericsError, PassError, PassFailedError, PassVerificationError,
                      PipelineSyntaxError, PluginError, RewriteError, RewriteLimitError)
 from .instrument import DumpIR, Instrument, PassFilter, PrintIR, Stats, Timing
 from .manager import PassManager, PipelineReport, run_pass, run_pipeline
 from .numerics import CheckNumerics, register_input_maker
 from .options import Option
-from .pattern import (ANY, Const, Match, Or, OpPattern, Pattern, RewritePattern, Rule, Var,
-                      Wildcard, has_one_use, op, rule, same_type, splat_value)
+from .rewriting.pattern import (ANY, Const, Match, Or, OpPattern, Pattern, RewritePattern,
+                                Rule, Var, Wildcard, has_one_use, op, rule, same_type,
+                                splat_value)
 from .pipeline import (NAMED_PIPELINES, PassInvocation, Pipeline, named_pipeline,
                        parse_pipeline, register_named_pipeline)
 from .plugins import load_plugin
 from .registry import PassInfo, all_passes, get_pass, register_pass
-from .rewriter import RewriteListener, Rewriter
+from .rewriting.rewriter import RewriteListener, Rewriter
 from . import levels  # noqa: E402,F401  (registers -O0/-O1/-O2 and their causal-lm forms)
 
 
 def register_canonicalization(pattern) -> None:
-    """Add a pattern to what ``canonicalize`` applies (see irlm.passes.canonicalize)."""
-    from .canonicalize import register_canonicalization as _register
+    """Add a pattern to what ``canonicalize`` applies (see irlm.passes.transforms.canonicalize)."""
+    from .transforms.canonicalize import register_canonicalization as _register
     _register(pattern)
 
 

@@ -104,7 +104,7 @@ class PassManager:
                 self._failed(graph, stage, e)
                 raise PassError(f"{stage.label}: {e}") from e
             except Exception as e:  # noqa: BLE001 - a bug in the pass: name it, not a traceback
-                from .driver import _user_frame
+                from .rewriting.driver import _user_frame
                 self._failed(graph, stage, e)
                 raise PassFailedError(f"{stage.label} failed: {type(e).__name__}: {e}"
                                       f"{_user_frame(e)}") from e

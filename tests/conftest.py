@@ -39,8 +39,8 @@ def model(tok):
 @pytest.fixture(scope="session")
 def random_calibration(tmp_path_factory):
     """``make(vocab, prompts, length, seed)``: the path (str) of a JSON calibration set of
-    random token ids, in passes/calibration.py's format."""
-    from irlm.passes.calibration import write_token_lists
+    random token ids, in passes/llm/calibration.py's format."""
+    from irlm.passes.llm.calibration import write_token_lists
 
     def make(vocab: int, prompts: int, length: int, seed: int) -> str:
         g = torch.Generator().manual_seed(seed)

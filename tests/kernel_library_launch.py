@@ -8,7 +8,7 @@ import atexit
 import ctypes
 import os
 
-from irlm.kernels import compiler
+from irlm.kernels import nvrtc as compiler
 
 _lib = ctypes.CDLL(os.environ["IRLM_TEST_KERNEL_LIBRARY"])
 _lib.irlm_launch_kernel.restype = ctypes.c_int

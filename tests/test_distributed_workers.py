@@ -6,7 +6,9 @@ tokens through in-flight batching, first-step logits) and the threaded multi-ran
 Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
 stop the engine with one error naming the rank, and leave no process behind.
 """
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,6 +24,7 @@ from irlm.lowering.engine_format import EngineError, load_engine, write_parallel
 from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.distributed import DistributedRunner, EngineStopped
+from irlm.runtime.distributed.simulator import DistributedError
 from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 
@@ -184,7 +187,8 @@ def test_a_hung_worker_stops_the_engine_after_the_timeout(engines):
 
 
 @pytest.mark.slow
-def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path):
+def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path, monkeypatch):
+    tag = monkeypatch_tag(monkeypatch)
     broken = tmp_path / "broken"
     shutil.copytree(engines["pp2"], broken)
     weights = broken / "rank1" / "weights.safetensors"
@@ -194,9 +198,12 @@ def test_a_rank_that_cannot_load_its_shard_is_named(engines, tmp_path):
                                             r"\.safetensors: size .* \(truncated or replaced\)"):
         DistributedRunner(broken, device="cpu", num_blocks=16)
     assert time.monotonic() - start < 60
+    assert not tagged(tag)                   # the worker that failed is gone
 
 
-def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_path):
+def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_path,
+                                                                monkeypatch):
+    tag = monkeypatch_tag(monkeypatch)
     mixed = tmp_path / "mixed"
     shutil.copytree(engines["tp2"], mixed)
     # rank 1 of the pp 2 engine: a valid engine, but not the one this manifest lists
@@ -204,24 +211,239 @@ def test_a_rank_from_another_compile_is_refused_before_any_work(engines, tmp_pat
     shutil.copytree(engines["pp2"] / "rank1", mixed / "rank1")
     with pytest.raises(EngineError, match=r"rank1/engine.json: (size|checksum)"):
         DistributedRunner(mixed, device="cpu")
+    assert not tagged(tag)                   # no worker was started
 
 
-@pytest.mark.slow
-def test_torchrun_launch_runs_irlm_run_on_every_rank(engines):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    run = ["run", "--prompt", "w5 w17 w33 w2", "--max-tokens", "5", "--no-stream",
-           "--device", "cpu"]
-    base = subprocess.run([sys.executable, "-m", "irlm", run[0], str(engines["base"]), *run[1:]],
-                          capture_output=True, text=True, env=env, timeout=300)
-    assert base.returncode == 0, base.stderr
+def monkeypatch_tag(monkeypatch) -> str:
+    """A tag in this process's environment that the workers it starts inherit (this
+    process's own /proc/PID/environ is the one it was started with: it never matches)."""
+    import uuid
+    tag = uuid.uuid4().hex
+    monkeypatch.setenv("IRLM_TEST_LAUNCH", tag)
+    return tag
+
+
+RUN = ["--prompt", "w5 w17 w33 w2", "--max-tokens", "5", "--no-stream", "--device", "cpu"]
+
+
+def free_port() -> int:
     import socket
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-         "--master-port", str(port), "-m", "irlm", run[0], str(engines["tp2"]), *run[1:]],
-        capture_output=True, text=True, env=env, timeout=300)
-    assert launched.returncode == 0, launched.stderr[-3000:]
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def unsplit_stdout(engines):
+    """What ``irlm run`` prints for the unsplit engine (five greedy words)."""
+    base = subprocess.run([sys.executable, "-m", "irlm", "run", str(engines["base"]), *RUN],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert base.returncode == 0, base.stderr
+    assert len(base.stdout.split()) == 5
+    return base.stdout
+
+
+def launch_together(commands: list[list[str]], envs: list[dict], timeout: float = 240):
+    """Run ``commands`` at once (each in its own session, with its env), wait for all of
+    them within ``timeout``, and return their CompletedProcess-like (rc, stdout, stderr).  A
+    hang fails the test after killing every process of those sessions.  Every process
+    (and its descendants, which inherit the environment) carries a tag; afterwards none
+    with the tag may be left."""
+    import uuid
+    tag = uuid.uuid4().hex
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(env, IRLM_TEST_LAUNCH=tag, OMP_NUM_THREADS="1"),
+                              start_new_session=True) for cmd, env in zip(commands, envs)]
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for pid in tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+        pytest.fail(f"the launch did not finish within {timeout:.0f} s")
+    left = tagged(tag)
+    for _ in range(20):                 # a moment for exiting processes to be gone
+        if not left:
+            break
+        time.sleep(0.25)
+        left = tagged(tag)
+    assert not left, f"processes left behind: {left}"
+    return results
+
+
+def tagged(tag: str) -> list[int]:
+    """Live processes whose environment has IRLM_TEST_LAUNCH=tag."""
+    needle = f"IRLM_TEST_LAUNCH={tag}".encode()
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open(f"/proc/{d}/environ", "rb") as f:
+                if needle in f.read().split(b"\0") and alive(int(d)):
+                    out.append(int(d))
+        except OSError:
+            pass
+    return out
+
+
+@pytest.mark.slow
+def test_torchrun_launch_runs_irlm_run_on_every_rank(engines, unsplit_stdout):
+    port = free_port()
+    [(rc, out, err)] = launch_together(
+        [[sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+          "--master-port", str(port), "-m", "irlm", "run", str(engines["tp2"]), *RUN]],
+        [dict(os.environ)])
+    assert rc == 0, err[-3000:]
     # rank 0 prints the text once; rank 1 serves its shard and prints nothing
-    assert launched.stdout == base.stdout and len(base.stdout.split()) == 5
+    assert out == unsplit_stdout
+
+
+@pytest.mark.slow
+def test_two_torchrun_nodes_give_the_unsplit_tokens(engines, unsplit_stdout):
+    """Two torchrun launches (``--nnodes 2``, one process each) stand for two hosts: they
+    meet at node 0's rendezvous store over TCP and run the tp 2 engine across the "hosts"
+    (gloo over TCP between them)."""
+    port = free_port()
+    node = [[sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+             "--nproc-per-node", "1", "--node-rank", str(r), "--master-addr", "127.0.0.1",
+             "--master-port", str(port), "-m", "irlm", "run", str(engines["tp2"]), *RUN]
+            for r in (0, 1)]
+    (rc0, out0, err0), (rc1, out1, err1) = launch_together(node, [dict(os.environ)] * 2)
+    assert rc0 == 0, err0[-3000:]
+    assert rc1 == 0, err1[-3000:]
+    assert out0 == unsplit_stdout and out1 == ""
+
+
+@pytest.mark.slow
+def test_env_rendezvous_without_torchrun(engines, unsplit_stdout):
+    """Any launcher that sets the env:// variables (RANK, WORLD_SIZE, MASTER_ADDR,
+    MASTER_PORT; mpirun, SLURM scripts...) starts the ranks: rank 0 hosts the store.  Two
+    plain ``python -m irlm run`` processes, each the only rank of its "host", run the pp 2
+    engine (send/recv across them); rank 1 starts first and waits for rank 0."""
+    port = free_port()
+    envs = [dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0",
+                 LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            for r in (1, 0)]
+    cmd = [sys.executable, "-m", "irlm", "run", str(engines["pp2"]), *RUN]
+    (rc1, out1, err1), (rc0, out0, err0) = launch_together([cmd, cmd], envs)
+    assert rc0 == 0, err0[-3000:]
+    assert rc1 == 0, err1[-3000:]
+    assert out0 == unsplit_stdout and out1 == ""
+
+
+def test_a_launch_of_the_wrong_size_is_refused(engines, monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    monkeypatch.setenv("MASTER_PORT", str(free_port()))
+    with pytest.raises(DistributedError, match=r"the engine has 2 ranks \(tp 2 x pp 1\) but the "
+                                        r"launch has WORLD_SIZE=3"):
+        DistributedRunner(engines["tp2"], device="cpu")
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_ranks_per_gpu_must_be_a_positive_whole_number(engines, monkeypatch, value):
+    monkeypatch.setenv("IRLM_RANKS_PER_GPU", value)
+    with pytest.raises(DistributedError, match=f"IRLM_RANKS_PER_GPU='{value}': expected a "
+                                               f"whole number of at least 1"):
+        DistributedRunner(engines["tp2"], device="cpu")
+
+
+def environ_of(pid: int) -> dict:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            items = f.read().split(b"\0")
+    except OSError:
+        return {}
+    return dict(i.decode(errors="replace").split("=", 1) for i in items if b"=" in i)
+
+
+@pytest.mark.slow
+def test_a_killed_rank_of_a_two_node_launch_stops_both_nodes(engines):
+    """Two torchrun "nodes", rank 1 killed once rank 0 has streamed its first token: rank 0
+    has no exit code to read (not its child), only gloo's closed socket and rank 1's
+    heartbeat that stopped; it names rank 1, both launches end within 30 s, no process
+    of them is left."""
+    import select
+    import uuid
+    tag = uuid.uuid4().hex
+    port = free_port()
+    run = ["--prompt", "w5 w17 w33 w2", "--max-tokens", "50", "--device", "cpu"]
+    nodes = [subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node",
+         "1", "--node-rank", str(r), "--master-addr", "127.0.0.1", "--master-port", str(port),
+         "-m", "irlm", "run", str(engines["tp2"]), *run],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
+        env=dict(os.environ, IRLM_TEST_LAUNCH=tag, OMP_NUM_THREADS="1")) for r in (0, 1)]
+    try:
+        deadline = time.monotonic() + 240
+        first = b""
+        while not first.strip() and time.monotonic() < deadline:   # rank 0 streams tokens
+            ready, _, _ = select.select([nodes[0].stdout], [], [], 1.0)
+            if ready:
+                chunk = os.read(nodes[0].stdout.fileno(), 4096)
+                assert chunk, nodes[0].stderr.read().decode()[-3000:]
+                first += chunk
+        assert first.strip(), "rank 0 printed no token within 240 s"
+        rank1 = [pid for pid in tagged(tag) if environ_of(pid).get("RANK") == "1"]
+        assert len(rank1) == 1, rank1
+        os.kill(rank1[0], signal.SIGKILL)
+        killed = time.monotonic()
+        results = [p.communicate(timeout=max(1.0, killed + 30 - time.monotonic()))
+                   for p in nodes]
+        assert time.monotonic() - killed < 30
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    err0 = results[0][1].decode()
+    assert nodes[0].returncode != 0 and nodes[1].returncode != 0
+    assert re.search(r"irlm: error: multi-rank engine \S+ stopped: rank 1 stopped responding "
+                     r"during step \d+ \(no heartbeat for \d+ s: its process died or froze\)",
+                     err0), err0[-3000:]
+    for _ in range(20):
+        if not tagged(tag):
+            break
+        time.sleep(0.25)
+    assert not tagged(tag)
+
+
+JOINING_PROGRAM = r"""
+import json, sys
+import torch.distributed as dist
+from irlm.runtime import LLM, SamplingParams
+dist.init_process_group("gloo")        # the program's own group (env://), before the engine
+llm = LLM(sys.argv[1], device="cpu")   # rank 1 serves its shard here, then exits
+out = llm.generate([[5, 17, 33, 2]], SamplingParams(max_tokens=5, temperature=0.0))
+llm.close()
+assert dist.is_initialized()           # closing the engine left the program's group alone
+print(json.dumps(out[0].outputs[0].token_ids))
+"""
+
+
+@pytest.mark.slow
+def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
+    """env:// launch of a program that calls init_process_group itself (rank 0 hosts that
+    store at MASTER_PORT), then opens the engine: the engine joins that group and store."""
+    engine = load_engine(engines["base"])
+    want = LLM(GraphRunner(engine.graph, num_blocks=16), None).generate(
+        [[5, 17, 33, 2]], SamplingParams(max_tokens=5, temperature=0.0))[0].outputs[0].token_ids
+    port = free_port()
+    envs = [dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0",
+                 LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+            for r in (0, 1)]
+    cmd = [sys.executable, "-c", JOINING_PROGRAM, str(engines["tp2"])]
+    (rc0, out0, err0), (rc1, out1, err1) = launch_together([cmd, cmd], envs)
+    assert rc0 == 0, err0[-3000:]
+    assert rc1 == 0, err1[-3000:]
+    assert json.loads(out0) == want and len(want) == 5 and out1 == ""

@@ -92,7 +92,7 @@ def test_non_utf8_ir_is_one_located_line(tmp_path, capsys, command):
 @pytest.mark.parametrize("suffix", [".txt", ".json"])
 def test_oversized_calibration_file_is_refused_unread(bounded, tmp_path, suffix):
     """Old behaviour: the whole file was read (and decoded) into memory."""
-    from irlm.passes.calibration import (MAX_CALIBRATION_BYTES, CalibrationError, read_prompts,
+    from irlm.passes.llm.calibration import (MAX_CALIBRATION_BYTES, CalibrationError, read_prompts,
                                          read_token_lists)
     path = tmp_path / f"calib{suffix}"
     with open(path, "wb") as f:                   # sparse: costs no disk

@@ -49,7 +49,7 @@ def test_zero_block_size_in_an_engine_is_refused(bounded):
 
 @pytest.mark.parametrize("value", [0, -4, 10 ** 6])
 def test_tokens_per_block_is_checked_by_the_pass_and_the_cli(value, capsys):
-    from irlm.passes.substitute_attention import substitute_attention
+    from irlm.passes.llm.substitute_attention import substitute_attention
     with pytest.raises(IRError, match=f"tokens_per_block must be an int in \\[1, 4096\\], got "
                                       f"{value}"):
         substitute_attention(tiny_graph(), value)

@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from irlm.errors import IRLMError
-from irlm.kernels import nvrtc as compiler, ops
+from irlm.kernels import nvrtc as compiler, ops, quant_linear
 from irlm.kernels.nvrtc import KernelCompileError, compile_source
 
 OK, WHY = compiler.nvrtc_available()
@@ -106,6 +106,8 @@ _STRUCTS = [
     ("gated_act.cu", "GatedActParams", ops.GatedActParams),
     ("sampling.cu", "SampleParams", ops.SampleParams),
     ("rope.cu", "RopeApplyParams", ops.RopeApplyParams),
+    ("quant_linear.cu", "QGemvParams", quant_linear.QGemvParams),
+    ("quant_linear.cu", "DequantParams", quant_linear.DequantParams),
 ]
 
 

@@ -19,7 +19,7 @@ FOLDERS = {"irlm": ROOT / "irlm", "irlm.frontends": ROOT / "frontends",
 CORE = ("irlm.errors", "irlm.types", "irlm.ir", "irlm.registry", "irlm.builder",
         "irlm.verifier", "irlm.interpreter", "irlm.weights", "irlm.ops")
 ABOVE_CORE = ("irlm.text", "irlm.passes", "irlm.frontends", "irlm.compilation", "irlm.lowering",
-              "irlm.runtime", "irlm.cli", "irlm.kernels")
+              "irlm.runtime", "irlm.serving", "irlm.cli", "irlm.kernels")
 
 
 def modules():
@@ -86,15 +86,30 @@ def test_text_format_imports_only_the_core():
 
 @pytest.mark.parametrize("layer", ["irlm.passes", "irlm.frontends"])
 def test_passes_and_frontends_never_import_lowering_runtime_or_the_cli(layer):
-    forbidden = ("irlm.lowering", "irlm.runtime", "irlm.cli", "irlm.compilation")
+    forbidden = ("irlm.lowering", "irlm.runtime", "irlm.serving", "irlm.cli", "irlm.compilation")
     if layer == "irlm.passes":
         forbidden += ("irlm.frontends",)
     assert _violations((layer,), forbidden) == []
 
 
 def test_lowering_and_compile_library_never_import_runtime_or_cli():
-    assert _violations(("irlm.lowering", "irlm.compilation"), ("irlm.runtime", "irlm.cli")) == []
+    assert _violations(("irlm.lowering", "irlm.compilation"),
+                       ("irlm.runtime", "irlm.serving", "irlm.cli")) == []
 
 
-def test_runtime_never_imports_the_cli_or_the_compile_library():
-    assert _violations(("irlm.runtime",), ("irlm.cli", "irlm.compilation")) == []
+def test_runtime_never_imports_serving_the_cli_or_the_compile_library():
+    assert _violations(("irlm.runtime",), ("irlm.serving", "irlm.cli", "irlm.compilation")) == []
+
+
+def test_serving_never_imports_the_cli_or_the_compile_library():
+    assert _violations(("irlm.serving",), ("irlm.cli", "irlm.compilation")) == []
+
+
+#: the passes' own sub-packages that hold passes (the infrastructure and the rewriting engine
+#: sit below them)
+PASS_GROUPS = ("irlm.passes.transforms", "irlm.passes.fusions", "irlm.passes.llm",
+               "irlm.passes.parallel")
+
+
+def test_the_rewriting_engine_imports_no_pass():
+    assert _violations(("irlm.passes.rewriting",), PASS_GROUPS) == []

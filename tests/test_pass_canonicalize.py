@@ -10,7 +10,7 @@ from irlm import Builder, DType, Graph, TensorType
 from irlm.interpreter import Interpreter
 from irlm.text.parser import parse_graph
 from irlm.passes import CheckNumerics, PassContext, run_pass, run_pipeline
-from irlm.passes.canonicalize import EXACT_WIDENINGS, permutation_of
+from irlm.passes.transforms.canonicalize import EXACT_WIDENINGS, permutation_of
 from irlm.text.printer import print_graph
 from irlm.verifier import verify
 
@@ -188,7 +188,7 @@ def test_permutation_of_transpose_and_permute():
 
 
 def test_every_canonicalization_states_its_equation():
-    from irlm.passes.canonicalize import canonicalization_patterns
+    from irlm.passes.transforms.canonicalize import canonicalization_patterns
     for p in canonicalization_patterns():
         doc = (p.__doc__ or "").strip()
         assert "=" in doc.splitlines()[0], f"{p.name}: the docstring's first line is its equation"

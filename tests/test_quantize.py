@@ -21,7 +21,7 @@ from irlm.interpreter import Interpreter
 from irlm.ops.quant import dequantize_reference, pack_int4, unpack_int4
 from irlm.text.parser import parse_graph
 from irlm.passes import PassError, run_pass, run_pipeline
-from irlm.passes.quantize import (quantize_fp8, quantize_int4, quantize_int8, relative_error)
+from irlm.passes.llm.quantize import (quantize_fp8, quantize_int4, quantize_int8, relative_error)
 from irlm.text.printer import print_graph
 from irlm.types import DType
 from irlm.verifier import verify
@@ -381,7 +381,7 @@ def test_linear_a8_rejects_mismatched_layouts():
 
 
 def test_smoothquant_scales_follow_the_formula_and_keep_the_product():
-    from irlm.passes.quantize import smoothquant_scales
+    from irlm.passes.llm.quantize import smoothquant_scales
     torch.manual_seed(5)
     x = torch.randn(32, 48)
     x[:, 3] *= 40                                                  # an outlier channel
@@ -397,7 +397,7 @@ def test_smoothquant_scales_follow_the_formula_and_keep_the_product():
 
 
 def test_awq_search_is_never_worse_than_rtn_and_helps_on_salient_channels():
-    from irlm.passes.quantize import awq_scales, dequantize_weight
+    from irlm.passes.llm.quantize import awq_scales, dequantize_weight
     torch.manual_seed(6)
     x = torch.randn(256, 64)
     x[:, :4] *= 25                                                 # salient input channels
@@ -491,7 +491,7 @@ def test_calibration_errors_are_clear(llama, tmp_path):
 
 def test_text_calibration_is_tokenized_with_the_given_tokenizer(tmp_path, tok, model):
     from irlm.compilation import compile_causal_lm
-    from irlm.passes.calibration import read_prompts, tokenize_prompts
+    from irlm.passes.llm.calibration import read_prompts, tokenize_prompts
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog.\n\nIn the beginning was the "
                     "word, and the compiler lowered the word into kernels.\n")

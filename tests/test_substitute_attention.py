@@ -12,7 +12,7 @@ import transformers
 from irlm.frontends.trace import trace
 from irlm.interpreter import Interpreter
 from irlm.passes import run_pipeline
-from irlm.passes.substitute_attention import INFERENCE_INPUTS
+from irlm.passes.llm.substitute_attention import INFERENCE_INPUTS
 from irlm.verifier import verify
 
 VOCAB, BS, BLOCKS = 96, 4, 64

@@ -200,7 +200,7 @@ def calibration_stage(job: CompileJob) -> None:
 def write_calibration_tokens(job: CompileJob) -> Path:
     """Tokenize ``calib`` (or the built-in set) with the model's tokenizer into OUT/, so the
     recorded pipeline names every input it read."""
-    from irlm.passes.calibration import (DEFAULT_CALIBRATION, read_prompts, read_token_lists,
+    from irlm.passes.llm.calibration import (DEFAULT_CALIBRATION, read_prompts, read_token_lists,
                                          tokenize_prompts, write_token_lists)
     given = job.config.calib
     src = Path(given) if given else DEFAULT_CALIBRATION

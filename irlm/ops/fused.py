@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..errors import IRError
 from ..registry import attr, define_op
-from ..types import dims_equal, format_dim
+from ..types import TensorType, dims_equal, format_dim
 from ._shape import broadcast_shapes, require_float, require_rank, same_dim
 
 #: act name -> its elementwise function (the same as core.silu / core.gelu / core.relu).

@@ -1,6 +1,6 @@
 """The ``quant`` dialect: weight-only quantized storage and the GEMM that reads it.
 
-What the ``quantize`` pass (irlm/passes/quantize.py) produces.  A quantized weight is a
+What the ``quantize`` pass (irlm/passes/llm/quantize.py) produces.  A quantized weight is a
 stored integer (or fp8) tensor plus its scales (and, for int4, zero points); the reference
 implementations dequantize to floating point and run the ordinary float op, which states the
 semantics a kernel must reproduce.  Storage layouts, for a weight ``W`` of

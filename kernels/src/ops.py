@@ -151,7 +151,8 @@ def all_kernels() -> list[Kernel]:
         for d in ATTENTION_HEAD_DIMS:
             ks += [decode_kernel(dt, d), prefill_kernel(dt, d)]
         ks += [kv_write_kernel(dt), rope_kernel(dt), rms_kernel(dt), act_kernel(dt)]
-    return ks + [sample_kernel()] + [rope_apply_kernel()]
+    from .quant_linear import all_quant_kernels
+    return ks + [sample_kernel()] + [rope_apply_kernel()] + all_quant_kernels()
 
 
 # ---- checks -------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import math
 
-from ..driver import pattern_pass
-from ..pattern import Var, op, rule
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Var, op, rule
 from .constraints import approx, keeps_type, scalar
 
 x = Var("x").is_float()

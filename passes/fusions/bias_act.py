@@ -16,8 +16,8 @@ broadcast the product larger, the weight is a 2-D param, dtypes agree.
 """
 from __future__ import annotations
 
-from ..driver import pattern_pass
-from ..pattern import Var, op, rule, same_type
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Var, op, rule, same_type
 from .activations import ACTIVATION_PATTERNS
 from .constraints import ACTIVATION_OPS, activation_name, is_param, is_vector_of
 from .weights import transposed_param

@@ -15,8 +15,8 @@ from irlm.ops.fused import ACTIVATIONS
 from irlm.registry import ACTIVATION, ops_with_trait
 from irlm.types import DType, dims_equal, normalize_axis
 
-from ..canonicalize import EXACT_WIDENINGS
-from ..pattern import Const, Pattern, same_type, splat_value
+from ..transforms.canonicalize import EXACT_WIDENINGS
+from ..rewriting.pattern import Const, Pattern, same_type, splat_value
 
 
 # ----- axes ------------------------------------------------------------------------------------

@@ -21,8 +21,8 @@ from __future__ import annotations
 from irlm.ir import Op, Value
 from irlm.ops.fused import GATED_ACTIVATIONS
 
-from ..driver import pattern_pass
-from ..pattern import Var, op, rule, same_type
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Var, op, rule, same_type
 from .activations import ACTIVATION_PATTERNS
 from .constraints import ACTIVATION_OPS, activation_name, common_module, is_param, is_last_axis
 from .weights import concat_params

@@ -16,8 +16,8 @@ the absorbed norm has one use.
 """
 from __future__ import annotations
 
-from ..driver import pattern_pass
-from ..pattern import Const, Var, op, rule
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Const, Var, op, rule
 from .constraints import is_vector_of, keeps_type, reduces_last_axis, scalar, scalar_splat
 
 x = Var("x").is_float()

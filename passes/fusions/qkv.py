@@ -17,8 +17,8 @@ from typing import Optional
 
 from irlm.ir import Op, Value
 
-from ..driver import pattern_pass
-from ..pattern import RewritePattern
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import RewritePattern
 from .constraints import common_module, is_param
 from .weights import concat_params
 

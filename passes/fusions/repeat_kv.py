@@ -16,9 +16,9 @@ from __future__ import annotations
 from irlm.ir import Op
 from irlm.types import dims_equal
 
-from ..driver import pattern_pass
-from ..pattern import RewritePattern
-from ..substitute_attention import strip_repeat_kv
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import RewritePattern
+from ..llm.substitute_attention import strip_repeat_kv
 
 
 class RemoveRepeatKV(RewritePattern):

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from irlm.ir import Op, Value
 
-from ..driver import pattern_pass
-from ..pattern import Var, op, rule, same_type
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Var, op, rule, same_type
 
 residual_sum = op("core.add")(Var("x"), Var("residual")).named("add")
 

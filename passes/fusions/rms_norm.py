@@ -21,8 +21,8 @@ from typing import Optional
 
 from irlm.ir import Value
 
-from ..driver import pattern_pass
-from ..pattern import Const, Var, has_one_use, op, rule
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Const, Var, has_one_use, op, rule
 from .constraints import (is_vector_of, keeps_type, reduces_last_axis, scalar, scalar_splat,
                           unwidened)
 

@@ -23,8 +23,8 @@ from typing import Optional
 
 from irlm.ir import Op, Value
 
-from ..driver import pattern_pass
-from ..pattern import Var, op, rule, same_type
+from ..rewriting.driver import pattern_pass
+from ..rewriting.pattern import Var, op, rule, same_type
 from .constraints import is_last_axis, keeps_type, slices_last_axis, static_last_dim
 
 x, cos, sin = Var("x"), Var("cos"), Var("sin")

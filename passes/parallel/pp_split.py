@@ -12,7 +12,7 @@ from irlm.builder import Builder
 from irlm.ir import Graph, Op, Value
 from irlm.registry import CONSTANT_LIKE, ops_with_trait
 
-from ..rewriter import Rewriter
+from ..rewriting.rewriter import Rewriter
 from .tp_split import TPSplitError, _err
 
 class PPSplitError(TPSplitError):

@@ -61,7 +61,7 @@ from irlm.ir import Graph, Op, Value
 from irlm.ops.llm import KV_CACHE_AXIS
 from irlm.registry import ACTIVATION, CONSTANT_LIKE, get_op_def, ops_with_trait
 
-from ..rewriter import Rewriter
+from ..rewriting.rewriter import Rewriter
 from irlm.types import TensorType, dim_product, dims_equal
 
 

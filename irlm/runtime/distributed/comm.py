@@ -32,6 +32,25 @@ def configure_nccl_env() -> None:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
 
 
+def configure_shared_gpu_nccl_env(rank: int) -> None:
+    """NCCL settings for rank ``rank`` when several ranks share one GPU (``ranks_per_gpu``).
+
+    NCCL (since 2.5) refuses a communicator in which two ranks of one host use the same GPU
+    ("Duplicate GPU detected": it compares the host hash and the GPU's bus id of every pair),
+    because its topology search assumes one rank per GPU.  Each rank gets a host identifier of
+    its own (``NCCL_HOSTID``, which NCCL hashes instead of the host name), so NCCL sees one
+    rank per "host" and connects the ranks through its network transport: the built-in socket
+    transport (``NCCL_NET=Socket``, ``NCCL_IB_DISABLE=1``) over the loopback interface
+    (``NCCL_SOCKET_IFNAME=lo``).  Slow, but a real NCCL communicator, captured in CUDA graphs
+    like any other: a correctness check of the NCCL path on one GPU.  Settings the user made
+    (other than the host id) are kept."""
+    import socket
+    os.environ["NCCL_HOSTID"] = f"{socket.gethostname()}-irlm-rank{rank}"
+    os.environ.setdefault("NCCL_NET", "Socket")
+    os.environ.setdefault("NCCL_IB_DISABLE", "1")
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where one rank sits in a ``tp x pp`` engine."""

@@ -24,7 +24,8 @@ import torch.distributed as dist
 from irlm.runtime.distributed.simulator import DistributedError
 
 from ..model_runner import StepBatch
-from .comm import Layout, TorchComm, configure_nccl_env, dist_kernels, make_tp_groups
+from .comm import (Layout, TorchComm, configure_nccl_env, configure_shared_gpu_nccl_env,
+                   dist_kernels, make_tp_groups)
 
 
 def load_shard(engine_dir, rank: int):
@@ -77,8 +78,9 @@ class RankWorker:
 
     def __init__(self, engine_dir, layout: Layout, device: torch.device, *,
                  num_blocks: Optional[int] = None, max_model_len: Optional[int] = None,
-                 kv_cache_bytes: int = 512 << 20):
+                 kv_cache_bytes: int = 512 << 20, shared_gpu: bool = False):
         self.layout, self.device = layout, device
+        self.shared_gpu = shared_gpu
         self.engine = load_shard(engine_dir, layout.rank)
         cfg = self.engine.config
         if (cfg.get("tp_rank"), cfg.get("pp_stage")) != (layout.tp_rank, layout.stage):
@@ -106,6 +108,8 @@ class RankWorker:
         lay = self.layout
         if self.backend == "nccl":
             configure_nccl_env()
+            if self.shared_gpu:
+                configure_shared_gpu_nccl_env(lay.rank)
         if not dist.is_initialized():
             kwargs = {"device_id": self.device} if self.backend == "nccl" else {}
             dist.init_process_group(self.backend, store=store, rank=lay.rank,

@@ -34,8 +34,8 @@ from irlm.runtime.distributed.simulator import DistributedError
 from .comm import Layout, configure_nccl_env
 from .worker import STOP, HEARTBEAT_S, LaunchSpec, connect_store, encode_batch, one_line
 
-#: a worker whose heartbeat is older than this is reported as dead or frozen
-STALE_S = 10.0
+#: a worker whose heartbeat does not change for this long is reported as dead or frozen
+SILENT_S = max(3.0, 6 * HEARTBEAT_S)
 
 
 class EngineStopped(DistributedError):
@@ -73,16 +73,33 @@ def _env_prefix() -> str:
     return f"irlm/{env.get('TORCHELASTIC_RUN_ID', 'env')}/{env.get('TORCHELASTIC_RESTART_COUNT', 0)}"
 
 
-def _pick_device(device: str, local_ranks: int) -> str:
+def _ranks_per_gpu(value: Optional[int]) -> int:
+    """``ranks_per_gpu`` as given, else ``IRLM_RANKS_PER_GPU`` (a launch's ranks all read the
+    same environment), else 1."""
+    where = "ranks_per_gpu"
+    if value is None:
+        value, where = os.environ.get("IRLM_RANKS_PER_GPU", "1"), "IRLM_RANKS_PER_GPU"
+    try:
+        n = int(value)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise DistributedError(f"{where}={value!r}: expected a whole number of at least 1")
+    return n
+
+
+def _pick_device(device: str, local_ranks: int, ranks_per_gpu: int = 1) -> str:
+    gpus = -(-local_ranks // ranks_per_gpu)
     if device == "auto":
-        ok = torch.cuda.is_available() and torch.cuda.device_count() >= local_ranks
+        ok = torch.cuda.is_available() and torch.cuda.device_count() >= gpus
         return "cuda" if ok else "cpu"
     if device == "cuda":
         if not torch.cuda.is_available():
             raise DistributedError("--device cuda: no CUDA GPU is available here")
-        if torch.cuda.device_count() < local_ranks:
+        if torch.cuda.device_count() < gpus:
+            each = "one GPU each" if ranks_per_gpu == 1 else f"{ranks_per_gpu} per GPU"
             raise DistributedError(f"--device cuda: this engine runs {local_ranks} ranks on "
-                                   f"this host, one GPU each, but it has "
+                                   f"this host, {each}, but it has "
                                    f"{torch.cuda.device_count()} GPU(s)")
     elif device != "cpu":
         raise DistributedError(f"device '{device}': expected auto, cpu or cuda")
@@ -99,13 +116,19 @@ def _exit_text(code: int) -> str:
 
 
 class DistributedRunner:
-    """A multi-rank engine as one :class:`~irlm.runtime.model_runner.ModelRunner`."""
+    """A multi-rank engine as one :class:`~irlm.runtime.model_runner.ModelRunner`.
+
+    ``ranks_per_gpu`` (default: ``IRLM_RANKS_PER_GPU`` or 1): with more than 1, that many
+    consecutive local ranks share a GPU, NCCL connecting them through its socket transport
+    (:func:`~.comm.configure_shared_gpu_nccl_env`); for checking the NCCL path on one GPU,
+    not for speed."""
 
     supports_device_inputs = False    # the engine reads async tokens before publishing a step
 
     def __init__(self, engine_dir, *, device: str = "auto", num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
-                 launch: str = "auto", timeout: float = 60.0, load_timeout: float = 600.0):
+                 launch: str = "auto", timeout: float = 60.0, load_timeout: float = 600.0,
+                 ranks_per_gpu: Optional[int] = None):
         from irlm.lowering.engine_format import load_engine_header
         from .rank import RankWorker, resize_pool
         self.engine_dir = str(engine_dir)
@@ -113,6 +136,7 @@ class DistributedRunner:
         self.header = header
         tp, pp = int(header.parallel["tp"]), int(header.parallel["pp"])
         env = launched_rank()
+        ranks_per_gpu = _ranks_per_gpu(ranks_per_gpu)
         if launch == "auto":
             launch = "env" if env is not None else "spawn"
         if launch not in ("spawn", "env"):
@@ -129,29 +153,38 @@ class DistributedRunner:
             if rank != 0:
                 raise DistributedError(f"rank {rank}: only rank 0 drives the engine; the other "
                                        f"ranks run serve_rank()")
-            device = _pick_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+            device = _pick_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)),
+                                  ranks_per_gpu)
             self.spec = LaunchSpec(self.engine_dir, tp, pp, os.environ.get("MASTER_ADDR",
                                    "127.0.0.1"), _master_port(),
                                    _env_prefix(), device, num_blocks=num_blocks,
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-                                   timeout=timeout, load_timeout=load_timeout)
-            master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true"
+                                   timeout=timeout, load_timeout=load_timeout,
+                                   ranks_per_gpu=ranks_per_gpu)
+            # The store is torchrun's (its agent hosts it), or the one the program's own
+            # init_process_group made at MASTER_ADDR:MASTER_PORT (env://: rank 0 hosts it in
+            # this process already); otherwise this rank hosts it.
+            master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" \
+                and not dist.is_initialized()
         else:
             if dist.is_initialized():
                 raise DistributedError("this process already has a torch.distributed process "
                                        "group; close the other multi-rank engine first, or "
                                        "launch with torchrun (launch='env')")
             local = 0
-            device = _pick_device(device, tp * pp)
+            device = _pick_device(device, tp * pp, ranks_per_gpu)
             self.spec = LaunchSpec(self.engine_dir, tp, pp, "127.0.0.1", 0,
                                    f"irlm/{uuid.uuid4().hex}", device, num_blocks=num_blocks,
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                    timeout=timeout, load_timeout=load_timeout,
-                                   parent_pid=os.getpid())
+                                   parent_pid=os.getpid(), ranks_per_gpu=ranks_per_gpu)
             master = True
         if device == "cuda":
             configure_nccl_env()        # before any worker starts: they inherit it
         self.layout = Layout(tp, pp, 0)
+        # a process group the program made itself (it joined a launch before opening the
+        # engine) is the program's: closing the engine leaves it in place
+        self._owns_group = not dist.is_initialized()
         self._procs: dict[int, object] = {}
         self._closed, self._fault = False, None
         self._step_started: Optional[float] = None
@@ -164,7 +197,8 @@ class DistributedRunner:
         try:
             self.worker = RankWorker(self.engine_dir, self.layout,
                                      self.spec.device_of(local), num_blocks=num_blocks,
-                                     max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes)
+                                     max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
+                                     shared_gpu=ranks_per_gpu > 1 and device == "cuda")
             infos = self._wait_ready(self.worker.info())
             pool = {"num_blocks": min(i["num_blocks"] for i in infos),
                     "max_model_len": min(i["max_model_len"] for i in infos)}
@@ -282,14 +316,20 @@ class DistributedRunner:
         for r, p in self._procs.items():
             if p.exitcode is not None:
                 return self._stopped(f"rank {r} (pid {p.pid}) {_exit_text(p.exitcode)} {when}")
-        now, beats = time.time(), self._heartbeats()
-        for r in range(1, self.layout.world_size):
-            if r not in beats:
-                continue
-            t, steps = beats[r]
-            if now - t > STALE_S:
-                return self._stopped(f"rank {r} stopped responding {when} (no heartbeat for "
-                                     f"{now - t:.0f} s: its process died or froze)")
+        # A rank whose heartbeat does not move for SILENT_S is dead or frozen (the heartbeat is
+        # a thread of its own, beating whatever the rank's main thread does).  Watching it
+        # move, rather than comparing its time with this host's clock, also holds across
+        # hosts whose clocks differ (launches over several nodes, where there is no process
+        # exit code to read).
+        first, start = self._heartbeats(), time.monotonic()
+        beats, silent = first, sorted(first)
+        while silent and time.monotonic() - start < SILENT_S:
+            time.sleep(HEARTBEAT_S / 2)
+            beats = self._heartbeats()
+            silent = [r for r in silent if beats.get(r) == first[r]]
+        for r in silent:
+            return self._stopped(f"rank {r} stopped responding {when} (no heartbeat for "
+                                 f"{SILENT_S:.0f} s: its process died or froze)")
         behind = [r for r, (_, steps) in beats.items() if steps < self.num_steps]
         if behind:
             return self._stopped(f"rank {behind[0]} did not finish step {self.num_steps} "
@@ -351,7 +391,7 @@ class DistributedRunner:
             if self._fault is not None and getattr(self, "worker", None) is not None and \
                     self.worker.backend == "nccl":
                 _abort_nccl()
-            else:
+            elif self._owns_group:
                 try:
                     dist.destroy_process_group()
                 except Exception:                 # noqa: BLE001
@@ -364,16 +404,28 @@ class DistributedRunner:
             pass
 
 
+_WORKER_MAIN = ("import json, sys; from irlm.runtime.distributed.worker import LaunchSpec, "
+                "worker_main; worker_main(LaunchSpec(**json.loads(sys.argv[1])), "
+                "int(sys.argv[2]))")
+
+
 class WorkerProcess:
-    """A spawned worker: ``python -m irlm.runtime.distributed.worker SPEC RANK``."""
+    """A spawned worker: a fresh interpreter running :func:`worker.worker_main` (SPEC RANK)."""
 
     def __init__(self, spec: LaunchSpec, rank: int):
         import dataclasses
         import subprocess
         import sys
         self.rank = rank
-        self._p = subprocess.Popen([sys.executable, "-m", "irlm.runtime.distributed.worker",
-                                    json.dumps(dataclasses.asdict(spec)), str(rank)])
+        env = dict(os.environ)
+        if spec.device == "cpu" and "OMP_NUM_THREADS" not in env:
+            # N ranks on this host's cores: torch's default (every core per process) would
+            # oversubscribe them, and gloo's collectives then wait on descheduled peers
+            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // spec.world_size))
+        # ``-c`` rather than ``-m ...worker``: the package already imports that module, and
+        # runpy warns when it runs a module that is in sys.modules
+        self._p = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN,
+                                    json.dumps(dataclasses.asdict(spec)), str(rank)], env=env)
         self.pid = self._p.pid
 
     @property
@@ -414,7 +466,8 @@ def _close_all() -> None:
 
 def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = None,
                max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
-               timeout: float = 60.0, load_timeout: float = 600.0) -> None:
+               timeout: float = 60.0, load_timeout: float = 600.0,
+               ranks_per_gpu: Optional[int] = None) -> None:
     """Run this launched process's rank (not 0) of the engine until rank 0 stops it.  For
     ranks started by torchrun: ``irlm run`` and ``LLM(ENGINE)`` call it on ranks != 0."""
     from irlm.lowering.engine_format import load_engine_header
@@ -428,17 +481,20 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
     if world != tp * pp:
         raise DistributedError(f"{engine_dir}: the engine has {tp * pp} ranks (tp {tp} x pp "
                                f"{pp}) but the launch has WORLD_SIZE={world}")
-    device = _pick_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)))
+    ranks_per_gpu = _ranks_per_gpu(ranks_per_gpu)
+    device = _pick_device(device, int(os.environ.get("LOCAL_WORLD_SIZE", world)), ranks_per_gpu)
     if device == "cuda":
         configure_nccl_env()
     spec = LaunchSpec(str(engine_dir), tp, pp, os.environ.get("MASTER_ADDR", "127.0.0.1"),
                       _master_port(), _env_prefix(), device,
                       num_blocks=num_blocks, max_model_len=max_model_len,
-                      kv_cache_bytes=kv_cache_bytes, timeout=timeout, load_timeout=load_timeout)
+                      kv_cache_bytes=kv_cache_bytes, timeout=timeout, load_timeout=load_timeout,
+                      ranks_per_gpu=ranks_per_gpu)
+    owns_group = not dist.is_initialized()     # else the program's own: left in place
     try:
         run_rank(spec, rank, local)
     finally:
-        if dist.is_initialized():
+        if owns_group and dist.is_initialized():
             try:
                 dist.destroy_process_group()
             except Exception:                     # noqa: BLE001

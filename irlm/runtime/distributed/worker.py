@@ -54,6 +54,7 @@ class LaunchSpec:
     timeout: float = 60.0            # collectives (the process group's timeout)
     load_timeout: float = 600.0      # loading shards and joining the group
     parent_pid: Optional[int] = None  # spawned workers exit when this process is gone
+    ranks_per_gpu: int = 1           # > 1: consecutive local ranks share a GPU (NCCL tests)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -65,7 +66,8 @@ class LaunchSpec:
 
     def device_of(self, local_rank: int) -> torch.device:
         if self.device == "cuda":
-            return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
+            gpu = local_rank // max(1, self.ranks_per_gpu)
+            return torch.device("cuda", gpu % max(1, torch.cuda.device_count()))
         return torch.device("cpu")
 
 
@@ -142,7 +144,8 @@ def run_rank(spec: LaunchSpec, rank: int, local_rank: int) -> None:
         layout = Layout(spec.tp, spec.pp, rank)
         worker = RankWorker(spec.engine_dir, layout, spec.device_of(local_rank),
                             num_blocks=spec.num_blocks, max_model_len=spec.max_model_len,
-                            kv_cache_bytes=spec.kv_cache_bytes)
+                            kv_cache_bytes=spec.kv_cache_bytes,
+                            shared_gpu=spec.ranks_per_gpu > 1)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which names this rank
         _report(store, spec.key("error", rank), one_line(e))
         raise

@@ -3,7 +3,7 @@
 The reference interpreter (:mod:`irlm.interpreter`, via :class:`~.interpreter.GraphRunner`)
 looks every op up in the registry, evaluates symbolic dims with sympy, checks every result's
 type and runs paged attention one request at a time: it states the semantics, and it is slow.
-This executor runs the same graph the way :mod:`.cuda_runner` does on a GPU:
+This executor runs the same graph the way :mod:`.cuda_graphs` does on a GPU:
 
 * **bound once**: at load every op becomes one prepared Python closure over slots of a flat
   value table (params and constants are placed in the table once); symbolic dims of reshapes

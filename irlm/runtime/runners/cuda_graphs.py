@@ -1,9 +1,10 @@
 """The CUDA executor: an inference-form graph on the GPU, decode steps as CUDA graphs.
 
 Every op runs on the GPU: the ``llm`` ops that irlm has kernels for (paged attention, RMSNorm,
-residual-add + RMSNorm, gated activations; :mod:`irlm.kernels`) run those kernels, and every
-other op runs its registry reference implementation on CUDA tensors (torch: cuBLAS for the
-linears, views for reshapes).  Which kernel runs each op is lowering's kernel selection
+residual-add + RMSNorm, gated activations; :mod:`irlm.kernels`) run those kernels, the
+quantized linears run the paths of lowering/quant_linears.py (int8 GEMV, tinygemm int4,
+cuBLASLt fp8 / int8 GEMMs), and every other op runs its registry reference implementation on
+CUDA tensors (torch: cuBLAS for the linears, views for reshapes).  Which kernel runs each op is lowering's kernel selection
 (:data:`irlm.lowering.kernel_selection.KERNELS`).
 
 Pure decode steps (one new token per request) are captured as CUDA graphs per
@@ -67,6 +68,10 @@ class CudaGraphRunner:
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
         store = weights if weights is not None else graph.weights
         self.weights = _to_device(graph, store, self.device)
+        # quantized linears: kernel paths chosen and their weight layouts converted once, here
+        # (before the KV pool is sized from the memory left)
+        from irlm.lowering.quant_linears import QuantLinearPlan
+        self.quant_plan = QuantLinearPlan().prepare(graph, self.weights, self.device)
         cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
         layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         dtype = cache_t.dtype.torch
@@ -77,6 +82,7 @@ class CudaGraphRunner:
             # workspaces and CUDA graph pools), then give the KV pool a fraction of the rest.
             from irlm.lowering.memory_plan import plan_activation_memory
             torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()    # what torch's allocator caches (e.g. of a calibration)
             per_block = kv_block_bytes(layers, bs, kv_heads, head_dim, dtype)
             tokens = self.max_num_tokens or 8192
             plan = plan_activation_memory(graph, {
@@ -104,6 +110,7 @@ class CudaGraphRunner:
         constants = {id(op.attrs["value"]): op.attrs["value"].to(self.device)
                      for op in graph.ops if op.name == "core.constant"}
         overrides = dict(KERNELS)
+        overrides.update(self.quant_plan.overrides())
         overrides["core.constant"] = lambda ctx, x, a: [constants[id(a["value"])]]
         self._interp = Interpreter(graph, self.weights, check_types=False, overrides=overrides,
                                    device=self.device)

@@ -16,9 +16,9 @@ from irlm.ir import Graph, Op
 from irlm.registry import get_op_def, has_op
 from irlm.types import TensorType, format_type
 
-from .context import PassContext
-from .registry import register_pass
-from .rewriter import Rewriter
+from ..context import PassContext
+from ..registry import register_pass
+from ..rewriting.rewriter import Rewriter
 
 
 def attr_key(v: Any) -> Any:

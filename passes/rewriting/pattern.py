@@ -30,7 +30,7 @@ Two ways to write a pattern:
   ``Const``.
 
 A rewrite function receives the :class:`Match` ``m`` (``m.root`` is the matched op) and the
-:class:`~irlm.passes.rewriter.Rewriter` ``rw``, and returns the value(s) that replace the root's
+:class:`~irlm.passes.rewriting.rewriter.Rewriter` ``rw``, and returns the value(s) that replace the root's
 results, or ``None`` to decline (having changed nothing).  If it declines, the next way of
 matching (the other operand order, the next ``Or`` branch) is tried.
 
@@ -50,7 +50,7 @@ from irlm.ir import Op, Value
 from irlm.registry import get_op_def, has_op
 from irlm.types import DType, dims_equal
 
-from .errors import RewriteError
+from ..errors import RewriteError
 
 Env = dict[str, Any]
 

@@ -19,8 +19,8 @@ from irlm.errors import IRLMError
 from irlm.ir import Graph, Location, Op, Value
 from irlm.types import DType, TensorType
 
-from .context import Statistics
-from .errors import RewriteError
+from ..context import Statistics
+from ..errors import RewriteError
 from .pattern import same_type
 
 

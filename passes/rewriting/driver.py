@@ -27,8 +27,8 @@ from irlm.errors import IRLMError
 from irlm.ir import Graph, Op, Value
 from irlm.registry import is_dead
 
-from .context import PassContext, Statistics
-from .errors import PassError, PassFailedError, RewriteError, RewriteLimitError, closest
+from ..context import PassContext, Statistics
+from ..errors import PassError, PassFailedError, RewriteError, RewriteLimitError, closest
 from .pattern import RewritePattern
 from .rewriter import RewriteListener, Rewriter
 
@@ -231,7 +231,7 @@ def pattern_pass(name: str, patterns: Sequence[PatternLike], *, doc: Optional[st
 
     ``doc`` defaults to the patterns' names, then their docstrings' first lines (their
     equations), one a line."""
-    from .registry import register_pass
+    from ..registry import register_pass
     pset = PatternSet(patterns)
     if doc is None:  # a one-line summary, then one equation a line
         doc = f"Applies {', '.join(p.name for p in pset)}.\n\n" + \

@@ -26,8 +26,8 @@ from typing import Optional
 from irlm.ir import Graph, Op, Value
 from irlm.types import DType
 
-from .registry import register_pass
-from .rewriter import Rewriter
+from ..registry import register_pass
+from ..rewriting.rewriter import Rewriter
 
 _WEIGHT_MODE = {DType.i8: "int8", DType.u8: "int4", DType.f8e4m3: "fp8"}
 

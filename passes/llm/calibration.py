@@ -5,7 +5,7 @@ Activation-aware quantization (AWQ, SmoothQuant), static activation scales (FP8)
 scales all depend on what values flow through the model, which the weights alone cannot
 tell.  A *calibration set* is a list of token-id lists: read from a JSON file
 (``[[1, 2, ...], ...]``), or from a text file (prompts separated by blank lines) tokenized with
-the model's tokenizer.  ``passes/calibration.txt`` is the built-in default set; ``irlm compile``
+the model's tokenizer.  ``passes/llm/calibration.txt`` is the built-in default set; ``irlm compile``
 tokenizes it (or ``--calib FILE``) and hands the passes the token ids as a JSON file, so the
 pipeline string in ``engine.json`` is enough to replay the compile.
 
@@ -199,6 +199,16 @@ def _inference_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     return out
 
 
+def _weights_device(graph: Graph) -> torch.device:
+    """The device of the embedding table (the CPU when there is none)."""
+    for op in graph.ops:
+        if op.name == "core.embedding":
+            p = op.operands[0].producer
+            if p is not None and p.name == "param":
+                return graph.weights.get(p.attrs["name"]).device
+    return torch.device("cpu")
+
+
 def _vocab_size(graph: Graph) -> Optional[int]:
     for op in graph.ops:
         if op.name == "core.embedding":
@@ -253,10 +263,11 @@ def observe(graph: Graph, prompts: Sequence[Sequence[int]], linears: Iterable[Op
             obs.kv[layer] = (max(old[0], k), max(old[1], v))
             return ref_att(ctx, args, attrs)
         overrides["llm.paged_attention"] = att_hook
-    interp = Interpreter(graph, check_types=False, overrides=overrides)
+    device = _weights_device(graph)     # run where the weights are (a GPU for large models)
+    interp = Interpreter(graph, check_types=False, overrides=overrides, device=device)
     run_no = [0]
     with torch.no_grad():
         for p in prompts:
             run_no[0] += 1
-            interp.run(_inference_inputs(graph, list(p)))
+            interp.run([x.to(device) for x in _inference_inputs(graph, list(p))])
     return obs

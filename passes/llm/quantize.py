@@ -6,7 +6,7 @@ weight is a ``param`` gets its weight replaced by
 quantized tensor, its scales and zero points are computed lazily from the stored weight the
 first time something reads them).  Modes that quantize activations also insert
 ``quant.quantize`` / ``quant.quantize_per_token`` + ``quant.dequantize`` on the linear's input.
-``fuse-quant`` (passes/quant_fuse.py, run at the end of this pass unless ``fuse=false``) then
+``fuse-quant`` (passes/llm/quant_fuse.py, run at the end of this pass unless ``fuse=false``) then
 turns each such pattern into the one op kernels implement: ``quant.linear`` (weight-only) or
 ``quant.linear_a8`` (8-bit weights and activations).
 
@@ -28,8 +28,8 @@ mode           what
 =============  =========================================================================
 
 The calibrated modes (``int4-awq``, ``w8a8-sq``, ``fp8``) run the graph on a calibration set
-(passes/calibration.py): ``calib=FILE`` (``.json`` token ids, or text with ``tokenizer=``),
-default the built-in ``passes/calibration.txt``.  Layers that share one input (q/k/v, gate/up)
+(passes/llm/calibration.py): ``calib=FILE`` (``.json`` token ids, or text with ``tokenizer=``),
+default the built-in ``passes/llm/calibration.txt``.  Layers that share one input (q/k/v, gate/up)
 share one smoothing scale, so it can be folded once.
 
 By default the LM head (a linear whose result reaches a graph output without passing another
@@ -51,11 +51,11 @@ from irlm.ir import Graph, Op, Value
 from irlm.ops.quant import FP8_MAX, dequantize_reference, pack_int4
 from irlm.types import DType, TensorType
 
-from .errors import PassError
-from .fusions.weights import ensure_weight_store
-from .options import Option
-from .registry import register_pass
-from .rewriter import Rewriter
+from ..errors import PassError
+from ..fusions.weights import ensure_weight_store
+from ..options import Option
+from ..registry import register_pass
+from ..rewriting.rewriter import Rewriter
 
 #: pass modes, and the stored weight format each one uses
 MODES = ("int8", "int4", "int4-awq", "w8a8-sq", "fp8", "fp8-weight")

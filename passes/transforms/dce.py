@@ -9,9 +9,9 @@ from __future__ import annotations
 from irlm.ir import Graph
 from irlm.registry import is_dead
 
-from .context import PassContext
-from .registry import register_pass
-from .rewriter import Rewriter
+from ..context import PassContext
+from ..registry import register_pass
+from ..rewriting.rewriter import Rewriter
 
 
 def eliminate_dead_code(graph: Graph, ctx: PassContext) -> int:

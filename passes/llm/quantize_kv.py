@@ -7,7 +7,7 @@ from calibration: ``scale = amax / qmax`` of the layer's keys (values) over the 
 prompts (qmax 127 for int8, 448 for fp8 e4m3).  The graph's ``kv_cache`` input changes to
 ``i8`` / ``f8e4m3``, so the runtime allocates the smaller pool from the plan's type.
 
-Calibration: ``calib=`` / ``tokenizer=`` as for ``quantize`` (passes/calibration.py).
+Calibration: ``calib=`` / ``tokenizer=`` as for ``quantize`` (passes/llm/calibration.py).
 Statistics: ``kv scales layer N`` = "key scale/value scale"; docs/quantization.md has the
 measured accuracy.
 """
@@ -17,9 +17,9 @@ from irlm.ir import Graph
 from irlm.ops.llm import KV_QUANT_DTYPES
 from irlm.types import DType
 
-from .errors import PassError
-from .options import Option
-from .registry import register_pass
+from ..errors import PassError
+from ..options import Option
+from ..registry import register_pass
 
 KV_DTYPES = {"int8": DType.i8, "fp8": DType.f8e4m3}
 _QMAX = {DType.i8: 127.0, DType.f8e4m3: 448.0}

@@ -16,11 +16,11 @@ from irlm.ir import Op
 from irlm.registry import RESHAPE_LIKE, get_op_def, has_op, ops_with_trait
 from irlm.types import DType, TensorType, normalize_axis
 
-from .context import PassContext
-from .driver import PatternSet, apply_patterns
-from .options import Option
-from .pattern import RewritePattern, Var, op, rule, same_type
-from .registry import register_pass
+from ..context import PassContext
+from ..rewriting.driver import PatternSet, apply_patterns
+from ..options import Option
+from ..rewriting.pattern import RewritePattern, Var, op, rule, same_type
+from ..registry import register_pass
 
 x = Var("x")
 

@@ -260,8 +260,8 @@ def remove_dead_ops(g: Graph) -> int:
 
 
 def _register() -> None:
-    from .options import Option
-    from .registry import register_pass
+    from ..options import Option
+    from ..registry import register_pass
 
     @register_pass("substitute-attention", options={
         "tokens_per_block": Option(int, 16, "tokens per KV-cache block"),

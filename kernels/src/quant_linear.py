@@ -1,0 +1,276 @@
+"""Quantized linears on the GPU: irlm's int8 GEMV / dequantize kernels and torch's fused
+quantized GEMMs, with the weight layouts each one reads.
+
+==============  =========================  ===========================================  =======
+op / mode       small batch (M rows)       large batch                                  weight
+                                                                                        layout
+==============  =========================  ===========================================  =======
+linear int8     ``irlm_w8a16_gemv``        ``irlm_dequant_int8`` + cuBLAS bf16 GEMM     as
+(W8A16)         (M <= GEMV_MAX_M)                                                       stored
+linear int4     ``torch._weight_int4pack_  ``irlm_dequant_int4`` + cuBLAS bf16 GEMM     tinygemm
+(W4A16, AWQ)    mm`` (tinygemm, bf16)                                                   packed
+                (M <= INT4_TINYGEMM_MAX_M)                                              at load
+linear_a8 fp8   ``irlm_w8a16_gemv``        ``torch._scaled_mm`` (cuBLASLt fp8 GEMM,     as
+(W8A8)          with e4m3 weights, x       per-tensor scales)                           stored
+                rounded to e4m3 in-kernel
+linear fp8      ``irlm_w8a16_gemv`` with   fp32 dequantize (torch) + cuBLAS             as
+(W8A16)         e4m3 weights                                                            stored
+linear_a8 w8a8  ``torch._int_mm`` (cuBLASLt int8 GEMM) + per-token x per-channel        as
+(SmoothQuant)   scales in fp32 (M padded to 17 rows where cuBLASLt needs it)            stored
+==============  =========================  ===========================================  =======
+
+Weight layouts.  ``_scaled_mm`` and ``_int_mm`` want the second operand column-major
+``[K, N]``: that is ``qweight.t()`` of the stored row-major ``[N, K]``, a view, so the stored
+tensor is already the layout they read and nothing is copied.  tinygemm reads its own tiled
+int32 layout: :func:`pack_int4_tinygemm` converts irlm's int4 storage (low nibble first, zero
+points ``z``, ``w = (q - z) * s``) once, when the runner loads the engine, into
+``torch._convert_weight_to_int4pack``'s packing (high nibble first) and tinygemm's
+``[K/group, N, 2]`` scale-and-zero tensor (``w = (q - 8) * scale + zero``, so
+``zero = (8 - z) * s``).
+
+Every function here is asynchronous and allocation-only (no host synchronisation), so the
+runner captures them in its decode CUDA graphs.
+"""
+from __future__ import annotations
+
+import ctypes
+from functools import lru_cache
+from typing import Optional
+
+import torch
+
+from .nvrtc import Kernel, KernelArgumentError
+from .ops import CTYPES, _ptr, _sm_count, _tensor
+
+c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
+
+#: up to this many rows the int8 GEMV kernel runs (one pass over the weights per 8 rows);
+#: above it, dequantize + cuBLAS (one write and one read of a bf16 copy of the weight)
+GEMV_MAX_M = 16
+#: up to this many rows fp8 engines run the GEMV with e4m3 weights (cuBLASLt's fp8 GEMM read
+#: the weights at under half the copy bandwidth at batch 1 on an H200); 0 turns it off
+FP8_GEMV_MAX_M = 8
+GEMV_ROWS = (1, 2, 4, 8)
+#: up to this many rows int4 runs tinygemm; above it, dequantize + cuBLAS (H200, Llama-3-8B
+#: shapes: tinygemm took 19 ms per batch-32 decode step, slower than dequantize + cuBLAS)
+INT4_TINYGEMM_MAX_M = 16
+#: the int4 group sizes tinygemm accepts
+TINYGEMM_GROUPS = (32, 64, 128, 256)
+GEMV_DTYPES = (torch.bfloat16, torch.float16)
+FP8_MAX = 448.0
+
+
+class QGemvParams(ctypes.Structure):
+    _fields_ = [("x", c_void_p), ("w", c_void_p), ("scales", c_void_p), ("bias", c_void_p),
+                ("out", c_void_p), ("x_stride", c_longlong), ("o_stride", c_longlong),
+                ("m", c_int), ("n", c_int), ("k", c_int), ("scale_stride", c_int),
+                ("x_scale", ctypes.c_float)]
+
+
+class DequantParams(ctypes.Structure):
+    _fields_ = [("q", c_void_p), ("scales", c_void_p), ("zeros", c_void_p), ("out", c_void_p),
+                ("n", c_longlong), ("k", c_longlong), ("group", c_int)]
+
+
+@lru_cache(maxsize=None)
+def quant_kernel(dtype) -> Kernel:
+    t = CTYPES[dtype]
+    names = [f"irlm_dequant_int8<{t}>", f"irlm_dequant_int4<{t}>"]
+    if dtype in GEMV_DTYPES:
+        names += [f"irlm_w8a16_gemv<{t}, {m}, {w}>" for m in GEMV_ROWS
+                  for w in ("false", "true")]
+    return Kernel("quant_linear.cu", names)
+
+
+def all_quant_kernels() -> list[Kernel]:
+    return [quant_kernel(dt) for dt in CTYPES]
+
+
+# ---- int8 weight-only ----------------------------------------------------------------------------
+def gemv_supported(x: torch.Tensor, qweight: torch.Tensor) -> bool:
+    """Whether :func:`w8a16_gemv` / :func:`fp8_gemv` take this input (else use the other
+    path)."""
+    k = qweight.shape[1]
+    return (x.dtype in GEMV_DTYPES and k % 16 == 0 and qweight.is_contiguous()
+            and qweight.data_ptr() % 16 == 0)
+
+
+def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``x [M, K] @ (qweight i8 [N, K] * scales f32 [N, 1])^T (+ bias)`` in x's dtype
+    (bf16/fp16), accumulated in fp32; launched once per 8 rows of x."""
+    return _gemv(x, qweight, scales, bias, 0.0)
+
+
+def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+             bias: Optional[torch.Tensor] = None, x_scale: float = 0.0) -> torch.Tensor:
+    """The e4m3 weight ``qweight [N, K]`` (f32 0-d ``w_scale``) times x [M, K] (bf16/fp16)
+    (quant.linear fp8).  ``x_scale > 0``: x holds e4m3 values (exactly, in bf16) of an
+    activation quantized with that scale, which multiplies the result (see fp8_linear_gemv)."""
+    return _gemv(x, qweight, w_scale, bias, float(x_scale))
+
+
+def fp8_linear_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+                    x_scale: torch.Tensor, x_scale_value: float,
+                    bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quant.linear_a8{mode=fp8} for a few rows: x rounded to e4m3 once (as quant.quantize),
+    held exactly in x's dtype, then the fp8-weight GEMV with both scales applied to the fp32
+    sums.  ``x_scale_value``: ``x_scale`` as a Python float, read once at load."""
+    xq = quantize_fp8_static(x, x_scale).to(x.dtype)
+    return _gemv(xq, qweight, w_scale, bias, x_scale_value)
+
+
+def _gemv(x, qweight, scales, bias, x_scale):
+    _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
+    dev, dt = x.device, x.dtype
+    fp8 = qweight.dtype == torch.float8_e4m3fn
+    _tensor("qweight", qweight, ndim=2, dtypes=(torch.int8, torch.float8_e4m3fn), device=dev)
+    _tensor("scales", scales, ndim=0 if fp8 else 1, dtypes=(torch.float32,), device=dev)
+    n, k = qweight.shape
+    if x_scale and not fp8:
+        raise KernelArgumentError("x_scale (activation rounding to e4m3) needs fp8 weights")
+    if x.shape[1] != k or (not fp8 and (scales.shape[0] != n or not scales.is_contiguous())):
+        raise KernelArgumentError(f"x {tuple(x.shape)}, qweight {tuple(qweight.shape)} and "
+                                  f"scales {tuple(scales.shape)} do not fit together")
+    if not gemv_supported(x, qweight):
+        raise KernelArgumentError("the int8 GEMV needs K % 16 == 0 and a contiguous, 16-byte "
+                                  "aligned qweight")
+    if bias is not None:
+        _tensor("bias", bias, ndim=1, dtypes=(dt,), device=dev)
+        if bias.shape[0] != n or not bias.is_contiguous():
+            raise KernelArgumentError(f"bias must be contiguous with {n} entries")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=dt, device=dev)
+    kern = quant_kernel(dt)
+    warps = 8
+    for r0 in range(0, m, GEMV_ROWS[-1]):
+        rows = min(GEMV_ROWS[-1], m - r0)
+        maxm = next(r for r in GEMV_ROWS if r >= rows)
+        xs, os_ = x[r0:r0 + rows], out[r0:r0 + rows]
+        p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
+                        x.stride(0), out.stride(0), rows, n, k, 0 if fp8 else 1, x_scale)
+        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
+                    (-(-n // warps),), (32 * warps,), p, device=dev)
+    return out
+
+
+def _dequant(name, q, scales, zeros, k, group, dtype):
+    dev = q.device
+    n = q.shape[0]
+    out = torch.empty(n, k, dtype=dtype, device=dev)
+    total = n * (k // 16)
+    blocks = max(1, min(-(-total // 256), _sm_count(dev.index or 0) * 8))
+    p = DequantParams(_ptr(q), _ptr(scales), _ptr(zeros), _ptr(out), n, k, group)
+    quant_kernel(dtype).launch(f"{name}<{CTYPES[dtype]}>", (blocks,), (256,), p, device=dev)
+    return out
+
+
+def dequantize_fp8(qweight: torch.Tensor, w_scale: torch.Tensor, dtype) -> torch.Tensor:
+    """``float(qweight) * w_scale`` in dtype (fp32 math, one rounding; torch ops)."""
+    return (qweight.float() * w_scale).to(dtype)
+
+
+def dequantize_int8(qweight: torch.Tensor, scales: torch.Tensor, dtype) -> torch.Tensor:
+    """``qweight i8 [N, K] * scales f32 [N, 1]`` in dtype (fp32 math, one rounding)."""
+    _tensor("qweight", qweight, ndim=2, dtypes=(torch.int8,))
+    _tensor("scales", scales, ndim=1, dtypes=(torch.float32,), device=qweight.device)
+    n, k = qweight.shape
+    if k % 16 or not qweight.is_contiguous() or scales.shape[0] != n:
+        raise KernelArgumentError("dequantize_int8 needs a contiguous [N, K] qweight with "
+                                  "K % 16 == 0 and N scales")
+    return _dequant("irlm_dequant_int8", qweight, scales.contiguous(), None, k, 0, dtype)
+
+
+def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                    group: int, dtype) -> torch.Tensor:
+    """irlm's packed int4 ``(q - z) * s`` (q u8 [N, K/2] low nibble first, s f32 and z u8
+    [N, K/group]) as [N, K] in dtype."""
+    _tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,))
+    dev = qweight.device
+    _tensor("scales", scales, ndim=2, dtypes=(torch.float32,), device=dev)
+    _tensor("zeros", zeros, ndim=2, dtypes=(torch.uint8,), device=dev)
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if group <= 0 or group % 16 or k % group or not qweight.is_contiguous() \
+            or tuple(scales.shape) != (n, k // group) or scales.shape != zeros.shape:
+        raise KernelArgumentError(f"dequantize_int4 needs a contiguous qweight, group % 16 == "
+                                  f"0 dividing K and [N, K/group] scales and zeros; got "
+                                  f"qweight {tuple(qweight.shape)}, group {group}, scales "
+                                  f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)}")
+    return _dequant("irlm_dequant_int4", qweight, scales.contiguous(), zeros.contiguous(), k,
+                    group, dtype)
+
+
+# ---- int4 weight-only through tinygemm ------------------------------------------------------------
+def tinygemm_inner_k_tiles(k: int) -> int:
+    """The inner K tiles of tinygemm's packing for K input features (0: not packable)."""
+    return next((t for t in (8, 4, 2) if k % (t * 16) == 0), 0)
+
+
+def tinygemm_supported(n: int, k: int, group: int) -> bool:
+    return group in TINYGEMM_GROUPS and k % group == 0 and n % 8 == 0 \
+        and tinygemm_inner_k_tiles(k) > 0
+
+
+def pack_int4_tinygemm(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       high_first: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """irlm int4 storage -> (tinygemm's packed int32 weight, bf16 [K/group, N, 2] scales and
+    zeros); a load-time transform (module doc).  ``high_first``: the byte order
+    ``_convert_weight_to_int4pack`` reads (element 2j in the high nibble, as torch >= 2.5
+    documents); the runner checks it once on the device (lowering/quant_linears.py)."""
+    k = qweight.shape[1] * 2
+    if high_first:
+        qweight = ((qweight & 0x0F) << 4) | (qweight >> 4)
+    packed = torch._convert_weight_to_int4pack(qweight.contiguous(), tinygemm_inner_k_tiles(k))
+    s, z = scales.float(), zeros.float()
+    sz = torch.stack([s.t(), ((8.0 - z) * s).t()], dim=-1).to(torch.bfloat16).contiguous()
+    return packed, sz
+
+
+def int4_tinygemm(x: torch.Tensor, packed: torch.Tensor, group: int,
+                  scale_zeros: torch.Tensor) -> torch.Tensor:
+    """``x [M, K] bf16`` times the tinygemm-packed weight: ``[M, N]`` bf16."""
+    return torch._weight_int4pack_mm(x.contiguous(), packed, group, scale_zeros)
+
+
+# ---- fp8 (W8A8, static per-tensor scales) ---------------------------------------------------------
+def quantize_fp8_static(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
+    """``x / x_scale`` clamped to +-448 and rounded to e4m3 (quant.quantize's semantics)."""
+    return (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
+               x_scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quant.linear_a8{mode=fp8}: x [M, K] (bf16/fp16), qweight f8e4m3 [N, K], f32 0-d
+    scales; cuBLASLt's fp8 GEMM with fp32 accumulation, output in x's dtype."""
+    xq = quantize_fp8_static(x, x_scale)
+    return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,
+                            out_dtype=x.dtype)
+
+
+# ---- w8a8 SmoothQuant (dynamic per-token activations) ----------------------------------------------
+#: cuBLASLt's int8 GEMM (torch._int_mm) wants more than 16 rows
+INT_MM_MIN_M = 17
+
+
+def quantize_per_token_i8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q i8, scale f32 [M, 1]) as quant.quantize_per_token{i8}: scale = amax|x| / 127."""
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-12)
+    return torch.round(xf / s).clamp_(-127, 127).to(torch.int8), s
+
+
+def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
+                bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """quant.linear_a8{mode=w8a8}: per-token int8 x, int8 weights [N, K] with f32 per-channel
+    scales; exact int32 products (cuBLASLt), scaled in fp32, output in x's dtype."""
+    m = x.shape[0]
+    xq, xs = quantize_per_token_i8(x)
+    if m < INT_MM_MIN_M:
+        xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_M - m))
+    acc = torch._int_mm(xq, qweight.t())[:m]
+    y = acc.float() * xs * w_scales
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)

@@ -1,0 +1,241 @@
+"""Kernel selection for the quantized linears (``quant.linear``, ``quant.linear_a8``) on a GPU.
+
+:func:`plan_quantized_linears` runs when the CUDA runner loads an engine: for every quantized
+linear whose stored tensors are params it picks the kernel path
+(:mod:`irlm.kernels.quant_linear` has the table) and does the weight transforms that path reads
+once, on the device: tinygemm's int4 packing and scale-and-zero tensor, and fp32 copies of the
+scales.  The choice per op is recorded in :attr:`QuantLinearPlan.paths` (the runner reports the
+counts in its ``stats``); nothing is converted again per step.
+
+At run time the path still depends on the number of rows (small batches read the weights once
+through a GEMV / tinygemm; large ones dequantize for a cuBLAS GEMM).  An op whose operands fit no
+fast path (an fp32 engine, a weight that is not a param, a shape the kernels do not take) runs
+the op's reference implementation, as before, and is recorded as ``reference``.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from irlm.ir import Graph, Op
+
+_LOWP = (torch.bfloat16, torch.float16)
+
+
+def _param(op: Op, i: int) -> Optional[str]:
+    if i >= len(op.operands):
+        return None
+    p = op.operands[i].producer
+    return p.attrs["name"] if p is not None and p.name == "param" else None
+
+
+class QuantLinearPlan:
+    """Per-op prepared weights and the overrides that run them (see the module doc)."""
+
+    def __init__(self):
+        self.prepared: dict[int, dict] = {}
+        self.paths: dict[str, str] = {}          # weight name -> path
+        self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
+        self.fp8_gemv_ok: Optional[bool] = None
+
+    # ----- load time ----------------------------------------------------------------------------
+    def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
+        for op in graph.ops:
+            if op.name not in ("quant.linear", "quant.linear_a8"):
+                continue
+            qname = _param(op, 1)
+            path, entry = "reference", None
+            if op.operands[0].type.dtype.torch in _LOWP and qname is not None:
+                if op.name == "quant.linear":
+                    path, entry = self._weight_only(op, weights, device)
+                else:
+                    path, entry = self._a8(op, weights)
+            if entry is not None:
+                entry["path"] = path
+                self.prepared[id(op)] = entry
+            self.paths[qname or op.describe()] = path
+        return self
+
+    def _weight_only(self, op: Op, weights, device):
+        from irlm.kernels import quant_linear as ql
+        a = op.attrs
+        names = [_param(op, i) for i in range(1, 4 if a["mode"] == "int4" else 3)]
+        if None in names:
+            return "reference", None
+        q = weights.get(names[0])
+        if a["mode"] == "int8":
+            if not ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
+                return "reference", None
+            s = weights.get(names[1]).float().contiguous()
+            return "int8: gemv / dequantize+cublas", {"scales": s}
+        if a["mode"] == "int4":
+            group = a["group"]
+            n, k = q.shape[0], q.shape[1] * 2
+            if group % 16 or k % group or not q.is_contiguous():
+                return "reference", None
+            s = weights.get(names[1]).float().contiguous()
+            z = weights.get(names[2]).contiguous()
+            entry = {"scales": s, "zeros": z, "group": group}
+            if op.operands[0].type.dtype.torch is torch.bfloat16 \
+                    and ql.tinygemm_supported(n, k, group) and self._tinygemm(device):
+                entry["packed"], entry["scale_zeros"] = ql.pack_int4_tinygemm(
+                    q, s, z, high_first=self.tinygemm_order == "high")
+                return "int4: tinygemm / dequantize+cublas", entry
+            return "int4: dequantize+cublas", entry
+        if a["mode"] == "fp8":
+            ws = weights.get(names[1]).float().reshape(())
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+                    and self._fp8_gemv(device):
+                return "fp8 weight-only: gemv / dequantize+cublas", {"w_scale": ws, "gemv": 1}
+            return "fp8 weight-only: dequantize+cublas", {"w_scale": ws}
+        return "reference", None
+
+    def _a8(self, op: Op, weights):
+        from irlm.kernels import quant_linear as ql
+        a = op.attrs
+        ws_name = _param(op, 2)
+        if ws_name is None:
+            return "reference", None
+        ws = weights.get(ws_name).float()
+        n, k = op.operands[1].type.shape
+        if a["mode"] == "fp8":
+            xs_name = _param(op, 3)
+            if xs_name is None or k % 16 or n % 16:
+                return "reference", None
+            xs = weights.get(xs_name).float().reshape(())
+            entry = {"w_scale": ws.reshape(()), "x_scale": xs}
+            q = weights.get(_param(op, 1))
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+                    and self._fp8_gemv(q.device):
+                entry["x_scale_value"] = float(xs)      # a constant: read once, here
+                return "fp8: gemv / cublaslt _scaled_mm", entry
+            return "fp8: cublaslt _scaled_mm", entry
+        if k % 8 or n % 8:
+            return "reference", None
+        return "w8a8: cublaslt _int_mm", {"w_scales": ws.contiguous()}
+
+    def _tinygemm(self, device) -> bool:
+        """Whether tinygemm runs here, and with which nibble order its packing reads irlm's
+        int4 data (checked once on a small random weight against the dequantized reference)."""
+        if self.tinygemm_order is None:
+            self.tinygemm_order = next((o for o in ("high", "low")
+                                        if tinygemm_matches_reference(device, o == "high")), "")
+        return bool(self.tinygemm_order)
+
+    def _fp8_gemv(self, device) -> bool:
+        """Whether the GEMV with e4m3 weights computes the reference op here (checked once on
+        a small random weight; the paths fall back to cuBLAS(Lt) otherwise)."""
+        if self.fp8_gemv_ok is None:
+            self.fp8_gemv_ok = fp8_gemv_matches_reference(device)
+        return self.fp8_gemv_ok
+
+    # ----- run time -----------------------------------------------------------------------------
+    def overrides(self) -> dict:
+        return {"quant.linear": self.linear, "quant.linear_a8": self.linear_a8}
+
+    def linear(self, ctx, x, a):
+        entry = self.prepared.get(id(ctx.op))
+        if entry is None:
+            return _reference("quant.linear", ctx, x, a)
+        from irlm.kernels import quant_linear as ql
+        from irlm.ops.quant import _epilogue
+        xv = x[0]
+        bias_at = 4 if a["mode"] == "int4" else 3
+        bias = x[bias_at] if len(x) > bias_at else None
+        flat = xv.reshape(-1, xv.shape[-1])
+        m = flat.shape[0]
+        if a["mode"] == "int8":
+            if m <= ql.GEMV_MAX_M:
+                y = ql.w8a16_gemv(flat, x[1], entry["scales"], bias)
+            else:
+                y = F.linear(flat, ql.dequantize_int8(x[1], entry["scales"], xv.dtype), bias)
+        elif a["mode"] == "fp8":
+            if "gemv" in entry and m <= ql.GEMV_MAX_M:
+                y = ql.fp8_gemv(flat, x[1], entry["w_scale"], bias)
+            else:
+                y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
+        else:
+            if "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
+                y = ql.int4_tinygemm(flat, entry["packed"], entry["group"],
+                                     entry["scale_zeros"])
+                if bias is not None:
+                    y = y + bias
+            else:
+                w = ql.dequantize_int4(x[1], entry["scales"], entry["zeros"], entry["group"],
+                                       xv.dtype)
+                y = F.linear(flat, w, bias)
+        y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],))
+        return [_epilogue(y, a["act"])]
+
+    def linear_a8(self, ctx, x, a):
+        entry = self.prepared.get(id(ctx.op))
+        if entry is None:
+            return _reference("quant.linear_a8", ctx, x, a)
+        from irlm.kernels import quant_linear as ql
+        from irlm.ops.quant import _epilogue
+        xv = x[0]
+        flat = xv.reshape(-1, xv.shape[-1])
+        if a["mode"] == "fp8":
+            bias = x[4] if len(x) > 4 else None
+            if "x_scale_value" in entry and flat.shape[0] <= ql.FP8_GEMV_MAX_M:
+                y = ql.fp8_linear_gemv(flat, x[1], entry["w_scale"], entry["x_scale"],
+                                       entry["x_scale_value"], bias)
+            else:
+                y = ql.fp8_linear(flat, x[1], entry["w_scale"], entry["x_scale"], bias)
+        else:
+            bias = x[3] if len(x) > 3 else None
+            y = ql.w8a8_linear(flat, x[1], entry["w_scales"], bias)
+        y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],))
+        return [_epilogue(y, a["act"])]
+
+    def summary(self) -> dict[str, int]:
+        return dict(Counter(self.paths.values()))
+
+
+def _reference(name, ctx, x, a):
+    from irlm.registry import get_op_def
+    return get_op_def(name).reference(ctx, x, a)
+
+
+def fp8_gemv_matches_reference(device) -> bool:
+    """Run the fp8-weight GEMV once on a small random e4m3 weight and compare with the
+    reference dequantization (fp32 matmul); False if it differs or cannot run (no GPU)."""
+    from irlm.kernels import quant_linear as ql
+    from irlm.kernels.nvrtc import KernelError
+    from irlm.passes.llm.quantize import quantize_fp8
+    if torch.device(device).type != "cuda":
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, s = quantize_fp8(torch.randn(48, 256, generator=g))
+    xv = torch.randn(3, 256, generator=g).to(torch.bfloat16)
+    ref = xv.float() @ (q.float() * s).t()
+    try:
+        got = ql.fp8_gemv(xv.to(device), q.to(device), s.float().reshape(()).to(device))
+    except (RuntimeError, KernelError):
+        return False
+    return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)
+
+
+def tinygemm_matches_reference(device, high_first: bool = True) -> bool:
+    """Run tinygemm once on a small random int4 weight packed by pack_int4_tinygemm and compare
+    with the reference dequantization (fp32 matmul); False if it differs or cannot run."""
+    from irlm.kernels import quant_linear as ql
+    from irlm.ops.quant import dequantize_reference, pack_int4
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, k, group = 64, 256, 32
+    qv = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group, generator=g) * 0.02 + 0.001
+    z = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)
+    xv = torch.randn(4, k, generator=g)
+    q = pack_int4(qv)
+    ref = xv @ dequantize_reference(q, s, z, group=group).t()
+    try:
+        packed, sz = ql.pack_int4_tinygemm(q.to(device), s.to(device), z.to(device),
+                                           high_first)
+        got = ql.int4_tinygemm(xv.to(device, torch.bfloat16), packed, group, sz).float().cpu()
+    except (RuntimeError, NotImplementedError):
+        return False
+    return bool(((got - ref).norm() / ref.norm()) < 2e-2)
