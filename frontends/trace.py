@@ -25,6 +25,7 @@ from __future__ import annotations
 import inspect
 import operator
 import os
+import sys
 import re
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -159,13 +160,15 @@ def _default_ranges(module, dims: dict) -> dict[str, tuple[int, int]]:
 def _dynamic_shapes(module, args, kwargs, ranges):
     """``{input name: {axis: Dim}}``: dim 0 is batch, dim 1 (rank >= 2) is seq."""
     from torch.export import Dim
-    batch = Dim("batch", min=ranges["batch"][0], max=ranges["batch"][1])
-    seq = Dim("seq", min=ranges["seq"][0], max=ranges["seq"][1])
+    # A fixed range (min == max, e.g. --max-batch 1) is a static size, not a Dim.
+    batch, seq = (None if lo == hi else Dim(k, min=lo, max=hi)
+                  for k, (lo, hi) in ((k, ranges[k]) for k in ("batch", "seq")))
 
     def spec(x):
         if not isinstance(x, torch.Tensor) or x.dim() == 0:
             return None
-        return {0: batch} if x.dim() == 1 else {0: batch, 1: seq}
+        axes = {0: batch} if x.dim() == 1 else {0: batch, 1: seq}
+        return {a: d for a, d in axes.items() if d is not None} or None
 
     if not kwargs:
         return tuple(spec(a) for a in args)
@@ -194,10 +197,13 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
     args, kwargs = _normalize_inputs(module, example_inputs)
     ranges = _default_ranges(module, dims)
     if dynamic:
-        _check_example_sizes(args, kwargs)
+        _check_example_sizes(args, kwargs, ranges)
     was_training = getattr(module, "training", False)
     module.eval()
+    quiet = _QuietTorchLogs()
+    failed = True
     try:
+        quiet.__enter__()
         deferred = False
         for attempt in range(3):
             shapes = _dynamic_shapes(module, args, kwargs, ranges) if dynamic else None
@@ -213,6 +219,12 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
                 if attempt == 0 and narrowed is not None:
                     ranges = narrowed
                     continue
+                # The model fixes a dim to one size (an MLP's dim 1 is its in_features, not a
+                # sequence): that dim is static, and the others stay symbolic.
+                fixed = _fixed_dims(str(e), ranges)
+                if fixed is not None and attempt < 2:
+                    ranges = fixed
+                    continue
                 # A guard that holds for every value in range but that this torch's symbolic
                 # reasoning cannot prove (seen with torch 2.11: min(128*seq, 512*seq) ==
                 # 128*seq): keep it as a runtime assert instead, which the converter drops.
@@ -220,10 +232,12 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
                     deferred = True
                     continue
                 raise TraceError(
-                    f"torch.export cannot trace {type(module).__name__} with symbolic dims "
-                    f"(dim 0 of each input is batch in {list(ranges['batch'])}, dim 1 is seq in "
-                    f"{list(ranges['seq'])}); pass dims= ranges the model accepts, or "
-                    f"dynamic=False for static shapes. torch.export said: {e}") from e
+                    f"{_where(module, e)}torch.export cannot trace {type(module).__name__} "
+                    f"with symbolic dims (dim 0 of each input is batch in "
+                    f"{list(ranges['batch'])}, dim 1 is seq in {list(ranges['seq'])}): "
+                    f"{_first_line(str(e))}; hint: give the ranges the model accepts (dims=, "
+                    f"irlm compile --dims batch=1:8,seq=1:512) or static shapes "
+                    f"(dynamic=False, --static)") from e
             except Exception as e:  # noqa: BLE001 - torch raises many kinds; name the cause
                 # torch 2.11 can fail while wording its guard report (seen on an H200:
                 # ValueError in DimConstraints.prettify_results, in some processes and not
@@ -232,23 +246,125 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
                     deferred = True
                     continue
                 raise TraceError(
-                    f"torch.export failed on {type(module).__name__}: {type(e).__name__}: "
-                    f"{_first_lines(str(e))} (data-dependent control flow or shapes, such as "
-                    f"a loop over the experts a token picked, cannot be traced)") from e
+                    f"{_where(module, e)}torch.export failed on {type(module).__name__}: "
+                    f"{type(e).__name__}: {_first_line(str(e))}; hint: data-dependent control "
+                    f"flow or shapes (an `if` on a tensor's value, a loop over the experts a "
+                    f"token picked) cannot be traced: compute both branches and select with "
+                    f"torch.where, or use torch.cond") from e
+        failed = False
     finally:
+        quiet.__exit__(failed)
         if was_training:
             module.train()
     return ep, _dim_names_by_convention(ep, dynamic)
 
 
-def _check_example_sizes(args, kwargs) -> None:
+class _QuietTorchLogs:
+    """torch.export writes its graph and guard warnings to stderr before it raises; irlm's
+    error says what went wrong in one line.  So stderr (the file descriptor: torch's log
+    handlers hold their own stream objects) goes to a temporary file during the export, and
+    is replayed only when the export succeeds (its warnings may matter then)."""
+
+    def __enter__(self):
+        import io
+        import tempfile
+        self.saved_fd = None
+        self.saved_stream, self.text = sys.stderr, io.StringIO()
+        try:
+            self.saved_stream.flush()
+        except (OSError, ValueError, AttributeError):
+            pass
+        sys.stderr = self.text          # what torch prints through sys.stderr
+        try:
+            self.capture = tempfile.TemporaryFile()
+            self.saved_fd = os.dup(2)
+            os.dup2(self.capture.fileno(), 2)
+        except (OSError, ValueError, AttributeError):   # no real stderr (embedded, pytest)
+            self.saved_fd = None
+        return self
+
+    def __exit__(self, failed: bool = False):
+        sys.stderr = self.saved_stream
+        if not failed and self.text.getvalue():
+            sys.stderr.write(self.text.getvalue())
+        if self.saved_fd is None:
+            return
+        os.dup2(self.saved_fd, 2)
+        os.close(self.saved_fd)
+        if not failed:
+            self.capture.seek(0)
+            data = self.capture.read()
+            if data:
+                os.write(2, data)
+        self.capture.close()
+
+
+def _check_example_sizes(args, kwargs, ranges) -> None:
     named = [(f"input {i}", a) for i, a in enumerate(args)] + list(kwargs.items())
     for what, x in named:
-        if isinstance(x, torch.Tensor) and any(n < 2 for n in x.shape[:2]):
+        if not isinstance(x, torch.Tensor):
+            continue
+        for axis, dim in ((0, "batch"), (1, "seq"))[:min(x.dim(), 2)]:
+            lo, hi = ranges[dim]
+            if lo == hi and x.shape[axis] != lo:
+                raise TraceError(
+                    f"example {what} has shape {tuple(x.shape)}: its {dim} (dim {axis}) is "
+                    f"fixed to {lo}, so the example's must be {lo}")
+        if any(n < 2 for axis, n in enumerate(x.shape[:2])
+               if ranges[("batch", "seq")[axis]][0] != ranges[("batch", "seq")[axis]][1]):
             raise TraceError(
                 f"example {what} has shape {tuple(x.shape)}: for symbolic dims the example's "
                 f"batch (dim 0) and seq (dim 1) must be at least 2, because torch.export "
                 f"makes a size of 0 or 1 a constant; the graph still accepts sizes down to 1")
+
+
+def _first_line(text: str) -> str:
+    """torch's first meaningful line, without its advice to set environment variables."""
+    for line in text.strip().splitlines():
+        line = re.sub(r"\s*For more information, run with TORCH_LOGS=\S+\.?", "", line).strip()
+        if line:
+            return line[:300]
+    return "(no message)"
+
+
+def _where(module, error: BaseException) -> str:
+    """``model.py:12: `` for the innermost frame of the failing trace in the model's own code
+    (not torch, not irlm, not another installed package); empty when there is none."""
+    import sysconfig
+    import traceback
+    skip = (_TORCH_DIR, os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+            sysconfig.get_paths()["purelib"] + os.sep, sysconfig.get_paths()["stdlib"] + os.sep)
+    frames = [(f.filename, f.lineno) for f in traceback.extract_tb(error.__traceback__)]
+    frames += [(p, int(n)) for p, n in _FRAME.findall(str(error))]
+    mod_file = getattr(__import__("inspect").getmodule(type(module)), "__file__", None)
+    best = None
+    for path, line in frames:
+        if path.startswith("<") or os.path.abspath(path).startswith(skip):
+            continue
+        best = (path, line)
+        if mod_file and os.path.abspath(path) == os.path.abspath(mod_file):
+            break
+    if best is None and mod_file and not os.path.abspath(mod_file).startswith(skip):
+        best = (mod_file, None)
+    if best is None:
+        return ""
+    name = os.path.basename(best[0])
+    return f"{name}:{best[1]}: " if best[1] else f"{name}: "
+
+
+def _fixed_dims(message: str, ranges: dict) -> Optional[dict]:
+    """torch's "Suggested fixes: seq = 16": the model only works at that size: make that dim
+    static (a range of one value); None when torch suggests no constant."""
+    if "Suggested fixes" not in message:
+        return None
+    fixes = message.split("Suggested fixes", 1)[1]
+    out, changed = dict(ranges), False
+    for m in re.finditer(r"\b(batch|seq) = (\d+)\b", fixes):
+        n = int(m.group(2))
+        if n >= 1 and ranges[m.group(1)] != (n, n):
+            out[m.group(1)] = (n, n)
+            changed = True
+    return out if changed else None
 
 
 def _first_lines(text: str, n: int = 6) -> str:
@@ -423,11 +539,30 @@ _FRAME = re.compile(r'File "([^"]+)", line (\d+)')
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
 
 
+def _wrapper_dirs() -> tuple[str, ...]:
+    """Where frames are never the model's own line: torch, and Hugging Face's ``kernels``
+    (its hub-kernel decorator wraps functions such as ``apply_rotary_pos_emb``: without this
+    every RoPE op was located at ``"layer.py":856``, the wrapper's ``return func(...)``)."""
+    import importlib.util
+    dirs = [_TORCH_DIR]
+    try:
+        spec = importlib.util.find_spec("kernels")
+    except (ImportError, ValueError):
+        spec = None
+    for d in (spec.submodule_search_locations or []) if spec is not None else []:
+        dirs.append(os.path.join(d, ""))
+    return tuple(dirs)
+
+
+_WRAPPER_DIRS = _wrapper_dirs()
+
+
 def node_location(node) -> Location:
     """The innermost module path and the innermost model-source frame of an FX node.
 
-    Frames inside torch itself (``nn/modules/linear.py``) are skipped: they are the same for
-    every op of a kind; the model line that called them is what a reader needs.
+    Frames inside torch itself (``nn/modules/linear.py``) and in function wrappers
+    (:func:`_wrapper_dirs`) are skipped: they are the same for every op of a kind; the model
+    line that called them is what a reader needs.
     """
     module = ""
     stack = node.meta.get("nn_module_stack")
@@ -439,7 +574,7 @@ def node_location(node) -> Location:
     file, line = "", 0
     frames = _FRAME.findall(node.meta.get("stack_trace") or "")
     for path, ln in reversed(frames):
-        if not path.startswith(_TORCH_DIR):
+        if not path.startswith(_WRAPPER_DIRS):
             file, line = os.path.basename(path), int(ln)
             break
     return Location(module, file, line)

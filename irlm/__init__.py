@@ -8,14 +8,14 @@ __version__ = "0.1.0"
 
 __all__ = ["IRError", "IRLMError", "ParseError", "VerificationError", "Graph", "Location", "Op",
            "Value", "DType", "TensorType", "sym", "Builder", "make_op", "LLM", "SamplingParams",
-           "compile", "CompileConfig"]
+           "compile", "CompileConfig", "build_engine"]
 
 # The runtime's user API, named as vLLM and TensorRT-LLM name it.  Resolved on first use so
 # that `import irlm` (the IR core, used by pass writers) does not pull in the runtime, torch's
 # CUDA state or transformers.
 _RUNTIME_API = ("LLM", "SamplingParams")
 # The compiler's library entry (irlm.compile(source, config)), resolved lazily for the same reason.
-_COMPILE_API = ("compile", "CompileConfig")
+_COMPILE_API = ("compile", "CompileConfig", "build_engine")
 
 
 def __getattr__(name):

@@ -75,28 +75,28 @@ class Interpreter:
         pending = []
         for v, x in zip(g.inputs, inputs):
             if not isinstance(x, torch.Tensor):
-                raise IRLMError(f"input %{v.name} must be a torch.Tensor, got {type(x).__name__}")
+                raise IRLMError(f"input {v.label()} must be a torch.Tensor, got {type(x).__name__}")
             if x.dim() != v.type.rank:
-                raise IRLMError(f"input %{v.name} has rank {x.dim()}, expected {v.type}")
+                raise IRLMError(f"input {v.label()} has rank {x.dim()}, expected {v.type}")
             want = v.type.dtype.torch
             if x.dtype != want:
-                raise IRLMError(f"input %{v.name} has dtype {x.dtype}, expected {v.type}")
+                raise IRLMError(f"input {v.label()} has dtype {x.dtype}, expected {v.type}")
             for d, n in zip(v.type.shape, x.shape):
                 if isinstance(d, int):
                     if d != n:
-                        raise IRLMError(f"input %{v.name} has shape {tuple(x.shape)}, "
+                        raise IRLMError(f"input {v.label()} has shape {tuple(x.shape)}, "
                                         f"expected {v.type}")
                 elif d.is_Symbol:
                     if d in bindings and bindings[d] != n:
                         raise IRLMError(f"dimension {d} is {bindings[d]} in one input and {n} "
-                                        f"in %{v.name}")
+                                        f"in {v.label()}")
                     bindings[d] = int(n)
                 else:
                     pending.append((v, d, int(n)))
         for v, d, n in pending:
             got = d.subs(bindings)
             if not got.is_Integer or int(got) != n:
-                raise IRLMError(f"input %{v.name}: dimension {format_dim(d)} should be "
+                raise IRLMError(f"input {v.label()}: dimension {format_dim(d)} should be "
                                 f"{got}, got {n}")
         for s, n in bindings.items():
             r = g.dims.get(s.name)
@@ -165,7 +165,7 @@ class Interpreter:
         if not isinstance(x, torch.Tensor) or tuple(x.shape) != want or \
                 x.dtype != r.type.dtype.torch:
             got = f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x)
-            raise IRError(f"{op.describe()}: reference produced {got} for %{r.name}, "
+            raise IRError(f"{op.describe()}: reference produced {got} for {r.label()}, "
                           f"but its type is {r.type} = {want}")
 
 

@@ -83,6 +83,16 @@ class Value:
         if graph is not None:
             graph._replace_output(self, new)
 
+    def label(self) -> str:
+        """How messages name the value: ``%h3``; a value without a name (built in memory,
+        never printed) by where it comes from: ``result 0 of core.add at model.layers.0``."""
+        if self.name is not None:
+            return f"%{self.name}"
+        if self.producer is not None:
+            p = self.producer
+            return f"result {self.result_index} of {p.name}" + (f" at {p.loc}" if p.loc else "")
+        return f"an unnamed {self.type} value"
+
     def __repr__(self) -> str:
         return f"Value(%{self.name or '?'}: {self.type})"
 
@@ -210,7 +220,7 @@ class Graph:
         """Remove ``op``; its results must be unused."""
         for r in op.results:
             if r.uses or any(o is r for o in self.outputs):
-                raise IRError(f"cannot erase {op.describe()}: result %{r.name} is still used")
+                raise IRError(f"cannot erase {op.describe()}: result {r.label()} is still used")
         for i, v in enumerate(op.operands):
             v.uses = [u for u in v.uses if not (u.op is op and u.index == i)]
         if op.prev is None:

@@ -40,8 +40,8 @@ def find_problems(graph: Graph, max_problems: int = 50) -> list[str]:
 
     for i, v in enumerate(graph.inputs):
         if v.producer is not None:
-            out.append(f"graph input {i} (%{v.name}) is also the result of {v.producer.name}")
-        check_symbols(v.type, f"graph input %{v.name}")
+            out.append(f"graph input {i} ({v.label()}) is also the result of {v.producer.name}")
+        check_symbols(v.type, f"graph input {v.label()}")
         define(v)
 
     count = 0
@@ -62,7 +62,7 @@ def find_problems(graph: Graph, max_problems: int = 50) -> list[str]:
         out.append(f"graph @{graph.name}: op count {len(graph)} disagrees with the op list ({count})")
     for i, v in enumerate(graph.outputs):
         if id(v) not in defined:
-            out.append(f"graph output {i} (%{v.name}) is not defined in the graph")
+            out.append(f"graph output {i} ({v.label()}) is not defined in the graph")
     return out
 
 
@@ -81,14 +81,14 @@ def _check_op(graph: Graph, op: Op, defined: set[int], listed: set[tuple[int, in
     for i, v in enumerate(op.operands):
         name = d.operand_names[min(i, len(d.operand_names) - 1)]
         if id(v) not in defined:
-            out.append(f"{where}: operand {i} ({name}) %{v.name} is not defined before its use")
+            out.append(f"{where}: operand {i} ({name}) {v.label()} is not defined before its use")
         elif (id(op), i, id(v)) not in listed:
-            out.append(f"{where}: operand {i} ({name}) %{v.name} does not list this op as a use")
+            out.append(f"{where}: operand {i} ({name}) {v.label()} does not list this op as a use")
     for r in op.results:
         for u in r.uses:
             if u.op.graph is not graph or u.index >= len(u.op.operands) \
                     or u.op.operands[u.index] is not r:
-                out.append(f"{where}: result %{r.name} has a stale use by {u.op.name}")
+                out.append(f"{where}: result {r.label()} has a stale use by {u.op.name}")
         check_symbols(r.type, where)
     try:
         attrs = d.normalize_attrs(op.attrs, op.name)
@@ -112,7 +112,7 @@ def _check_op(graph: Graph, op: Op, defined: set[int], listed: set[tuple[int, in
         return
     for r, t in zip(op.results, inferred):
         if r.type != t:
-            out.append(f"{where}: result %{r.name} is declared {format_type(r.type)} "
+            out.append(f"{where}: result {r.label()} is declared {format_type(r.type)} "
                        f"but {op.name} infers {format_type(t)}")
     if op.name == "param" and graph.weights is not None:
         name = op.attrs["name"]

@@ -62,20 +62,8 @@ def write_engine(graph: Graph, out: Path, config: dict[str, Any], tokenizer=None
     """Write ``graph`` (inference form, weights in ``graph.weights``) as an engine directory."""
     from irlm.text.printer import print_graph
     out = make_dir(out)
-    tensors = {}
-    for op in graph.params():
-        name = op.attrs["name"]
-        t = graph.weights.get(name)
-        tensors[name] = t.contiguous()
-    # safetensors refuses tensors that share storage (tied embeddings); store copies.
-    seen: dict[int, str] = {}
-    for k, t in list(tensors.items()):
-        ptr = t.untyped_storage().data_ptr() if t.numel() else None
-        if ptr is not None and ptr in seen:
-            tensors[k] = t.clone()
-        elif ptr is not None:
-            seen[ptr] = k
-    _save_weights(tensors, out / WEIGHTS_FILE)
+    write_weights({op.attrs["name"]: graph.weights.get(op.attrs["name"])
+                   for op in graph.params()}, out / WEIGHTS_FILE)
     safe_io.write_text(out / PLAN_FILE, print_graph(graph))
     files = [PLAN_FILE, WEIGHTS_FILE]
     files += _save_tokenizer(tokenizer, out)
@@ -103,6 +91,20 @@ def write_parallel_engine(graphs: list[Graph], out: Path, config: dict[str, Any]
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "chat_template.jinja")
+
+
+def write_weights(tensors: dict, path: Path) -> None:
+    """``{name: tensor}`` as one safetensors file, written whole (temp file + rename)."""
+    tensors = {k: t.contiguous() for k, t in tensors.items()}
+    # safetensors refuses tensors that share storage (tied embeddings); store copies.
+    seen: dict[int, str] = {}
+    for k, t in list(tensors.items()):
+        ptr = t.untyped_storage().data_ptr() if t.numel() else None
+        if ptr is not None and ptr in seen:
+            tensors[k] = t.clone()
+        elif ptr is not None:
+            seen[ptr] = k
+    _save_weights(tensors, path)
 
 
 def _save_weights(tensors: dict, path: Path) -> None:

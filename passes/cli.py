@@ -29,11 +29,15 @@ def add_pipeline_arguments(parser: argparse.ArgumentParser,
     ``default_level`` (e.g. ``"2"``) is the ``-O`` level used when neither ``-O`` nor
     ``--pipeline`` is given."""
     g = parser.add_argument_group("pass pipeline")
+    after = (f"after the -O level's passes (default -O{default_level}; --replace-pipeline "
+             f"runs it alone)" if default_level is not None else
+             "after the -O level's passes, if both are given")
     g.add_argument("--pipeline", metavar="PIPELINE", default=None,
-                   help="passes to run, e.g. 'canonicalize,quantize{mode=int8},dce' "
-                        "(after the -O level's passes, if both are given)")
+                   help=f"passes to run, e.g. 'canonicalize,quantize{{mode=int8}},dce' "
+                        f"({after})")
     g.add_argument("-O", dest="opt_level", metavar="LEVEL", default=None,
-                   help="optimization level: -O0 (no passes), -O1, -O2")
+                   help="optimization level: -O0, -O1, -O2 (irlm opt --list-pipelines shows "
+                        "their passes)")
     g.set_defaults(default_opt_level=default_level)
     g.add_argument("--pass-plugin", metavar="FILE", action="append", default=[],
                    help="load a Python file that registers passes (repeatable)")
@@ -70,8 +74,8 @@ def pipeline_from_args(args: argparse.Namespace) -> Pipeline:
         load_plugin(path)
     level = args.opt_level
     text = args.pipeline
-    if level is None and text is None:
-        level = getattr(args, "default_opt_level", None)
+    if level is None and not getattr(args, "replace_pipeline", False):
+        level = getattr(args, "default_opt_level", None)   # --pipeline extends the default
     pipeline = Pipeline()
     if level is not None:
         pipeline = pipeline + parse_pipeline(named_pipeline(level))

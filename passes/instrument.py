@@ -160,8 +160,10 @@ class Stats(Instrument):
         for r in report.stages:
             rows = sorted(r.stats.counters.items()) + \
                 [(f"pattern {name}", n) for name, n in sorted(r.stats.patterns.items())]
-            if not rows:
+            if not rows and r.ops_before == r.ops_after:
                 rows = [("(no changes)", 0)]
+            else:   # measured, so a pass without counters still shows what it did
+                rows.insert(0, ("ops in graph", f"{r.ops_before} → {r.ops_after}"))
             for j, (counter, n) in enumerate(rows):
                 table.add_row(str(r.stage.index) if j == 0 else "",
                               str(r.stage.invocation) if j == 0 else "", counter, str(n))

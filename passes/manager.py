@@ -42,6 +42,8 @@ class StageResult:
     stats: Statistics
     seconds: float                 # running the pass
     verify_seconds: float = 0.0    # verifying what it produced
+    ops_before: int = 0            # the graph's op count before and after the pass
+    ops_after: int = 0
 
 
 @dataclass
@@ -91,6 +93,7 @@ class PassManager:
             ctx = PassContext(inv.name, options)
             for inst in self.instruments:
                 call(inst.before_pass, graph, stage)
+            ops_before = len(graph)
             t0 = time.perf_counter()
             try:
                 info.run(graph, ctx)
@@ -106,7 +109,8 @@ class PassManager:
                 raise PassFailedError(f"{stage.label} failed: {type(e).__name__}: {e}"
                                       f"{_user_frame(e)}") from e
             seconds = time.perf_counter() - t0
-            result = StageResult(stage, ctx.stats, seconds)
+            result = StageResult(stage, ctx.stats, seconds, ops_before=ops_before,
+                                 ops_after=len(graph))
             if self.verify_each:
                 t0 = time.perf_counter()
                 problems = find_problems(graph)

@@ -6,6 +6,12 @@ embedding; symbolic dims take small values inside their declared ranges).  After
 outputs are compared with the input graph's: the first pass whose outputs drift by more than
 ``atol + rtol * max|reference|`` stops the pipeline, and the error names it together with the
 values (matched by name across the pass) that changed most.
+
+Values are matched by name, so every value gets one before the first pass: a graph built in
+memory (``irlm compile``'s trace) takes the names it prints with, those of
+``OUT/ir/00-frontend.irlm``, and values a pass creates are named ``s<stage>.<n>`` after it.  A
+value that survives a pass keeps its name, so the first one that drifts, and the new op that
+feeds it, are found at every ``-O`` level.  A pipeline that passes prints one summary line.
 """
 from __future__ import annotations
 
@@ -76,7 +82,7 @@ def random_input(v: Value, bindings: dict, gen: torch.Generator,
         n = d if isinstance(d, int) else d.subs(bindings)
         if not getattr(n, "is_Integer", isinstance(n, int)):
             raise NumericsError(f"--check-numerics: cannot choose a size for dimension {d} of "
-                                f"input %{v.name}")
+                                f"input {v.label()}")
         shape.append(int(n))
     dt = v.type.dtype
     if dt.is_float:
@@ -223,6 +229,9 @@ class CheckNumerics(Instrument):
         self.signature: tuple = ()
         self.checked = 0
         self.disabled = False
+        self.rebaselined = 0
+        self.worst: Optional[tuple] = None     # (relative to tolerance, stage label, Difference)
+        self.new_names: set[str] = set()       # values the last pass created
 
     def tolerance(self, dtype: DType, scale: float) -> float:
         rtol = self.rtol if self.rtol is not None else DEFAULT_RTOL.get(dtype, 0.0)
@@ -249,15 +258,18 @@ class CheckNumerics(Instrument):
                 f"--check-numerics: graph @{graph.name} reads {len(params)} weight(s) (e.g. "
                 f"'{params[0].attrs['name']}') but has no weight store, so numerics cannot be "
                 f"checked; give the weights (irlm opt --weights FILE) or drop --check-numerics")
+        name_values(graph)
         self._baseline(graph, "before any pass")
 
     def after_pass(self, graph, result):
         stage = result.stage
         if self.disabled:
             return
+        self.new_names = set(name_values(graph, f"s{stage.index}."))
         if signature(graph) != self.signature:
             self._note(f"numerics: {stage.label} changed the graph's inputs or outputs; later "
                        f"passes are compared with its result")
+            self.rebaselined += 1
             try:
                 self._baseline(graph, f"after {stage.label}")
             except NumericsError as e:
@@ -273,26 +285,67 @@ class CheckNumerics(Instrument):
             tol = self.tolerance(v.type.dtype, d.scale)
             if d.max_abs > tol and (worst is None or d.relative > worst[2].relative):
                 worst = (i, v, d, tol)
+            share = d.max_abs / tol if tol > 0 else (0.0 if d.max_abs == 0 else float("inf"))
+            if self.worst is None or share > self.worst[0]:
+                self.worst = (share, stage.label, d)
         self.checked += 1
         if worst is not None:
             raise NumericsError(self._report(graph, stage, worst, run))
         self.previous = run
 
+    def after_pipeline(self, graph, report):
+        self._note(self.summary())
+
+    def summary(self) -> str:
+        """``numerics: 17 passes checked ... worst drift 3.1e-07 (2% of tolerance) after pass
+        'fuse-rope' (stage 12)``: one line for a pipeline that passed."""
+        line = f"numerics: {self.checked} pass(es) checked against the reference interpreter " \
+               f"(seed {self.seed}), none drifted"
+        if self.worst is not None and self.worst[0] > 0:
+            share, label, d = self.worst
+            line += f"; worst drift {d.max_abs:.3g} ({share:.0%} of its tolerance) after {label}"
+        elif self.checked:
+            line += "; every output bit-identical"
+        if self.rebaselined:
+            line += f"; {self.rebaselined} pass(es) changed the graph's signature and became " \
+                    f"the new reference"
+        if self.disabled:
+            line += "; later passes were not checked (see above)"
+        return line
+
     def _report(self, graph: Graph, stage, worst, run: RunResult) -> str:
         i, v, d, tol = worst
         lines = [f"--check-numerics: {stage.label} changed the graph's outputs: output {i} "
-                 f"(%{v.name}) differs by up to {d.max_abs:.4g} (max |reference| {d.scale:.4g}, "
+                 f"({v.label()}) differs by up to {d.max_abs:.4g} (max |reference| {d.scale:.4g}, "
                  f"tolerance {tol:.3g})"]
         diffs = self._value_differences(graph, run)
         if diffs:
             first = diffs[0]
             lines.append(f"  first value that differs (in graph order): {_describe(first)}")
+            made = self._created_inputs(first[1].producer)
+            if made:
+                lines.append("  it reads what this pass created: "
+                             + "; ".join(op.describe() for op in made))
             ranked = sorted(diffs, key=lambda t: (-t[2].relative, t[0]))[: self.top]
             lines.append("  values that differ most (same name and shape before and after):")
             lines += [f"    {_describe(t)}" for t in ranked]
         else:
             lines.append("  no value kept its name across the pass, so none can be compared")
         return "\n".join(lines)
+
+    def _created_inputs(self, op) -> list:
+        """The ops this pass created that feed ``op``, looking through other new ops: where a
+        drift that first shows in ``op`` comes from when the pass replaced what fed it."""
+        out, seen, work = [], set(), [op]
+        while work and len(out) < 3:
+            for v in work.pop().operands:
+                p = v.producer
+                if p is None or id(p) in seen or v.name not in self.new_names:
+                    continue
+                seen.add(id(p))
+                out.append(p)
+                work.append(p)
+        return out
 
     def _value_differences(self, graph: Graph, run: RunResult):
         """(position, value, Difference) for each value whose name and shape survive the pass
@@ -317,10 +370,34 @@ class CheckNumerics(Instrument):
         (self.stream or sys.stderr).write(text + "\n")
 
 
+def name_values(graph: Graph, prefix: Optional[str] = None) -> list[str]:
+    """Name every unnamed value of ``graph`` (in place) and return the names given.  Without
+    ``prefix``: the names the graph prints with (so they match a dump of it); with one:
+    ``PREFIX0``, ``PREFIX1``, ... (unused elsewhere in the graph)."""
+    unnamed = [v for v in graph.values() if v.name is None]
+    if not unnamed:
+        return []
+    if prefix is None:
+        from irlm.text.printer import printed_names
+        names = printed_names(graph)
+        for v in unnamed:
+            v.name = names[v]
+        return [v.name for v in unnamed]
+    taken = {v.name for v in graph.values()}
+    given, n = [], 0
+    for v in unnamed:
+        while f"{prefix}{n}" in taken:
+            n += 1
+        v.name = f"{prefix}{n}"
+        given.append(v.name)
+        n += 1
+    return given
+
+
 def _describe(item) -> str:
     """``core.sub (%d) at model.layers.0: max |diff| 3.8 (relative 2)``."""
     _, v, d = item
     where = v.producer.describe()
     if len(v.producer.results) > 1:
-        where = f"%{v.name} of {where}"
+        where = f"{v.label()} of {where}"
     return f"{where}: max |diff| {d.max_abs:.4g} (relative {d.relative:.3g})"

@@ -50,3 +50,19 @@ def test_a_forced_format_names_its_flag(tmp_path):
     with pytest.raises(IRLMError, match="--gguf .*nope.gguf: no such file"):
         irlm.compile(Source(tmp_path / "nope.gguf", "gguf", flag="--gguf"),
                      CompileConfig(output=tmp_path / "o"))
+
+
+def test_max_batch_1_is_a_static_batch_that_still_matches_transformers(tiny_llama, tmp_path):
+    """docs/compile.md: the batch range is [1, N]; N = 1 was refused ("at least 2")."""
+    from irlm.runtime import LLM, SamplingParams
+    engine = irlm.compile(tiny_llama, CompileConfig(output=tmp_path / "e", max_seq=64,
+                                                    max_batch=1, tokens_per_block=4))
+    frontend = (tmp_path / "e" / "ir" / "00-frontend.irlm").read_text()
+    assert "dim batch" not in frontend and "tensor<1x[seq]xi64>" in frontend
+    prompt = [5, 17, 3, 99, 42]
+    got = LLM.from_engine(engine.path, device="cpu").generate(
+        [prompt], SamplingParams(max_tokens=6, temperature=0.0))[0]
+    with torch.no_grad():
+        want = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                                   pad_token_id=0)[0, len(prompt):].tolist()
+    assert got.outputs[0].token_ids == want

@@ -284,10 +284,15 @@ def test_static_trace_has_no_symbols():
     assert not g.dims and g.outputs[0].type == TensorType((6,), DType.f32)
 
 
-def test_dim_that_model_fixes_is_an_error():
-    lin = nn.Linear(4, 4)
-    with pytest.raises(TraceError, match="dynamic=False"):
-        trace(lin, (r(2, 4),))  # dim 1 is in_features, not a sequence
+def test_dim_that_model_fixes_becomes_static():
+    """dim 1 of a Linear's input is in_features, not a sequence: torch says the model fixes
+    it to 4, so it is traced static while the batch stays symbolic."""
+    lin = nn.Linear(4, 3)
+    g = trace(lin, (r(2, 4),))
+    assert list(g.dims) == ["batch"] and g.inputs[0].type.shape[1] == 4
+    x = r(5, 4)
+    from irlm.interpreter import Interpreter
+    torch.testing.assert_close(Interpreter(g).run([x]).outputs[0], lin(x))
 
 
 def test_example_of_size_one_is_rejected_clearly():

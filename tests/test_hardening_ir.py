@@ -86,7 +86,7 @@ def test_non_utf8_ir_is_one_located_line(tmp_path, capsys, command):
     argv = ["opt", str(bad)] if command == "opt" else ["ir", "check", str(bad)]
     assert irlm_main(argv) == 1
     err = capsys.readouterr().err
-    assert f"{bad}:2:13: error: the file is not valid UTF-8" in err and "Traceback" not in err
+    assert f"irlm: error: {bad}:2:13: the file is not valid UTF-8" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".json"])

@@ -2,7 +2,7 @@
 ``--target tensorrt`` where TensorRT is missing, and polygraphy on the exported model.
 
 A tiny seeded Llama saved as an HF directory is compiled (paged inference form, -O2) and, with
-``--pipeline fuse-all`` (which replaces the -O level), as a fused stateless graph; the stateless
+``--replace-pipeline --pipeline fuse-all`` (instead of the -O level), as a fused stateless graph; the stateless
 export must run under ``polygraphy run --onnxrt`` (the tool TensorRT users check models with).
 """
 from __future__ import annotations
@@ -52,7 +52,7 @@ def test_export_onnx_of_an_engine_directory_writes_the_inference_form(hf_dir, tm
 def test_compile_target_onnx_fused_stateless_graph_runs_in_polygraphy(hf_dir, tmp_path):
     out = tmp_path / "fused"
     assert irlm_main(["compile", "--hf", str(hf_dir), "-o", str(out), "--target", "onnx",
-                      "--pipeline", "fuse-all"]) == 0
+                      "--replace-pipeline", "--pipeline", "fuse-all"]) == 0
     assert not (out / "engine.json").exists()
     m = onnx.load(str(out / "model.onnx"), load_external_data=False)
     assert {"RMSNormalization", "RotaryEmbedding", "Attention"} <= {n.op_type

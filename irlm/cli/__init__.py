@@ -17,11 +17,21 @@ import traceback
 
 from ..errors import InternalError, IRLMError, ParseError
 
-COMMANDS = ("ir", "opt", "compile", "run", "export_onnx", "serve")
+COMMANDS = ("ir", "opt", "compile", "build", "run", "export_onnx", "serve")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: ``irlm: error: irlm compile: argument --max-batch:
+    invalid int value: 'x' (irlm compile --help shows the usage)``, exit status 2.  The
+    subcommands' parsers are of this class too (argparse makes them with the parent's)."""
+
+    def error(self, message: str):
+        self.exit(2, f"irlm: error: {self.prog}: {message} ({self.prog} --help shows the "
+                     f"usage)\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="irlm", description="A graph compiler for LLM inference.")
+    p = _Parser(prog="irlm", description="A graph compiler for LLM inference.")
     p.add_argument("--version", action="version", version=f"irlm {_version()}")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of any error (for bug reports)")
@@ -55,6 +65,12 @@ def _version() -> str:
     return __version__
 
 
+def _located(e: ParseError) -> str:
+    """``FILE:LINE:COL: message`` (the library's text says ``FILE:LINE:COL: error: ...``)."""
+    where = e.filename + (f":{e.line}:{e.column or 1}" if e.line is not None else "")
+    return f"{where}: {e.detail}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     debug = getattr(args, "debug", False)
@@ -63,8 +79,7 @@ def main(argv=None) -> int:
     except IRLMError as e:
         if debug:
             traceback.print_exc()
-        # parse errors already read "FILE:LINE:COL: error: ..."
-        print(str(e) if isinstance(e, ParseError) else f"irlm: error: {e}", file=sys.stderr)
+        print(f"irlm: error: {_located(e) if isinstance(e, ParseError) else e}", file=sys.stderr)
         return 1
     except OSError as e:
         if debug:

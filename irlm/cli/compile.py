@@ -10,7 +10,8 @@ import sys
 from typing import Optional
 
 from ..compilation import CompileConfig, Source, compile as compile_model
-from ..compilation.config import DEVICES, DTYPES, KV_CACHE_DTYPES, QUANT_MODES, TARGETS
+from ..compilation.config import (DEVICES, DTYPES, KV_CACHE_DTYPES, QUANT_MODES, TARGETS,
+                                  parse_dims)
 from ..compilation.stages import STAGES
 from ..errors import IRLMError
 
@@ -39,6 +40,13 @@ def add_parser(sub) -> None:
     p.add_argument("--max-seq", type=int, default=None, metavar="N",
                    help="longest sequence the compiled graph accepts (default: the model's "
                         "max_position_embeddings, else 2048)")
+    p.add_argument("--dims", metavar="NAME=MIN:MAX,...", default=None,
+                   help="ranges of the traced dims (dim 0 of every input is batch, dim 1 "
+                        "seq), e.g. batch=1:8,seq=1:2048; seq=16 makes seq static 16 "
+                        "(overrides --max-batch / --max-seq)")
+    p.add_argument("--static", action="store_true",
+                   help="trace with the example inputs' exact shapes: no symbolic dims "
+                        "(models that are not causal LMs)")
     p.add_argument("--dtype", choices=DTYPES, default="f32",
                    help="element type of weights and activations (default f32)")
     p.add_argument("--tokens-per-block", type=int, default=16, metavar="N",
@@ -72,6 +80,10 @@ def add_parser(sub) -> None:
                         "build_trt.sh), or tensorrt (also OUT/model.plan; needs TensorRT)")
     from irlm.passes import add_pipeline_arguments
     add_pipeline_arguments(p, default_level="2")
+    p.add_argument("--replace-pipeline", action="store_true",
+                   help="run only --pipeline's passes, instead of after the -O level's "
+                        "(a causal LM then needs substitute-attention in it for an engine; "
+                        "without it the graph stays stateless, e.g. for --target onnx)")
     add_parallel_arguments(p)
     p.set_defaults(func=run)
 
@@ -124,10 +136,18 @@ def source_from_args(args) -> Source:
 
 def config_from_args(args) -> CompileConfig:
     """The flags as a CompileConfig (checked by irlm.compile)."""
-    level: Optional[str] = args.opt_level or ("2" if args.pipeline is None else None)
+    if args.replace_pipeline and args.pipeline is None:
+        raise IRLMError("--replace-pipeline needs --pipeline P (the passes to run instead of "
+                        "the -O level's)")
+    if args.replace_pipeline and args.opt_level is not None:
+        raise IRLMError(f"--replace-pipeline with -O{args.opt_level}: the level's passes are "
+                        f"what it replaces; give one of them")
+    # --pipeline extends the level (default -O2); --replace-pipeline runs it alone
+    level: Optional[str] = None if args.replace_pipeline else (args.opt_level or "2")
     return CompileConfig(
         output=args.output, opt_level=level, pipeline=args.pipeline, dtype=args.dtype,
         max_batch=args.max_batch, max_seq=args.max_seq, tokens_per_block=args.tokens_per_block,
+        dims=parse_dims(args.dims) if args.dims is not None else None, static=args.static,
         max_num_tokens=args.max_num_tokens, quant=args.quant, quant_group=args.quant_group,
         kv_cache_dtype=args.kv_cache_dtype, calib=args.calib, tp=args.tp, pp=args.pp,
         device=args.device, target=args.target, force=args.force,

@@ -92,9 +92,12 @@ def list_passes() -> str:
         lines.append(f"  {name}" + (f"  -- {info.summary}" if info.summary else ""))
         for key, opt in info.options.items():
             lines.append(f"      {key}: {opt.describe()}")
-    lines.append("optimization levels:")
-    for name, text in NAMED_PIPELINES.items():
-        if name in LEVELS:
-            lines.append(f"  -{name}: {text or '(no passes)'}")
+    from irlm.passes.levels import level_name
+    lines.append("optimization levels (irlm opt runs the first form; irlm compile the "
+                 "causal-LM form on decoders, the first on other models):")
+    for name in LEVELS:
+        lines.append(f"  -{name}: {NAMED_PIPELINES[name] or '(no passes)'}")
+        lines.append(f"  -{name} causal LM: "
+                     f"{NAMED_PIPELINES[level_name(name, causal_lm=True)] or '(no passes)'}")
     lines.append("(irlm opt --list-pipelines shows every named pipeline)")
     return "\n".join(lines) + "\n"

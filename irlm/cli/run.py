@@ -70,6 +70,15 @@ def _generate(llm, args, params) -> int:
     else:
         prompt_ids = llm.tokenizer.encode(args.prompt) if llm.tokenizer is not None \
             else args.prompt
+    context = llm.engine.runner.max_model_len
+    if len(prompt_ids) + args.max_tokens > context:
+        room = context - len(prompt_ids)
+        raise IRLMError(f"--max-tokens {args.max_tokens}: the engine's context is {context} "
+                        f"tokens (max_model_len) and the prompt takes {len(prompt_ids)}, so at "
+                        f"most {max(room, 0)} can be generated"
+                        + ("; give a shorter prompt" if room < 1 else
+                           f"; give --max-tokens {room} or less, or compile with a larger "
+                           f"--max-seq"))
     timing = {"first": None, "tokens": 0}
     pieces: list[str] = []
 

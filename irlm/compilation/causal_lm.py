@@ -13,13 +13,14 @@ import torch
 from ..ir import Graph
 
 
-def inference_example_inputs(vocab_size: int, device=None) -> dict:
+def inference_example_inputs(vocab_size: int, device=None, batch: int = 2) -> dict:
     """input_ids, an all-ones attention mask and explicit position_ids (batch 2, so torch does
     not specialize the batch dim to 1): substitute-attention reads positions from
     position_ids, and the explicit mask keeps HF from deriving packed-sequence masks."""
-    ids = torch.arange(16, device=device).remainder(max(2, vocab_size)).reshape(2, 8)
-    return {"input_ids": ids, "attention_mask": torch.ones(2, 8, dtype=torch.long, device=device),
-            "position_ids": torch.arange(8, device=device).repeat(2, 1)}
+    ids = torch.arange(8 * batch, device=device).remainder(max(2, vocab_size)).reshape(batch, 8)
+    return {"input_ids": ids,
+            "attention_mask": torch.ones(batch, 8, dtype=torch.long, device=device),
+            "position_ids": torch.arange(8, device=device).repeat(batch, 1)}
 
 
 def sliding_window_of(config) -> int:
@@ -39,7 +40,8 @@ def compile_causal_lm(module, *, level: str = "2", weights=None, max_batch: int 
     if max_seq is None:
         max_seq = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
     device = next(iter(module.parameters())).device
-    g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device),
+    g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device,
+                                               batch=min(2, max_batch)),
               dims={"batch": (1, max_batch), "seq": (1, max_seq)}, weights=weights)
     text = pipeline_for(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
     if extra_pipeline:

@@ -46,6 +46,11 @@ class CompileConfig:
     max_seq: Optional[int] = None
     tokens_per_block: int = 16
     max_num_tokens: int = 8192
+    #: ranges of the traced dims, overriding max_batch / max_seq: ``{"seq": (1, 512)}``; a
+    #: range of one value (``(16, 16)``) makes that dim static
+    dims: Optional[dict] = None
+    #: trace with the example inputs' shapes, no symbolic dims (not for causal LMs)
+    static: bool = False
     quant: Optional[str] = None
     #: int4 scale group (32, 64 or 128); None: per layer, the largest that divides its inputs
     quant_group: Optional[int] = None
@@ -111,13 +116,16 @@ class CompileConfig:
             existing(self.calib, "--calib")
         if quant in ("int4", "int4-awq") and self.quant_group not in (None, *INT4_GROUPS):
             raise IRLMError(f"--quant-group {self.quant_group}: must be 32, 64 or 128")
-        for flag, value in (("--max-batch", self.max_batch), ("--max-seq", self.max_seq)):
-            if value is not None and value < 2:
-                raise IRLMError(f"{flag} {value}: must be at least 2")
+        # batch 1 is a static batch; a sequence needs a prompt token and a generated one
+        for flag, value, low in (("--max-batch", self.max_batch, 1),
+                                 ("--max-seq", self.max_seq, 2)):
+            if value is not None and (not isinstance(value, int) or value < low):
+                raise IRLMError(f"{flag} {value}: must be at least {low}")
         for flag, value, top in (("--tokens-per-block", self.tokens_per_block, 4096),
                                  ("--max-num-tokens", self.max_num_tokens, 1 << 24)):
             if value is not None and not 1 <= value <= top:
                 raise IRLMError(f"{flag} {value}: must be in [1, {top}]")
+        self._check_dims()
         self._check_parallel()
         if self.target != "engine":
             from irlm.lowering.onnx.targets import check_target
@@ -125,6 +133,24 @@ class CompileConfig:
                 raise IRLMError(f"--target {self.target} writes one network: it does not take "
                                 f"--tp/--pp")
             check_target(self.target)
+
+    def _check_dims(self) -> None:
+        if self.dims is None:
+            return
+        if self.static:
+            raise IRLMError("--dims with --static: static shapes have no ranges; give one")
+        if not isinstance(self.dims, dict):
+            raise IRLMError(f"--dims: expected NAME=MIN:MAX pairs, got {self.dims!r:.60}")
+        for name, r in self.dims.items():
+            if name not in DIM_NAMES:
+                raise IRLMError(f"--dims {name}=...: unknown dimension '{name}' (the traced "
+                                f"dims are {' and '.join(DIM_NAMES)}: dim 0 and dim 1 of every "
+                                f"input)")
+            ok = isinstance(r, (tuple, list)) and len(r) == 2 and \
+                all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+            if not ok or not 1 <= r[0] <= r[1]:
+                raise IRLMError(f"--dims {name}={_range_text(r)}: a range must be MIN:MAX with "
+                                f"1 <= MIN <= MAX")
 
     def _check_parallel(self) -> None:
         for flag, value in (("--tp", self.tp), ("--pp", self.pp)):
@@ -145,6 +171,33 @@ class CompileConfig:
             raise IRLMError(f"{flag} with --kv-cache-dtype {self.kv_cache_dtype}: not supported "
                             f"together yet (its scales are calibrated on the whole model); "
                             f"{works}")
+
+
+#: the traced dims: dim 0 (batch) and dim 1 (seq) of every input
+DIM_NAMES = ("batch", "seq")
+
+
+def _range_text(r) -> str:
+    return f"{r[0]}:{r[1]}" if isinstance(r, (tuple, list)) and len(r) == 2 else repr(r)
+
+
+def parse_dims(text: str) -> dict:
+    """``"batch=1:8,seq=1:2048"`` (``seq=16``: static 16) → ``{"batch": (1, 8), ...}``."""
+    out = {}
+    for item in text.split(","):
+        name, eq, value = item.strip().partition("=")
+        lo, colon, hi = value.partition(":")
+        try:
+            r = (int(lo), int(hi)) if colon else (int(lo), int(lo))
+        except ValueError:
+            raise IRLMError(f"--dims {text}: '{item.strip()}' is not NAME=MIN:MAX (e.g. "
+                            f"batch=1:8,seq=1:2048; seq=16 for a static size)") from None
+        if not eq or not name:
+            raise IRLMError(f"--dims {text}: '{item.strip()}' is not NAME=MIN:MAX")
+        if name in out:
+            raise IRLMError(f"--dims {text}: '{name}' is given twice")
+        out[name] = r
+    return out
 
 
 def _choice(flag: str, value, valid) -> None:

@@ -33,14 +33,22 @@ class CompiledEngine(Engine):
     #: False when no engine directory was written (write_engine=False, or a model that is
     #: not a causal LM: only its IR is in OUT/ir/)
     engine_written: bool = False
+    frontend_ops: int = 0              # ops in OUT/ir/00-frontend.irlm (the traced graph)
 
     def summary(self) -> str:
-        """One line: source, model, final graph, files written, time."""
+        """One line: source, model, the op count of each graph beside the file holding it,
+        files written, time."""
         g = self.full_graph
         n_params = sum(1 for _ in g.params())
+        traced = f"traced {self.frontend_ops} ops (ir/00-frontend.irlm)"
+        final = f"{len(g)} ops ({n_params} params) after the passes"
+        if self.engine_written and not self.ranks:
+            final += " (plan.irlm)"
+        elif self.ranks:
+            final += f", split into {len(self.ranks)} ranks (rank*/plan.irlm)"
         wrote = ", ".join(str(p) for p in self.written)
-        return (f"{self.model.source}: {self.model.describe()} → @{g.name}: {len(g)} ops "
-                f"({n_params} params); wrote {wrote} in {self.seconds:.1f}s")
+        return (f"{self.model.source}: {self.model.describe()} → @{g.name}: {traced} → "
+                f"{final}; wrote {wrote} in {self.seconds:.1f}s")
 
 
 def compile(source, config: CompileConfig, *,
@@ -81,7 +89,8 @@ def _result(job: CompileJob, seconds: float):
                ranks=ranks, parallel={"tp": tp, "pp": pp} if job.ranks else {},
                model=job.model, full_graph=job.graph, pipeline=job.pipeline, written=list(job.written),
                notes=list(job.model.notes) + job.notes, timings=dict(job.timings),
-               seconds=seconds, engine_written=job.engine_config is not None)
+               seconds=seconds, engine_written=job.engine_config is not None,
+               frontend_ops=job.frontend_ops)
 
 
 def source_dirs(source) -> list[Path]:

@@ -38,6 +38,8 @@ class CompileJob:
     ranks: list = field(default_factory=list)   # per-rank graphs of tp / pp
     engine_config: Optional[dict] = None        # engine.json's build facts, when written
     tokenizer: Any = None
+    frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
+    dump_params: set = field(default_factory=set)   # param names any IR dump reads
 
 
 @dataclass(frozen=True)
@@ -56,8 +58,12 @@ def load_stage(job: CompileJob) -> None:
 def trace_stage(job: CompileJob) -> None:
     from irlm.frontends import trace
     m = job.model
-    inputs = inference_example_inputs(m) if is_causal_lm(m) else m.example_inputs()
-    job.graph = trace(m.module, inputs, dynamic=True, dims=symbolic_dims(job),
+    inputs = inference_example_inputs(m, min(2, job.config.max_batch)) if is_causal_lm(m) \
+        else m.example_inputs()
+    if job.config.static and is_causal_lm(m):
+        raise IRLMError(f"--static: {type(m.module).__name__} is a causal LM, whose engine "
+                        f"needs a symbolic sequence length; use --dims seq=1:N (or --max-seq)")
+    job.graph = trace(m.module, inputs, dynamic=not job.config.static, dims=symbolic_dims(job),
                       weights=m.weights, name=_graph_name(m))
 
 
@@ -69,9 +75,9 @@ def is_causal_lm(model) -> bool:
         not getattr(model.config, "is_encoder_decoder", False)
 
 
-def inference_example_inputs(model) -> dict:
+def inference_example_inputs(model, batch: int = 2) -> dict:
     from .causal_lm import inference_example_inputs as inputs
-    return inputs(int(getattr(model.config, "vocab_size", 2) or 2))
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch)
 
 
 def level_pipeline(job: CompileJob) -> str:
@@ -87,7 +93,8 @@ def level_pipeline(job: CompileJob) -> str:
 
 
 def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
-               stage_offset: int = 0, check_numerics: Optional[bool] = None) -> None:
+               stage_offset: int = 0, check_numerics: Optional[bool] = None,
+               extra_instruments=()) -> None:
     """Run pipeline ``text`` over ``graph`` with the config's instruments."""
     from irlm.passes import PassManager, load_plugin, parse_pipeline
     from irlm.passes.cli import make_instruments
@@ -100,7 +107,7 @@ def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
         check_numerics=c.check_numerics if check_numerics is None else check_numerics,
         numerics_atol=c.numerics_atol, numerics_rtol=c.numerics_rtol,
         numerics_seed=c.numerics_seed, numerics_int_max=c.numerics_int_max,
-        timing=c.timing, stats=c.stats)
+        timing=c.timing, stats=c.stats) + list(extra_instruments)
     PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
                 stage_offset=stage_offset).run(graph)
 
@@ -110,10 +117,61 @@ def passes_stage(job: CompileJob) -> None:
     # with tp/pp each rank's graph is quantized after the split (parallel.quantize_ranks)
     quant = "" if c.splits else quant_pipeline(job)
     text = ",".join(p for p in (level_pipeline(job), quant, c.pipeline) if p)
-    dump_dir = c.dump_ir_dir or (job.out / "ir" if c.dump_ir else None)
+    dump_dir = dump_directory(job)
     job.pipeline = text
+    if dump_dir is not None:
+        job.dump_params |= {op.attrs["name"] for op in job.graph.params()}
     if text:
-        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0)
+        extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
+        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
+                   extra_instruments=extra)
+
+
+def dump_directory(job: CompileJob) -> Optional[Path]:
+    c = job.config
+    d = c.dump_ir_dir or (job.out / "ir" if c.dump_ir else None)
+    return Path(d) if d is not None else None
+
+
+class _ParamNames:
+    """Collects the param names of the graph after every pass (what the dumps read)."""
+
+    def __init__(self, names: set):
+        self.names = names
+
+    def before_pipeline(self, graph, pipeline, stage_offset):
+        pass
+
+    def before_pass(self, graph, stage):
+        pass
+
+    def after_pass(self, graph, result):
+        self.names |= {op.attrs["name"] for op in graph.params()}
+
+    def pass_failed(self, graph, stage, error):
+        pass
+
+    def after_pipeline(self, graph, report):
+        pass
+
+
+def ir_weights_stage(job: CompileJob) -> None:
+    """With --dump-ir: OUT/ir/weights.safetensors holds every weight a dump reads that the
+    engine's weights.safetensors does not (the original names before fusions, the unfused
+    parts), so any dump can be re-fed (irlm build DUMP --weights OUT/weights.safetensors
+    --weights OUT/ir/weights.safetensors)."""
+    d = dump_directory(job)
+    if d is None or not job.dump_params:
+        return
+    from irlm.lowering.engine_format import write_weights
+    in_engine = set()
+    if job.engine_config is not None and not job.ranks and d.resolve() == (job.out / "ir").resolve():
+        in_engine = {op.attrs["name"] for op in job.graph.params()}
+    store = job.graph.weights
+    names = sorted(n for n in job.dump_params - in_engine if n in store)
+    path = d / "weights.safetensors"
+    write_weights({n: store.get(n) for n in names}, path)
+    job.written.append(path)
 
 
 def quant_pipeline(job: CompileJob) -> str:
@@ -164,8 +222,7 @@ def engine_stage(job: CompileJob) -> None:
         return
     from irlm.ops.llm import KV_CACHE_INPUT
     if not any(v.name == KV_CACHE_INPUT for v in job.graph.inputs):
-        job.notes.append("no engine written: only causal LMs compile to a runnable engine "
-                         "(this model's IR is in OUT/ir/)")
+        job.notes.append(no_engine_reason(job))
         return
     cfg = job.model.config
     eos = getattr(cfg, "eos_token_id", None)
@@ -193,6 +250,24 @@ def engine_stage(job: CompileJob) -> None:
     job.written.append(job.out / "engine.json")
 
 
+def no_engine_reason(job: CompileJob) -> str:
+    """Why a compile that was to write an engine wrote only IR (the engine runs the paged
+    inference form that substitute-attention makes of a causal LM)."""
+    where = "its IR is in OUT/ir/00-frontend.irlm" + \
+        (" and the pass dumps beside it" if job.config.dump_ir else
+         " (--dump-ir writes the graph after every pass)")
+    if not is_causal_lm(job.model):
+        return (f"no engine written: {type(job.model.module).__name__} is not a causal LM, and "
+                f"only causal LMs compile to a runnable engine (they run with a paged KV "
+                f"cache); {where}; --target onnx exports any graph")
+    ran = [p.split("{")[0] for p in job.pipeline.split(",") if p]
+    why = ("substitute-attention did not run" if "substitute-attention" not in ran else
+           "substitute-attention found no attention to turn into paged attention")
+    return (f"no engine written: {why}, so this causal LM stayed a stateless graph "
+            f"(pipeline: {job.pipeline or 'none'}); drop --replace-pipeline or add "
+            f"substitute-attention to --pipeline for an engine; {where}")
+
+
 def activation_plan(graph, max_num_tokens: int, max_model_len: int):
     """The activation memory plan of the engine's largest step (lowering/memory_plan.py)."""
     from irlm.lowering.memory_plan import plan_activation_memory
@@ -218,6 +293,7 @@ def write_frontend_ir_stage(job: CompileJob) -> None:
     path = job.out / FRONTEND_IR
     safe_io.make_dir(path.parent)
     safe_io.write_text(path, print_graph(job.graph))
+    job.frontend_ops = len(job.graph)
     job.written.append(path)
 
 
@@ -238,7 +314,9 @@ def symbolic_dims(job: CompileJob) -> dict[str, tuple[int, int]]:
     max_seq = c.max_seq
     if max_seq is None:
         max_seq = int(getattr(job.model.config, "max_position_embeddings", 0) or 2048)
-    return {"batch": (1, c.max_batch), "seq": (1, max_seq)}
+    dims = {"batch": (1, c.max_batch), "seq": (1, max_seq)}
+    dims.update({k: tuple(v) for k, v in (c.dims or {}).items()})    # --dims wins
+    return dims
 
 
 def _graph_name(model) -> str:
@@ -256,5 +334,6 @@ STAGES: list[Stage] = [
     Stage("passes", passes_stage),
     Stage("split", parallel.split_stage),
     Stage("write engine", engine_stage),
+    Stage("write IR weights", ir_weights_stage),
     Stage("write ONNX", onnx_stage),
 ]

@@ -22,7 +22,7 @@ from .llm_engine import LLMEngine
 from .errors import RequestFailedError
 from .model_runner import ModelRunner
 from .outputs import RequestOutput, StreamOutput
-from .sampling import SamplingParams
+from .sampling import SamplingParams, as_sampling_params
 
 Prompt = str | list[int]
 
@@ -116,9 +116,13 @@ class LLM:
 
         Prompts beyond the waiting queue's bound are fed in as room frees up."""
         prompts = self._as_prompt_list(prompts)
-        if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
-        params = list(params)
+        if params is None or isinstance(params, (SamplingParams, dict)):
+            params = [as_sampling_params(params)] * len(prompts)
+        elif isinstance(params, (list, tuple)):
+            params = [as_sampling_params(p, f"generate: params[{i}]")
+                      for i, p in enumerate(params)]
+        else:
+            params = [as_sampling_params(params)]      # the one clear error
         if len(params) != len(prompts):
             raise IRLMError(f"generate: {len(params)} SamplingParams for {len(prompts)} prompts")
         encoded = [self._encode(p) for p in prompts]     # every error before any work
@@ -177,6 +181,7 @@ class LLM:
         runs as a task on the current event loop while any request is unfinished; leaving the
         iteration early cancels the request and frees its blocks."""
         prompt_ids = self._encode(prompt)
+        params = as_sampling_params(params, "generate_stream")
         request_id = self.engine.add_request(prompt_ids, params, stream=True,
                                              prompt=prompt if isinstance(prompt, str) else None)
         queue: asyncio.Queue = asyncio.Queue()

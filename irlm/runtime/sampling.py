@@ -66,12 +66,14 @@ class SamplingParams:
 
     def __post_init__(self):
         stop = [self.stop] if isinstance(self.stop, str) else self.stop
-        try:
-            object.__setattr__(self, "stop", tuple(stop or ()))
-            object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
-        except TypeError:
-            raise SamplingParamsError(f"SamplingParams.stop / stop_token_ids must be lists, got "
-                                      f"{self.stop!r:.60} / {self.stop_token_ids!r:.60}") from None
+        for name, value, what in (("stop", stop, "a string or a list of strings"),
+                                  ("stop_token_ids", self.stop_token_ids,
+                                   "a list of token ids (ints >= 0)")):
+            if value is not None and (isinstance(value, (str, bytes, dict))
+                                      or not isinstance(value, (list, tuple, set, frozenset))):
+                raise SamplingParamsError(f"SamplingParams.{name} must be {what}, got {value!r:.60}")
+        object.__setattr__(self, "stop", tuple(stop or ()))
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids or ()))
         try:
             object.__setattr__(self, "bad_words_ids",
                                tuple(tuple(w) for w in self.bad_words_ids or ()))
@@ -405,3 +407,23 @@ def draw_tokens(logits: torch.Tensor, rows: Sequence[SampleRow]) -> DrawnTokens:
 def sample(logits: torch.Tensor, rows: Sequence[SampleRow]) -> SampleResult:
     """Next token of every row of ``logits`` [rows, vocab] (float32, any device)."""
     return draw_tokens(logits, rows).result()
+
+
+def as_sampling_params(params, where: str = "generate") -> "SamplingParams":
+    """``params`` as a :class:`SamplingParams`: None → the defaults, a dict → its fields
+    (``{"max_tokens": 4}``, what an OpenAI-style caller has at hand).  Anything else, or a
+    dict key that is not a field, is one :class:`SamplingParamsError` naming it."""
+    if params is None:
+        return SamplingParams()
+    if isinstance(params, SamplingParams):
+        return params
+    if isinstance(params, dict):
+        fields = SamplingParams.__dataclass_fields__
+        unknown = [k for k in params if k not in fields]
+        if unknown:
+            raise SamplingParamsError(
+                f"{where}: {unknown[0]!r:.40} is not a SamplingParams field (valid: "
+                f"{', '.join(fields)})")
+        return SamplingParams(**params)
+    raise SamplingParamsError(f"{where}: sampling parameters must be a SamplingParams or a dict "
+                              f"of its fields, got {type(params).__name__}")

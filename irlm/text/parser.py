@@ -1028,6 +1028,9 @@ def parse_file(path, weights=None) -> Graph:
 
 
 def _decode(data: bytes, filename: str) -> str:
+    binary = _binary_kind(data[:4096])
+    if binary is not None:
+        raise ParseError(filename, None, None, f"not IR text: {binary}")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -1035,3 +1038,17 @@ def _decode(data: bytes, filename: str) -> str:
         line = head.count(b"\n") + 1
         col = len(head[head.rfind(b"\n") + 1:].decode("utf-8", "replace")) + 1
         raise ParseError(filename, line, col, "the file is not valid UTF-8") from None
+
+
+def _binary_kind(head: bytes):
+    """What a binary file handed over as IR text is, with what to do instead (None: text).
+    IR text never holds a NUL byte; model files start with one within their first bytes."""
+    if head.startswith(b"GGUF"):
+        return "a GGUF model file (compile it: irlm compile --gguf FILE -o OUT)"
+    if len(head) > 9 and head[8:9] == b"{" and b"\0" in head[:8]:
+        return "a safetensors weights file (give it to --weights)"
+    if head.startswith(b"PK\x03\x04") or head.startswith(b"\x80"):
+        return "a binary file (a zip archive or pickle, e.g. a PyTorch checkpoint)"
+    if b"\0" in head:
+        return "a binary file"
+    return None

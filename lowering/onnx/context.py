@@ -123,7 +123,7 @@ class LoweringContext:
         try:
             name = self._names[id(v)]
         except KeyError:
-            raise IRLMError(f"%{v.name} is used before it is defined") from None
+            raise IRLMError(f"{v.label()} is used before it is defined") from None
         if name in self._deferred:   # a weight is written when a node first reads it
             self.weight(*self._deferred.pop(name), name_as=name)
         return name

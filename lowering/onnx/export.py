@@ -96,7 +96,7 @@ def _check_dim_sources(graph: Graph) -> None:
     for v in graph.values():
         missing = v.type.free_symbols() - known
         if missing:
-            raise IRLMError(f"dimension {sorted(missing)[0]} of %{v.name} is not the size of any "
+            raise IRLMError(f"dimension {sorted(missing)[0]} of {v.label()} is not the size of any "
                             f"graph input's axis, so the ONNX graph cannot compute it")
 
 

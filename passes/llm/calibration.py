@@ -190,7 +190,7 @@ def _inference_inputs(graph: Graph, ids: list[int]) -> list[torch.Tensor]:
     out = []
     for v in graph.inputs:
         if v.name not in feed:
-            raise CalibrationError(f"calibration cannot feed graph input %{v.name} (it feeds "
+            raise CalibrationError(f"calibration cannot feed graph input {v.label()} (it feeds "
                                    f"input_ids, position_ids, attention_mask and the paged "
                                    f"inference form's inputs)")
         x = feed[v.name]

@@ -134,7 +134,7 @@ def _norm(e):
 def _flatten_input(g: Graph, v: Value, T) -> None:
     """Replace input ``[1, tokens]`` by ``[tokens]`` (reshaped back for its users)."""
     if v.type.rank != 2 or v.type.shape[0] != 1 or not dims_equal(v.type.shape[1], T):
-        raise IRError(f"substitute-attention: input %{v.name} is {v.type}, expected [1, tokens]")
+        raise IRError(f"substitute-attention: input {v.label()} is {v.type}, expected [1, tokens]")
     new = Value(TensorType((T,), v.type.dtype), v.name)
     reshape = make_op("core.reshape", [new], {"shape": [1, T]})
     if g.first is None:
@@ -275,8 +275,14 @@ def _register() -> None:
         """Rewrite a traced decoder into the paged inference form (see the module doc)."""
         o = ctx.options
         dtype = None if o["kv_cache_dtype"] == "auto" else DType.parse(o["kv_cache_dtype"])
+        names = {v.name for v in graph.inputs}
         substitute_attention(graph, o["tokens_per_block"], o["sliding_window"], dtype,
                              o["max_tokens"], o["max_reqs"])
+        # one paged attention (one KV-cache layer) per scaled_dot_product_attention it replaced
+        ctx.stats.bump("attention ops made paged",
+                       sum(op.name == "llm.paged_attention" for op in graph.ops))
+        ctx.stats.bump("inference inputs added",
+                       sum(v.name not in names for v in graph.inputs))
 
 
 _register()

@@ -86,8 +86,8 @@ class Rewriter(Builder):
         if old is new:
             return
         if check_type and not same_type(old.type, new.type):
-            raise RewriteError(self._where() + f"cannot replace %{old.name} ({old.type}) with "
-                               f"%{new.name} of a different type ({new.type})")
+            raise RewriteError(self._where() + f"cannot replace {old.label()} ({old.type}) with "
+                               f"{new.label()} of a different type ({new.type})")
         users = old.users
         was_output = any(o is old for o in self.graph.outputs)
         if except_in is None:
@@ -126,7 +126,7 @@ class Rewriter(Builder):
         for r in op.results:
             if r.uses or (outputs and _is_in(r, outputs)):
                 reader = r.uses[0].op.describe() if r.uses else "the graph outputs"
-                raise RewriteError(self._where() + f"cannot erase {op.describe()}: %{r.name} is "
+                raise RewriteError(self._where() + f"cannot erase {op.describe()}: {r.label()} is "
                                    f"still read by {reader}")
         self.graph.erase(op)
         self.change_count += 1
