@@ -29,7 +29,8 @@ def engines(tmp_path_factory):
     from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
     root = tmp_path_factory.mktemp("distgpu")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    # head_dim 64: the smallest head size irlm's CUDA attention kernels take
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2,
                                    vocab_size=128, max_position_embeddings=256)
     transformers.AutoModelForCausalLM.from_config(cfg).eval().save_pretrained(root / "hf")
