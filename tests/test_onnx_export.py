@@ -208,16 +208,16 @@ def test_capability_check_rejects_an_attribute_it_cannot_lower(tmp_path):
 
 
 def test_every_registry_op_is_covered_or_listed_as_not_lowering():
-    """A new op must get an ONNX converter or a place in docs/lowering.md's list."""
+    """A new op must get an ONNX converter or a place in docs/onnx.md's list."""
     from pathlib import Path
     from irlm.registry import all_ops
     # ops that tests define for themselves (e.g. test.kinds in test_text_format) may share the
     # registry in this worker: only irlm's own ops need converters
     ours = {name for name, d in all_ops().items() if d.reference.__module__.startswith("irlm")}
     missing = sorted(ours - set(get_converters()))
-    doc = (Path(__file__).parent.parent / "docs" / "lowering.md").read_text()
+    doc = (Path(__file__).parent.parent / "docs" / "onnx.md").read_text()
     for name in missing:
-        assert f"`{name}`" in doc, f"{name}: no converter and not listed in docs/lowering.md"
+        assert f"`{name}`" in doc, f"{name}: no converter and not listed in docs/onnx.md"
 
 
 QUANT = {

@@ -1,6 +1,6 @@
 """``irlm export-onnx IR_FILE -o OUT``: an IR file (or engine directory) -> OUT/model.onnx.
 
-A thin wrapper over irlm.lowering.onnx (docs/lowering.md).
+A thin wrapper over irlm.lowering.onnx (docs/onnx.md).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@
   would not lower, with each op's source location, before anything is written;
 * :mod:`.trt_build` builds a TensorRT engine from the export through TensorRT's Python API.
 
-docs/lowering.md is the user guide (op mapping, the ``irlm`` custom domain, trtexec).
+docs/onnx.md is the user guide (op mapping, the ``irlm`` custom domain, trtexec).
 """
 try:
     import onnx as _onnx  # noqa: F401

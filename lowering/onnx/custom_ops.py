@@ -3,7 +3,7 @@
 Each entry names the node, its inputs, outputs and attributes exactly as the plugin library
 (kernels/CMakeLists.txt builds ``libirlm_trt_plugins.so``; kernels/plugins/irlm_plugins.cpp)
 registers its TensorRT plugin creators, so a TensorRT ONNX parser maps each node to its plugin
-by (domain-less) op type, plugin version and namespace.  docs/lowering.md lists them for users.
+by (domain-less) op type, plugin version and namespace.  docs/onnx.md lists them for users.
 """
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def write_build_script(export: OnnxExport) -> Path:
     cmd = trtexec_command(export, plugins="__PLUGINS__")
     line = " ".join(shlex.quote(c) for c in cmd).replace("__PLUGINS__", plugins or "")
     path.write_text("#!/bin/sh\n# Build a TensorRT engine from the irlm ONNX export "
-                    "(docs/lowering.md).\n# Shapes: the optimization profile from the graph's "
+                    "(docs/tensorrt.md).\n# Shapes: the optimization profile from the graph's "
                     "dimension ranges (min, opt, max).\n" + plugin_note +
                     'cd "$(dirname "$0")"\n' + line + ' "$@"\n', encoding="utf-8")
     path.chmod(0o755)
