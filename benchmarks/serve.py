@@ -50,6 +50,24 @@ class Result:
     e2e: float = 0.0
     itl: list[float] = field(default_factory=list)
     error: str = ""
+    start: float = 0.0         # when the request was sent
+    last: float = 0.0          # when the previous chunk arrived
+
+    def begin(self) -> None:
+        self.start = self.last = time.perf_counter()
+
+    def chunk(self) -> None:
+        """A streamed chunk arrived: the first sets TTFT, the others add an inter-token gap."""
+        now = time.perf_counter()
+        if self.ttft == 0.0:
+            self.ttft = now - self.start
+        else:
+            self.itl.append(now - self.last)
+        self.last = now
+
+    def done(self) -> None:
+        self.e2e = time.perf_counter() - self.start
+        self.ok = True
 
 
 # ----- one request per protocol -----------------------------------------------------------------
@@ -65,7 +83,7 @@ async def openai_request(http, args, prompt, res: Result) -> None:
             "temperature": 0.0, "stream": True, "ignore_eos": True,
             "stream_options": {"include_usage": True}}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    t0 = last = time.perf_counter()
+    res.begin()
     async with http.post(args.url + "/v1/completions", json=body, headers=headers) as r:
         if r.status != 200:
             res.error = f"HTTP {r.status}: {(await r.read())[:200]!r}"
@@ -79,21 +97,15 @@ async def openai_request(http, args, prompt, res: Result) -> None:
                 res.prompt_len = msg["usage"]["prompt_tokens"]
             if not msg.get("choices"):
                 continue
-            now = time.perf_counter()
-            if res.ttft == 0.0:
-                res.ttft = now - t0
-            else:
-                res.itl.append(now - last)
-            last = now
-    res.e2e = time.perf_counter() - t0
-    res.ok = True
+            res.chunk()
+    res.done()
 
 
 async def kserve_request(http, args, prompt, res: Result) -> None:
     body = {"text_input": prompt, "max_tokens": args.output_len, "temperature": 0.0,
             "stream": True, "end_id": NO_TOKEN}
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    t0 = last = time.perf_counter()
+    res.begin()
     async with http.post(f"{args.url}/v2/models/ensemble/generate_stream", json=body,
                          headers=headers) as r:
         if r.status != 200:
@@ -106,15 +118,9 @@ async def kserve_request(http, args, prompt, res: Result) -> None:
             if "error" in msg:
                 res.error = msg["error"]
                 return
-            now = time.perf_counter()
-            if res.ttft == 0.0:
-                res.ttft = now - t0
-            else:
-                res.itl.append(now - last)
-            last = now
+            res.chunk()
             res.output_len += int(msg.get("sequence_length", 1))
-    res.e2e = time.perf_counter() - t0
-    res.ok = True
+    res.done()
 
 
 async def grpc_request(client, args, ids, res: Result) -> None:
@@ -135,23 +141,17 @@ async def grpc_request(client, args, ids, res: Result) -> None:
     async def requests():
         yield {"model_name": "tensorrt_llm", "inputs": inputs}
     headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else None
-    t0 = last = time.perf_counter()
+    res.begin()
     async for result, error in client.stream_infer(requests(), headers=headers):
         if error is not None:
             res.error = str(error)
             return
-        now = time.perf_counter()
-        if res.ttft == 0.0:
-            res.ttft = now - t0
-        else:
-            res.itl.append(now - last)
-        last = now
+        res.chunk()
         res.output_len += int(result.as_numpy("sequence_length").reshape(-1)[0])
         if result.get_response().parameters["triton_final_response"].bool_param:
             break
     res.prompt_len = len(ids)
-    res.e2e = time.perf_counter() - t0
-    res.ok = True
+    res.done()
 
 
 # ----- the load -----------------------------------------------------------------------------------
