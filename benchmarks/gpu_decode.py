@@ -135,7 +135,7 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
 ASYNC_DECODE = False  # --async-decode
 
 
-def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens):
+def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens=8192):
     """Submit every prompt at once; returns (seconds, per-request TTFT, per-request TPOT)."""
     from irlm.runtime import SamplingParams
     from irlm.runtime.llm_engine import LLMEngine

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_decode import llama3_8b_config, pct, random_prompts  # noqa: E402
+from gpu_decode import llama3_8b_config, pct, random_prompts, run_requests  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -73,30 +73,6 @@ def write_engine(cfg, tp: int, pp: int, out: Path) -> Path:
         write_parallel_engine(ranks, out, config, tp=tp, pp=pp)
     log(f"engine tp {tp} x pp {pp}: written in {time.perf_counter() - t0:.1f}s to {out}")
     return out
-
-
-def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens=8192):
-    from irlm.runtime import SamplingParams
-    from irlm.runtime.llm_engine import LLMEngine
-    engine = LLMEngine(runner, None, max_num_tokens=max_num_tokens, max_batch_size=max_batch,
-                       max_waiting=len(prompts) + 1, enable_prefix_caching=False)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    ids = [engine.add_request(p, params) for p in prompts]
-    first, last = {}, {}
-    while engine.has_unfinished():
-        changed = engine.step()
-        now = time.perf_counter()
-        for req in changed:
-            first.setdefault(req.request_id, now)
-            last[req.request_id] = now
-    total = time.perf_counter() - t0
-    outs = [engine.pop_output(i) for i in ids]
-    n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    ttft = [first[i] - t0 for i in ids]
-    tpot = [(last[i] - first[i]) / max(1, new_tokens - 1) for i in ids]
-    return total, n_out, ttft, tpot, engine.num_steps
 
 
 def section_b1(runner, cfg, key):
