@@ -6,8 +6,6 @@ they are gone by the time it is visited.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 from irlm.ir import Graph
 from irlm.registry import is_dead
 
@@ -16,9 +14,9 @@ from ..registry import register_pass
 from ..rewriting.rewriter import Rewriter
 
 
-def eliminate_dead_code(graph: Graph, ctx: Optional[PassContext] = None) -> int:
+def eliminate_dead_code(graph: Graph, ctx: PassContext) -> int:
     """Erase unused pure ops; returns how many."""
-    rw = Rewriter(graph, ctx.stats if ctx is not None else None)
+    rw = Rewriter(graph, ctx.stats)
     erased = 0
     op = graph.last
     while op is not None:
