@@ -49,10 +49,23 @@ from irlm.registry import get_op_def
 from .interpreter import REQUIRED_INPUTS
 from ..model_runner import StepBatch
 
-LINEAR_DTYPES = ("f32", "bf16", "int8", "int4")
+LINEAR_DTYPES = ("f32", "f16", "bf16", "int8", "int4")
 #: int4 group sizes torch's CPU int4 GEMM accepts
 INT4_GROUPS = (32, 64, 128, 256)
 _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----- f16 weights, f32 arithmetic ------------------------------------------------------------
+
+def fp16_pack(w: torch.Tensor):
+    """``w`` [N, K] rounded to f16 once and packed for fbgemm's f16-weight GEMM."""
+    import torch.ao.nn.quantized  # noqa: F401  (registers torch.ops.quantized)
+    return torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), None)
+
+
+def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
+    return torch.ops.quantized.linear_dynamic_fp16(x.float(), packed).to(x.dtype)
 
 
 # ----- machine facts ---------------------------------------------------------------------------
@@ -151,6 +164,16 @@ class AttentionPlan:
             allowed[:, :, 0] |= pad
         self.allowed = allowed
         self._masks: dict[tuple, torch.Tensor] = {}
+        #: rows of a layer's pool viewed as [blocks * 2 * block_size, kv_heads, d]: where the
+        #: step's keys then values go, and every row's keys then values (one copy, one gather)
+        self.block_size = block_size
+        kv = 2 * block_size
+        self.write_rows = torch.cat((self.write_blocks * kv + self.write_slots,
+                                     self.write_blocks * kv + block_size + self.write_slots))
+        read = self.read_blocks * kv + self.read_slots                      # [reqs, max_kv]
+        self.read_rows = torch.stack((read, read + block_size), 1).reshape(-1)
+        #: rope's sin with the rotate-half sign folded in, per sin tensor of this step
+        self.signed_sin: dict[int, tuple] = {}
 
     def mask(self, window: int, slopes: tuple, heads: int) -> Optional[torch.Tensor]:
         """The SDPA mask: bool [reqs, 1, max_q, max_kv], or float with ALiBi
@@ -181,11 +204,30 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
     if quantized:
         from irlm.ops.llm import kv_to_cache
         k, v = kv_to_cache(k, cache.dtype, ks), kv_to_cache(v, cache.dtype, vs)
-    pool[plan.write_blocks, 0, plan.write_slots] = k
-    pool[plan.write_blocks, 1, plan.write_slots] = v
-    keys = pool[plan.read_blocks, 0, plan.read_slots]     # [reqs, max_kv, kv_heads, d]
-    vals = pool[plan.read_blocks, 1, plan.read_slots]
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    if plan.decode and not quantized and q.dtype == torch.float32 \
+            and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
+        # the decode step, the hot path: one copy in, one gather out, one SDPA
+        rows = pool.view(-1, kv_heads, d)
+        rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
+        kv = rows.index_select(0, plan.read_rows).view(
+            plan.reqs, 2, plan.max_kv, kv_heads, d).transpose(2, 3)
+        out = F.scaled_dot_product_attention(
+            q.reshape(plan.reqs, heads, 1, d), kv[:, 0], kv[:, 1],
+            attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
+            scale=scale, enable_gqa=heads != kv_heads)      # [reqs, heads, 1, d]
+        return out.view(plan.reqs, heads, d)
+    if k.shape[-1] == v.shape[-1] and pool.is_contiguous():
+        rows = pool.view(-1, kv_heads, d)
+        rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
+        kv = rows.index_select(0, plan.read_rows).view(plan.reqs, 2, plan.max_kv, kv_heads, d)
+        keys, vals = kv[:, 0], kv[:, 1]                   # [reqs, max_kv, kv_heads, d]
+    else:
+        pool[plan.write_blocks, 0, plan.write_slots] = k
+        pool[plan.write_blocks, 1, plan.write_slots] = v
+        keys = pool[plan.read_blocks, 0, plan.read_slots]
+        vals = pool[plan.read_blocks, 1, plan.read_slots]
     dt = torch.float32
     keys = keys.to(dt) * ks if quantized else keys.to(dt)
     vals = vals.to(dt) * vs if quantized else vals.to(dt)
@@ -194,7 +236,6 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
     else:
         qp = q.new_zeros((plan.reqs, plan.max_q, heads, d), dtype=dt)
         qp[plan.row_of, plan.i_of] = q.to(dt)
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
         attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
@@ -276,6 +317,16 @@ class _Binder:
         w = self._weight_param(op, 1)
         if w is None or w[1] != torch.float32 or self.linear_dtype == "f32":
             return lambda x: [F.linear(x[0], x[1], x[2] if len(x) > 2 else None)]
+        if self.linear_dtype == "f16":
+            self.captured.add((id(op), 1))
+            packed = self.runner._linear_weight((w[0], "f16"), lambda: fp16_pack(
+                self.runner._store.get(w[0])))
+            has_bias = len(op.operands) > 2
+
+            def linear_f16(x):
+                y = fp16_linear(x[0], packed)
+                return [y + x[2] if has_bias else y]
+            return linear_f16
         lin = _TORCH["bf16"]
         self.captured.add((id(op), 1))
         weight = self.runner._linear_weight(w[0], lambda: self.runner._store.get(w[0]).to(lin))
@@ -398,10 +449,21 @@ class _Binder:
     def _llm_rope(self, op):
         if op.attrs["style"] != "rotate_half":
             return None
+        runner = self.runner
 
         def rope(x):
             t, cos, sin = x
             r = cos.shape[-1]
+            plan = runner._plan
+            if r == t.shape[-1] and plan is not None and t.dtype == sin.dtype:
+                # rotate_half(t) * sin == roll(t, r/2) * [-sin_lo, sin_hi]: two ops fewer,
+                # and the signed sin is made once per step for every layer
+                hit = plan.signed_sin.get(id(sin))
+                if hit is None or hit[0] is not sin:
+                    h = r // 2
+                    hit = plan.signed_sin[id(sin)] = (sin, torch.cat((-sin[..., :h],
+                                                                      sin[..., h:]), -1))
+                return [torch.addcmul(t * cos, t.roll(r // 2, -1), hit[1])]
             half = r // 2
             t_rot = t[..., :r] if r != t.shape[-1] else t
             x1, x2 = t_rot[..., :half], t_rot[..., half:]
