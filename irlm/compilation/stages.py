@@ -237,7 +237,9 @@ def engine_stage(job: CompileJob) -> None:
         "pipeline": job.pipeline,
         "irlm_version": _irlm_version(),
     }
-    if job.config.device == "cpu":
+    if job.config.cpu_linear:
+        config["cpu_linear"] = job.config.cpu_linear
+    elif job.config.device == "cpu":
         from irlm.lowering.kernel_selection import default_linear_dtype
         config["cpu_linear"] = default_linear_dtype(job.config.quant)
     config["activation_arena_bytes"] = activation_plan(job.graph, job.config.max_num_tokens,

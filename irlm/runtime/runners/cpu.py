@@ -16,7 +16,10 @@ This executor runs the same graph the way :mod:`.cuda_graphs` does on a GPU:
   ``scaled_dot_product_attention`` with a mask built once per step (causal, padding, sliding
   window, ALiBi); no per-request Python loop;
 * **linear dtype**: the dtype the linears compute in.  ``f32`` keeps the graph's f32 weights
-  (exactly the reference's arithmetic); ``bf16`` stores the linear weights in bf16 and rounds
+  (exactly the reference's arithmetic); ``f16`` stores the weights in f16 and keeps f32
+  activations, accumulation and outputs (fbgemm's f16-weight GEMM: half the memory traffic
+  of f32 and only the weights rounded, to 11 significant bits; the default on a CPU without
+  native bf16, where the decode step is bound by reading the weights); ``bf16`` stores the linear weights in bf16 and rounds
   the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a
   CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``)
   run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) and
@@ -42,14 +45,14 @@ import torch.nn.functional as F
 from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
-from irlm.lowering.kernel_selection import cpu_flags, default_linear_dtype, has_fast_bf16  # noqa: F401
+from irlm.lowering.kernel_selection import (  # noqa: F401
+    LINEAR_DTYPES, cpu_flags, default_linear_dtype, has_fast_bf16)
 from irlm.ops.llm import KVCacheLayout, kv_cache_input
 from irlm.registry import get_op_def
 
 from .interpreter import REQUIRED_INPUTS
 from ..model_runner import StepBatch
 
-LINEAR_DTYPES = ("f32", "f16", "bf16", "int8", "int4")
 #: int4 group sizes torch's CPU int4 GEMM accepts
 INT4_GROUPS = (32, 64, 128, 256)
 _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
@@ -338,6 +341,14 @@ class _Binder:
             return [y + x[2] if has_bias else y]
         return linear_lowp
 
+    def _llm_linear_act(self, op):
+        inner = self._core_linear(op)
+        if inner is None:
+            return None
+        from irlm.ops.fused import ACTIVATIONS
+        act = ACTIVATIONS[op.attrs["act"]]
+        return lambda x: [act(inner(x)[0])]
+
     def _quant_linear(self, op):
         a = op.attrs
         q, s = self._weight_param(op, 1), self._weight_param(op, 2)
@@ -395,8 +406,18 @@ class _Binder:
             return int4_linear
         # Otherwise the weight is dequantized once at load (the reference's float32
         # arithmetic), and kept in bf16 when the linears compute in bf16.
-        low = self.linear_dtype != "f32"
         self.captured.update({(id(op), 1), (id(op), 2)} | ({(id(op), 3)} if z else set()))
+        if self.linear_dtype == "f16":
+            packed = self.runner._linear_weight((q[0], "f16"), lambda: fp16_pack(
+                dequantize_reference(store.get(q[0]), store.get(s[0]),
+                                     store.get(z[0]) if z else None, axis=0,
+                                     group=a["group"])))
+
+            def f16_linear(x):
+                y = fp16_linear(x[0], packed)
+                return [_epilogue(y + x[bias_at] if has_bias else y, act)]
+            return f16_linear
+        low = self.linear_dtype != "f32"
         w = self.runner._linear_weight((q[0], "dequant", low), lambda: dequantize_reference(
             store.get(q[0]), store.get(s[0]), store.get(z[0]) if z else None, axis=0,
             group=a["group"], dtype=lin if low else torch.float32))
