@@ -221,7 +221,7 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
             attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
             scale=scale, enable_gqa=heads != kv_heads)      # [reqs, heads, 1, d]
         return out.view(plan.reqs, heads, d)
-    if k.shape[-1] == v.shape[-1] and pool.is_contiguous():
+    if not quantized and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
         rows = pool.view(-1, kv_heads, d)
         rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
         kv = rows.index_select(0, plan.read_rows).view(plan.reqs, 2, plan.max_kv, kv_heads, d)
