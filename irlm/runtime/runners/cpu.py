@@ -35,6 +35,7 @@ the reference runner's and with Hugging Face transformers'.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any, Callable, Optional
 
@@ -68,7 +69,7 @@ def fp16_pack(w: torch.Tensor):
 
 def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
-    return torch.ops.quantized.linear_dynamic_fp16(x.float(), packed).to(x.dtype)
+    return torch.ops.quantized.linear_dynamic_fp16.default(x.float(), packed).to(x.dtype)
 
 
 # ----- machine facts ---------------------------------------------------------------------------
@@ -279,7 +280,7 @@ class _Binder:
 
         def run_reference(args, ref=ref, attrs=attrs, op=op):
             ctx.op = op
-            return ref(ctx, args, attrs)
+            return ref(ctx, list(args), attrs)
         return run_reference
 
     # views and shapes: the symbolic dims compiled to lookups
@@ -513,6 +514,16 @@ class _Binder:
         return last
 
 
+def _getter(slots: list[int]) -> Callable[[list], tuple]:
+    """``table -> (table[s] for s in slots)`` as one C call (an op's operands, per step)."""
+    if not slots:
+        return lambda table: ()
+    if len(slots) == 1:
+        j = slots[0]
+        return lambda table: (table[j],)
+    return operator.itemgetter(*slots)
+
+
 # ----- the runner ------------------------------------------------------------------------------
 
 class CpuGraphRunner:
@@ -622,7 +633,7 @@ class CpuGraphRunner:
             outs = [new_slot(r) for r in op.results]
             dead = [slot[id(v)] for v in dict.fromkeys(op.operands)
                     if last_use.get(id(v)) == i and id(v) not in keep]
-            program.append((fn, ins, outs, dead, op))
+            program.append((fn, _getter(ins), tuple(outs), tuple(dead), op))
         # A param that every reader captured in a converted form (a linear's bf16 or int8
         # weight) needs no plain copy in the table.
         for op in graph.params():
@@ -658,16 +669,19 @@ class CpuGraphRunner:
         for s, x in zip(self._input_slots, inputs):
             table[s] = x
         try:
-            for fn, ins, outs, dead, op in self._program:
+            for fn, get, outs, dead, op in self._program:
                 try:
-                    res = fn([table[j] for j in ins])
+                    res = fn(get(table))
                 except IRLMError:
                     raise
                 except Exception as e:
                     raise IRLMError(f"{op.describe()}: CPU executor failed: "
                                     f"{type(e).__name__}: {e}") from e
-                for j, x in zip(outs, res):
-                    table[j] = x
+                if len(outs) == 1:
+                    table[outs[0]] = res[0]
+                else:
+                    for j, x in zip(outs, res):
+                        table[j] = x
                 for j in dead:
                     table[j] = None
             out = table[self._output_slot]
