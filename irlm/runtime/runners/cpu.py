@@ -19,15 +19,16 @@ This executor runs the same graph the way :mod:`.cuda_graphs` does on a GPU:
   (exactly the reference's arithmetic); ``f16`` stores the weights in f16 and keeps f32
   activations, accumulation and outputs (fbgemm's f16-weight GEMM: half the memory traffic
   of f32 and only the weights rounded, to 11 significant bits; the default on a CPU without
-  native bf16, where the decode step is bound by reading the weights); ``bf16`` stores the linear weights in bf16 and rounds
-  the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a
-  CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``)
-  run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) and
-  int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
+  native bf16, where the decode step is bound by reading the weights); ``bf16`` stores the
+  linear weights in bf16 and rounds the linears' inputs to bf16 (half the memory traffic
+  too; what a CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines
+  (``--quant int8``) run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one
+  scale per row) and int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
   (``_weight_int4pack_mm_for_cpu``), both with bf16 inputs (linear dtypes ``int8``,
   ``int4``); with linear dtype ``f32`` (and for fp8) their weights are dequantized to f32
   once at load.  :func:`default_linear_dtype` picks per CPU and quant mode;
-  ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``).
+  ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``),
+  ``irlm compile --cpu-linear DTYPE`` an explicit choice.
 
 The interpreter stays the oracle: tests compare this executor's logits and greedy tokens with
 the reference runner's and with Hugging Face transformers'.
@@ -170,7 +171,6 @@ class AttentionPlan:
         self._masks: dict[tuple, torch.Tensor] = {}
         #: rows of a layer's pool viewed as [blocks * 2 * block_size, kv_heads, d]: where the
         #: step's keys then values go, and every row's keys then values (one copy, one gather)
-        self.block_size = block_size
         kv = 2 * block_size
         self.write_rows = torch.cat((self.write_blocks * kv + self.write_slots,
                                      self.write_blocks * kv + block_size + self.write_slots))
