@@ -376,6 +376,15 @@ class DistributedRunner:
             self._store.set(self.spec.key("step", self.num_steps), STOP)
         except Exception:                         # noqa: BLE001 - the store may be gone
             pass
+        # Leave the process group while the workers leave it: NCCL's communicator teardown
+        # waits for every rank's, so a rank 0 that first waited for its workers to exit (and
+        # killed them when they did not) would then wait forever for peers that are gone.
+        leaving = None
+        if dist.is_initialized() and self._owns_group and not (
+                self._fault is not None and getattr(self, "worker", None) is not None
+                and self.worker.backend == "nccl"):
+            leaving = threading.Thread(target=_destroy_group, name="irlm-leave", daemon=True)
+            leaving.start()
         deadline = time.monotonic() + 5.0
         for p in self._procs.values():
             p.join(max(0.0, deadline - time.monotonic()))
@@ -387,15 +396,14 @@ class DistributedRunner:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        if dist.is_initialized():
-            if self._fault is not None and getattr(self, "worker", None) is not None and \
-                    self.worker.backend == "nccl":
+        if leaving is not None:
+            leaving.join(max(1.0, deadline + 5.0 - time.monotonic()))
+            if leaving.is_alive():                # a peer never left: do not wait on it
                 _abort_nccl()
-            elif self._owns_group:
-                try:
-                    dist.destroy_process_group()
-                except Exception:                 # noqa: BLE001
-                    pass
+                leaving.join(5.0)
+        elif dist.is_initialized() and self._fault is not None and \
+                getattr(self, "worker", None) is not None and self.worker.backend == "nccl":
+            _abort_nccl()
 
     def __del__(self):
         try:
@@ -443,6 +451,13 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._p.kill()
+
+
+def _destroy_group() -> None:
+    try:
+        dist.destroy_process_group()
+    except Exception:                             # noqa: BLE001 - a peer already gone
+        pass
 
 
 def _abort_nccl() -> None:
