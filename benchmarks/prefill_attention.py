@@ -8,9 +8,10 @@ variable-length prompts with no cached prefix (a fresh prefill step), for prompt
 
 * ``irlm prefill kernel``: kernels/src/prefill_attention.cu over the paged cache (the cache
   write timed separately; it is not part of the row).
-* ``irlm fresh-prefill path``: what ``ops.paged_attention(..., fresh=True)`` runs for a step
-  with no cached prefix (torch's variable-length flash attention on the packed q/k/v),
-  again without the cache write.
+* ``irlm fresh prefill``: what ``ops.paged_attention(..., fresh=True)`` runs for prompts
+  with no cached prefix: torch's SDPA on a dense view when every prompt has one length
+  (cuDNN first), its variable-length flash attention otherwise; again without the cache
+  write.
 * torch SDPA on dense ``[reqs, heads, len, D]`` tensors with each backend forced (flash,
   cuDNN, memory-efficient), K/V repeated to 32 heads where the backend needs it, and the
   variable-length flash function on packed tensors.
@@ -96,16 +97,15 @@ def bench(reqs, q_len):
     ours()
     row(shape, "irlm prefill kernel (paged)", events_ms(ours), flops,
         rel_err(out[:m * q_len], ref))
-    try:
-        def fresh():
+    for name, uniform in (("one length: dense SDPA", q_len), ("varlen flash", None)):
+        def fresh(uniform=uniform):
             return ops.paged_attention(q, k, v, cache, tables, q_lens, cached, 0,
                                        cu_q_lens=cu, max_q_len=q_len, max_kv_len=q_len,
-                                       decode=False, write_kv=False, fresh=True)
+                                       decode=False, write_kv=False, fresh=True,
+                                       uniform_q_len=uniform)
         o = fresh()
-        row(shape, "irlm fresh-prefill path", events_ms(fresh), flops,
+        row(shape, f"irlm fresh prefill ({name})", events_ms(fresh), flops,
             rel_err(o[:m * q_len], ref))
-    except TypeError as e:
-        print(f"{shape:18s} irlm fresh-prefill path: not in this tree ({e})")
 
     qt = q.view(reqs, q_len, H, D).transpose(1, 2)
     kt = k.view(reqs, q_len, KV, D).transpose(1, 2)

@@ -257,6 +257,27 @@ def test_fresh_prefill_path_matches_reference(dtype, D, H, KV, lens, uniform, fu
     assert rel_err(out, paged.float().cpu()) < ATTN_TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype,seqs", [
+    (bf16, [(1, 40), (1, 7), (64, 128), (100, 0), (100, 0)]),   # decode rows, a chunk, 2 new
+    (fp16, [(1, 300), (37, 0), (5, 0), (200, 0)]),
+    (bf16, [(3, 2), (1, 0)]),                                      # one new prompt of 1 token
+])
+@pytest.mark.parametrize("fused", [False, True])
+def test_fresh_suffix_of_an_in_flight_batch_matches_reference(dtype, seqs, fused):
+    """Running requests (cached prefix) first, newly admitted prompts after them, as the
+    scheduler packs an in-flight step: the new prompts attend through torch, the others
+    through the paged kernel, one output."""
+    case = make_case(seqs, 32, 8, 128, 16, dtype, seed=len(seqs) * 7 + int(fused),
+                     fused_qkv=fused)
+    fresh = ops.FreshSuffix.of([n for n, _ in seqs], [c for _, c in seqs])
+    assert fresh is not None and fresh.request > 0
+    exp_cache, ref = reference(case, 0)
+    out, cache = run_paged(case, 0, dtype, fresh=fresh, max_q_len=max(n for n, _ in seqs))
+    assert torch.equal(cache.cpu(), exp_cache)
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[dtype], err
+
+
 def test_fresh_prefill_falls_back_to_the_paged_kernel_for_alibi_and_windows():
     seqs = [(60, 0), (100, 0)]
     slopes = [0.5 ** (i + 1) for i in range(8)]

@@ -17,7 +17,7 @@ from __future__ import annotations
 import ctypes
 import math
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -431,7 +431,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     alibi_slopes=None, out: Optional[torch.Tensor] = None,
                     cu_q_lens: Optional[torch.Tensor] = None, max_q_len: Optional[int] = None,
                     max_kv_len: Optional[int] = None, decode: Optional[bool] = None,
-                    write_kv: bool = True, fresh: bool = False,
+                    write_kv: bool = True,
+                    fresh: "Union[bool, FreshSuffix, None]" = False,
                     uniform_q_len: Optional[int] = None) -> torch.Tensor:
     """``llm.paged_attention`` on the GPU: write k/v into the cache, then attend.
 
@@ -446,9 +447,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     prefix) lets a prefill step attend over this step's own ``k``/``v`` with torch's fused
     attention instead (:func:`fresh_prefill_attention`), which is 2-3x faster than the paged
     prefill kernel on long prompts (benchmarks/prefill_attention.py); ``uniform_q_len`` (every
-    request has that many tokens) lets it use the dense SDPA backends.  The cache is still
-    written.  Variants those kernels do not cover (ALiBi, sliding window, fp32) use the paged
-    kernel.
+    request has that many tokens) lets it use the dense SDPA backends.  A :class:`FreshSuffix`
+    says only the requests from one index on are fresh (in-flight batching puts newly
+    admitted prompts after the running requests): those go to torch, the others to the paged
+    prefill kernel.  The cache is still written.  Variants torch's kernels do not cover
+    (ALiBi, sliding window, fp32) use the paged kernel throughout.
     """
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     R = cached_lens.shape[0] if isinstance(cached_lens, torch.Tensor) else -1
@@ -465,8 +468,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
             cu_seqlens(torch.as_tensor(q_lens, dtype=torch.int32, device=q.device))
         if max_q_len is None:
             max_q_len = int((cu[1:] - cu[:-1]).max())
-        return fresh_prefill_attention(q, k, v, cu, max_q_len, scale=scale, out=out,
-                                       uniform_q_len=uniform_q_len)
+        if fresh is True:
+            fresh = FreshSuffix(0, 0, 0, max_q_len, uniform_q_len)
+        if fresh.request == 0:
+            return fresh_prefill_attention(q, k, v, cu, fresh.max_q_len, scale=scale, out=out,
+                                           uniform_q_len=fresh.uniform_q_len)
+        r0, t0 = fresh.request, fresh.token
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        prefill_attention(q[:t0], kv_cache, layer, block_tables[:r0],
+                          None if q_lens is None else q_lens[:r0], cached_lens[:r0],
+                          scale=scale, out=out[:t0], cu_q_lens=cu[:r0 + 1],
+                          max_q_len=fresh.head_max_q_len)
+        fresh_prefill_attention(q[t0:], k[t0:], v[t0:], cu[r0:] - t0, fresh.max_q_len,
+                                scale=scale, out=out[t0:], uniform_q_len=fresh.uniform_q_len)
+        return out
     if decode:
         return paged_attention_decode(q, kv_cache, layer, block_tables, cached_lens, scale=scale,
                                       sliding_window=sliding_window, alibi_slopes=alibi_slopes,
@@ -474,6 +490,30 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return prefill_attention(q, kv_cache, layer, block_tables, q_lens, cached_lens, scale=scale,
                              sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
                              cu_q_lens=cu_q_lens, max_q_len=max_q_len)
+
+
+class FreshSuffix(NamedTuple):
+    """Requests ``request..`` of a prefill step (tokens ``token..``) have no cached prefix;
+    ``head_max_q_len`` bounds the q_lens before them, ``max_q_len`` theirs, and
+    ``uniform_q_len`` is their common length if they have one."""
+    request: int
+    token: int
+    head_max_q_len: int
+    max_q_len: int
+    uniform_q_len: Optional[int] = None
+
+    @classmethod
+    def of(cls, q_lens: Sequence[int], cached_lens: Sequence[int]) -> "Optional[FreshSuffix]":
+        """The longest run of trailing requests with nothing cached, from host lengths."""
+        r0 = len(cached_lens)
+        while r0 > 0 and int(cached_lens[r0 - 1]) == 0:
+            r0 -= 1
+        if r0 == len(cached_lens):
+            return None
+        head = [int(n) for n in q_lens[:r0]]
+        tail = [int(n) for n in q_lens[r0:]]
+        return cls(r0, sum(head), max(head, default=0), max(tail),
+                   tail[0] if min(tail) == max(tail) else None)
 
 
 def fresh_prefill_supported(q: torch.Tensor, k: torch.Tensor, alibi_slopes,

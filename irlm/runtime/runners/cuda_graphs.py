@@ -134,11 +134,12 @@ class CudaGraphRunner:
     def _eager(self, batch: StepBatch, decode: bool) -> torch.Tensor:
         dev = self.device
         q_lens = batch.q_lens.to(dev, non_blocking=True)
+        from irlm.kernels.ops import FreshSuffix
         max_q = int(batch.q_lens.max())
-        # no cached prefix anywhere: attention may read this step's own k/v (ops.paged_attention)
-        fresh = not decode and int(batch.cached_lens.max()) == 0
+        # prompts with no cached prefix attend over their own k/v (ops.paged_attention)
+        fresh = None if decode else FreshSuffix.of(batch.q_lens.tolist(),
+                                                   batch.cached_lens.tolist())
         state = {"decode": decode, "fresh": fresh,
-                 "uniform_q_len": max_q if fresh and int(batch.q_lens.min()) == max_q else None,
                  "max_q_len": max_q,
                  "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
                  "cu_q_lens": _cu(q_lens)}
