@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from irlm.runtime.distributed.simulator import DistributedError
 
-from .comm import Layout, configure_nccl_env
+from .comm import Layout, configure_nccl_env, leave_process_group
 from .worker import STOP, HEARTBEAT_S, LaunchSpec, connect_store, encode_batch, one_line
 
 #: a worker whose heartbeat does not change for this long is reported as dead or frozen
@@ -376,15 +376,13 @@ class DistributedRunner:
             self._store.set(self.spec.key("step", self.num_steps), STOP)
         except Exception:                         # noqa: BLE001 - the store may be gone
             pass
-        # Leave the process group while the workers leave it: NCCL's communicator teardown
-        # waits for every rank's, so a rank 0 that first waited for its workers to exit (and
-        # killed them when they did not) would then wait forever for peers that are gone.
-        leaving = None
-        if dist.is_initialized() and self._owns_group and not (
-                self._fault is not None and getattr(self, "worker", None) is not None
-                and self.worker.backend == "nccl"):
-            leaving = threading.Thread(target=_destroy_group, name="irlm-leave", daemon=True)
-            leaving.start()
+        # Leave the process group now, before waiting for the workers (see leave_process_group)
+        if dist.is_initialized():
+            if self._owns_group:
+                leave_process_group()
+            elif self._fault is not None and getattr(self, "worker", None) is not None and \
+                    self.worker.backend == "nccl":
+                _abort_nccl()
         deadline = time.monotonic() + 5.0
         for p in self._procs.values():
             p.join(max(0.0, deadline - time.monotonic()))
@@ -396,14 +394,6 @@ class DistributedRunner:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        if leaving is not None:
-            leaving.join(max(1.0, deadline + 5.0 - time.monotonic()))
-            if leaving.is_alive():                # a peer never left: do not wait on it
-                _abort_nccl()
-                leaving.join(5.0)
-        elif dist.is_initialized() and self._fault is not None and \
-                getattr(self, "worker", None) is not None and self.worker.backend == "nccl":
-            _abort_nccl()
 
     def __del__(self):
         try:
@@ -451,13 +441,6 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._p.kill()
-
-
-def _destroy_group() -> None:
-    try:
-        dist.destroy_process_group()
-    except Exception:                             # noqa: BLE001 - a peer already gone
-        pass
 
 
 def _abort_nccl() -> None:
@@ -510,7 +493,4 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
         run_rank(spec, rank, local)
     finally:
         if owns_group and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:                     # noqa: BLE001
-                pass
+            leave_process_group()
