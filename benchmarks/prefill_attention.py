@@ -24,11 +24,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import statistics
 import sys
 
 import torch
 import torch.nn.functional as F
+
+from kernel_launches import events_time, rel_err  # benchmarks/ is on sys.path
 
 H, KV, D, BS = 32, 8, 128, 16
 DEV = "cuda"
@@ -36,24 +37,8 @@ bf16 = torch.bfloat16
 ROWS: list[dict] = []
 
 
-def events_ms(fn, reps=10, warmup=3):
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        ts.append(a.elapsed_time(b))
-    return statistics.median(ts)
-
-
-def rel_err(out, ref):
-    out, ref = out.float(), ref.float()
-    return ((out - ref).norm() / ref.norm()).item()
+def events_ms(fn):
+    return events_time(fn, 10)
 
 
 def row(shape, name, ms, flops, err, best=None):
