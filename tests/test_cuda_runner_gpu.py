@@ -47,6 +47,15 @@ CONFIGS = {
     "falcon-mqa": lambda: transformers.FalconConfig(
         hidden_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
         new_decoder_architecture=False, multi_query=True, alibi=False),
+    # interleaved (GPT-J style) rotary on 32 of the 64 dims, from a position table
+    "gptj-partial-rotary": lambda: transformers.GPTJConfig(
+        n_embd=256, n_layer=2, n_head=4, rotary_dim=32, n_positions=256, vocab_size=VOCAB,
+        bos_token_id=1, eos_token_id=2),
+    # 8 experts, top 2: routing sorted on the device, experts through one grouped GEMM
+    "mixtral-moe": lambda: transformers.MixtralConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, head_dim=64, num_local_experts=8,
+        num_experts_per_tok=2),
 }
 
 
