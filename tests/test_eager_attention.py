@@ -1,5 +1,6 @@
 """Explicit (eager) attention becomes paged attention: BLOOM's ALiBi, GQA Llama, Mistral's
-sliding window (passes/llm/eager_attention.py through substitute-attention).
+sliding window (passes/llm/eager_attention.py through substitute-attention); and GPT-J's
+interleaved rotary in the paged form.
 
 Oracle: transformers on the whole sequence of each request.  The compiled inference form
 runs packed steps (two requests prefilled together, then decode steps, a third request
@@ -31,12 +32,17 @@ CONFIGS = {
     "mistral-window": lambda: transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, sliding_window=5),
+    # not explicit attention (its sdpa path), but the other architecture that did not reach
+    # the paged form before: interleaved partial rotary read from a position table
+    "gptj-sdpa": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                                 n_positions=64, vocab_size=VOCAB,
+                                                 bos_token_id=1, eos_token_id=2),
 }
 
 
 def build(arch):
     cfg = CONFIGS[arch]()
-    cfg._attn_implementation = "eager"
+    cfg._attn_implementation = "sdpa" if arch.endswith("-sdpa") else "eager"
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
