@@ -14,6 +14,11 @@ those ops unchanged, and each ``scaled_dot_product_attention`` (whose mask only 
 causality) becomes one ``llm.paged_attention`` that attends within each request through its
 block table.  GQA's ``repeat_kv`` expansion is removed so the cache holds only kv heads.
 Positions come from ``position_ids``, so rotary embeddings need no change.
+
+Models without an sdpa path spell attention out as ``softmax(Q K^T * scale + bias) V``;
+eager_attention.py finds those and proves the bias is causal (within the sliding window) plus
+ALiBi (BLOOM), and they become ``llm.paged_attention`` with ``alibi_slopes`` the same way.  A
+model that takes no ``position_ids`` (ALiBi) still gets the input, unused.
 """
 from __future__ import annotations
 
