@@ -47,6 +47,17 @@ def build(arch):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
+_compiled: dict = {}
+
+
+def compiled(arch):
+    """(HF model, its inference form), built once for both runners."""
+    if arch not in _compiled:
+        model = build(arch)
+        _compiled[arch] = model, compile_causal_lm(model, max_seq=64, tokens_per_block=4)
+    return _compiled[arch]
+
+
 def runner(kind, graph):
     if kind == "interpreter":
         from irlm.runtime.runners.interpreter import GraphRunner
@@ -58,8 +69,7 @@ def runner(kind, graph):
 @pytest.mark.parametrize("kind", ["interpreter", "cpu"])
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_eager_attention_engine_matches_transformers(arch, kind):
-    model = build(arch)
-    graph = compile_causal_lm(model, max_seq=64, tokens_per_block=4)
+    model, graph = compiled(arch)
     assert not any(op.name == "core.softmax" for op in graph.ops)   # every attention paged
     paged = [op for op in graph.ops if op.name == "llm.paged_attention"]
     assert len(paged) == 2
