@@ -206,3 +206,57 @@ def test_table_configurations_compile_for_sm90a_on_the_tensor_cores(m, group, tm
     out = subprocess.run([ptxas, "-arch=sm_90a", "-v", str(f), "-o", str(tmp_path / "k.cubin")],
                          capture_output=True, text=True, check=True).stderr
     assert "0 bytes spill stores" in out and "0 bytes spill loads" in out, out
+
+
+# ----- the run-time choice in lowering/quant_linears.py ---------------------------------------------
+
+def _engine(mode, group, tmp_path):
+    import transformers
+    from irlm.compilation import compile_causal_lm
+    cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    g = f",group={group}" if group else ""
+    return compile_causal_lm(model, max_seq=64, extra_pipeline=(
+        f"quantize{{mode={mode}{g},fuse=false}},fuse-quant,dce"))
+
+
+@interpreted
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,group,path", [
+    ("int8", 0, "int8: gemv / triton gemm / dequantize+cublas"),
+    ("int4", 64, "int4: triton gemm / dequantize+cublas"),
+])
+def test_plan_runs_the_gemm_for_17_rows_and_more(mode, group, path, tmp_path, monkeypatch):
+    """The plan's load-time check and run-time dispatch, with the kernel interpreted on the
+    CPU (``available`` patched to say yes): every quantized linear of a compiled engine takes
+    the GEMM at 17 and 300 rows and computes what its reference op does."""
+    from types import SimpleNamespace
+    from irlm.lowering.quant_linears import QuantLinearPlan
+    from irlm.registry import get_op_def
+    monkeypatch.setattr(qg, "available", lambda device: (True, ""))
+    # tinygemm (small batches only) is not what this test is about
+    monkeypatch.setattr(QuantLinearPlan, "_tinygemm", lambda self, device: False)
+    graph = _engine(mode, group, tmp_path)
+    plan = QuantLinearPlan().prepare(graph, graph.weights, torch.device("cpu"))
+    assert plan.summary() == {path: 4} and plan.gemm_ok == {(mode, group, torch.bfloat16): True}
+    calls = []
+    for name in ("w8a16_gemm", "w4a16_gemm"):
+        real = getattr(qg, name)
+        monkeypatch.setattr(qg, name, lambda *a, real=real, name=name, **k: (
+            calls.append(name), real(*a, **k))[1])
+    ops = [op for op in graph.ops if op.name == "quant.linear"]
+    for m in (17, 300):
+        for op in ops:
+            k = op.operands[0].type.shape[-1]
+            xv = torch.randn(1, m, k, generator=GEN).to(torch.bfloat16)
+            operands = [xv] + [graph.weights.get(v.producer.attrs["name"])
+                               for v in op.operands[1:]]
+            got = plan.linear(SimpleNamespace(op=op), operands, op.attrs)[0]
+            want = get_op_def("quant.linear").reference(SimpleNamespace(op=op), operands,
+                                                        op.attrs)[0]
+            assert got.shape == want.shape == (1, m, op.results[0].type.shape[-1])
+            assert rel(got, want.double()) < 1e-2
+    assert calls == [f"w{'8' if mode == 'int8' else '4'}a16_gemm"] * (2 * len(ops))

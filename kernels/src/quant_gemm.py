@@ -26,6 +26,11 @@ import torch
 from .nvrtc import KernelArgumentError
 
 DTYPES = (torch.bfloat16, torch.float16)
+#: up to this many rows lowering/quant_linears.py runs this GEMM (from 17 rows: below, the
+#: GEMV / tinygemm); above, dequantize + cuBLAS, whose extra pass over the weight costs little
+#: next to a GEMM of this size.  A first estimate, to be set from ``benchmarks/quant_gemm.py``
+#: on the device (the row where cuBLAS on the dequantized weight overtakes this kernel)
+GEMM_MAX_M = 2048
 #: the int4 groups the kernel takes (a K tile of at least 16 lies inside one group)
 GROUPS = (16, 32, 64, 128, 256)
 
