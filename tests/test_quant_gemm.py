@@ -173,7 +173,7 @@ def test_bad_arguments_name_the_problem():
         qg.w4a16_gemm(x, q4, st, zt, 64, config=qg.GemmConfig(16, 32, 128, True, 4, 2))
 
 
-# ----- sm_90a code generation ----------------------------------------------------------------------
+# ----- sm_90a code generation -------------------------------------------------------------------
 
 def _ptxas():
     """The ptxas Triton itself runs for sm_90 (Triton's own lookup), or None."""
@@ -208,7 +208,7 @@ def test_table_configurations_compile_for_sm90a_on_the_tensor_cores(m, group, tm
     assert "0 bytes spill stores" in out and "0 bytes spill loads" in out, out
 
 
-# ----- the run-time choice in lowering/quant_linears.py ---------------------------------------------
+# ----- the run-time choice in lowering/quant_linears.py ------------------------------------------
 
 def _engine(mode, group, tmp_path):
     import transformers
