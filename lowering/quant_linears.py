@@ -147,6 +147,8 @@ class QuantLinearPlan:
         key = (mode, group, dtype)
         if key not in self.gemm_ok:
             self.gemm_ok[key] = gemm_matches_reference(device, mode, group, dtype)
+            if self.gemm_ok[key]:
+                qg.split_locks(device)      # allocated now, not inside a graph capture
         return self.gemm_ok[key]
 
     def _fp8_gemv(self, device) -> bool:

@@ -31,21 +31,22 @@ DTYPES = (torch.bfloat16, torch.float16)
 #: next to a GEMM of this size.  A first estimate, to be set from ``benchmarks/quant_gemm.py``
 #: on the device (the row where cuBLAS on the dequantized weight overtakes this kernel)
 GEMM_MAX_M = 2048
-#: the int4 groups the kernel takes (a K tile of at least 16 lies inside one group)
+#: the int4 groups the kernel takes (powers of two: a K tile holds part of one or whole groups)
 GROUPS = (16, 32, 64, 128, 256)
 
 
 class GemmConfig(NamedTuple):
     bm: int          # tokens per tile
     bn: int          # output features per tile
-    bk: int          # input features per step (largest that divides K and the group)
+    bk: int          # input features per step (a power of two; split * bk divides K)
     swap: bool       # MMA on W_tile @ x_tile^T (features on the MMA's M side)
     warps: int
     stages: int      # software-pipelining depth
+    split: int = 1   # programs per output tile, each over K / split input features
 
     def describe(self) -> str:
         return (f"{self.bm}x{self.bn}x{self.bk}{' swap' if self.swap else ''} "
-                f"w{self.warps} s{self.stages}")
+                f"w{self.warps} s{self.stages}{f' k{self.split}' if self.split > 1 else ''}")
 
 
 def available(device) -> tuple[bool, str]:
@@ -82,43 +83,58 @@ def gemm_config(m: int, n: int, k: int, group: int = 0, sms: int = 132) -> GemmC
     on a GPU with ``sms`` multiprocessors.
 
     M <= 64 is bound by reading the weight: tokens go on the MMA's N side (16, 32 or 64 of
-    them; ``swap``), 64 output features per tile, or 32 where 64 would leave multiprocessors
-    without a tile, and long K steps to keep many weight bytes in flight.  Above, the tiles of
-    a compute-bound GEMM (64x128 up to 128 rows, then 128x128 with 8 warps)."""
-    if m <= 64:
-        bm = _pow2_at_least(m, 16)
-        bn = 64 if -(-n // 64) >= sms else 32
-        cfg = GemmConfig(bm, bn, 256 if bm <= 32 else 128, True, 4, 4)
+    them; ``swap``) against 128 output features, so that each x tile is re-read from L2 by
+    few programs.  Above, the tiles of a compute-bound GEMM (64x128 up to
+    128 rows, then 128x128 with 8 warps).  Where the tiles alone would leave multiprocessors
+    idle (a 4096-wide output at small M: 32 tiles), K is split over up to 8 programs per tile
+    (:func:`split_for`)."""
+    if m <= 64:     # 8 warps: no register spills with int4 g32, wgmma not serialized
+        cfg = GemmConfig(_pow2_at_least(m, 16), 128, 128, True, 8, 4)
     elif m <= 128:
         cfg = GemmConfig(64, 128, 64, False, 4, 4)
     else:
         cfg = GemmConfig(128, 128, 64, False, 8, 3)
-    return fit_config(cfg, k, group)
+    cfg = cfg._replace(split=split_for(m, n, k, cfg, sms))
+    return fit_config(cfg, k)
+
+
+def split_for(m: int, n: int, k: int, cfg: GemmConfig, sms: int) -> int:
+    """The smallest power-of-two K split (at most 8, each part at least 4 K steps) that gives
+    about one program per multiprocessor (7/8 of them); 1 where the tiles already do."""
+    tiles = -(-m // cfg.bm) * -(-n // cfg.bn)
+    split = 1
+    while tiles * split < sms * 7 // 8 and split < 8 and k % (2 * split * cfg.bk) == 0 \
+            and k // (2 * split) >= 4 * cfg.bk:
+        split *= 2
+    return split
 
 
 #: the configurations ``benchmarks/quant_gemm.py --sweep`` times per shape and M (those with
-#: ``bm`` up to twice M's power of two); BK is lowered to divide K and the int4 group
+#: ``bm`` up to twice M's power of two), each fitted to K (:func:`fit_config`)
 CANDIDATES = (
     GemmConfig(16, 32, 256, True, 4, 4), GemmConfig(16, 64, 256, True, 4, 4),
+    GemmConfig(16, 128, 128, True, 8, 4), GemmConfig(16, 128, 128, True, 8, 4, 4),
     GemmConfig(32, 32, 256, True, 4, 4), GemmConfig(32, 64, 256, True, 4, 4),
-    GemmConfig(32, 128, 128, True, 4, 4), GemmConfig(64, 64, 128, True, 4, 4),
-    GemmConfig(64, 128, 128, True, 8, 3), GemmConfig(64, 128, 64, False, 4, 4),
+    GemmConfig(32, 64, 128, True, 4, 4, 2), GemmConfig(32, 128, 128, True, 8, 4),
+    GemmConfig(32, 128, 128, True, 8, 4, 2), GemmConfig(32, 128, 128, True, 8, 4, 4),
+    GemmConfig(32, 128, 128, True, 8, 6, 4), GemmConfig(64, 64, 128, True, 4, 4),
+    GemmConfig(64, 128, 128, True, 8, 4), GemmConfig(64, 128, 128, True, 8, 4, 4),
+    GemmConfig(64, 128, 64, False, 4, 4), GemmConfig(64, 128, 64, False, 4, 4, 2),
     GemmConfig(64, 256, 64, False, 8, 3), GemmConfig(128, 128, 64, False, 8, 3),
-    GemmConfig(128, 128, 64, False, 8, 4), GemmConfig(128, 256, 64, False, 8, 3),
+    GemmConfig(128, 128, 64, False, 8, 3, 2), GemmConfig(128, 128, 64, False, 8, 4),
+    GemmConfig(128, 256, 64, False, 8, 3),
 )
 
 
-def fit_config(cfg: GemmConfig, k: int, group: int = 0) -> GemmConfig:
-    """``cfg`` with BK lowered (halved) until it divides K and the int4 group."""
-    return cfg._replace(bk=_bk(cfg.bk, k, group))
-
-
-def _bk(bk: int, k: int, group: int) -> int:
-    if group:
-        bk = min(bk, group)
-    while k % bk:
+def fit_config(cfg: GemmConfig, k: int) -> GemmConfig:
+    """``cfg`` with the split halved until 16 * split divides K, then BK halved until
+    split * BK does."""
+    split, bk = cfg.split, cfg.bk
+    while split > 1 and k % (16 * split):
+        split //= 2
+    while k % (bk * split):
         bk //= 2
-    return bk
+    return cfg._replace(bk=bk, split=split)
 
 
 # ---- load-time weight transform ------------------------------------------------------------------
@@ -223,17 +239,43 @@ def _launch(x, q, s, z, bias, n, k, group, config):
     interpret = dev.type == "cpu"
     if config is None:
         config = gemm_config(m, n, k, group, 132 if interpret else _sm_count(dev.index or 0))
-    elif k % config.bk or (group and group % config.bk):
-        raise KernelArgumentError(f"config {config.describe()}: BK must divide K ({k})"
-                                  f"{f' and the group ({group})' if group else ''}")
-    grid = (-(-m // config.bm) * -(-n // config.bn),)
+    elif config.bk < 16 or config.bk & (config.bk - 1) or config.split < 1:
+        raise KernelArgumentError(f"config {config.describe()}: BK must be a power of two of "
+                                  f"at least 16, split at least 1")
+    if k % (config.bk * config.split):
+        raise KernelArgumentError(f"config {config.describe()}: split * BK must divide K ({k})")
+    tiles = -(-m // config.bm) * -(-n // config.bn)
+    if config.split > 1:
+        if tiles > LOCKS:
+            raise KernelArgumentError(f"config {config.describe()}: {tiles} tiles; a K split "
+                                      f"takes at most {LOCKS}")
+        ws = torch.empty(config.split, m, n, dtype=torch.float32, device=dev)
+        locks = split_locks(dev)
+    else:
+        ws, locks = s, z                          # not read
     launch = {} if interpret else {"num_warps": config.warps, "num_stages": config.stages}
-    _kernel(interpret)[grid](
-        x, q, s, z, bias if bias is not None else s, out, m, n, k, x.stride(0), out.stride(0),
-        INT4=group > 0, GROUP=group or 1, HAS_BIAS=bias is not None, BM=config.bm,
-        BN=config.bn, BK=config.bk, SWAP=config.swap, GROUP_M=8, INTERPRET=interpret,
-        **launch)
+    _kernel(interpret)[(tiles, config.split)](
+        x, q, s, z, bias if bias is not None else s, out, ws, locks, m, n, k, x.stride(0),
+        out.stride(0), INT4=group > 0, GROUP=group or 1, HAS_BIAS=bias is not None,
+        BM=config.bm, BN=config.bn, BK=config.bk, SWAP=config.swap, SPLIT_K=config.split,
+        GROUP_M=8, INTERPRET=interpret, **launch)
     return out
+
+
+#: the per-tile counters of K-split launches (one buffer per device, zero between launches)
+LOCKS = 1 << 16
+_LOCKS: dict = {}
+
+
+def split_locks(device) -> torch.Tensor:
+    """The device's counter buffer for K-split launches, allocated (zeroed) on first use: call
+    it before capturing a CUDA graph (the plan does, at load) so that it is not allocated in
+    a graph's memory pool."""
+    device = torch.device(device)
+    key = (device.type, device.index)
+    if key not in _LOCKS:
+        _LOCKS[key] = torch.zeros(LOCKS, dtype=torch.int32, device=device)
+    return _LOCKS[key]
 
 
 
@@ -254,11 +296,11 @@ def compile_for(capability: int, config: GemmConfig, group: int = 0,
     t = _TRITON_TYPES[dtype]
     sig = {"x_ptr": f"*{t}", "q_ptr": "*u8" if group else "*i8", "s_ptr": "*fp32",
            "z_ptr": "*u8" if group else "*fp32", "b_ptr": f"*{t}" if bias else "*fp32",
-           "o_ptr": f"*{t}", "M": "i32", "N": "i32", "K": "i32", "stride_xm": "i32",
-           "stride_om": "i32"}
+           "o_ptr": f"*{t}", "ws_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32",
+           "K": "i32", "stride_xm": "i32", "stride_om": "i32"}
     consts = {"INT4": group > 0, "GROUP": group or 1, "HAS_BIAS": bias, "BM": config.bm,
-              "BN": config.bn, "BK": config.bk, "SWAP": config.swap, "GROUP_M": 8,
-              "INTERPRET": False}
+              "BN": config.bn, "BK": config.bk, "SWAP": config.swap, "SPLIT_K": config.split,
+              "GROUP_M": 8, "INTERPRET": False}
     sig.update({name: "constexpr" for name in consts})
     aligned = [i for i, name in enumerate(fn.arg_names)
                if name not in consts and name != "M"]
