@@ -152,7 +152,7 @@ def sweep(layers, x, n, k) -> list[dict]:
         picked = qg.gemm_config(m, n, k, group, torch.cuda.get_device_properties(0)
                                 .multi_processor_count)
         for cand in (c for c in qg.CANDIDATES if c.bm <= cap):
-            cfg = qg.fit_config(cand, k, group)
+            cfg = qg.fit_config(cand, k)
 
             def run(cfg=cfg, mode=mode):
                 for w in layers:
