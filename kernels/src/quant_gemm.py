@@ -28,9 +28,10 @@ from .nvrtc import KernelArgumentError
 DTYPES = (torch.bfloat16, torch.float16)
 #: up to this many rows lowering/quant_linears.py runs this GEMM (from 17 rows: below, the
 #: GEMV / tinygemm); above, dequantize + cuBLAS, whose extra pass over the weight costs little
-#: next to a GEMM of this size.  A first estimate, to be set from ``benchmarks/quant_gemm.py``
-#: on the device (the row where cuBLAS on the dequantized weight overtakes this kernel)
-GEMM_MAX_M = 2048
+#: next to a GEMM of this size (at 1024 rows of Llama-3-8B's gate/up about a quarter of
+#: cuBLAS's time, at 8192 rows 3%) while cuBLAS's bf16 GEMM is the faster MMA loop.  A first
+#: estimate, to be set from ``benchmarks/quant_gemm.py`` on the device
+GEMM_MAX_M = 1024
 #: the int4 groups the kernel takes (powers of two: a K tile holds part of one or whole groups)
 GROUPS = (16, 32, 64, 128, 256)
 
