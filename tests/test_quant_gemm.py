@@ -89,7 +89,7 @@ def test_int8_gemm_matches_the_reference_op(m, n, k, bias, dtype):
 
 @interpreted
 @pytest.mark.parametrize("group", [32, 64, 128])
-@pytest.mark.parametrize("m,n,k", [(17, 96, 512), (64, 40, 256), (100, 136, 256),
+@pytest.mark.parametrize("m,n,k", [(3, 64, 256), (17, 96, 512), (64, 40, 256), (100, 136, 256),
                                    (130, 72, 384)])
 def test_int4_gemm_matches_the_reference_op(group, m, n, k):
     q, s, z = _int4(n, k, group)
@@ -241,14 +241,14 @@ def test_table_configurations_compile_for_sm90a_on_the_tensor_cores(m, group, tm
 
 # ----- the run-time choice in lowering/quant_linears.py ------------------------------------------
 
-def _engine(mode, group, tmp_path):
+def _engine(mode, group, dtype):
     import transformers
     from irlm.compilation import compile_causal_lm
     cfg = transformers.LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     g = f",group={group}" if group else ""
     return compile_causal_lm(model, max_seq=64, extra_pipeline=(
         f"quantize{{mode={mode}{g},fuse=false}},fuse-quant,dce"))
@@ -256,33 +256,35 @@ def _engine(mode, group, tmp_path):
 
 @interpreted
 @pytest.mark.slow
-@pytest.mark.parametrize("mode,group,path", [
-    ("int8", 0, "int8: gemv / triton gemm / dequantize+cublas"),
-    ("int4", 64, "int4: triton gemm / dequantize+cublas"),
+@pytest.mark.parametrize("mode,group,dtype,ms,path", [
+    ("int8", 0, torch.bfloat16, (17, 300), "int8: gemv / triton gemm / dequantize+cublas"),
+    ("int4", 64, torch.bfloat16, (17, 300), "int4: triton gemm / dequantize+cublas"),
+    # fp16 int4 has no tinygemm: the GEMM below 17 rows too
+    ("int4", 64, torch.float16, (5, 17), "int4: triton gemm / dequantize+cublas"),
 ])
-def test_plan_runs_the_gemm_for_17_rows_and_more(mode, group, path, tmp_path, monkeypatch):
+def test_plan_runs_the_gemm_for_17_rows_and_more(mode, group, dtype, ms, path, monkeypatch):
     """The plan's load-time check and run-time dispatch, with the kernel interpreted on the
     CPU (``available`` patched to say yes): every quantized linear of a compiled engine takes
-    the GEMM at 17 and 300 rows and computes what its reference op does."""
+    the GEMM at these row counts and computes what its reference op does."""
     from types import SimpleNamespace
     from irlm.lowering.quant_linears import QuantLinearPlan
     from irlm.registry import get_op_def
     monkeypatch.setattr(qg, "available", lambda device: (True, ""))
     # tinygemm (small batches only) is not what this test is about
     monkeypatch.setattr(QuantLinearPlan, "_tinygemm", lambda self, device: False)
-    graph = _engine(mode, group, tmp_path)
+    graph = _engine(mode, group, dtype)
     plan = QuantLinearPlan().prepare(graph, graph.weights, torch.device("cpu"))
-    assert plan.summary() == {path: 4} and plan.gemm_ok == {(mode, group, torch.bfloat16): True}
+    assert plan.summary() == {path: 4} and plan.gemm_ok == {(mode, group, dtype): True}
     calls = []
     for name in ("w8a16_gemm", "w4a16_gemm"):
         real = getattr(qg, name)
         monkeypatch.setattr(qg, name, lambda *a, real=real, name=name, **k: (
             calls.append(name), real(*a, **k))[1])
     ops = [op for op in graph.ops if op.name == "quant.linear"]
-    for m in (17, 300):
+    for m in ms:
         for op in ops:
             k = op.operands[0].type.shape[-1]
-            xv = torch.randn(1, m, k, generator=GEN).to(torch.bfloat16)
+            xv = torch.randn(1, m, k, generator=GEN).to(dtype)
             operands = [xv] + [graph.weights.get(v.producer.attrs["name"])
                                for v in op.operands[1:]]
             got = plan.linear(SimpleNamespace(op=op), operands, op.attrs)[0]
@@ -290,4 +292,4 @@ def test_plan_runs_the_gemm_for_17_rows_and_more(mode, group, path, tmp_path, mo
                                                         op.attrs)[0]
             assert got.shape == want.shape == (1, m, op.results[0].type.shape[-1])
             assert rel(got, want.double()) < 1e-2
-    assert calls == [f"w{'8' if mode == 'int8' else '4'}a16_gemm"] * (2 * len(ops))
+    assert calls == [f"w{'8' if mode == 'int8' else '4'}a16_gemm"] * (len(ms) * len(ops))
