@@ -19,6 +19,10 @@ linear_a8 w8a8  ``torch._int_mm`` (cuBLASLt int8 GEMM) + per-token x per-channel
 (SmoothQuant)   scales in fp32 (M padded to 17 rows where cuBLASLt needs it)            stored
 ==============  =========================  ===========================================  =======
 
+For int8 and int4 the large-batch column above is the fallback: from 17 rows up to
+``quant_gemm.GEMM_MAX_M`` they run the Triton weight-only GEMM of :mod:`.quant_gemm`
+(dequantized in registers, tensor cores) where Triton runs.
+
 Weight layouts.  ``_scaled_mm`` and ``_int_mm`` want the second operand column-major
 ``[K, N]``: that is ``qweight.t()`` of the stored row-major ``[N, K]``, a view, so the stored
 tensor is already the layout they read and nothing is copied.  tinygemm reads its own tiled
