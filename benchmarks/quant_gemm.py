@@ -44,6 +44,7 @@ ALL_PATHS = ("bf16", "int8-gemv", "int8-gemm", "int8-deq", "int4-tiny", "int4-ge
              "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
+GEMV_LIMIT = 16          # the GEMV kernels measured up to here, whatever the runtime limit
 
 
 def copy_bandwidth() -> float:
@@ -133,7 +134,7 @@ def path_fns(layers, x, xs, names) -> dict:
         "fp8-mm": each(lambda w: ql.fp8_linear(x, w["f8"], w["fs"], xs)),
         "w8a8": each(lambda w: ql.w8a8_linear(x, w["q8"], w["s8"])),
     }
-    if m <= ql.GEMV_MAX_M:
+    if m <= GEMV_LIMIT:
         fns["int8-gemv"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
         fns["fp8-gemv"] = each(lambda w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
     if m <= TINYGEMM_LIMIT:

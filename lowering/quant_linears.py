@@ -10,7 +10,7 @@ counts in its ``stats``); nothing is converted again per step.
 At run time the path still depends on the number of rows: small batches read the weights once
 through a GEMV / tinygemm; from 17 rows int8 and int4 run the Triton GEMM of
 :mod:`irlm.kernels.quant_gemm` (the weight dequantized in registers, tensor cores) up to
-``quant_gemm.GEMM_MAX_M`` rows, and dequantize for a cuBLAS GEMM above (or where Triton cannot
+``quant_gemm.GEMM_MAX_M[mode]`` rows, and dequantize for a cuBLAS GEMM above (or where Triton cannot
 run here).  An op whose operands fit no
 fast path (an fp32 engine, a weight that is not a param, a shape the kernels do not take) runs
 the op's reference implementation, as before, and is recorded as ``reference``.
@@ -120,7 +120,8 @@ class QuantLinearPlan:
             xs = weights.get(xs_name).float().reshape(())
             entry = {"w_scale": ws.reshape(()), "x_scale": xs}
             q = weights.get(_param(op, 1))
-            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+            if ql.FP8_GEMV_MAX_M > 0 and \
+                    ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
                     and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
                 return "fp8: gemv / cublaslt _scaled_mm", entry
@@ -176,7 +177,7 @@ class QuantLinearPlan:
         if a["mode"] == "int8":
             if m <= ql.GEMV_MAX_M:
                 y = ql.w8a16_gemv(flat, x[1], entry["scales"], bias)
-            elif "gemm" in entry and m <= qg.GEMM_MAX_M:
+            elif "gemm" in entry and m <= qg.GEMM_MAX_M["int8"]:
                 y = qg.w8a16_gemm(flat, x[1], entry["scales"], bias)
             else:
                 y = F.linear(flat, ql.dequantize_int8(x[1], entry["scales"], xv.dtype), bias)
@@ -191,7 +192,7 @@ class QuantLinearPlan:
                                      entry["scale_zeros"])
                 if bias is not None:
                     y = y + bias
-            elif "scales_t" in entry and m <= qg.GEMM_MAX_M:
+            elif "scales_t" in entry and m <= qg.GEMM_MAX_M["int4"]:
                 y = qg.w4a16_gemm(flat, x[1], entry["scales_t"], entry["zeros_t"],
                                   entry["group"], bias)
             else:

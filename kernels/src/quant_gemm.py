@@ -26,12 +26,13 @@ import torch
 from .nvrtc import KernelArgumentError
 
 DTYPES = (torch.bfloat16, torch.float16)
-#: up to this many rows lowering/quant_linears.py runs this GEMM (from 17 rows: below, the
-#: GEMV / tinygemm); above, dequantize + cuBLAS, whose extra pass over the weight costs little
-#: next to a GEMM of this size (at 1024 rows of Llama-3-8B's gate/up about a quarter of
-#: cuBLAS's time, at 8192 rows 3%) while cuBLAS's bf16 GEMM is the faster MMA loop.  A first
-#: estimate, to be set from ``benchmarks/quant_gemm.py`` on the device
-GEMM_MAX_M = 1024
+#: up to this many rows (per mode) lowering/quant_linears.py runs this GEMM (above the GEMV /
+#: tinygemm limits); above, dequantize + cuBLAS, whose extra pass over the weight costs little
+#: next to a GEMM of that size while cuBLAS's bf16 GEMM is the faster MMA loop.  Measured with
+#: ``benchmarks/quant_gemm.py`` on an H200 (Llama-3-8B's four linear shapes, 2026-12-04):
+#: int8 was faster than dequantize + cuBLAS in sum over the shapes up to 256 rows (355 vs
+#: 429 us) and slower at 512; int4 up to 64 rows (221 vs 357 us) and slower at 128
+GEMM_MAX_M = {"int8": 256, "int4": 64}
 #: the int4 groups the kernel takes (powers of two: a K tile holds part of one or whole groups)
 GROUPS = (16, 32, 64, 128, 256)
 
