@@ -43,7 +43,7 @@ class QuantLinearPlan:
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
         self.fp8_gemv_ok: Optional[bool] = None
-        self.gemm_ok: dict[tuple, bool] = {}       # (mode, group, dtype) -> Triton GEMM checked
+        self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
 
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
@@ -142,7 +142,16 @@ class QuantLinearPlan:
         runs it, a shape it takes, and a check, once per (mode, group, dtype), that it
         computes the reference op on a small random weight (else dequantize + cuBLAS)."""
         from irlm.kernels import quant_gemm as qg
-        if dtype not in qg.DTYPES or not qg.supported(n, k, group) or not qg.available(device)[0]:
+        if dtype not in qg.DTYPES or not qg.supported(n, k, group):
+            return False
+        ok, why = qg.available(device)
+        if not ok:
+            if torch.device(device).type == "cuda" and "unavailable" not in self.gemm_ok:
+                import warnings
+                warnings.warn(f"the Triton weight-only GEMM cannot run: {why}; int8/int4 "
+                              f"linears of 17+ rows dequantize for cuBLAS", RuntimeWarning,
+                              stacklevel=2)
+                self.gemm_ok["unavailable"] = False
             return False
         key = (mode, group, dtype)
         if key not in self.gemm_ok:
