@@ -43,7 +43,7 @@ class QuantLinearPlan:
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
         self.fp8_gemv_ok: Optional[bool] = None
-        self.gemm_ok: dict[tuple, bool] = {}       # (mode, group, dtype) -> Triton GEMM checked
+        self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
 
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
@@ -143,7 +143,16 @@ class QuantLinearPlan:
         runs it, a shape it takes, and a check, once per (mode, group, dtype), that it
         computes the reference op on a small random weight (else dequantize + cuBLAS)."""
         from irlm.kernels import quant_gemm as qg
-        if dtype not in qg.DTYPES or not qg.supported(n, k, group) or not qg.available(device)[0]:
+        if dtype not in qg.DTYPES or not qg.supported(n, k, group):
+            return False
+        ok, why = qg.available(device)
+        if not ok:
+            if torch.device(device).type == "cuda" and "unavailable" not in self.gemm_ok:
+                import warnings
+                warnings.warn(f"the Triton weight-only GEMM cannot run: {why}; int8/int4 "
+                              f"linears of 17+ rows dequantize for cuBLAS", RuntimeWarning,
+                              stacklevel=2)
+                self.gemm_ok["unavailable"] = False
             return False
         key = (mode, group, dtype)
         if key not in self.gemm_ok:
@@ -275,13 +284,15 @@ def tinygemm_matches_reference(device, high_first: bool = True) -> bool:
 
 def gemm_matches_reference(device, mode: str, group: int, dtype) -> bool:
     """Run the Triton weight-only GEMM once (mode int8 or int4 with ``group``, activations of
-    ``dtype``, 40 rows: the small-batch tiles) on a small random weight and compare with the
-    reference dequantization (fp32 matmul); False if it differs or cannot compile or run."""
+    ``dtype``, 40 rows: the small-batch tiles, K split 4 ways) on a small random weight and
+    compare with the reference dequantization (fp32 matmul); False, with a warning saying
+    why, if it differs or cannot compile or run."""
+    import warnings
     from irlm.kernels import quant_gemm as qg
     from irlm.ops.quant import dequantize_reference
     from irlm.passes.llm.quantize import quantize_int4, quantize_int8
     g = torch.Generator(device="cpu").manual_seed(0)
-    n, k = 96, 512
+    n, k = 96, 2048
     w = torch.randn(n, k, generator=g) * 0.05
     xv = torch.randn(40, k, generator=g).to(dtype)
     dev = torch.device(device)
@@ -295,6 +306,15 @@ def gemm_matches_reference(device, mode: str, group: int, dtype) -> bool:
             ref = xv.float() @ dequantize_reference(q, s, z, group=group).t()
             st, zt = qg.prepare_int4_scales(s.to(dev), z.to(dev))
             got = qg.w4a16_gemm(xv.to(dev), q.to(dev), st, zt, group)
-    except Exception:  # noqa: BLE001 - any failure (Triton, driver): the cuBLAS path instead
+    except Exception as e:  # noqa: BLE001 - any failure (Triton, driver): the cuBLAS path
+        warnings.warn(f"the Triton weight-only GEMM ({mode}, group {group}, {dtype}) cannot "
+                      f"run on {device}: {type(e).__name__}: {e}; dequantize + cuBLAS instead",
+                      RuntimeWarning, stacklevel=2)
         return False
-    return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)
+    err = ((got.float().cpu() - ref).norm() / ref.norm()).item()
+    if err >= 1e-2:
+        warnings.warn(f"the Triton weight-only GEMM ({mode}, group {group}, {dtype}) is off by "
+                      f"{err:.3g} (relative) on {device}; dequantize + cuBLAS instead",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True

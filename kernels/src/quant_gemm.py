@@ -26,6 +26,8 @@ import torch
 from .nvrtc import KernelArgumentError
 
 DTYPES = (torch.bfloat16, torch.float16)
+#: the kernel indexes with 32-bit integers: every tensor it reads or writes stays below this
+_INDEX_LIMIT = 1 << 31
 #: up to this many rows (per mode) lowering/quant_linears.py runs this GEMM (above the GEMV /
 #: tinygemm limits); above, dequantize + cuBLAS, whose extra pass over the weight costs little
 #: next to a GEMM of that size while cuBLAS's bf16 GEMM is the faster MMA loop.  Measured with
@@ -68,7 +70,7 @@ def available(device) -> tuple[bool, str]:
 
 def supported(n: int, k: int, group: int = 0) -> bool:
     """Whether a weight of ``[N, K]`` (int4: with this group) fits the kernel."""
-    if n < 16 or k < 16 or k % 16:
+    if n < 16 or k < 16 or k % 16 or n * k >= _INDEX_LIMIT:
         return False
     return group == 0 or (group in GROUPS and k % group == 0)
 
@@ -246,6 +248,9 @@ def _launch(x, q, s, z, bias, n, k, group, config):
                                   f"at least 16, split at least 1")
     if k % (config.bk * config.split):
         raise KernelArgumentError(f"config {config.describe()}: split * BK must divide K ({k})")
+    if m * max(n * config.split, x.stride(0)) >= _INDEX_LIMIT:
+        raise KernelArgumentError(f"{m} rows against a [{n}, {k}] weight overflow the kernel's "
+                                  f"32-bit indexing; split the rows")
     tiles = -(-m // config.bm) * -(-n // config.bn)
     if config.split > 1:
         if tiles > LOCKS:
