@@ -78,7 +78,7 @@ def _paged_attention(ctx, x, a):
         scale=a["scale"], sliding_window=a["sliding_window"],
         alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
         max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
-        decode=st.get("decode"))]
+        decode=st.get("decode"), fresh=st.get("fresh"))]
 
 
 def _heads(t: torch.Tensor) -> torch.Tensor:
@@ -128,10 +128,25 @@ def _rope(ctx, x, a):
     return [k.rope_apply(x[0], x[1], x[2])]
 
 
+def _grouped_mm(ctx, x, a):
+    from .moe_kernels import grouped_mm
+    return [grouped_mm(*x)]
+
+
+def _histc(ctx, x, a):
+    from .moe_kernels import histc_scatter
+    if not a["max"] > a["min"]:     # torch takes the range from the data: a host read
+        return [torch.histc(x[0], a["bins"], a["min"], a["max"])]
+    return [histc_scatter(x[0], a["bins"], a["min"], a["max"])]
+
+
 KERNELS = {
     "llm.rope": _rope,
     "llm.paged_attention": _paged_attention,
     "llm.rms_norm": _rms_norm,
     "llm.add_rms_norm": _add_rms_norm,
     "llm.gated_act": _gated_act,
+    # mixture of experts: no host read of the routing, so decode steps stay capturable
+    "core.grouped_mm": _grouped_mm,
+    "core.histc": _histc,
 }

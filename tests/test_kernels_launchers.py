@@ -60,3 +60,15 @@ def test_split_planning_covers_the_context(ctas, kv_len):
         assert splits <= 64
     if ctas >= 4 * 132 or kv_len < 256:
         assert splits == 1
+
+
+@pytest.mark.parametrize("q_lens,cached,want", [
+    ([1, 1, 64, 100, 100], [40, 7, 128, 0, 0], (3, 66, 64, 100, 100)),   # running, then new
+    ([30, 100, 50], [0, 0, 0], (0, 0, 0, 100, None)),                    # all new, mixed lengths
+    ([1, 1], [3, 4], None),                                               # decode only
+    ([40, 1], [0, 3], None),                  # a new prompt before a running one: not a suffix
+    ([1, 40, 7], [3, 0, 0], (1, 1, 1, 40, None)),
+])
+def test_fresh_suffix_is_the_trailing_run_of_requests_with_nothing_cached(q_lens, cached, want):
+    got = ops.FreshSuffix.of(q_lens, cached)
+    assert (got if got is None else tuple(got)) == want

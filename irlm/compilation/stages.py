@@ -76,8 +76,9 @@ def is_causal_lm(model) -> bool:
 
 
 def inference_example_inputs(model, batch: int = 2) -> dict:
-    from .causal_lm import inference_example_inputs as inputs
-    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch)
+    from .causal_lm import inference_example_inputs as inputs, takes_position_ids
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch,
+                  position_ids=takes_position_ids(model.module))
 
 
 def level_pipeline(job: CompileJob) -> str:

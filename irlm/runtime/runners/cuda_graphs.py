@@ -63,6 +63,7 @@ class CudaGraphRunner:
                             f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
                             f"attention kernel yet; run it on the CPU (device='cpu') or "
                             f"compile without --kv-cache-dtype")
+        _check_attention_head_dims(graph)
         self.graph = graph
         self.device = torch.device(device)
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
@@ -134,8 +135,13 @@ class CudaGraphRunner:
     def _eager(self, batch: StepBatch, decode: bool) -> torch.Tensor:
         dev = self.device
         q_lens = batch.q_lens.to(dev, non_blocking=True)
-        state = {"decode": decode,
-                 "max_q_len": int(batch.q_lens.max()),
+        from irlm.kernels.ops import FreshSuffix
+        max_q = int(batch.q_lens.max())
+        # prompts with no cached prefix attend over their own k/v (ops.paged_attention)
+        fresh = None if decode else FreshSuffix.of(batch.q_lens.tolist(),
+                                                   batch.cached_lens.tolist())
+        state = {"decode": decode, "fresh": fresh,
+                 "max_q_len": max_q,
                  "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
                  "cu_q_lens": _cu(q_lens)}
         out = self._interp.run(self._feeds(
@@ -213,6 +219,20 @@ class CudaGraphRunner:
         self._graphs[(bucket, ctx)] = entry
         self.stats["graph_captures"] += 1
         return entry
+
+
+def _check_attention_head_dims(graph: Graph) -> None:
+    """Refuse, at load, an engine whose attention has no kernel (rather than at its first
+    step)."""
+    from irlm.kernels.ops import ATTENTION_HEAD_DIMS
+    for op in graph.ops:
+        if op.name == "llm.paged_attention":
+            d = op.operands[0].type.shape[-1]
+            if d not in ATTENTION_HEAD_DIMS:
+                raise IRLMError(f"graph @{graph.name}: {op.describe()} has head_dim {d}, which "
+                                f"the GPU attention kernels do not take (they take "
+                                f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}); run this engine "
+                                f"on the CPU (device='cpu')")
 
 
 def _cu(q_lens: torch.Tensor) -> torch.Tensor:
