@@ -143,6 +143,7 @@ class AttentionPlan:
         q_lens, cached, tables = q_lens.long(), cached.long(), tables.long()
         reqs = q_lens.shape[0]
         self.reqs = reqs
+        self.block_size = block_size
         self.decode = bool((q_lens == 1).all())
         kv_lens = cached + q_lens
         self.max_q = 1 if self.decode else int(q_lens.max())
@@ -178,6 +179,37 @@ class AttentionPlan:
         self.read_rows = torch.stack((read, read + block_size), 1).reshape(-1)
         #: rope's sin with the rotate-half sign folded in, per sin tensor of this step
         self.signed_sin: dict[int, tuple] = {}
+        self._head_rows: dict[int, torch.Tensor] = {}
+        self._biases: dict[tuple, Optional[torch.Tensor]] = {}
+
+    def head_rows(self, kv_heads: int) -> torch.Tensor:
+        """Decode: rows of a layer's pool viewed as [blocks * 2 * block_size * kv_heads, d]
+        that one ``index_select`` turns into keys then values laid out
+        [2, reqs * kv_heads, max_kv, d], each (request, kv head) a contiguous matrix that a
+        batched GEMM reads as it is."""
+        rows = self._head_rows.get(kv_heads)
+        if rows is None:
+            bs = self.block_size
+            base = (self.read_blocks * (2 * bs) + self.read_slots)[None, :, None, :]
+            kv = torch.arange(2).view(2, 1, 1, 1) * bs
+            heads = torch.arange(kv_heads).view(1, 1, kv_heads, 1)
+            rows = self._head_rows[kv_heads] = ((base + kv) * kv_heads + heads).reshape(-1)
+        return rows
+
+    def decode_bias(self, window: int, slopes: tuple, heads: int,
+                    kv_heads: int) -> Optional[torch.Tensor]:
+        """Decode: the additive mask as [reqs * kv_heads, heads / kv_heads, max_kv] (0 or
+        -inf, plus ALiBi's bias), or None when nothing is masked."""
+        key = (window, slopes, heads, kv_heads)
+        if key not in self._biases:
+            m = self.mask(window, slopes, heads)
+            if m is not None:
+                if m.dtype == torch.bool:
+                    m = torch.zeros(m.shape).masked_fill_(~m, float("-inf"))
+                m = m.expand(self.reqs, heads, 1, self.max_kv).reshape(
+                    self.reqs * kv_heads, heads // kv_heads, self.max_kv).contiguous()
+            self._biases[key] = m
+        return self._biases[key]
 
     def mask(self, window: int, slopes: tuple, heads: int) -> Optional[torch.Tensor]:
         """The SDPA mask: bool [reqs, 1, max_q, max_kv], or float with ALiBi
@@ -213,15 +245,21 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
     if plan.decode and not quantized and q.dtype == torch.float32 \
             and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
         # the decode step, the hot path: one copy in, one gather out, one SDPA
-        rows = pool.view(-1, kv_heads, d)
-        rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
-        kv = rows.index_select(0, plan.read_rows).view(
-            plan.reqs, 2, plan.max_kv, kv_heads, d).transpose(2, 3)
-        out = F.scaled_dot_product_attention(
-            q.reshape(plan.reqs, heads, 1, d), kv[:, 0], kv[:, 1],
-            attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
-            scale=scale, enable_gqa=heads != kv_heads)      # [reqs, heads, 1, d]
-        return out.view(plan.reqs, heads, d)
+        # and attention as two batched GEMMs over (request, kv head): a query head h reads kv
+        # head h // group, so the group's query heads are the rows of one small GEMM.  At
+        # these sizes (one query token, short contexts) that is faster than SDPA's CPU flash
+        # kernel, whose tiles assume many query rows.
+        pool.view(-1, kv_heads, d).index_copy_(0, plan.write_rows, torch.cat((k, v)))
+        group, pairs = heads // kv_heads, plan.reqs * kv_heads
+        kv = pool.view(-1, d).index_select(0, plan.head_rows(kv_heads)).view(
+            2, pairs, plan.max_kv, d)
+        qg = q.reshape(pairs, group, d)
+        bias = plan.decode_bias(a["sliding_window"], tuple(a["alibi_slopes"]), heads, kv_heads)
+        if bias is None:
+            scores = torch.bmm(qg, kv[0].transpose(1, 2)).mul_(scale)
+        else:
+            scores = torch.baddbmm(bias, qg, kv[0].transpose(1, 2), alpha=scale)
+        return torch.bmm(torch.softmax(scores, -1), kv[1]).view(plan.reqs, heads, d)
     if not quantized and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
         rows = pool.view(-1, kv_heads, d)
         rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
