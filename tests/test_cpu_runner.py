@@ -177,6 +177,19 @@ def test_linear_dtype_choice_and_bad_values():
         CpuGraphRunner(g, threads=0)
 
 
+def test_a_failing_op_is_named_in_the_error():
+    """The step runs as generated Python: an op that raises is still named, with its source
+    location, and the runner stays usable afterwards."""
+    _, text, weights = hf_model("llama-gqa")
+    runner = CpuGraphRunner(parse_graph(text, weights=weights), num_blocks=8, linear_dtype="f32")
+    batch = StepBatch.pack([0], [[1, 2, 3]], [0], TABLES[:1])
+    good = runner.step(batch)
+    bad = StepBatch.pack([0], [[VOCAB + 5, 2, 3]], [0], TABLES[:1])     # id past the vocab
+    with pytest.raises(IRLMError, match=r"core\.embedding.*CPU executor failed: IndexError"):
+        runner.step(bad)
+    torch.testing.assert_close(runner.step(batch), good)
+
+
 @pytest.mark.parametrize("window,alibi,cache_dtype,decode", [
     (0, False, torch.float32, False), (3, False, torch.float32, False),
     (0, True, torch.float32, False), (2, True, torch.int8, False),

@@ -36,7 +36,6 @@ the reference runner's and with Hugging Face transformers'.
 from __future__ import annotations
 
 import math
-import operator
 import os
 from typing import Any, Callable, Optional
 
@@ -552,14 +551,76 @@ class _Binder:
         return last
 
 
-def _getter(slots: list[int]) -> Callable[[list], tuple]:
-    """``table -> (table[s] for s in slots)`` as one C call (an op's operands, per step)."""
-    if not slots:
-        return lambda table: ()
-    if len(slots) == 1:
-        j = slots[0]
-        return lambda table: (table[j],)
-    return operator.itemgetter(*slots)
+# ----- the step as generated Python ------------------------------------------------------------
+
+_STEP_FILE = "<irlm cpu step>"
+
+
+def _view_expr(op, args: list[str], dim_name: Callable[[Any], str]) -> Optional[str]:
+    """A view op as a Python expression over its operand's local name (None: not a view the
+    generator writes out)."""
+    a = op.attrs
+    if op.name == "core.reshape":
+        dims = [str(d) if isinstance(d, int) else dim_name(d) for d in a["shape"]]
+        return f"{args[0]}.reshape(({', '.join(dims)},))"
+    if op.name == "core.transpose":
+        return f"{args[0]}.transpose({int(a['dim0'])}, {int(a['dim1'])})"
+    if op.name == "core.unsqueeze":
+        return f"{args[0]}.unsqueeze({int(a['dim'])})"
+    if op.name == "core.split" and all(isinstance(x, int) for x in a["sizes"]):
+        return f"_split({args[0]}, {list(a['sizes'])!r}, {int(a['dim'])})"
+    return None
+
+
+def _generate_step(program, input_slots, output_slot, table, bindings):
+    """The bound program as one straight-line Python function: every value a local, views
+    written out as tensor method calls, each other op one call of its bound closure, each value
+    deleted after its last use.  A step is then one Python call with no interpreter loop, no
+    value table and no closure for a view -- on a CPU the per-op overhead is a large part of a
+    small model's decode step.  Returns the function and ``{line: op}`` for error messages."""
+    ns: dict[str, Any] = {"_split": torch.split, "_b": bindings}
+    dims: dict[Any, str] = {}
+
+    def dim_name(d) -> str:
+        name = dims.get(d)
+        if name is None:
+            name = dims[d] = f"D{len(dims)}"
+            ns["_" + name] = _dim_fn(d)
+        return name
+
+    def ref(slot: int) -> str:
+        if slot in live:
+            return f"v{slot}"
+        ns[f"c{slot}"] = table[slot]          # a param or constant, placed once
+        return f"c{slot}"
+
+    live = set(input_slots)
+    body, line_ops = [], {}
+    for k, (fn, slots, outs, dead, op) in enumerate(program):
+        ins = [ref(s) for s in slots]
+        view = _view_expr(op, ins, dim_name)
+        one = len(outs) == 1 and (view is None or op.name == "core.split")
+        lhs = ", ".join(f"v{o}" for o in outs) + ("," if one else "")
+        if view is not None:
+            rhs = view
+        else:
+            ns[f"f{k}"] = fn
+            rhs = f"f{k}(({', '.join(ins)}{',' if len(ins) == 1 else ''}))"
+        body.append((f"{lhs} = {rhs}", op))
+        live.update(outs)
+        gone = [f"v{d}" for d in dead if d in live]
+        if gone:
+            body.append((f"del {', '.join(gone)}", None))
+    head = [f"def _step({', '.join(f'v{s}' for s in input_slots)}):"]
+    head += [f"    {name} = _{name}(_b)" for name in dims.values()]
+    lines = head + [f"    {code}" for code, _ in body] + [f"    return v{output_slot}"]
+    for i, (_, op) in enumerate(body):
+        if op is not None:
+            line_ops[len(head) + i + 1] = op
+    source = "\n".join(lines)
+    exec(compile(source, _STEP_FILE, "exec"), ns)
+    ns["_step"].source = source             # what a debugger shows for "<irlm cpu step>"
+    return ns["_step"], line_ops
 
 
 # ----- the runner ------------------------------------------------------------------------------
@@ -671,7 +732,7 @@ class CpuGraphRunner:
             outs = [new_slot(r) for r in op.results]
             dead = [slot[id(v)] for v in dict.fromkeys(op.operands)
                     if last_use.get(id(v)) == i and id(v) not in keep]
-            program.append((fn, _getter(ins), tuple(outs), tuple(dead), op))
+            program.append((fn, tuple(ins), tuple(outs), tuple(dead), op))
         # A param that every reader captured in a converted form (a linear's bf16 or int8
         # weight) needs no plain copy in the table.
         for op in graph.params():
@@ -683,6 +744,8 @@ class CpuGraphRunner:
         self._table = table
         self._program = program
         self._output_slot = slot[id(graph.outputs[0])]
+        self._step_fn, self._line_ops = _generate_step(
+            program, self._input_slots, self._output_slot, table, binder.ctx.bindings)
         if hasattr(store, "drop_cache"):
             store.drop_cache()
 
@@ -703,30 +766,24 @@ class CpuGraphRunner:
             b[s] = int(inputs[i].shape[axis])
         self._plan = AttentionPlan(by_name["q_lens"], by_name["cached_lens"],
                                    by_name["block_tables"], self.block_size)
-        table = self._table
-        for s, x in zip(self._input_slots, inputs):
-            table[s] = x
         try:
-            for fn, get, outs, dead, op in self._program:
-                try:
-                    res = fn(get(table))
-                except IRLMError:
-                    raise
-                except Exception as e:
-                    raise IRLMError(f"{op.describe()}: CPU executor failed: "
-                                    f"{type(e).__name__}: {e}") from e
-                if len(outs) == 1:
-                    table[outs[0]] = res[0]
-                else:
-                    for j, x in zip(outs, res):
-                        table[j] = x
-                for j in dead:
-                    table[j] = None
-            out = table[self._output_slot]
+            out = self._step_fn(*inputs)
+        except IRLMError:
+            raise
+        except Exception as e:
+            op = self._failed_op(e)
+            where = f"{op.describe()}: " if op is not None else ""
+            raise IRLMError(f"{where}CPU executor failed: {type(e).__name__}: {e}") from e
         finally:
-            for s in self._input_slots:
-                table[s] = None
-            table[self._output_slot] = None
             self._plan = None
         self.stats["steps"] += 1
         return out
+
+    def _failed_op(self, e: BaseException):
+        """The op whose line of the generated step raised ``e`` (None if not found)."""
+        tb, op = e.__traceback__, None
+        while tb is not None:
+            if tb.tb_frame.f_code.co_filename == _STEP_FILE:
+                op = self._line_ops.get(tb.tb_lineno, op)
+            tb = tb.tb_next
+        return op
