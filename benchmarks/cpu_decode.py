@@ -10,7 +10,9 @@ batching).
 Per (threads, batch) and side, each run is timed twice: generating 1 token (the prefill:
 TTFT) and generating N tokens; decode tok/s = B * (N - 1) / (T_N - T_1), from wall time and
 from process CPU time (robust on a shared machine at one thread; at more threads it counts
-every thread's time).  Every figure is the median of ``--repeats`` runs.  Prefix caching is
+every thread's time).  ``--repeats`` rounds run every side in turn (HF, then each engine);
+each figure is the median over the rounds, and each ratio to HF the median of the ratios
+taken within a round, so a machine whose load drifts does not favour the side run later.  Prefix caching is
 off, so repeated prompts are recomputed.  The greedy tokens of both sides are compared at
 batch 1 and the match printed.
 
@@ -65,16 +67,12 @@ def engines_for(args) -> list[Path]:
     return [out]
 
 
-def median_time(fn, repeats: int) -> tuple[float, float]:
-    """Median wall time and median process CPU time of ``fn()``.  On a shared machine the CPU
-    time (at one thread) is what the run would take alone, up to memory-bandwidth contention."""
-    wall, cpu = [], []
-    for _ in range(repeats):
-        t, c = time.perf_counter(), time.process_time()
-        fn()
-        wall.append(time.perf_counter() - t)
-        cpu.append(time.process_time() - c)
-    return statistics.median(wall), statistics.median(cpu)
+def timed(fn) -> tuple[float, float]:
+    """Wall time and process CPU time of one ``fn()``.  On a shared machine the CPU time (at
+    one thread) is what the run would take alone, up to memory-bandwidth contention."""
+    t, c = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> int:
@@ -127,22 +125,35 @@ def main() -> int:
     for threads in (int(t) for t in args.threads.split(",")):
         torch.set_num_threads(threads)
         for batch in (int(b) for b in args.batch.split(",")):
-            base = None
-            for label, llm, fn in sides:
+            for _, _, fn in sides:
                 fn(batch, 2)                                   # warm up
-                w1, c1 = median_time(lambda: fn(batch, 1), args.repeats)
-                wn, cn = median_time(lambda: fn(batch, n), args.repeats)
-                row = {"threads": threads, "batch": batch, "side": label, "ttft": w1,
-                       "decode": batch * (n - 1) / max(wn - w1, 1e-9),
-                       "decode_cpu": batch * (n - 1) / max(cn - c1, 1e-9)}
+            # Rounds interleave the sides (HF, irlm, HF, irlm, ...), so a change in the
+            # machine's load between rounds hits every side alike; each ratio to HF is taken
+            # within a round, and the figures are medians over the rounds.
+            runs = {label: [] for label, _, _ in sides}
+            for _ in range(args.repeats):
+                for label, _, fn in sides:
+                    w1, c1 = timed(lambda: fn(batch, 1))
+                    wn, cn = timed(lambda: fn(batch, n))
+                    runs[label].append((w1, batch * (n - 1) / max(wn - w1, 1e-9),
+                                        batch * (n - 1) / max(cn - c1, 1e-9)))
+            base = runs[sides[0][0]] if hf is not None else None
+            for label, llm, fn in sides:
+                mine = runs[label]
+                row = {"threads": threads, "batch": batch, "side": label,
+                       "ttft": statistics.median(r[0] for r in mine),
+                       "decode": statistics.median(r[1] for r in mine),
+                       "decode_cpu": statistics.median(r[2] for r in mine)}
+                if base is not None:
+                    row["vs_hf"] = statistics.median(m[1] / b[1] for m, b in zip(mine, base))
+                    row["vs_hf_cpu"] = statistics.median(m[2] / b[2]
+                                                         for m, b in zip(mine, base))
+                else:
+                    row["vs_hf"] = row["vs_hf_cpu"] = None
                 if hf is not None and batch == 1 and llm is not None:
                     got = irlm_run(llm, 1, n)[0].outputs[0].token_ids
                     want = hf_run(1, n)[0, len(ids[0]):].tolist()
                     row["same_tokens"] = got == want
-                if llm is None:
-                    base = row
-                row["vs_hf"] = row["decode"] / base["decode"] if base else None
-                row["vs_hf_cpu"] = row["decode_cpu"] / base["decode_cpu"] if base else None
                 rows.append(row)
                 print(row, file=sys.stderr, flush=True)
     print("| threads | batch | runs | decode tok/s (wall) | vs HF | decode tok/s (CPU time) "
