@@ -67,9 +67,18 @@ def fp16_pack(w: torch.Tensor):
     return torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), None)
 
 
+_FP16_LINEAR = None
+
+
 def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
-    return torch.ops.quantized.linear_dynamic_fp16.default(x.float(), packed).to(x.dtype)
+    global _FP16_LINEAR
+    if _FP16_LINEAR is None:
+        # The overload's C++ entry point: its Python __call__ first scans the arguments for
+        # tracing-time fake script objects (never ours), a cost paid 120 times a step.
+        op = torch.ops.quantized.linear_dynamic_fp16.default
+        _FP16_LINEAR = getattr(op, "_op", op)
+    return _FP16_LINEAR(x.float(), packed).to(x.dtype)
 
 
 # ----- machine facts ---------------------------------------------------------------------------
