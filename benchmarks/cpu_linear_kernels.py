@@ -5,7 +5,7 @@ with weights that do not fit in cache, as in a decode step.  Random weights of t
 shapes: the figures are speeds, not accuracy.  Median wall and process-CPU time of
 ``--repeats`` passes per kernel; run pinned (``taskset -c 0``) at one thread.
 
-    taskset -c 0 python benchmarks/cpu_linear_kernels.py [--rows 1] [--threads 1]
+    taskset -c 0 python benchmarks/cpu_linear_kernels.py [--rows 1,8] [--threads 1]
 """
 from __future__ import annotations
 
@@ -55,32 +55,35 @@ KERNELS = {
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", type=int, default=1, help="activation rows (the batch)")
+    ap.add_argument("--rows", default="1", help="activation rows (the batch), comma-separated "
+                    "(e.g. 1,2,4,6,8: how a kernel's cost grows with the batch)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated substrings of kernel names")
     args = ap.parse_args()
+    rows_list = [int(r) for r in args.rows.split(",")]
     torch.set_num_threads(args.threads)
-    print(f"| kernel | ms per pass (wall) | ms per pass (CPU) |  # torch {torch.__version__}, "
-          f"rows {args.rows}, threads {args.threads}")
-    print("| --- | --- | --- |")
+    print(f"| kernel | rows | ms per pass (wall) | ms per pass (CPU) |  # torch "
+          f"{torch.__version__}, threads {args.threads}")
+    print("| --- | --- | --- | --- |")
     for name, (make, run) in KERNELS.items():
         if args.only and not any(s in name for s in args.only.split(",")):
             continue
         weights = [make(n, k) for n, k in SHAPES]
-        xs = {k: torch.randn(args.rows, k) for k in {k for _, k in SHAPES}}
-        with torch.inference_mode():
-            for w, (_, k) in zip(weights, SHAPES):
-                run(xs[k], w)
-            wall, cpu = [], []
-            for _ in range(args.repeats):
-                t, c = time.perf_counter(), time.process_time()
+        for rows in rows_list:
+            xs = {k: torch.randn(rows, k) for k in {k for _, k in SHAPES}}
+            with torch.inference_mode():
                 for w, (_, k) in zip(weights, SHAPES):
                     run(xs[k], w)
-                wall.append(time.perf_counter() - t)
-                cpu.append(time.process_time() - c)
-        print(f"| {name} | {statistics.median(wall) * 1e3:.1f} | "
-              f"{statistics.median(cpu) * 1e3:.1f} |", flush=True)
+                wall, cpu = [], []
+                for _ in range(args.repeats):
+                    t, c = time.perf_counter(), time.process_time()
+                    for w, (_, k) in zip(weights, SHAPES):
+                        run(xs[k], w)
+                    wall.append(time.perf_counter() - t)
+                    cpu.append(time.process_time() - c)
+            print(f"| {name} | {rows} | {statistics.median(wall) * 1e3:.1f} | "
+                  f"{statistics.median(cpu) * 1e3:.1f} |", flush=True)
         del weights
     return 0
 
