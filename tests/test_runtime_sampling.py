@@ -11,7 +11,8 @@ from transformers.generation.logits_process import (MinPLogitsWarper,
 from irlm.errors import IRLMError
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams, SamplingParamsError
 from irlm.runtime.sampling import (SampleRow, apply_min_p, apply_penalties, apply_temperature,
-                                   apply_top_k, apply_top_p, draw, process_logits, sample)
+                                   apply_top_k, apply_top_p, argmax_rows, draw,
+                                   logsumexp_rows, process_logits, sample)
 
 V = 50
 
@@ -89,6 +90,28 @@ def test_draw_is_argmax_for_greedy_rows_and_follows_the_distribution_otherwise()
     freq = torch.bincount(tokens[:-1], minlength=4).float() / 1999
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1, 0.0]), atol=0.04)
     assert freq[3] == 0                              # never a token of probability 0
+
+
+@pytest.mark.parametrize("vocab", [49152, 32000, 50257, 151936, 1021, 64])
+def test_row_reductions_equal_torch(vocab):
+    """argmax_rows / logsumexp_rows (the CPU sampler's chunked argmax and exp2-based
+    logsumexp) against torch's argmax / logsumexp: ties across chunks (first wins), NaN, all
+    -inf and +inf rows, a prime vocabulary (no chunking)."""
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(7, vocab, generator=g) * 4
+    x[1, 3] = x[1, vocab - 2] = 99.0                     # a tie: the first index wins
+    x[2, vocab // 2] = x[2, vocab // 2 + 1] = 99.0
+    x[3] = float("-inf")
+    x[4, vocab // 3] = float("nan")
+    x[4, vocab - 1] = float("nan")
+    x[5, 7] = float("inf")
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x[:, ::2]), x[:, ::2].argmax(dim=-1))   # not contiguous
+    torch.testing.assert_close(logsumexp_rows(x), x.logsumexp(dim=-1), equal_nan=True,
+                               rtol=1e-6, atol=1e-6)
+    finite = x[[0, 1, 2, 6]]
+    torch.testing.assert_close(logsumexp_rows(finite), finite.logsumexp(dim=-1),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_logprobs_are_the_raw_model_logprobs_of_the_top_and_sampled_tokens():
