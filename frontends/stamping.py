@@ -28,6 +28,7 @@ falls back to the full trace too: the output never differs from it.
 from __future__ import annotations
 
 import ast
+import contextlib
 import functools
 import inspect
 import re
@@ -65,27 +66,41 @@ def trace_stamped(module, example_inputs, *, dynamic: bool = True,
     Returns the graph and one line saying what happened: ``"stamped 27 of 30 layers
     (model.layers) from a 3-layer trace"`` or ``"full trace: <why stamping did not apply>"``.
     """
-    plan, why = _stamp_plan(module)
+    graph, why = _try_stamping(module, example_inputs, dynamic, dims, weights, name)
+    if graph is not None:
+        return graph, why
+    return trace(module, example_inputs, dynamic=dynamic, dims=dims, weights=weights,
+                 name=name), f"full trace: {why}"
+
+
+def _try_stamping(module, example_inputs, dynamic, dims, weights, name):
+    """(the stamped graph, what was done), or (None, why not).  Nothing here may fail a
+    compile: an error in the short trace or in stamping is a reason to trace it all (whose
+    own errors are then the ones reported)."""
+    try:
+        plan, why = _stamp_plan(module)
+    except Exception as e:  # noqa: BLE001 - an unusual model: trace it all
+        return None, f"cannot inspect the model's layers ({type(e).__name__}: {_first_line(e)})"
     if plan is None:
-        return trace(module, example_inputs, dynamic=dynamic, dims=dims, weights=weights,
-                     name=name), f"full trace: {why}"
+        return None, why
     try:
         with plan.shortened():
             short = trace(module, example_inputs, dynamic=dynamic, dims=dims, weights=None,
                           name=name)
     except Exception as e:  # noqa: BLE001 - whatever went wrong, the full trace decides
-        graph = trace(module, example_inputs, dynamic=dynamic, dims=dims, weights=weights,
-                      name=name)
-        return graph, (f"full trace: the {TRACED_LAYERS}-layer trace failed "
-                       f"({type(e).__name__}: {_first_line(e)})")
-    graph, why = stamp_layers(short, plan.prefix, plan.num_layers)
-    if graph is not None:
+        return None, (f"the {TRACED_LAYERS}-layer trace failed "
+                      f"({type(e).__name__}: {_first_line(e)})")
+    try:
+        graph, why = stamp_layers(short, plan.prefix, plan.num_layers)
+        if graph is None:
+            return None, why
         why = _bind_weights(graph, short.weights, plan.tensors(), weights)
-        if why is None:
-            return graph, (f"stamped {plan.num_layers - TRACED_LAYERS} of {plan.num_layers} "
-                           f"layers ({plan.prefix}) from a {TRACED_LAYERS}-layer trace")
-    return trace(module, example_inputs, dynamic=dynamic, dims=dims, weights=weights,
-                 name=name), f"full trace: {why}"
+    except Exception as e:  # noqa: BLE001 - a stamping bug must not cost a compile
+        return None, f"stamping failed ({type(e).__name__}: {_first_line(e)})"
+    if why is not None:
+        return None, why
+    return graph, (f"stamped {plan.num_layers - TRACED_LAYERS} of {plan.num_layers} layers "
+                   f"({plan.prefix}) from a {TRACED_LAYERS}-layer trace")
 
 
 def _first_line(e: BaseException) -> str:
@@ -103,19 +118,15 @@ class _StampPlan:
             module, prefix, parent, attr, layers
         self.num_layers = len(layers)
 
+    @contextlib.contextmanager
     def shortened(self):
-        plan = self
-
-        class _Shortened:
-            def __enter__(self):
-                setattr(plan.parent, plan.attr, torch.nn.ModuleList(
-                    list(plan.layers)[:TRACED_LAYERS]))
-
-            def __exit__(self, *exc):
-                # the model's own list back, whatever happened (its identity too)
-                setattr(plan.parent, plan.attr, plan.layers)
-                return False
-        return _Shortened()
+        """The model with its first TRACED_LAYERS layers only; its own list back (the same
+        object) afterwards, whatever happened."""
+        setattr(self.parent, self.attr, torch.nn.ModuleList(list(self.layers)[:TRACED_LAYERS]))
+        try:
+            yield
+        finally:
+            setattr(self.parent, self.attr, self.layers)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The model's tensors by state-dict name (tied names each listed)."""
@@ -219,14 +230,15 @@ def _config_varies(config, n: int) -> Optional[str]:
     for key, value in fields.items():
         if key in _NOT_PER_LAYER or key == "layer_types":
             continue
+        names_layers = key.endswith(("_layers", "_layer_ids", "_layer_idx", "_layer_indices"))
         if isinstance(value, (list, tuple)):
-            if len(value) == n and len({repr(v) for v in value}) > 1:
-                return f"config.{key} has {n} entries that differ ({_short(value)})"
-            if key.endswith(("_layers", "_layer_ids", "_layer_idx", "_layer_indices")) and value:
+            if len(value) == n:      # one entry per layer: fine while they are all the same
+                if len({repr(v) for v in value}) > 1:
+                    return f"config.{key} has {n} entries that differ ({_short(value)})"
+            elif names_layers and value:
                 return f"config.{key} = {_short(value)} names some layers"
-        elif key.endswith(("_layers", "_layer_ids", "_layer_idx", "_layer_indices")) \
-                and isinstance(value, (int, dict)) and not isinstance(value, bool) and value \
-                and key not in ("max_window_layers",):
+        elif names_layers and isinstance(value, (int, dict)) and not isinstance(value, bool) \
+                and value:
             return f"config.{key} = {_short(value)} names some layers"
     return None
 
@@ -438,6 +450,8 @@ def stamp_layers(short: Graph, prefix: str, num_layers: int) -> tuple[Optional[G
     when its layers do not split into runs or stamping does not reproduce the traced layer 2.
 
     The result's ``weights`` is ``short.weights`` (see :func:`_bind_weights`)."""
+    if num_layers < TRACED_LAYERS:
+        return None, f"{num_layers} layers: fewer than the {TRACED_LAYERS} traced"
     segments = _segments(short, prefix)
     if isinstance(segments, str):
         return None, segments

@@ -15,7 +15,7 @@ import json
 import pytest
 import torch
 
-from irlm.compilation import CompileConfig, Source, compile as irlm_compile
+from irlm.compilation import CompileConfig, compile as irlm_compile
 from irlm.compilation.causal_lm import inference_example_inputs, takes_position_ids
 from irlm.frontends import stamping, trace
 from irlm.frontends.stamping import trace_stamped
