@@ -17,7 +17,10 @@ It stamps only what it can show to repeat, and otherwise runs the full trace:
   RoPE, any list with one entry per layer that is not constant, ...);
 * layers 1..N-1 are the same module tree: classes, non-tensor attributes (a layer index
   excepted, when the layer's code reads it only to address the KV cache), parameter and buffer
-  names, shapes and dtypes, integer buffers' values;
+  names, shapes and dtypes, integer buffers' values; none shares a module or a tensor;
+* the code of the module holding the layers only iterates the list (no ``len(self.layers)``,
+  no ``self.layers[-1]``), so it cannot tell the short list from the whole one; the config is
+  left as it is (``num_hidden_layers`` included), so what the code reads from it is the same;
 * the three traced layers' ops split into contiguous runs by their ``model.layers.{i}``
   locations, with nothing between them, and stamping layer 2 from layer 1 reproduces the
   traced layer 2 exactly (and the ops after it).
@@ -157,6 +160,7 @@ def _stamp_plan(module) -> tuple[Optional[_StampPlan], str]:
         return None, found
     prefix, parent, attr, layers = found
     why = (_config_varies(config, n) or _shared(module, layers, prefix)
+           or _layer_list_read_whole(type(parent), attr)
            or _layers_differ(layers, prefix, type(parent)))
     if why:
         return None, why
@@ -386,41 +390,75 @@ def _same(a, b, depth: int = 0) -> bool:
 _CACHE_WORDS = re.compile(r"cache|past", re.IGNORECASE)
 
 
-@functools.lru_cache(maxsize=None)
-def _index_read_outside_cache(cls, attr: str) -> Optional[str]:
-    """Why the code of ``cls`` (its methods but ``__init__``, in its model-specific classes)
-    reads ``<x>.<attr>`` (the layer index) other than as an argument of a KV-cache call or a
-    subscript of a cache (``cache.update(k, v, self.layer_idx)``), or None when it does not:
-    the traced graph has no cache, so then the index cannot reach it."""
+def _methods_reading(cls, attr: str):
+    """(class name, method name, parsed source or None when unreadable) of every method but
+    ``__init__`` of ``cls``'s model-specific classes whose source mentions ``attr``; shared
+    infrastructure (torch, transformers outside transformers.models) is skipped."""
     for klass in cls.__mro__:
         module = getattr(klass, "__module__", "") or ""
         if module.startswith(("torch.", "builtins")) or (
                 module.startswith("transformers.") and
                 not module.startswith("transformers.models.")):
-            continue   # shared infrastructure, not the model's own code
+            continue
         for fn_name, fn in vars(klass).items():
-            if fn_name == "__init__":
-                continue
-            fn = inspect.unwrap(getattr(fn, "__func__", fn)) if callable(
-                getattr(fn, "__func__", fn)) else None
-            if not inspect.isfunction(fn):
+            fn = getattr(fn, "__func__", fn)
+            if fn_name == "__init__" or not inspect.isfunction(fn):
                 continue
             try:
-                lines, _ = inspect.getsourcelines(fn)
-            except (OSError, TypeError):
-                return f"cannot read the source of {klass.__name__}.{fn_name} to see whether " \
-                       f"it reads .{attr} (the layer index)"
-            source = textwrap.dedent("".join(lines))
+                source = textwrap.dedent("".join(inspect.getsourcelines(inspect.unwrap(fn))[0]))
+            except (OSError, TypeError, ValueError):
+                yield klass.__name__, fn_name, None
+                continue
             if attr not in source:
                 continue
             try:
-                tree = ast.parse(source)
+                yield klass.__name__, fn_name, ast.parse(source)
             except SyntaxError:
-                return f"cannot parse {klass.__name__}.{fn_name} to see how it reads .{attr}"
-            if _reads_outside_cache(tree, attr):
-                return (f"{klass.__name__}.{fn_name} reads .{attr} (the layer index) for more "
-                        f"than the KV cache")
+                yield klass.__name__, fn_name, None
+
+
+@functools.lru_cache(maxsize=None)
+def _index_read_outside_cache(cls, attr: str) -> Optional[str]:
+    """Why the code of ``cls`` reads ``<x>.<attr>`` (the layer index) other than as an
+    argument of a KV-cache call or a subscript of a cache (``cache.update(k, v,
+    self.layer_idx)``), or None when it does not: the traced graph has no cache, so then the
+    index cannot reach it."""
+    for cls_name, fn_name, tree in _methods_reading(cls, attr):
+        if tree is None:
+            return f"cannot read {cls_name}.{fn_name} to see how it uses .{attr} (the layer index)"
+        if _reads_outside_cache(tree, attr):
+            return (f"{cls_name}.{fn_name} reads .{attr} (the layer index) for more than the KV "
+                    f"cache")
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _layer_list_read_whole(cls, attr: str) -> Optional[str]:
+    """Why the code of ``cls`` (the module holding the layer list ``attr``) may see that the
+    list is short: ``len(self.layers)``, or an index into it other than a slice from the start
+    or a constant below TRACED_LAYERS (``self.layers[-1]`` is another layer in the short
+    model); None when it only iterates it (``for layer in self.layers[: n]``)."""
+    for cls_name, fn_name, tree in _methods_reading(cls, attr):
+        if tree is None:
+            return f"cannot read {cls_name}.{fn_name} to see how it uses .{attr}"
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                    and node.func.id == "len" and node.args \
+                    and isinstance(node.args[0], ast.Attribute) and node.args[0].attr == attr:
+                return f"{cls_name}.{fn_name} reads len(.{attr})"
+            if isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute) \
+                    and node.value.attr == attr and not _prefix_index(node.slice):
+                return f"{cls_name}.{fn_name} indexes .{attr} with {ast.unparse(node.slice)}"
+    return None
+
+
+def _prefix_index(index) -> bool:
+    if isinstance(index, ast.Slice):
+        lower = index.lower
+        return index.step is None and (lower is None or (
+            isinstance(lower, ast.Constant) and lower.value == 0))
+    return isinstance(index, ast.Constant) and isinstance(index.value, int) \
+        and 0 <= index.value < TRACED_LAYERS
 
 
 def _reads_outside_cache(tree, attr: str) -> bool:

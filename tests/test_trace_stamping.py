@@ -253,6 +253,33 @@ def test_a_layer_index_read_outside_the_cache_is_refused():
     assert why == "_Threshold.forward reads .layer_idx (the layer index) for more than the KV cache"
 
 
+class _LoopsOverLayers(torch.nn.Module):
+    def forward(self, x):
+        for layer in self.layers[: self.n]:
+            x = layer(x)
+        return self.layers[0](x)
+
+
+class _ScalesByDepth(torch.nn.Module):
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x) / len(self.layers)
+        return x
+
+
+class _LastLayerSpecial(torch.nn.Module):
+    def forward(self, x):
+        return self.layers[-1](x)
+
+
+def test_code_that_sees_the_short_layer_list_is_refused():
+    assert stamping._layer_list_read_whole(_LoopsOverLayers, "layers") is None
+    assert stamping._layer_list_read_whole(_ScalesByDepth, "layers") == \
+        "_ScalesByDepth.forward reads len(.layers)"
+    assert stamping._layer_list_read_whole(_LastLayerSpecial, "layers") == \
+        "_LastLayerSpecial.forward indexes .layers with -1"
+
+
 def test_no_stamp_layers_flag():
     from irlm.cli import compile as cli_compile
     parser = argparse.ArgumentParser()
