@@ -48,6 +48,9 @@ def add_parser(sub) -> None:
     p.add_argument("--static", action="store_true",
                    help="trace with the example inputs' exact shapes: no symbolic dims "
                         "(models that are not causal LMs)")
+    p.add_argument("--no-stamp-layers", dest="stamp_layers", action="store_false",
+                   help="trace every decoder layer, instead of tracing 3 and stamping the rest "
+                        "when they provably repeat (the same graph, faster; for debugging)")
     p.add_argument("--dtype", choices=DTYPES, default="f32",
                    help="element type of weights and activations (default f32)")
     p.add_argument("--tokens-per-block", type=int, default=16, metavar="N",
@@ -160,7 +163,7 @@ def config_from_args(args) -> CompileConfig:
         max_num_tokens=args.max_num_tokens, quant=args.quant, quant_group=args.quant_group,
         kv_cache_dtype=args.kv_cache_dtype, calib=args.calib, tp=args.tp, pp=args.pp,
         device=args.device, cpu_linear=args.cpu_linear, target=args.target, force=args.force,
-        write_engine=not args.no_engine, dump_ir=args.dump_ir, dump_ir_dir=args.dump_ir_dir,
+        write_engine=not args.no_engine, stamp_layers=args.stamp_layers, dump_ir=args.dump_ir, dump_ir_dir=args.dump_ir_dir,
         print_ir_before=list(args.print_ir_before), print_ir_after=list(args.print_ir_after),
         timing=args.timing, stats=args.stats, check_numerics=args.check_numerics,
         numerics_atol=args.numerics_atol, numerics_rtol=args.numerics_rtol,

@@ -45,19 +45,26 @@ def sliding_window_of(config) -> int:
 
 def compile_causal_lm(module, *, level: str = "2", weights=None, max_batch: int = 8,
                       max_seq: Optional[int] = None, tokens_per_block: int = 16,
-                      max_num_tokens: int = 8192, extra_pipeline: str = "") -> Graph:
+                      max_num_tokens: int = 8192, extra_pipeline: str = "",
+                      stamp_layers: bool = True) -> Graph:
     """Trace ``module`` (a Hugging Face causal LM, possibly on the meta device) and run the
-    ``-O{level}`` pipeline, ending in the paged inference form."""
+    ``-O{level}`` pipeline, ending in the paged inference form.  ``stamp_layers``: as
+    CompileConfig's (trace 3 decoder layers and stamp the rest when they provably repeat)."""
     from irlm.frontends import trace
+    from irlm.frontends.stamping import trace_stamped
     from irlm.passes import run_pipeline
     cfg = module.config
     if max_seq is None:
         max_seq = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
     device = next(iter(module.parameters())).device
-    g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device,
-                                               batch=min(2, max_batch),
-                                               position_ids=takes_position_ids(module)),
-              dims={"batch": (1, max_batch), "seq": (1, max_seq)}, weights=weights)
+    inputs = inference_example_inputs(int(cfg.vocab_size), device=device,
+                                      batch=min(2, max_batch),
+                                      position_ids=takes_position_ids(module))
+    dims = {"batch": (1, max_batch), "seq": (1, max_seq)}
+    if stamp_layers:
+        g, _ = trace_stamped(module, inputs, dims=dims, weights=weights)
+    else:
+        g = trace(module, inputs, dims=dims, weights=weights)
     text = pipeline_for(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
     if extra_pipeline:
         text = f"{text},{extra_pipeline}"

@@ -72,6 +72,9 @@ class CompileConfig:
     force: bool = False
     #: False stops after the pass pipeline (IR only)
     write_engine: bool = True
+    #: trace 3 decoder layers and stamp the rest when they provably repeat (the same graph,
+    #: faster; irlm.frontends.stamping); False traces every layer (``--no-stamp-layers``)
+    stamp_layers: bool = True
     # ----- IR dumps and pass instrumentation (as irlm opt's flags) -----
     #: write the IR after every pass under output/ir/ (01-PASS.irlm, ...)
     dump_ir: bool = False

@@ -34,6 +34,9 @@ class CompiledEngine(Engine):
     #: not a causal LM: only its IR is in OUT/ir/)
     engine_written: bool = False
     frontend_ops: int = 0              # ops in OUT/ir/00-frontend.irlm (the traced graph)
+    #: how the traced graph was built: "stamped 27 of 30 layers (model.layers) from a 3-layer
+    #: trace", or "full trace: <why not>" (irlm.frontends.stamping)
+    layer_stamping: str = ""
 
     def summary(self) -> str:
         """One line: source, model, the op count of each graph beside the file holding it,
@@ -90,7 +93,7 @@ def _result(job: CompileJob, seconds: float):
                model=job.model, full_graph=job.graph, pipeline=job.pipeline, written=list(job.written),
                notes=list(job.model.notes) + job.notes, timings=dict(job.timings),
                seconds=seconds, engine_written=job.engine_config is not None,
-               frontend_ops=job.frontend_ops)
+               frontend_ops=job.frontend_ops, layer_stamping=job.layer_stamping)
 
 
 def source_dirs(source) -> list[Path]:

@@ -40,6 +40,7 @@ class CompileJob:
     tokenizer: Any = None
     frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
     dump_params: set = field(default_factory=set)   # param names any IR dump reads
+    layer_stamping: str = ""                    # how "trace" built the graph (stamping.py)
 
 
 @dataclass(frozen=True)
@@ -63,8 +64,15 @@ def trace_stage(job: CompileJob) -> None:
     if job.config.static and is_causal_lm(m):
         raise IRLMError(f"--static: {type(m.module).__name__} is a causal LM, whose engine "
                         f"needs a symbolic sequence length; use --dims seq=1:N (or --max-seq)")
-    job.graph = trace(m.module, inputs, dynamic=not job.config.static, dims=symbolic_dims(job),
-                      weights=m.weights, name=_graph_name(m))
+    args = dict(dynamic=not job.config.static, dims=symbolic_dims(job), weights=m.weights,
+                name=_graph_name(m))
+    if job.config.stamp_layers:
+        # the same graph, from a 3-layer trace when the decoder layers provably repeat
+        from irlm.frontends.stamping import trace_stamped
+        job.graph, job.layer_stamping = trace_stamped(m.module, inputs, **args)
+    else:
+        job.graph = trace(m.module, inputs, **args)
+        job.layer_stamping = "full trace: --no-stamp-layers"
 
 
 def is_causal_lm(model) -> bool:
