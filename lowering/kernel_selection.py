@@ -22,24 +22,6 @@ import torch
 LINEAR_DTYPES = ("f32", "f16", "bf16", "int8", "int4")
 
 
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def has_fast_bf16() -> bool:
-    """Whether the CPU multiplies bf16 natively (AVX512-BF16 or AMX-BF16)."""
-    flags = cpu_flags()
-    return bool({"avx512_bf16", "amx_bf16"} & flags)
-
-
 def has_fp16_weight_gemm() -> bool:
     """Whether this torch has fbgemm's f16-weight GEMM (``quantized::linear_dynamic_fp16``:
     f16 weights, f32 activations and accumulation); x86 builds do."""
@@ -52,18 +34,21 @@ def has_fp16_weight_gemm() -> bool:
 
 
 def default_linear_dtype(quant: Optional[str] = None) -> str:
-    """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
-    has native bf16 arithmetic; else f16 weights with f32 activations and accumulation
-    (fbgemm), which halves the weight traffic a decode step is bound by and rounds nothing
-    but the weights; f32 where neither exists.  ``int8`` (torch's int8 GEMM, bf16 inputs)
-    for a weight-only int8 engine, whose int8 weights halve the memory traffic again;
-    ``int4`` (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
+    """The linear dtype this CPU runs an engine's linears in by default: f16 weights with f32
+    activations and accumulation (fbgemm), which halves the weight traffic a decode step is
+    bound by and rounds nothing but the weights (to 11 significant bits, so greedy tokens
+    stay the f32 model's); f32 where torch lacks that GEMM.  ``int8`` (torch's int8 GEMM,
+    bf16 inputs) for a weight-only int8 engine, whose int8 weights halve the memory traffic
+    again; ``int4`` (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine.
+
+    bf16 is never the default, even where the CPU multiplies bf16 natively: it rounds the
+    activations to 8 significant bits, which changes SmolLM2's greedy tokens, and on an
+    AVX512-BF16 CPU (Zen 4) fbgemm's f16-weight GEMM was faster anyway (docs/performance.md).
+    ``--cpu-linear bf16`` asks for it."""
     if quant == "int8":
         return "int8"
     if quant in ("int4", "int4-awq"):
         return "int4"
-    if has_fast_bf16():
-        return "bf16"
     return "f16" if has_fp16_weight_gemm() else "f32"
 
 

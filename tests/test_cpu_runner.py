@@ -166,9 +166,11 @@ def test_greedy_generation_equals_transformers():
 def test_linear_dtype_choice_and_bad_values():
     assert default_linear_dtype("int8") == "int8"
     assert default_linear_dtype("int4") == "int4"
-    from irlm.lowering.kernel_selection import has_fast_bf16, has_fp16_weight_gemm
-    assert default_linear_dtype(None) == \
-        ("bf16" if has_fast_bf16() else "f16" if has_fp16_weight_gemm() else "f32")
+    # bf16 rounds activations and changes greedy tokens, so it is never chosen unasked,
+    # even on a CPU with AVX512-BF16; x86 torch has fbgemm's f16-weight GEMM
+    import platform
+    want = {"f16"} if platform.machine() in ("x86_64", "AMD64") else {"f16", "f32"}
+    assert default_linear_dtype(None) in want
     _, text, weights = hf_model("llama-gqa")
     g = parse_graph(text, weights=weights)
     with pytest.raises(IRLMError, match="linear dtype 'f8'"):

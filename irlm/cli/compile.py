@@ -73,9 +73,9 @@ def add_parser(sub) -> None:
                         "token-id lists (default: irlm's built-in English/code/chat set)")
     p.add_argument("--device", choices=DEVICES, default="any",
                    help="the device the engine is for: cpu records the dtype this CPU "
-                        "computes the linears fastest in (config.cpu_linear: bf16 with "
-                        "AVX512-BF16/AMX, int8 for --quant int8, int4 for --quant int4, "
-                        "else f16 weights with f32 arithmetic); default any (the CPU "
+                        "runs the linears in (config.cpu_linear: int8 for --quant int8, "
+                        "int4 for --quant int4, else f16 weights with f32 arithmetic, or "
+                        "f32 where torch lacks fbgemm); default any (the CPU "
                         "executor picks the same at load)")
     p.add_argument("--cpu-linear", choices=LINEAR_DTYPES, default=None, metavar="DTYPE",
                    help="record the dtype a CPU runs the linears in (config.cpu_linear): "

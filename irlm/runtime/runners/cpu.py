@@ -18,10 +18,9 @@ This executor runs the same graph the way :mod:`.cuda_graphs` does on a GPU:
 * **linear dtype**: the dtype the linears compute in.  ``f32`` keeps the graph's f32 weights
   (exactly the reference's arithmetic); ``f16`` stores the weights in f16 and keeps f32
   activations, accumulation and outputs (fbgemm's f16-weight GEMM: half the memory traffic
-  of f32 and only the weights rounded, to 11 significant bits; the default on a CPU without
-  native bf16, where the decode step is bound by reading the weights); ``bf16`` stores the
-  linear weights in bf16 and rounds the linears' inputs to bf16 (half the memory traffic
-  too; what a CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines
+  of f32 and only the weights rounded, to 11 significant bits; the default, since a decode
+  step is bound by reading the weights); ``bf16`` stores the linear weights in bf16 and
+  rounds the linears' inputs to bf16 (opt-in: it changes greedy tokens).  Weight-only int8 engines
   (``--quant int8``) run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one
   scale per row) and int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
   (``_weight_int4pack_mm_for_cpu``), both with bf16 inputs (linear dtypes ``int8``,
@@ -47,7 +46,7 @@ from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
 from irlm.lowering.kernel_selection import (  # noqa: F401
-    LINEAR_DTYPES, cpu_flags, default_linear_dtype, has_fast_bf16)
+    LINEAR_DTYPES, default_linear_dtype)
 from irlm.ops.llm import KVCacheLayout, kv_cache_input
 from irlm.registry import get_op_def
 
