@@ -3,7 +3,9 @@
 ``trace(model, example_inputs)`` exports the module with symbolic ``batch`` and ``seq``
 dimensions, then walks the exported FX graph node by node:
 
-* parameters, buffers and lifted constants become ``param`` ops named by their state-dict key,
+* parameters, buffers and lifted constants become ``param`` ops named by their state-dict key
+  (a lifted constant of at most 16 elements, a tensor the model's code makes, becomes a
+  ``core.constant`` instead),
   backed by a :class:`~irlm.weights.WeightStore` (the module's own tensors, never copied; on the
   ``meta`` device they are registered without data);
 * user tensor inputs become graph inputs, typed ``tensor<[batch]x[seq]xi64>``;
@@ -587,6 +589,8 @@ class _LazyParam:
     """A parameter placeholder; its ``param`` op is created at its first use."""
     name: str
     tensor: torch.Tensor
+    #: a small constant the model's code made: a ``core.constant`` rather than a ``param``
+    inline: bool = False
     value: Optional[Value] = None
 
 
@@ -694,6 +698,11 @@ class NodeContext:
         dtype = dtype or self.result_dtype(*xs)
         number = self.scalar if computed else self.const
         return [self.cast(x, dtype) if isinstance(x, Value) else number(x, dtype) for x in xs]
+
+
+#: lifted constant tensors up to this many elements become ``core.constant`` ops, larger
+#: ones weights
+_INLINE_CONSTANT_NUMEL = 16
 
 
 class _GraphConverter:
@@ -817,6 +826,13 @@ class _GraphConverter:
                 self.env[node] = self.graph.add_input(cx.type_of(val), node.name)
             else:
                 self.env[node] = val  # a constant non-tensor input (use_cache=False)
+        elif spec.kind == InputKind.CONSTANT_TENSOR and \
+                self._tensor_of(spec).numel() <= _INLINE_CONSTANT_NUMEL and \
+                self._tensor_of(spec).device.type != "meta":
+            # a tensor the model's code makes (torch.tensor(0.0) in a mask helper), which
+            # export lifts to an input: code, not a weight, so it stays in the graph, where
+            # passes can see its value (substitute-attention proves masks by evaluating them)
+            self.env[node] = _LazyParam(spec.target, self._tensor_of(spec), inline=True)
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
             self.env[node] = _LazyParam(spec.target, self._tensor_of(spec))
         else:
@@ -831,6 +847,9 @@ class _GraphConverter:
         return t.detach()
 
     def _param(self, p: _LazyParam) -> Value:
+        if p.value is None and p.inline:
+            owner = p.name.rsplit(".", 1)[0] if "." in p.name else ""
+            p.value = self.builder.constant(p.tensor.clone(), loc=Location(owner))
         if p.value is None:
             try:
                 ttype = TensorType(tuple(p.tensor.shape), DType.from_torch(p.tensor.dtype))

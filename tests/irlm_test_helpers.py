@@ -33,3 +33,20 @@ def alive(pid: int) -> bool:
             return f.read().split(") ")[1][0] != "Z"
     except OSError:
         return False
+
+
+def hf_generate(model, ids, **kw):
+    """``model.generate`` on unpadded prompts ``ids`` (a 2-D tensor) with an explicit all-ones
+    attention mask: without one, some transformers releases (5.17) infer the mask from
+    ``pad_token_id`` and drop every prompt token equal to it (SmolLM2's ``<|im_end|>`` is
+    its EOS, the usual pad), which silently changes the oracle's tokens."""
+    import torch
+    return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
+
+
+def sdpa_or_eager(config) -> str:
+    """"sdpa" where this transformers release has an sdpa path for ``config``'s causal-LM
+    class, else "eager" (GPT-J gained one after 5.17; BLOOM has none)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"

@@ -16,6 +16,7 @@ from irlm.cli import main as irlm_main
 from irlm.compilation import CompileConfig, WeightsMismatchError, build_engine
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.testing import tiny_llama
+from irlm_test_helpers import hf_generate
 
 PROMPT = [5, 17, 3, 99, 42]
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -44,7 +45,7 @@ def greedy(engine_dir) -> list[int]:
 
 def hf_greedy(module) -> list[int]:
     with torch.no_grad():
-        out = module.generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
+        out = hf_generate(module, torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
                               pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
 

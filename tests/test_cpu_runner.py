@@ -31,6 +31,7 @@ from irlm.runtime import LLM, SamplingParams  # noqa: E402
 from irlm.runtime.runners.cpu import CpuGraphRunner, default_linear_dtype  # noqa: E402
 from irlm.runtime.runners.interpreter import GraphRunner  # noqa: E402
 from irlm.runtime.model_runner import StepBatch  # noqa: E402
+from irlm_test_helpers import hf_generate  # noqa: E402
 
 VOCAB, BS = 96, 4
 DECODER = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -158,7 +159,7 @@ def test_greedy_generation_equals_transformers():
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
     for p, out in zip(prompts, outs):
         with torch.no_grad():
-            want = model.generate(torch.tensor([p]), max_new_tokens=10, do_sample=False,
+            want = hf_generate(model, torch.tensor([p]), max_new_tokens=10, do_sample=False,
                                   pad_token_id=0)[0, len(p):].tolist()
         assert out.outputs[0].token_ids == want
 

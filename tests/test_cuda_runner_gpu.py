@@ -19,6 +19,7 @@ import transformers  # noqa: E402
 from irlm.compilation import compile_causal_lm  # noqa: E402
 from irlm.runtime.runners.cuda_graphs import CudaGraphRunner  # noqa: E402
 from irlm.runtime.model_runner import StepBatch  # noqa: E402
+from irlm_test_helpers import sdpa_or_eager  # noqa: E402
 
 VOCAB = 512
 CONFIGS = {
@@ -66,7 +67,7 @@ CONFIGS = {
 @pytest.mark.parametrize("arch", list(CONFIGS))
 def test_cuda_runner_matches_hf_bf16(arch):
     cfg = CONFIGS[arch]()
-    cfg._attn_implementation = "eager" if arch.startswith("bloom") else "sdpa"
+    cfg._attn_implementation = sdpa_or_eager(cfg)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     graph = compile_causal_lm(model, max_seq=256)

@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 
 from irlm.cli import main as irlm_main  # noqa: E402
 from irlm.runtime import SamplingParams  # noqa: E402
-from irlm_test_helpers import alive, smollm_gguf  # noqa: E402
+from irlm_test_helpers import alive, hf_generate, smollm_gguf  # noqa: E402
 
 #: the question scripts/demo.sh asks
 DEMO = "What is the capital of France? Answer in one sentence."
@@ -45,12 +45,14 @@ def test_smollm2_tp3_processes_answer_the_demo_like_transformers(tmp_path, monke
     model = transformers.AutoModelForCausalLM.from_pretrained(
         str(gguf.parent), gguf_file=gguf.name, torch_dtype=torch.float32).eval()
     assert (model.config.num_attention_heads, model.config.num_key_value_heads) == (9, 3)
+    # the model's EOS, not the GGUF tokenizer's (transformers 5.17 reads that as <|im_start|>)
+    eos = model.generation_config.eos_token_id
     conv = [{"role": "user", "content": DEMO}]
     text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        want = hf_generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                              pad_token_id=eos)[0, ids.shape[1]:].tolist()
     del model
 
     import irlm
@@ -63,9 +65,9 @@ def test_smollm2_tp3_processes_answer_the_demo_like_transformers(tmp_path, monke
     assert result.prompt == text
     got = result.outputs[0].token_ids
     # both stop at EOS (HF keeps it in the sequence): the answer is shorter than the budget
-    assert want[-1] == tok.eos_token_id and len(want) < NEW_TOKENS
+    assert want[-1] == eos and len(want) < NEW_TOKENS
     assert result.outputs[0].finish_reason == "stop"
-    if got and got[-1] == tok.eos_token_id:
+    if got and got[-1] == eos:
         got = got[:-1]
     assert got == want[:-1]
     assert "Paris" in result.outputs[0].text

@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers")
 from irlm.compilation import compile_causal_lm  # noqa: E402
 from irlm.errors import IRLMError  # noqa: E402
 from irlm.runtime.model_runner import StepBatch  # noqa: E402
+from irlm_test_helpers import hf_generate, sdpa_or_eager  # noqa: E402
 
 VOCAB = 128
 
@@ -32,8 +33,13 @@ CONFIGS = {
     "mistral-window": lambda: transformers.MistralConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, sliding_window=5),
-    # not explicit attention (its sdpa path), but the other architecture that did not reach
-    # the paged form before: interleaved partial rotary read from a position table
+    # GPT-J's eager attention (transformers 5.17 has no other): K's head-split permute and
+    # the transpose fold into one permute, and the scores are divided by a lifted constant
+    "gptj": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
+                                            n_positions=64, vocab_size=VOCAB,
+                                            bos_token_id=1, eos_token_id=2),
+    # its sdpa path where transformers has one (eager otherwise): interleaved partial rotary
+    # read from a position table
     "gptj-sdpa": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
                                                  n_positions=64, vocab_size=VOCAB,
                                                  bos_token_id=1, eos_token_id=2),
@@ -42,7 +48,7 @@ CONFIGS = {
 
 def build(arch):
     cfg = CONFIGS[arch]()
-    cfg._attn_implementation = "sdpa" if arch.endswith("-sdpa") else "eager"
+    cfg._attn_implementation = sdpa_or_eager(cfg) if arch.endswith("-sdpa") else "eager"
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
@@ -103,6 +109,28 @@ def test_eager_attention_engine_matches_transformers(arch, kind):
             diff = (logits[j] - want).abs().max().item()
             span = (want.max() - want.min()).item()
             assert diff <= 1e-4 * span, (arch, kind, step, r, diff, span)
+
+
+def test_bf16_gptj_attends_in_the_model_dtype():
+    """GPT-J upcasts Q and K to f32 for the scores; the paged form takes the bf16 values (the
+    kernels accumulate in f32) and keeps a bf16 cache, and greedy tokens stay HF's."""
+    torch.manual_seed(0)
+    model = build("gptj").to(torch.bfloat16)
+    graph = compile_causal_lm(model, max_seq=64, tokens_per_block=4)
+    cache = next(v for v in graph.inputs if v.name == "kv_cache")
+    assert cache.type.dtype.torch == torch.bfloat16, cache.type
+    paged = [op for op in graph.ops if op.name == "llm.paged_attention"]
+    assert len(paged) == 2
+    assert all(o.type.dtype.torch == torch.bfloat16 for op in paged for o in op.operands[:3])
+    from irlm.runtime import LLM, SamplingParams
+    from irlm.runtime.runners.interpreter import GraphRunner
+    prompt = [5, 17, 3, 99, 42, 7]
+    got = LLM(GraphRunner(graph, num_blocks=16), None).generate(
+        [prompt], SamplingParams(max_tokens=8, temperature=0))[0].outputs[0].token_ids
+    with torch.no_grad():
+        want = hf_generate(model, torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                           pad_token_id=0)[0, len(prompt):].tolist()
+    assert got == want
 
 
 @pytest.mark.slow

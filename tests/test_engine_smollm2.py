@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 
 from irlm.cli import main as irlm_main  # noqa: E402
 from irlm.runtime import LLM, SamplingParams  # noqa: E402
-from irlm_test_helpers import smollm_gguf  # noqa: E402
+from irlm_test_helpers import hf_generate, smollm_gguf  # noqa: E402
 
 QUESTIONS = [
     "Hi!",
@@ -61,20 +61,21 @@ def test_greedy_chat_matches_transformers_token_for_token(engine_dir, hf):
     convs = [[{"role": "user", "content": q}] for q in QUESTIONS]
     outs = llm.chat(convs, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     lengths = set()
+    eos = model.generation_config.eos_token_id
     for conv, out in zip(convs, outs):
         text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
         assert out.prompt == text                  # the engine's template is the model's
         ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
         lengths.add(ids.shape[1])
         with torch.no_grad():
-            want = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                                  pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+            want = hf_generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                               pad_token_id=eos)[0, ids.shape[1]:].tolist()
         got = out.outputs[0].token_ids
         # Both stop at EOS; HF keeps it in the sequence, so compare without it.
-        if want and want[-1] == tok.eos_token_id:
+        if want and want[-1] == eos:
             want = want[:-1]
             assert out.outputs[0].finish_reason == "stop", conv[0]["content"]
-        if got and got[-1] == tok.eos_token_id:
+        if got and got[-1] == eos:
             got = got[:-1]
         assert got == want, conv[0]["content"]
     assert len(lengths) >= 8                       # the prompts really vary in length
@@ -114,13 +115,14 @@ def test_beam_search_matches_transformers(engine_dir, hf):
     params = SamplingParams(use_beam_search=True, beam_width=4, n=4, max_tokens=8,
                             early_stopping=True)
     out = llm.generate([ids], params)[0]
+    eos = model.generation_config.eos_token_id
     with torch.no_grad():
-        want = model.generate(torch.tensor([ids]), num_beams=4, num_return_sequences=4,
-                              do_sample=False, max_new_tokens=8, early_stopping=True,
-                              pad_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+        want = hf_generate(model, torch.tensor([ids]), num_beams=4, num_return_sequences=4,
+                           do_sample=False, max_new_tokens=8, early_stopping=True,
+                           pad_token_id=eos, eos_token_id=eos)
     beams = []
     for row in want[:, len(ids):].tolist():          # crop HF's padding after EOS
-        end = row.index(tok.eos_token_id) if tok.eos_token_id in row else len(row) - 1
+        end = row.index(eos) if eos in row else len(row) - 1
         beams.append(row[:end + 1])
     assert [c.token_ids for c in out.outputs] == beams
 

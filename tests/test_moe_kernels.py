@@ -15,6 +15,7 @@ import torch
 from irlm.lowering.moe_kernels import (grouped_mm, grouped_mm_dense, grouped_mm_grouped,
                                        grouped_mm_path, histc_scatter, row_experts)
 from irlm.registry import get_op_def
+from irlm_test_helpers import sdpa_or_eager
 
 
 def reference(x, w, offs):
@@ -172,7 +173,7 @@ def _compile(arch):
         "gptj": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
                                                 n_positions=64, vocab_size=128),
     }[arch]()
-    cfg._attn_implementation = "sdpa"
+    cfg._attn_implementation = sdpa_or_eager(cfg)
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
     return compile_causal_lm(model, max_seq=64)

@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from irlm_test_helpers import smollm_gguf  # noqa: E402
+from irlm_test_helpers import hf_generate, smollm_gguf  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytest.importorskip("onnxruntime")
@@ -61,6 +61,7 @@ def test_smollm2_onnx_greedy_equals_transformers(tmp_path):
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
     with torch.no_grad():
-        want = hf.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                           pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
+        want = hf_generate(hf, ids, max_new_tokens=NEW_TOKENS, do_sample=False,
+                           pad_token_id=hf.generation_config.eos_token_id)
+    want = want[0, ids.shape[1]:].tolist()
     assert got[:len(want)] == want

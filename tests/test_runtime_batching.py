@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from irlm.runtime import LLM, RecomputeRunner, ReferenceRunner, SamplingParams
+from irlm_test_helpers import hf_generate
 
 BS = 4
 
@@ -55,7 +56,7 @@ def load(model, tok):
 
 
 def hf_greedy(model, prompt, max_tokens):
-    out = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens,
+    out = hf_generate(model, torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens,
                          pad_token_id=1, eos_token_id=1)
     return out[0, len(prompt):].tolist()
 

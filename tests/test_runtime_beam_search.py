@@ -13,6 +13,7 @@ import torch
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams
 from irlm.runtime.beam_search import BeamSearch
 from irlm.runtime.testing import tiny_llama
+from irlm_test_helpers import hf_generate
 
 EOS = [44, 125, 116]      # tokens the random model's beams produce often
 
@@ -33,7 +34,7 @@ def prompts(tok):
 
 
 def hf_beams(model, prompt, max_tokens, **kw):
-    out = model.generate(torch.tensor([prompt]), num_beams=4, num_return_sequences=4,
+    out = hf_generate(model, torch.tensor([prompt]), num_beams=4, num_return_sequences=4,
                          do_sample=False, max_new_tokens=max_tokens, pad_token_id=EOS[0],
                          eos_token_id=EOS, **kw)
     beams = []

@@ -8,6 +8,7 @@ import torch
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams
 from irlm.runtime.kv_cache import kv_block_bytes, num_blocks_for_free_memory
 from irlm.runtime.sampling import SampleRow, process_logits, sample
+from irlm_test_helpers import hf_generate
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -53,7 +54,7 @@ def test_the_loop_runs_a_cuda_model_and_matches_hf_greedy():
               policy="max-utilization")
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
     for p, o in zip(prompts, outs):
-        hf = model.generate(torch.tensor([p], device="cuda"), do_sample=False,
+        hf = hf_generate(model, torch.tensor([p], device="cuda"), do_sample=False,
                             max_new_tokens=10, pad_token_id=1)
         assert o.outputs[0].token_ids == hf[0, len(p):].tolist()
     seeded = SamplingParams(temperature=0.8, seed=9, max_tokens=8, n=2)

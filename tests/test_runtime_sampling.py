@@ -9,6 +9,7 @@ from transformers.generation.logits_process import (MinPLogitsWarper,
                                                     TopPLogitsWarper)
 
 from irlm.errors import IRLMError
+from irlm_test_helpers import hf_generate
 from irlm.runtime import LLM, ReferenceRunner, SamplingParams, SamplingParamsError
 from irlm.runtime.sampling import (SampleRow, apply_min_p, apply_penalties, apply_temperature,
                                    apply_top_k, apply_top_p, argmax_rows, draw,
@@ -200,7 +201,7 @@ def test_min_tokens_suppresses_stop_tokens_like_hf_min_new_tokens(model, tok):
     stopped = llm.generate([target], SamplingParams(temperature=0, max_tokens=12))
     assert stopped[0].outputs[0].token_ids == free[:3]
     held = llm.generate([target], SamplingParams(temperature=0, max_tokens=12, min_tokens=8))
-    want = model.generate(torch.tensor([target]), do_sample=False, max_new_tokens=12,
+    want = hf_generate(model, torch.tensor([target]), do_sample=False, max_new_tokens=12,
                           min_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
     want = want[0, len(target):].tolist()
     want = want[:want.index(eos) + 1] if eos in want else want

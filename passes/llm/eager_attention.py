@@ -8,7 +8,8 @@ where ``bias`` holds the causal mask and, for ALiBi models, ``slope[h] * key_pos
 :func:`find_eager_attention` finds each such softmax and proves what the rewrite to
 ``llm.paged_attention`` relies on:
 
-* the scores are one batched product ``Q @ transpose(K)`` (times a scalar constant) plus
+* the scores are one batched product ``Q @ transpose(K)`` (or ``Q @ permute(x)`` with K a
+  permute of x; times or divided by a scalar constant) plus
   terms that read no weight and no graph input but ``attention_mask``;
 * those bias terms, evaluated as the inference form feeds them (an all-ones mask; several
   lengths), are ``slope[h] * (j - i)`` plus a per-row constant on every key ``j <= i`` and at
@@ -28,6 +29,7 @@ from typing import Optional
 import torch
 
 from irlm.errors import IRError
+from irlm.builder import Builder
 from irlm.interpreter import RefContext
 from irlm.ir import Graph, Op, Value
 from irlm.registry import get_op_def
@@ -108,13 +110,39 @@ def _product(term: Value):
     return p, scale
 
 
-def _transposed_last(v: Value) -> Optional[Value]:
+def _transposed_last(v: Value):
+    """K where ``v`` is K with its last two dims swapped: ``(K, None)`` for a transpose of K;
+    ``(x, perm)`` for ``permute(x)`` (canonicalize folds a head split's permute and the
+    transpose into one, as in GPT-J), where K would be ``permute(x, perm)``, made only once
+    the whole match holds; None otherwise."""
     p = v.producer
-    if p is None or p.name != "core.transpose":
-        return None
     r = v.type.rank
-    dims = {d % r for d in (p.attrs["dim0"], p.attrs["dim1"])}
-    return p.operands[0] if dims == {r - 2, r - 1} else None
+    if p is None:
+        return None
+    if p.name == "core.transpose":
+        dims = {d % r for d in (p.attrs["dim0"], p.attrs["dim1"])}
+        return (p.operands[0], None) if dims == {r - 2, r - 1} else None
+    if p.name == "core.permute":
+        perm = list(p.attrs["dims"])
+        perm[-2], perm[-1] = perm[-1], perm[-2]
+        return p.operands[0], perm
+    return None
+
+
+def _narrow(v: Value) -> Value:
+    """``v`` before a widening float cast (bf16 → f32), else ``v``."""
+    p = v.producer
+    if p is None or p.name != "core.cast":
+        return v
+    src, dst = p.operands[0].type.dtype.torch, v.type.dtype.torch
+    if src.is_floating_point and dst.is_floating_point and dst.itemsize > src.itemsize:
+        return p.operands[0]
+    return v
+
+
+def _permuted_shape(x: Value, perm: Optional[list]) -> tuple:
+    s = x.type.shape
+    return tuple(s) if perm is None else tuple(s[i] for i in perm)
 
 
 def _match(g: Graph, sm: Op, T, window: int) -> Optional[EagerAttention]:
@@ -129,9 +157,13 @@ def _match(g: Graph, sm: Op, T, window: int) -> Optional[EagerAttention]:
         return None
     term, (qk, scale) = products[0]
     q, kt = qk.operands
-    k = _transposed_last(kt)
-    if k is None:
+    key = _transposed_last(kt)
+    if key is None:
         return None
+    k, k_perm = key
+    # scores computed in f32 from a bf16/f16 model's Q and K (GPT-J upcasts both): the paged
+    # kernels read the model-dtype values and accumulate in f32, the same products
+    q, k = _narrow(q), _narrow(k)
     # the probabilities: casts and reshapes to one product P @ V
     y = sm.result
     while len(y.uses) == 1 and y.uses[0].op.name in ("core.cast", "core.reshape"):
@@ -140,15 +172,19 @@ def _match(g: Graph, sm: Op, T, window: int) -> Optional[EagerAttention]:
         return None
     pv = y.uses[0].op
     v = pv.operands[1]
-    for t, what in ((q, "query"), (k, "key"), (v, "value")):
-        s = t.type.shape
-        if t.type.rank not in (3, 4) or (t.type.rank == 4 and s[0] != 1) \
-                or not dims_equal(s[-2], T):
+    for t, perm, what in ((q, None, "query"), (k, k_perm, "key"), (v, None, "value")):
+        s = _permuted_shape(t, perm)
+        if len(s) not in (3, 4) or (len(s) == 4 and s[0] != 1) or not dims_equal(s[-2], T):
             raise IRError(f"substitute-attention: {sm.describe()}: the {what} of an explicit "
-                          f"attention is {t.type}, expected [heads, tokens, head_dim] or "
+                          f"attention is {t.type}"
+                          + ("" if perm is None else f" permuted by {perm}")
+                          + ", expected [heads, tokens, head_dim] or "
                           f"[1, heads, tokens, head_dim]")
     heads = q.type.shape[-3]
     slopes = _alibi_slopes(g, sm, x, term, T, heads, window)
+    if k_perm is not None:
+        k = Builder(g, before=kt.producer, loc=kt.producer.loc).op("core.permute", k,
+                                                                   dims=k_perm)
     return EagerAttention(sm, q, k, v, pv.result, scale, slopes)
 
 
