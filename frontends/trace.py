@@ -24,6 +24,7 @@ Each op carries a :class:`~irlm.ir.Location`: the innermost HF module path
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import operator
 import os
@@ -95,15 +96,18 @@ def trace(module, example_inputs, *, dynamic: bool = True,
     """
     if isinstance(module, torch.export.ExportedProgram):
         ep, dim_names = module, _dim_names_by_convention(module, dynamic)
+        ranges, real_buffers = {}, {}
     else:
-        ep, dim_names = _export(module, example_inputs, dynamic, dict(dims or {}))
+        with _buffers_on_meta(module) as real_buffers:
+            ep, dim_names, ranges = _export(module, example_inputs, dynamic, dict(dims or {}))
     in_place = plan_in_place(ep)
     if in_place is None:
         # Mutations of views or inputs, or higher-order ops (autocast / grad-mode regions):
         # let torch functionalize and inline them rather than reason about aliasing here.
         ep = ep.run_decompositions({})
         in_place = {}
-    return _GraphConverter(ep, dim_names, weights, name, in_place).convert()
+    return _GraphConverter(ep, dim_names, weights, name, in_place, ranges,
+                           real_buffers).convert()
 
 
 # ----- export ----------------------------------------------------------------------------------
@@ -131,6 +135,30 @@ def _normalize_inputs(module, example_inputs) -> tuple[tuple, dict]:
         args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
         kwargs = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return args, kwargs
+
+
+@contextlib.contextmanager
+def _buffers_on_meta(module):
+    """For a module whose parameters are on the meta device (a loader's), its buffers that are
+    not (BERT's position and token-type ids, kept real by the loader) are exported as meta
+    tensors too: torch 2.11 refuses an embedding of meta weights at CPU indices.  Yields
+    {buffer name: real tensor}, which the converter uses for their values."""
+    real = {}
+    if not isinstance(module, torch.nn.Module) or \
+            getattr(_module_device(module), "type", None) != "meta":
+        yield real
+        return
+    for name, buf in list(module.named_buffers()):
+        if buf is not None and buf.device.type != "meta":
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name) if owner_name else module
+            real[name] = (owner, attr, buf)
+            owner._buffers[attr] = buf.to("meta")
+    try:
+        yield {name: t for name, (_, _, t) in real.items()}
+    finally:
+        for owner, attr, buf in real.values():
+            owner._buffers[attr] = buf
 
 
 def _module_device(module) -> Optional[torch.device]:
@@ -162,8 +190,10 @@ def _default_ranges(module, dims: dict) -> dict[str, tuple[int, int]]:
 def _dynamic_shapes(module, args, kwargs, ranges):
     """``{input name: {axis: Dim}}``: dim 0 is batch, dim 1 (rank >= 2) is seq."""
     from torch.export import Dim
-    # A fixed range (min == max, e.g. --max-batch 1) is a static size, not a Dim.
-    batch, seq = (None if lo == hi else Dim(k, min=lo, max=hi)
+    # A fixed range (min == max, e.g. --max-batch 1) is a static size, not a Dim.  torch
+    # (2.11) takes a symbolic size to be at least 2, so a range up to 2 would collapse to the
+    # constant 2, the example's: export up to 3, and the graph declares the range asked for.
+    batch, seq = (None if lo == hi else Dim(k, min=lo, max=max(hi, 3))
                   for k, (lo, hi) in ((k, ranges[k]) for k in ("batch", "seq")))
 
     def spec(x):
@@ -258,7 +288,7 @@ def _export(module, example_inputs, dynamic: bool, dims: dict):
         quiet.__exit__(failed)
         if was_training:
             module.train()
-    return ep, _dim_names_by_convention(ep, dynamic)
+    return ep, _dim_names_by_convention(ep, dynamic), ranges
 
 
 class _QuietTorchLogs:
@@ -707,8 +737,11 @@ _INLINE_CONSTANT_NUMEL = 16
 
 class _GraphConverter:
     def __init__(self, ep, dim_names: dict, weights: Optional[WeightStore], name: str,
-                 in_place: dict):
+                 in_place: dict, ranges: Optional[dict] = None,
+                 real_buffers: Optional[dict] = None):
         self.ep = ep
+        self.real_buffers = real_buffers or {}  # exported as meta (see _buffers_on_meta)
+        self.ranges = ranges or {}  # the ranges asked for (export may have used wider ones)
         self.in_place = in_place  # in-place node -> the node whose value it replaces
         self.writers: dict = {}
         for node, written in in_place.items():
@@ -763,6 +796,8 @@ class _GraphConverter:
             if dim_name in declared and declared[dim_name] != (lo, hi):
                 raise TraceError(f"dimension {dim_name} has two torch symbols with different "
                                  f"ranges: {declared[dim_name]} and {(lo, hi)}")
+            if dim_name in self.ranges:
+                hi = min(hi, self.ranges[dim_name][1])
             declared[dim_name] = (max(lo, 1), hi)
         for dim_name, (lo, hi) in declared.items():
             self.graph.declare_dim(dim_name, lo, hi)
@@ -839,7 +874,9 @@ class _GraphConverter:
             raise TraceError(f"input {node.name} of kind {spec.kind.name} is not supported")
 
     def _tensor_of(self, spec) -> torch.Tensor:
-        t = self.ep.state_dict.get(spec.target)
+        t = self.real_buffers.get(spec.target)
+        if t is None:
+            t = self.ep.state_dict.get(spec.target)
         if t is None:
             t = self.ep.constants.get(spec.target)
         if not isinstance(t, torch.Tensor):

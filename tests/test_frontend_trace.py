@@ -264,6 +264,18 @@ def test_symbolic_dims_are_exact():
             torch.testing.assert_close(a, b)
 
 
+def test_a_range_up_to_two_stays_symbolic():
+    """torch 2.11 takes a symbolic size to be at least 2, so batch in 1..2 with an example of
+    2 once became the constant 2 (an ONNX model that refused batch 1)."""
+    g = trace(Flatten(), (r(2, 2, 16),), dims={"batch": (1, 2), "seq": (1, 2)})
+    assert (g.dims["batch"].min, g.dims["batch"].max) == (1, 2)
+    assert (g.dims["seq"].min, g.dims["seq"].max) == (1, 2)
+    assert g.inputs[0].type == TensorType((batch, seq, 16), DType.f32)
+    x = r(1, 1, 16)
+    for a, b in zip(run_graph(g, [x]).outputs, Flatten()(x)):
+        torch.testing.assert_close(a, b)
+
+
 def test_torch_size_expressions_translate():
     import sympy
     from torch.utils._sympy.functions import FloorDiv, Max, PythonMod
@@ -313,9 +325,10 @@ class Block(nn.Module):
         self.proj = nn.Linear(8, 8)
         self.register_buffer("scale", torch.full((8,), 0.5), persistent=False)
 
+    # lifted constants: a small one (stays in the graph) and a larger one (a weight)
     def forward(self, x):
         y = self.proj(x)
-        return y * self.scale + torch.tensor([1.0, 2.0] * 4)  # a lifted constant
+        return y * self.scale + torch.tensor([1.0, 2.0] * 4) + torch.tensor([[0.25] * 8] * 3).sum(0)
 
 
 class Net(nn.Module):
@@ -348,6 +361,10 @@ def test_params_buffers_and_constants_share_module_memory():
     constants = [n for n in names if n not in dict(net.named_parameters())
                  and n not in dict(net.named_buffers())]
     assert constants and len(set(names)) == len(names)  # lifted constants, uniquely named
+    assert all(g.weights.type_of(n).numel() == 24 for n in constants)
+    small = [op.attrs["value"] for op in g.ops if op.name == "core.constant"
+             and op.attrs["value"].numel() == 8]
+    assert any(torch.equal(v, torch.tensor([1.0, 2.0] * 4)) for v in small)
     store = g.weights
     assert isinstance(store, WeightStore) and set(names) <= set(store.names())
     w = net.blocks[0].proj.weight
@@ -367,7 +384,7 @@ def test_given_weight_store_is_used_and_checked():
     assert store.entry("proj.weight").source == "loader"
     assert "proj.bias" in store and "scale" in store  # added from the module
     x = r(2, 3, 8)
-    want = (F.linear(x, other, net.proj.bias) * 0.5 + torch.tensor([1.0, 2.0] * 4)).detach()
+    want = (F.linear(x, other, net.proj.bias) * 0.5 + torch.tensor([1.0, 2.0] * 4) + 0.75).detach()
     torch.testing.assert_close(run_graph(g, [x]).outputs[0], want)
 
     bad = WeightStore()
@@ -404,7 +421,9 @@ def test_exported_program_after_decompositions(tiny_llama):
             tiny_llama, (ids,), {"use_cache": False},
             dynamic_shapes=({0: torch.export.Dim("b", max=16), 1: torch.export.Dim("s",
                                                                                    max=64)},
-                            None), strict=False).run_decompositions({})
+                            None), strict=False,
+            # torch 2.11 cannot prove a guard of HF's mask code (min(16*s, 32*s) == 16*s)
+            prefer_deferred_runtime_asserts_over_guards=True).run_decompositions({})
     g = trace(ep, None)
     verify(g)
     assert set(g.dims) == {"batch", "seq"}
