@@ -45,7 +45,9 @@ def supported_ops_markdown() -> str:
         "  the `eager` one loops over the experts a token picked, which no graph can express.",
         "- Parameters, buffers and lifted constants become `param` ops named by their state-dict",
         "  key, in a lazy weight store (`weights=` a loader's store, or the module's own tensors;",
-        "  a model on the `meta` device traces without any weight data).",
+        "  a model on the `meta` device traces without any weight data). A lifted constant of at",
+        "  most 16 elements (a tensor the model's code makes, e.g. `torch.tensor(0.0)` in a mask",
+        "  helper) becomes a `core.constant` instead, so passes see its value.",
         "- Every op records the innermost module path and model source line it came from;",
         "  errors name both.",
         "",
@@ -79,7 +81,8 @@ def supported_ops_markdown() -> str:
         "  without a functional converter, and higher-order ops (autocast and grad-mode regions)",
         "  make the frontend run torch's functionalization first",
         "  (`ExportedProgram.run_decompositions({})`), which rewrites them into the ops above.",
-        "- Parameters, buffers and lifted constants: `param` ops named by their state-dict key.",
+        "- Parameters, buffers and larger lifted constants: `param` ops named by their state-dict",
+        "  key; lifted constants of at most 16 elements: `core.constant`.",
         "",
     ]
     return "\n".join(lines)
