@@ -257,15 +257,18 @@ def _engine(mode, group, dtype):
 @interpreted
 @pytest.mark.slow
 @pytest.mark.parametrize("mode,group,dtype,ms,path", [
-    ("int8", 0, torch.bfloat16, (17, 300), "int8: gemv / triton gemm / dequantize+cublas"),
-    ("int4", 64, torch.bfloat16, (17, 300), "int4: triton gemm / dequantize+cublas"),
+    # None: the GEMM's own row limit (qg.GEMM_MAX_M); past it the plan dequantizes for cuBLAS
+    ("int8", 0, torch.bfloat16, (17, None), "int8: gemv / triton gemm / dequantize+cublas"),
+    ("int4", 64, torch.bfloat16, (17, None), "int4: triton gemm / dequantize+cublas"),
     # fp16 int4 has no tinygemm: the GEMM below 17 rows too
     ("int4", 64, torch.float16, (5, 17), "int4: triton gemm / dequantize+cublas"),
 ])
-def test_plan_runs_the_gemm_for_17_rows_and_more(mode, group, dtype, ms, path, monkeypatch):
+def test_plan_runs_the_gemm_from_17_rows_to_its_limit(mode, group, dtype, ms, path,
+                                                      monkeypatch):
     """The plan's load-time check and run-time dispatch, with the kernel interpreted on the
     CPU (``available`` patched to say yes): every quantized linear of a compiled engine takes
     the GEMM at these row counts and computes what its reference op does."""
+    ms = tuple(qg.GEMM_MAX_M[mode] if m is None else m for m in ms)
     from types import SimpleNamespace
     from irlm.lowering.quant_linears import QuantLinearPlan
     from irlm.registry import get_op_def
