@@ -46,7 +46,7 @@ def greedy(engine_dir) -> list[int]:
 def hf_greedy(module) -> list[int]:
     with torch.no_grad():
         out = hf_generate(module, torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
-                              pad_token_id=0)
+                          pad_token_id=0)
     return out[0, len(PROMPT):].tolist()
 
 

@@ -160,7 +160,7 @@ def test_greedy_generation_equals_transformers():
     for p, out in zip(prompts, outs):
         with torch.no_grad():
             want = hf_generate(model, torch.tensor([p]), max_new_tokens=10, do_sample=False,
-                                  pad_token_id=0)[0, len(p):].tolist()
+                               pad_token_id=0)[0, len(p):].tolist()
         assert out.outputs[0].token_ids == want
 
 

@@ -52,7 +52,7 @@ def test_smollm2_tp3_processes_answer_the_demo_like_transformers(tmp_path, monke
     ids = tok(text, return_tensors="pt", add_special_tokens=False).input_ids
     with torch.no_grad():
         want = hf_generate(model, ids, max_new_tokens=NEW_TOKENS, do_sample=False,
-                              pad_token_id=eos)[0, ids.shape[1]:].tolist()
+                           pad_token_id=eos)[0, ids.shape[1]:].tolist()
     del model
 
     import irlm

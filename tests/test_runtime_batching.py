@@ -57,7 +57,7 @@ def load(model, tok):
 
 def hf_greedy(model, prompt, max_tokens):
     out = hf_generate(model, torch.tensor([prompt]), do_sample=False, max_new_tokens=max_tokens,
-                         pad_token_id=1, eos_token_id=1)
+                      pad_token_id=1, eos_token_id=1)
     return out[0, len(prompt):].tolist()
 
 

@@ -35,8 +35,8 @@ def prompts(tok):
 
 def hf_beams(model, prompt, max_tokens, **kw):
     out = hf_generate(model, torch.tensor([prompt]), num_beams=4, num_return_sequences=4,
-                         do_sample=False, max_new_tokens=max_tokens, pad_token_id=EOS[0],
-                         eos_token_id=EOS, **kw)
+                      do_sample=False, max_new_tokens=max_tokens, pad_token_id=EOS[0],
+                      eos_token_id=EOS, **kw)
     beams = []
     for row in out[:, len(prompt):].tolist():       # crop HF's padding after EOS
         end = min([row.index(e) for e in EOS if e in row], default=len(row) - 1)

@@ -55,7 +55,7 @@ def test_the_loop_runs_a_cuda_model_and_matches_hf_greedy():
     outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=10))
     for p, o in zip(prompts, outs):
         hf = hf_generate(model, torch.tensor([p], device="cuda"), do_sample=False,
-                            max_new_tokens=10, pad_token_id=1)
+                         max_new_tokens=10, pad_token_id=1)
         assert o.outputs[0].token_ids == hf[0, len(p):].tolist()
     seeded = SamplingParams(temperature=0.8, seed=9, max_tokens=8, n=2)
     a = llm.generate(prompts[:1], seeded)[0]

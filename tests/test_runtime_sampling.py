@@ -202,7 +202,7 @@ def test_min_tokens_suppresses_stop_tokens_like_hf_min_new_tokens(model, tok):
     assert stopped[0].outputs[0].token_ids == free[:3]
     held = llm.generate([target], SamplingParams(temperature=0, max_tokens=12, min_tokens=8))
     want = hf_generate(model, torch.tensor([target]), do_sample=False, max_new_tokens=12,
-                          min_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
+                       min_new_tokens=8, eos_token_id=eos, pad_token_id=eos)
     want = want[0, len(target):].tolist()
     want = want[:want.index(eos) + 1] if eos in want else want
     got = held[0].outputs[0].token_ids
