@@ -1,7 +1,8 @@
 """Multi-rank engines run as one process per rank over torch.distributed (gloo on the CPU).
 
 A tiny seeded Llama (4 heads / 2 kv heads, 2 layers) compiled unsplit and as tp 2, pp 2 and
-tp 2 x pp 2 engines.  The oracles: the unsplit engine run by the reference interpreter (greedy
+tp 2 x pp 2 engines; the same layouts of a tiny OPT (biases on every projection, learned
+positions, tied LM head) and a Qwen2 (QKV biases, one kv head) compiled by ``irlm compile``.  The oracles: the unsplit engine run by the reference interpreter (greedy
 tokens through in-flight batching, first-step logits) and the threaded multi-rank simulator.
 Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
 stop the engine with one error naming the rank, and leave no process behind.
@@ -126,6 +127,52 @@ def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):
         tokens = generate(runner)
         assert tokens == want_tokens
         assert [len(t) for t in tokens] == [6, 3, 5]
+    finally:
+        runner.close()
+    assert not any(alive(p.pid) for p in procs)
+
+
+ARCHS = {
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+    # one kv head: tp 2 keeps a copy of it on each rank
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+}
+LAYOUT_FLAGS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2pp2": ["--tp", "2", "--pp", "2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch_engines(request, tmp_path_factory):
+    """An architecture compiled by ``irlm compile`` unsplit and in each layout, and the
+    unsplit engine's first-step logits and in-flight greedy tokens (reference interpreter)."""
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS[request.param]()).eval()
+    model.save_pretrained(root / "hf")
+    out = {}
+    for layout, flags in {"base": [], **LAYOUT_FLAGS}.items():
+        out[layout] = root / layout
+        assert irlm_main(["compile", "--hf", str(root / "hf"), "-o", str(out[layout]),
+                          "--tokens-per-block", "4", *flags]) == 0
+    engine = load_engine(out["base"])
+    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    return out, logits, generate(GraphRunner(engine.graph, num_blocks=16))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUT_FLAGS))
+def test_opt_and_qwen2_processes_give_the_unsplit_tokens(arch_engines, layout):
+    paths, want_logits, want_tokens = arch_engines
+    runner = DistributedRunner(paths[layout], device="cpu", num_blocks=16)
+    try:
+        procs = list(runner._procs.values())
+        got = runner.step(first_batch())
+        scale = float(want_logits.max() - want_logits.min())
+        assert (got - want_logits).abs().max().item() <= 1e-5 * scale
+        assert generate(runner) == want_tokens
     finally:
         runner.close()
     assert not any(alive(p.pid) for p in procs)
