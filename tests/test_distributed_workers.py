@@ -26,6 +26,7 @@ from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.distributed import DistributedRunner, EngineStopped
 from irlm.runtime.distributed.simulator import DistributedError
+from irlm.runtime.runners.cpu import CpuGraphRunner
 from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 from irlm_test_helpers import alive
@@ -77,11 +78,27 @@ def generate(runner, tokenizer=None):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
+def unsplit_oracles(path):
+    """The unsplit engine's first-step logits and in-flight greedy tokens by the reference
+    interpreter, and its first-step logits by the CPU executor (the workers' executor: f16
+    linear weights, so the same rounding as theirs)."""
+    engine = load_engine(path)
+    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    fast = CpuGraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    return logits, generate(GraphRunner(engine.graph, num_blocks=16)), fast
+
+
+def check_logits(got, want, fast):
+    """Equal to the CPU executor's unsplit logits up to the split's summation order, and to
+    the reference's up to f16 weights."""
+    scale = float(want.max() - want.min())
+    assert (got - fast).abs().max().item() <= 1e-5 * scale
+    assert (got - want).abs().max().item() <= 2e-3 * scale
+
+
 @pytest.fixture(scope="module")
 def unsplit(engines):
-    engine = load_engine(engines["base"])
-    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
-    return logits, generate(GraphRunner(engine.graph, num_blocks=16))
+    return unsplit_oracles(engines["base"])
 
 
 
@@ -111,19 +128,22 @@ def test_pipeline_micro_batches_cut_the_rows_in_order(parts):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
 def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):
-    want_logits, want_tokens = unsplit
+    want_logits, want_tokens, fast_logits = unsplit
     runner = DistributedRunner(engines[layout], device="cpu", num_blocks=16)
     try:
         procs = list(runner._procs.values())
         assert len(procs) == {"tp2": 1, "pp2": 1, "tp2pp2": 3}[layout]
         assert runner.vocab_size == VOCAB and runner.num_blocks == 16
+        # every rank runs the CPU executor
+        assert len(runner.rank_executors) == {"tp2": 2, "pp2": 2, "tp2pp2": 4}[layout]
+        assert all(e.startswith("CpuGraphRunner, f16 linears") for e in runner.rank_executors)
         got = runner.step(first_batch())
-        scale = float(want_logits.max() - want_logits.min())
-        assert (got - want_logits).abs().max().item() <= 1e-5 * scale
-        # the threaded simulator (tp x pp: one group per stage)
+        check_logits(got, want_logits, fast_logits)
+        # the threaded simulator (tp x pp: one group per stage; the reference interpreter)
         sim = runner_for_engine(load_engine(engines[layout]), device="cpu", num_blocks=16,
                                 parallel="simulator").step(first_batch())
-        assert (got - sim).abs().max().item() <= 1e-6 * scale
+        scale = float(want_logits.max() - want_logits.min())
+        assert (sim - want_logits).abs().max().item() <= 1e-5 * scale
         tokens = generate(runner)
         assert tokens == want_tokens
         assert [len(t) for t in tokens] == [6, 3, 5]
@@ -157,25 +177,54 @@ def arch_engines(request, tmp_path_factory):
         out[layout] = root / layout
         assert irlm_main(["compile", "--hf", str(root / "hf"), "-o", str(out[layout]),
                           "--tokens-per-block", "4", *flags]) == 0
-    engine = load_engine(out["base"])
-    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
-    return out, logits, generate(GraphRunner(engine.graph, num_blocks=16))
+    return out, *unsplit_oracles(out["base"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", sorted(LAYOUT_FLAGS))
 def test_opt_and_qwen2_processes_give_the_unsplit_tokens(arch_engines, layout):
-    paths, want_logits, want_tokens = arch_engines
+    paths, want_logits, want_tokens, fast_logits = arch_engines
     runner = DistributedRunner(paths[layout], device="cpu", num_blocks=16)
     try:
         procs = list(runner._procs.values())
+        check_logits(runner.step(first_batch()), want_logits, fast_logits)
+        assert generate(runner) == want_tokens
+    finally:
+        runner.close()
+    assert not any(alive(p.pid) for p in procs)
+
+
+@pytest.mark.slow
+def test_reference_executor_ranks_give_the_reference_logits(engines, unsplit, monkeypatch):
+    """IRLM_CPU_EXECUTOR=reference: every rank runs the interpreter, the oracle's arithmetic."""
+    monkeypatch.setenv("IRLM_CPU_EXECUTOR", "reference")
+    want_logits, want_tokens, _ = unsplit
+    runner = DistributedRunner(engines["tp2pp2"], device="cpu", num_blocks=16)
+    try:
+        assert runner.rank_executors == ["GraphRunner"] * 4
         got = runner.step(first_batch())
         scale = float(want_logits.max() - want_logits.min())
         assert (got - want_logits).abs().max().item() <= 1e-5 * scale
         assert generate(runner) == want_tokens
     finally:
         runner.close()
-    assert not any(alive(p.pid) for p in procs)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [None, 1])
+def test_cpu_ranks_share_the_cores_out(engines, monkeypatch, threads):
+    """Every rank's torch threads: its share of this host's cores by default (no
+    oversubscription), or what ``threads`` says."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    want = threads or max(1, len(os.sched_getaffinity(0)) // 4)
+    before = torch.get_num_threads()
+    runner = DistributedRunner(engines["tp2pp2"], device="cpu", num_blocks=16, threads=threads)
+    try:
+        assert runner.rank_executors == [f"CpuGraphRunner, f16 linears, threads {want}"] * 4
+        assert runner.describe().startswith("DistributedRunner, tp 2 x pp 2: CpuGraphRunner")
+    finally:
+        runner.close()
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
