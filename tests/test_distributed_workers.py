@@ -518,6 +518,40 @@ print(json.dumps(out[0].outputs[0].token_ids))
 
 
 @pytest.mark.slow
+def test_irlm_serve_runs_the_ranks_as_workers(engines):
+    """``irlm serve`` of a tp 2 x pp 2 engine: concurrent OpenAI requests (in flight
+    together) get the unsplit engine's greedy text; stopping the server leaves no process."""
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+    from irlm.serving.testing import ServerProcess
+    prompts = ["w5 w17 w33 w2 w9", "w70 w3", "w8 w8 w40 w1 w11 w12"]
+    with LLM(str(engines["base"]), device="cpu") as llm:
+        want = [o.outputs[0].text for o in llm.generate(
+            prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))]
+    import uuid
+    tag = uuid.uuid4().hex
+    with ServerProcess([str(engines["tp2pp2"]), "--device", "cpu"], grpc=False,
+                       env={"IRLM_TEST_LAUNCH": tag}) as srv:
+        assert len(tagged(tag)) >= 4            # the server, and its ranks 1..3 at least
+        oai = openai.OpenAI(base_url=srv.openai_url, api_key="-", max_retries=0)
+
+        def complete(prompt):
+            r = oai.completions.create(model=oai.models.list().data[0].id, prompt=prompt,
+                                       max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+            return r.choices[0].text
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, prompts))
+    assert srv.returncode == 0
+    assert got == want
+    for _ in range(40):
+        if not tagged(tag):
+            break
+        time.sleep(0.25)
+    assert not tagged(tag), "processes left behind"
+
+
+@pytest.mark.slow
 def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
     """env:// launch of a program that calls init_process_group itself (rank 0 hosts that
     store at MASTER_PORT), then opens the engine: the engine joins that group and store."""
