@@ -130,10 +130,35 @@ def passes_stage(job: CompileJob) -> None:
     job.pipeline = text
     if dump_dir is not None:
         job.dump_params |= {op.attrs["name"] for op in job.graph.params()}
+    extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
     if text:
-        extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
         run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
                    extra_instruments=extra)
+    cast = cpu_weights_pipeline(job)
+    if cast:
+        # f16/bf16 rounding of the weights is the point: --check-numerics' f32 tolerances
+        # do not apply
+        offset = len(list(dump_dir.glob("[0-9][0-9]-*.irlm"))) if dump_dir is not None \
+            and dump_dir.is_dir() else 0
+        run_passes(job.graph, cast, c, dump_dir=dump_dir, stage_offset=offset,
+                   check_numerics=False, extra_instruments=extra)
+        job.pipeline = f"{text},{cast}" if text else cast
+
+
+def cpu_weights_pipeline(job: CompileJob) -> str:
+    """``cast-weights{dtype=D}`` for an engine whose CPU linears run in D = f16 or bf16
+    (``--device cpu``, or ``--cpu-linear``): its weight matrices are stored as they are run.
+    Not for tp/pp engines (each rank keeps f32 weights) or quantized ones."""
+    c = job.config
+    if c.splits or c.quant or not c.write_engine or c.target != "engine":
+        return ""
+    linear = c.cpu_linear
+    if linear is None and c.device == "cpu":
+        from irlm.lowering.kernel_selection import default_linear_dtype
+        linear = default_linear_dtype(None)
+    if linear not in ("f16", "bf16") or c.dtype != "f32":
+        return ""
+    return f"cast-weights{{dtype={linear}}}"
 
 
 def dump_directory(job: CompileJob) -> Optional[Path]:

@@ -368,6 +368,14 @@ class _Binder:
         return lambda x: list(torch.split(x[0], sizes, dim))
 
     def _core_embedding(self, op):
+        w = self._weight_param(op, 0)
+        if w is not None:
+            table = self.runner._store.get(w[0])
+            if table.dtype != w[1]:
+                # a table stored narrower (cast-weights): gather the rows, then widen them
+                self.captured.add((id(op), 0))
+                dt = w[1]
+                return lambda x: [F.embedding(x[1].long(), table).to(dt)]
         return lambda x: [F.embedding(x[1], x[0])] if x[1].dtype == torch.long \
             else [F.embedding(x[1].long(), x[0])]
 
@@ -746,6 +754,7 @@ class CpuGraphRunner:
         keep = {id(v) for v in graph.outputs} | {id(v) for v in graph.inputs}
         program = []
         store = self._store
+        widened = []            # casts of params: weights stored narrower (cast-weights)
         for i, op in enumerate(graph.ops):
             if op.name == "param":
                 r = op.results[0]
@@ -760,6 +769,17 @@ class CpuGraphRunner:
                 table[new_slot(r)] = op.attrs["value"].to("cpu", copy=True)
                 keep.add(id(r))
                 continue
+            if op.name == "core.cast" and id(op.operands[0]) in binder.params:
+                # a weight stored narrower than it is computed in (cast-weights): readers
+                # that run the stored dtype (linears packed in f16 or bf16, embeddings) read
+                # the stored weight; for any other reader it is widened once, below
+                r = op.results[0]
+                binder.params[id(r)] = (binder.params[id(op.operands[0])][0], r.type.dtype.torch)
+                binder.captured.add((id(op), 0))
+                new_slot(r)
+                keep.add(id(r))
+                widened.append(r)
+                continue
             fn = binder.bind(op)
             ins = [slot[id(v)] for v in op.operands]
             outs = [new_slot(r) for r in op.results]
@@ -768,12 +788,14 @@ class CpuGraphRunner:
             program.append((fn, tuple(ins), tuple(outs), tuple(dead), op))
         # A param that every reader captured in a converted form (a linear's bf16 or int8
         # weight) needs no plain copy in the table.
-        for op in graph.params():
-            r = op.results[0]
+        for r in [op.results[0] for op in graph.params()] + widened:
             uses = [(id(u), j) for u in consumers.get(id(r), [])
                     for j, o in enumerate(u.operands) if o is r]
             if uses and all(u in binder.captured for u in uses):
                 table[slot[id(r)]] = None
+            elif table[slot[id(r)]] is None:
+                name, dt = binder.params[id(r)]
+                table[slot[id(r)]] = store.get(name).to(dt)
         self._table = table
         self._program = program
         self._output_slot = slot[id(graph.outputs[0])]
