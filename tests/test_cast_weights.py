@@ -112,15 +112,31 @@ def test_the_cpu_executor_reads_the_stored_weights(model_dir):
     assert (c.step(prefill()) - ref).abs().max().item() <= 1e-5 * scale
 
 
-def test_quantized_and_split_engines_keep_their_weights(model_dir):
-    """int8 engines run their float linears in bf16 and tp ranks are split from f32
-    weights: neither gets the cast."""
-    for name, flags in (("cpu-int8", ["--quant", "int8"]), ("cpu-tp2", ["--tp", "2"])):
-        out = compile_engine(model_dir, name, "--device", "cpu", *flags)
-        manifest = json.loads((out / "engine.json").read_text())
-        config = manifest.get("config") or json.loads(
-            (out / "rank0" / "engine.json").read_text())["config"]
-        assert "cast-weights" not in config["pipeline"], name
+def test_quantized_engines_keep_their_weights(model_dir):
+    """int8 engines run their float linears (the LM head) in bf16: no f16 cast for them."""
+    out = compile_engine(model_dir, "cpu-int8", "--device", "cpu", "--quant", "int8")
+    assert "cast-weights" not in json.loads((out / "engine.json").read_text())["config"][
+        "pipeline"]
+
+
+@pytest.mark.slow
+def test_tp_ranks_store_their_shards_in_f16(model_dir):
+    """--tp 2 --device cpu: each rank's shards are cast after the split, and the ranks (one
+    process each, the CPU executor) give the unsplit cast engine's greedy tokens."""
+    from irlm.runtime import LLM, SamplingParams
+    out = compile_engine(model_dir, "cpu-tp2", "--device", "cpu", "--tp", "2")
+    for r in (0, 1):
+        config = json.loads((out / f"rank{r}" / "engine.json").read_text())["config"]
+        assert config["pipeline"].endswith("cast-weights{dtype=f16}")
+        params = load_engine(out / f"rank{r}").graph.params()
+        assert all(op.results[0].type.dtype == DType.f16 for op in params
+                   if len(op.results[0].type.shape) == 2)
+    greedy = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT, [70, 3, 12]]
+    with LLM(str(compile_engine(model_dir, "cpu-f16", "--device", "cpu")), device="cpu") as one:
+        want = [o.outputs[0].token_ids for o in one.generate(prompts, greedy)]
+    with LLM(str(out), device="cpu") as two:
+        assert [o.outputs[0].token_ids for o in two.generate(prompts, greedy)] == want
 
 
 def test_the_pass_leaves_other_readers_alone():

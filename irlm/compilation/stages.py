@@ -123,7 +123,7 @@ def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
 
 def passes_stage(job: CompileJob) -> None:
     c = job.config
-    # with tp/pp each rank's graph is quantized after the split (parallel.quantize_ranks)
+    # with tp/pp each rank's graph is quantized after the split (parallel.passes_after_split)
     quant = "" if c.splits else quant_pipeline(job)
     text = ",".join(p for p in (level_pipeline(job), quant, c.pipeline) if p)
     dump_dir = dump_directory(job)
@@ -134,7 +134,7 @@ def passes_stage(job: CompileJob) -> None:
     if text:
         run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
                    extra_instruments=extra)
-    cast = cpu_weights_pipeline(job)
+    cast = "" if c.splits else cpu_weights_pipeline(job)
     if cast:
         # f16/bf16 rounding of the weights is the point: --check-numerics' f32 tolerances
         # do not apply
@@ -147,10 +147,11 @@ def passes_stage(job: CompileJob) -> None:
 
 def cpu_weights_pipeline(job: CompileJob) -> str:
     """``cast-weights{dtype=D}`` for an engine whose CPU linears run in D = f16 or bf16
-    (``--device cpu``, or ``--cpu-linear``): its weight matrices are stored as they are run.
-    Not for tp/pp engines (each rank keeps f32 weights) or quantized ones."""
+    (``--device cpu``, or ``--cpu-linear``): its weight matrices are stored as they are run
+    (with --tp/--pp on each rank's graph, after the split).  Not for quantized engines, whose
+    float linears run in bf16."""
     c = job.config
-    if c.splits or c.quant or not c.write_engine or c.target != "engine":
+    if c.quant or not c.write_engine or c.target != "engine":
         return ""
     linear = c.cpu_linear
     if linear is None and c.device == "cpu":
