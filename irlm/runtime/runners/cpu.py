@@ -68,6 +68,15 @@ def fp16_pack(w: torch.Tensor):
 _FP16_LINEAR = None
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t`` contiguous at an address that is a multiple of ``alignment`` bytes (a copy only
+    where needed).  A weight read from a memory-mapped safetensors file starts wherever the
+    file puts it, and torch's AVX-512 int8 GEMM (``_weight_int8pack_mm``, 4 rows or more)
+    crashes the process on an int8 weight at an address that is not 64-byte aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
     global _FP16_LINEAR
@@ -432,9 +441,9 @@ class _Binder:
         if a["mode"] == "int8" and self.linear_dtype in ("int8", "bf16"):
             # torch's CPU int8 GEMM: int8 weights [N, K], one bf16 scale per row, bf16 inputs
             self.captured.update({(id(op), 1), (id(op), 2)})
-            qw = self.runner._linear_weight(q[0], lambda: store.get(q[0]).contiguous())
+            qw = self.runner._linear_weight(q[0], lambda: aligned(store.get(q[0])))
             scales = self.runner._linear_weight(
-                (s[0], "bf16"), lambda: store.get(s[0]).to(lin).contiguous())
+                (s[0], "bf16"), lambda: aligned(store.get(s[0]).to(lin)))
 
             def int8_linear(x):
                 xv = x[0]
