@@ -244,8 +244,15 @@ def write_calibration_tokens(job: CompileJob) -> Path:
     else:
         tok = job.model.tokenizer
         if tok is None:
-            raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read text "
-                            f"with; give --calib FILE.json with token ids ([[1, 2, ...], ...])")
+            c = job.config
+            fix = "give --calib FILE.json with token ids ([[1, 2, ...], ...])"
+            if given:
+                raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read "
+                                f"text with; {fix}")
+            flag = f"--quant {c.quant}" if c.quant in CALIBRATED else \
+                f"--kv-cache-dtype {c.kv_cache_dtype}"
+            raise IRLMError(f"{flag} calibrates on irlm's built-in text prompts, but "
+                            f"{job.model.source} has no tokenizer to read them with; {fix}")
         tokens = tokenize_prompts(read_prompts(src), tok)
     path = write_token_lists(tokens, job.out / CALIB_TOKENS)
     job.written.append(path)
