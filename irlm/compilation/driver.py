@@ -37,6 +37,7 @@ class CompiledEngine(Engine):
     #: how the traced graph was built: "stamped 27 of 30 layers (model.layers) from a 3-layer
     #: trace", or "full trace: <why not>" (irlm.frontends.stamping)
     layer_stamping: str = ""
+    model_description: str = ""        # the source model as loaded (LoadedModel.describe)
 
     def summary(self) -> str:
         """One line: source, model, the op count of each graph beside the file holding it,
@@ -50,7 +51,8 @@ class CompiledEngine(Engine):
         elif self.ranks:
             final += f", split into {len(self.ranks)} ranks (rank*/plan.irlm)"
         wrote = ", ".join(str(p) for p in self.written)
-        return (f"{self.model.source}: {self.model.describe()} → @{g.name}: {traced} → "
+        what = self.model_description or self.model.describe()
+        return (f"{self.model.source}: {what} → @{g.name}: {traced} → "
                 f"{final}; wrote {wrote} in {self.seconds:.1f}s")
 
 
@@ -93,7 +95,8 @@ def _result(job: CompileJob, seconds: float):
                model=job.model, full_graph=job.graph, pipeline=job.pipeline, written=list(job.written),
                notes=list(job.model.notes) + job.notes, timings=dict(job.timings),
                seconds=seconds, engine_written=job.engine_config is not None,
-               frontend_ops=job.frontend_ops, layer_stamping=job.layer_stamping)
+               frontend_ops=job.frontend_ops, layer_stamping=job.layer_stamping,
+               model_description=job.model_description)
 
 
 def source_dirs(source) -> list[Path]:

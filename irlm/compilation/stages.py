@@ -41,6 +41,8 @@ class CompileJob:
     frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
     dump_params: set = field(default_factory=set)   # param names any IR dump reads
     layer_stamping: str = ""                    # how "trace" built the graph (stamping.py)
+    #: the loaded model in one line, taken before the passes add derived weights to its store
+    model_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Stage:
 def load_stage(job: CompileJob) -> None:
     from .source import load_source
     job.model = load_source(job.source, job.config.dtype)
+    job.model_description = job.model.describe()
     if job.config.write_engine:
         job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
 
