@@ -129,11 +129,11 @@ class KServeHTTP:
         return {"name": "irlm", "version": __version__, "extensions": EXTENSIONS}
 
     async def live(self):
-        return Response(status_code=200)
+        return Response(status_code=200 if self.client.failure is None else 503)
 
     async def ready(self):
         ok = self.client.info is not None and not self.client.draining and \
-            self.client._dead is None
+            self.client.failure is None
         return Response(status_code=200 if ok else 503)
 
     def _kind(self, model: str, version: Optional[str]) -> str:

@@ -401,6 +401,9 @@ class OpenAIServer:
             watch.cancel()
             if not work.done():
                 work.cancel()
+                # a cancelled gather ends with a CancelledError *set* on it: take it, or asyncio
+                # logs "exception was never retrieved" for every client that went away
+                work.add_done_callback(_retrieve)
             for s in streams:
                 s.cancel()
 
@@ -447,6 +450,11 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _wait_disconnect(request: Request) -> None:
