@@ -124,8 +124,7 @@ def split_stage(job) -> None:
     if job.config.dump_ir:
         from irlm.text.printer import print_graph
         ir = job.out / "ir"
-        # continue the pass dumps' numbering, one folder per rank
-        n = len(list(ir.glob("[0-9][0-9]-*.irlm"))) if ir.is_dir() else 0
+        n = job.next_dump       # continue the pass dumps' numbering, one folder per rank
         name = "tp-split" if tp > 1 else "pp-split"   # tp x pp: the last split made
         for r, g in enumerate(job.ranks):
             path = ir / f"rank{r}" / f"{n:02d}-{name}.irlm"

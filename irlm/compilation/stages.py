@@ -40,6 +40,9 @@ class CompileJob:
     tokenizer: Any = None
     frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
     dump_params: set = field(default_factory=set)   # param names any IR dump reads
+    #: the number the next IR dump gets (00 is ir/00-frontend.irlm; the passes stage counts
+    #: its passes, not the files in the dump directory, which may hold an earlier compile's)
+    next_dump: int = 1
     layer_stamping: str = ""                    # how "trace" built the graph (stamping.py)
     #: the loaded model in one line, taken before the passes add derived weights to its store
     model_description: str = ""
@@ -106,8 +109,9 @@ def level_pipeline(job: CompileJob) -> str:
 
 def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
                stage_offset: int = 0, check_numerics: Optional[bool] = None,
-               extra_instruments=()) -> None:
-    """Run pipeline ``text`` over ``graph`` with the config's instruments."""
+               extra_instruments=()):
+    """Run pipeline ``text`` over ``graph`` with the config's instruments; the
+    :class:`~irlm.passes.PipelineReport`."""
     from irlm.passes import PassManager, load_plugin, parse_pipeline
     from irlm.passes.cli import make_instruments
     c = config
@@ -120,8 +124,8 @@ def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
         numerics_atol=c.numerics_atol, numerics_rtol=c.numerics_rtol,
         numerics_seed=c.numerics_seed, numerics_int_max=c.numerics_int_max,
         timing=c.timing, stats=c.stats) + list(extra_instruments)
-    PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
-                stage_offset=stage_offset).run(graph)
+    return PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
+                       stage_offset=stage_offset).run(graph)
 
 
 def passes_stage(job: CompileJob) -> None:
@@ -135,16 +139,16 @@ def passes_stage(job: CompileJob) -> None:
         job.dump_params |= {op.attrs["name"] for op in job.graph.params()}
     extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
     if text:
-        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
-                   extra_instruments=extra)
+        job.next_dump += len(run_passes(job.graph, text, c, dump_dir=dump_dir,
+                                        stage_offset=1 if dump_dir else 0,
+                                        extra_instruments=extra).stages)
     cast = "" if c.splits else cpu_weights_pipeline(job)
     if cast:
         # f16/bf16 rounding of the weights is the point: --check-numerics' f32 tolerances
         # do not apply
-        offset = len(list(dump_dir.glob("[0-9][0-9]-*.irlm"))) if dump_dir is not None \
-            and dump_dir.is_dir() else 0
-        run_passes(job.graph, cast, c, dump_dir=dump_dir, stage_offset=offset,
-                   check_numerics=False, extra_instruments=extra)
+        job.next_dump += len(run_passes(job.graph, cast, c, dump_dir=dump_dir,
+                                        stage_offset=job.next_dump if dump_dir else 0,
+                                        check_numerics=False, extra_instruments=extra).stages)
         job.pipeline = f"{text},{cast}" if text else cast
 
 
