@@ -40,6 +40,9 @@ def test_module_source_compiles_to_an_engine_that_matches_transformers(tiny_llam
     (dict(tp=2, pp=2, quant="fp8"), "--tp 2 --pp 2 with --quant fp8: not supported together"),
     (dict(target="onnx", tp=2), "--target onnx writes one network: it does not take"),
     (dict(calib="x.txt"), "--calib is only read by"),
+    (dict(max_batch="8"), "--max-batch '8': must be a whole number"),
+    (dict(tokens_per_block=16.0), "--tokens-per-block 16.0: must be a whole number"),
+    (dict(tp=True), "--tp True: must be a whole number"),
 ])
 def test_bad_configs_are_refused_before_loading(tmp_path, config, message):
     with pytest.raises(IRLMError, match=message.replace("+", r"\+")):

@@ -129,10 +129,16 @@ class CompileConfig:
             existing(self.calib, "--calib")
         if quant in ("int4", "int4-awq") and self.quant_group not in (None, *INT4_GROUPS):
             raise IRLMError(f"--quant-group {self.quant_group}: must be 32, 64 or 128")
+        for flag, value in (("--max-batch", self.max_batch), ("--max-seq", self.max_seq),
+                            ("--tokens-per-block", self.tokens_per_block),
+                            ("--max-num-tokens", self.max_num_tokens), ("--tp", self.tp),
+                            ("--pp", self.pp), ("--quant-group", self.quant_group)):
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise IRLMError(f"{flag} {value!r:.40}: must be a whole number")
         # batch 1 is a static batch; a sequence needs a prompt token and a generated one
         for flag, value, low in (("--max-batch", self.max_batch, 1),
                                  ("--max-seq", self.max_seq, 2)):
-            if value is not None and (not isinstance(value, int) or value < low):
+            if value is not None and value < low:
                 raise IRLMError(f"{flag} {value}: must be at least {low}")
         for flag, value, top in (("--tokens-per-block", self.tokens_per_block, 4096),
                                  ("--max-num-tokens", self.max_num_tokens, 1 << 24)):
