@@ -77,7 +77,7 @@ def test_pipeline_built_in_python(toy_pass):
 
 @pytest.mark.parametrize("text, column, words", [
     ("canonicalise", 1, ["unknown pass 'canonicalise'", "did you mean 'canonicalize'",
-                         "(passes: canonicalize, ", " cse, ", " dce"]),
+                         "(passes: ", "canonicalize, ", " cse, ", " dce"]),
     ("cse,dcee", 5, ["unknown pass 'dcee'", "did you mean 'dce'"]),
     ("toy-quantize{grop=1}", 14, ["no option 'grop'", "did you mean 'group'",
                                   "eps, group, mode, note, symmetric"]),
