@@ -185,7 +185,8 @@ int check(const IrlmPagedAttentionArgs& a, bool pointers) {
     if (a.cache_dtype == IRLM_DTYPE_I8 || a.cache_dtype == IRLM_DTYPE_F8E4M3)
       return fail(IRLM_PA_UNSUPPORTED,
                   std::string("kv_cache dtype ") + dtype_name(a.cache_dtype) +
-                      ": quantized caches (int8 / fp8) have no kernel yet");
+                      ": quantized caches (int8 / fp8) are not in this C ABI yet (the NVRTC "
+                      "launchers, irlm.kernels.ops, run them)");
     return fail(IRLM_PA_INVALID, std::string("kv_cache dtype ") + dtype_name(a.cache_dtype) +
                                      " differs from " + dtype_name(a.dtype));
   }
@@ -518,6 +519,7 @@ extern "C" int irlm_paged_attention(const IrlmPagedAttentionArgs* args, void* wo
   const double scale = a.scale > 0.f ? static_cast<double>(a.scale)
                                      : 1.0 / std::sqrt(static_cast<double>(a.head_dim));
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  p.v_scale = 1.f;  // read by the quantized-cache kernels only, which this ABI does not launch
   if ((rc = launch(plan.attention, s, p))) return rc;
   if (plan.split_reduce.kernel != nullptr && (rc = launch(plan.split_reduce, s, p))) return rc;
   return IRLM_PA_OK;
