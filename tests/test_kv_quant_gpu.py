@@ -94,7 +94,7 @@ CDTS = pytest.mark.parametrize("cdt", [i8, f8], ids=["int8", "fp8"])
 _PROBE = r"""
 #include "common.cuh"
 struct ProbeParams {
-  const float* x; unsigned char* q_fp8; signed char* q_int8; const uint4* codes;
+  const float* x; unsigned char* q_fp8; signed char* q_int8; const uint2* codes;
   float* dec_fp8; float* dec_int8; float scale; int n;
 };
 __global__ void irlm_kv_probe(const ProbeParams p) {
@@ -103,12 +103,12 @@ __global__ void irlm_kv_probe(const ProbeParams p) {
     p.q_fp8[i] = quantize_kv<irlm_fp8e4m3>(p.x[i], p.scale).bits;
     p.q_int8[i] = quantize_kv<signed char>(p.x[i], p.scale);
   }
-  if (i < 16) {   // 256 codes, 16 a thread, through the attention kernels' tile conversion
-    float f[16];
-    kv16_to_float<irlm_fp8e4m3>(p.codes[i], f);
-    for (int j = 0; j < 16; ++j) p.dec_fp8[16 * i + j] = f[j];
-    kv16_to_float<signed char>(p.codes[i], f);
-    for (int j = 0; j < 16; ++j) p.dec_int8[16 * i + j] = f[j];
+  if (i < 32) {   // 256 codes, 8 a thread, through the attention kernels' tile conversion
+    float f[8];
+    kv8_to_float<irlm_fp8e4m3>(p.codes[i], f);
+    for (int j = 0; j < 8; ++j) p.dec_fp8[8 * i + j] = f[j];
+    kv8_to_float<signed char>(p.codes[i], f);
+    for (int j = 0; j < 8; ++j) p.dec_int8[8 * i + j] = f[j];
   }
 }
 """

@@ -305,14 +305,16 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
     if constexpr (QUANT) {
       const unsigned char* raw =
           reinterpret_cast<const unsigned char*>(sKV + stage * 2 * BLOCK_N * CLD);
+      // 8 codes a thread and step: 8-byte reads and (16-bit T) 16-byte writes that are
+      // consecutive across the threads, so neither side has bank conflicts
 #pragma unroll 4
-      for (int c = tid; c < 2 * BLOCK_N * (D / 16); c += NT) {
-        const int row = c / (D / 16), ch = c % (D / 16);
-        float f[16];
-        kv16_to_float<C>(*reinterpret_cast<const uint4*>(raw + row * D + ch * 16), f);
-        T* dst = sConv + row * LD + ch * 16;
+      for (int c = tid; c < 2 * BLOCK_N * (D / 8); c += NT) {
+        const int row = c / (D / 8), ch = c % (D / 8);
+        float f[8];
+        kv8_to_float<C>(*reinterpret_cast<const uint2*>(raw + row * D + ch * 8), f);
+        T* dst = sConv + row * LD + ch * 8;
 #pragma unroll
-        for (int j = 0; j < 16; j += EPC) {
+        for (int j = 0; j < 8; j += EPC) {
           float part[EPC];
 #pragma unroll
           for (int e = 0; e < EPC; ++e) part[e] = f[j + e];

@@ -150,12 +150,12 @@ IRLM_DEVICE void store_kv(C* dst, const float (&f)[N], float scale) {
   }
 }
 
-// 16 cache bytes -> 16 floats, exactly (the scale is applied later, in f32).
-template <typename C> IRLM_DEVICE void kv16_to_float(const uint4& raw, float (&f)[16]);
-template <> IRLM_DEVICE void kv16_to_float<signed char>(const uint4& raw, float (&f)[16]) {
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+// 8 cache bytes -> 8 floats, exactly (the scale is applied later, in f32).
+template <typename C> IRLM_DEVICE void kv8_to_float(const uint2& raw, float (&f)[8]);
+template <> IRLM_DEVICE void kv8_to_float<signed char>(const uint2& raw, float (&f)[8]) {
+  const unsigned w[2] = {raw.x, raw.y};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2; ++i) {
     // 2^23 + (b + 128) is exact in float32: subtract 2^23 + 128 to get b
     const unsigned u = w[i] ^ 0x80808080u;
 #pragma unroll
@@ -163,10 +163,10 @@ template <> IRLM_DEVICE void kv16_to_float<signed char>(const uint4& raw, float 
       f[4 * i + j] = __uint_as_float(0x4b000000u | ((u >> (8 * j)) & 0xffu)) - 8388736.f;
   }
 }
-template <> IRLM_DEVICE void kv16_to_float<irlm_fp8e4m3>(const uint4& raw, float (&f)[16]) {
-  const unsigned w[4] = {raw.x, raw.y, raw.z, raw.w};
+template <> IRLM_DEVICE void kv8_to_float<irlm_fp8e4m3>(const uint2& raw, float (&f)[8]) {
+  const unsigned w[2] = {raw.x, raw.y};
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < 2; ++i) {
     e4m3x2_to_float2((unsigned short)(w[i] & 0xffffu), f[4 * i], f[4 * i + 1]);
     e4m3x2_to_float2((unsigned short)(w[i] >> 16), f[4 * i + 2], f[4 * i + 3]);
   }
