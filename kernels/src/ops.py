@@ -227,9 +227,11 @@ def _kv_quantization(kv_cache, dtype, kv_scales):
     if len(scales) != 2:
         raise KernelArgumentError(f"a {name} kv_cache needs kv_scales = (key scale, value "
                                   f"scale), got {kv_scales!r}")
-    ks, vs = float(scales[0]), float(scales[1])
+    # float32, as the kernels (and the reference's float32 arithmetic) use them
+    ks, vs = c_float(float(scales[0])).value, c_float(float(scales[1])).value
     if not all(math.isfinite(x) and x > 0 for x in (ks, vs)):
-        raise KernelArgumentError(f"kv_scales must be positive and finite, got {[ks, vs]}")
+        raise KernelArgumentError(f"kv_scales must be positive and finite float32 values, "
+                                  f"got {[float(x) for x in scales]}")
     return kv_cache.dtype, ks, vs
 
 
