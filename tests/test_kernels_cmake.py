@@ -257,8 +257,8 @@ def test_paged_attention_refuses_what_has_no_kernel_with_a_reason(kernel_library
         rc = lib.lib.irlm_paged_attention(ctypes.byref(a), None, 0, None)
         assert rc in (capi.INVALID, capi.UNSUPPORTED) and why.split()[0] in lib.error()
 
-    refused("a i8 kv_cache needs kv_scales", cache_dtype=capi.DTYPES[torch_dtype("int8")])
-    refused("a f8e4m3 kv_cache needs kv_scales", kv_scale_k=0.5, kv_scale_v=0.0,
+    refused("the i8 kv_cache needs kv_scales", cache_dtype=capi.DTYPES[torch_dtype("int8")])
+    refused("the f8e4m3 kv_cache needs kv_scales", kv_scale_k=0.5, kv_scale_v=0.0,
             cache_dtype=capi.DTYPES[torch_dtype("float8_e4m3fn")])
     refused("kv_cache dtype f16 differs from bf16",
             cache_dtype=capi.DTYPES[torch_dtype("float16")])

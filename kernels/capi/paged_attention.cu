@@ -215,7 +215,7 @@ int check(const IrlmPagedAttentionArgs& a, bool pointers) {
                                      " differs from " + dtype_name(a.dtype));
   if (quantized_cache(a) && !(a.kv_scale_k > 0.f && a.kv_scale_v > 0.f &&
                               std::isfinite(a.kv_scale_k) && std::isfinite(a.kv_scale_v)))
-    return fail(IRLM_PA_INVALID, std::string("a ") + dtype_name(a.cache_dtype) +
+    return fail(IRLM_PA_INVALID, std::string("the ") + dtype_name(a.cache_dtype) +
                                      " kv_cache needs kv_scales: kv_scale_k and kv_scale_v "
                                      "positive and finite");
   if (!quantized_cache(a) && (a.kv_scale_k != 0.f || a.kv_scale_v != 0.f))

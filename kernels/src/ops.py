@@ -225,7 +225,7 @@ def _kv_quantization(kv_cache, dtype, kv_scales):
                                   f"cache holds the model's dtype, int8 or float8_e4m3fn)")
     scales = tuple(kv_scales) if kv_scales is not None else ()
     if len(scales) != 2:
-        raise KernelArgumentError(f"a {name} kv_cache needs kv_scales = (key scale, value "
+        raise KernelArgumentError(f"the {name} kv_cache needs kv_scales = (key scale, value "
                                   f"scale), got {kv_scales!r}")
     # float32, as the kernels (and the reference's float32 arithmetic) use them
     ks, vs = c_float(float(scales[0])).value, c_float(float(scales[1])).value
