@@ -13,9 +13,10 @@ Oracles: ``irlm.ops.llm``'s reference semantics, run on the CPU.
   every 8-bit value exactly as the model's dtype (each int8 and e4m3 value is a bf16 / fp16 /
   tf32 value) and apply the scales in float32, so the error bound is the unquantized kernels'
   (tests/test_kernels_gpu.py ATTN_TOL: P and the output rounded to the model's dtype).
-* Whole engines: a tiny bf16 Llama compiled with ``quantize-kv-cache`` (int8 and fp8) on
-  :class:`CudaGraphRunner` (prefill eager, decode as CUDA graph replays with split-KV) against
-  the same engine on the reference interpreter (:class:`GraphRunner`, CPU).
+* Whole engines: a tiny bf16 Llama compiled with ``irlm compile --kv-cache-dtype int8|fp8``
+  on :class:`CudaGraphRunner` (prefill eager, decode as CUDA graph replays with split-KV)
+  against the same engine on the reference interpreter (:class:`GraphRunner`, CPU), and
+  served by ``LLM(engine, device="cuda")``.
 """
 import ctypes
 import json
@@ -408,21 +409,34 @@ def test_quantized_decode_step_captures_in_a_cuda_graph(cdt):
 VOCAB = 512
 
 
-def _engine(cdt_name, tmp_path):
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny bf16 Llama (GQA 4/2, head_dim 64) saved as a Hugging Face directory, and a JSON
+    calibration set of random token ids."""
     import transformers
-    from irlm.compilation import compile_causal_lm
+    d = tmp_path_factory.mktemp("tiny-llama-bf16")
     cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=VOCAB, head_dim=64)
-    cfg._attn_implementation = "sdpa"
+                                   vocab_size=VOCAB, head_dim=64, max_position_embeddings=256)
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
-    calib = tmp_path / "calib.json"
+    transformers.LlamaForCausalLM(cfg).to(torch.bfloat16).eval().save_pretrained(d)
+    calib = d / "calib.json"
     g = torch.Generator().manual_seed(5)
     calib.write_text(json.dumps([torch.randint(0, VOCAB, (32,), generator=g).tolist()
                                  for _ in range(3)]))
-    return compile_causal_lm(model, max_seq=256, extra_pipeline=(
-        f'quantize-kv-cache{{dtype={cdt_name},calib="{calib}"}}'))
+    return d, calib
+
+
+def _engine(model_dir, cdt_name, tmp_path):
+    """``irlm compile --dtype bf16 --kv-cache-dtype cdt_name`` of the tiny Llama (the engine
+    directory)."""
+    from irlm.cli import main as irlm_main
+    d, calib = model_dir
+    out = tmp_path / cdt_name
+    assert irlm_main(["compile", "--hf", str(d), "-o", str(out), "--dtype", "bf16",
+                      "--max-seq", "256", "--kv-cache-dtype", cdt_name,
+                      "--calib", str(calib)]) == 0
+    return out
 
 
 # Logits: the runner and the interpreter round the same bf16 ops in different orders (cuBLAS
@@ -432,12 +446,14 @@ def _engine(cdt_name, tmp_path):
 # plus that: 3e-2 for int8, 5e-2 for fp8 (as the fp8 activation modes, tests/test_quant_gpu.py).
 # A wrong scale, a swapped key/value scale or a misread code gives errors of order 1.
 @pytest.mark.parametrize("cdt_name,cdt,tol", [("int8", i8, 3e-2), ("fp8", f8, 5e-2)])
-def test_quantized_cache_engine_matches_the_reference_interpreter(cdt_name, cdt, tol, tmp_path):
+def test_quantized_cache_engine_matches_the_reference_interpreter(model_dir, cdt_name, cdt, tol,
+                                                                  tmp_path):
+    from irlm.lowering.engine_format import load_engine
     from irlm.ops.llm import KV_CACHE_INPUT
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     from irlm.runtime.runners.interpreter import GraphRunner
-    graph = _engine(cdt_name, tmp_path)
+    graph = load_engine(_engine(model_dir, cdt_name, tmp_path)).graph
     cache_in = next(v for v in graph.inputs if v.name == KV_CACHE_INPUT)
     assert cache_in.type.dtype.torch == cdt
     scales = {op.attrs["layer"]: op.attrs["kv_scales"] for op in graph.ops
@@ -478,3 +494,20 @@ def test_quantized_cache_engine_matches_the_reference_interpreter(cdt_name, cdt,
             a = fast.kv_cache[layer, :48, kv].float().cpu() * s
             b = ref.kv_cache[layer, :48, kv].float() * s
             assert ((a - b).norm() / b.norm()).item() < tol, (layer, kv)
+
+
+@pytest.mark.parametrize("cdt_name", ["int8", "fp8"])
+def test_llm_serves_a_quantized_cache_engine_on_the_gpu(model_dir, cdt_name, tmp_path):
+    """The user's path: LLM(engine, device="cuda") picks the CUDA runner, which runs the
+    engine; the CPU engine's first greedy token is among the GPU engine's top 5 (a random
+    model's top two can be closer than the bound above)."""
+    from irlm.runtime import LLM, SamplingParams
+    out = _engine(model_dir, cdt_name, tmp_path)
+    prompts = [[5, 17, 33, 2, 9, 60, 41], list(range(100, 160)), [7] * 30]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=5)
+    gpu = LLM.from_engine(out, device="cuda").generate(prompts, params)
+    cpu = LLM.from_engine(out, device="cpu").generate(prompts, params)
+    for g, c in zip(gpu, cpu):
+        assert len(g.outputs[0].token_ids) == 4
+        want = c.outputs[0].token_ids[0]
+        assert want in g.outputs[0].logprobs[0], (cdt_name, want, g.outputs[0].logprobs[0])
