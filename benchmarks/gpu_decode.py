@@ -168,7 +168,7 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
     return cfg, graph, runner
 
 
-ASYNC_DECODE = False  # --async-decode
+ASYNC_DECODE = True  # --async-decode
 
 
 def run_requests(runner, prompts, new_tokens, max_batch, max_num_tokens=8192):
@@ -272,9 +272,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default="copy,build,b1,b32,inflight,hf")
     ap.add_argument("--layers", type=int, default=32)
-    ap.add_argument("--async-decode", choices=("off", "on", "both"), default="off",
+    ap.add_argument("--async-decode", choices=("off", "on", "both"), default="on",
                     help="LLMEngine async_decode (schedule step N+1 before reading step N's "
-                         "tokens); both: run b1, b32 and inflight each way")
+                         "tokens; on by default for GPU engines); both: run each section "
+                         "each way")
     ap.add_argument("--quant", default="bf16",
                     help="comma-separated engine modes, built and measured one after the other: "
                          "bf16 (unquantized), int8, int4, int4-awq, w8a8-sq, fp8, fp8-weight; "
@@ -325,7 +326,7 @@ def main():
                 except Exception:
                     traceback.print_exc()
                     RESULTS[name + sfx] = {"error": traceback.format_exc(limit=3)}
-        ASYNC_DECODE = False
+        ASYNC_DECODE = True
         RESULTS["runner_stats" + q] = dict(runner.stats)
         RESULTS["peak_gpu_memory_GB" + q] = torch.cuda.max_memory_allocated() / 1e9
         del runner, graph

@@ -99,11 +99,6 @@ with open(sys.argv[3], "w") as f:
 """
 
 
-# Run on the H200 on 2026-12-04 (18:31 UTC) this did not finish within 150 s (two ranks on one
-# GPU over NCCL's socket transport; issue 15), so the GPU suite runs it only when asked.
-@pytest.mark.skipif(os.environ.get("IRLM_TEST_NCCL_SHARING") != "1",
-                    reason="hung on the H200 (2026-12-04, issue 15): set IRLM_TEST_NCCL_SHARING=1 "
-                           "to run it")
 def test_two_processes_sharing_one_gpu_over_nccl_equal_the_unsplit_engine(engines, tmp_path):
     from irlm.lowering.engine_format import load_engine
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner

@@ -226,6 +226,72 @@ def test_prefill_sliding_window_and_alibi(dtype, window, alibi):
     assert rel_err(out, ref) < ATTN_TOL[dtype]
 
 
+FRESH_CASES = [
+    # dtype, head_dim, heads, kv_heads, prompt lengths (no cached prefix), one length?
+    (bf16, 128, 32, 8, [128, 128, 128, 128], True),      # dense SDPA (cuDNN first)
+    (bf16, 128, 32, 8, [300, 17, 1, 64], False),          # variable-length flash
+    (fp16, 64, 12, 4, [77, 77, 77], True),
+    (fp16, 64, 12, 4, [5, 200, 33], False),
+    (bf16, 256, 8, 1, [65, 3], False),                     # MQA, head_dim 256
+    (bf16, 128, 16, 4, [2048], True),                      # one long prompt
+]
+
+
+@pytest.mark.parametrize("dtype,D,H,KV,lens,uniform", FRESH_CASES,
+                         ids=[f"{str(c[0])[6:]}-d{c[1]}-h{c[2]}kv{c[3]}-{'dense' if c[5] else 'varlen'}"
+                              for c in FRESH_CASES])
+@pytest.mark.parametrize("fused", [False, True])
+def test_fresh_prefill_path_matches_reference(dtype, D, H, KV, lens, uniform, fused):
+    """``fresh=True`` (no cached prefix): torch's fused attention on this step's k/v, against
+    the registry reference; the cache is still written bit for bit; a scale is honoured."""
+    case = make_case([(n, 0) for n in lens], H, KV, D, 16, dtype, seed=sum(lens) + D,
+                     fused_qkv=fused)
+    exp_cache, ref = reference(case, 1, scale=0.07)
+    kw = {"uniform_q_len": lens[0]} if uniform else {}
+    out, cache = run_paged(case, 1, dtype, scale=0.07, fresh=True, max_q_len=max(lens), **kw)
+    assert torch.equal(cache.cpu(), exp_cache)
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[dtype], err
+    # and it is the same attention the paged prefill kernel computes
+    paged, _ = run_paged(case, 1, dtype, scale=0.07)
+    assert rel_err(out, paged.float().cpu()) < ATTN_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype,seqs", [
+    (bf16, [(1, 40), (1, 7), (64, 128), (100, 0), (100, 0)]),   # decode rows, a chunk, 2 new
+    (fp16, [(1, 300), (37, 0), (5, 0), (200, 0)]),
+    (bf16, [(3, 2), (1, 0)]),                                      # one new prompt of 1 token
+])
+@pytest.mark.parametrize("fused", [False, True])
+def test_fresh_suffix_of_an_in_flight_batch_matches_reference(dtype, seqs, fused):
+    """Running requests (cached prefix) first, newly admitted prompts after them, as the
+    scheduler packs an in-flight step: the new prompts attend through torch, the others
+    through the paged kernel, one output."""
+    case = make_case(seqs, 32, 8, 128, 16, dtype, seed=len(seqs) * 7 + int(fused),
+                     fused_qkv=fused)
+    fresh = ops.FreshSuffix.of([n for n, _ in seqs], [c for _, c in seqs])
+    assert fresh is not None and fresh.request > 0
+    exp_cache, ref = reference(case, 0)
+    out, cache = run_paged(case, 0, dtype, fresh=fresh, max_q_len=max(n for n, _ in seqs))
+    assert torch.equal(cache.cpu(), exp_cache)
+    err = rel_err(out, ref)
+    assert err < ATTN_TOL[dtype], err
+
+
+def test_fresh_prefill_falls_back_to_the_paged_kernel_for_alibi_and_windows():
+    seqs = [(60, 0), (100, 0)]
+    slopes = [0.5 ** (i + 1) for i in range(8)]
+    case = make_case(seqs, 8, 4, 64, 16, bf16, seed=5)
+    for window, alibi in ((16, ()), (0, slopes)):
+        assert not ops.fresh_prefill_supported(case["q"].to(DEV), case["k"].to(DEV), alibi,
+                                               window)
+        exp_cache, ref = reference(case, 0, window=window, alibi=alibi)
+        out, cache = run_paged(case, 0, bf16, sliding_window=window, alibi_slopes=alibi,
+                               fresh=True)
+        assert torch.equal(cache.cpu(), exp_cache)
+        assert rel_err(out, ref) < ATTN_TOL[bf16]
+
+
 @pytest.mark.parametrize("decode", [False, True])
 def test_attention_on_fused_qkv_views_and_custom_scale(decode):
     seqs = [(1, 40), (1, 7), (1, 300)] if decode else [(33, 0), (1, 12), (70, 64)]

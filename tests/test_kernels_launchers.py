@@ -96,3 +96,15 @@ def test_kernel_selection_hands_the_ops_kv_scales_to_the_launcher(monkeypatch):
     assert seen["kv_scales"] == (0.5, 0.25)
     kernel_selection._paged_attention(Ctx(), qkv, dict(attrs, kv_scales=()))
     assert seen["kv_scales"] is None
+
+
+@pytest.mark.parametrize("q_lens,cached,want", [
+    ([1, 1, 64, 100, 100], [40, 7, 128, 0, 0], (3, 66, 64, 100, 100)),   # running, then new
+    ([30, 100, 50], [0, 0, 0], (0, 0, 0, 100, None)),                    # all new, mixed lengths
+    ([1, 1], [3, 4], None),                                               # decode only
+    ([40, 1], [0, 3], None),                  # a new prompt before a running one: not a suffix
+    ([1, 40, 7], [3, 0, 0], (1, 1, 1, 40, None)),
+])
+def test_fresh_suffix_is_the_trailing_run_of_requests_with_nothing_cached(q_lens, cached, want):
+    got = ops.FreshSuffix.of(q_lens, cached)
+    assert (got if got is None else tuple(got)) == want

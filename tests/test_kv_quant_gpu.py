@@ -351,6 +351,19 @@ def test_fused_qkv_views_and_custom_scale(cdt, decode):
     assert rel_err(out, ref) < ATTN_TOL[bf16]
 
 
+@CDTS
+def test_fresh_prompts_still_attend_over_the_quantized_cache(cdt):
+    """Prompts with nothing cached may attend through torch's fused attention over this step's
+    own k/v (``fresh``); the op attends over them as an 8-bit cache stores them, so with one
+    the paged kernel runs: the reference's answer, not the unquantized attention's."""
+    seqs = [(60, 0), (33, 0), (100, 0)]
+    case = quantized_case(seqs, 16, 4, 128, 16, bf16, cdt, seed=17)
+    exp, ref = reference(case, 1, cdt)
+    out, cache = run_paged(case, 1, bf16, cdt, fresh=True)
+    assert torch.equal(as_bytes(cache), as_bytes(exp))
+    assert rel_err(out, ref) < ATTN_TOL[bf16]
+
+
 def test_quantized_cache_argument_errors():
     case = to_dev(quantized_case([(1, 5)], 8, 2, 128, 16, bf16, i8, seed=1))
     q, c, t, n = case["q"], case["cache"], case["tables"], case["cached"]

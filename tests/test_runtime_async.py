@@ -140,3 +140,25 @@ def test_abort_while_a_token_is_in_flight_leaves_no_placeholder(model, tok, grap
         engine.step()
     done = engine.pop_output(other).outputs[0]
     assert len(done.token_ids) == 20 and PLACEHOLDER not in done.token_ids
+
+
+def test_async_decode_defaults_to_on_for_a_gpu_runner_and_off_on_a_cpu(graph):
+    import torch
+    from irlm.runtime import LLMEngine
+    cpu = GraphRunner(graph, num_blocks=16)
+    assert LLMEngine(cpu).async_decode is False
+    assert LLMEngine(cpu, async_decode=True).async_decode is True
+
+    class OnGpu(CountingRunner):
+        device = torch.device("cuda")
+    gpu = OnGpu(cpu)
+    assert LLMEngine(gpu).async_decode is True
+    assert LLMEngine(gpu, async_decode=False).async_decode is False
+
+
+def test_serve_flag_turns_async_decode_on_and_off():
+    from irlm.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["serve", "e"]).async_decode is None
+    assert parse(["serve", "e", "--async-decode"]).async_decode is True
+    assert parse(["serve", "e", "--no-async-decode"]).async_decode is False

@@ -2,6 +2,7 @@
 v2 protocols (HTTP and gRPC), with Prometheus metrics.  The work is in :mod:`irlm.serving`."""
 from __future__ import annotations
 
+import argparse
 import sys
 
 from ..errors import IRLMError
@@ -44,8 +45,9 @@ def add_parser(sub) -> None:
     p.add_argument("--policy", choices=("guaranteed-no-evict", "max-utilization"), default=None,
                    help="scheduler policy (default guaranteed-no-evict)")
     p.add_argument("--no-prefix-caching", action="store_true", help="disable KV prefix reuse")
-    p.add_argument("--async-decode", action="store_true",
-                   help="overlap host work with the device's next step (see docs/runtime.md)")
+    p.add_argument("--async-decode", action=argparse.BooleanOptionalAction, default=None,
+                   help="overlap host work with the device's next step (default: on for a "
+                        "GPU engine, off on a CPU; see docs/runtime.md)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight (default 30)")
@@ -74,8 +76,8 @@ def run(args) -> int:
             llm_kwargs[key] = getattr(args, flag)
     if args.no_prefix_caching:
         llm_kwargs["enable_prefix_caching"] = False
-    if args.async_decode:
-        llm_kwargs["async_decode"] = True
+    if args.async_decode is not None:
+        llm_kwargs["async_decode"] = args.async_decode
     for name in ("max_num_tokens", "max_batch_size", "num_blocks"):
         v = getattr(args, name)
         if v is not None and v < 1:

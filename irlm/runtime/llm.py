@@ -64,7 +64,8 @@ class LLM:
                  max_batch_size: int = 64, policy: str = "guaranteed-no-evict",
                  max_waiting: int = 1024, enable_prefix_caching: bool = True,
                  chat_template: str | None = None,
-                 eos_token_id: int | list[int] | None = None, async_decode: bool = False,
+                 eos_token_id: int | list[int] | None = None,
+                 async_decode: bool | None = None,
                  parallel: str = "processes", executor: str | None = None,
                  threads: int | None = None):
         if isinstance(model, (str, os.PathLike)):

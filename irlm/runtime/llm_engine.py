@@ -35,11 +35,15 @@ class LLMEngine:
                  max_num_tokens: int = 512, max_batch_size: int = 64,
                  policy: str = "guaranteed-no-evict", max_waiting: int = 1024,
                  enable_prefix_caching: bool = True,
-                 eos_token_id: int | list[int] | None = None, async_decode: bool = False):
+                 eos_token_id: int | list[int] | None = None,
+                 async_decode: bool | None = None):
         """``async_decode``: while the device runs step N, schedule and launch step N+1
         before reading step N's tokens (see :meth:`_step_overlapped`); used while every
         request is plain sampling (no beams, n = 1, no penalties) under the no-evict
-        policy, otherwise steps run one at a time.  The outputs are the same either way."""
+        policy, otherwise steps run one at a time.  The outputs are the same either way.
+        ``None`` (the default): on for a runner on a GPU, where it was faster in every
+        section of benchmarks/gpu_decode.py (docs/performance.md); off on a CPU, where the
+        runner computes on the host and there is nothing to overlap."""
         if not isinstance(runner, ModelRunner):
             missing = [a for a in ("vocab_size", "block_size", "num_blocks", "max_model_len",
                                    "step") if not hasattr(runner, a)]
@@ -56,11 +60,11 @@ class LLMEngine:
             eos_token_id = []
         self.eos_token_ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
         self.requests: dict[int, Request] = {}
-        self.async_decode = async_decode
         self._inflight: _InFlight | None = None
         self._staging = PinnedStaging()
         # host inputs of a GPU runner go through pinned memory (see StepBatch.pack)
         self._pin = getattr(getattr(runner, "device", None), "type", "cpu") == "cuda"
+        self.async_decode = self._pin if async_decode is None else bool(async_decode)
         self.num_steps = 0
         self._next_request_id = 0
         self._next_seq_id = 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 import ctypes
 import math
 from functools import lru_cache
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 
@@ -495,6 +495,8 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     cu_q_lens: Optional[torch.Tensor] = None, max_q_len: Optional[int] = None,
                     max_kv_len: Optional[int] = None, decode: Optional[bool] = None,
                     write_kv: bool = True,
+                    fresh: "Union[bool, FreshSuffix, None]" = False,
+                    uniform_q_len: Optional[int] = None,
                     kv_scales: Optional[Sequence[float]] = None) -> torch.Tensor:
     """``llm.paged_attention`` on the GPU: write k/v into the cache, then attend.  An int8 /
     float8_e4m3fn ``kv_cache`` takes the op's ``kv_scales`` (key scale, value scale).
@@ -505,6 +507,18 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     Runs the decode kernel when every request has one token (``decode=None`` infers this from
     ``tokens == reqs``, which assumes every q_len >= 1), else the prefill kernel (which also
     handles decode requests mixed into a prefill batch).
+
+    ``fresh=True`` (the caller knows every ``cached_lens`` is 0: no request has a cached
+    prefix) lets a prefill step attend over this step's own ``k``/``v`` with torch's fused
+    attention instead (:func:`fresh_prefill_attention`), which is 2-3x faster than the paged
+    prefill kernel on long prompts (benchmarks/prefill_attention.py); ``uniform_q_len`` (every
+    request has that many tokens) lets it use the dense SDPA backends.  A :class:`FreshSuffix`
+    says only the requests from one index on are fresh (in-flight batching puts newly
+    admitted prompts after the running requests): those go to torch, the others to the paged
+    prefill kernel.  The cache is still written.  Variants torch's kernels do not cover
+    (ALiBi, sliding window, fp32) use the paged kernel throughout, and so does an int8 / fp8
+    cache: the op attends over the keys and values as the cache stores them (quantized), which
+    this step's own k/v are not.
     """
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     R = cached_lens.shape[0] if isinstance(cached_lens, torch.Tensor) else -1
@@ -516,6 +530,27 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                        cu_q_lens=cu_q_lens, kv_scales=kv_scales)
     if decode is None:
         decode = q.shape[0] == R
+    if fresh and not decode and kv_cache.dtype == q.dtype \
+            and fresh_prefill_supported(q, k, alibi_slopes, sliding_window):
+        cu = cu_q_lens if cu_q_lens is not None else \
+            cu_seqlens(torch.as_tensor(q_lens, dtype=torch.int32, device=q.device))
+        if max_q_len is None:
+            max_q_len = int((cu[1:] - cu[:-1]).max())
+        if fresh is True:
+            fresh = FreshSuffix(0, 0, 0, max_q_len, uniform_q_len)
+        if fresh.request == 0:
+            return fresh_prefill_attention(q, k, v, cu, fresh.max_q_len, scale=scale, out=out,
+                                           uniform_q_len=fresh.uniform_q_len)
+        r0, t0 = fresh.request, fresh.token
+        if out is None:
+            out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        prefill_attention(q[:t0], kv_cache, layer, block_tables[:r0],
+                          None if q_lens is None else q_lens[:r0], cached_lens[:r0],
+                          scale=scale, out=out[:t0], cu_q_lens=cu[:r0 + 1],
+                          max_q_len=fresh.head_max_q_len)
+        fresh_prefill_attention(q[t0:], k[t0:], v[t0:], cu[r0:] - t0, fresh.max_q_len,
+                                scale=scale, out=out[t0:], uniform_q_len=fresh.uniform_q_len)
+        return out
     if decode:
         return paged_attention_decode(q, kv_cache, layer, block_tables, cached_lens, scale=scale,
                                       sliding_window=sliding_window, alibi_slopes=alibi_slopes,
@@ -523,6 +558,76 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     return prefill_attention(q, kv_cache, layer, block_tables, q_lens, cached_lens, scale=scale,
                              sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
                              cu_q_lens=cu_q_lens, max_q_len=max_q_len, kv_scales=kv_scales)
+
+
+class FreshSuffix(NamedTuple):
+    """Requests ``request..`` of a prefill step (tokens ``token..``) have no cached prefix;
+    ``head_max_q_len`` bounds the q_lens before them, ``max_q_len`` theirs, and
+    ``uniform_q_len`` is their common length if they have one."""
+    request: int
+    token: int
+    head_max_q_len: int
+    max_q_len: int
+    uniform_q_len: Optional[int] = None
+
+    @classmethod
+    def of(cls, q_lens: Sequence[int], cached_lens: Sequence[int]) -> "Optional[FreshSuffix]":
+        """The longest run of trailing requests with nothing cached, from host lengths."""
+        r0 = len(cached_lens)
+        while r0 > 0 and int(cached_lens[r0 - 1]) == 0:
+            r0 -= 1
+        if r0 == len(cached_lens):
+            return None
+        head = [int(n) for n in q_lens[:r0]]
+        tail = [int(n) for n in q_lens[r0:]]
+        return cls(r0, sum(head), max(head, default=0), max(tail),
+                   tail[0] if min(tail) == max(tail) else None)
+
+
+def fresh_prefill_supported(q: torch.Tensor, k: torch.Tensor, alibi_slopes,
+                            sliding_window: int) -> bool:
+    """Whether :func:`fresh_prefill_attention` covers this attention (torch's fused kernels:
+    bf16/f16, head dims up to 256 in multiples of 8, no ALiBi, no sliding window)."""
+    return (q.is_cuda and q.dtype in (torch.bfloat16, torch.float16) and k.dtype == q.dtype
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256 and not sliding_window
+            and (alibi_slopes is None or len(alibi_slopes) == 0))
+
+
+def fresh_prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                            cu_q_lens: torch.Tensor, max_q_len: int, *,
+                            scale: Optional[float] = None, out: Optional[torch.Tensor] = None,
+                            uniform_q_len: Optional[int] = None) -> torch.Tensor:
+    """Causal attention of packed prompts with no cached prefix: ``q [tokens, H, D]`` over
+    ``k``/``v [tokens, kv_heads, D]`` of the same tokens (request r: tokens
+    ``cu_q_lens[r]:cu_q_lens[r+1]``).
+
+    Prompts of one length (``uniform_q_len``) are viewed as a dense batch for
+    ``scaled_dot_product_attention`` with cuDNN first (the fastest on sm_90 by far:
+    benchmarks/prefill_attention.py), then flash; prompts of different lengths go to torch's
+    variable-length flash attention.  Both take grouped K/V heads as they are.
+    """
+    import torch.nn.functional as F
+    T, H, D = q.shape
+    kvh = k.shape[1]
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    if uniform_q_len and T % uniform_q_len == 0:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+        R, L = T // uniform_q_len, uniform_q_len
+        qd, kd, vd = (x.view(R, L, x.shape[1], D).transpose(1, 2) for x in (q, k, v))
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
+                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
+            o = F.scaled_dot_product_attention(qd, kd, vd, is_causal=True, scale=scale,
+                                               enable_gqa=kvh != H)
+        o = o.transpose(1, 2).reshape(T, H, D)
+    else:
+        from torch.nn.attention.varlen import varlen_attn
+        cu = cu_q_lens.to(torch.int32)
+        o = varlen_attn(q, k, v, cu, cu, int(max_q_len), int(max_q_len), scale=scale,
+                        window_size=(-1, 0))
+    if out is None:
+        return o
+    out.copy_(o)
+    return out
 
 
 # ---- rotary embedding + cache write -------------------------------------------------------------

@@ -24,10 +24,12 @@ import sympy
 from irlm.builder import Builder, make_op
 from irlm.errors import IRError
 from irlm.ir import Graph, Op, Value
-from irlm.registry import get_op_def, is_dead
+from irlm.ops.llm import INFERENCE_INPUTS
+from irlm.registry import get_op_def
 from irlm.types import DType, TensorType, dims_equal, sym
 
-from irlm.ops.llm import INFERENCE_INPUTS  # noqa: E402  (declared with the llm ops)
+from ..transforms.dce import eliminate_dead_code
+
 _BIG = 2 ** 62
 
 
@@ -92,7 +94,7 @@ def substitute_attention(graph: Graph, tokens_per_block: int = 16, sliding_windo
                       f"{len(g.outputs)}")
     g.outputs[0] = _last_token_logits(g, g.outputs[0], q_lens, T)
 
-    remove_dead_ops(g)
+    eliminate_dead_code(g)
     g.inputs = [v for v in g.inputs if v.uses or v.name in INFERENCE_INPUTS]
     order = {n: i for i, n in enumerate(INFERENCE_INPUTS)}
     g.inputs.sort(key=lambda v: order.get(v.name, len(order)))
@@ -244,19 +246,6 @@ def _noop_slice(op: Op) -> bool:
     a = op.attrs
     return a["start"] == 0 and a["step"] == 1 and (a["end"] == _BIG or
                                                    dims_equal(a["end"], op.operands[0].type.shape[a["dim"]]))
-
-
-def remove_dead_ops(g: Graph) -> int:
-    """Erase pure ops whose results are unused, last to first."""
-    removed = 0
-    op = g.last
-    while op is not None:
-        prev = op.prev
-        if is_dead(op):
-            g.erase(op)
-            removed += 1
-        op = prev
-    return removed
 
 
 def _register() -> None:

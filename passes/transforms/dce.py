@@ -6,6 +6,8 @@ they are gone by the time it is visited.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from irlm.ir import Graph
 from irlm.registry import is_dead
 
@@ -14,9 +16,9 @@ from ..registry import register_pass
 from ..rewriting.rewriter import Rewriter
 
 
-def eliminate_dead_code(graph: Graph, ctx: PassContext) -> int:
+def eliminate_dead_code(graph: Graph, ctx: Optional[PassContext] = None) -> int:
     """Erase unused pure ops; returns how many."""
-    rw = Rewriter(graph, ctx.stats)
+    rw = Rewriter(graph, ctx.stats if ctx is not None else None)
     erased = 0
     op = graph.last
     while op is not None:

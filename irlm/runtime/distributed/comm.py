@@ -32,6 +32,29 @@ def configure_nccl_env() -> None:
     os.environ["NCCL_NVLS_ENABLE"] = "0"
 
 
+def leave_process_group() -> None:
+    """Leave the default process group without waiting for the other ranks.
+
+    NCCL's communicator teardown (``destroy_process_group``) waits for every rank's: a rank
+    0 that waits for its workers to exit before leaving, or a worker whose peer was killed,
+    would block there for good (seen on the H200 with two ranks on one GPU).  Every step is
+    complete when a rank leaves, so aborting the communicators loses nothing and returns at
+    once; torch then forgets the group as ``destroy_process_group`` does.  Gloo's teardown
+    is local."""
+    try:
+        if dist.get_backend() == "nccl":
+            from torch.distributed.distributed_c10d import _abort_process_group
+            _abort_process_group()
+        else:
+            dist.destroy_process_group()
+    except Exception:                             # noqa: BLE001 - a peer already gone
+        if dist.is_initialized():
+            try:
+                dist.destroy_process_group()
+            except Exception:                     # noqa: BLE001
+                pass
+
+
 def configure_shared_gpu_nccl_env(rank: int) -> None:
     """NCCL settings for rank ``rank`` when several ranks share one GPU (``ranks_per_gpu``).
 

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from irlm.runtime.distributed.simulator import DistributedError
 
-from .comm import Layout, configure_nccl_env
+from .comm import Layout, configure_nccl_env, leave_process_group
 from .worker import STOP, HEARTBEAT_S, LaunchSpec, connect_store, encode_batch, one_line
 
 #: a worker whose heartbeat does not change for this long is reported as dead or frozen
@@ -376,6 +376,13 @@ class DistributedRunner:
             self._store.set(self.spec.key("step", self.num_steps), STOP)
         except Exception:                         # noqa: BLE001 - the store may be gone
             pass
+        # Leave the process group now, before waiting for the workers (see leave_process_group)
+        if dist.is_initialized():
+            if self._owns_group:
+                leave_process_group()
+            elif self._fault is not None and getattr(self, "worker", None) is not None and \
+                    self.worker.backend == "nccl":
+                _abort_nccl()
         deadline = time.monotonic() + 5.0
         for p in self._procs.values():
             p.join(max(0.0, deadline - time.monotonic()))
@@ -387,15 +394,6 @@ class DistributedRunner:
             if p.exitcode is None:
                 p.kill()
                 p.join()
-        if dist.is_initialized():
-            if self._fault is not None and getattr(self, "worker", None) is not None and \
-                    self.worker.backend == "nccl":
-                _abort_nccl()
-            elif self._owns_group:
-                try:
-                    dist.destroy_process_group()
-                except Exception:                 # noqa: BLE001
-                    pass
 
     def __del__(self):
         try:
@@ -495,7 +493,4 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
         run_rank(spec, rank, local)
     finally:
         if owns_group and dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:                     # noqa: BLE001
-                pass
+            leave_process_group()

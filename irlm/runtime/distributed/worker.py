@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..model_runner import StepBatch
-from .comm import Layout
+from .comm import Layout, leave_process_group
 
 HEARTBEAT_S = 0.5
 STOP = b"stop"
@@ -192,10 +192,7 @@ def worker_main(spec: LaunchSpec, rank: int) -> None:
             traceback.print_exc()
     finally:
         if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:                     # noqa: BLE001
-                code = code or 1
+            leave_process_group()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip the interpreter's teardown: c10d's background threads (store client, gloo) abort

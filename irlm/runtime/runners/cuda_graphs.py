@@ -129,8 +129,13 @@ class CudaGraphRunner:
     def _eager(self, batch: StepBatch, decode: bool) -> torch.Tensor:
         dev = self.device
         q_lens = batch.q_lens.to(dev, non_blocking=True)
-        state = {"decode": decode,
-                 "max_q_len": int(batch.q_lens.max()),
+        from irlm.kernels.ops import FreshSuffix
+        max_q = int(batch.q_lens.max())
+        # prompts with no cached prefix attend over their own k/v (ops.paged_attention)
+        fresh = None if decode else FreshSuffix.of(batch.q_lens.tolist(),
+                                                   batch.cached_lens.tolist())
+        state = {"decode": decode, "fresh": fresh,
+                 "max_q_len": max_q,
                  "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
                  "cu_q_lens": _cu(q_lens)}
         out = self._interp.run(self._feeds(
