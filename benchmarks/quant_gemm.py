@@ -1,19 +1,32 @@
-"""Quantized-linear kernels one by one, on the GPU: time per call and the weight bandwidth each
-path reaches, per batch size M, on Llama-3-8B's linear shapes (device machine only).
+"""Quantized-linear kernels one by one, on the GPU: time per call, TFLOP/s and GB/s of every
+path per batch size M on Llama-3-8B's linear shapes, next to bf16 cuBLAS (device machine only).
 
-    python benchmarks/quant_gemm.py [--m 1,2,4,8,16,32,64,128,512] [--json OUT.json]
+    python benchmarks/quant_gemm.py [--m 1,8,16,32,64,128,256,512,2048,8192]
+                                    [--shapes qkv,o,gate_up,down] [--paths ...] [--sweep]
+                                    [--json OUT.json]
 
-Paths (irlm.kernels.quant_linear; lowering/quant_linears.py picks among them by M):
+Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   bf16         cuBLAS on the bf16 weight (the baseline)
-  int8-gemv    irlm's W8A16 GEMV                  int8-deq   dequantize kernel + cuBLAS
-  int4-tiny    tinygemm (_weight_int4pack_mm)     int4-deq   dequantize kernel + cuBLAS
-  fp8-gemv     GEMV with e4m3 weights, x rounded  fp8-mm     _scaled_mm (cuBLASLt fp8)
-  w8a8         _int_mm (cuBLASLt int8) with per-token quantization and scaling
-Each is timed over the four linears of one layer (fused qkv 6144x4096, o 4096x4096, fused
-gate/up 28672x4096, down 4096x14336), replayed from a CUDA graph with the weights of 8 layers
-rotated so that they do not sit in L2; median of 20 replays.  "GB/s" counts the weight bytes
-each path must read once (int8/fp8 1 byte, int4 0.5 byte + scales, bf16 2 bytes) over its
-time; the copy bandwidth measured first is the ceiling.
+  int8-gemv    irlm's W8A16 GEMV (M <= 16)        int8-gemm  Triton W8A16 GEMM (quant_gemm)
+  int8-deq     dequantize kernel + cuBLAS
+  int4-tiny    tinygemm (_weight_int4pack_mm)     int4-gemm  Triton W4A16 GEMM (group 128)
+  int4-deq     dequantize kernel + cuBLAS
+  fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
+  fp8-mm       _scaled_mm (cuBLASLt fp8)          w8a8       _int_mm with per-token scales
+Shapes: qkv 4096->6144 (fused), o 4096->4096, gate_up 4096->28672 (fused), down 14336->4096.
+
+Each (shape, M, path) is one CUDA graph of 8 calls on 8 copies of the weights (so that they do
+not sit in L2), median of 20 replays, divided by 8.  TFLOP/s counts 2*M*N*K; GB/s counts the
+bytes each path must move at least once: the weight in its stored format (int4 with its
+scales and zero points), x and the output.  The copy bandwidth measured first and bf16
+cuBLAS's TFLOP/s at the largest M are the ceilings.  The summary after the table gives, per
+mode, the fastest path at each M: where ``int8-deq`` / ``int4-deq`` beat the GEMM is where
+``quant_gemm.GEMM_MAX_M`` belongs, and where ``int4-tiny`` beats ``int4-gemm`` says how far
+``quant_linear.INT4_TINYGEMM_MAX_M`` should reach.
+
+``--sweep``: also time every candidate launch configuration of the Triton GEMM
+(``quant_gemm.CANDIDATES``, those with up to twice M's rows per tile) for int8 and int4 g128
+at each shape and M >= 17, and print the fastest next to the one ``gemm_config`` picks.
 """
 from __future__ import annotations
 
@@ -23,8 +36,15 @@ import statistics
 
 import torch
 
-SHAPES = [(6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
 LAYERS = 8
+GROUP = 128
+ALL_PATHS = ("bf16", "int8-gemv", "int8-gemm", "int8-deq", "int4-tiny", "int4-gemm",
+             "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
+#: tinygemm above this many rows takes seconds per graph; not timed there
+TINYGEMM_LIMIT = 2048
+GEMV_LIMIT = 16          # the GEMV kernels measured up to here, whatever the runtime limit
 
 
 def copy_bandwidth() -> float:
@@ -43,8 +63,9 @@ def copy_bandwidth() -> float:
     return 2 * n / statistics.median(times)
 
 
-def timed_graph(fn) -> float:
-    """Median seconds of one call of fn, replayed from a CUDA graph."""
+def timed_graph(fn, replays: int = 20) -> float:
+    """Median seconds of one call of fn, replayed from a CUDA graph (warmed up first on a side
+    stream, which also compiles the Triton kernels)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -54,91 +75,187 @@ def timed_graph(fn) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    g.replay()
     times = []
-    for _ in range(20):
+    for _ in range(replays):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
         b.record()
         b.synchronize()
         times.append(a.elapsed_time(b) / 1e3)
+    del g
     return statistics.median(times)
 
 
-def make_weights():
-    from irlm.kernels import quant_linear as ql
+def make_weights(n: int, k: int) -> list[dict]:
+    from irlm.kernels import quant_gemm as qg, quant_linear as ql
     from irlm.passes.llm.quantize import quantize_fp8, quantize_int4, quantize_int8
     layers = []
     for _ in range(LAYERS):
-        ws = []
-        for n, k in SHAPES:
-            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
-            q8, s8 = quantize_int8(w)
-            q4, s4, z4 = quantize_int4(w, 128)
-            packed, sz = ql.pack_int4_tinygemm(q4, s4, z4)
-            f8, fs = quantize_fp8(w)
-            ws.append({"bf16": w, "q8": q8, "s8": s8, "q4": q4, "s4": s4, "z4": z4,
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+        q8, s8 = quantize_int8(w)
+        q4, s4, z4 = quantize_int4(w, GROUP)
+        packed, sz = ql.pack_int4_tinygemm(q4, s4, z4)
+        s4t, z4t = qg.prepare_int4_scales(s4, z4)
+        f8, fs = quantize_fp8(w)
+        layers.append({"bf16": w, "q8": q8, "s8": s8.float().contiguous(), "q4": q4,
+                       "s4": s4.float().contiguous(), "z4": z4, "s4t": s4t, "z4t": z4t,
                        "packed": packed, "sz": sz, "f8": f8, "fs": fs.reshape(())})
-        layers.append(ws)
     return layers
 
 
-def bytes_read(path: str) -> int:
-    per = {"bf16": 2.0, "int4-tiny": 0.5, "int4-deq": 0.5}.get(path, 1.0)
-    return int(sum(n * k for n, k in SHAPES) * per * LAYERS)
+def min_bytes(path: str, m: int, n: int, k: int) -> float:
+    weight = {"bf16": 2.0 * n * k}.get(path, 1.0 * n * k)
+    if path.startswith("int4"):
+        weight = 0.5 * n * k + n * (k // GROUP) * 5        # f32 scale + u8 zero per group
+    return weight + 2.0 * m * k + 2.0 * m * n
 
 
-def paths(layers, x, xs):
-    from irlm.kernels import quant_linear as ql
+def path_fns(layers, x, xs, names) -> dict:
+    from irlm.kernels import quant_gemm as qg, quant_linear as ql
     F = torch.nn.functional
     m = x.shape[0]
     xs_v = float(xs)
 
     def each(f):
         def run():
-            for ws in layers:
-                for w, shape in zip(ws, SHAPES):
-                    f(x if x.shape[1] == shape[1] else xk[shape[1]], w)
+            for w in layers:
+                f(w)
         return run
-    xk = {k: torch.randn(m, k, device="cuda", dtype=torch.bfloat16) for _, k in SHAPES}
-    out = {"bf16": each(lambda x, w: F.linear(x, w["bf16"])),
-           "int8-deq": each(lambda x, w: F.linear(
-               x, ql.dequantize_int8(w["q8"], w["s8"], torch.bfloat16))),
-           "int4-deq": each(lambda x, w: F.linear(
-               x, ql.dequantize_int4(w["q4"], w["s4"], w["z4"], 128, torch.bfloat16))),
-           "fp8-mm": each(lambda x, w: ql.fp8_linear(x, w["f8"], w["fs"], xs)),
-           "w8a8": each(lambda x, w: ql.w8a8_linear(x, w["q8"], w["s8"]))}
-    if m <= 16:
-        out["int8-gemv"] = each(lambda x, w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
-        out["fp8-gemv"] = each(lambda x, w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
-    if m <= 64:
-        out["int4-tiny"] = each(lambda x, w: ql.int4_tinygemm(x, w["packed"], 128, w["sz"]))
-    return out
+    fns = {
+        "bf16": each(lambda w: F.linear(x, w["bf16"])),
+        "int8-gemm": each(lambda w: qg.w8a16_gemm(x, w["q8"], w["s8"])),
+        "int8-deq": each(lambda w: F.linear(
+            x, ql.dequantize_int8(w["q8"], w["s8"], torch.bfloat16))),
+        "int4-gemm": each(lambda w: qg.w4a16_gemm(x, w["q4"], w["s4t"], w["z4t"], GROUP)),
+        "int4-deq": each(lambda w: F.linear(
+            x, ql.dequantize_int4(w["q4"], w["s4"], w["z4"], GROUP, torch.bfloat16))),
+        "fp8-mm": each(lambda w: ql.fp8_linear(x, w["f8"], w["fs"], xs)),
+        "w8a8": each(lambda w: ql.w8a8_linear(x, w["q8"], w["s8"])),
+    }
+    if m <= GEMV_LIMIT:
+        fns["int8-gemv"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
+        fns["fp8-gemv"] = each(lambda w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
+    if m <= TINYGEMM_LIMIT:
+        fns["int4-tiny"] = each(lambda w: ql.int4_tinygemm(x, w["packed"], GROUP, w["sz"]))
+    return {p: fns[p] for p in names if p in fns}
+
+
+def sweep(layers, x, n, k) -> list[dict]:
+    """Every candidate configuration for int8 and int4 on this shape and M: rows."""
+    from irlm.kernels import quant_gemm as qg
+    m = x.shape[0]
+    cap = 2 * max(16, 1 << (m - 1).bit_length())
+    rows = []
+    for mode in ("int8", "int4"):
+        group = GROUP if mode == "int4" else 0
+        picked = qg.gemm_config(m, n, k, group, torch.cuda.get_device_properties(0)
+                                .multi_processor_count)
+        for cand in (c for c in qg.CANDIDATES if c.bm <= cap):
+            cfg = qg.fit_config(cand, k)
+
+            def run(cfg=cfg, mode=mode):
+                for w in layers:
+                    if mode == "int8":
+                        qg.w8a16_gemm(x, w["q8"], w["s8"], config=cfg)
+                    else:
+                        qg.w4a16_gemm(x, w["q4"], w["s4t"], w["z4t"], GROUP, config=cfg)
+            try:
+                t = timed_graph(run, replays=10) / LAYERS
+            except Exception as e:  # noqa: BLE001 - report and go on with the others
+                print(f"    sweep {mode} {cfg.describe()}: failed: {type(e).__name__}: {e}",
+                      flush=True)
+                continue
+            rows.append({"mode": mode, "config": cfg.describe(), "us": t * 1e6,
+                         "picked": cfg == picked})
+    for mode in ("int8", "int4"):
+        mine = [r for r in rows if r["mode"] == mode]
+        if not mine:
+            continue
+        best = min(mine, key=lambda r: r["us"])
+        pick = next((r for r in mine if r["picked"]), None)
+        print(f"    sweep {mode}: best {best['config']} {best['us']:.1f} us; table's "
+              f"{pick['config'] if pick else '?'} "
+              f"{pick['us'] if pick else float('nan'):.1f} us "
+              f"({len(mine)} candidates)", flush=True)
+    return rows
+
+
+def summary(rows: list[dict]) -> None:
+    """Per shape and M: the fastest path of each weight-only mode, and bf16."""
+    print("\nfastest weight-only path per shape and M (us; bf16 for reference)")
+    by = {}
+    for r in rows:
+        by.setdefault((r["shape"], r["m"]), {})[r["path"]] = r["us"]
+    for (shape, m), t in sorted(by.items(), key=lambda kv: (list(SHAPES).index(kv[0][0]),
+                                                             kv[0][1])):
+        parts = []
+        for mode in ("int8", "int4"):
+            cands = {p: v for p, v in t.items() if p.startswith(mode)}
+            if cands:
+                p = min(cands, key=cands.get)
+                parts.append(f"{mode}: {p} {cands[p]:.1f}")
+        print(f"  {shape:8s} M={m:5d}  bf16 {t.get('bf16', float('nan')):8.1f}  "
+              + "  ".join(parts), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--m", default="1,2,4,8,16,32,64,128,512")
+    ap.add_argument("--m", default="1,8,16,32,64,128,256,512,2048,8192")
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--paths", default=",".join(ALL_PATHS))
+    ap.add_argument("--sweep", action="store_true",
+                    help="also time every candidate configuration of the Triton GEMM")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
+    names = a.paths.split(",")
+    bad = [p for p in names if p not in ALL_PATHS]
+    if bad:
+        ap.error(f"--paths: unknown {', '.join(bad)} (known: {', '.join(ALL_PATHS)})")
+    bad = [s for s in a.shapes.split(",") if s not in SHAPES]
+    if bad:
+        ap.error(f"--shapes: unknown {', '.join(bad)} (known: {', '.join(SHAPES)})")
     bw = copy_bandwidth()
     print(f"{torch.cuda.get_device_name()}: copy {bw / 1e9:.0f} GB/s (read+write)", flush=True)
-    layers = make_weights()
-    results = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9, "rows": []}
-    for m in (int(v) for v in a.m.split(",")):
-        x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
-        xs = (x.float().abs().amax() / 448.0).reshape(())
-        for name, fn in paths(layers, x, xs).items():
-            try:
-                t = timed_graph(fn) / LAYERS
-            except Exception as e:  # noqa: BLE001 - report and go on with the other paths
-                print(f"M={m} {name}: failed: {type(e).__name__}: {e}", flush=True)
-                continue
-            gbs = bytes_read(name) / LAYERS / t / 1e9
-            results["rows"].append({"m": m, "path": name, "us_per_layer": t * 1e6,
-                                    "weight_GBps": gbs})
-            print(f"M={m:4d} {name:10s} {t * 1e6:8.1f} us/layer  weights {gbs:6.0f} GB/s "
-                  f"({100 * gbs * 1e9 / bw:.0f}% of copy)", flush=True)
+    results = {"device": torch.cuda.get_device_name(), "copy_GBps": bw / 1e9,
+               "torch": torch.__version__, "rows": [], "sweep": []}
+    try:
+        import triton
+        results["triton"] = triton.__version__
+    except ImportError:
+        pass
+    ms = [int(v) for v in a.m.split(",")]
+    for shape in a.shapes.split(","):
+        n, k = SHAPES[shape]
+        layers = make_weights(n, k)
+        for m in ms:
+            x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+            xs = (x.float().abs().amax() / 448.0).reshape(())
+            flops = 2.0 * m * n * k
+            base = None
+            for name, fn in path_fns(layers, x, xs, names).items():
+                try:
+                    t = timed_graph(fn) / LAYERS
+                except Exception as e:  # noqa: BLE001 - report and go on with the other paths
+                    print(f"{shape} M={m} {name}: failed: {type(e).__name__}: {e}", flush=True)
+                    continue
+                gbs = min_bytes(name, m, n, k) / t / 1e9
+                if name == "bf16":
+                    base = t
+                vs = f"  {base / t:5.2f}x bf16" if base else ""
+                results["rows"].append({"shape": shape, "n": n, "k": k, "m": m, "path": name,
+                                        "us": t * 1e6, "TFLOPs": flops / t / 1e12,
+                                        "GBps": gbs})
+                print(f"{shape:8s} M={m:5d} {name:10s} {t * 1e6:9.1f} us  "
+                      f"{flops / t / 1e12:6.1f} TFLOP/s  {gbs:6.0f} GB/s "
+                      f"({100 * gbs * 1e9 / bw:3.0f}% of copy){vs}", flush=True)
+            if a.sweep and m > 16:
+                for r in sweep(layers, x, n, k):
+                    results["sweep"].append({"shape": shape, "m": m, **r})
+        del layers
+        torch.cuda.empty_cache()
+    summary(results["rows"])
     if a.json:
         with open(a.json, "w") as f:
             json.dump(results, f, indent=1)

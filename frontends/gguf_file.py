@@ -11,12 +11,14 @@ Why not ``gguf.GGUFReader``: it builds a numpy view for every element of every a
 vocabulary is two arrays of ~50k strings (tokens, merges), so opening SmolLM2's file takes 3-4 s
 of CPU, most of ``irlm compile``'s loading time.  This reader decodes the same header with
 ``struct`` in about 0.1 s.  Everything else comes from the ``gguf`` package: the type enums, the
-block sizes (``GGML_QUANT_SIZES``) and the dequantization (``gguf.quants.dequantize``); the
-tests check that this reader and ``GGUFReader`` agree on metadata and tensors.
+block sizes (``GGML_QUANT_SIZES``) and the dequantization (``gguf.quants.dequantize``; Q4_0,
+Q4_1 and Q8_0 blocks are dequantized by torch with the same float32 arithmetic); the tests check
+that this reader and ``GGUFReader`` agree on metadata and tensors.
 """
 from __future__ import annotations
 
 import struct
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,6 +144,13 @@ class GGUFFile:
         """Tensor ``name`` as float32 in torch order (dequantized if stored quantized)."""
         from gguf.quants import dequantize
         info = self.tensors[name]
+        fast = _TORCH_DEQUANT.get(getattr(info.ggml_type, "name", ""))
+        if fast is not None:
+            raw = self._data[info.offset:info.offset + info.nbytes]
+            with warnings.catch_warnings():      # read-only map: only ever read
+                warnings.simplefilter("ignore", UserWarning)
+                blocks = torch.from_numpy(np.asarray(raw))
+            return fast(blocks).reshape(info.shape)
         # One row of bytes per innermost row, the layout gguf.quants.dequantize expects.
         rows = int(np.prod(info.shape[:-1])) if len(info.shape) > 1 else 1
         raw = self._data[info.offset:info.offset + info.nbytes].reshape(rows, -1)
@@ -154,6 +163,43 @@ class GGUFFile:
         # np.array copies: F32 data comes back as a read-only view of the memory-mapped file
         values = np.array(values, dtype=np.float32)
         return torch.from_numpy(values).reshape(info.shape)
+
+
+# ----- the common block formats, dequantized by torch ---------------------------------------------
+# The same arithmetic as gguf.quants (float32, in the same order, so the same bits: the tests
+# compare them) without numpy's per-row Python loop: about 10x faster on SmolLM2's Q4_1 file,
+# seconds of ``irlm compile``.
+
+def _f16_field(blocks: torch.Tensor, start: int) -> torch.Tensor:
+    """Bytes ``start:start+2`` of each block (a little-endian f16) as float32 [blocks, 1]."""
+    return blocks[:, start:start + 2].contiguous().view(torch.float16).float()
+
+
+def _dequant_q4_1(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_1: 32 weights a block, ``d * q + m``; f16 d, f16 m, then 16 bytes of nibbles (weights
+    0..15 the low nibbles, 16..31 the high ones)."""
+    b = raw.reshape(-1, 20)
+    qs = b[:, 4:]
+    q = torch.cat((qs & 0xF, qs >> 4), 1).float()
+    return (_f16_field(b, 0) * q + _f16_field(b, 2)).reshape(-1)
+
+
+def _dequant_q4_0(raw: torch.Tensor) -> torch.Tensor:
+    """Q4_0: 32 weights a block, ``d * (q - 8)``; f16 d, then 16 bytes of nibbles."""
+    b = raw.reshape(-1, 18)
+    qs = b[:, 2:]
+    q = (torch.cat((qs & 0xF, qs >> 4), 1).to(torch.int8) - 8).float()
+    return (_f16_field(b, 0) * q).reshape(-1)
+
+
+def _dequant_q8_0(raw: torch.Tensor) -> torch.Tensor:
+    """Q8_0: 32 weights a block, ``q * d``; f16 d, then 32 int8."""
+    b = raw.reshape(-1, 34)
+    q = b[:, 2:].contiguous().view(torch.int8).float()
+    return (q * _f16_field(b, 0)).reshape(-1)
+
+
+_TORCH_DEQUANT = {"Q4_0": _dequant_q4_0, "Q4_1": _dequant_q4_1, "Q8_0": _dequant_q8_0}
 
 
 def _read_string(buf: memoryview, pos: int) -> tuple[str, int]:

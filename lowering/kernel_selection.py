@@ -18,6 +18,10 @@ import torch
 
 # ----- CPU: the dtype the linears run in -------------------------------------------------------
 
+#: the linear dtypes the CPU executor runs (irlm/runtime/runners/cpu.py)
+LINEAR_DTYPES = ("f32", "f16", "bf16", "int8", "int4")
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (Linux /proc/cpuinfo; empty elsewhere)."""
     try:
@@ -36,16 +40,31 @@ def has_fast_bf16() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & flags)
 
 
+def has_fp16_weight_gemm() -> bool:
+    """Whether this torch has fbgemm's f16-weight GEMM (``quantized::linear_dynamic_fp16``:
+    f16 weights, f32 activations and accumulation); x86 builds do."""
+    try:
+        import torch.ao.nn.quantized  # noqa: F401  (registers torch.ops.quantized)
+        packed = torch.ops.quantized.linear_prepack_fp16(torch.ones(1, 1), None)
+        return bool(torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 1), packed) == 1)
+    except (RuntimeError, AttributeError, ImportError):
+        return False
+
+
 def default_linear_dtype(quant: Optional[str] = None) -> str:
     """The linear dtype this CPU computes an engine's linears fastest in: bf16 where the CPU
-    has native bf16 arithmetic, f32 otherwise; ``int8`` (torch's int8 GEMM, bf16 inputs) for a
-    weight-only int8 engine, whose int8 weights halve the memory traffic again; ``int4``
-    (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
+    has native bf16 arithmetic; else f16 weights with f32 activations and accumulation
+    (fbgemm), which halves the weight traffic a decode step is bound by and rounds nothing
+    but the weights; f32 where neither exists.  ``int8`` (torch's int8 GEMM, bf16 inputs)
+    for a weight-only int8 engine, whose int8 weights halve the memory traffic again;
+    ``int4`` (torch's int4 GEMM, bf16 inputs) for a weight-only int4 engine."""
     if quant == "int8":
         return "int8"
     if quant in ("int4", "int4-awq"):
         return "int4"
-    return "bf16" if has_fast_bf16() else "f32"
+    if has_fast_bf16():
+        return "bf16"
+    return "f16" if has_fp16_weight_gemm() else "f32"
 
 
 # ----- GPU: the kernel table --------------------------------------------------------------------
@@ -109,10 +128,25 @@ def _rope(ctx, x, a):
     return [k.rope_apply(x[0], x[1], x[2])]
 
 
+def _grouped_mm(ctx, x, a):
+    from .moe_kernels import grouped_mm
+    return [grouped_mm(*x)]
+
+
+def _histc(ctx, x, a):
+    from .moe_kernels import histc_scatter
+    if not a["max"] > a["min"]:     # torch takes the range from the data: a host read
+        return [torch.histc(x[0], a["bins"], a["min"], a["max"])]
+    return [histc_scatter(x[0], a["bins"], a["min"], a["max"])]
+
+
 KERNELS = {
     "llm.rope": _rope,
     "llm.paged_attention": _paged_attention,
     "llm.rms_norm": _rms_norm,
     "llm.add_rms_norm": _add_rms_norm,
     "llm.gated_act": _gated_act,
+    # mixture of experts: no host read of the routing, so decode steps stay capturable
+    "core.grouped_mm": _grouped_mm,
+    "core.histc": _histc,
 }

@@ -7,8 +7,11 @@ once, on the device: tinygemm's int4 packing and scale-and-zero tensor, and fp32
 scales.  The choice per op is recorded in :attr:`QuantLinearPlan.paths` (the runner reports the
 counts in its ``stats``); nothing is converted again per step.
 
-At run time the path still depends on the number of rows (small batches read the weights once
-through a GEMV / tinygemm; large ones dequantize for a cuBLAS GEMM).  An op whose operands fit no
+At run time the path still depends on the number of rows: small batches read the weights once
+through a GEMV / tinygemm; from 17 rows int8 and int4 run the Triton GEMM of
+:mod:`irlm.kernels.quant_gemm` (the weight dequantized in registers, tensor cores) up to
+``quant_gemm.GEMM_MAX_M[mode]`` rows, and dequantize for a cuBLAS GEMM above (or where Triton cannot
+run here).  An op whose operands fit no
 fast path (an fp32 engine, a weight that is not a param, a shape the kernels do not take) runs
 the op's reference implementation, as before, and is recorded as ``reference``.
 """
@@ -40,6 +43,7 @@ class QuantLinearPlan:
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
         self.fp8_gemv_ok: Optional[bool] = None
+        self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
 
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
@@ -60,7 +64,7 @@ class QuantLinearPlan:
         return self
 
     def _weight_only(self, op: Op, weights, device):
-        from irlm.kernels import quant_linear as ql
+        from irlm.kernels import quant_gemm as qg, quant_linear as ql
         a = op.attrs
         names = [_param(op, i) for i in range(1, 4 if a["mode"] == "int4" else 3)]
         if None in names:
@@ -70,6 +74,9 @@ class QuantLinearPlan:
             if not ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q):
                 return "reference", None
             s = weights.get(names[1]).float().contiguous()
+            n, k = q.shape
+            if self._gemm(device, "int8", 0, op.operands[0].type.dtype.torch, n, k):
+                return "int8: gemv / triton gemm / dequantize+cublas", {"scales": s, "gemm": 1}
             return "int8: gemv / dequantize+cublas", {"scales": s}
         if a["mode"] == "int4":
             group = a["group"]
@@ -79,12 +86,17 @@ class QuantLinearPlan:
             s = weights.get(names[1]).float().contiguous()
             z = weights.get(names[2]).contiguous()
             entry = {"scales": s, "zeros": z, "group": group}
-            if op.operands[0].type.dtype.torch is torch.bfloat16 \
+            xdt = op.operands[0].type.dtype.torch
+            gemm = self._gemm(device, "int4", group, xdt, n, k)
+            if gemm:
+                entry["scales_t"], entry["zeros_t"] = qg.prepare_int4_scales(s, z)
+            mid = "triton gemm / " if gemm else ""
+            if xdt is torch.bfloat16 \
                     and ql.tinygemm_supported(n, k, group) and self._tinygemm(device):
                 entry["packed"], entry["scale_zeros"] = ql.pack_int4_tinygemm(
                     q, s, z, high_first=self.tinygemm_order == "high")
-                return "int4: tinygemm / dequantize+cublas", entry
-            return "int4: dequantize+cublas", entry
+                return f"int4: tinygemm / {mid}dequantize+cublas", entry
+            return f"int4: {mid}dequantize+cublas", entry
         if a["mode"] == "fp8":
             ws = weights.get(names[1]).float().reshape(())
             if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
@@ -108,7 +120,8 @@ class QuantLinearPlan:
             xs = weights.get(xs_name).float().reshape(())
             entry = {"w_scale": ws.reshape(()), "x_scale": xs}
             q = weights.get(_param(op, 1))
-            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+            if ql.FP8_GEMV_MAX_M > 0 and \
+                    ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
                     and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
                 return "fp8: gemv / cublaslt _scaled_mm", entry
@@ -125,6 +138,29 @@ class QuantLinearPlan:
                                         if tinygemm_matches_reference(device, o == "high")), "")
         return bool(self.tinygemm_order)
 
+    def _gemm(self, device, mode: str, group: int, dtype, n: int, k: int) -> bool:
+        """Whether the Triton weight-only GEMM takes this linear here: Triton and a GPU that
+        runs it, a shape it takes, and a check, once per (mode, group, dtype), that it
+        computes the reference op on a small random weight (else dequantize + cuBLAS)."""
+        from irlm.kernels import quant_gemm as qg
+        if dtype not in qg.DTYPES or not qg.supported(n, k, group):
+            return False
+        ok, why = qg.available(device)
+        if not ok:
+            if torch.device(device).type == "cuda" and "unavailable" not in self.gemm_ok:
+                import warnings
+                warnings.warn(f"the Triton weight-only GEMM cannot run: {why}; int8/int4 "
+                              f"linears of 17+ rows dequantize for cuBLAS", RuntimeWarning,
+                              stacklevel=2)
+                self.gemm_ok["unavailable"] = False
+            return False
+        key = (mode, group, dtype)
+        if key not in self.gemm_ok:
+            self.gemm_ok[key] = gemm_matches_reference(device, mode, group, dtype)
+            if self.gemm_ok[key]:
+                qg.split_locks(device)      # allocated now, not inside a graph capture
+        return self.gemm_ok[key]
+
     def _fp8_gemv(self, device) -> bool:
         """Whether the GEMV with e4m3 weights computes the reference op here (checked once on
         a small random weight; the paths fall back to cuBLAS(Lt) otherwise)."""
@@ -140,7 +176,7 @@ class QuantLinearPlan:
         entry = self.prepared.get(id(ctx.op))
         if entry is None:
             return _reference("quant.linear", ctx, x, a)
-        from irlm.kernels import quant_linear as ql
+        from irlm.kernels import quant_gemm as qg, quant_linear as ql
         from irlm.ops.quant import _epilogue
         xv = x[0]
         bias_at = 4 if a["mode"] == "int4" else 3
@@ -150,6 +186,8 @@ class QuantLinearPlan:
         if a["mode"] == "int8":
             if m <= ql.GEMV_MAX_M:
                 y = ql.w8a16_gemv(flat, x[1], entry["scales"], bias)
+            elif "gemm" in entry and m <= qg.GEMM_MAX_M["int8"]:
+                y = qg.w8a16_gemm(flat, x[1], entry["scales"], bias)
             else:
                 y = F.linear(flat, ql.dequantize_int8(x[1], entry["scales"], xv.dtype), bias)
         elif a["mode"] == "fp8":
@@ -163,6 +201,9 @@ class QuantLinearPlan:
                                      entry["scale_zeros"])
                 if bias is not None:
                     y = y + bias
+            elif "scales_t" in entry and m <= qg.GEMM_MAX_M["int4"]:
+                y = qg.w4a16_gemm(flat, x[1], entry["scales_t"], entry["zeros_t"],
+                                  entry["group"], bias)
             else:
                 w = ql.dequantize_int4(x[1], entry["scales"], entry["zeros"], entry["group"],
                                        xv.dtype)
@@ -239,3 +280,41 @@ def tinygemm_matches_reference(device, high_first: bool = True) -> bool:
     except (RuntimeError, NotImplementedError):
         return False
     return bool(((got - ref).norm() / ref.norm()) < 2e-2)
+
+
+def gemm_matches_reference(device, mode: str, group: int, dtype) -> bool:
+    """Run the Triton weight-only GEMM once (mode int8 or int4 with ``group``, activations of
+    ``dtype``, 40 rows: the small-batch tiles, K split 4 ways) on a small random weight and
+    compare with the reference dequantization (fp32 matmul); False, with a warning saying
+    why, if it differs or cannot compile or run."""
+    import warnings
+    from irlm.kernels import quant_gemm as qg
+    from irlm.ops.quant import dequantize_reference
+    from irlm.passes.llm.quantize import quantize_int4, quantize_int8
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, k = 96, 2048
+    w = torch.randn(n, k, generator=g) * 0.05
+    xv = torch.randn(40, k, generator=g).to(dtype)
+    dev = torch.device(device)
+    try:
+        if mode == "int8":
+            q, s = quantize_int8(w)
+            ref = xv.float() @ dequantize_reference(q, s).t()
+            got = qg.w8a16_gemm(xv.to(dev), q.to(dev), s.float().to(dev))
+        else:
+            q, s, z = quantize_int4(w, group)
+            ref = xv.float() @ dequantize_reference(q, s, z, group=group).t()
+            st, zt = qg.prepare_int4_scales(s.to(dev), z.to(dev))
+            got = qg.w4a16_gemm(xv.to(dev), q.to(dev), st, zt, group)
+    except Exception as e:  # noqa: BLE001 - any failure (Triton, driver): the cuBLAS path
+        warnings.warn(f"the Triton weight-only GEMM ({mode}, group {group}, {dtype}) cannot "
+                      f"run on {device}: {type(e).__name__}: {e}; dequantize + cuBLAS instead",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    err = ((got.float().cpu() - ref).norm() / ref.norm()).item()
+    if err >= 1e-2:
+        warnings.warn(f"the Triton weight-only GEMM ({mode}, group {group}, {dtype}) is off by "
+                      f"{err:.3g} (relative) on {device}; dequantize + cuBLAS instead",
+                      RuntimeWarning, stacklevel=2)
+        return False
+    return True

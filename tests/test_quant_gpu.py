@@ -18,9 +18,9 @@ pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
-from irlm.kernels import quant_linear as ql  # noqa: E402
+from irlm.kernels import quant_gemm as qg, quant_linear as ql  # noqa: E402
 from irlm.lowering.quant_linears import (QuantLinearPlan, fp8_gemv_matches_reference,  # noqa: E402
-                                        tinygemm_matches_reference)
+                                        gemm_matches_reference, tinygemm_matches_reference)
 from irlm.ops.quant import dequantize_reference, linear_a8_reference  # noqa: E402
 from irlm.passes.llm.quantize import quantize_fp8, quantize_int4, quantize_int8  # noqa: E402
 
@@ -100,6 +100,124 @@ def test_int4_tinygemm_matches_reference(group, m):
     assert got.shape == (m, n)
     # tinygemm keeps scale and (8 - z) * s in bf16: one more rounding than the reference
     assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 2e-2
+
+
+# ----- the Triton weight-only GEMM (17+ rows) ----------------------------------------------------
+
+# M ranges of qg.gemm_config: 17..64 (tokens on the MMA's N side, 16/32/64), 65..128, 129+,
+# prefill chunks; N not a multiple of the tile (120), K with several groups
+GEMM_MS = [17, 31, 32, 48, 64, 65, 100, 128, 129, 300, 512, 2048]
+
+
+def _poisoned_empty(m, n, dtype):
+    """Leave a NaN-filled block of the output's size in torch's cache, so that a tile the
+    kernel fails to write shows up as NaN instead of an earlier call's valid result."""
+    torch.full((m, n), float("nan"), dtype=dtype, device=DEV)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", GEMM_MS)
+def test_triton_int8_gemm_matches_reference(m, dtype):
+    n, k = 392, 1536
+    q, s = quantize_int8(randn(n, k, scale=0.05))
+    x = randn(m, k).to(dtype)
+    bias = randn(n).to(dtype)
+    _poisoned_empty(m, n, dtype)
+    got = qg.w8a16_gemm(x.to(DEV), q.to(DEV), s.float().to(DEV), bias.to(DEV))
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel(got, weight_only_reference(x, q, s, None, 0, bias)) < 1e-2
+
+
+# int4 also below 17 rows: fp16 engines (tinygemm takes bf16 only) run it at every M
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 8] + GEMM_MS)
+def test_triton_int4_gemm_matches_reference(m, dtype, group):
+    n, k = 264, 1024
+    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
+    x = randn(m, k).to(dtype)
+    bias = randn(n).to(dtype)
+    st, zt = qg.prepare_int4_scales(s.to(DEV), z.to(DEV))
+    _poisoned_empty(m, n, dtype)
+    got = qg.w4a16_gemm(x.to(DEV), q.to(DEV), st, zt, group, bias.to(DEV))
+    assert got.dtype == dtype and got.shape == (m, n)
+    # the same dequantized weights as the reference (bit for bit), fp32 sums
+    assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
+
+
+@pytest.mark.parametrize("cfg", qg.CANDIDATES, ids=lambda c: c.describe().replace(" ", "-"))
+def test_triton_gemm_every_candidate_configuration(cfg):
+    # the configurations benchmarks/quant_gemm.py --sweep times compute the same product
+    n, k, m = 640, 2048, 200
+    w = randn(n, k, scale=0.05)
+    x = randn(m, k).to(torch.bfloat16)
+    q8, s8 = quantize_int8(w)
+    got = qg.w8a16_gemm(x.to(DEV), q8.to(DEV), s8.float().to(DEV), config=qg.fit_config(cfg, k))
+    assert rel(got, weight_only_reference(x, q8, s8, None, 0, None)) < 1e-2
+    q4, s4, z4 = quantize_int4(w, 128)
+    st, zt = qg.prepare_int4_scales(s4.to(DEV), z4.to(DEV))
+    got = qg.w4a16_gemm(x.to(DEV), q4.to(DEV), st, zt, 128, config=qg.fit_config(cfg, k))
+    assert rel(got, weight_only_reference(x, q4, s4, z4, 128, None)) < 1e-2
+
+
+@pytest.mark.parametrize("split", [2, 4, 8])
+def test_triton_gemm_split_k_is_exact_and_repeatable(split):
+    """K split over 2..8 programs per tile meeting through the per-tile counters: correct,
+    bit-identical over 20 launches (parts added in split order), counters back at zero."""
+    n, k, m = 1000, 4096, 40
+    q, s = quantize_int8(randn(n, k, scale=0.05))
+    x = randn(m, k).to(torch.bfloat16)
+    bias = randn(n).to(torch.bfloat16)
+    cfg = qg.GemmConfig(64, 128, 128, True, 8, 4, split)
+    args = (x.to(DEV), q.to(DEV), s.float().to(DEV), bias.to(DEV))
+    first = qg.w8a16_gemm(*args, config=cfg)
+    assert rel(first, weight_only_reference(x, q, s, None, 0, bias)) < 1e-2
+    for _ in range(20):
+        assert torch.equal(qg.w8a16_gemm(*args, config=cfg), first)
+    torch.cuda.synchronize()
+    assert not qg.split_locks(DEV).any()
+
+
+def test_triton_gemm_load_check_passes_on_this_device():
+    # else the runner quietly dequantizes for cuBLAS from 17 rows (correct, slower)
+    assert qg.available(DEV) == (True, "")
+    for mode, group in (("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128)):
+        for dtype in (torch.bfloat16, torch.float16):
+            assert gemm_matches_reference(torch.device(DEV), mode, group, dtype), (mode, group)
+
+
+@pytest.mark.parametrize("m", [17, 48, 200])
+def test_triton_gemm_inside_cuda_graph_capture(m):
+    """Compiled before capture (the first call), then captured and replayed on new inputs
+    copied into the captured buffer: each replay computes the new product."""
+    n, k, group = 512, 1024, 64
+    w = randn(n, k, scale=0.05)
+    q8, s8 = quantize_int8(w)
+    q4, s4, z4 = quantize_int4(w, group)
+    q8d, s8d, q4d = q8.to(DEV), s8.float().to(DEV), q4.to(DEV)
+    st, zt = qg.prepare_int4_scales(s4.to(DEV), z4.to(DEV))
+    bias = randn(n).to(torch.bfloat16)
+    bd = bias.to(DEV)
+    xbuf = torch.empty(m, k, dtype=torch.bfloat16, device=DEV)
+
+    def step():
+        return (qg.w8a16_gemm(xbuf, q8d, s8d, bd), qg.w4a16_gemm(xbuf, q4d, st, zt, group, bd))
+    xbuf.copy_(randn(m, k).to(torch.bfloat16))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()                                   # compiles
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out8, out4 = step()
+    for _ in range(3):
+        x = randn(m, k).to(torch.bfloat16)
+        xbuf.copy_(x)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert rel(out8, weight_only_reference(x, q8, s8, None, 0, bias)) < 1e-2
+        assert rel(out4, weight_only_reference(x, q4, s4, z4, group, bias)) < 1e-2
 
 
 @pytest.mark.parametrize("m", [1, 5, 16, 17, 100, 512])
@@ -185,10 +303,10 @@ def _engine(mode, tmp_path):
 # can move an element to the next e4m3 / int8 step (up to 1/8 of its value in e4m3): 5e-2
 # (seen on an H200: fp8 3.0e-2 on the 110-token prefill).
 @pytest.mark.parametrize("mode,path,tol", [
-    ("int8", "int8: gemv / dequantize+cublas", 2e-2),
-    ("int4", "int4: tinygemm / dequantize+cublas", 2e-2),
-    ("int4-awq", "int4: tinygemm / dequantize+cublas", 2e-2),
-    ("fp8", "fp8: gemv / cublaslt _scaled_mm", 5e-2),
+    ("int8", "int8: gemv / triton gemm / dequantize+cublas", 2e-2),
+    ("int4", "int4: tinygemm / triton gemm / dequantize+cublas", 2e-2),
+    ("int4-awq", "int4: tinygemm / triton gemm / dequantize+cublas", 2e-2),
+    ("fp8", "fp8: cublaslt _scaled_mm", 5e-2),      # its GEMV is off (FP8_GEMV_MAX_M = 0)
     ("fp8-weight", "fp8 weight-only: gemv / dequantize+cublas", 2e-2),
     ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
 ])
@@ -220,3 +338,32 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path
         err = rel(got, want)
         assert err <= tol, (mode, step, err)
     assert fast.stats["graph_replays"] == 7 and fast.stats["graph_captures"] == 1
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4", "int4-awq"])
+def test_weight_only_engine_decodes_17_plus_rows_through_the_gemm_in_cuda_graphs(mode,
+                                                                                tmp_path):
+    """20 requests decoding together (bucket 32: the Triton GEMM inside the captured decode
+    graph) and a 160-token prefill (eager), against the same engine on the reference ops."""
+    from irlm.runtime.model_runner import StepBatch
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
+    graph = _engine(mode, tmp_path)
+    fast = CudaGraphRunner(graph, num_blocks=128)
+    assert all("triton gemm" in p for p in fast.quant_plan.summary()), \
+        fast.quant_plan.summary()
+    ref = CudaGraphRunner(graph, num_blocks=128, cuda_graphs=False)
+    ref.quant_plan.prepared.clear()
+    g = torch.Generator().manual_seed(3)
+    reqs = list(range(20))
+    seqs = [torch.randint(0, VOCAB, (12,), generator=g) for _ in reqs]
+    tables = [[2 * r, 2 * r + 1] for r in reqs]
+    done = [0] * len(reqs)
+    for step in [8] + [1] * 4:
+        batch = StepBatch.pack(reqs, [seqs[r][done[r]:done[r] + step].tolist() for r in reqs],
+                               [done[r] for r in reqs], [tables[r] for r in reqs])
+        got, want = fast.step(batch), ref.step(batch)
+        for r in reqs:
+            done[r] += step
+        err = rel(got, want)
+        assert err <= 2e-2, (mode, step, err)
+    assert fast.stats["graph_replays"] == 4 and fast.stats["graph_captures"] == 1

@@ -17,6 +17,7 @@ from ..errors import IRLMError
 
 
 def add_parser(sub) -> None:
+    from ..lowering.kernel_selection import LINEAR_DTYPES
     p = sub.add_parser(
         "compile", help="compile a model into an output directory (IR dumps, later an engine)",
         description="Compile a model. Give exactly one source: a model.py (or any path irlm "
@@ -70,7 +71,15 @@ def add_parser(sub) -> None:
     p.add_argument("--device", choices=DEVICES, default="any",
                    help="the device the engine is for: cpu records the dtype this CPU "
                         "computes the linears fastest in (config.cpu_linear: bf16 with "
-                        "AVX512-BF16/AMX, int8 for --quant int8, else f32); default any")
+                        "AVX512-BF16/AMX, int8 for --quant int8, int4 for --quant int4, "
+                        "else f16 weights with f32 arithmetic); default any (the CPU "
+                        "executor picks the same at load)")
+    p.add_argument("--cpu-linear", choices=LINEAR_DTYPES, default=None, metavar="DTYPE",
+                   help="record the dtype a CPU runs the linears in (config.cpu_linear): "
+                        "f32 (the graph's own weights and arithmetic), f16 (f16 weights, f32 "
+                        "activations and accumulation), bf16, int8 / int4 (the --quant "
+                        "int8 / int4 weights through torch's int GEMMs); default: --device's "
+                        "choice")
     p.add_argument("--dump-ir", action="store_true",
                    help="write the IR after every pass under OUT/ir/ (01-PASS.irlm, ...)")
     p.add_argument("--no-engine", action="store_true",
@@ -150,7 +159,7 @@ def config_from_args(args) -> CompileConfig:
         dims=parse_dims(args.dims) if args.dims is not None else None, static=args.static,
         max_num_tokens=args.max_num_tokens, quant=args.quant, quant_group=args.quant_group,
         kv_cache_dtype=args.kv_cache_dtype, calib=args.calib, tp=args.tp, pp=args.pp,
-        device=args.device, target=args.target, force=args.force,
+        device=args.device, cpu_linear=args.cpu_linear, target=args.target, force=args.force,
         write_engine=not args.no_engine, dump_ir=args.dump_ir, dump_ir_dir=args.dump_ir_dir,
         print_ir_before=list(args.print_ir_before), print_ir_after=list(args.print_ir_after),
         timing=args.timing, stats=args.stats, check_numerics=args.check_numerics,

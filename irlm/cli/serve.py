@@ -49,6 +49,8 @@ def add_parser(sub) -> None:
                    help="overlap host work with the device's next step (default: on for a "
                         "GPU engine, off on a CPU; see docs/runtime.md)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for a CPU engine (default: the physical cores)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight (default 30)")
     p.add_argument("--log-level", default="warning",
@@ -78,7 +80,7 @@ def run(args) -> int:
         llm_kwargs["enable_prefix_caching"] = False
     if args.async_decode is not None:
         llm_kwargs["async_decode"] = args.async_decode
-    for name in ("max_num_tokens", "max_batch_size", "num_blocks"):
+    for name in ("max_num_tokens", "max_batch_size", "num_blocks", "threads"):
         v = getattr(args, name)
         if v is not None and v < 1:
             raise IRLMError(f"--{name.replace('_', '-')} {v}: must be at least 1")
@@ -87,7 +89,14 @@ def run(args) -> int:
     fraction = args.kv_cache_fraction
     if fraction is None and repo is not None:
         fraction = repo.kv_cache_fraction
+    threads = args.threads
+    if threads is None and args.device != "cuda" and engine is not None:
+        from ..runtime.runners.cpu import physical_cores
+        threads = physical_cores()
+    # The tokenizer's own thread pool would compete with the GEMMs' threads for the cores.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     spec = EngineSpec(engine_dir=engine, factory=args.factory, device=args.device,
+                      threads=threads,
                       num_blocks=args.num_blocks, kv_cache_fraction=fraction,
                       kv_tokens=repo.kv_tokens if repo else None, llm_kwargs=llm_kwargs)
     name = args.served_model_name or (repo.name if repo else None) or \

@@ -13,14 +13,28 @@ import torch
 from ..ir import Graph
 
 
-def inference_example_inputs(vocab_size: int, device=None, batch: int = 2) -> dict:
+def inference_example_inputs(vocab_size: int, device=None, batch: int = 2,
+                             position_ids: bool = True) -> dict:
     """input_ids, an all-ones attention mask and explicit position_ids (batch 2, so torch does
     not specialize the batch dim to 1): substitute-attention reads positions from
-    position_ids, and the explicit mask keeps HF from deriving packed-sequence masks."""
+    position_ids, and the explicit mask keeps HF from deriving packed-sequence masks.
+    ``position_ids=False`` for a model whose forward takes none (ALiBi: BLOOM)."""
     ids = torch.arange(8 * batch, device=device).remainder(max(2, vocab_size)).reshape(batch, 8)
-    return {"input_ids": ids,
-            "attention_mask": torch.ones(batch, 8, dtype=torch.long, device=device),
-            "position_ids": torch.arange(8, device=device).repeat(batch, 1)}
+    out = {"input_ids": ids,
+           "attention_mask": torch.ones(batch, 8, dtype=torch.long, device=device)}
+    if position_ids:
+        out["position_ids"] = torch.arange(8, device=device).repeat(batch, 1)
+    return out
+
+
+def takes_position_ids(module) -> bool:
+    """Whether the model's forward has a ``position_ids`` parameter (BLOOM's has none)."""
+    import inspect
+    try:
+        params = inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return "position_ids" in params
 
 
 def sliding_window_of(config) -> int:
@@ -41,7 +55,8 @@ def compile_causal_lm(module, *, level: str = "2", weights=None, max_batch: int 
         max_seq = int(getattr(cfg, "max_position_embeddings", 0) or 2048)
     device = next(iter(module.parameters())).device
     g = trace(module, inference_example_inputs(int(cfg.vocab_size), device=device,
-                                               batch=min(2, max_batch)),
+                                               batch=min(2, max_batch),
+                                               position_ids=takes_position_ids(module)),
               dims={"batch": (1, max_batch), "seq": (1, max_seq)}, weights=weights)
     text = pipeline_for(level, True, tokens_per_block, sliding_window_of(cfg), max_num_tokens)
     if extra_pipeline:

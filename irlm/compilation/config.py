@@ -62,6 +62,9 @@ class CompileConfig:
     #: the device the engine is for: "cpu" records the dtype this CPU computes linears fastest
     #: in (engine config ``cpu_linear``); "any" or "cuda" record nothing
     device: str = "any"
+    #: the dtype a CPU runs this engine's linears in (engine config ``cpu_linear``: f32, f16,
+    #: bf16, int8, int4); None: with device "cpu", the fastest this CPU has for the quant mode
+    cpu_linear: Optional[str] = None
     #: what to write: "engine" (irlm's), "onnx" (model.onnx + build_trt.sh) or "tensorrt"
     #: (also model.plan; needs TensorRT)
     target: str = "engine"
@@ -105,6 +108,13 @@ class CompileConfig:
         _choice("--quant", self.quant, QUANT_MODES)
         _choice("--kv-cache-dtype", self.kv_cache_dtype, KV_CACHE_DTYPES)
         _choice("--device", self.device, DEVICES)
+        if self.cpu_linear is not None:
+            from irlm.lowering.kernel_selection import LINEAR_DTYPES
+            _choice("--cpu-linear", self.cpu_linear, LINEAR_DTYPES)
+            if self.device == "cuda":
+                raise IRLMError(f"--cpu-linear {self.cpu_linear} with --device cuda: the CPU "
+                                f"linear dtype is for engines run on a CPU (use --device cpu "
+                                f"or any)")
         _choice("--target", self.target, TARGETS)
         quant = self.quant
         if self.calib is not None:

@@ -76,8 +76,9 @@ def is_causal_lm(model) -> bool:
 
 
 def inference_example_inputs(model, batch: int = 2) -> dict:
-    from .causal_lm import inference_example_inputs as inputs
-    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch)
+    from .causal_lm import inference_example_inputs as inputs, takes_position_ids
+    return inputs(int(getattr(model.config, "vocab_size", 2) or 2), batch=batch,
+                  position_ids=takes_position_ids(model.module))
 
 
 def level_pipeline(job: CompileJob) -> str:
@@ -237,7 +238,9 @@ def engine_stage(job: CompileJob) -> None:
         "pipeline": job.pipeline,
         "irlm_version": _irlm_version(),
     }
-    if job.config.device == "cpu":
+    if job.config.cpu_linear:
+        config["cpu_linear"] = job.config.cpu_linear
+    elif job.config.device == "cpu":
         from irlm.lowering.kernel_selection import default_linear_dtype
         config["cpu_linear"] = default_linear_dtype(job.config.quant)
     config["activation_arena_bytes"] = activation_plan(job.graph, job.config.max_num_tokens,

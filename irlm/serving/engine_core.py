@@ -50,6 +50,8 @@ class EngineSpec:
     llm_kwargs: dict[str, Any] = field(default_factory=dict)
 
     kv_tokens: Optional[int] = None          # KV-cache size in tokens (overrides fraction)
+    #: torch's CPU threads for a CPU engine (None: leave the process's setting)
+    threads: Optional[int] = None
 
     def build(self):
         if self.factory is not None:
@@ -64,7 +66,8 @@ class EngineSpec:
             num_blocks = -(-self.kv_tokens // block_size)
         if num_blocks is None and self.kv_cache_fraction is not None:
             num_blocks = blocks_for_fraction(engine, self.device, self.kv_cache_fraction)
-        runner = runner_for_engine(engine, device=self.device, num_blocks=num_blocks)
+        runner = runner_for_engine(engine, device=self.device, num_blocks=num_blocks,
+                                   threads=self.threads)
         kwargs = dict(self.llm_kwargs)
         kwargs.setdefault("chat_template", engine.chat_template)
         kwargs.setdefault("eos_token_id", engine.config.get("eos_token_id"))

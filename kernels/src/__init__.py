@@ -6,6 +6,9 @@
   GPU), ``paged_attention_decode``, ``prefill_attention``, ``kv_cache_write``,
   ``rope_kv_write``, ``rms_norm``, ``fused_add_rms_norm``, ``gated_act``, ``sample``,
   ``greedy``.
+* :mod:`irlm.kernels.quant_linear`: the quantized linears' GEMV / dequantize kernels and
+  torch's fused quantized GEMMs; :mod:`irlm.kernels.quant_gemm`: the weight-only int8 / int4
+  GEMM for 17+ rows, written in Triton (Triton is imported only when it first runs).
 * :mod:`irlm.kernels.capi`: ctypes mirrors of the CMake-built ``libirlm_kernels.so``'s
   ``irlm_paged_attention`` C ABI (the same launch logic in C++, for C/C++ callers such as the
   TensorRT plugin) and a caller for torch tensors.

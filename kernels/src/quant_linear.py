@@ -11,13 +11,17 @@ linear int4     ``torch._weight_int4pack_  ``irlm_dequant_int4`` + cuBLAS bf16 G
 (W4A16, AWQ)    mm`` (tinygemm, bf16)                                                   packed
                 (M <= INT4_TINYGEMM_MAX_M)                                              at load
 linear_a8 fp8   ``irlm_w8a16_gemv``        ``torch._scaled_mm`` (cuBLASLt fp8 GEMM,     as
-(W8A8)          with e4m3 weights, x       per-tensor scales)                           stored
-                rounded to e4m3 in-kernel
+(W8A8)          with e4m3 weights, x       per-tensor scales; every M while             stored
+                rounded to e4m3 in-kernel  FP8_GEMV_MAX_M = 0)
 linear fp8      ``irlm_w8a16_gemv`` with   fp32 dequantize (torch) + cuBLAS             as
 (W8A16)         e4m3 weights                                                            stored
 linear_a8 w8a8  ``torch._int_mm`` (cuBLASLt int8 GEMM) + per-token x per-channel        as
 (SmoothQuant)   scales in fp32 (M padded to 17 rows where cuBLASLt needs it)            stored
 ==============  =========================  ===========================================  =======
+
+For int8 and int4 the large-batch column above is the fallback: from 17 rows up to
+``quant_gemm.GEMM_MAX_M`` they run the Triton weight-only GEMM of :mod:`.quant_gemm`
+(dequantized in registers, tensor cores) where Triton runs.
 
 Weight layouts.  ``_scaled_mm`` and ``_int_mm`` want the second operand column-major
 ``[K, N]``: that is ``qweight.t()`` of the stored row-major ``[N, K]``, a view, so the stored
@@ -44,16 +48,21 @@ from .ops import CTYPES, _ptr, _sm_count, _tensor
 
 c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 
-#: up to this many rows the int8 GEMV kernel runs (one pass over the weights per 8 rows);
-#: above it, dequantize + cuBLAS (one write and one read of a bf16 copy of the weight)
-GEMV_MAX_M = 16
-#: up to this many rows fp8 engines run the GEMV with e4m3 weights (cuBLASLt's fp8 GEMM read
-#: the weights at under half the copy bandwidth at batch 1 on an H200); 0 turns it off
-FP8_GEMV_MAX_M = 8
+# The row limits below are from benchmarks/quant_gemm.py on an H200 (2026-12-04, Llama-3-8B
+# linear shapes, docs/performance.md).
+#: up to this many rows the int8 GEMV kernel runs; above it the Triton GEMM (quant_gemm) or,
+#: without Triton, dequantize + cuBLAS.  The GEMV beat the GEMM at 1 row on every shape
+#: (e.g. gate/up 37.0 vs 60.8 us) and lost at 8 (147.2 vs 56.6 us)
+GEMV_MAX_M = 1
+#: up to this many rows fp8 engines run the GEMV with e4m3 weights; 0 turns it off.  Off:
+#: cuBLASLt's fp8 GEMM (`torch._scaled_mm`) was as fast or faster at every M measured,
+#: 1 row included (gate/up 39.3 vs 41.7 us, down 29.4 vs 30.3 us)
+FP8_GEMV_MAX_M = 0
 GEMV_ROWS = (1, 2, 4, 8)
-#: up to this many rows int4 runs tinygemm; above it, dequantize + cuBLAS (H200, Llama-3-8B
-#: shapes: tinygemm took 19 ms per batch-32 decode step, slower than dequantize + cuBLAS)
-INT4_TINYGEMM_MAX_M = 16
+#: up to this many rows int4 runs tinygemm; above it the Triton GEMM, then dequantize +
+#: cuBLAS.  tinygemm beat the GEMM at 8 rows on every shape and lost at 16 (gate/up 135.8 vs
+#: 91.2 us)
+INT4_TINYGEMM_MAX_M = 8
 #: the int4 group sizes tinygemm accepts
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 GEMV_DTYPES = (torch.bfloat16, torch.float16)

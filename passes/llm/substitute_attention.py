@@ -14,6 +14,11 @@ those ops unchanged, and each ``scaled_dot_product_attention`` (whose mask only 
 causality) becomes one ``llm.paged_attention`` that attends within each request through its
 block table.  GQA's ``repeat_kv`` expansion is removed so the cache holds only kv heads.
 Positions come from ``position_ids``, so rotary embeddings need no change.
+
+Models without an sdpa path spell attention out as ``softmax(Q K^T * scale + bias) V``;
+eager_attention.py finds those and proves the bias is causal (within the sliding window) plus
+ALiBi (BLOOM), and they become ``llm.paged_attention`` with ``alibi_slopes`` the same way.  A
+model that takes no ``position_ids`` (ALiBi) still gets the input, unused.
 """
 from __future__ import annotations
 
@@ -29,6 +34,7 @@ from irlm.registry import get_op_def
 from irlm.types import DType, TensorType, dims_equal, sym
 
 from ..transforms.dce import eliminate_dead_code
+from .eager_attention import EagerAttention, find_eager_attention
 
 _BIG = 2 ** 62
 
@@ -46,14 +52,16 @@ def substitute_attention(graph: Graph, tokens_per_block: int = 16, sliding_windo
             raise IRError(f"substitute-attention: {name} must be an int in [{low}, {top}], "
                           f"got {value!r}")
     sdpas = [op for op in g.ops if op.name == "core.scaled_dot_product_attention"]
-    if not sdpas:
+    if not sdpas and not any(op.name == "core.softmax" for op in g.ops):
         raise IRError("substitute-attention: the graph has no core.scaled_dot_product_attention "
                       "op (is it a decoder traced with attention?)")
     names = {v.name: v for v in g.inputs}
-    for required in ("input_ids", "position_ids"):
-        if required not in names:
-            raise IRError(f"substitute-attention: the graph has no input %{required}; trace "
-                          f"the model with input_ids and position_ids (inference form)")
+    if "input_ids" not in names:
+        raise IRError("substitute-attention: the graph has no input %input_ids; trace the "
+                      "model with input_ids and position_ids (inference form)")
+    if "position_ids" not in names and sdpas:
+        raise IRError("substitute-attention: the graph has no input %position_ids; trace "
+                      "the model with input_ids and position_ids (inference form)")
 
     # 1. One packed sequence: batch = 1, seq = tokens of all requests.
     T, R, MB, NB = sym("tokens"), sym("reqs"), sym("max_blocks"), sym("cache_blocks")
@@ -71,22 +79,42 @@ def substitute_attention(graph: Graph, tokens_per_block: int = 16, sliding_windo
     g.declare_dim("max_blocks", 1, max_blocks_per_seq)
     g.declare_dim("cache_blocks", 1, 1 << 24)
 
+    # Explicit softmax(Q K^T) V attention (models without an sdpa path, e.g. BLOOM's ALiBi).
+    eager = find_eager_attention(g, T, sliding_window)
+    if not sdpas and not eager:
+        raise IRError("substitute-attention: the graph has no core.scaled_dot_product_attention "
+                      "op and no explicit softmax(Q K^T) V attention (is it a decoder traced "
+                      "with attention?)")
+    order = {id(op): i for i, op in enumerate(g.ops)}
+    layers = sorted([(order[id(op)], op) for op in sdpas] +
+                    [(order[id(a.softmax)], a) for a in eager], key=lambda t: t[0])
+
     # 2. Packed inputs and per-request metadata.
-    first = sdpas[0]
-    k0 = strip_repeat_kv(first.operands[1])
-    kv_heads, head_dim = k0.type.shape[1], k0.type.shape[3]
+    first = layers[0][1]
+    if isinstance(first, EagerAttention):
+        k0 = strip_repeat_kv(first.k)
+        kv_heads, head_dim = k0.type.shape[-3], k0.type.shape[-1]
+    else:
+        k0 = strip_repeat_kv(first.operands[1])
+        kv_heads, head_dim = k0.type.shape[1], k0.type.shape[3]
     cache_dtype = kv_cache_dtype or k0.type.dtype
     q_lens = g.add_input(TensorType((R,), DType.i32), "q_lens")
     cached = g.add_input(TensorType((R,), DType.i32), "cached_lens")
     tables = g.add_input(TensorType((R, MB), DType.i32), "block_tables")
-    cache = g.add_input(TensorType((len(sdpas), NB, 2, tokens_per_block, kv_heads, head_dim),
+    cache = g.add_input(TensorType((len(layers), NB, 2, tokens_per_block, kv_heads, head_dim),
                                    cache_dtype), "kv_cache")
     for name in ("input_ids", "position_ids"):
-        _flatten_input(g, names[name], T)
+        if name in names:
+            _flatten_input(g, names[name], T)
+        else:       # an ALiBi model reads no positions; the inference form still takes them
+            g.add_input(TensorType((T,), DType.i64), name)
 
     # 3. Attention → paged attention, one cache layer each, in graph order.
-    for layer, op in enumerate(sdpas):
-        _replace_sdpa(g, op, layer, T, cache, tables, q_lens, cached, sliding_window)
+    for layer, (_, att) in enumerate(layers):
+        if isinstance(att, EagerAttention):
+            _replace_eager(g, att, layer, T, cache, tables, q_lens, cached, sliding_window)
+        else:
+            _replace_sdpa(g, att, layer, T, cache, tables, q_lens, cached, sliding_window)
 
     # 4. Only each request's last token reaches the LM head.
     if len(g.outputs) != 1:
@@ -203,6 +231,31 @@ def _replace_sdpa(g: Graph, op: Op, layer: int, T, cache, tables, q_lens, cached
                 dim0=1, dim1=2)
     op.result.replace_all_uses_with(back)
     g.erase(op)
+
+
+def _replace_eager(g: Graph, att: EagerAttention, layer: int, T, cache, tables, q_lens, cached,
+                   sliding_window: int) -> None:
+    """``softmax(Q K^T * scale + causal/ALiBi bias) V`` → ``llm.paged_attention`` (see
+    eager_attention.py for what was proved)."""
+    pv = att.out.producer
+    b = Builder(g, before=pv, loc=att.softmax.loc)
+
+    def packed(x: Value) -> Value:  # [heads, tokens, d] or [1, heads, tokens, d] → [tokens, heads, d]
+        heads, d = x.type.shape[-3], x.type.shape[-1]
+        if x.type.rank == 4:
+            x = b.op("core.reshape", x, shape=[heads, T, d])
+        return b.op("core.transpose", x, dim0=0, dim1=1)
+
+    out = b.op("llm.paged_attention", packed(att.q), packed(strip_repeat_kv(att.k)),
+               packed(strip_repeat_kv(att.v)), cache, tables, q_lens, cached, layer=layer,
+               scale=att.scale, sliding_window=sliding_window, alibi_slopes=list(att.slopes))
+    back = b.op("core.transpose", out, dim0=0, dim1=1)                  # [heads, tokens, d]
+    if att.out.type.rank == 4:
+        back = b.op("core.reshape", back, shape=list(att.out.type.shape))
+    if back.type.dtype is not att.out.type.dtype:
+        back = b.op("core.cast", back, dtype=att.out.type.dtype)
+    att.out.replace_all_uses_with(back)
+    g.erase(pv)
 
 
 _PER_TOKEN_UNARY = {"core.cast", "core.tanh", "core.neg", "core.exp", "core.sigmoid"}

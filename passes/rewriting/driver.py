@@ -19,6 +19,7 @@ by hashing, so the same input gives the same output.
 from __future__ import annotations
 
 import inspect
+import sys
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional, Sequence, Union
@@ -243,9 +244,10 @@ def pattern_pass(name: str, patterns: Sequence[PatternLike], *, doc: Optional[st
     run.__name__ = name.replace("-", "_")
     run.__doc__ = doc
     run.patterns = pset  # type: ignore[attr-defined]
-    caller = inspect.stack()[1]
+    # the caller's frame alone: inspect.stack() would read every frame's source lines
+    caller = sys._getframe(1)
     register_pass(name, doc=doc, replace=replace,
-                  source=f"{caller.filename}:{caller.lineno}")(run)
+                  source=f"{caller.f_code.co_filename}:{caller.f_lineno}")(run)
     return run
 
 

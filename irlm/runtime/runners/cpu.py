@@ -16,15 +16,19 @@ This executor runs the same graph the way :mod:`.cuda_graphs` does on a GPU:
   ``scaled_dot_product_attention`` with a mask built once per step (causal, padding, sliding
   window, ALiBi); no per-request Python loop;
 * **linear dtype**: the dtype the linears compute in.  ``f32`` keeps the graph's f32 weights
-  (exactly the reference's arithmetic); ``bf16`` stores the linear weights in bf16 and rounds
-  the linears' inputs to bf16 (half the memory traffic of a memory-bound decode step; what a
-  CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines (``--quant int8``)
-  run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one scale per row) and
-  int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
+  (exactly the reference's arithmetic); ``f16`` stores the weights in f16 and keeps f32
+  activations, accumulation and outputs (fbgemm's f16-weight GEMM: half the memory traffic
+  of f32 and only the weights rounded, to 11 significant bits; the default on a CPU without
+  native bf16, where the decode step is bound by reading the weights); ``bf16`` stores the
+  linear weights in bf16 and rounds the linears' inputs to bf16 (half the memory traffic
+  too; what a CPU with AVX512-BF16 or AMX computes fastest).  Weight-only int8 engines
+  (``--quant int8``) run torch's CPU int8 GEMM (``_weight_int8pack_mm``: int8 weights, one
+  scale per row) and int4 engines (``--quant int4``, groups of 32..256) its int4 GEMM
   (``_weight_int4pack_mm_for_cpu``), both with bf16 inputs (linear dtypes ``int8``,
   ``int4``); with linear dtype ``f32`` (and for fp8) their weights are dequantized to f32
   once at load.  :func:`default_linear_dtype` picks per CPU and quant mode;
-  ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``).
+  ``irlm compile --device cpu`` records the pick in the engine (``config.cpu_linear``),
+  ``irlm compile --cpu-linear DTYPE`` an explicit choice.
 
 The interpreter stays the oracle: tests compare this executor's logits and greedy tokens with
 the reference runner's and with Hugging Face transformers'.
@@ -32,6 +36,7 @@ the reference runner's and with Hugging Face transformers'.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Any, Callable, Optional
 
@@ -42,17 +47,30 @@ import torch.nn.functional as F
 from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
-from irlm.lowering.kernel_selection import cpu_flags, default_linear_dtype, has_fast_bf16  # noqa: F401
+from irlm.lowering.kernel_selection import (  # noqa: F401
+    LINEAR_DTYPES, cpu_flags, default_linear_dtype, has_fast_bf16)
 from irlm.ops.llm import KVCacheLayout, kv_cache_input
 from irlm.registry import get_op_def
 
 from .interpreter import REQUIRED_INPUTS
 from ..model_runner import StepBatch
 
-LINEAR_DTYPES = ("f32", "bf16", "int8", "int4")
 #: int4 group sizes torch's CPU int4 GEMM accepts
 INT4_GROUPS = (32, 64, 128, 256)
 _TORCH = {"f32": torch.float32, "bf16": torch.bfloat16}
+
+
+# ----- f16 weights, f32 arithmetic ------------------------------------------------------------
+
+def fp16_pack(w: torch.Tensor):
+    """``w`` [N, K] rounded to f16 once and packed for fbgemm's f16-weight GEMM."""
+    import torch.ao.nn.quantized  # noqa: F401  (registers torch.ops.quantized)
+    return torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), None)
+
+
+def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
+    """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
+    return torch.ops.quantized.linear_dynamic_fp16.default(x.float(), packed).to(x.dtype)
 
 
 # ----- machine facts ---------------------------------------------------------------------------
@@ -151,6 +169,15 @@ class AttentionPlan:
             allowed[:, :, 0] |= pad
         self.allowed = allowed
         self._masks: dict[tuple, torch.Tensor] = {}
+        #: rows of a layer's pool viewed as [blocks * 2 * block_size, kv_heads, d]: where the
+        #: step's keys then values go, and every row's keys then values (one copy, one gather)
+        kv = 2 * block_size
+        self.write_rows = torch.cat((self.write_blocks * kv + self.write_slots,
+                                     self.write_blocks * kv + block_size + self.write_slots))
+        read = self.read_blocks * kv + self.read_slots                      # [reqs, max_kv]
+        self.read_rows = torch.stack((read, read + block_size), 1).reshape(-1)
+        #: rope's sin with the rotate-half sign folded in, per sin tensor of this step
+        self.signed_sin: dict[int, tuple] = {}
 
     def mask(self, window: int, slopes: tuple, heads: int) -> Optional[torch.Tensor]:
         """The SDPA mask: bool [reqs, 1, max_q, max_kv], or float with ALiBi
@@ -181,11 +208,30 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
     if quantized:
         from irlm.ops.llm import kv_to_cache
         k, v = kv_to_cache(k, cache.dtype, ks), kv_to_cache(v, cache.dtype, vs)
-    pool[plan.write_blocks, 0, plan.write_slots] = k
-    pool[plan.write_blocks, 1, plan.write_slots] = v
-    keys = pool[plan.read_blocks, 0, plan.read_slots]     # [reqs, max_kv, kv_heads, d]
-    vals = pool[plan.read_blocks, 1, plan.read_slots]
     heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
+    if plan.decode and not quantized and q.dtype == torch.float32 \
+            and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
+        # the decode step, the hot path: one copy in, one gather out, one SDPA
+        rows = pool.view(-1, kv_heads, d)
+        rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
+        kv = rows.index_select(0, plan.read_rows).view(
+            plan.reqs, 2, plan.max_kv, kv_heads, d).transpose(2, 3)
+        out = F.scaled_dot_product_attention(
+            q.reshape(plan.reqs, heads, 1, d), kv[:, 0], kv[:, 1],
+            attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
+            scale=scale, enable_gqa=heads != kv_heads)      # [reqs, heads, 1, d]
+        return out.view(plan.reqs, heads, d)
+    if not quantized and k.shape[-1] == v.shape[-1] and pool.is_contiguous():
+        rows = pool.view(-1, kv_heads, d)
+        rows.index_copy_(0, plan.write_rows, torch.cat((k, v)))
+        kv = rows.index_select(0, plan.read_rows).view(plan.reqs, 2, plan.max_kv, kv_heads, d)
+        keys, vals = kv[:, 0], kv[:, 1]                   # [reqs, max_kv, kv_heads, d]
+    else:
+        pool[plan.write_blocks, 0, plan.write_slots] = k
+        pool[plan.write_blocks, 1, plan.write_slots] = v
+        keys = pool[plan.read_blocks, 0, plan.read_slots]
+        vals = pool[plan.read_blocks, 1, plan.read_slots]
     dt = torch.float32
     keys = keys.to(dt) * ks if quantized else keys.to(dt)
     vals = vals.to(dt) * vs if quantized else vals.to(dt)
@@ -194,7 +240,6 @@ def _paged_attention(plan: AttentionPlan, q, k, v, cache, a) -> torch.Tensor:
     else:
         qp = q.new_zeros((plan.reqs, plan.max_q, heads, d), dtype=dt)
         qp[plan.row_of, plan.i_of] = q.to(dt)
-    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(d)
     out = F.scaled_dot_product_attention(
         qp.transpose(1, 2), keys.transpose(1, 2), vals.transpose(1, 2),
         attn_mask=plan.mask(a["sliding_window"], tuple(a["alibi_slopes"]), heads),
@@ -235,7 +280,7 @@ class _Binder:
 
         def run_reference(args, ref=ref, attrs=attrs, op=op):
             ctx.op = op
-            return ref(ctx, args, attrs)
+            return ref(ctx, list(args), attrs)
         return run_reference
 
     # views and shapes: the symbolic dims compiled to lookups
@@ -276,6 +321,16 @@ class _Binder:
         w = self._weight_param(op, 1)
         if w is None or w[1] != torch.float32 or self.linear_dtype == "f32":
             return lambda x: [F.linear(x[0], x[1], x[2] if len(x) > 2 else None)]
+        if self.linear_dtype == "f16":
+            self.captured.add((id(op), 1))
+            packed = self.runner._linear_weight((w[0], "f16"), lambda: fp16_pack(
+                self.runner._store.get(w[0])))
+            has_bias = len(op.operands) > 2
+
+            def linear_f16(x):
+                y = fp16_linear(x[0], packed)
+                return [y + x[2] if has_bias else y]
+            return linear_f16
         lin = _TORCH["bf16"]
         self.captured.add((id(op), 1))
         weight = self.runner._linear_weight(w[0], lambda: self.runner._store.get(w[0]).to(lin))
@@ -286,6 +341,14 @@ class _Binder:
             y = y.to(x[0].dtype)
             return [y + x[2] if has_bias else y]
         return linear_lowp
+
+    def _llm_linear_act(self, op):
+        inner = self._core_linear(op)
+        if inner is None:
+            return None
+        from irlm.ops.fused import ACTIVATIONS
+        act = ACTIVATIONS[op.attrs["act"]]
+        return lambda x: [act(inner(x)[0])]
 
     def _quant_linear(self, op):
         a = op.attrs
@@ -344,8 +407,18 @@ class _Binder:
             return int4_linear
         # Otherwise the weight is dequantized once at load (the reference's float32
         # arithmetic), and kept in bf16 when the linears compute in bf16.
-        low = self.linear_dtype != "f32"
         self.captured.update({(id(op), 1), (id(op), 2)} | ({(id(op), 3)} if z else set()))
+        if self.linear_dtype == "f16":
+            packed = self.runner._linear_weight((q[0], "f16"), lambda: fp16_pack(
+                dequantize_reference(store.get(q[0]), store.get(s[0]),
+                                     store.get(z[0]) if z else None, axis=0,
+                                     group=a["group"])))
+
+            def f16_linear(x):
+                y = fp16_linear(x[0], packed)
+                return [_epilogue(y + x[bias_at] if has_bias else y, act)]
+            return f16_linear
+        low = self.linear_dtype != "f32"
         w = self.runner._linear_weight((q[0], "dequant", low), lambda: dequantize_reference(
             store.get(q[0]), store.get(s[0]), store.get(z[0]) if z else None, axis=0,
             group=a["group"], dtype=lin if low else torch.float32))
@@ -398,10 +471,21 @@ class _Binder:
     def _llm_rope(self, op):
         if op.attrs["style"] != "rotate_half":
             return None
+        runner = self.runner
 
         def rope(x):
             t, cos, sin = x
             r = cos.shape[-1]
+            plan = runner._plan
+            if r == t.shape[-1] and plan is not None and t.dtype == sin.dtype:
+                # rotate_half(t) * sin == roll(t, r/2) * [-sin_lo, sin_hi]: two ops fewer,
+                # and the signed sin is made once per step for every layer
+                hit = plan.signed_sin.get(id(sin))
+                if hit is None or hit[0] is not sin:
+                    h = r // 2
+                    hit = plan.signed_sin[id(sin)] = (sin, torch.cat((-sin[..., :h],
+                                                                      sin[..., h:]), -1))
+                return [torch.addcmul(t * cos, t.roll(r // 2, -1), hit[1])]
             half = r // 2
             t_rot = t[..., :r] if r != t.shape[-1] else t
             x1, x2 = t_rot[..., :half], t_rot[..., half:]
@@ -428,6 +512,16 @@ class _Binder:
             idx = torch.cumsum(x[1].long(), 0) - 1
             return [x[0][idx]]
         return last
+
+
+def _getter(slots: list[int]) -> Callable[[list], tuple]:
+    """``table -> (table[s] for s in slots)`` as one C call (an op's operands, per step)."""
+    if not slots:
+        return lambda table: ()
+    if len(slots) == 1:
+        j = slots[0]
+        return lambda table: (table[j],)
+    return operator.itemgetter(*slots)
 
 
 # ----- the runner ------------------------------------------------------------------------------
@@ -539,7 +633,7 @@ class CpuGraphRunner:
             outs = [new_slot(r) for r in op.results]
             dead = [slot[id(v)] for v in dict.fromkeys(op.operands)
                     if last_use.get(id(v)) == i and id(v) not in keep]
-            program.append((fn, ins, outs, dead, op))
+            program.append((fn, _getter(ins), tuple(outs), tuple(dead), op))
         # A param that every reader captured in a converted form (a linear's bf16 or int8
         # weight) needs no plain copy in the table.
         for op in graph.params():
@@ -575,16 +669,19 @@ class CpuGraphRunner:
         for s, x in zip(self._input_slots, inputs):
             table[s] = x
         try:
-            for fn, ins, outs, dead, op in self._program:
+            for fn, get, outs, dead, op in self._program:
                 try:
-                    res = fn([table[j] for j in ins])
+                    res = fn(get(table))
                 except IRLMError:
                     raise
                 except Exception as e:
                     raise IRLMError(f"{op.describe()}: CPU executor failed: "
                                     f"{type(e).__name__}: {e}") from e
-                for j, x in zip(outs, res):
-                    table[j] = x
+                if len(outs) == 1:
+                    table[outs[0]] = res[0]
+                else:
+                    for j, x in zip(outs, res):
+                        table[j] = x
                 for j in dead:
                     table[j] = None
             out = table[self._output_slot]

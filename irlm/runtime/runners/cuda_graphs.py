@@ -56,6 +56,7 @@ class CudaGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
+        _check_attention_head_dims(graph)
         self.graph = graph
         self.device = torch.device(device)
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
@@ -213,6 +214,20 @@ class CudaGraphRunner:
         self._graphs[(bucket, ctx)] = entry
         self.stats["graph_captures"] += 1
         return entry
+
+
+def _check_attention_head_dims(graph: Graph) -> None:
+    """Refuse, at load, an engine whose attention has no kernel (rather than at its first
+    step)."""
+    from irlm.kernels.ops import ATTENTION_HEAD_DIMS
+    for op in graph.ops:
+        if op.name == "llm.paged_attention":
+            d = op.operands[0].type.shape[-1]
+            if d not in ATTENTION_HEAD_DIMS:
+                raise IRLMError(f"graph @{graph.name}: {op.describe()} has head_dim {d}, which "
+                                f"the GPU attention kernels do not take (they take "
+                                f"{', '.join(map(str, ATTENTION_HEAD_DIMS))}); run this engine "
+                                f"on the CPU (device='cpu')")
 
 
 def _cu(q_lens: torch.Tensor) -> torch.Tensor:
