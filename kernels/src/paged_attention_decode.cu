@@ -6,12 +6,14 @@
 // (flash-decoding).  Its four warps split each 64-key tile (32 for float32) four ways and are
 // merged at the end.  With num_splits > 1, irlm_attention_split_reduce combines the partitions (at most 128).
 // The query of request r sits at position cached_lens[r]; its key and value must already be in
-// the cache (kv_cache_write.cu or rope_kv_write.cu, run first by the launcher).
+// the cache (kv_cache_write.cu or rope_kv_write.cu, run first by the launcher).  C is the
+// cache's element type: T, or signed char / irlm_fp8e4m3 for an int8 / fp8 cache
+// (attention.cuh); partial outputs of a quantized cache already carry the value scale.
 #include "attention.cuh"
 
-template <typename T, int D, int BLOCK_N>
+template <typename T, int D, int BLOCK_N, typename C = T>
 __global__ void __launch_bounds__(128) irlm_paged_attention_decode(const AttnParams p) {
-  paged_attention_tile<T, D, 1, 4, BLOCK_N, true>(p);
+  paged_attention_tile<T, D, 1, 4, BLOCK_N, true, C>(p);
 }
 
 // Combine the partial outputs of one (request, head): grid (heads, reqs), 128 threads.  The
