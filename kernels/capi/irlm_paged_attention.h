@@ -20,7 +20,7 @@
  * Request r's q_lens[r] tokens are contiguous, in request order, at positions
  * cached_lens[r] + i (irlm.ops.llm).  Element types: float32, float16, bfloat16 (float32
  * attention runs on the tensor cores as tf32); query, key, value, out and the cache share one.
- * head_dim: 64, 128 or 256.  Quantized (int8 / fp8) caches have no kernel yet: the call
+ * head_dim: 64, 80, 96, 128 or 256.  Quantized (int8 / fp8) caches have no kernel yet: the call
  * fails with IRLM_PA_UNSUPPORTED.
  */
 #ifndef IRLM_PAGED_ATTENTION_H

@@ -30,7 +30,7 @@ c_void_p, c_longlong, c_int, c_float = (ctypes.c_void_p, ctypes.c_longlong, ctyp
 
 CTYPES = {torch.bfloat16: "irlm_bf16", torch.float16: "irlm_fp16", torch.float32: "float"}
 FLOAT_DTYPES = tuple(CTYPES)
-ATTENTION_HEAD_DIMS = (64, 128, 256)
+ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1,
                "gelu": 2, "gelu_exact": 2}
 RMS_MAXV = (1, 2, 4)
