@@ -263,7 +263,7 @@ def test_paged_attention_refuses_what_has_no_kernel_with_a_reason(kernel_library
     refused("kv_cache dtype f16 differs from bf16",
             cache_dtype=capi.DTYPES[torch_dtype("float16")])
     refused("kv_scales are for an i8", kv_scale_k=0.5, kv_scale_v=0.5)
-    refused("head_dim 96 has no attention kernel", head_dim=96)
+    refused("head_dim 72 has no attention kernel", head_dim=72)
     refused("32 query heads are not a multiple of 5 kv heads", kv_heads=5)
     refused("decode takes one query per request", decode=1)
     refused("block_size must be a power of two", block_size=24)

@@ -20,7 +20,7 @@
  * Request r's q_lens[r] tokens are contiguous, in request order, at positions
  * cached_lens[r] + i (irlm.ops.llm).  Element types: float32, float16, bfloat16 (float32
  * attention runs on the tensor cores as tf32); query, key, value, out and the cache share one.
- * head_dim: 64, 128 or 256.  The cache may instead hold int8 or fp8 e4m3 (cache_dtype
+ * head_dim: 64, 80, 96, 128 or 256.  The cache may instead hold int8 or fp8 e4m3 (cache_dtype
  * IRLM_DTYPE_I8 / IRLM_DTYPE_F8E4M3) with kv_scale_k / kv_scale_v (quantize-kv-cache's
  * kv_scales): keys are stored as k / kv_scale_k and values as v / kv_scale_v (int8 rounded
  * half to even and clamped to +-127, e4m3 clamped to +-448), as irlm.ops.llm.kv_to_cache.

@@ -74,6 +74,12 @@ bool variant_for_dim(int head_dim, bool decode, Variant* v) {
     case 64:
       *v = decode ? variant_of<T, C, 64, true>() : variant_of<T, C, 64, false>();
       return true;
+    case 80:
+      *v = decode ? variant_of<T, C, 80, true>() : variant_of<T, C, 80, false>();
+      return true;
+    case 96:
+      *v = decode ? variant_of<T, C, 96, true>() : variant_of<T, C, 96, false>();
+      return true;
     case 128:
       *v = decode ? variant_of<T, C, 128, true>() : variant_of<T, C, 128, false>();
       return true;
@@ -204,9 +210,11 @@ int check(const IrlmPagedAttentionArgs& a, bool pointers) {
   if (!is_float(a.dtype))
     return fail(IRLM_PA_INVALID, std::string("query/key/value must be f32, f16 or bf16, got ") +
                                      dtype_name(a.dtype));
-  if (a.head_dim != 64 && a.head_dim != 128 && a.head_dim != 256)
+  if (a.head_dim != 64 && a.head_dim != 80 && a.head_dim != 96 && a.head_dim != 128 &&
+      a.head_dim != 256)
     return fail(IRLM_PA_UNSUPPORTED, "head_dim " + std::to_string(a.head_dim) +
-                                         " has no attention kernel (supported: 64, 128, 256)");
+                                         " has no attention kernel (supported: 64, 80, 96, 128, "
+                                         "256)");
   if (a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads)
     return fail(IRLM_PA_INVALID, std::to_string(a.heads) + " query heads are not a multiple of " +
                                      std::to_string(a.kv_heads) + " kv heads");

@@ -37,7 +37,7 @@ FLOAT_DTYPES = tuple(CTYPES)
 #: 8-bit KV-cache element types and their C types (common.cuh), the kernels' last template
 #: argument (absent for a cache of the model's own dtype)
 KV_QUANT_CTYPES = {torch.int8: "signed char", torch.float8_e4m3fn: "irlm_fp8e4m3"}
-ATTENTION_HEAD_DIMS = (64, 128, 256)
+ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1,
                "gelu": 2, "gelu_exact": 2}
 RMS_MAXV = (1, 2, 4)
