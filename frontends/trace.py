@@ -143,21 +143,20 @@ def _buffers_on_meta(module):
     not (BERT's position and token-type ids, kept real by the loader) are exported as meta
     tensors too: torch 2.11 refuses an embedding of meta weights at CPU indices.  Yields
     {buffer name: real tensor}, which the converter uses for their values."""
-    real = {}
-    if not isinstance(module, torch.nn.Module) or \
-            getattr(_module_device(module), "type", None) != "meta":
-        yield real
-        return
-    for name, buf in list(module.named_buffers()):
-        if buf is not None and buf.device.type != "meta":
-            owner_name, _, attr = name.rpartition(".")
-            owner = module.get_submodule(owner_name) if owner_name else module
-            real[name] = (owner, attr, buf)
-            owner._buffers[attr] = buf.to("meta")
+    real, moved = {}, []
+    if isinstance(module, torch.nn.Module) and \
+            getattr(_module_device(module), "type", None) == "meta":
+        for name, buf in list(module.named_buffers()):
+            if buf is not None and buf.device.type != "meta":
+                owner_name, _, attr = name.rpartition(".")
+                owner = module.get_submodule(owner_name) if owner_name else module
+                real[name] = buf
+                moved.append((owner, attr, buf))
+                owner._buffers[attr] = buf.to("meta")
     try:
-        yield {name: t for name, (_, _, t) in real.items()}
+        yield real
     finally:
-        for owner, attr, buf in real.values():
+        for owner, attr, buf in moved:
             owner._buffers[attr] = buf
 
 
@@ -861,15 +860,14 @@ class _GraphConverter:
                 self.env[node] = self.graph.add_input(cx.type_of(val), node.name)
             else:
                 self.env[node] = val  # a constant non-tensor input (use_cache=False)
-        elif spec.kind == InputKind.CONSTANT_TENSOR and \
-                self._tensor_of(spec).numel() <= _INLINE_CONSTANT_NUMEL and \
-                self._tensor_of(spec).device.type != "meta":
-            # a tensor the model's code makes (torch.tensor(0.0) in a mask helper), which
-            # export lifts to an input: code, not a weight, so it stays in the graph, where
-            # passes can see its value (substitute-attention proves masks by evaluating them)
-            self.env[node] = _LazyParam(spec.target, self._tensor_of(spec), inline=True)
         elif spec.kind in (InputKind.PARAMETER, InputKind.BUFFER, InputKind.CONSTANT_TENSOR):
-            self.env[node] = _LazyParam(spec.target, self._tensor_of(spec))
+            t = self._tensor_of(spec)
+            # a small lifted constant is a tensor the model's code makes (torch.tensor(0.0) in
+            # a mask helper): code, not a weight, so it stays in the graph, where passes can
+            # see its value (substitute-attention proves masks by evaluating them)
+            inline = spec.kind == InputKind.CONSTANT_TENSOR and t.device.type != "meta" \
+                and t.numel() <= _INLINE_CONSTANT_NUMEL
+            self.env[node] = _LazyParam(spec.target, t, inline=inline)
         else:
             raise TraceError(f"input {node.name} of kind {spec.kind.name} is not supported")
 

@@ -44,9 +44,13 @@ def hf_generate(model, ids, **kw):
     return model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
 
 
+def sdpa_or_eager_for(model_cls) -> str:
+    """"sdpa" where this transformers release has an sdpa path for ``model_cls``, else
+    "eager" (GPT-J gained one after 5.17; BLOOM has none)."""
+    return "sdpa" if getattr(model_cls, "_supports_sdpa", False) else "eager"
+
+
 def sdpa_or_eager(config) -> str:
-    """"sdpa" where this transformers release has an sdpa path for ``config``'s causal-LM
-    class, else "eager" (GPT-J gained one after 5.17; BLOOM has none)."""
+    """:func:`sdpa_or_eager_for` the causal-LM class of ``config``."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
-    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None)
-    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+    return sdpa_or_eager_for(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))

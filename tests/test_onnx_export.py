@@ -35,12 +35,12 @@ from irlm.passes.fusions import FUSION_PIPELINE  # noqa: E402
 
 from test_frontend_architectures import ARCHITECTURES, VOCAB, build  # noqa: E402
 import transformers  # noqa: E402  (present: test_frontend_architectures skips without it)
+from irlm_test_helpers import sdpa_or_eager_for  # noqa: E402
 
 TOLERANCE = 1e-4
 #: one case per architecture, sdpa where transformers has it (BLOOM: never; GPT-J: after 5.17); Mixtral's default experts path
 #: (grouped_mm, histc, sort, scatter)
-CASES = [(n, "sdpa" if getattr(getattr(transformers, ARCHITECTURES[n][1]), "_supports_sdpa",
-                              False) else "eager",
+CASES = [(n, sdpa_or_eager_for(getattr(transformers, ARCHITECTURES[n][1])),
           "grouped_mm" if n == "mixtral" else None) for n in ARCHITECTURES]
 #: decoders that irlm compiles to the paged inference form (BLOOM's explicit attention with
 #: ALiBi too: substitute-attention proves its bias and records the slopes)

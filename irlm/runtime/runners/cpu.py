@@ -45,8 +45,7 @@ import torch.nn.functional as F
 from irlm.errors import IRLMError
 from irlm.interpreter import RefContext
 from irlm.ir import Graph
-from irlm.lowering.kernel_selection import (  # noqa: F401
-    LINEAR_DTYPES, default_linear_dtype)
+from irlm.lowering.kernel_selection import LINEAR_DTYPES, default_linear_dtype
 from irlm.ops.llm import KVCacheLayout, kv_cache_input
 from irlm.registry import get_op_def
 
