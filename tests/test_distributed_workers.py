@@ -1,7 +1,8 @@
 """Multi-rank engines run as one process per rank over torch.distributed (gloo on the CPU).
 
 A tiny seeded Llama (4 heads / 2 kv heads, 2 layers) compiled unsplit and as tp 2, pp 2 and
-tp 2 x pp 2 engines.  The oracles: the unsplit engine run by the reference interpreter (greedy
+tp 2 x pp 2 engines; the same layouts of a tiny OPT (biases on every projection, learned
+positions, tied LM head) and a Qwen2 (QKV biases, one kv head) compiled by ``irlm compile``.  The oracles: the unsplit engine run by the reference interpreter (greedy
 tokens through in-flight batching, first-step logits) and the threaded multi-rank simulator.
 Faults: a worker killed mid-generation, a frozen worker and a worker whose shard is corrupt
 stop the engine with one error naming the rank, and leave no process behind.
@@ -25,6 +26,7 @@ from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.distributed import DistributedRunner, EngineStopped
 from irlm.runtime.distributed.simulator import DistributedError
+from irlm.runtime.runners.cpu import CpuGraphRunner
 from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
 from irlm_test_helpers import alive
@@ -76,11 +78,27 @@ def generate(runner, tokenizer=None):
     return [o.outputs[0].token_ids for o in llm.generate(PROMPTS, PARAMS)]
 
 
+def unsplit_oracles(path):
+    """The unsplit engine's first-step logits and in-flight greedy tokens by the reference
+    interpreter, and its first-step logits by the CPU executor (the workers' executor: f16
+    linear weights, so the same rounding as theirs)."""
+    engine = load_engine(path)
+    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    fast = CpuGraphRunner(engine.graph, num_blocks=16).step(first_batch())
+    return logits, generate(GraphRunner(engine.graph, num_blocks=16)), fast
+
+
+def check_logits(got, want, fast):
+    """Equal to the CPU executor's unsplit logits up to the split's summation order, and to
+    the reference's up to f16 weights."""
+    scale = float(want.max() - want.min())
+    assert (got - fast).abs().max().item() <= 1e-5 * scale
+    assert (got - want).abs().max().item() <= 2e-3 * scale
+
+
 @pytest.fixture(scope="module")
 def unsplit(engines):
-    engine = load_engine(engines["base"])
-    logits = GraphRunner(engine.graph, num_blocks=16).step(first_batch())
-    return logits, generate(GraphRunner(engine.graph, num_blocks=16))
+    return unsplit_oracles(engines["base"])
 
 
 
@@ -110,25 +128,103 @@ def test_pipeline_micro_batches_cut_the_rows_in_order(parts):
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", ["tp2", "pp2", "tp2pp2"])
 def test_processes_give_the_unsplit_tokens_and_logits(engines, unsplit, layout):
-    want_logits, want_tokens = unsplit
+    want_logits, want_tokens, fast_logits = unsplit
     runner = DistributedRunner(engines[layout], device="cpu", num_blocks=16)
     try:
         procs = list(runner._procs.values())
         assert len(procs) == {"tp2": 1, "pp2": 1, "tp2pp2": 3}[layout]
         assert runner.vocab_size == VOCAB and runner.num_blocks == 16
+        # every rank runs the CPU executor
+        assert len(runner.rank_executors) == {"tp2": 2, "pp2": 2, "tp2pp2": 4}[layout]
+        assert all(e.startswith("CpuGraphRunner, f16 linears") for e in runner.rank_executors)
         got = runner.step(first_batch())
-        scale = float(want_logits.max() - want_logits.min())
-        assert (got - want_logits).abs().max().item() <= 1e-5 * scale
-        # the threaded simulator (tp x pp: one group per stage)
+        check_logits(got, want_logits, fast_logits)
+        # the threaded simulator (tp x pp: one group per stage; the reference interpreter)
         sim = runner_for_engine(load_engine(engines[layout]), device="cpu", num_blocks=16,
                                 parallel="simulator").step(first_batch())
-        assert (got - sim).abs().max().item() <= 1e-6 * scale
+        scale = float(want_logits.max() - want_logits.min())
+        assert (sim - want_logits).abs().max().item() <= 1e-5 * scale
         tokens = generate(runner)
         assert tokens == want_tokens
         assert [len(t) for t in tokens] == [6, 3, 5]
     finally:
         runner.close()
     assert not any(alive(p.pid) for p in procs)
+
+
+ARCHS = {
+    "opt": lambda: transformers.OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=64),
+    # one kv head: tp 2 keeps a copy of it on each rank
+    "qwen2": lambda: transformers.Qwen2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=64),
+}
+LAYOUT_FLAGS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "tp2pp2": ["--tp", "2", "--pp", "2"]}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHS))
+def arch_engines(request, tmp_path_factory):
+    """An architecture compiled by ``irlm compile`` unsplit and in each layout, and the
+    unsplit engine's first-step logits and in-flight greedy tokens (reference interpreter)."""
+    root = tmp_path_factory.mktemp(request.param)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(ARCHS[request.param]()).eval()
+    model.save_pretrained(root / "hf")
+    out = {}
+    for layout, flags in {"base": [], **LAYOUT_FLAGS}.items():
+        out[layout] = root / layout
+        assert irlm_main(["compile", "--hf", str(root / "hf"), "-o", str(out[layout]),
+                          "--tokens-per-block", "4", *flags]) == 0
+    return out, *unsplit_oracles(out["base"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", sorted(LAYOUT_FLAGS))
+def test_opt_and_qwen2_processes_give_the_unsplit_tokens(arch_engines, layout):
+    paths, want_logits, want_tokens, fast_logits = arch_engines
+    runner = DistributedRunner(paths[layout], device="cpu", num_blocks=16)
+    try:
+        procs = list(runner._procs.values())
+        check_logits(runner.step(first_batch()), want_logits, fast_logits)
+        assert generate(runner) == want_tokens
+    finally:
+        runner.close()
+    assert not any(alive(p.pid) for p in procs)
+
+
+@pytest.mark.slow
+def test_reference_executor_ranks_give_the_reference_logits(engines, unsplit, monkeypatch):
+    """IRLM_CPU_EXECUTOR=reference: every rank runs the interpreter, the oracle's arithmetic."""
+    monkeypatch.setenv("IRLM_CPU_EXECUTOR", "reference")
+    want_logits, want_tokens, _ = unsplit
+    runner = DistributedRunner(engines["tp2pp2"], device="cpu", num_blocks=16)
+    try:
+        assert runner.rank_executors == ["GraphRunner"] * 4
+        got = runner.step(first_batch())
+        scale = float(want_logits.max() - want_logits.min())
+        assert (got - want_logits).abs().max().item() <= 1e-5 * scale
+        assert generate(runner) == want_tokens
+    finally:
+        runner.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("threads", [None, 1])
+def test_cpu_ranks_share_the_cores_out(engines, monkeypatch, threads):
+    """Every rank's torch threads: its share of this host's cores by default (no
+    oversubscription), or what ``threads`` says."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    want = threads or max(1, len(os.sched_getaffinity(0)) // 4)
+    before = torch.get_num_threads()
+    runner = DistributedRunner(engines["tp2pp2"], device="cpu", num_blocks=16, threads=threads)
+    try:
+        assert runner.rank_executors == [f"CpuGraphRunner, f16 linears, threads {want}"] * 4
+        assert runner.describe().startswith("DistributedRunner, tp 2 x pp 2: CpuGraphRunner")
+    finally:
+        runner.close()
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow
@@ -419,6 +515,40 @@ llm.close()
 assert dist.is_initialized()           # closing the engine left the program's group alone
 print(json.dumps(out[0].outputs[0].token_ids))
 """
+
+
+@pytest.mark.slow
+def test_irlm_serve_runs_the_ranks_as_workers(engines):
+    """``irlm serve`` of a tp 2 x pp 2 engine: concurrent OpenAI requests (in flight
+    together) get the unsplit engine's greedy text; stopping the server leaves no process."""
+    openai = pytest.importorskip("openai")
+    from concurrent.futures import ThreadPoolExecutor
+    from irlm.serving.testing import ServerProcess
+    prompts = ["w5 w17 w33 w2 w9", "w70 w3", "w8 w8 w40 w1 w11 w12"]
+    with LLM(str(engines["base"]), device="cpu") as llm:
+        want = [o.outputs[0].text for o in llm.generate(
+            prompts, SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))]
+    import uuid
+    tag = uuid.uuid4().hex
+    with ServerProcess([str(engines["tp2pp2"]), "--device", "cpu"], grpc=False,
+                       env={"IRLM_TEST_LAUNCH": tag}) as srv:
+        assert len(tagged(tag)) >= 4            # the server, and its ranks 1..3 at least
+        oai = openai.OpenAI(base_url=srv.openai_url, api_key="-", max_retries=0)
+
+        def complete(prompt):
+            r = oai.completions.create(model=oai.models.list().data[0].id, prompt=prompt,
+                                       max_tokens=6, temperature=0,
+                                       extra_body={"ignore_eos": True})
+            return r.choices[0].text
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            got = list(pool.map(complete, prompts))
+    assert srv.returncode == 0
+    assert got == want
+    for _ in range(40):
+        if not tagged(tag):
+            break
+        time.sleep(0.25)
+    assert not tagged(tag), "processes left behind"
 
 
 @pytest.mark.slow

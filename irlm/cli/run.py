@@ -28,7 +28,8 @@ def add_parser(sub) -> None:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                    help="where to run (auto: cuda if available)")
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for the CPU executor (default: the physical cores)")
+                   help="CPU threads for the CPU executor (default: the physical cores; each "
+                        "rank of a multi-rank engine: its share of them)")
     p.add_argument("--executor", choices=("fast", "reference"), default=None,
                    help="CPU executor: fast (default; ops bound once to torch's CPU kernels) "
                         "or reference (the interpreter; slow, for debugging)")
@@ -40,6 +41,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..runtime import LLM, SamplingParams
+    from ..runtime.distributed.runner import is_multi_rank
     if args.prompt is None and args.chat is None:
         raise IRLMError("give --prompt TEXT or --chat MESSAGE")
     if args.max_tokens < 1:
@@ -51,7 +53,8 @@ def run(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     threads = args.threads
-    if threads is None and args.device != "cuda":
+    if threads is None and args.device != "cuda" and not is_multi_rank(args.engine):
+        # (a multi-rank engine shares this host's cores out among its ranks itself)
         from ..runtime.runners.cpu import physical_cores
         threads = physical_cores()
     llm = LLM(args.engine, device=args.device, executor=args.executor, threads=threads)
@@ -111,8 +114,5 @@ def timing_line(llm, prompt_tokens: int, timing: dict) -> str:
     if n > 1:
         decode = timing["end"] - first
         line += f"; {n} tokens, decode {(n - 1) / decode:.1f} tok/s"
-    runner = llm.engine.runner
-    what = type(runner).__name__
-    if hasattr(runner, "linear_dtype"):
-        what += f", {runner.linear_dtype} linears, threads {runner.threads}"
-    return f"{line} [{what}]"
+    from ..runtime.model_runner import describe_executor
+    return f"{line} [{describe_executor(llm.engine.runner)}]"

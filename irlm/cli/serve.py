@@ -50,7 +50,8 @@ def add_parser(sub) -> None:
                         "GPU engine, off on a CPU; see docs/runtime.md)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--threads", type=int, default=None, metavar="N",
-                   help="CPU threads for a CPU engine (default: the physical cores)")
+                   help="CPU threads for a CPU engine (default: the physical cores; each "
+                        "rank of a multi-rank engine: its share of them)")
     p.add_argument("--drain-timeout", type=float, default=30.0,
                    help="seconds SIGTERM waits for requests in flight (default 30)")
     p.add_argument("--log-level", default="warning",
@@ -61,6 +62,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import os
 
+    from ..runtime.distributed.runner import is_multi_rank
     from ..serving import EngineSpec, ServeConfig, ServingError, serve
     from ..serving.model_repo import load_model_repo
 
@@ -90,7 +92,9 @@ def run(args) -> int:
     if fraction is None and repo is not None:
         fraction = repo.kv_cache_fraction
     threads = args.threads
-    if threads is None and args.device != "cuda" and engine is not None:
+    if threads is None and args.device != "cuda" and engine is not None \
+            and not is_multi_rank(engine):
+        # (a multi-rank engine shares this host's cores out among its ranks itself)
         from ..runtime.runners.cpu import physical_cores
         threads = physical_cores()
     # The tokenizer's own thread pool would compete with the GEMMs' threads for the cores.

@@ -257,9 +257,11 @@ def _open_engine(path, device: str, num_blocks, parallel: str, executor=None, th
         from .distributed.runner import DistributedRunner, launched_rank, serve_rank
         env = launched_rank()
         if env is not None and env[0] != 0:
-            serve_rank(path, device=device, num_blocks=num_blocks)
+            serve_rank(path, device=device, num_blocks=num_blocks, threads=threads,
+                       executor=executor)
             raise SystemExit(0)
-        runner = DistributedRunner(path, device=device, num_blocks=num_blocks)
+        runner = DistributedRunner(path, device=device, num_blocks=num_blocks, threads=threads,
+                                   executor=executor)
         return runner, runner.header
     engine = load_engine(path)
     return runner_for_engine(engine, device=device, num_blocks=num_blocks,

@@ -19,6 +19,17 @@ import numpy as np
 import torch
 
 
+def describe_executor(runner) -> str:
+    """What computes a runner's logits, in a few words (``CpuGraphRunner, f16 linears,
+    threads 2``; a multi-rank engine's runner says its ranks' executors)."""
+    if hasattr(runner, "describe"):
+        return runner.describe()
+    what = type(runner).__name__
+    if hasattr(runner, "linear_dtype"):
+        what += f", {runner.linear_dtype} linears, threads {runner.threads}"
+    return what
+
+
 @dataclass
 class StepBatch:
     """One forward step of the in-flight batch; rows (sequences) in order."""

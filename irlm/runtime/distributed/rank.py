@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from irlm.runtime.distributed.simulator import DistributedError
 
-from ..model_runner import StepBatch
+from ..model_runner import StepBatch, describe_executor
 from .comm import (Layout, TorchComm, configure_nccl_env, configure_shared_gpu_nccl_env,
                    dist_kernels, make_tp_groups)
 
@@ -34,18 +34,30 @@ def load_shard(engine_dir, rank: int):
 
 
 def build_runner(graph, layout: Layout, device: torch.device, *, num_blocks: Optional[int],
-                 max_model_len: Optional[int], kv_cache_bytes: int):
+                 max_model_len: Optional[int], kv_cache_bytes: int,
+                 linear_dtype: Optional[str] = None, executor: Optional[str] = None):
     """The executor of this rank's graph, its ``dist`` ops not yet connected (see
     :meth:`RankWorker.connect`).  A pipeline stage before the last returns what it sends; the
     sends are what matters, so the executor keeps only its first output (the executors run
-    every op of the graph, used or not)."""
+    every op of the graph, used or not).  On the CPU: the CPU executor, or the reference
+    interpreter where ``executor`` (IRLM_CPU_EXECUTOR) says ``reference``."""
     if len(graph.outputs) > 1:
         graph.set_outputs([graph.outputs[0]])
     if device.type == "cuda":
         from ..runners.cuda_graphs import CudaGraphRunner
         return CudaGraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                                device=str(device), collectives=True)
-    from ..runners.interpreter import GraphRunner
+    import os
+    from ..runners.interpreter import CPU_EXECUTORS, GraphRunner
+    executor = executor or os.environ.get("IRLM_CPU_EXECUTOR") or "fast"
+    if executor not in CPU_EXECUTORS:
+        raise DistributedError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR): expected one "
+                               f"of {', '.join(CPU_EXECUTORS)}")
+    if executor == "fast":
+        from ..runners.cpu import CpuGraphRunner
+        return CpuGraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
+                              kv_cache_bytes=kv_cache_bytes, linear_dtype=linear_dtype,
+                              collectives=True)
     return GraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                        kv_cache_bytes=kv_cache_bytes, device=str(device))
 
@@ -78,8 +90,12 @@ class RankWorker:
 
     def __init__(self, engine_dir, layout: Layout, device: torch.device, *,
                  num_blocks: Optional[int] = None, max_model_len: Optional[int] = None,
-                 kv_cache_bytes: int = 512 << 20, shared_gpu: bool = False):
+                 kv_cache_bytes: int = 512 << 20, shared_gpu: bool = False,
+                 threads: Optional[int] = None, executor: Optional[str] = None):
         self.layout, self.device = layout, device
+        if threads is not None and device.type == "cpu":
+            from ..runners.cpu import set_threads
+            set_threads(threads)
         self.shared_gpu = shared_gpu
         self.engine = load_shard(engine_dir, layout.rank)
         cfg = self.engine.config
@@ -93,7 +109,8 @@ class RankWorker:
             torch.cuda.set_device(device)
         self.runner = build_runner(self.engine.graph, layout, device, num_blocks=num_blocks,
                                    max_model_len=self.max_model_len,
-                                   kv_cache_bytes=kv_cache_bytes)
+                                   kv_cache_bytes=kv_cache_bytes,
+                                   linear_dtype=cfg.get("cpu_linear"), executor=executor)
         self.comm: Optional[TorchComm] = None
         self.steps = 0
         # the logits' width (the last stage's vocab): rank 0 learns it from that rank's info
@@ -120,12 +137,13 @@ class RankWorker:
                                    f"process group of {dist.get_world_size()}; the engine "
                                    f"needs rank {lay.rank} of {lay.world_size}")
         self.comm = TorchComm(lay, make_tp_groups(lay))
-        self.runner._interp.overrides.update(dist_kernels(self.comm, self.device))
+        self.runner.connect_collectives(dist_kernels(self.comm, self.device))
 
     def info(self) -> dict:
         """What rank 0 needs to know of this rank before the first step."""
         r = self.runner
-        return {"num_blocks": r.num_blocks, "block_size": r.block_size,
+        return {"executor": describe_executor(r),
+                "num_blocks": r.num_blocks, "block_size": r.block_size,
                 "vocab_size": r.vocab_size, "max_num_tokens": r.max_num_tokens,
                 "max_model_len": r.max_model_len}
 

@@ -106,6 +106,21 @@ def _pick_device(device: str, local_ranks: int, ranks_per_gpu: int = 1) -> str:
     return device
 
 
+def _threads_per_rank(local_ranks: int) -> int:
+    """CPU threads for each of ``local_ranks`` ranks on this host: OMP_NUM_THREADS, else
+    this process's cores shared out among them."""
+    value = os.environ.get("OMP_NUM_THREADS")
+    if value:
+        try:
+            n = int(value)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise DistributedError(f"OMP_NUM_THREADS={value!r}: expected a positive whole number")
+        return n
+    return max(1, len(os.sched_getaffinity(0)) // local_ranks)
+
+
 def _exit_text(code: int) -> str:
     if code < 0:
         try:
@@ -121,14 +136,22 @@ class DistributedRunner:
     ``ranks_per_gpu`` (default: ``IRLM_RANKS_PER_GPU`` or 1): with more than 1, that many
     consecutive local ranks share a GPU, NCCL connecting them through its socket transport
     (:func:`~.comm.configure_shared_gpu_nccl_env`); for checking the NCCL path on one GPU,
-    not for speed."""
+    not for speed.
+
+    ``threads``: torch's CPU threads of each rank of a CPU engine.  A spawned launch defaults
+    to ``OMP_NUM_THREADS`` or else this host's cores shared out among its ranks (every core
+    per process would oversubscribe them, and gloo's collectives then wait on descheduled
+    peers); under torchrun (which sets ``OMP_NUM_THREADS``) each process keeps its own
+    setting unless ``threads`` is given.  ``executor``: the CPU ranks' executor (``fast``,
+    the default, or ``reference``; default ``IRLM_CPU_EXECUTOR``)."""
 
     supports_device_inputs = False    # the engine reads async tokens before publishing a step
 
     def __init__(self, engine_dir, *, device: str = "auto", num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
                  launch: str = "auto", timeout: float = 60.0, load_timeout: float = 600.0,
-                 ranks_per_gpu: Optional[int] = None):
+                 ranks_per_gpu: Optional[int] = None, threads: Optional[int] = None,
+                 executor: Optional[str] = None):
         from irlm.lowering.engine_format import load_engine_header
         from .rank import RankWorker, resize_pool
         self.engine_dir = str(engine_dir)
@@ -160,7 +183,8 @@ class DistributedRunner:
                                    _env_prefix(), device, num_blocks=num_blocks,
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                    timeout=timeout, load_timeout=load_timeout,
-                                   ranks_per_gpu=ranks_per_gpu)
+                                   ranks_per_gpu=ranks_per_gpu, threads=threads,
+                                   executor=executor)
             # The store is torchrun's (its agent hosts it), or the one the program's own
             # init_process_group made at MASTER_ADDR:MASTER_PORT (env://: rank 0 hosts it in
             # this process already); otherwise this rank hosts it.
@@ -173,11 +197,14 @@ class DistributedRunner:
                                        "launch with torchrun (launch='env')")
             local = 0
             device = _pick_device(device, tp * pp, ranks_per_gpu)
+            if device == "cpu" and threads is None:
+                threads = _threads_per_rank(tp * pp)
             self.spec = LaunchSpec(self.engine_dir, tp, pp, "127.0.0.1", 0,
                                    f"irlm/{uuid.uuid4().hex}", device, num_blocks=num_blocks,
                                    max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
                                    timeout=timeout, load_timeout=load_timeout,
-                                   parent_pid=os.getpid(), ranks_per_gpu=ranks_per_gpu)
+                                   parent_pid=os.getpid(), ranks_per_gpu=ranks_per_gpu,
+                                   threads=threads, executor=executor)
             master = True
         if device == "cuda":
             configure_nccl_env()        # before any worker starts: they inherit it
@@ -198,7 +225,8 @@ class DistributedRunner:
             self.worker = RankWorker(self.engine_dir, self.layout,
                                      self.spec.device_of(local), num_blocks=num_blocks,
                                      max_model_len=max_model_len, kv_cache_bytes=kv_cache_bytes,
-                                     shared_gpu=ranks_per_gpu > 1 and device == "cuda")
+                                     shared_gpu=ranks_per_gpu > 1 and device == "cuda",
+                                     threads=self.spec.threads, executor=executor)
             infos = self._wait_ready(self.worker.info())
             pool = {"num_blocks": min(i["num_blocks"] for i in infos),
                     "max_model_len": min(i["max_model_len"] for i in infos)}
@@ -213,6 +241,8 @@ class DistributedRunner:
             self._shutdown(abort_pool=True)
             raise EngineStopped(msg) from e
         last = infos[self.layout.logits_rank]
+        #: each rank's executor, in rank order (what ``irlm run`` reports)
+        self.rank_executors = [i["executor"] for i in infos]
         self.vocab_size = self.worker.vocab_size = int(last["vocab_size"])
         self.block_size = int(self.worker.runner.block_size)
         self.num_blocks = int(pool["num_blocks"])
@@ -266,6 +296,14 @@ class DistributedRunner:
         return f"multi-rank engine {self.engine_dir} stopped: {why}"
 
     # ----- steps -----------------------------------------------------------------------------
+    def describe(self) -> str:
+        """``DistributedRunner, tp 2 x pp 1: CpuGraphRunner, f16 linears, threads 1`` (each
+        rank's executor where they differ)."""
+        kinds = list(dict.fromkeys(self.rank_executors))
+        ranks = kinds[0] if len(kinds) == 1 else "; ".join(
+            f"rank {r}: {e}" for r, e in enumerate(self.rank_executors))
+        return f"DistributedRunner, tp {self.layout.tp} x pp {self.layout.pp}: {ranks}"
+
     def step(self, batch) -> torch.Tensor:
         if self._closed:
             raise EngineStopped(self._fault or self._stopped("the engine was closed"))
@@ -416,10 +454,8 @@ class WorkerProcess:
         import sys
         self.rank = rank
         env = dict(os.environ)
-        if spec.device == "cpu" and "OMP_NUM_THREADS" not in env:
-            # N ranks on this host's cores: torch's default (every core per process) would
-            # oversubscribe them, and gloo's collectives then wait on descheduled peers
-            env["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // spec.world_size))
+        if spec.device == "cpu" and spec.threads:
+            env["OMP_NUM_THREADS"] = str(spec.threads)     # before torch starts its pool
         # ``-c`` rather than ``-m ...worker``: the package already imports that module, and
         # runpy warns when it runs a module that is in sys.modules
         self._p = subprocess.Popen([sys.executable, "-c", _WORKER_MAIN,
@@ -465,7 +501,8 @@ def _close_all() -> None:
 def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = None,
                max_model_len: Optional[int] = None, kv_cache_bytes: int = 512 << 20,
                timeout: float = 60.0, load_timeout: float = 600.0,
-               ranks_per_gpu: Optional[int] = None) -> None:
+               ranks_per_gpu: Optional[int] = None, threads: Optional[int] = None,
+               executor: Optional[str] = None) -> None:
     """Run this launched process's rank (not 0) of the engine until rank 0 stops it.  For
     ranks started by torchrun: ``irlm run`` and ``LLM(ENGINE)`` call it on ranks != 0."""
     from irlm.lowering.engine_format import load_engine_header
@@ -487,7 +524,7 @@ def serve_rank(engine_dir, *, device: str = "auto", num_blocks: Optional[int] = 
                       _master_port(), _env_prefix(), device,
                       num_blocks=num_blocks, max_model_len=max_model_len,
                       kv_cache_bytes=kv_cache_bytes, timeout=timeout, load_timeout=load_timeout,
-                      ranks_per_gpu=ranks_per_gpu)
+                      ranks_per_gpu=ranks_per_gpu, threads=threads, executor=executor)
     owns_group = not dist.is_initialized()     # else the program's own: left in place
     try:
         run_rank(spec, rank, local)

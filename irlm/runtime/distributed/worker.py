@@ -55,6 +55,8 @@ class LaunchSpec:
     load_timeout: float = 600.0      # loading shards and joining the group
     parent_pid: Optional[int] = None  # spawned workers exit when this process is gone
     ranks_per_gpu: int = 1           # > 1: consecutive local ranks share a GPU (NCCL tests)
+    threads: Optional[int] = None    # torch's CPU threads per rank (None: the process's own)
+    executor: Optional[str] = None   # CPU executor: fast / reference (None: IRLM_CPU_EXECUTOR)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -145,7 +147,8 @@ def run_rank(spec: LaunchSpec, rank: int, local_rank: int) -> None:
         worker = RankWorker(spec.engine_dir, layout, spec.device_of(local_rank),
                             num_blocks=spec.num_blocks, max_model_len=spec.max_model_len,
                             kv_cache_bytes=spec.kv_cache_bytes,
-                            shared_gpu=spec.ranks_per_gpu > 1)
+                            shared_gpu=spec.ranks_per_gpu > 1, threads=spec.threads,
+                            executor=spec.executor)
     except BaseException as e:  # noqa: BLE001 - reported to rank 0, which names this rank
         _report(store, spec.key("error", rank), one_line(e))
         raise

@@ -313,6 +313,8 @@ class _Binder:
         self.reference_ops: set[str] = set()          # ops left to their reference impl
 
     def bind(self, op) -> Callable:
+        if op.dialect == "dist":
+            return self._collective(op)
         fn = getattr(self, "_" + op.name.replace(".", "_"), None)
         bound = fn(op) if fn is not None else None
         if bound is not None:
@@ -326,6 +328,20 @@ class _Binder:
             ctx.op = op
             return ref(ctx, list(args), attrs)
         return run_reference
+
+    def _collective(self, op) -> Callable:
+        """A ``dist`` op: looked up at each call, since the process group is connected after
+        the program is bound."""
+        kernels, ctx, attrs = self.runner._collectives, self.ctx, op.attrs
+
+        def run_collective(args):
+            kernel = kernels.get(op.name)
+            if kernel is None:
+                raise IRLMError(f"{op.describe()}: this rank is not connected to its process "
+                                f"group")
+            ctx.op = op
+            return kernel(ctx, list(args), attrs)
+        return run_collective
 
     # views and shapes: the symbolic dims compiled to lookups
     def _core_reshape(self, op):
@@ -641,11 +657,16 @@ class CpuGraphRunner:
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  kv_cache_bytes: int = 512 << 20, max_model_len: Optional[int] = None,
                  linear_dtype: Optional[str] = None, threads: Optional[int] = None,
-                 weights=None, quant: Optional[str] = None):
+                 weights=None, quant: Optional[str] = None, collectives: bool = False):
+        """``collectives``: the graph is one rank of a multi-rank engine; its ``dist`` ops run
+        the kernels :meth:`connect_collectives` hands over (a worker's process group)."""
         dist = next((op for op in graph.ops if op.dialect == "dist"), None)
-        if dist is not None:
+        if dist is not None and not collectives:
             raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
-                            f"({dist.describe()}): run the whole engine (RankRunner)")
+                            f"({dist.describe()}): run the whole engine (LLM.from_engine / "
+                            f"irlm run start one process per rank)")
+        #: op name -> kernel ``(ctx, args, attrs) -> results`` of the ``dist`` ops
+        self._collectives: dict[str, Callable] = {}
         names = [v.name for v in graph.inputs]
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
@@ -683,6 +704,11 @@ class CpuGraphRunner:
         self._bind(graph)
         self.stats = {"steps": 0, **self._binder.stats,
                       "reference_ops": sorted(self._binder.reference_ops)}
+
+    def connect_collectives(self, kernels: dict[str, Callable]) -> None:
+        """Run the graph's ``dist`` ops through ``kernels`` (op name -> a kernel with the
+        reference signature), e.g. :func:`irlm.runtime.distributed.comm.dist_kernels`."""
+        self._collectives.update(kernels)
 
     # ----- load time -------------------------------------------------------------------------
     def _linear_weight(self, key, make):

@@ -115,6 +115,10 @@ class CudaGraphRunner:
         self._pool = None
         self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
 
+    def connect_collectives(self, kernels: dict) -> None:
+        """Run the graph's ``dist`` ops through ``kernels`` (a worker's process group)."""
+        self._interp.overrides.update(kernels)
+
     # ----- one step ----------------------------------------------------------------------------
     def step(self, batch: StepBatch) -> torch.Tensor:
         reqs = len(batch)

@@ -67,6 +67,10 @@ class GraphRunner:
             weights = _to_device(graph, graph.weights, self.device)
         self._interp = Interpreter(graph, weights, device=self.device)
 
+    def connect_collectives(self, kernels: dict) -> None:
+        """Run the graph's ``dist`` ops through ``kernels`` (a worker's process group)."""
+        self._interp.overrides.update(kernels)
+
     def step(self, batch: StepBatch) -> torch.Tensor:
         dev = self.device
         feeds = (batch.input_ids_on(dev), batch.positions.to(dev), batch.q_lens.to(dev),
@@ -104,7 +108,8 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         if parallel == "processes":
             from ..distributed import DistributedRunner
             return DistributedRunner(engine.path, device=device, num_blocks=num_blocks,
-                                     max_model_len=max_len)
+                                     max_model_len=max_len, threads=threads,
+                                     executor=executor)
         par = engine.parallel
         if device not in ("auto", "cpu"):
             raise IRLMError(f"{engine.path}: the multi-rank simulator (tp {par.get('tp')}, pp "
