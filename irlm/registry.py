@@ -182,6 +182,21 @@ def get_op_def(name: str) -> OpDef:
         raise IRError(f"unknown op '{name}'{hint}") from None
 
 
+#: checks of a whole graph that a dialect registers (rules across ops: the verifier runs them
+#: after the per-op checks); each returns its problems, one line each
+_GRAPH_CHECKS: list = []
+
+
+def register_graph_check(fn) -> None:
+    """Add ``fn(graph) -> list[str]`` to the verifier's whole-graph checks."""
+    _GRAPH_CHECKS.append(fn)
+
+
+def graph_checks() -> list:
+    _ensure_loaded()
+    return list(_GRAPH_CHECKS)
+
+
 def has_op(name: str) -> bool:
     _ensure_loaded()
     return name in _REGISTRY

@@ -63,6 +63,10 @@ def find_problems(graph: Graph, max_problems: int = 50) -> list[str]:
     for i, v in enumerate(graph.outputs):
         if id(v) not in defined:
             out.append(f"graph output {i} ({v.label()}) is not defined in the graph")
+    if not out:           # rules across ops assume each op is well formed
+        from .registry import graph_checks
+        for check in graph_checks():
+            out.extend(check(graph))
     return out
 
 

@@ -8,6 +8,7 @@ numbered, parseable file per stage, per-pass timing, per-pass and per-pattern st
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import IO, Iterable, Optional
@@ -88,6 +89,12 @@ class PrintIR(Instrument):
             self._emit(f"after {stage.invocation} (stage {stage.index}, FAILED)", graph)
 
 
+#: the names of the files :class:`DumpIR` writes: ``NN-<pass>.irlm`` (``00-input.irlm``,
+#: ``NN-<pass>.failed.irlm``) and :data:`PIPELINE_FILE`
+DUMP_FILE = re.compile(r"\d{2,}-[^/]+\.irlm")
+PIPELINE_FILE = "pipeline.txt"
+
+
 class DumpIR(Instrument):
     """Write ``00-input.irlm``, ``01-<pass>.irlm``, ... to a directory: one parseable file
     per stage, so any stage can be fed back to ``irlm opt``.  A pass that fails leaves
@@ -104,7 +111,7 @@ class DumpIR(Instrument):
     def before_pipeline(self, graph, pipeline, stage_offset):
         from irlm.safe_io import make_dir, write_text
         make_dir(self.dir)
-        write_text(self.dir / "pipeline.txt", str(pipeline) + "\n")
+        write_text(self.dir / PIPELINE_FILE, str(pipeline) + "\n")
         if stage_offset == 0:
             self._write("00-input.irlm", graph)
 

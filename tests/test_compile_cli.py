@@ -106,6 +106,7 @@ def _bad_inputs(tmp_path: Path) -> list[tuple[list[str], str]]:
         (["compile", "--hf", str(text.parent / "nodir"), "-o", out], "--hf"),
         (["compile", "--hf", str(tmp_path), "-o", out], "config.json"),
         (["compile", "--safetensors", str(text), "-o", out], "--safetensors needs --config"),
+        (["compile", "--config", str(text), "-o", out], "--config is only for --safetensors"),
         (["compile", str(fake_py), "-o", out], f"{fake_py}: defines no build_model()"),
         (["compile", "--gguf", str(text), "-o", str(text)], f"-o {text}"),
         (["compile", "--gguf", str(text), "-o", out, "--max-seq", "0"], "--max-seq 0"),

@@ -153,8 +153,8 @@ def test_dump_ir_per_rank_and_irlm_run(models, tmp_path_factory, capsys):
         text = dump.read_text()
         assert f"#tp2.r{r}[" in text and "dist.all_reduce" in text
         assert text == (out / f"rank{r}" / "plan.irlm").read_text()
-    capsys.readouterr()
     base = engine_dir(models, tmp_path_factory, "llama")
+    capsys.readouterr()           # (what the compiles printed)
     texts = []
     for engine in (base, out):
         assert irlm_main(["run", str(engine), "--prompt", "w5 w17 w33 w2", "--max-tokens", "5",

@@ -101,7 +101,8 @@ def test_awq_engine_keeps_the_models_top_token(model_dir, tmp_path, calib_tokens
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--quant", "fp8"], "has no tokenizer to read text with; give --calib FILE.json"),
+    (["--quant", "fp8"], "--quant fp8 calibrates on irlm's built-in text prompts, but "),
+    (["--quant", "fp8"], "has no tokenizer to read them with; give --calib FILE.json"),
     (["--calib", "CALIB"], "--calib is only read by --quant int4-awq, w8a8-sq, fp8 and "
                            "--kv-cache-dtype"),
     (["--quant", "int8", "--calib", "CALIB"], "with --quant int8 nothing is calibrated"),

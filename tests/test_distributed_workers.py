@@ -518,6 +518,23 @@ print(json.dumps(out[0].outputs[0].token_ids))
 
 
 @pytest.mark.slow
+def test_a_dropped_engine_does_not_block_the_next(engines, unsplit):
+    """``del llm`` without close(): opening the next multi-rank engine in the process
+    collects the dropped one (its watchdog holds it weakly), whose workers exit."""
+    llm = LLM(str(engines["tp2"]), device="cpu", num_blocks=16)
+    old = [p.pid for p in llm.engine.runner._procs.values()]
+    del llm
+    with LLM(str(engines["tp2"]), device="cpu", num_blocks=16) as again:
+        got = [o.outputs[0].token_ids for o in again.generate(PROMPTS, PARAMS)]
+    assert got == unsplit[1]
+    for _ in range(40):
+        if not any(alive(pid) for pid in old):
+            break
+        time.sleep(0.25)
+    assert not any(alive(pid) for pid in old)
+
+
+@pytest.mark.slow
 def test_irlm_serve_runs_the_ranks_as_workers(engines):
     """``irlm serve`` of a tp 2 x pp 2 engine: concurrent OpenAI requests (in flight
     together) get the unsplit engine's greedy text; stopping the server leaves no process."""

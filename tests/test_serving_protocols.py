@@ -166,6 +166,19 @@ def test_openai_errors_name_the_field(oai, server):
     with pytest.raises(openai.BadRequestError) as e:
         oai.chat.completions.create(model="tiny", messages=[{"content": "x"}], max_tokens=2)
     assert e.value.body["param"] == "messages[0].role"
+    for messages, param, said in (
+            ([{"role": "bogus", "content": "x"}], "messages[0].role", "'bogus' is not one of"),
+            ([{"role": "system", "content": "x"}, {"role": "user"}], "messages[1].content",
+             "is required for a user message"),
+            (["hello"], "messages[0]", "must be a {role, content} object")):
+        with pytest.raises(openai.BadRequestError) as e:
+            oai.chat.completions.create(model="tiny", messages=messages, max_tokens=2)
+        assert e.value.body["param"] == param and said in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as e:
+        oai.completions.create(model="tiny", prompt=PROMPT, max_tokens=2,
+                               extra_body={"stop_token_ids": [1, 999999]})
+    assert e.value.body["param"] == "stop_token_ids[1]"
+    assert "outside the vocabulary" in e.value.body["message"]
     with pytest.raises(openai.NotFoundError):
         oai.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
     bad = openai.OpenAI(base_url=server.openai_url, api_key="wrong", max_retries=0)
@@ -213,6 +226,20 @@ def test_kserve_http_generate_infer_and_stream(server, oracle):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req)
     assert e.value.code == 400 and "top_p" in json.load(e.value)["error"]
+    # a misspelt field is refused, naming it (Triton: unexpected inference input); unknown
+    # request parameters are ignored, as Triton's models ignore parameters they do not read
+    req = urllib.request.Request(server.url + "/v2/models/ensemble/generate",
+                                 json.dumps({"text_input": PROMPT, "max_token": 4}).encode(),
+                                 hdr)
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req)
+    err = json.load(e.value)["error"]
+    assert e.value.code == 400 and "max_token" in err and "not an input" in err
+    req = urllib.request.Request(server.url + "/v2/models/ensemble/generate",
+                                 json.dumps({"text_input": PROMPT, "max_tokens": 12,
+                                             "temperature": 0.0,
+                                             "parameters": {"priority": 3}}).encode(), hdr)
+    assert json.load(urllib.request.urlopen(req))["text_output"] == w.text
     with pytest.raises(Exception, match="401"):
         httpclient.InferenceServerClient(server.http_addr).infer("tensorrt_llm", ins)
 

@@ -53,6 +53,13 @@ CLI = [
      "good.irlm: not a causal LM in the paged inference form"),
     ("--dims with an unknown dim", ["compile", "m.py", "-o", "{tmp}/o7", "--dims", "tokens=4"],
      "--dims tokens=...: unknown dimension 'tokens'"),
+    ("a sampling flag is named", ["run", "{engine}", "--prompt", "x", "--temperature", "-1"],
+     "--temperature -1.0: must be a finite number >= 0"),
+    ("--system without --chat", ["run", "{engine}", "--prompt", "x", "--system", "be brief"],
+     "--system: only with --chat"),
+    ("text for an engine without a tokenizer", ["run", "{tmp}/notok", "--prompt", "x",
+                                                "--device", "cpu"],
+     "notok: the engine has no tokenizer, so it cannot take text"),
 ]
 
 # (id, function of the fixtures' namespace, what the message must contain)
@@ -136,6 +143,14 @@ def env(tmp_path_factory):
     (tmp / "good.irlm").write_text(good)
     (tmp / "bad.irlm").write_text(good.replace("return %x", "%y = core.neg(%q) : tensor<4xf32>"
                                                             "\n  return %y"))
+    # the engine's plan rebuilt alone: no reference engine, so no tokenizer
+    lone = tmp / "lone"
+    lone.mkdir()
+    (lone / "plan.irlm").write_text((tmp / "engine" / "plan.irlm").read_text())
+    from irlm.cli import main as irlm_main
+    assert irlm_main(["build", str(lone / "plan.irlm"), "--weights",
+                      str(tmp / "engine" / "weights.safetensors"), "-o", str(tmp / "notok"),
+                      "--max-model-len", "64"]) == 0
     torch.set_num_threads(1)
     return SimpleNamespace(tmp=tmp, engine=tmp / "engine", gguf=gguf, irlm=irlm,
                            SamplingParams=SamplingParams, CompileConfig=CompileConfig,

@@ -126,6 +126,9 @@ def source_from_args(args) -> Source:
     given = [flag for flag, value in (("MODEL.py", args.model), ("--hf", args.hf),
                                       ("--gguf", args.gguf), ("--safetensors", args.safetensors))
              if value is not None]
+    if args.config is not None and args.safetensors is None:
+        raise IRLMError("--config is only for --safetensors (a model directory or GGUF "
+                        "carries its own config)")
     if not given:
         raise IRLMError("no model given: pass a MODEL.py, --hf DIR, --gguf FILE or "
                         "--safetensors FILE --config JSON")

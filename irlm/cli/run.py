@@ -40,7 +40,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..runtime import LLM, SamplingParams
+    from ..runtime import LLM
     from ..runtime.distributed.runner import is_multi_rank
     if args.prompt is None and args.chat is None:
         raise IRLMError("give --prompt TEXT or --chat MESSAGE")
@@ -48,10 +48,12 @@ def run(args) -> int:
         raise IRLMError(f"--max-tokens {args.max_tokens}: must be at least 1")
     if args.threads is not None and args.threads < 1:
         raise IRLMError(f"--threads {args.threads}: must be at least 1")
+    if args.system is not None and args.chat is None:
+        raise IRLMError("--system: only with --chat (a --prompt is sent as it is, without the "
+                        "chat template)")
     # The tokenizer's own thread pool would compete with the GEMMs' threads for the cores.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                            top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = _sampling_params(args)
     threads = args.threads
     if threads is None and args.device != "cuda" and not is_multi_rank(args.engine):
         # (a multi-rank engine shares this host's cores out among its ranks itself)
@@ -64,7 +66,28 @@ def run(args) -> int:
         llm.close()       # a multi-rank engine's worker processes
 
 
+def _sampling_params(args):
+    """The flags as SamplingParams; a bad value names its flag."""
+    import re
+    from ..runtime import SamplingParams
+    from ..runtime.sampling import SamplingParamsError
+    try:
+        return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
+                              top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except SamplingParamsError as e:
+        m = re.match(r"SamplingParams\.(\w+) (.*)", str(e))
+        if m is None:
+            raise IRLMError(str(e)) from None
+        flag = "--" + m.group(1).replace("_", "-")
+        raise IRLMError(f"{flag} {getattr(args, m.group(1), '')}: {m.group(2)}") from None
+
+
 def _generate(llm, args, params) -> int:
+    if llm.tokenizer is None:
+        raise IRLMError(f"{args.engine}: the engine has no tokenizer, so it cannot take text "
+                        f"(an `irlm build` without --from or --tokenizer); rebuild it with "
+                        f"--from COMPILED_ENGINE or --tokenizer DIR, or call LLM.generate with "
+                        f"token ids from Python")
     if args.chat is not None:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
             [{"role": "user", "content": args.chat}]

@@ -7,7 +7,7 @@ the rest of the config (:meth:`CompileConfig.check`):
   config (heads, kv heads, intermediate size, layers), so a split that tp-split or pp-split
   would refuse is refused before the minutes a trace and the passes take;
 * :func:`split_stage` (after the passes) makes ``job.ranks`` and, with ``quant`` int8 /
-  int4, quantizes each of them (:func:`quantize_ranks`: the passes stage leaves quantize out
+  int4, quantizes each of them (:func:`passes_after_split`: the passes stage leaves quantize out
   of a split compile); :func:`write_engine` writes them as a multi-rank engine
   (lowering/engine_format.py: ``OUT/engine.json`` + ``OUT/rank{r}/``).
 """
@@ -124,26 +124,26 @@ def split_stage(job) -> None:
     if job.config.dump_ir:
         from irlm.text.printer import print_graph
         ir = job.out / "ir"
-        # continue the pass dumps' numbering, one folder per rank
-        n = len(list(ir.glob("[0-9][0-9]-*.irlm"))) if ir.is_dir() else 0
+        n = job.next_dump       # continue the pass dumps' numbering, one folder per rank
         name = "tp-split" if tp > 1 else "pp-split"   # tp x pp: the last split made
         for r, g in enumerate(job.ranks):
             path = ir / f"rank{r}" / f"{n:02d}-{name}.irlm"
             safe_io.make_dir(path.parent)
             safe_io.write_text(path, print_graph(g))
             job.written.append(path)
-    quantize_ranks(job, n + 1 if job.config.dump_ir else 0)
+    passes_after_split(job, n + 1 if job.config.dump_ir else 0)
     job.notes.append(f"split into {len(job.ranks)} ranks ({what}); each rank's engine is "
                      f"under OUT/rank0 ... OUT/rank{len(job.ranks) - 1}")
 
 
-def quantize_ranks(job, stage_offset: int) -> None:
+def passes_after_split(job, stage_offset: int) -> None:
     """``--quant`` with --tp/--pp: the compile's quantize pipeline run on each rank's graph
-    (compile.py's passes stage leaves it out when the compile splits).  After the split, a
+    (compile.py's passes stage leaves it out when the compile splits); likewise
+    ``cast-weights`` for an engine whose CPU linears run in f16 or bf16.  After the split, a
     vocab-parallel LM head is followed by its all_gather and still reaches the graph output,
     so quantize keeps it in full precision as it does unsplit."""
-    from .stages import quant_pipeline, run_passes
-    text = quant_pipeline(job)
+    from .stages import cpu_weights_pipeline, quant_pipeline, run_passes
+    text = ",".join(p for p in (quant_pipeline(job), cpu_weights_pipeline(job)) if p)
     if not text:
         return
     for r, g in enumerate(job.ranks):

@@ -40,7 +40,12 @@ class CompileJob:
     tokenizer: Any = None
     frontend_ops: int = 0                       # ops in OUT/ir/00-frontend.irlm
     dump_params: set = field(default_factory=set)   # param names any IR dump reads
+    #: the number the next IR dump gets (00 is ir/00-frontend.irlm; the passes stage counts
+    #: its passes, not the files in the dump directory, which may hold an earlier compile's)
+    next_dump: int = 1
     layer_stamping: str = ""                    # how "trace" built the graph (stamping.py)
+    #: the loaded model in one line, taken before the passes add derived weights to its store
+    model_description: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,7 @@ class Stage:
 def load_stage(job: CompileJob) -> None:
     from .source import load_source
     job.model = load_source(job.source, job.config.dtype)
+    job.model_description = job.model.describe()
     if job.config.write_engine:
         job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
 
@@ -103,8 +109,9 @@ def level_pipeline(job: CompileJob) -> str:
 
 def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
                stage_offset: int = 0, check_numerics: Optional[bool] = None,
-               extra_instruments=()) -> None:
-    """Run pipeline ``text`` over ``graph`` with the config's instruments."""
+               extra_instruments=()):
+    """Run pipeline ``text`` over ``graph`` with the config's instruments; the
+    :class:`~irlm.passes.PipelineReport`."""
     from irlm.passes import PassManager, load_plugin, parse_pipeline
     from irlm.passes.cli import make_instruments
     c = config
@@ -117,23 +124,49 @@ def run_passes(graph, text: str, config: CompileConfig, *, dump_dir=None,
         numerics_atol=c.numerics_atol, numerics_rtol=c.numerics_rtol,
         numerics_seed=c.numerics_seed, numerics_int_max=c.numerics_int_max,
         timing=c.timing, stats=c.stats) + list(extra_instruments)
-    PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
-                stage_offset=stage_offset).run(graph)
+    return PassManager(parse_pipeline(text), instruments, verify_each=c.verify_each,
+                       stage_offset=stage_offset).run(graph)
 
 
 def passes_stage(job: CompileJob) -> None:
     c = job.config
-    # with tp/pp each rank's graph is quantized after the split (parallel.quantize_ranks)
+    # with tp/pp each rank's graph is quantized after the split (parallel.passes_after_split)
     quant = "" if c.splits else quant_pipeline(job)
     text = ",".join(p for p in (level_pipeline(job), quant, c.pipeline) if p)
     dump_dir = dump_directory(job)
     job.pipeline = text
     if dump_dir is not None:
         job.dump_params |= {op.attrs["name"] for op in job.graph.params()}
+    extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
     if text:
-        extra = [_ParamNames(job.dump_params)] if dump_dir is not None else []
-        run_passes(job.graph, text, c, dump_dir=dump_dir, stage_offset=1 if dump_dir else 0,
-                   extra_instruments=extra)
+        job.next_dump += len(run_passes(job.graph, text, c, dump_dir=dump_dir,
+                                        stage_offset=1 if dump_dir else 0,
+                                        extra_instruments=extra).stages)
+    cast = "" if c.splits else cpu_weights_pipeline(job)
+    if cast:
+        # f16/bf16 rounding of the weights is the point: --check-numerics' f32 tolerances
+        # do not apply
+        job.next_dump += len(run_passes(job.graph, cast, c, dump_dir=dump_dir,
+                                        stage_offset=job.next_dump if dump_dir else 0,
+                                        check_numerics=False, extra_instruments=extra).stages)
+        job.pipeline = f"{text},{cast}" if text else cast
+
+
+def cpu_weights_pipeline(job: CompileJob) -> str:
+    """``cast-weights{dtype=D}`` for an engine whose CPU linears run in D = f16 or bf16
+    (``--device cpu``, or ``--cpu-linear``): its weight matrices are stored as they are run
+    (with --tp/--pp on each rank's graph, after the split).  Not for quantized engines, whose
+    float linears run in bf16."""
+    c = job.config
+    if c.quant or not c.write_engine or c.target != "engine":
+        return ""
+    linear = c.cpu_linear
+    if linear is None and c.device == "cpu":
+        from irlm.lowering.kernel_selection import default_linear_dtype
+        linear = default_linear_dtype(None)
+    if linear not in ("f16", "bf16") or c.dtype != "f32":
+        return ""
+    return f"cast-weights{{dtype={linear}}}"
 
 
 def dump_directory(job: CompileJob) -> Optional[Path]:
@@ -218,8 +251,15 @@ def write_calibration_tokens(job: CompileJob) -> Path:
     else:
         tok = job.model.tokenizer
         if tok is None:
-            raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read text "
-                            f"with; give --calib FILE.json with token ids ([[1, 2, ...], ...])")
+            c = job.config
+            fix = "give --calib FILE.json with token ids ([[1, 2, ...], ...])"
+            if given:
+                raise IRLMError(f"--calib {src}: {job.model.source} has no tokenizer to read "
+                                f"text with; {fix}")
+            flag = f"--quant {c.quant}" if c.quant in CALIBRATED else \
+                f"--kv-cache-dtype {c.kv_cache_dtype}"
+            raise IRLMError(f"{flag} calibrates on irlm's built-in text prompts, but "
+                            f"{job.model.source} has no tokenizer to read them with; {fix}")
         tokens = tokenize_prompts(read_prompts(src), tok)
     path = write_token_lists(tokens, job.out / CALIB_TOKENS)
     job.written.append(path)

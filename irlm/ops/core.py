@@ -568,6 +568,8 @@ define_op("core.tril", ["x"], {"diagonal": attr("int", 0)}, infer=_infer_tri,
 def _infer_layer_norm(t, a):
     x = t[0]
     require_float(x, "input")
+    if not a["eps"] >= 0:      # added to a variance
+        raise IRError(f"eps {a['eps']} must be >= 0")
     ns = a["normalized_shape"]
     if len(ns) > x.rank:
         raise IRError("normalized_shape is longer than the input's rank")

@@ -55,7 +55,14 @@ def _check_norm_weight(x: TensorType, w: TensorType) -> None:
     same_dim(w.shape[0], x.shape[-1], "weight length differs from the input's last dim")
 
 
+def check_eps(a) -> None:
+    """A norm's epsilon: added to a variance, so it must not be negative (nor NaN)."""
+    if not a["eps"] >= 0:
+        raise IRError(f"eps {a['eps']} must be >= 0")
+
+
 def _infer_rms_norm(t, a):
+    check_eps(a)
     _check_norm_weight(t[0], t[1])
     return [t[0]]
 
@@ -73,6 +80,7 @@ def _infer_add_rms_norm(t, a):
     x, residual = t[0], t[1]
     if x != residual:
         raise IRError(f"x {x} and residual {residual} must have one type")
+    check_eps(a)
     _check_norm_weight(x, t[2])
     return [x, x]
 

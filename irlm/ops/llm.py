@@ -21,7 +21,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import IRError
-from ..registry import attr, define_op
+from ..registry import attr, define_op, register_graph_check
 from ..types import DType, TensorType
 from ._shape import require_float, require_int, require_rank, same_dim
 
@@ -190,6 +190,23 @@ define_op(
         "alibi_slopes (one per head) add -slope * distance to the scores. An i8 or f8e4m3 "
         "kv_cache stores keys / kv_scales[0] and values / kv_scales[1] (i8: rounded, clamped "
         "to +-127; f8e4m3: clamped to +-448) and reads them back times the scale.")
+
+
+def _one_layer_each(graph) -> list[str]:
+    """Each layer of the paged KV cache is written by one paged attention: two writing the
+    same layer would overwrite each other's keys and values."""
+    seen, out = {}, []
+    for op in graph.ops:
+        if op.name == "llm.paged_attention":
+            first = seen.setdefault(op.attrs["layer"], op)
+            if first is not op:
+                out.append(f"{op.describe()}: layer {op.attrs['layer']} of the KV cache is "
+                           f"also written by {first.describe()}; each paged attention needs "
+                           f"a layer of its own")
+    return out
+
+
+register_graph_check(_one_layer_each)
 
 
 def _infer_last_tokens(t, a):

@@ -5,6 +5,11 @@ Life cycle: the engine core process loads the engine (the server refuses to star
 fails, with the core's error); HTTP and gRPC listen on loopback unless told otherwise.
 SIGTERM or SIGINT drains: new requests get 503 / UNAVAILABLE, requests in flight run to their
 end (up to ``drain_timeout`` seconds), then the listeners close and the core exits.
+
+If the core dies, the requests in flight get errors naming the cause, new ones and the health
+endpoints 503; after :data:`ENGINE_FAILURE_GRACE_S` the server stops and :func:`serve` raises
+the cause (``irlm serve`` exits 1 with it): a server that can no longer generate should be
+restarted by its supervisor, not linger looking alive.
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ log = logging.getLogger("irlm.serving")
 
 #: paths reachable without the API key: liveness / readiness probes and the static page
 PUBLIC_PATHS = ("/health", "/v2/health/live", "/v2/health/ready", "/")
+
+#: seconds the server goes on answering (with errors, and 503 from the health endpoints) after
+#: the engine core died, before it stops
+ENGINE_FAILURE_GRACE_S = 1.0
 
 
 @dataclass
@@ -70,8 +79,9 @@ def build_app(client: EngineClient, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        if client._dead is not None:
-            return JSONResponse({"status": "engine failed"}, status_code=503)
+        if client.failure is not None:
+            return JSONResponse({"status": "engine failed", "error": client.failure},
+                                status_code=503)
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -139,6 +149,7 @@ async def serve_async(cfg: ServeConfig, *, on_ready: Optional[Callable[[], None]
     client.attach(loop)
     http = _Server(build_app(client, cfg), cfg).server
     grpc_server = None
+    watchdog = None
     try:
         if cfg.grpc_port is not None:
             from .kserve_grpc import start_grpc
@@ -159,18 +170,31 @@ async def serve_async(cfg: ServeConfig, *, on_ready: Optional[Callable[[], None]
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 loop.add_signal_handler(sig, on_signal)
+
+        async def on_engine_failure():
+            await client.failed.wait()
+            # Every stream has its error by now; the grace lets the handlers write it (and
+            # probes see the 503) before the listeners close.  uvicorn then still finishes
+            # the responses under way.
+            await asyncio.sleep(ENGINE_FAILURE_GRACE_S)
+            http.should_exit = True
+        watchdog = loop.create_task(on_engine_failure())
         serve_task = loop.create_task(http.serve())
         while not http.started and not serve_task.done():
             await asyncio.sleep(0.02)
-        if serve_task.done():
+        if serve_task.done() and client.failure is None:
             serve_task.result()
             raise ServingError(f"could not listen on {cfg.host}:{cfg.port}", 500)
-        if on_ready:
+        if on_ready and client.failure is None:
             on_ready()
         await serve_task
         if grpc_server is not None:
             await grpc_server.stop(grace=1.0)
+        if client.failure is not None:
+            raise ServingError(client.failure, 500)
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT):
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(sig)

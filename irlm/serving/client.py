@@ -6,14 +6,20 @@ its deltas (:meth:`RequestStream.put`).  Detokenization (incremental, never spli
 character: :class:`~irlm.runtime.detokenizer.IncrementalDetokenizer`) and stop strings run
 here, in the server process; a sequence that hits a stop string ends here, and the request is
 aborted in the core once all its sequences ended, which frees its KV blocks.
+
+If the core dies (an exception in a step, a native crash, SIGKILL, the OOM killer), every
+request in flight gets an error naming the cause, new ones are refused and :attr:`failed` is
+set: the server then shuts down, for its supervisor to restart it.
 """
 from __future__ import annotations
 
 import asyncio
 import itertools
+import signal
 import threading
 import time
 from dataclasses import dataclass, field, replace
+from multiprocessing.connection import wait as wait_ready
 from typing import Any, Optional
 
 from ..runtime.detokenizer import IncrementalDetokenizer
@@ -188,54 +194,83 @@ class EngineClient:
         self._proc = self._inq = self._outq = None
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._reader: Optional[threading.Thread] = None
-        self._dead: Optional[str] = None
+        #: why the engine core is gone (None while it runs); set once, on the event loop
+        self.failure: Optional[str] = None
+        #: set on the event loop when the core failed or died
+        self.failed: Optional[asyncio.Event] = None
+        self._stopping = False           # shutdown() asked the core to exit: not a failure
 
     # ----- life cycle -----------------------------------------------------------------------
     def start_process(self) -> None:
         """Start the core and wait until its engine is loaded (blocking)."""
         self._proc, self._inq, self._outq = start_core(self.spec)
+        # The server never writes to the out-queue.  Without its copy of the write end, a core
+        # that dies in the middle of a message leaves the reader an end of file rather than a
+        # read that never returns.
+        self._outq._writer.close()
+        proc = self._proc
         while True:
             try:
-                msg = self._outq.get(timeout=1.0)
-            except Exception:
-                if not self._proc.is_alive():
-                    raise ServingError("the engine core exited while loading", 500) from None
-                continue
+                msg = self._next_message(proc)
+            except _CoreGone:
+                raise ServingError(f"the engine core exited while loading "
+                                   f"({_exit_cause(proc)})", 500) from None
             if msg[0] == "fatal":
-                self._proc.join(5)
+                proc.join(5)
                 raise ServingError(f"the engine failed to load: {msg[1]}", 500)
             if msg[0] == "ready":
                 self.info = msg[1]
                 return
 
+    def _next_message(self, proc):
+        """The core's next message; raises _CoreGone once the core has exited and everything
+        it sent before has been read."""
+        conn = self._outq._reader
+        # The process sentinel as well as the pipe: a dead core never writes again, and the
+        # pipe alone would not say so while any other process holds its write end.
+        ready = wait_ready([conn, proc.sentinel])
+        if conn not in ready:
+            raise _CoreGone
+        # Readable comes first even when the core has exited: its last words (a "fatal"
+        # with its traceback, the step before it died) are still in the pipe.
+        try:
+            return self._outq.get()
+        except (EOFError, OSError):
+            raise _CoreGone from None
+
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
         """Start delivering the core's output on ``loop``."""
         self._loop = loop
+        self.failed = asyncio.Event()
         self._reader = threading.Thread(target=self._read, name="irlm-core-reader",
                                         daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
+        proc = self._proc           # shutdown() drops self._proc while this thread may run
         while True:
             try:
-                msg = self._outq.get()
-            except (EOFError, OSError):
-                msg = ("fatal", "the engine core's queue closed")
-            if msg is None:
-                return
+                msg = self._next_message(proc)
+            except _CoreGone:
+                if self._stopping:
+                    return
+                msg = ("died", f"the engine core process (pid {proc.pid}) died: "
+                               f"{_exit_cause(proc)}")
             try:
                 self._loop.call_soon_threadsafe(self._dispatch, msg)
             except RuntimeError:              # loop closed
                 return
-            if msg[0] == "fatal":
+            if msg[0] == "died":
                 return
 
     def _dispatch(self, msg) -> None:
-        if msg[0] == "fatal":
-            self._dead = msg[1]
-            err = ServingError(f"the engine core failed: {msg[1].splitlines()[-1]}", 500)
-            for s in list(self.streams.values()):
-                s.put(err)
+        kind = msg[0]
+        if kind == "fatal":
+            last = (str(msg[1]).strip().splitlines() or ["no message"])[-1]
+            self._fail(f"the engine core failed: {last}")
+            return
+        if kind == "died":
+            self._fail(msg[1])
             return
         batch = msg[1]
         self.last_stats = batch.stats
@@ -254,20 +289,35 @@ class EngineClient:
             if s is not None:
                 s.put(Delta(*t))
 
+    def _fail(self, message: str) -> None:
+        # A core that raised sends "fatal" and then exits ("died"): the first cause stands,
+        # it is the one that says what went wrong.
+        if self.failure is None:
+            self.failure = message
+        err = ServingError(self.failure, 500)
+        for s in list(self.streams.values()):
+            s.put(err)
+        self.failed.set()
+
     def shutdown(self) -> None:
-        if self._proc is None:
+        proc = self._proc
+        if proc is None:
             return
+        self._stopping = True
         try:
-            self._inq.put(("shutdown",))
-            self._proc.join(10)
+            if proc.is_alive():
+                self._inq.put(("shutdown",))
+                proc.join(10)
         finally:
-            if self._proc.is_alive():
-                self._proc.terminate()
-                self._proc.join(5)
-            try:
-                self._outq.put(None)            # wake the reader thread
-            except Exception:
-                pass
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(5)
+            # Nobody reads the in-queue any more; exiting must not wait for its feeder thread
+            # to push what is left into a pipe that may be full.
+            self._inq.cancel_join_thread()
             self._proc = None
 
     # ----- requests -------------------------------------------------------------------------
@@ -276,8 +326,8 @@ class EngineClient:
         return len(self.streams)
 
     def check_room(self) -> None:
-        if self._dead is not None:
-            raise ServingError("the engine core has failed; restart the server", 503)
+        if self.failure is not None:
+            raise ServingError(self.failure, 503)
         if self.draining:
             raise ServingError("the server is shutting down", 503)
         if self.num_active >= self.info.max_batch_size + self.max_queue:
@@ -337,7 +387,7 @@ class EngineClient:
         return stream
 
     def _abort(self, rid: int) -> None:
-        if self._inq is not None:
+        if self._inq is not None and self.failure is None:
             self._inq.put(("abort", rid))
 
     def _forget(self, rid: int) -> None:
@@ -352,6 +402,24 @@ class EngineClient:
         for s in list(self.streams.values()):
             s.put(ServingError("the server shut down before the request finished", 503))
             s.cancel()
+
+
+class _CoreGone(Exception):
+    """The engine core process has exited (and its output has all been read)."""
+
+
+def _exit_cause(proc) -> str:
+    """How a process ended, for an operator: ``killed by signal SIGKILL``."""
+    proc.join(2.0)                    # it has exited (or is exiting): this reaps it
+    code = proc.exitcode
+    if code is None:
+        return "its output pipe closed"
+    if code < 0:
+        try:
+            return f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with status {code}"
 
 
 def _merge(items: list) -> list:

@@ -112,10 +112,10 @@ class Servicer(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     def _ready(self) -> bool:
         c = self.client
-        return c.info is not None and not c.draining and c._dead is None
+        return c.info is not None and not c.draining and c.failure is None
 
     async def ServerLive(self, request, context):
-        return service_pb2.ServerLiveResponse(live=True)
+        return service_pb2.ServerLiveResponse(live=self.client.failure is None)
 
     async def ServerReady(self, request, context):
         return service_pb2.ServerReadyResponse(ready=self._ready())

@@ -59,8 +59,11 @@ def tensor_from_json(inp: dict, binary: memoryview, offset: int) -> tuple[str, n
     return name, arr.reshape(shape), offset
 
 
-def generate_tensors(body: dict) -> dict:
-    """The generate extension's JSON fields as [1, ...] input tensors."""
+def generate_tensors(body: dict, known=None) -> dict:
+    """The generate extension's JSON fields as [1, ...] input tensors.  Fields under
+    "parameters" are request parameters: those named in ``known`` (the model's inputs) are
+    taken as inputs, the others ignored as Triton's models ignore parameters they do not
+    read."""
     if not isinstance(body, dict):
         raise bad_field("body", "must be a JSON object")
     out = {}
@@ -84,7 +87,8 @@ def generate_tensors(body: dict) -> dict:
             raise bad_field(k, f"unsupported value {v!r}")
     params = body.get("parameters")
     if isinstance(params, dict):          # Triton also takes fields as "parameters"
-        for k, v in generate_tensors({k: v for k, v in params.items()}).items():
+        taken = {k: v for k, v in params.items() if known is None or k in known}
+        for k, v in generate_tensors(taken).items():
             out.setdefault(k, v)
     return out
 
@@ -125,11 +129,11 @@ class KServeHTTP:
         return {"name": "irlm", "version": __version__, "extensions": EXTENSIONS}
 
     async def live(self):
-        return Response(status_code=200)
+        return Response(status_code=200 if self.client.failure is None else 503)
 
     async def ready(self):
         ok = self.client.info is not None and not self.client.draining and \
-            self.client._dead is None
+            self.client.failure is None
         return Response(status_code=200 if ok else 503)
 
     def _kind(self, model: str, version: Optional[str]) -> str:
@@ -249,7 +253,9 @@ class KServeHTTP:
             body = json.loads(await request.body())
         except (ValueError, UnicodeDecodeError) as e:
             raise bad_field("body", f"not valid JSON ({e})") from None
-        jobs = parse_jobs(self.client, generate_tensors(body), kind, self.cfg.model_config)
+        known = {n for n, _, _ in io_spec(kind)[0]}
+        jobs = parse_jobs(self.client, generate_tensors(body, known), kind,
+                          self.cfg.model_config)
         if len(jobs) != 1:
             raise bad_field("text_input", "generate takes one request")
         self.client.validate(jobs[0].prompt_ids, jobs[0].params)

@@ -133,6 +133,11 @@ def _text_list(tensors, name, b) -> list[str]:
 
 def parse_jobs(client, tensors: dict, kind: str, defaults: dict) -> list[Job]:
     """Every batch row of an inference request as a Job (errors name the tensor)."""
+    known = [n for n, _, _ in io_spec(kind)[0]]
+    unknown = [n for n in tensors if n not in known]
+    if unknown:       # as Triton does: a misspelt input must not be dropped silently
+        raise bad_field(unknown[0], f"is not an input of model {kind!r} (its inputs: "
+                                    f"{', '.join(known)})")
     for name in REQUIRED[kind]:
         if name not in tensors:
             raise bad_field(name, "is required")

@@ -28,6 +28,8 @@ _COMMON = {"model", "max_tokens", "temperature", "top_p", "n", "stream", "stream
 _COMPLETION = _COMMON | {"prompt", "echo", "best_of"}
 _CHAT = _COMMON | {"messages", "max_completion_tokens", "top_logprobs",
                    "add_generation_prompt", "chat_template", "response_format"}
+#: the roles OpenAI's chat API defines
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")
 _IGNORED = {"logit_bias", "metadata", "store", "service_tier", "parallel_tool_calls",
             "tool_choice", "tools", "functions", "function_call", "modalities", "audio",
             "prediction", "reasoning_effort", "suffix", "spaces_between_special_tokens",
@@ -101,6 +103,11 @@ class OpenAIServer:
             kw["seed"] %= 2**63
         if kw["min_tokens"] > max_tokens:
             raise bad_field("min_tokens", f"must be <= max_tokens ({max_tokens})")
+        vocab = self.client.info.vocab_size
+        for i, t in enumerate(kw["stop_token_ids"]):
+            if not 0 <= t < vocab:
+                raise bad_field(f"stop_token_ids[{i}]", f"token id {t} is outside the "
+                                                        f"vocabulary [0, {vocab})")
         return sampling_params(**kw)
 
     def _stream_options(self, f: Fields, stream: bool) -> bool:
@@ -279,9 +286,16 @@ class OpenAIServer:
             raise bad_field("messages", "must be a non-empty list of {role, content} objects")
         conv = []
         for i, m in enumerate(msgs):
+            if not isinstance(m, dict):
+                raise bad_field(f"messages[{i}]", "must be a {role, content} object")
             mf = Fields(m, f"messages[{i}].")
             role = mf.str("role")
+            if role not in CHAT_ROLES:
+                raise bad_field(f"messages[{i}].role", f"{role!r} is not one of "
+                                                       f"{', '.join(CHAT_ROLES)}")
             content = m.get("content")
+            if content is None and role != "assistant":     # (an assistant turn of tool calls)
+                raise bad_field(f"messages[{i}].content", f"is required for a {role} message")
             if isinstance(content, list):        # content parts: text only
                 parts = []
                 for j, part in enumerate(content):
@@ -387,6 +401,9 @@ class OpenAIServer:
             watch.cancel()
             if not work.done():
                 work.cancel()
+                # a cancelled gather ends with a CancelledError *set* on it: take it, or asyncio
+                # logs "exception was never retrieved" for every client that went away
+                work.add_done_callback(_retrieve)
             for s in streams:
                 s.cancel()
 
@@ -433,6 +450,11 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
+
+
+def _retrieve(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -121,6 +121,17 @@ def _threads_per_rank(local_ranks: int) -> int:
     return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
+def _watchdog(ref) -> None:
+    """The watchdog thread: :meth:`DistributedRunner._watch` every 0.2 s while the runner
+    exists, is open and asks to go on."""
+    while True:
+        time.sleep(0.2)
+        runner = ref()
+        if runner is None or runner._closed or not runner._watch():
+            return
+        del runner
+
+
 def _exit_text(code: int) -> str:
     if code < 0:
         try:
@@ -191,6 +202,11 @@ class DistributedRunner:
             master = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() != "true" \
                 and not dist.is_initialized()
         else:
+            if dist.is_initialized() and _live:
+                # an engine the program dropped (``del llm``) may wait in a reference cycle:
+                # collecting it closes it and leaves its process group
+                import gc
+                gc.collect()
             if dist.is_initialized():
                 raise DistributedError("this process already has a torch.distributed process "
                                        "group; close the other multi-rank engine first, or "
@@ -249,7 +265,10 @@ class DistributedRunner:
         self.max_model_len = int(pool["max_model_len"])
         self.max_num_tokens = last["max_num_tokens"]
         self.device = self.worker.device
-        self._watchdog = threading.Thread(target=self._watch, name="irlm-watchdog", daemon=True)
+        # the thread holds the runner weakly: a dropped engine (``del llm``) is freed and
+        # closed, not kept alive by its own watchdog
+        self._watchdog = threading.Thread(target=_watchdog, args=(weakref.ref(self),),
+                                          name="irlm-watchdog", daemon=True)
         self._watchdog.start()
 
     # ----- launching -------------------------------------------------------------------------
@@ -376,28 +395,26 @@ class DistributedRunner:
         return self._stopped(f"rank 0 failed {when}: {one_line(cause)}")
 
     def _watch(self) -> None:
-        """While the engine lives: a worker process that exits, or (NCCL, where a dead peer
-        can leave a collective waiting forever) a step past the timeout, ends the engine."""
-        while not self._closed:
-            time.sleep(0.2)
-            dead = next(((r, p) for r, p in self._procs.items() if p.exitcode is not None), None)
-            started = self._step_started
-            late = started is not None and time.monotonic() - started > self.spec.timeout
-            if dead is None and not late:
-                continue
-            if self._closed:
-                return
-            if dead is not None:
-                r, p = dead
-                self._fault = self._stopped(f"rank {r} (pid {p.pid}) {_exit_text(p.exitcode)}"
-                                            f" during step {self.num_steps}")
-            if self.worker.backend == "nccl":
-                self._fault = self._fault or self._diagnose(TimeoutError(
-                    f"step {self.num_steps} ran past {self.spec.timeout:.0f} s"),
-                    f"during step {self.num_steps}")
-                _abort_nccl()
-            if dead is not None or self.worker.backend == "nccl":
-                return
+        """One look of the watchdog: a worker process that exited, or (NCCL, where a dead
+        peer can leave a collective waiting forever) a step past the timeout, ends the engine.
+        Whether to keep watching."""
+        dead = next(((r, p) for r, p in self._procs.items() if p.exitcode is not None), None)
+        started = self._step_started
+        late = started is not None and time.monotonic() - started > self.spec.timeout
+        if dead is None and not late:
+            return True
+        if self._closed:
+            return False
+        if dead is not None:
+            r, p = dead
+            self._fault = self._stopped(f"rank {r} (pid {p.pid}) {_exit_text(p.exitcode)}"
+                                        f" during step {self.num_steps}")
+        if self.worker.backend == "nccl":
+            self._fault = self._fault or self._diagnose(TimeoutError(
+                f"step {self.num_steps} ran past {self.spec.timeout:.0f} s"),
+                f"during step {self.num_steps}")
+            _abort_nccl()
+        return not (dead is not None or self.worker.backend == "nccl")
 
     # ----- closing ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -68,6 +68,15 @@ def fp16_pack(w: torch.Tensor):
 _FP16_LINEAR = None
 
 
+def aligned(t: torch.Tensor, alignment: int = 64) -> torch.Tensor:
+    """``t`` contiguous at an address that is a multiple of ``alignment`` bytes (a copy only
+    where needed).  A weight read from a memory-mapped safetensors file starts wherever the
+    file puts it, and torch's AVX-512 int8 GEMM (``_weight_int8pack_mm``, 4 rows or more)
+    crashes the process on an int8 weight at an address that is not 64-byte aligned."""
+    t = t.contiguous()
+    return t if t.data_ptr() % alignment == 0 else t.clone()
+
+
 def fp16_linear(x: torch.Tensor, packed) -> torch.Tensor:
     """``x @ W^T`` with f32 inputs, f32 accumulation and outputs, W stored in f16."""
     global _FP16_LINEAR
@@ -368,6 +377,14 @@ class _Binder:
         return lambda x: list(torch.split(x[0], sizes, dim))
 
     def _core_embedding(self, op):
+        w = self._weight_param(op, 0)
+        if w is not None:
+            table = self.runner._store.get(w[0])
+            if table.dtype != w[1]:
+                # a table stored narrower (cast-weights): gather the rows, then widen them
+                self.captured.add((id(op), 0))
+                dt = w[1]
+                return lambda x: [F.embedding(x[1].long(), table).to(dt)]
         return lambda x: [F.embedding(x[1], x[0])] if x[1].dtype == torch.long \
             else [F.embedding(x[1].long(), x[0])]
 
@@ -424,9 +441,9 @@ class _Binder:
         if a["mode"] == "int8" and self.linear_dtype in ("int8", "bf16"):
             # torch's CPU int8 GEMM: int8 weights [N, K], one bf16 scale per row, bf16 inputs
             self.captured.update({(id(op), 1), (id(op), 2)})
-            qw = self.runner._linear_weight(q[0], lambda: store.get(q[0]).contiguous())
+            qw = self.runner._linear_weight(q[0], lambda: aligned(store.get(q[0])))
             scales = self.runner._linear_weight(
-                (s[0], "bf16"), lambda: store.get(s[0]).to(lin).contiguous())
+                (s[0], "bf16"), lambda: aligned(store.get(s[0]).to(lin)))
 
             def int8_linear(x):
                 xv = x[0]
@@ -746,6 +763,7 @@ class CpuGraphRunner:
         keep = {id(v) for v in graph.outputs} | {id(v) for v in graph.inputs}
         program = []
         store = self._store
+        widened = []            # casts of params: weights stored narrower (cast-weights)
         for i, op in enumerate(graph.ops):
             if op.name == "param":
                 r = op.results[0]
@@ -760,6 +778,17 @@ class CpuGraphRunner:
                 table[new_slot(r)] = op.attrs["value"].to("cpu", copy=True)
                 keep.add(id(r))
                 continue
+            if op.name == "core.cast" and id(op.operands[0]) in binder.params:
+                # a weight stored narrower than it is computed in (cast-weights): readers
+                # that run the stored dtype (linears packed in f16 or bf16, embeddings) read
+                # the stored weight; for any other reader it is widened once, below
+                r = op.results[0]
+                binder.params[id(r)] = (binder.params[id(op.operands[0])][0], r.type.dtype.torch)
+                binder.captured.add((id(op), 0))
+                new_slot(r)
+                keep.add(id(r))
+                widened.append(r)
+                continue
             fn = binder.bind(op)
             ins = [slot[id(v)] for v in op.operands]
             outs = [new_slot(r) for r in op.results]
@@ -768,12 +797,14 @@ class CpuGraphRunner:
             program.append((fn, tuple(ins), tuple(outs), tuple(dead), op))
         # A param that every reader captured in a converted form (a linear's bf16 or int8
         # weight) needs no plain copy in the table.
-        for op in graph.params():
-            r = op.results[0]
+        for r in [op.results[0] for op in graph.params()] + widened:
             uses = [(id(u), j) for u in consumers.get(id(r), [])
                     for j, o in enumerate(u.operands) if o is r]
             if uses and all(u in binder.captured for u in uses):
                 table[slot[id(r)]] = None
+            elif table[slot[id(r)]] is None:
+                name, dt = binder.params[id(r)]
+                table[slot[id(r)]] = store.get(name).to(dt)
         self._table = table
         self._program = program
         self._output_slot = slot[id(graph.outputs[0])]
