@@ -180,3 +180,25 @@ def test_a_failed_compile_removes_nothing(hf_dir, tmp_path, capsys):
     assert compile_to(hf_dir, out, "--pipeline", "no-such-pass") == 1
     assert "no-such-pass" in capsys.readouterr().err
     assert files(out) == before
+
+
+def test_irlm_build_over_a_tp_compile_keeps_only_its_engine_and_its_inputs(hf_dir, tmp_path):
+    """``irlm build -o OUT`` into an earlier --tp --dump-ir compile: its rank folders and the
+    dumps go, except the dump the build reads (edited in place) and the weights it reads."""
+    src = tmp_path / "src"
+    assert compile_to(hf_dir, src, "--dump-ir") == 0
+    out = tmp_path / "out"
+    assert compile_to(hf_dir, out, "--tp", "2", "--dump-ir") == 0
+    last = sorted((out / "ir").glob("[0-9][0-9]-*.irlm"))[-1]
+    last.write_text(sorted((src / "ir").glob("[0-9][0-9]-*.irlm"))[-1].read_text())
+    assert irlm_main(["build", str(last), "--weights", str(src / "weights.safetensors"),
+                      "--weights", str(out / "ir" / "weights.safetensors"), "-o", str(out),
+                      "--from", str(src)]) == 0
+    left = files(out)
+    assert not any(f.startswith("rank") or f.startswith("ir/rank") for f in left), left
+    assert {"engine.json", "plan.irlm", "weights.safetensors"} <= left
+    assert os.path.relpath(last, out) in left and "ir/weights.safetensors" in left
+    assert {f for f in left if f.startswith("ir/")} == {os.path.relpath(last, out),
+                                                         "ir/weights.safetensors"}
+    assert irlm_main(["run", str(out), "--prompt", "w5 w17", "--max-tokens", "3",
+                      "--device", "cpu", "--quiet"]) == 0

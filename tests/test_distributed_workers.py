@@ -442,6 +442,11 @@ def test_ranks_per_gpu_must_be_a_positive_whole_number(engines, monkeypatch, val
     with pytest.raises(DistributedError, match=f"IRLM_RANKS_PER_GPU='{value}': expected a "
                                                f"whole number of at least 1"):
         DistributedRunner(engines["tp2"], device="cpu")
+    monkeypatch.delenv("IRLM_RANKS_PER_GPU")
+    monkeypatch.setenv("OMP_NUM_THREADS", value)       # the CPU ranks' threads
+    with pytest.raises(DistributedError, match=f"OMP_NUM_THREADS='{value}': expected a "
+                                               f"whole number of at least 1"):
+        DistributedRunner(engines["tp2"], device="cpu")
 
 
 def environ_of(pid: int) -> dict:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -108,7 +109,7 @@ def build_engine(ir_file: PathLike, weights: Sequence[PathLike], output: PathLik
     from irlm.ops.llm import KV_CACHE_INPUT
     from irlm.text.parser import parse_file
     from irlm.verifier import verify
-    from .driver import compile_output_owns
+    from .driver import compile_output_owns, earlier_outputs, remove_earlier_outputs
     ir_file = Path(ir_file)
     if not ir_file.is_file():
         raise IRLMError(f"{ir_file}: no such IR file")
@@ -153,9 +154,18 @@ def build_engine(ir_file: PathLike, weights: Sequence[PathLike], output: PathLik
         sources=[ir_file.parent, *(Path(w).parent for w in weights),
                  *([ref_dir] if ref_dir is not None else [])])
     config = _config(graph, ref_config, ir_file, text, int(context), tok, max_num_tokens)
+    # an earlier compile or build in OUT: what this build does not rewrite goes afterwards,
+    # except the files it reads (an IR dump edited in place, weights under OUT/ir/)
+    inputs = {os.path.realpath(p) for p in [ir_file, *weights, *([tokenizer] if tokenizer
+                                                                  else [])]}
+    earlier = {rel: ident for rel, ident in earlier_outputs(out).items()
+               if os.path.realpath(out / rel) not in inputs}
     write_engine(graph, out, config, tokenizer=tok)
+    removed = remove_earlier_outputs(out, earlier)
     notes = [] if ref_dir is not None else [
         "no reference engine: EOS / BOS ids come from the tokenizer (if any)"]
+    if removed:
+        notes.append(f"removed {len(removed)} files of the previous compile or build in {out}")
     return BuildResult(out, graph, config, text, notes)
 
 

@@ -76,9 +76,13 @@ def _env_prefix() -> str:
 def _ranks_per_gpu(value: Optional[int]) -> int:
     """``ranks_per_gpu`` as given, else ``IRLM_RANKS_PER_GPU`` (a launch's ranks all read the
     same environment), else 1."""
-    where = "ranks_per_gpu"
     if value is None:
-        value, where = os.environ.get("IRLM_RANKS_PER_GPU", "1"), "IRLM_RANKS_PER_GPU"
+        return _positive(os.environ.get("IRLM_RANKS_PER_GPU", "1"), "IRLM_RANKS_PER_GPU")
+    return _positive(value, "ranks_per_gpu")
+
+
+def _positive(value, where: str) -> int:
+    """``value`` (an int or its text) as a whole number >= 1; an error naming ``where``."""
     try:
         n = int(value)
     except ValueError:
@@ -111,13 +115,7 @@ def _threads_per_rank(local_ranks: int) -> int:
     this process's cores shared out among them."""
     value = os.environ.get("OMP_NUM_THREADS")
     if value:
-        try:
-            n = int(value)
-        except ValueError:
-            n = 0
-        if n < 1:
-            raise DistributedError(f"OMP_NUM_THREADS={value!r}: expected a positive whole number")
-        return n
+        return _positive(value, "OMP_NUM_THREADS")
     return max(1, len(os.sched_getaffinity(0)) // local_ranks)
 
 
