@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sys
 from collections import deque
 from typing import AsyncIterator, Sequence
 
@@ -50,7 +51,8 @@ class LLM:
     A multi-rank engine (``--tp``/``--pp``) runs one process per rank (docs/distributed.md):
     this process is rank 0 and starts the others, or, when a launcher (torchrun) started every
     rank, joins them; on a launched rank other than 0 the constructor serves that rank until
-    rank 0 closes the engine, then exits the process.  ``parallel="simulator"`` runs all ranks
+    rank 0 closes the engine, then exits the process (``os._exit(0)`` after flushing
+    stdout and stderr: no atexit handlers run there).  ``parallel="simulator"`` runs all ranks
     in threads of this process instead (CPU, a test oracle).  :meth:`close` (or ``with``)
     stops the workers.
 
@@ -259,7 +261,12 @@ def _open_engine(path, device: str, num_blocks, parallel: str, executor=None, th
         if env is not None and env[0] != 0:
             serve_rank(path, device=device, num_blocks=num_blocks, threads=threads,
                        executor=executor)
-            raise SystemExit(0)
+            # Exit without the interpreter's teardown, as a spawned worker does: c10d's
+            # background threads (store client, gloo) abort the process (SIGABRT, "terminate
+            # called without an active exception") when they are destroyed there.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
         runner = DistributedRunner(path, device=device, num_blocks=num_blocks, threads=threads,
                                    executor=executor)
         return runner, runner.header
