@@ -63,9 +63,6 @@ def cast_weights(graph: Graph, ctx):
         rw.replace_all_uses_with(w, wide)
         rw.erase_op(p)
         ctx.stats.bump("weights stored in " + ctx.options.dtype)
-        n = 1
-        for d in w.type.shape:
-            n *= int(d)
-        saved += 2 * n
+        saved += 2 * int(w.type.numel())
     if saved:
         ctx.stats.counters["MB saved"] = round(saved / 1e6, 1)

@@ -47,13 +47,8 @@ def build_runner(graph, layout: Layout, device: torch.device, *, num_blocks: Opt
         from ..runners.cuda_graphs import CudaGraphRunner
         return CudaGraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                                device=str(device), collectives=True)
-    import os
-    from ..runners.interpreter import CPU_EXECUTORS, GraphRunner
-    executor = executor or os.environ.get("IRLM_CPU_EXECUTOR") or "fast"
-    if executor not in CPU_EXECUTORS:
-        raise DistributedError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR): expected one "
-                               f"of {', '.join(CPU_EXECUTORS)}")
-    if executor == "fast":
+    from ..runners.interpreter import GraphRunner, cpu_executor
+    if cpu_executor(executor) == "fast":
         from ..runners.cpu import CpuGraphRunner
         return CpuGraphRunner(graph, num_blocks=num_blocks, max_model_len=max_model_len,
                               kv_cache_bytes=kv_cache_bytes, linear_dtype=linear_dtype,

@@ -378,13 +378,11 @@ class _Binder:
 
     def _core_embedding(self, op):
         w = self._weight_param(op, 0)
-        if w is not None:
-            table = self.runner._store.get(w[0])
-            if table.dtype != w[1]:
-                # a table stored narrower (cast-weights): gather the rows, then widen them
-                self.captured.add((id(op), 0))
-                dt = w[1]
-                return lambda x: [F.embedding(x[1].long(), table).to(dt)]
+        if w is not None and self.runner._store.type_of(w[0]).dtype.torch != w[1]:
+            # a table stored narrower (cast-weights): gather the rows, then widen them
+            self.captured.add((id(op), 0))
+            table, dt = self.runner._store.get(w[0]), w[1]
+            return lambda x: [F.embedding(x[1].long(), table).to(dt)]
         return lambda x: [F.embedding(x[1], x[0])] if x[1].dtype == torch.long \
             else [F.embedding(x[1].long(), x[0])]
 

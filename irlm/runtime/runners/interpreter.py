@@ -82,6 +82,16 @@ class GraphRunner:
 CPU_EXECUTORS = ("fast", "reference")
 
 
+def cpu_executor(executor: Optional[str] = None) -> str:
+    """The CPU executor asked for: ``executor``, else ``IRLM_CPU_EXECUTOR``, else ``fast``."""
+    import os
+    executor = executor or os.environ.get("IRLM_CPU_EXECUTOR") or "fast"
+    if executor not in CPU_EXECUTORS:
+        raise IRLMError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR / executor=): expected "
+                        f"one of {', '.join(CPU_EXECUTORS)}")
+    return executor
+
+
 def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int] = None,
                       parallel: str = "processes", executor: Optional[str] = None,
                       threads: Optional[int] = None):
@@ -96,11 +106,7 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
     debugging).  The environment variable ``IRLM_CPU_EXECUTOR`` sets the default.
     ``threads``: torch's CPU threads for a CPU engine (default: leave torch's setting; the
     CLI defaults to the physical cores)."""
-    import os
-    executor = executor or os.environ.get("IRLM_CPU_EXECUTOR") or "fast"
-    if executor not in CPU_EXECUTORS:
-        raise IRLMError(f"CPU executor {executor!r} (IRLM_CPU_EXECUTOR / executor=): expected "
-                        f"one of {', '.join(CPU_EXECUTORS)}")
+    executor = cpu_executor(executor)
     max_len = engine.config.get("max_model_len")
     if getattr(engine, "ranks", None) or getattr(engine, "parallel", None):
         if parallel not in ("processes", "simulator"):
