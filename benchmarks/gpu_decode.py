@@ -8,7 +8,10 @@ One run answers correctness and speed (run on the device machine):
 --quant: one engine per listed mode, built and measured one after the other in the same run
 (bf16: unquantized; otherwise the ``quantize`` pass's mode: int8, int4, int4-awq, w8a8-sq, fp8,
 fp8-weight; the calibrated modes calibrate on two random 32-token prompts, which is all random
-weights need).  Result keys of a quantized engine end in ``_MODE`` (``b1_fp8``).
+weights need).  A KV-cache mode, alone (bf16 weights) or joined with ``+``, stores the paged
+cache in 8 bits (``quantize-kv-cache``, as ``irlm compile --kv-cache-dtype``): ``kv-int8``,
+``kv-fp8``, ``fp8+kv-fp8``.  Result keys of a quantized engine end in ``_MODE`` (``b1_fp8``,
+``inflight_128_128_kv-fp8``).
 
 Workloads (prompt of random tokens, greedy, EOS ignored):
   b1        batch 1, 128 prompt / 128 new tokens: tokens/s, decode step time, the fraction of
@@ -82,9 +85,37 @@ def quantize_graph(graph, mode: str, vocab: int) -> dict:
     return getattr(stats, "counters", {}) if stats is not None else {}
 
 
+KV_MODES = {"kv-int8": "int8", "kv-fp8": "fp8"}   # --quant part -> quantize-kv-cache dtype
+
+
+def split_mode(mode: str) -> tuple[str, str | None]:
+    """``"fp8+kv-fp8"`` -> (weight mode, KV-cache dtype): ("fp8", "fp8"); ``"kv-int8"`` ->
+    ("bf16", "int8"); ``"int4"`` -> ("int4", None)."""
+    weight, kv = "bf16", None
+    for part in mode.split("+"):
+        if part in KV_MODES:
+            kv = KV_MODES[part]
+        else:
+            weight = part
+    return weight, kv
+
+
+def quantize_kv_cache(graph, dtype: str, vocab: int) -> dict:
+    """``quantize-kv-cache{dtype=...}`` with two random 32-token calibration prompts."""
+    import os
+    import tempfile
+    from irlm.passes import run_pipeline
+    fd, path = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        json.dump(random_prompts(2, 32, vocab, seed=7), f)
+    stats = run_pipeline(graph, f'quantize-kv-cache{{dtype={dtype},calib="{path}"}}')
+    return getattr(stats, "counters", {}) if stats is not None else {}
+
+
 def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
     """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU,
-    then (quant != bf16) the quantize pass of that mode."""
+    then the quantize pass of the weight mode and quantize-kv-cache of a KV mode
+    (:func:`split_mode`)."""
     import transformers
     from irlm.compilation import compile_causal_lm
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
@@ -111,10 +142,13 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
             store.add_lazy(name, t, lambda t=t: (torch.randn(
                 t.shape, dtype=t.dtype.torch, device="cuda", generator=gen) * 0.02), "random")
     t_quant = 0.0
-    if quant != "bf16":
-        tq = time.perf_counter()
-        quantize_graph(graph, quant, cfg.vocab_size)
-        t_quant = time.perf_counter() - tq
+    weight_mode, kv_dtype = split_mode(quant)
+    tq = time.perf_counter()
+    if weight_mode != "bf16":
+        quantize_graph(graph, weight_mode, cfg.vocab_size)
+    if kv_dtype is not None:
+        quantize_kv_cache(graph, kv_dtype, cfg.vocab_size)
+    t_quant = time.perf_counter() - tq
     t1 = time.perf_counter()
     runner = CudaGraphRunner(graph)
     torch.cuda.synchronize()
@@ -125,10 +159,12 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
                     "weights_to_gpu_and_kv_alloc_s": t_load,
                     "graph_ops": len(graph), "weight_bytes": weight_bytes,
                     "kv_blocks": runner.num_blocks, "block_size": runner.block_size,
+                    "kv_cache_dtype": str(runner.kv_cache.dtype).replace("torch.", ""),
                     "quant_linear_paths": runner.quant_plan.summary()}
     log(f"{key}: trace+passes {t_compile:.1f}s, quantize {t_quant:.1f}s, weights+KV "
         f"{t_load:.1f}s, {len(graph)} ops, weights {weight_bytes / 1e9:.2f} GB, "
-        f"{runner.num_blocks} KV blocks, quantized linears {runner.quant_plan.summary()}")
+        f"{runner.num_blocks} KV blocks ({runner.kv_cache.dtype}), quantized linears "
+        f"{runner.quant_plan.summary()}")
     return cfg, graph, runner
 
 
@@ -242,15 +278,20 @@ def main():
                          "each way")
     ap.add_argument("--quant", default="bf16",
                     help="comma-separated engine modes, built and measured one after the other: "
-                         "bf16 (unquantized), int8, int4, int4-awq, w8a8-sq, fp8, fp8-weight")
+                         "bf16 (unquantized), int8, int4, int4-awq, w8a8-sq, fp8, fp8-weight; "
+                         "kv-int8 / kv-fp8 (an 8-bit KV cache), alone or joined: fp8+kv-fp8")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
     from irlm.passes.llm.quantize import MODES
     quants = a.quant.split(",")
-    bad = [q for q in quants if q != "bf16" and q not in MODES]
-    if bad:
-        ap.error(f"--quant: unknown mode {bad[0]!r} (valid: bf16, {', '.join(MODES)})")
+    for q in quants:
+        parts = q.split("+")
+        weights = [p for p in parts if p not in KV_MODES]
+        if (any(p != "bf16" and p not in MODES for p in weights) or len(weights) > 1
+                or len(parts) - len(weights) > 1):
+            ap.error(f"--quant: unknown mode {q!r} (valid: bf16, {', '.join(MODES)}, "
+                     f"{', '.join(KV_MODES)}, or one weight mode + one KV mode: fp8+kv-fp8)")
     sections = a.sections.split(",")
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__

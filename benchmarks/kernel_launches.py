@@ -8,7 +8,9 @@ torch at the benchmark shape (‖out − ref‖ / ‖ref‖), then the GPU time 
 over replays of a CUDA graph holding several calls (so Python launch overhead is excluded;
 inputs rotate over enough copies to exceed L2 where they are small), and the achieved
 bandwidth (fewest bytes the call must move / time) against a device-to-device copy measured
-in the same run (bytes read + written).  Prefill attention also reports TFLOP/s.
+in the same run (bytes read + written).  Prefill attention also reports TFLOP/s.  Decode
+attention is also timed over int8 and fp8 KV caches (``kv_scales``; the bytes counted are the
+8-bit cache's).
 """
 from __future__ import annotations
 
@@ -200,29 +202,50 @@ def bench_rope(tokens, copy_bw):
            copy_bw)
 
 
-def bench_decode(batch, ctx, copy_bw):
-    kv_bytes = batch * ctx * KV * D * 2 * 2
+KV_CACHES = {"int8": (torch.int8, 127.0), "fp8": (torch.float8_e4m3fn, 448.0)}
+
+
+def bench_decode(batch, ctx, copy_bw, kv=None):
+    """``kv``: None (a bf16 cache) or "int8" / "fp8" (an 8-bit cache with scales for N(0, 1)
+    keys and values of amax 4, as quantize-kv-cache would calibrate them)."""
+    es = 2 if kv is None else 1
+    kv_bytes = batch * ctx * KV * D * 2 * es
     nbytes = kv_bytes + batch * H * D * 2 * 2
     n = copies_for(nbytes, 16)
     cache, tables, q_lens, cached = paged_setup(batch, 1, ctx - 1, copies=n)
+    scales = None
+    if kv is not None:
+        from irlm.ops.llm import kv_to_cache
+        cdt, qmax = KV_CACHES[kv]
+        scales = (4.0 / qmax, 4.0 / qmax)
+        cache = kv_to_cache(cache, cdt, scales[0])
     qs = [torch.randn(batch, H, D, device=DEV, dtype=bf16) for _ in range(n)]
     outs = [torch.empty_like(q) for q in qs]
-    out = ops.paged_attention_decode(qs[0], cache, 0, tables[0], cached, max_kv_len=ctx)
+    out = ops.paged_attention_decode(qs[0], cache, 0, tables[0], cached, max_kv_len=ctx,
+                                     kv_scales=scales)
     # reference on the GPU (float32) for up to 16 requests
     m = min(batch, 16)
     blocks = tables[0][:m].long()
-    kc = cache[0, blocks, 0].reshape(m, -1, KV, D)[:, :ctx].float().repeat_interleave(H // KV, 2)
-    vc = cache[0, blocks, 1].reshape(m, -1, KV, D)[:, :ctx].float().repeat_interleave(H // KV, 2)
-    s = torch.einsum("rhd,rthd->rht", qs[0][:m].float(), kc) / math.sqrt(D)
-    ref = torch.einsum("rht,rthd->rhd", torch.softmax(s, -1), vc)
+    sk, sv = scales or (1.0, 1.0)
+    # gathered as bytes (indexing float8 tensors is not supported everywhere), then decoded
+    raw = cache if kv is None else cache.view(torch.uint8)
+    kc, vc = (raw[0, blocks, i] if kv is None else raw[0, blocks, i].view(cache.dtype)
+              for i in (0, 1))
+    kc = kc.reshape(m, -1, KV, D)[:, :ctx].float().repeat_interleave(H // KV, 2)
+    vc = vc.reshape(m, -1, KV, D)[:, :ctx].float().repeat_interleave(H // KV, 2)
+    s = torch.einsum("rhd,rthd->rht", qs[0][:m].float(), kc * sk) / math.sqrt(D)
+    ref = torch.einsum("rht,rthd->rhd", torch.softmax(s, -1), vc * sv)
     err = rel_err(out[:m], ref)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     splits, _ = ops.choose_splits(batch * KV, ctx, 64, sms)
     ms = graph_time([lambda i=i: ops.paged_attention_decode(
-        qs[i], cache, 0, tables[i], cached, out=outs[i], max_kv_len=ctx) for i in range(n)])
+        qs[i], cache, 0, tables[i], cached, out=outs[i], max_kv_len=ctx, kv_scales=scales)
+        for i in range(n)])
     host = events_time(lambda: ops.paged_attention_decode(qs[0], cache, 0, tables[0], cached,
-                                                          out=outs[0], max_kv_len=ctx), 20)
-    record("paged_attention_decode", f"batch {batch} ctx {ctx}", ms, nbytes, err, copy_bw,
+                                                          out=outs[0], max_kv_len=ctx,
+                                                          kv_scales=scales), 20)
+    name = "paged_attention_decode" + ("" if kv is None else f" ({kv} cache)")
+    record(name, f"batch {batch} ctx {ctx}", ms, nbytes, err, copy_bw,
            note=f"splits {splits}; eager call {host * 1e3:.0f} us")
 
 
@@ -403,6 +426,8 @@ def main():
         *(lambda b=b, c=c: bench_decode(b, c, copy_bw)
           for b in (1, 32, 256) for c in ((128, 2048) if args.quick else (128, 512, 2048))),
         lambda: bench_decode(1, 16384, copy_bw),
+        *(lambda b=b, c=c, kv=kv: bench_decode(b, c, copy_bw, kv)
+          for kv in KV_CACHES for b, c in ((1, 2048), (32, 2048), (256, 512), (256, 2048))),
         *(lambda b=b, c=c: bench_decode_splits(b, c, copy_bw)
           for b, c in ((1, 2048), (1, 16384), (8, 8192), (32, 2048))),
         lambda: bench_prefill(512, 128, copy_bw),

@@ -63,7 +63,7 @@ def _paged_attention(ctx, x, a):
         scale=a["scale"], sliding_window=a["sliding_window"],
         alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
         max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
-        decode=st.get("decode"), fresh=st.get("fresh"))]
+        decode=st.get("decode"), fresh=st.get("fresh"), kv_scales=a["kv_scales"] or None)]
 
 
 def _heads(t: torch.Tensor) -> torch.Tensor:

@@ -40,6 +40,10 @@ CONFIGS = {
     "phi3": lambda: transformers.Phi3Config(
         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0),
+    # head_dim 96, as Phi-3-mini's
+    "phi3-head96": lambda: transformers.Phi3Config(
+        hidden_size=384, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, pad_token_id=0),
     "gpt-neox-partial-rotary": lambda: transformers.GPTNeoXConfig(
         hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
         vocab_size=VOCAB, rotary_pct=0.5),

@@ -119,7 +119,7 @@ _FAKE = 1 << 20   # fake, 256-byte aligned device addresses for host-only plans
 
 
 def _plan_args(dtype, D, H, KV, bs, T, R, *, window=0, max_q=0, max_kv=0, max_blocks=64,
-               decode=-1, sms=132, k_stride=0, k_misalign=0, alibi=False):
+               decode=-1, sms=132, k_stride=0, k_misalign=0, alibi=False, cache=None):
     from irlm.kernels import capi
     a = capi.IrlmPagedAttentionArgs()
     a.query, a.key, a.value, a.kv_cache = _FAKE, _FAKE * 2 + k_misalign, _FAKE * 3, _FAKE * 4
@@ -128,6 +128,8 @@ def _plan_args(dtype, D, H, KV, bs, T, R, *, window=0, max_q=0, max_kv=0, max_bl
     a.num_tokens, a.num_reqs, a.heads, a.kv_heads, a.head_dim = T, R, H, KV, D
     a.layers, a.num_blocks, a.block_size, a.max_blocks, a.layer = 3, 500, bs, max_blocks, 2
     a.dtype = a.cache_dtype = capi.DTYPES[dtype]
+    if cache is not None:   # an int8 / fp8 cache with its scales
+        a.cache_dtype, a.kv_scale_k, a.kv_scale_v = capi.DTYPES[cache], 0.03, 0.02
     a.sliding_window, a.max_q_len, a.max_kv_len, a.decode, a.num_sms = (window, max_q, max_kv,
                                                                          decode, sms)
     if alibi:
@@ -154,25 +156,35 @@ _PLAN_CASES = [
     ("bfloat16", 128, 16, 4, 16, 100, 3, 0, 70, 0, 132, 3072, 0),    # fused-qkv key stride
     ("float16", 128, 16, 4, 16, 100, 3, 0, 70, 0, 132, 0, 2),        # misaligned key: VEC 1
     ("float32", 64, 4, 1, 16, 43, 3, 0, 40, 0, 132, 130, 0),         # key stride % 4 != 0
+    # int8 / fp8 caches (a 14th field: the cache dtype)
+    ("bfloat16", 128, 32, 8, 16, 9, 9, 0, 0, 2048, 132, 0, 0, "int8"),        # decode, split
+    ("bfloat16", 128, 8, 1, 16, 1, 1, 0, 0, 16384, 132, 0, 0, "float8_e4m3fn"),
+    ("float16", 64, 12, 4, 64, 3, 3, 0, 0, 777, 108, 0, 0, "float8_e4m3fn"),
+    ("float32", 256, 16, 8, 64, 2, 2, 0, 0, 513, 132, 0, 0, "int8"),
+    ("bfloat16", 128, 32, 8, 16, 435, 7, 0, 200, 0, 132, 0, 0, "int8"),       # prefill
+    ("bfloat16", 256, 8, 1, 64, 188, 3, 16, 120, 0, 132, 0, 0, "float8_e4m3fn"),
+    ("float16", 128, 16, 4, 16, 100, 3, 0, 70, 0, 132, 0, 2, "int8"),         # VEC 1 write
 ]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", _PLAN_CASES, ids=[f"{c[0]}-d{c[1]}-t{c[5]}r{c[6]}-{i}"
-                                                   for i, c in enumerate(_PLAN_CASES)])
+@pytest.mark.parametrize("case", _PLAN_CASES,
+                         ids=[f"{c[0]}-d{c[1]}-t{c[5]}r{c[6]}-{i}" + (f"-{c[13]}" if c[13:] else "")
+                              for i, c in enumerate(_PLAN_CASES)])
 def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case):
     """The kernels, grids, shared memory and split-KV partitions irlm_paged_attention picks are
     the ones irlm.kernels.ops.paged_attention picks for the same shapes and bounds (the two
     launch paths kept in step), every one of them is in the library's table, and the workspace
     query bounds what any smaller batch uses."""
     from irlm.kernels import capi, ops
-    dt_name, D, H, KV, bs, T, R, window, max_q, max_kv, sms, k_stride, mis = case
+    dt_name, D, H, KV, bs, T, R, window, max_q, max_kv, sms, k_stride, mis, *cache = case
     dt = torch_dtype(dt_name)
+    cdt = torch_dtype(cache[0]) if cache else None
     lib = capi.PagedAttentionLibrary(kernel_library)
     lib.lib.irlm_kernel_function.restype = ctypes.c_void_p
     lib.lib.irlm_kernel_function.argtypes = [ctypes.c_char_p]
     a = _plan_args(dt, D, H, KV, bs, T, R, window=window, max_q=max_q, max_kv=max_kv, sms=sms,
-                   k_stride=k_stride, k_misalign=mis)
+                   k_stride=k_stride, k_misalign=mis, cache=cdt)
     ws = lib.workspace_size(a)
     plan = lib.plan(a, ws)
     for launch in (plan.kv_write, plan.attention, plan.split_reduce):
@@ -182,7 +194,8 @@ def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case)
     vec = 16 // torch_dtype_size(dt)
     ks = k_stride or KV * D
     vec_ok = (KV * D) % vec == 0 and ks % vec == 0 and mis % 16 == 0
-    assert plan.kv_write.kernel.decode() == ops.kv_write_kernel(dt).names[0 if vec_ok else 1]
+    assert plan.kv_write.kernel.decode() == \
+        ops.kv_write_kernel(dt, cdt).names[0 if vec_ok else 1]
     assert (tuple(plan.kv_write.grid), tuple(plan.kv_write.block)) == ((T, 1, 1), (128, 1, 1))
     G = H // KV
     if T == R:   # ops.paged_attention_decode
@@ -193,10 +206,10 @@ def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case)
         splits, size = ops.choose_splits(R * KV * tiles, kv_len, bn, sms)
         assert plan.decode == 1
         assert (plan.num_splits, plan.split_size) == (splits, size)
-        names = ops.decode_kernel(dt, D).names
+        names = ops.decode_kernel(dt, D, cdt).names
         assert plan.attention.kernel.decode() == names[0]
         assert tuple(plan.attention.grid) == (tiles * splits, KV, R)
-        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, True)
+        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, True, cdt)
         if splits > 1:
             assert plan.split_reduce.kernel.decode() == names[1]
             assert tuple(plan.split_reduce.grid) == (H, R, 1)
@@ -204,9 +217,9 @@ def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case)
             assert plan.split_reduce.kernel is None
     else:        # ops.prefill_attention
         assert plan.decode == 0 and plan.num_splits == 1 and plan.split_reduce.kernel is None
-        assert plan.attention.kernel.decode() == ops.prefill_kernel(dt, D).names[0]
+        assert plan.attention.kernel.decode() == ops.prefill_kernel(dt, D, cdt).names[0]
         assert tuple(plan.attention.grid) == (-(-(max_q or T) * G // 64), KV, R)
-        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, False)
+        assert plan.attention.shared_mem_bytes == ops.attention_smem_bytes(dt, D, False, cdt)
     assert tuple(plan.attention.block) == (128, 1, 1)
     # the workspace query holds any smaller batch's plan; a small workspace means fewer splits
     kv_top = max_kv or 64 * bs
@@ -214,7 +227,7 @@ def test_paged_attention_plans_follow_the_python_launchers(kernel_library, case)
         for kv in sorted(x for x in {kv_top, kv_top - 100, kv_top // 2 + 5, 1000, 129}
                          if 0 < x <= kv_top):
             small = _plan_args(dt, D, H, KV, bs, r if T == R else T, r, window=window,
-                               max_q=max_q, max_kv=kv, sms=sms, k_stride=k_stride)
+                               max_q=max_q, max_kv=kv, sms=sms, k_stride=k_stride, cache=cdt)
             assert lib.plan(small, ws).workspace_bytes + 256 <= ws
             assert lib.workspace_size(small) <= ws
     if plan.num_splits > 1:
@@ -244,11 +257,13 @@ def test_paged_attention_refuses_what_has_no_kernel_with_a_reason(kernel_library
         rc = lib.lib.irlm_paged_attention(ctypes.byref(a), None, 0, None)
         assert rc in (capi.INVALID, capi.UNSUPPORTED) and why.split()[0] in lib.error()
 
-    refused("quantized caches", cache_dtype=capi.DTYPES[torch_dtype("int8")])
-    refused("quantized caches", cache_dtype=capi.DTYPES[torch_dtype("float8_e4m3fn")],
-            kv_scale_k=0.5, kv_scale_v=0.5)
+    refused("the i8 kv_cache needs kv_scales", cache_dtype=capi.DTYPES[torch_dtype("int8")])
+    refused("the f8e4m3 kv_cache needs kv_scales", kv_scale_k=0.5, kv_scale_v=0.0,
+            cache_dtype=capi.DTYPES[torch_dtype("float8_e4m3fn")])
+    refused("kv_cache dtype f16 differs from bf16",
+            cache_dtype=capi.DTYPES[torch_dtype("float16")])
     refused("kv_scales are for an i8", kv_scale_k=0.5, kv_scale_v=0.5)
-    refused("head_dim 96 has no attention kernel", head_dim=96)
+    refused("head_dim 72 has no attention kernel", head_dim=72)
     refused("32 query heads are not a multiple of 5 kv heads", kv_heads=5)
     refused("decode takes one query per request", decode=1)
     refused("block_size must be a power of two", block_size=24)
@@ -320,6 +335,15 @@ _GPU_CASES = [
     ("decode-mqa-d256", "bfloat16", 256, 32, 1, 16, [(1, 9), (1, 333), (1, 1024)], 0, False, {}),
     ("decode-fused-qkv-small-workspace", "bfloat16", 128, 16, 4, 16,
      [(1, 40), (1, 7), (1, 3000)], 0, False, {"fused_qkv": True, "workspace": 4096}),
+    # int8 / fp8 caches (random 8-bit prefixes; kv_scales as quantize-kv-cache makes them)
+    ("decode-int8-split", "bfloat16", 128, 32, 8, 16,
+     [(1, c) for c in (0, 17, 511, 4000)], 0, False, {"kv_cache": "int8"}),
+    ("decode-fp8-window-alibi", "float16", 128, 8, 2, 16,
+     [(1, c) for c in (0, 20, 36, 37, 38, 500, 3000)], 37, True, {"kv_cache": "float8_e4m3fn"}),
+    ("prefill-fp8-cached-prefix", "bfloat16", 128, 32, 8, 16,
+     [(37, 0), (1, 0), (200, 50), (5, 300)], 0, False, {"kv_cache": "float8_e4m3fn"}),
+    ("prefill-int8-f32-gqa", "float32", 64, 16, 4, 16, [(50, 0), (17, 16), (1, 1), (90, 200)],
+     0, False, {"kv_cache": "int8"}),
 ]
 
 
@@ -334,22 +358,36 @@ def test_gpu_irlm_paged_attention_matches_the_reference(kernel_library, case):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     from irlm.kernels import capi
-    from irlm.ops.llm import write_kv
+    from irlm.ops.llm import kv_to_cache, write_kv
     from irlm.registry import get_op_def
     name, dt_name, D, H, KV, bs, seqs, window, alibi, extra = case
     dt = torch_dtype(dt_name)
     extra = dict(extra)
-    fused, scale, ws_bytes = (extra.pop("fused_qkv", False), extra.pop("scale", None),
-                              extra.pop("workspace", None))
+    fused, scale, ws_bytes, kv = (extra.pop("fused_qkv", False), extra.pop("scale", None),
+                                  extra.pop("workspace", None), extra.pop("kv_cache", None))
     c = _attn_case(seqs, H, KV, D, bs, dt, seed=len(name) * 7 + D + H, fused_qkv=fused)
     slopes = [2 ** (-8 * (i + 1) / H) for i in range(H)] if alibi else []
     layer = 1
+    scales = ()
+    if kv is not None:   # the cache as int8 / fp8 codes, written with these scales
+        cdt = torch_dtype(kv)
+        qmax = 127.0 if cdt == torch.int8 else 448.0
+        scales = (3.5 / qmax, 3.0 / qmax)
+        codes = c["cache"].float()
+        for i in (0, 1):
+            codes[:, :, i] = kv_to_cache(codes[:, :, i], cdt, scales[i]).float()
+        c["cache"] = codes.to(cdt)
+        extra["kv_scales"] = scales
     exp_cache = c["cache"].clone()
-    write_kv(exp_cache, layer, c["k"], c["v"], c["tables"], c["q_lens"], c["cached"])
+    write_kv(exp_cache, layer, c["k"], c["v"], c["tables"], c["q_lens"], c["cached"],
+             scales or (1.0, 1.0))
+    one_layer = c["cache"][layer:layer + 1]
     ref = get_op_def("llm.paged_attention").run_reference(
-        [c["q"].float(), c["k"].float(), c["v"].float(), c["cache"][layer:layer + 1].float(),
-         c["tables"], c["q_lens"], c["cached"]],
-        {"layer": 0, "scale": scale, "sliding_window": window, "alibi_slopes": tuple(slopes)})[0]
+        [c["q"].float(), c["k"].float(), c["v"].float(),
+         one_layer.clone() if scales else one_layer.float(), c["tables"], c["q_lens"],
+         c["cached"]],
+        {"layer": 0, "scale": scale, "sliding_window": window, "alibi_slopes": tuple(slopes),
+         "kv_scales": scales})[0]
 
     lib = capi.PagedAttentionLibrary(kernel_library)
     dev = torch.device("cuda")
@@ -380,7 +418,8 @@ def test_gpu_irlm_paged_attention_matches_the_reference(kernel_library, case):
                                           torch.cuda.current_stream().cuda_stream)
         assert rc == 0, lib.error()
     torch.cuda.synchronize()
-    assert torch.equal(cache.cpu(), exp_cache), "cache after the k/v write differs"
+    assert torch.equal(cache.cpu().view(torch.uint8), exp_cache.view(torch.uint8)), \
+        "cache after the k/v write differs"
     tol = {torch.bfloat16: 1.2e-2, torch.float16: 3e-3, torch.float32: 3e-3}[dt]
     o, r = out.double().cpu(), ref.double()
     assert torch.isfinite(o).all(), "unwritten (NaN) outputs"

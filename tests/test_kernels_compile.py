@@ -145,18 +145,22 @@ def test_importing_irlm_kernels_needs_no_cuda_python():
 
 def test_attention_shared_memory_matches_the_kernel():
     """kernels/src/ops.attention_smem_bytes must equal AttnSmem<...>::BYTES for every variant the
-    launchers use, and fit Hopper's 227 KiB per block."""
+    launchers use (a cache of the model's dtype, int8 and fp8), and fit Hopper's 227 KiB per
+    block."""
     import torch
     lines = ['#include "attention.cuh"']
     for dt in ops.FLOAT_DTYPES:
-        for d in ops.ATTENTION_HEAD_DIMS:
-            for decode in (True, False):
-                wm, wn = (1, 4) if decode else (4, 1)
-                bn = ops.attention_block_n(dt, d, decode)
-                n = ops.attention_smem_bytes(dt, d, decode)
-                assert n <= 227 * 1024, (dt, d, decode, n)
-                lines.append(f"static_assert(AttnSmem<{ops.CTYPES[dt]}, {d}, {wm}, {wn}, {bn}>"
-                             f"::BYTES == {n}, \"smem {dt} {d} {decode}\");")
+        for cache in (None,) + tuple(ops.KV_QUANT_CTYPES):
+            carg = "" if cache is None else f", {ops.KV_QUANT_CTYPES[cache]}"
+            for d in ops.ATTENTION_HEAD_DIMS:
+                for decode in (True, False):
+                    wm, wn = (1, 4) if decode else (4, 1)
+                    bn = ops.attention_block_n(dt, d, decode)
+                    n = ops.attention_smem_bytes(dt, d, decode, cache)
+                    assert n <= 227 * 1024, (dt, cache, d, decode, n)
+                    lines.append(f"static_assert(AttnSmem<{ops.CTYPES[dt]}, {d}, {wm}, {wn}, "
+                                 f"{bn}{carg}>::BYTES == {n}, \"smem {dt} {cache} {d} "
+                                 f"{decode}\");")
     lines.append("__global__ void smem_probe(int* x) { x[0] = 1; }")
     compile_source("smem_probe.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
                    use_disk_cache=False)

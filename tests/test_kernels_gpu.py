@@ -128,6 +128,11 @@ DECODE_CASES = [
     (bf16, 256, 8, 2, 16, [5, 250, 1111]),                        # head_dim 256
     (bf16, 128, 32, 1, 16, [9, 333, 1024]),                       # MQA: G = 32, two row tiles
     (fp32, 256, 16, 8, 64, [70, 513]),
+    # head dims whose D / 4 does not divide 128 (Phi-3-mini, BLOOM-1b1: 96; OPT-2.7b: 80):
+    # long contexts so that the split-K reduce runs with its idle threads
+    (bf16, 96, 32, 32, 16, [0, 40, 1500, 3000]),
+    (fp16, 80, 32, 8, 16, [7, 700, 2900]),
+    (fp32, 96, 8, 2, 32, [3, 1200]),
 ]
 
 
@@ -198,6 +203,8 @@ PREFILL_CASES = [
     (fp16, 128, 32, 4, 64, [(300, 0), (7, 1000)]),
     (bf16, 128, 32, 8, 32, [(512, 1000)]),                         # a long chunk after a prefix
     (fp32, 64, 4, 1, 16, [(40, 0), (1, 0), (2, 2)]),
+    (bf16, 96, 32, 32, 16, [(70, 0), (1, 300), (33, 64)]),
+    (fp16, 80, 32, 8, 32, [(129, 0), (5, 77)]),
 ]
 
 
@@ -333,8 +340,8 @@ def test_argument_errors_on_gpu():
     with pytest.raises(ops.KernelArgumentError, match="not a multiple"):
         ops.paged_attention_decode(case["q"][:, :7], case["cache"], 0, case["tables"],
                                    case["cached"])
-    with pytest.raises(ops.KernelArgumentError, match="head_dim 96 has no attention kernel"):
-        ops.paged_attention_decode(torch.zeros(1, 8, 96, dtype=bf16, device=DEV), case["cache"],
+    with pytest.raises(ops.KernelArgumentError, match="head_dim 72 has no attention kernel"):
+        ops.paged_attention_decode(torch.zeros(1, 8, 72, dtype=bf16, device=DEV), case["cache"],
                                    0, case["tables"], case["cached"])
     with pytest.raises(ops.KernelArgumentError, match="layer 5 is outside"):
         ops.paged_attention_decode(case["q"], case["cache"], 5, case["tables"], case["cached"])

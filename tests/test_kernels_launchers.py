@@ -62,6 +62,42 @@ def test_split_planning_covers_the_context(ctas, kv_len):
         assert splits == 1
 
 
+def test_quantized_kv_cache_scales_are_checked_and_taken_as_float32():
+    bf16, cache8 = torch.bfloat16, torch.empty(1, 1, 2, 16, 1, 64, dtype=torch.int8)
+    with pytest.raises(KernelArgumentError, match="the int8 kv_cache needs kv_scales"):
+        ops._kv_quantization(cache8, bf16, None)
+    with pytest.raises(KernelArgumentError, match="needs kv_scales"):
+        ops._kv_quantization(cache8, bf16, (0.1,))
+    with pytest.raises(KernelArgumentError, match="positive and finite"):
+        ops._kv_quantization(cache8, bf16, (0.1, float("inf")))
+    with pytest.raises(KernelArgumentError, match="positive and finite"):
+        ops._kv_quantization(cache8, bf16, (1e-50, 0.1))        # 0 as a float32
+    dt, ks, vs = ops._kv_quantization(cache8.view(torch.float8_e4m3fn), bf16, [0.1, 0.3])
+    assert dt == torch.float8_e4m3fn
+    assert (ks, vs) == tuple(torch.tensor([0.1, 0.3], dtype=torch.float32).tolist())
+    assert ops._kv_quantization(cache8.to(bf16), bf16, ()) == (None, 1.0, 1.0)
+    with pytest.raises(KernelArgumentError, match="kv_scales are for an int8 or float8"):
+        ops._kv_quantization(cache8.to(bf16), bf16, (0.1, 0.1))
+    with pytest.raises(KernelArgumentError, match="kv_cache dtype torch.float32 differs"):
+        ops._kv_quantization(cache8.float(), bf16, None)
+
+
+def test_kernel_selection_hands_the_ops_kv_scales_to_the_launcher(monkeypatch):
+    from irlm.lowering import kernel_selection
+    seen = {}
+    monkeypatch.setattr(ops, "paged_attention", lambda *a, **kw: seen.update(kw) or "out")
+
+    class Ctx:
+        state = {}
+    qkv = [torch.zeros(2, 4, 64)] * 3 + [None] * 4
+    attrs = {"layer": 0, "scale": None, "sliding_window": 0, "alibi_slopes": ()}
+    assert kernel_selection._paged_attention(Ctx(), qkv, dict(attrs, kv_scales=(0.5, 0.25))) \
+        == ["out"]
+    assert seen["kv_scales"] == (0.5, 0.25)
+    kernel_selection._paged_attention(Ctx(), qkv, dict(attrs, kv_scales=()))
+    assert seen["kv_scales"] is None
+
+
 @pytest.mark.parametrize("q_lens,cached,want", [
     ([1, 1, 64, 100, 100], [40, 7, 128, 0, 0], (3, 66, 64, 100, 100)),   # running, then new
     ([30, 100, 50], [0, 0, 0], (0, 0, 0, 100, None)),                    # all new, mixed lengths

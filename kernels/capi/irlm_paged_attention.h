@@ -20,8 +20,10 @@
  * Request r's q_lens[r] tokens are contiguous, in request order, at positions
  * cached_lens[r] + i (irlm.ops.llm).  Element types: float32, float16, bfloat16 (float32
  * attention runs on the tensor cores as tf32); query, key, value, out and the cache share one.
- * head_dim: 64, 128 or 256.  Quantized (int8 / fp8) caches have no kernel yet: the call
- * fails with IRLM_PA_UNSUPPORTED.
+ * head_dim: 64, 80, 96, 128 or 256.  The cache may instead hold int8 or fp8 e4m3 (cache_dtype
+ * IRLM_DTYPE_I8 / IRLM_DTYPE_F8E4M3) with kv_scale_k / kv_scale_v (quantize-kv-cache's
+ * kv_scales): keys are stored as k / kv_scale_k and values as v / kv_scale_v (int8 rounded
+ * half to even and clamped to +-127, e4m3 clamped to +-448), as irlm.ops.llm.kv_to_cache.
  */
 #ifndef IRLM_PAGED_ATTENTION_H
 #define IRLM_PAGED_ATTENTION_H
@@ -46,7 +48,7 @@ enum IrlmDType {
 enum IrlmPagedAttentionStatus {
   IRLM_PA_OK = 0,
   IRLM_PA_INVALID = -2,      /* an argument is wrong (shape, alignment, range, null pointer) */
-  IRLM_PA_UNSUPPORTED = -3,  /* valid but has no kernel (head_dim, quantized cache, ...) */
+  IRLM_PA_UNSUPPORTED = -3,  /* valid but has no kernel (head_dim, ALiBi heads, ...) */
   IRLM_PA_WORKSPACE = -4,    /* the workspace is too small even without split-KV */
   IRLM_PA_INTERNAL = -5      /* a kernel is missing from the library (a build mismatch) */
 };
@@ -83,7 +85,7 @@ typedef struct IrlmPagedAttentionArgs {
   int num_alibi_slopes;        /* 0 or heads */
   int sliding_window;          /* 0: none; else each query sees that many latest positions */
   float scale;                 /* softmax scale; 0: 1 / sqrt(head_dim) */
-  float kv_scale_k;            /* quantized caches only (0 = absent) */
+  float kv_scale_k;            /* i8 / f8e4m3 caches only (> 0); 0 for a float cache */
   float kv_scale_v;
   /* Upper bounds the caller may know (the NVRTC path computes them with a device sync; this
    * call never synchronises): max_q_len >= every q_lens[r] (0: num_tokens), max_kv_len >=

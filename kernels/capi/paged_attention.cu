@@ -40,6 +40,13 @@ template <typename T> struct CType;
 template <> struct CType<float> { static constexpr const char* name = "float"; };
 template <> struct CType<irlm_fp16> { static constexpr const char* name = "irlm_fp16"; };
 template <> struct CType<irlm_bf16> { static constexpr const char* name = "irlm_bf16"; };
+// the kernels' trailing cache-type template argument (ops._cache_arg): none for a cache of the
+// model's dtype, the 8-bit element type of an int8 / fp8 cache
+template <typename C> struct CacheArg { static constexpr const char* text = ""; };
+template <> struct CacheArg<signed char> { static constexpr const char* text = ", signed char"; };
+template <> struct CacheArg<irlm_fp8e4m3> {
+  static constexpr const char* text = ", irlm_fp8e4m3";
+};
 
 template <typename T, int D, bool DECODE>
 constexpr int block_n() {
@@ -48,35 +55,63 @@ constexpr int block_n() {
 
 struct Variant {
   const char* ctype;
+  const char* cache_arg;  // "" or ", <8-bit cache type>"
   int elem_size;
   int block_n;
   int smem;       // AttnSmem<...>::BYTES: the kernel traps if given less
 };
 
-template <typename T, int D, bool DECODE>
+template <typename T, typename C, int D, bool DECODE>
 Variant variant_of() {
   constexpr int bn = block_n<T, D, DECODE>();
-  return {CType<T>::name, static_cast<int>(sizeof(T)), bn,
-          AttnSmem<T, D, DECODE ? 1 : 4, DECODE ? 4 : 1, bn>::BYTES};
+  return {CType<T>::name, CacheArg<C>::text, static_cast<int>(sizeof(T)), bn,
+          AttnSmem<T, D, DECODE ? 1 : 4, DECODE ? 4 : 1, bn, C>::BYTES};
+}
+
+template <typename T, typename C>
+bool variant_for_dim(int head_dim, bool decode, Variant* v) {
+  switch (head_dim) {
+    case 64:
+      *v = decode ? variant_of<T, C, 64, true>() : variant_of<T, C, 64, false>();
+      return true;
+    case 80:
+      *v = decode ? variant_of<T, C, 80, true>() : variant_of<T, C, 80, false>();
+      return true;
+    case 96:
+      *v = decode ? variant_of<T, C, 96, true>() : variant_of<T, C, 96, false>();
+      return true;
+    case 128:
+      *v = decode ? variant_of<T, C, 128, true>() : variant_of<T, C, 128, false>();
+      return true;
+    case 256:
+      *v = decode ? variant_of<T, C, 256, true>() : variant_of<T, C, 256, false>();
+      return true;
+  }
+  return false;
 }
 
 template <typename T>
-bool variant_for_dim(int head_dim, bool decode, Variant* v) {
-  switch (head_dim) {
-    case 64: *v = decode ? variant_of<T, 64, true>() : variant_of<T, 64, false>(); return true;
-    case 128: *v = decode ? variant_of<T, 128, true>() : variant_of<T, 128, false>(); return true;
-    case 256: *v = decode ? variant_of<T, 256, true>() : variant_of<T, 256, false>(); return true;
+bool variant_for_cache(int cache_dtype, int dtype, int head_dim, bool decode, Variant* v) {
+  if (cache_dtype == dtype) return variant_for_dim<T, T>(head_dim, decode, v);
+  if (cache_dtype == IRLM_DTYPE_I8) return variant_for_dim<T, signed char>(head_dim, decode, v);
+  if (cache_dtype == IRLM_DTYPE_F8E4M3)
+    return variant_for_dim<T, irlm_fp8e4m3>(head_dim, decode, v);
+  return false;
+}
+
+bool variant(int dtype, int cache_dtype, int head_dim, bool decode, Variant* v) {
+  switch (dtype) {
+    case IRLM_DTYPE_F32: return variant_for_cache<float>(cache_dtype, dtype, head_dim, decode, v);
+    case IRLM_DTYPE_F16:
+      return variant_for_cache<irlm_fp16>(cache_dtype, dtype, head_dim, decode, v);
+    case IRLM_DTYPE_BF16:
+      return variant_for_cache<irlm_bf16>(cache_dtype, dtype, head_dim, decode, v);
   }
   return false;
 }
 
-bool variant(int dtype, int head_dim, bool decode, Variant* v) {
-  switch (dtype) {
-    case IRLM_DTYPE_F32: return variant_for_dim<float>(head_dim, decode, v);
-    case IRLM_DTYPE_F16: return variant_for_dim<irlm_fp16>(head_dim, decode, v);
-    case IRLM_DTYPE_BF16: return variant_for_dim<irlm_bf16>(head_dim, decode, v);
-  }
-  return false;
+bool quantized_cache(const IrlmPagedAttentionArgs& a) {
+  return a.cache_dtype == IRLM_DTYPE_I8 || a.cache_dtype == IRLM_DTYPE_F8E4M3;
 }
 
 const char* dtype_name(int dtype) {
@@ -175,21 +210,23 @@ int check(const IrlmPagedAttentionArgs& a, bool pointers) {
   if (!is_float(a.dtype))
     return fail(IRLM_PA_INVALID, std::string("query/key/value must be f32, f16 or bf16, got ") +
                                      dtype_name(a.dtype));
-  if (a.head_dim != 64 && a.head_dim != 128 && a.head_dim != 256)
+  if (a.head_dim != 64 && a.head_dim != 80 && a.head_dim != 96 && a.head_dim != 128 &&
+      a.head_dim != 256)
     return fail(IRLM_PA_UNSUPPORTED, "head_dim " + std::to_string(a.head_dim) +
-                                         " has no attention kernel (supported: 64, 128, 256)");
+                                         " has no attention kernel (supported: 64, 80, 96, 128, "
+                                         "256)");
   if (a.heads <= 0 || a.kv_heads <= 0 || a.heads % a.kv_heads)
     return fail(IRLM_PA_INVALID, std::to_string(a.heads) + " query heads are not a multiple of " +
                                      std::to_string(a.kv_heads) + " kv heads");
-  if (a.cache_dtype != a.dtype) {
-    if (a.cache_dtype == IRLM_DTYPE_I8 || a.cache_dtype == IRLM_DTYPE_F8E4M3)
-      return fail(IRLM_PA_UNSUPPORTED,
-                  std::string("kv_cache dtype ") + dtype_name(a.cache_dtype) +
-                      ": quantized caches (int8 / fp8) have no kernel yet");
+  if (a.cache_dtype != a.dtype && !quantized_cache(a))
     return fail(IRLM_PA_INVALID, std::string("kv_cache dtype ") + dtype_name(a.cache_dtype) +
                                      " differs from " + dtype_name(a.dtype));
-  }
-  if (a.kv_scale_k != 0.f || a.kv_scale_v != 0.f)
+  if (quantized_cache(a) && !(a.kv_scale_k > 0.f && a.kv_scale_v > 0.f &&
+                              std::isfinite(a.kv_scale_k) && std::isfinite(a.kv_scale_v)))
+    return fail(IRLM_PA_INVALID, std::string("the ") + dtype_name(a.cache_dtype) +
+                                     " kv_cache needs kv_scales: kv_scale_k and kv_scale_v "
+                                     "positive and finite");
+  if (!quantized_cache(a) && (a.kv_scale_k != 0.f || a.kv_scale_v != 0.f))
     return fail(IRLM_PA_INVALID, "kv_scales are for an i8 or f8e4m3 kv_cache, not " +
                                      std::string(dtype_name(a.cache_dtype)));
   if (a.block_size <= 0 || (a.block_size & (a.block_size - 1)))
@@ -315,7 +352,7 @@ int make_plan(const IrlmPagedAttentionArgs& a, size_t workspace_bytes, bool poin
   const int T = a.num_tokens, R = a.num_reqs;
   if (T == 0 || R == 0) return IRLM_PA_OK;  // nothing to write or attend (as the launchers)
   Variant v{};
-  variant(a.dtype, a.head_dim, decode, &v);
+  variant(a.dtype, a.cache_dtype, a.head_dim, decode, &v);
   const int vec = 16 / v.elem_size;
   const int G = a.heads / a.kv_heads;
 
@@ -329,14 +366,15 @@ int make_plan(const IrlmPagedAttentionArgs& a, size_t workspace_bytes, bool poin
                       (!pointers || (aligned(a.key, 16) && aligned(a.value, 16)));
   set(&plan->kv_write,
       intern("irlm_kv_cache_write<" + std::string(v.ctype) + ", " +
-             std::to_string(vec_ok ? vec : 1) + ">"),
+             std::to_string(vec_ok ? vec : 1) + v.cache_arg + ">"),
       T, 1, 1, 128, 0);
 
   const std::string tmpl = std::string(v.ctype) + ", " + std::to_string(a.head_dim);
   if (!decode) {  // ops.prefill_attention
     const long long max_q = a.max_q_len ? a.max_q_len : T;
     set(&plan->attention,
-        intern("irlm_prefill_attention<" + tmpl + ", " + std::to_string(v.block_n) + ">"),
+        intern("irlm_prefill_attention<" + tmpl + ", " + std::to_string(v.block_n) +
+               v.cache_arg + ">"),
         cdiv(max_q * G, 64), a.kv_heads, R, 128, v.smem);
   } else {  // ops.paged_attention_decode
     const long long kv_len = kv_len_bound(a);
@@ -357,7 +395,8 @@ int make_plan(const IrlmPagedAttentionArgs& a, size_t workspace_bytes, bool poin
     plan->num_splits = splits;
     plan->split_size = size;
     set(&plan->attention,
-        intern("irlm_paged_attention_decode<" + tmpl + ", " + std::to_string(v.block_n) + ">"),
+        intern("irlm_paged_attention_decode<" + tmpl + ", " + std::to_string(v.block_n) +
+               v.cache_arg + ">"),
         tiles * splits, a.kv_heads, R, 128, v.smem);
     if (splits > 1)
       set(&plan->split_reduce, intern("irlm_attention_split_reduce<" + tmpl + ">"), a.heads, R,
@@ -477,7 +516,8 @@ extern "C" int irlm_paged_attention(const IrlmPagedAttentionArgs* args, void* wo
   // ops.kv_cache_write
   const KvWriteParams wp{a.key, a.value, a.kv_cache, a.block_tables, pp.cu_q_lens, a.cached_lens,
        a.key_stride ? a.key_stride : kvd, a.value_stride ? a.value_stride : kvd, layer_offset,
-       a.num_reqs, a.kv_heads, a.head_dim, a.block_size, shift, a.max_blocks};
+       a.num_reqs, a.kv_heads, a.head_dim, a.block_size, shift, a.max_blocks, a.kv_scale_k,
+       a.kv_scale_v};
   rc = irlm_launch_kernel(plan.kv_write.kernel, plan.kv_write.grid[0], 1, 1, 128, 1, 1, 0, s,
                           &wp);
   if (rc == -1)
@@ -517,7 +557,12 @@ extern "C" int irlm_paged_attention(const IrlmPagedAttentionArgs* args, void* wo
   // in double, as the Python launcher computes it
   const double scale = a.scale > 0.f ? static_cast<double>(a.scale)
                                      : 1.0 / std::sqrt(static_cast<double>(a.head_dim));
-  p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  // an int8 / fp8 cache: q . (k * ks) = ks * (q . k), so the key scale joins the softmax
+  // scale; the value scale multiplies the output (ops._attn_common)
+  const bool quant = quantized_cache(a);
+  const double ks = quant ? static_cast<double>(a.kv_scale_k) : 1.0;
+  p.scale_log2 = static_cast<float>(scale * ks * 1.4426950408889634);
+  p.v_scale = quant ? a.kv_scale_v : 1.f;
   if ((rc = launch(plan.attention, s, p))) return rc;
   if (plan.split_reduce.kernel != nullptr && (rc = launch(plan.split_reduce, s, p))) return rc;
   return IRLM_PA_OK;

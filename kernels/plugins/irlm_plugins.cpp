@@ -178,8 +178,9 @@ class PagedAttentionPlugin : public IPluginV3,
     return d.type == io[kCache].desc.type;  // kv_cache_out
   }
 
-  // Refuse at build time what enqueue cannot run (a quantized cache, a head_dim without a
-  // kernel, ...), with the library's reason, checked on the profile's largest shapes.
+  // Refuse at build time what enqueue cannot run (a head_dim without a kernel, a quantized
+  // cache without scales, ...), with the library's reason, checked on the profile's largest
+  // shapes.
   int32_t configurePlugin(DynamicPluginTensorDesc const* in, int32_t nbInputs,
                           DynamicPluginTensorDesc const*, int32_t nbOutputs) noexcept override {
     if (nbInputs != kNbInputs || nbOutputs != kNbOutputs) return -1;

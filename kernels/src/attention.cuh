@@ -15,6 +15,13 @@
 // one of `num_splits` partitions of the key range (split-K / flash-decoding); it then writes a
 // normalised partial output and its (max, sum) to part_out / part_ml for
 // irlm_attention_split_reduce.
+//
+// Quantized caches (C = signed char for int8, irlm_fp8e4m3): the 8-bit K/V tiles are copied to
+// shared memory as they are (cp.async, half the bytes of a bf16 tile), then converted in
+// registers to T (exact: every int8 and e4m3 value is a bf16 / fp16 / tf32 value) into one
+// T tile that the same tensor-core code reads.  The scales are applied in f32 where they are
+// exact up to rounding order: the key scale is folded into scale_log2 by the launcher
+// (q . (k * s) == s * (q . k)) and the value scale multiplies the normalised output.
 #pragma once
 #include "common.cuh"
 
@@ -41,7 +48,8 @@ struct AttnParams {
   int num_splits, split_size;
   int num_tokens;
   int smem_bytes;           // dynamic shared memory given at launch (checked)
-  float scale_log2;         // softmax scale * log2(e)
+  float scale_log2;         // softmax scale * log2(e) (times the key scale: quantized caches)
+  float v_scale;            // quantized caches: the value scale (unquantized kernels ignore it)
 };
 
 // ---- tensor-core primitives ----------------------------------------------------------------
@@ -176,22 +184,29 @@ struct WarpMma<float, D, NS, LD> {
   }
 };
 
-// Shared-memory bytes of one CTA (kernels/ops.py computes the same number).
-template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N>
+// Shared-memory bytes of one CTA (kernels/ops.py computes the same number).  C: the cache's
+// element type (T, or an 8-bit one: then the two cp.async stages hold 8-bit K/V tiles with a
+// row pitch of D bytes, followed by one K/V tile converted to T).
+template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N, typename C = T>
 struct AttnSmem {
+  static constexpr bool QUANT = KvCacheElem<C>::quantized;
   static constexpr int EPC = 16 / (int)sizeof(T);  // elements per 16-byte chunk
   static constexpr int LD = D + EPC;                // padded row pitch (elements)
   static constexpr int BLOCK_M = 16 * WARPS_M;
   static constexpr int Q_BYTES = BLOCK_M * LD * (int)sizeof(T);
-  static constexpr int KV_BYTES = 2 * 2 * BLOCK_N * LD * (int)sizeof(T);  // 2 stages x (K, V)
+  static constexpr int TILE_BYTES = 2 * BLOCK_N * LD * (int)sizeof(T);     // K and V as T
+  static constexpr int RAW_BYTES = QUANT ? 2 * 2 * BLOCK_N * D : 0;        // 2 stages, 8-bit
+  static constexpr int KV_BYTES = QUANT ? RAW_BYTES + TILE_BYTES : 2 * TILE_BYTES;
   static constexpr int LDA = D + 4;
   static constexpr int EPI_BYTES = (WARPS_N * BLOCK_M * LDA + 2 * WARPS_N * BLOCK_M) * 4;
   static constexpr int BYTES = Q_BYTES + (KV_BYTES > EPI_BYTES ? KV_BYTES : EPI_BYTES);
 };
 
-template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N, bool DECODE>
+template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N, bool DECODE, typename C = T>
 IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
-  using S = AttnSmem<T, D, WARPS_M, WARPS_N, BLOCK_N>;
+  using S = AttnSmem<T, D, WARPS_M, WARPS_N, BLOCK_N, C>;
+  constexpr bool QUANT = S::QUANT;
+  static_assert(QUANT || sizeof(C) == sizeof(T), "a cache of another float type than q");
   constexpr int NT = WARPS_M * WARPS_N * 32;
   constexpr int BLOCK_M = S::BLOCK_M;
   constexpr int KPW = BLOCK_N / WARPS_N;  // keys per warp per tile
@@ -202,9 +217,14 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
   static_assert(D % 16 == 0, "head_dim must be a multiple of 16");
   static_assert(KPW % (sizeof(T) == 4 ? 8 : 16) == 0, "keys per warp must fill the mma k");
 
+  constexpr int CEPC = 16 / (int)sizeof(C);  // cache elements per 16-byte chunk
+  constexpr int CCPR = D / CEPC;              // 16-byte chunks per cache row
+  constexpr int CLD = QUANT ? D : LD;         // row pitch of the cp.async stages (elements)
+
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sQ = reinterpret_cast<T*>(smem_raw);
-  T* sKV = reinterpret_cast<T*>(smem_raw + S::Q_BYTES);
+  C* sKV = reinterpret_cast<C*>(smem_raw + S::Q_BYTES);            // 2 stages x (K, V)
+  T* sConv = reinterpret_cast<T*>(smem_raw + S::Q_BYTES + S::RAW_BYTES);  // QUANT: K, V as T
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WARPS_M, wn = warp / WARPS_M;
@@ -254,29 +274,53 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
   }
 
   // ---- paged K/V tiles ----
-  const T* cache = reinterpret_cast<const T*>(p.cache) + p.layer_offset;
+  const C* cache = reinterpret_cast<const C*>(p.cache) + p.layer_offset;
   const int* table = p.block_tables + (long long)r * p.max_blocks;
   const long long slot_stride = (long long)p.kv_heads * D;
   const long long v_offset = (long long)p.block_size * slot_stride;
   const long long block_stride = 2 * v_offset;
   auto load_tile = [&](int stage, int k0) {
-    T* sK = sKV + stage * 2 * BLOCK_N * LD;
-    T* sV = sK + BLOCK_N * LD;
+    C* sK = sKV + stage * 2 * BLOCK_N * CLD;
+    C* sV = sK + BLOCK_N * CLD;
 #pragma unroll
-    for (int c0 = 0; c0 < BLOCK_N * CPR; c0 += NT) {
+    for (int c0 = 0; c0 < BLOCK_N * CCPR; c0 += NT) {
       const int c = c0 + tid;
-      if ((BLOCK_N * CPR) % NT != 0 && c >= BLOCK_N * CPR) break;
-      const int i = c / CPR, ch = c % CPR;
+      if ((BLOCK_N * CCPR) % NT != 0 && c >= BLOCK_N * CCPR) break;
+      const int i = c / CCPR, ch = c % CCPR;
       const int pos = k0 + i;
       const bool ok = pos < kend;
-      const T* src = cache;
+      const C* src = cache;
       if (ok) {
         const int blk = __ldg(table + (pos >> p.block_shift));
         const int slot = pos & (p.block_size - 1);
-        src = cache + (long long)blk * block_stride + slot * slot_stride + kvh * D + ch * EPC;
+        src = cache + (long long)blk * block_stride + slot * slot_stride + kvh * D + ch * CEPC;
       }
-      cp_async16(sK + i * LD + ch * EPC, src, ok);
-      cp_async16(sV + i * LD + ch * EPC, ok ? src + v_offset : src, ok);
+      cp_async16(sK + i * CLD + ch * CEPC, src, ok);
+      cp_async16(sV + i * CLD + ch * CEPC, ok ? src + v_offset : src, ok);
+    }
+  };
+  // QUANT: a stage's 8-bit K and V rows (2 * BLOCK_N rows of D bytes, K first) -> sConv as T.
+  // Rows past kend were zero-filled, so they convert to zeros (never NaN: P is 0 there).
+  auto convert_tile = [&](int stage) {
+    if constexpr (QUANT) {
+      const unsigned char* raw =
+          reinterpret_cast<const unsigned char*>(sKV + stage * 2 * BLOCK_N * CLD);
+      // 8 codes a thread and step: 8-byte reads and (16-bit T) 16-byte writes that are
+      // consecutive across the threads, so neither side has bank conflicts
+#pragma unroll 4
+      for (int c = tid; c < 2 * BLOCK_N * (D / 8); c += NT) {
+        const int row = c / (D / 8), ch = c % (D / 8);
+        float f[8];
+        kv8_to_float<C>(*reinterpret_cast<const uint2*>(raw + row * D + ch * 8), f);
+        T* dst = sConv + row * LD + ch * 8;
+#pragma unroll
+        for (int j = 0; j < 8; j += EPC) {
+          float part[EPC];
+#pragma unroll
+          for (int e = 0; e < EPC; ++e) part[e] = f[j + e];
+          store_vec<T, EPC>(dst + j, part);
+        }
+      }
     }
   };
 
@@ -310,7 +354,14 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
     cp_async_wait<1>();
     __syncthreads();
 
-    const T* sK = sKV + (it & 1) * 2 * BLOCK_N * LD;
+    const T* sK;
+    if constexpr (QUANT) {
+      convert_tile(it & 1);
+      __syncthreads();
+      sK = sConv;
+    } else {
+      sK = reinterpret_cast<const T*>(sKV) + (it & 1) * 2 * BLOCK_N * LD;
+    }
     const T* sV = sK + BLOCK_N * LD;
     float s[NS][4];
 #pragma unroll
@@ -418,7 +469,8 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[e] += src[e] * sc;
     }
-    const float inv = l > 0.f ? 1.f / l : 0.f;
+    float inv = l > 0.f ? 1.f / l : 0.f;
+    if constexpr (QUANT) inv *= p.v_scale;
 #pragma unroll
     for (int e = 0; e < 4; ++e) o[e] *= inv;
     const int tok = grow / G, h = kvh * G + grow % G;

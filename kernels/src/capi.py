@@ -110,7 +110,8 @@ class PagedAttentionLibrary:
                         out: Optional[torch.Tensor] = None, **bounds) -> torch.Tensor:
         """:func:`irlm.kernels.ops.paged_attention`'s signature, run by the library's
         ``irlm_paged_attention`` on torch's current stream (workspace from torch's allocator).
-        ``bounds``: max_q_len, max_kv_len, decode (-1/0/1), num_splits, num_sms."""
+        ``bounds``: max_q_len, max_kv_len, decode (-1/0/1), num_splits, num_sms; kv_scales
+        (key scale, value scale) for an int8 / fp8 cache."""
         if out is None:
             out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         slopes = None
@@ -138,9 +139,9 @@ def _token_stride(name, t) -> int:
 
 def tensor_args(q, k, v, kv_cache, block_tables, q_lens, cached_lens, out, layer, *,
                 scale=None, sliding_window=0, alibi_slopes=None, max_q_len=0, max_kv_len=0,
-                decode=-1, num_splits=0, num_sms=0) -> IrlmPagedAttentionArgs:
+                decode=-1, num_splits=0, num_sms=0, kv_scales=None) -> IrlmPagedAttentionArgs:
     """The C arguments for torch tensors (``alibi_slopes``: a ctypes float array or None; the
-    caller keeps it alive)."""
+    caller keeps it alive; ``kv_scales``: (key scale, value scale) of an int8 / fp8 cache)."""
     for name, t in (("block_tables", block_tables), ("q_lens", q_lens),
                     ("cached_lens", cached_lens), ("kv_cache", kv_cache)):
         if not t.is_contiguous():
@@ -171,4 +172,8 @@ def tensor_args(q, k, v, kv_cache, block_tables, q_lens, cached_lens, out, layer
     a.scale = 0.0 if scale is None else float(scale)
     a.max_q_len, a.max_kv_len, a.decode = int(max_q_len), int(max_kv_len), int(decode)
     a.num_splits, a.num_sms = int(num_splits), int(num_sms)
+    if kv_scales is not None and len(kv_scales) > 0:
+        if len(kv_scales) != 2:
+            raise KernelArgumentError(f"kv_scales = (key scale, value scale), got {kv_scales!r}")
+        a.kv_scale_k, a.kv_scale_v = float(kv_scales[0]), float(kv_scales[1])
     return a

@@ -65,6 +65,113 @@ IRLM_DEVICE void store_vec(T* p, const float (&f)[N]) {
   *reinterpret_cast<Vec<T, N>*>(p) = x;
 }
 
+// ---- 8-bit KV cache elements (passes/llm/quantize_kv.py, irlm.ops.llm.kv_to_cache) ---------
+// An int8 cache element is a `signed char`; an fp8 one is e4m3 (OCP "fn": no infinities, 0x7f
+// / 0xff are NaN, largest finite 448).  Keys and values are stored divided by one float scale
+// per layer each; attention reads them back times the scale.
+struct __align__(1) irlm_fp8e4m3 { unsigned char bits; };
+
+template <typename C> struct KvCacheElem { static constexpr bool quantized = false; };
+template <> struct KvCacheElem<signed char> { static constexpr bool quantized = true; };
+template <> struct KvCacheElem<irlm_fp8e4m3> { static constexpr bool quantized = true; };
+
+// The hardware fp8 conversions (cvt ... e4m3x2) exist from sm_89 on; before that (and in
+// tests that define IRLM_SOFT_FP8) the same roundings are done with integer arithmetic.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890 && !defined(IRLM_SOFT_FP8)
+#define IRLM_HW_FP8 1
+#endif
+
+// e4m3 code -> float, exactly (every e4m3 value is a normal float32).
+IRLM_DEVICE float e4m3_to_float_soft(unsigned b) {
+  const unsigned e = (b >> 3) & 15u, m = b & 7u;
+  float mag = e ? __uint_as_float(((e + 120u) << 23) | (m << 20))  // 2^(e-7) * (1 + m/8)
+                : (float)m * 0.001953125f;                           // m * 2^-9
+  if ((b & 0x7fu) == 0x7fu) mag = __int_as_float(0x7fffffff);        // NaN
+  return (b & 0x80u) ? -mag : mag;
+}
+
+// float -> e4m3 code, round to nearest even, saturating to +-448 (as torch's
+// x.clamp(-448, 448).to(float8_e4m3fn) for every finite x and infinities; NaN stays NaN).
+IRLM_DEVICE unsigned char float_to_e4m3_soft(float x) {
+  const unsigned sign = (__float_as_uint(x) >> 24) & 0x80u;
+  const float a = fabsf(x);
+  if (!(a == a)) return (unsigned char)(sign | 0x7fu);
+  if (a >= 448.f) return (unsigned char)(sign | 0x7eu);
+  if (a < 0.015625f) {  // below 2^-6: subnormal codes m * 2^-9 (m = 8 is 2^-6, code 0x08)
+    return (unsigned char)(sign | (unsigned)__float2int_rn(a * 512.f));
+  }
+  unsigned u = __float_as_uint(a);
+  u += 0x7ffffu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, ties to even
+  return (unsigned char)(sign | ((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u)));
+}
+
+// Two e4m3 codes (low byte first) -> two floats.
+IRLM_DEVICE void e4m3x2_to_float2(unsigned short two, float& lo, float& hi) {
+#ifdef IRLM_HW_FP8
+  unsigned h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(two));
+  lo = to_float(irlm_fp16{(unsigned short)(h2 & 0xffffu)});
+  hi = to_float(irlm_fp16{(unsigned short)(h2 >> 16)});
+#else
+  lo = e4m3_to_float_soft(two & 0xffu);
+  hi = e4m3_to_float_soft(two >> 8);
+#endif
+}
+
+// A float quantized as the cache stores it: x / scale (IEEE division, whatever the fast-math
+// options) then int8: rounded half to even, clamped to +-127; fp8: as float_to_e4m3_soft.
+template <typename C> IRLM_DEVICE C quantize_kv(float x, float scale);
+template <> IRLM_DEVICE signed char quantize_kv<signed char>(float x, float scale) {
+  const float y = fminf(fmaxf(rintf(__fdiv_rn(x, scale)), -127.f), 127.f);
+  return (signed char)__float2int_rn(y);
+}
+template <> IRLM_DEVICE irlm_fp8e4m3 quantize_kv<irlm_fp8e4m3>(float x, float scale) {
+  const float y = __fdiv_rn(x, scale);
+#ifdef IRLM_HW_FP8
+  unsigned short r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(0.f), "f"(y));
+  return irlm_fp8e4m3{(unsigned char)(r & 0xffu)};
+#else
+  return irlm_fp8e4m3{float_to_e4m3_soft(y)};
+#endif
+}
+
+// N floats rounded to T (the model's dtype, as its keys / values are), then stored into a
+// cache of element type C: T itself, or quantized with `scale`.
+template <typename T, typename C, int N>
+IRLM_DEVICE void store_kv(C* dst, const float (&f)[N], float scale) {
+  if constexpr (KvCacheElem<C>::quantized) {
+    Vec<C, N> x;
+#pragma unroll
+    for (int i = 0; i < N; ++i) x.v[i] = quantize_kv<C>(to_float(from_float<T>(f[i])), scale);
+    *reinterpret_cast<Vec<C, N>*>(dst) = x;
+  } else {
+    store_vec<T, N>(reinterpret_cast<T*>(dst), f);
+  }
+}
+
+// 8 cache bytes -> 8 floats, exactly (the scale is applied later, in f32).
+template <typename C> IRLM_DEVICE void kv8_to_float(const uint2& raw, float (&f)[8]);
+template <> IRLM_DEVICE void kv8_to_float<signed char>(const uint2& raw, float (&f)[8]) {
+  const unsigned w[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    // 2^23 + (b + 128) is exact in float32: subtract 2^23 + 128 to get b
+    const unsigned u = w[i] ^ 0x80808080u;
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+      f[4 * i + j] = __uint_as_float(0x4b000000u | ((u >> (8 * j)) & 0xffu)) - 8388736.f;
+  }
+}
+template <> IRLM_DEVICE void kv8_to_float<irlm_fp8e4m3>(const uint2& raw, float (&f)[8]) {
+  const unsigned w[2] = {raw.x, raw.y};
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    e4m3x2_to_float2((unsigned short)(w[i] & 0xffffu), f[4 * i], f[4 * i + 1]);
+    e4m3x2_to_float2((unsigned short)(w[i] >> 16), f[4 * i + 2], f[4 * i + 3]);
+  }
+}
+
 // ---- reductions ----------------------------------------------------------------------------
 IRLM_DEVICE float warp_sum(float v) {
 #pragma unroll

@@ -4,7 +4,11 @@ Every launcher takes and returns torch tensors on a CUDA device, checks shapes, 
 devices, strides and alignment before anything reaches the GPU (raising
 :class:`~irlm.kernels.nvrtc.KernelArgumentError`), and launches on torch's current stream
 without synchronising.  Supported element types: bfloat16, float16, float32 (float32
-attention runs on the tensor cores as tf32).
+attention runs on the tensor cores as tf32).  The KV cache holds the model's dtype, or int8 /
+float8_e4m3fn with one scale for keys and one for values (``kv_scales``, as
+``quantize-kv-cache`` records them in ``llm.paged_attention``): the cache writes quantize as
+``irlm.ops.llm.kv_to_cache`` does, bit for bit, and attention reads the 8-bit values back
+times the scale.
 
 Request metadata follows ``irlm.ops.llm``: packed tokens, ``q_lens`` / ``cached_lens`` (int32,
 ``[reqs]``), ``block_tables`` (int32, ``[reqs, max_blocks]``) and the pool
@@ -30,7 +34,10 @@ c_void_p, c_longlong, c_int, c_float = (ctypes.c_void_p, ctypes.c_longlong, ctyp
 
 CTYPES = {torch.bfloat16: "irlm_bf16", torch.float16: "irlm_fp16", torch.float32: "float"}
 FLOAT_DTYPES = tuple(CTYPES)
-ATTENTION_HEAD_DIMS = (64, 128, 256)
+#: 8-bit KV-cache element types and their C types (common.cuh), the kernels' last template
+#: argument (absent for a cache of the model's own dtype)
+KV_QUANT_CTYPES = {torch.int8: "signed char", torch.float8_e4m3fn: "irlm_fp8e4m3"}
+ATTENTION_HEAD_DIMS = (64, 80, 96, 128, 256)
 ACTIVATIONS = {"silu": 0, "swish": 0, "gelu_tanh": 1, "gelu_pytorch_tanh": 1, "gelu_new": 1,
                "gelu": 2, "gelu_exact": 2}
 RMS_MAXV = (1, 2, 4)
@@ -45,7 +52,8 @@ class AttnParams(ctypes.Structure):
                 ("num_reqs", c_int), ("heads", c_int), ("kv_heads", c_int), ("group", c_int),
                 ("block_size", c_int), ("block_shift", c_int), ("max_blocks", c_int),
                 ("window", c_int), ("num_splits", c_int), ("split_size", c_int),
-                ("num_tokens", c_int), ("smem_bytes", c_int), ("scale_log2", c_float)]
+                ("num_tokens", c_int), ("smem_bytes", c_int), ("scale_log2", c_float),
+                ("v_scale", c_float)]
 
 
 class KvWriteParams(ctypes.Structure):
@@ -53,7 +61,8 @@ class KvWriteParams(ctypes.Structure):
                 ("cu_q_lens", c_void_p), ("cached_lens", c_void_p),
                 ("k_stride", c_longlong), ("v_stride", c_longlong), ("layer_offset", c_longlong),
                 ("num_reqs", c_int), ("kv_heads", c_int), ("head_dim", c_int),
-                ("block_size", c_int), ("block_shift", c_int), ("max_blocks", c_int)]
+                ("block_size", c_int), ("block_shift", c_int), ("max_blocks", c_int),
+                ("k_scale", c_float), ("v_scale", c_float)]
 
 
 class RopeParams(ctypes.Structure):
@@ -64,7 +73,7 @@ class RopeParams(ctypes.Structure):
                 ("layer_offset", c_longlong),
                 ("num_reqs", c_int), ("heads", c_int), ("kv_heads", c_int), ("head_dim", c_int),
                 ("rot_dim", c_int), ("block_size", c_int), ("block_shift", c_int),
-                ("max_blocks", c_int)]
+                ("max_blocks", c_int), ("k_scale", c_float), ("v_scale", c_float)]
 
 
 class RmsNormParams(ctypes.Structure):
@@ -95,34 +104,44 @@ def attention_block_n(dtype, head_dim: int, decode: bool) -> int:
     return 64 if decode or head_dim <= 128 else 32
 
 
+def _cache_arg(dtype, cache_dtype) -> str:
+    """The kernels' trailing cache-type template argument: "" for a cache of the model's dtype
+    (``cache_dtype`` None or ``dtype``), ", signed char" / ", irlm_fp8e4m3" for int8 / fp8."""
+    if cache_dtype is None or cache_dtype == dtype:
+        return ""
+    return f", {KV_QUANT_CTYPES[cache_dtype]}"
+
+
 @lru_cache(maxsize=None)
-def decode_kernel(dtype, head_dim: int) -> Kernel:
+def decode_kernel(dtype, head_dim: int, cache_dtype=None) -> Kernel:
     t, bn = CTYPES[dtype], attention_block_n(dtype, head_dim, True)
+    c = _cache_arg(dtype, cache_dtype)
     return Kernel("paged_attention_decode.cu",
-                  [f"irlm_paged_attention_decode<{t}, {head_dim}, {bn}>",
+                  [f"irlm_paged_attention_decode<{t}, {head_dim}, {bn}{c}>",
                    f"irlm_attention_split_reduce<{t}, {head_dim}>"])
 
 
 @lru_cache(maxsize=None)
-def prefill_kernel(dtype, head_dim: int) -> Kernel:
+def prefill_kernel(dtype, head_dim: int, cache_dtype=None) -> Kernel:
     t, bn = CTYPES[dtype], attention_block_n(dtype, head_dim, False)
-    return Kernel("prefill_attention.cu", [f"irlm_prefill_attention<{t}, {head_dim}, {bn}>"])
+    c = _cache_arg(dtype, cache_dtype)
+    return Kernel("prefill_attention.cu", [f"irlm_prefill_attention<{t}, {head_dim}, {bn}{c}>"])
 
 
 @lru_cache(maxsize=None)
-def kv_write_kernel(dtype) -> Kernel:
-    t = CTYPES[dtype]
-    return Kernel("kv_cache_write.cu", [f"irlm_kv_cache_write<{t}, {_vec(dtype)}>",
-                                        f"irlm_kv_cache_write<{t}, 1>"])
+def kv_write_kernel(dtype, cache_dtype=None) -> Kernel:
+    t, c = CTYPES[dtype], _cache_arg(dtype, cache_dtype)
+    return Kernel("kv_cache_write.cu", [f"irlm_kv_cache_write<{t}, {_vec(dtype)}{c}>",
+                                        f"irlm_kv_cache_write<{t}, 1{c}>"])
 
 
 @lru_cache(maxsize=None)
-def rope_kernel(dtype) -> Kernel:
-    t, v = CTYPES[dtype], _vec(dtype)
-    return Kernel("rope_kv_write.cu", [f"irlm_rope_kv_write<{t}, {v}, true>",
-                                       f"irlm_rope_kv_write<{t}, 1, true>",
-                                       f"irlm_rope_kv_write<{t}, {v}, false>",
-                                       f"irlm_rope_kv_write<{t}, 2, false>"], fast_math=False)
+def rope_kernel(dtype, cache_dtype=None) -> Kernel:
+    t, v, c = CTYPES[dtype], _vec(dtype), _cache_arg(dtype, cache_dtype)
+    return Kernel("rope_kv_write.cu", [f"irlm_rope_kv_write<{t}, {v}, true{c}>",
+                                       f"irlm_rope_kv_write<{t}, 1, true{c}>",
+                                       f"irlm_rope_kv_write<{t}, {v}, false{c}>",
+                                       f"irlm_rope_kv_write<{t}, 2, false{c}>"], fast_math=False)
 
 
 @lru_cache(maxsize=None)
@@ -151,6 +170,11 @@ def all_kernels() -> list[Kernel]:
         for d in ATTENTION_HEAD_DIMS:
             ks += [decode_kernel(dt, d), prefill_kernel(dt, d)]
         ks += [kv_write_kernel(dt), rope_kernel(dt), rms_kernel(dt), act_kernel(dt)]
+    for dt in FLOAT_DTYPES:            # int8 / fp8 KV caches
+        for c in KV_QUANT_CTYPES:
+            for d in ATTENTION_HEAD_DIMS:
+                ks += [decode_kernel(dt, d, c), prefill_kernel(dt, d, c)]
+            ks += [kv_write_kernel(dt, c), rope_kernel(dt, c)]
     from .quant_linear import all_quant_kernels
     return ks + [sample_kernel()] + [rope_apply_kernel()] + all_quant_kernels()
 
@@ -187,7 +211,33 @@ def _ptr(t) -> int:
     return 0 if t is None else t.data_ptr()
 
 
-def _cache_geometry(kv_cache, layer, kv_heads, head_dim, dtype):
+def _kv_quantization(kv_cache, dtype, kv_scales):
+    """``(None, 1.0, 1.0)`` for a cache of the model's dtype, ``(cache dtype, key scale, value
+    scale)`` for an int8 / float8_e4m3fn cache (which needs ``kv_scales``)."""
+    name = str(kv_cache.dtype).replace("torch.", "")
+    if kv_cache.dtype == dtype:
+        if kv_scales is not None and len(kv_scales) > 0:
+            raise KernelArgumentError(f"kv_scales are for an int8 or float8_e4m3fn kv_cache, "
+                                      f"not {name}")
+        return None, 1.0, 1.0
+    if kv_cache.dtype not in KV_QUANT_CTYPES:
+        raise KernelArgumentError(f"kv_cache dtype {kv_cache.dtype} differs from {dtype} (a "
+                                  f"cache holds the model's dtype, int8 or float8_e4m3fn)")
+    scales = tuple(kv_scales) if kv_scales is not None else ()
+    if len(scales) != 2:
+        raise KernelArgumentError(f"the {name} kv_cache needs kv_scales = (key scale, value "
+                                  f"scale), got {kv_scales!r}")
+    # float32, as the kernels (and the reference's float32 arithmetic) use them
+    ks, vs = c_float(float(scales[0])).value, c_float(float(scales[1])).value
+    if not all(math.isfinite(x) and x > 0 for x in (ks, vs)):
+        raise KernelArgumentError(f"kv_scales must be positive and finite float32 values, "
+                                  f"got {[float(x) for x in scales]}")
+    return kv_cache.dtype, ks, vs
+
+
+def _cache_geometry(kv_cache, layer, kv_heads, head_dim, dtype, kv_scales=None):
+    """(layer offset in elements, block size, log2 of it, (cache dtype or None, key scale,
+    value scale)) after checking the pool against the keys' shape and dtype."""
     _tensor("kv_cache", kv_cache, ndim=6)
     L, nb, two, bs, kvh, d = KVCacheLayout.of(kv_cache.shape)
     if two != 2:
@@ -195,9 +245,7 @@ def _cache_geometry(kv_cache, layer, kv_heads, head_dim, dtype):
     if kvh != kv_heads or d != head_dim:
         raise KernelArgumentError(f"kv_cache holds {kvh} kv heads of {d}, the keys "
                                   f"{kv_heads} of {head_dim}")
-    if kv_cache.dtype != dtype:
-        raise KernelArgumentError(f"kv_cache dtype {kv_cache.dtype} differs from {dtype}; "
-                                  "quantized caches (int8 / fp8) have no kernel yet")
+    quant = _kv_quantization(kv_cache, dtype, kv_scales)
     if not kv_cache.is_contiguous():
         raise KernelArgumentError("kv_cache must be contiguous")
     if bs <= 0 or bs & (bs - 1):
@@ -206,7 +254,7 @@ def _cache_geometry(kv_cache, layer, kv_heads, head_dim, dtype):
         raise KernelArgumentError(f"layer {layer} is outside the cache's {L} layers")
     if not _aligned(kv_cache):
         raise KernelArgumentError("kv_cache must be 16-byte aligned")
-    return int(layer) * kv_cache.stride(0), bs, bs.bit_length() - 1
+    return int(layer) * kv_cache.stride(0), bs, bs.bit_length() - 1, quant
 
 
 def _meta(block_tables, cached_lens, q_lens=None, cu_q_lens=None, device=None):
@@ -243,9 +291,11 @@ def _sm_count(index: int) -> int:
 # ---- KV cache write -----------------------------------------------------------------------------
 def kv_cache_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                    block_tables: torch.Tensor, q_lens: Optional[torch.Tensor],
-                   cached_lens: torch.Tensor, *, cu_q_lens: Optional[torch.Tensor] = None) -> None:
+                   cached_lens: torch.Tensor, *, cu_q_lens: Optional[torch.Tensor] = None,
+                   kv_scales: Optional[Sequence[float]] = None) -> None:
     """Write ``k``/``v`` ``[tokens, kv_heads, D]`` into ``kv_cache[layer]`` at each token's
-    position (``llm.paged_attention``'s side effect)."""
+    position (``llm.paged_attention``'s side effect); an int8 / fp8 cache stores ``k /
+    kv_scales[0]`` and ``v / kv_scales[1]`` quantized (``irlm.ops.llm.kv_to_cache``)."""
     _tensor("k", k, ndim=3, dtypes=FLOAT_DTYPES)
     dev = k.device
     _tensor("v", v, ndim=3, dtypes=(k.dtype,), device=dev)
@@ -254,35 +304,40 @@ def kv_cache_write(k: torch.Tensor, v: torch.Tensor, kv_cache: torch.Tensor, lay
     _heads_contiguous("k", k)
     _heads_contiguous("v", v)
     T, kvh, d = k.shape
-    layer_off, bs, shift = _cache_geometry(kv_cache, layer, kvh, d, k.dtype)
+    layer_off, bs, shift, (cdt, ks, vs) = _cache_geometry(kv_cache, layer, kvh, d, k.dtype,
+                                                          kv_scales)
     _tensor("kv_cache", kv_cache, device=dev)
     R, cu = _meta(block_tables, cached_lens, q_lens, cu_q_lens, dev)
     if T == 0 or R == 0:
         return
     vec = _vec(k.dtype)
     ok = (kvh * d) % vec == 0 and all(_aligned(x) and x.stride(0) % vec == 0 for x in (k, v))
-    kern = kv_write_kernel(k.dtype)
+    kern = kv_write_kernel(k.dtype, cdt)
     p = KvWriteParams(_ptr(k), _ptr(v), _ptr(kv_cache), _ptr(block_tables), _ptr(cu),
                       _ptr(cached_lens), k.stride(0), v.stride(0), layer_off, R, kvh, d, bs,
-                      shift, block_tables.shape[1])
+                      shift, block_tables.shape[1], ks, vs)
     kern.launch(kern.names[0 if ok else 1], (T,), (128,), p, device=dev)
 
 
 # ---- attention ----------------------------------------------------------------------------------
-def attention_smem_bytes(dtype, head_dim: int, decode: bool) -> int:
+def attention_smem_bytes(dtype, head_dim: int, decode: bool, cache_dtype=None) -> int:
     """Dynamic shared memory of one attention CTA (mirrors AttnSmem in attention.cuh)."""
     es = torch.empty((), dtype=dtype).element_size()
     wm, wn = (1, 4) if decode else (4, 1)
     bn = attention_block_n(dtype, head_dim, decode)
     ld, bm = head_dim + 16 // es, 16 * wm
     q = bm * ld * es
-    kv = 2 * 2 * bn * ld * es
+    tile = 2 * bn * ld * es                       # one K and V tile as the model's dtype
+    if cache_dtype is None or cache_dtype == dtype:
+        kv = 2 * tile                             # two cp.async stages
+    else:
+        kv = 2 * 2 * bn * head_dim + tile         # two 8-bit stages + the converted tile
     epi = (wn * bm * (head_dim + 4) + 2 * wn * bm) * 4
     return q + max(kv, epi)
 
 
 def _attn_common(q, kv_cache, layer, block_tables, cached_lens, scale, sliding_window,
-                 alibi_slopes, out, q_lens=None, cu_q_lens=None):
+                 alibi_slopes, out, q_lens=None, cu_q_lens=None, kv_scales=None):
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     dev = q.device
     _heads_contiguous("q", q)
@@ -294,7 +349,8 @@ def _attn_common(q, kv_cache, layer, block_tables, cached_lens, scale, sliding_w
     kvh = KVCacheLayout.of(kv_cache.shape).kv_heads
     if kvh == 0 or H % kvh:
         raise KernelArgumentError(f"{H} query heads are not a multiple of {kvh} kv heads")
-    layer_off, bs, shift = _cache_geometry(kv_cache, layer, kvh, D, q.dtype)
+    layer_off, bs, shift, (cdt, ks, vs) = _cache_geometry(kv_cache, layer, kvh, D, q.dtype,
+                                                          kv_scales)
     R, cu = _meta(block_tables, cached_lens, q_lens, cu_q_lens, dev)
     vec = _vec(q.dtype)
     if not _aligned(q) or q.stride(0) % vec:
@@ -328,8 +384,10 @@ def _attn_common(q, kv_cache, layer, block_tables, cached_lens, scale, sliding_w
     p.num_reqs, p.heads, p.kv_heads, p.group = R, H, kvh, H // kvh
     p.block_size, p.block_shift, p.max_blocks = bs, shift, block_tables.shape[1]
     p.window, p.num_splits, p.split_size, p.num_tokens = int(sliding_window), 1, 1 << 30, T
-    p.scale_log2 = scale * math.log2(math.e)
-    return p, out, (alibi, cu), (T, H, D, R, kvh)
+    # a quantized cache: q . (k * ks) = ks * (q . k), so the key scale joins the softmax scale
+    p.scale_log2 = scale * ks * math.log2(math.e)
+    p.v_scale = vs
+    return p, out, (alibi, cu), (T, H, D, R, kvh), cdt
 
 
 MAX_SPLITS = 128  # IRLM_MAX_SPLITS in paged_attention_decode.cu
@@ -354,14 +412,17 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                            scale: Optional[float] = None, sliding_window: int = 0,
                            alibi_slopes=None, out: Optional[torch.Tensor] = None,
                            max_kv_len: Optional[int] = None,
-                           num_splits: Optional[int] = None) -> torch.Tensor:
+                           num_splits: Optional[int] = None,
+                           kv_scales: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Decode attention: ``q [reqs, heads, D]``, one token per request at position
     ``cached_lens[r]``, whose key/value are already in the cache.  ``max_kv_len`` is an upper
     bound of ``cached_lens + 1`` (computed with a device sync when omitted); ``num_splits``
-    forces the number of context partitions (default: chosen from the batch and the length).
+    forces the number of context partitions (default: chosen from the batch and the length);
+    ``kv_scales`` (key scale, value scale) for an int8 / fp8 cache.
     """
-    p, out, keep, (T, H, D, R, kvh) = _attn_common(
-        q, kv_cache, layer, block_tables, cached_lens, scale, sliding_window, alibi_slopes, out)
+    p, out, keep, (T, H, D, R, kvh), cdt = _attn_common(
+        q, kv_cache, layer, block_tables, cached_lens, scale, sliding_window, alibi_slopes, out,
+        kv_scales=kv_scales)
     if T != R:
         raise KernelArgumentError(f"decode takes one query per request: q has {T} tokens for "
                                   f"{R} requests")
@@ -387,9 +448,9 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         part_ml = torch.empty((splits, R, H, 2), dtype=torch.float32, device=q.device)
         p.part_out, p.part_ml = _ptr(part_out), _ptr(part_ml)
     p.num_splits, p.split_size = splits, size
-    smem = attention_smem_bytes(q.dtype, D, True)
+    smem = attention_smem_bytes(q.dtype, D, True, cdt)
     p.smem_bytes = smem
-    kern = decode_kernel(q.dtype, D)
+    kern = decode_kernel(q.dtype, D, cdt)
     kern.launch(kern.names[0], (tiles * splits, kvh, R), (128,), p, smem=smem, device=q.device)
     if splits > 1:
         kern.launch(kern.names[1], (H, R), (128,), p, device=q.device)
@@ -402,25 +463,27 @@ def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
                       sliding_window: int = 0, alibi_slopes=None,
                       out: Optional[torch.Tensor] = None,
                       cu_q_lens: Optional[torch.Tensor] = None,
-                      max_q_len: Optional[int] = None) -> torch.Tensor:
+                      max_q_len: Optional[int] = None,
+                      kv_scales: Optional[Sequence[float]] = None) -> torch.Tensor:
     """Causal attention of packed tokens ``q [tokens, heads, D]`` (request r: ``q_lens[r]``
     tokens at positions ``cached_lens[r] + i``) over the paged cache, which must already hold
-    this step's keys and values.  ``max_q_len`` bounds ``q_lens`` (device sync when omitted).
+    this step's keys and values.  ``max_q_len`` bounds ``q_lens`` (device sync when omitted);
+    ``kv_scales`` (key scale, value scale) for an int8 / fp8 cache.
     """
     if q_lens is None and cu_q_lens is None:
         raise KernelArgumentError("prefill_attention needs q_lens or cu_q_lens")
-    p, out, (alibi, cu), (T, H, D, R, kvh) = _attn_common(
+    p, out, (alibi, cu), (T, H, D, R, kvh), cdt = _attn_common(
         q, kv_cache, layer, block_tables, cached_lens, scale, sliding_window, alibi_slopes, out,
-        q_lens=q_lens, cu_q_lens=cu_q_lens)
+        q_lens=q_lens, cu_q_lens=cu_q_lens, kv_scales=kv_scales)
     if R == 0 or T == 0:
         return out
     if max_q_len is None:
         max_q_len = int((cu[1:] - cu[:-1]).max())
     G = H // kvh
     tiles = -(-max_q_len * G // 64)
-    smem = attention_smem_bytes(q.dtype, D, False)
+    smem = attention_smem_bytes(q.dtype, D, False, cdt)
     p.smem_bytes = smem
-    kern = prefill_kernel(q.dtype, D)
+    kern = prefill_kernel(q.dtype, D, cdt)
     kern.launch(kern.names[0], (tiles, kvh, R), (128,), p, smem=smem, device=q.device)
     return out
 
@@ -433,8 +496,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
                     max_kv_len: Optional[int] = None, decode: Optional[bool] = None,
                     write_kv: bool = True,
                     fresh: "Union[bool, FreshSuffix, None]" = False,
-                    uniform_q_len: Optional[int] = None) -> torch.Tensor:
-    """``llm.paged_attention`` on the GPU: write k/v into the cache, then attend.
+                    uniform_q_len: Optional[int] = None,
+                    kv_scales: Optional[Sequence[float]] = None) -> torch.Tensor:
+    """``llm.paged_attention`` on the GPU: write k/v into the cache, then attend.  An int8 /
+    float8_e4m3fn ``kv_cache`` takes the op's ``kv_scales`` (key scale, value scale).
 
     kernels/capi/paged_attention.cu makes the same launch choices in C++ (the TensorRT
     plugin's path); tests/test_kernels_cmake.py checks that the two agree.
@@ -451,7 +516,9 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     says only the requests from one index on are fresh (in-flight batching puts newly
     admitted prompts after the running requests): those go to torch, the others to the paged
     prefill kernel.  The cache is still written.  Variants torch's kernels do not cover
-    (ALiBi, sliding window, fp32) use the paged kernel throughout.
+    (ALiBi, sliding window, fp32) use the paged kernel throughout, and so does an int8 / fp8
+    cache: the op attends over the keys and values as the cache stores them (quantized), which
+    this step's own k/v are not.
     """
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
     R = cached_lens.shape[0] if isinstance(cached_lens, torch.Tensor) else -1
@@ -460,10 +527,11 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
         cu_q_lens = cu_seqlens(q_lens)
     if write_kv:
         kv_cache_write(k, v, kv_cache, layer, block_tables, q_lens, cached_lens,
-                       cu_q_lens=cu_q_lens)
+                       cu_q_lens=cu_q_lens, kv_scales=kv_scales)
     if decode is None:
         decode = q.shape[0] == R
-    if fresh and not decode and fresh_prefill_supported(q, k, alibi_slopes, sliding_window):
+    if fresh and not decode and kv_cache.dtype == q.dtype \
+            and fresh_prefill_supported(q, k, alibi_slopes, sliding_window):
         cu = cu_q_lens if cu_q_lens is not None else \
             cu_seqlens(torch.as_tensor(q_lens, dtype=torch.int32, device=q.device))
         if max_q_len is None:
@@ -486,10 +554,10 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv_cache:
     if decode:
         return paged_attention_decode(q, kv_cache, layer, block_tables, cached_lens, scale=scale,
                                       sliding_window=sliding_window, alibi_slopes=alibi_slopes,
-                                      out=out, max_kv_len=max_kv_len)
+                                      out=out, max_kv_len=max_kv_len, kv_scales=kv_scales)
     return prefill_attention(q, kv_cache, layer, block_tables, q_lens, cached_lens, scale=scale,
                              sliding_window=sliding_window, alibi_slopes=alibi_slopes, out=out,
-                             cu_q_lens=cu_q_lens, max_q_len=max_q_len)
+                             cu_q_lens=cu_q_lens, max_q_len=max_q_len, kv_scales=kv_scales)
 
 
 class FreshSuffix(NamedTuple):
@@ -596,10 +664,12 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
                   q_lens: Optional[torch.Tensor] = None,
                   cached_lens: Optional[torch.Tensor] = None,
                   positions: Optional[torch.Tensor] = None, style: str = "neox",
-                  cu_q_lens: Optional[torch.Tensor] = None) -> None:
+                  cu_q_lens: Optional[torch.Tensor] = None,
+                  kv_scales: Optional[Sequence[float]] = None) -> None:
     """Rotate ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]`` in place (the first
     ``2 * len(inv_freq)`` dims of each head; ``style`` "neox" = rotate-half, "gptj" =
-    interleaved) and, when ``kv_cache`` is given, write rotated k and ``v`` into it.  Positions:
+    interleaved) and, when ``kv_cache`` is given, write rotated k and ``v`` into it (an int8 /
+    fp8 cache: quantized with ``kv_scales``, as :func:`kv_cache_write`).  Positions:
     ``positions`` (int32 ``[tokens]``) or each token's cache position."""
     if style not in ("neox", "gptj"):
         raise KernelArgumentError(f"style must be 'neox' or 'gptj', got {style!r}")
@@ -620,6 +690,7 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
                                   "(at most head_dim / 2 and 256)")
     inv_freq = inv_freq.contiguous()
     R, cu, layer_off, bs, shift, mb = 0, None, 0, 1, 0, 0
+    cdt, ks, vs = None, 1.0, 1.0
     if positions is not None:
         _tensor("positions", positions, ndim=1, dtypes=(torch.int32,), device=dev)
         if positions.shape[0] != T or not positions.is_contiguous():
@@ -642,20 +713,23 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
             raise KernelArgumentError(f"k {tuple(k.shape)} and v {tuple(v.shape)} differ")
         _heads_contiguous("v", v)
         _tensor("kv_cache", kv_cache, device=dev)
-        layer_off, bs, shift = _cache_geometry(kv_cache, layer, kvh, D, dt)
+        layer_off, bs, shift, (cdt, ks, vs) = _cache_geometry(kv_cache, layer, kvh, D, dt,
+                                                              kv_scales)
+    elif kv_scales is not None and len(kv_scales) > 0:
+        raise KernelArgumentError("kv_scales without a kv_cache")
     if T == 0:
         return
     vec = _vec(dt)
     tensors = [x for x in (q, k, v if kv_cache is not None else None) if x is not None]
     ok = (D % vec == 0 and all(_aligned(x) and x.stride(0) % vec == 0 for x in tensors)
           and (half % vec == 0 if style == "neox" else rot % vec == 0))
-    kern = rope_kernel(dt)
+    kern = rope_kernel(dt, cdt)
     idx = (0 if ok else 1) if style == "neox" else (2 if ok else 3)
     p = RopeParams(_ptr(q), _ptr(k), _ptr(v) if kv_cache is not None else 0, _ptr(kv_cache),
                    _ptr(block_tables) if kv_cache is not None else 0, _ptr(cu),
                    _ptr(cached_lens) if cu is not None else 0, _ptr(positions), _ptr(inv_freq),
                    q.stride(0), k.stride(0), v.stride(0) if kv_cache is not None else 0,
-                   layer_off, R, H, kvh, D, rot, bs, shift, mb)
+                   layer_off, R, H, kvh, D, rot, bs, shift, mb, ks, vs)
     kern.launch(kern.names[idx], (T,), (256,), p, device=dev)
 
 

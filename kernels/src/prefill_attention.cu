@@ -6,10 +6,11 @@
 // attend causally to positions [0, cached_lens[r] + i] (limited by sliding_window), i.e. to its
 // cached prefix and to this step's keys, all read from the paged cache: the launcher writes
 // this step's keys and values into the cache first (kv_cache_write.cu or rope_kv_write.cu).
-// Decode requests (q_len 1) may share the batch.
+// Decode requests (q_len 1) may share the batch.  C: the cache's element type (T, or an
+// int8 / fp8 cache: attention.cuh).
 #include "attention.cuh"
 
-template <typename T, int D, int BLOCK_N>
+template <typename T, int D, int BLOCK_N, typename C = T>
 __global__ void __launch_bounds__(128) irlm_prefill_attention(const AttnParams p) {
-  paged_attention_tile<T, D, 4, 1, BLOCK_N, false>(p);
+  paged_attention_tile<T, D, 4, 1, BLOCK_N, false, C>(p);
 }

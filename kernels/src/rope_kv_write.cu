@@ -8,7 +8,9 @@
 // cached_lens[r] + (t - cu_q_lens[r]), where the cache write always goes.
 // One CTA per token: cos/sin of the token's rot/2 angles go to shared memory once (accurate
 // sincosf: this file is compiled without --use_fast_math), then the q heads, the k heads and
-// the v copy are spread over the threads in VEC-element chunks.
+// the v copy are spread over the threads in VEC-element chunks.  C is the cache's element type:
+// T, or signed char / irlm_fp8e4m3 for an int8 / fp8 cache, which gets the rotated k (rounded
+// to T, as stored in k) and v quantized with k_scale / v_scale as kv_cache_write.cu does.
 #include "common.cuh"
 
 struct RopeParams {
@@ -24,6 +26,7 @@ struct RopeParams {
   long long q_stride, k_stride, v_stride, layer_offset;
   int num_reqs, heads, kv_heads, head_dim, rot_dim;
   int block_size, block_shift, max_blocks;
+  float k_scale, v_scale;   // quantized caches only
 };
 
 #define IRLM_ROPE_MAX_HALF 256
@@ -33,7 +36,7 @@ IRLM_DEVICE void copy_vec(T* dst, const T* src) {
   *reinterpret_cast<Vec<T, VEC>*>(dst) = *reinterpret_cast<const Vec<T, VEC>*>(src);
 }
 
-template <typename T, int VEC, bool NEOX>
+template <typename T, int VEC, bool NEOX, typename C = T>
 __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
   __shared__ float s_cos[IRLM_ROPE_MAX_HALF], s_sin[IRLM_ROPE_MAX_HALF];
   const int t = blockIdx.x;
@@ -52,13 +55,13 @@ __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
   }
   __syncthreads();
 
-  T* dk = nullptr;
-  T* dv = nullptr;
+  C* dk = nullptr;
+  C* dv = nullptr;
   if (p.cache != nullptr) {
     const int blk = p.block_tables[(long long)r * p.max_blocks + (cpos >> p.block_shift)];
     const int slot = cpos & (p.block_size - 1);
     const long long row = (long long)p.kv_heads * D;
-    dk = reinterpret_cast<T*>(p.cache) + p.layer_offset +
+    dk = reinterpret_cast<C*>(p.cache) + p.layer_offset +
          (long long)blk * 2 * p.block_size * row + slot * row;
     dv = dk + p.block_size * row;
   }
@@ -87,8 +90,8 @@ __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
       store_vec<T, VEC>(x + c, a);
       store_vec<T, VEC>(x + half + c, b);
       if (!is_q && dk != nullptr) {
-        store_vec<T, VEC>(dk + h * D + c, a);
-        store_vec<T, VEC>(dk + h * D + half + c, b);
+        store_kv<T, C, VEC>(dk + h * D + c, a, p.k_scale);
+        store_kv<T, C, VEC>(dk + h * D + half + c, b, p.k_scale);
       }
     } else {
       float a[VEC];
@@ -101,7 +104,7 @@ __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
         a[e + 1] = x1 * cs + x0 * sn;
       }
       store_vec<T, VEC>(x + c, a);
-      if (!is_q && dk != nullptr) store_vec<T, VEC>(dk + h * D + c, a);
+      if (!is_q && dk != nullptr) store_kv<T, C, VEC>(dk + h * D + c, a, p.k_scale);
     }
   }
   if (dk == nullptr) return;
@@ -110,13 +113,24 @@ __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
   const int tail = (D - p.rot_dim) / VEC, vd = D / VEC;
   const int ntail = p.kv_heads * tail, nv = p.kv_heads * vd;
   for (int it = threadIdx.x; it < ntail + nv; it += blockDim.x) {
-    if (it < ntail) {
-      const int h = it / tail, c = p.rot_dim + (it % tail) * VEC;
-      copy_vec<T, VEC>(dk + h * D + c, k + h * D + c);
+    const bool is_k = it < ntail;
+    int h, c;
+    if (is_k) {
+      h = it / tail;
+      c = p.rot_dim + (it % tail) * VEC;
     } else {
       const int j = it - ntail;
-      const int h = j / vd, c = (j % vd) * VEC;
-      copy_vec<T, VEC>(dv + h * D + c, v + h * D + c);
+      h = j / vd;
+      c = (j % vd) * VEC;
+    }
+    C* dst = (is_k ? dk : dv) + h * D + c;
+    const T* src = (is_k ? k : v) + h * D + c;
+    if constexpr (KvCacheElem<C>::quantized) {
+      float f[VEC];
+      load_vec<T, VEC>(src, f);
+      store_kv<T, C, VEC>(dst, f, is_k ? p.k_scale : p.v_scale);
+    } else {
+      copy_vec<T, VEC>(dst, src);
     }
   }
 }

@@ -56,13 +56,6 @@ class CudaGraphRunner:
         if sorted(names) != sorted(REQUIRED_INPUTS) or len(graph.outputs) != 1:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
-        from irlm.ops.llm import KV_QUANT_DTYPES
-        cache_dtype = graph.inputs[names.index(KV_CACHE_INPUT)].type.dtype
-        if cache_dtype in KV_QUANT_DTYPES:
-            raise IRLMError(f"this engine stores its KV cache as {cache_dtype.value} "
-                            f"(--kv-cache-dtype): the CUDA executor has no quantized-cache "
-                            f"attention kernel yet; run it on the CPU (device='cpu') or "
-                            f"compile without --kv-cache-dtype")
         _check_attention_head_dims(graph)
         self.graph = graph
         self.device = torch.device(device)
@@ -75,6 +68,8 @@ class CudaGraphRunner:
         self.quant_plan = QuantLinearPlan().prepare(graph, self.weights, self.device)
         cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
         layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
+        # the plan's cache type: an int8 / fp8 cache (--kv-cache-dtype) takes one byte an
+        # element, so the same memory holds twice the blocks of a bf16 one
         dtype = cache_t.dtype.torch
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
