@@ -9,6 +9,7 @@ Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   bf16         cuBLAS on the bf16 weight (the baseline)
   int8-gemv    irlm's W8A16 GEMV (M <= 16)        int8-gemm  Triton W8A16 GEMM (quant_gemm)
   int8-deq     dequantize kernel + cuBLAS
+  int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
   int4-tiny    tinygemm (_weight_int4pack_mm)     int4-gemm  Triton W4A16 GEMM (group 128)
   int4-deq     dequantize kernel + cuBLAS
   fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
@@ -40,7 +41,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 LAYERS = 8
 GROUP = 128
-ALL_PATHS = ("bf16", "int8-gemv", "int8-gemm", "int8-deq", "int4-tiny", "int4-gemm",
+ALL_PATHS = ("bf16", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv", "int4-gemv4",
+             "int4-tiny", "int4-gemm",
              "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
@@ -137,6 +139,10 @@ def path_fns(layers, x, xs, names) -> dict:
     if m <= GEMV_LIMIT:
         fns["int8-gemv"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
         fns["fp8-gemv"] = each(lambda w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
+        fns["int4-gemv"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
+                                                        rows=2))
+        fns["int4-gemv4"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
+                                                         rows=4))
     if m <= TINYGEMM_LIMIT:
         fns["int4-tiny"] = each(lambda w: ql.int4_tinygemm(x, w["packed"], GROUP, w["sz"]))
     return {p: fns[p] for p in names if p in fns}

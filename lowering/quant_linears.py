@@ -43,6 +43,7 @@ class QuantLinearPlan:
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
         self.fp8_gemv_ok: Optional[bool] = None
+        self.int4_gemv_ok: dict = {}  # x dtype -> the int4 GEMV checked and right here
         self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
 
     # ----- load time ----------------------------------------------------------------------------
@@ -90,13 +91,19 @@ class QuantLinearPlan:
             gemm = self._gemm(device, "int4", group, xdt, n, k)
             if gemm:
                 entry["scales_t"], entry["zeros_t"] = qg.prepare_int4_scales(s, z)
-            mid = "triton gemm / " if gemm else ""
+            parts = []             # the paths by row count, as the runner tries them
+            if ql.INT4_GEMV_MAX_M > 0 and ql.int4_gemv_supported(xdt, q, group) \
+                    and self._int4_gemv(device, xdt):
+                entry["gemv4"] = 1
+                parts.append("gemv")
             if xdt is torch.bfloat16 \
                     and ql.tinygemm_supported(n, k, group) and self._tinygemm(device):
                 entry["packed"], entry["scale_zeros"] = ql.pack_int4_tinygemm(
                     q, s, z, high_first=self.tinygemm_order == "high")
-                return f"int4: tinygemm / {mid}dequantize+cublas", entry
-            return f"int4: {mid}dequantize+cublas", entry
+                parts.append("tinygemm")
+            if gemm:
+                parts.append("triton gemm")
+            return "int4: " + " / ".join(parts + ["dequantize+cublas"]), entry
         if a["mode"] == "fp8":
             ws = weights.get(names[1]).float().reshape(())
             if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
@@ -161,6 +168,13 @@ class QuantLinearPlan:
                 qg.split_locks(device)      # allocated now, not inside a graph capture
         return self.gemm_ok[key]
 
+    def _int4_gemv(self, device, dtype) -> bool:
+        """Whether irlm's int4 GEMV computes the reference op here for activations of dtype
+        (checked once on a small random weight; else tinygemm / the GEMM paths)."""
+        if dtype not in self.int4_gemv_ok:
+            self.int4_gemv_ok[dtype] = int4_gemv_matches_reference(device, dtype)
+        return self.int4_gemv_ok[dtype]
+
     def _fp8_gemv(self, device) -> bool:
         """Whether the GEMV with e4m3 weights computes the reference op here (checked once on
         a small random weight; the paths fall back to cuBLAS(Lt) otherwise)."""
@@ -196,7 +210,10 @@ class QuantLinearPlan:
             else:
                 y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
         else:
-            if "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
+            if "gemv4" in entry and m <= ql.INT4_GEMV_MAX_M:
+                y = ql.w4a16_gemv(flat, x[1], entry["scales"], entry["zeros"], entry["group"],
+                                  bias)
+            elif "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
                 y = ql.int4_tinygemm(flat, entry["packed"], entry["group"],
                                      entry["scale_zeros"])
                 if bias is not None:
@@ -255,6 +272,29 @@ def fp8_gemv_matches_reference(device) -> bool:
     ref = xv.float() @ (q.float() * s).t()
     try:
         got = ql.fp8_gemv(xv.to(device), q.to(device), s.float().reshape(()).to(device))
+    except (RuntimeError, KernelError):
+        return False
+    return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)
+
+
+def int4_gemv_matches_reference(device, dtype=torch.bfloat16) -> bool:
+    """Run irlm's int4 GEMV once on a small random weight (odd row count, two row blocks of
+    x) and compare with the reference dequantization (fp32 matmul); False if it differs or
+    cannot run (no GPU)."""
+    from irlm.kernels import quant_linear as ql
+    from irlm.kernels.nvrtc import KernelError
+    from irlm.ops.quant import dequantize_reference
+    from irlm.passes.llm.quantize import quantize_int4
+    if torch.device(device).type != "cuda":
+        return False
+    g = torch.Generator(device="cpu").manual_seed(0)
+    n, k, group = 77, 512, 64
+    q, s, z = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+    xv = torch.randn(9, k, generator=g).to(dtype)
+    ref = xv.float() @ dequantize_reference(q, s, z, group=group).t()
+    try:
+        got = ql.w4a16_gemv(xv.to(device), q.to(device), s.float().to(device),
+                            z.to(device), group)
     except (RuntimeError, KernelError):
         return False
     return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)

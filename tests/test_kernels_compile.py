@@ -108,6 +108,7 @@ _STRUCTS = [
     ("rope.cu", "RopeApplyParams", ops.RopeApplyParams),
     ("quant_linear.cu", "QGemvParams", quant_linear.QGemvParams),
     ("quant_linear.cu", "DequantParams", quant_linear.DequantParams),
+    ("quant_gemv_int4.cu", "Q4GemvParams", quant_linear.Q4GemvParams),
 ]
 
 

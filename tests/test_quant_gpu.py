@@ -66,6 +66,38 @@ def test_int8_gemv_reads_strided_rows():
     assert rel(got, weight_only_reference(x, q, s, None, 0, None)) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("m", [1, 3, 8, 13])
+def test_int4_gemv_matches_reference(m, group, dtype, rows):
+    # 391 rows: the last warp's second (and third, fourth) feature lies past N
+    n, k = 391, 1536
+    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
+    x = randn(m, k).to(dtype)
+    bias = randn(n).to(dtype)
+    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
+                        bias.to(DEV), rows=rows)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
+
+
+def test_int4_gemv_reads_strided_rows_and_large_activations():
+    # activations up to ~1e3 (the nibble positions' 16^-i factors must not lose them) and a
+    # row stride of 2K
+    n, k, group = 64, 4096, 128
+    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
+    x = (randn(5, 2 * k) * 300).to(torch.bfloat16)[:, :k]
+    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group)
+    assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 1e-2
+
+
+def test_int4_gemv_load_check_passes_on_this_device():
+    from irlm.lowering.quant_linears import int4_gemv_matches_reference
+    assert int4_gemv_matches_reference(DEV, torch.bfloat16)
+    assert int4_gemv_matches_reference(DEV, torch.float16)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dequantize_kernels_are_bit_exact(dtype):
     n, k = 200, 768
@@ -304,8 +336,8 @@ def _engine(mode, tmp_path):
 # (seen on an H200: fp8 3.0e-2 on the 110-token prefill).
 @pytest.mark.parametrize("mode,path,tol", [
     ("int8", "int8: gemv / triton gemm / dequantize+cublas", 2e-2),
-    ("int4", "int4: tinygemm / triton gemm / dequantize+cublas", 2e-2),
-    ("int4-awq", "int4: tinygemm / triton gemm / dequantize+cublas", 2e-2),
+    ("int4", "int4: gemv / tinygemm / triton gemm / dequantize+cublas", 2e-2),
+    ("int4-awq", "int4: gemv / tinygemm / triton gemm / dequantize+cublas", 2e-2),
     ("fp8", "fp8: cublaslt _scaled_mm", 5e-2),      # its GEMV is off (FP8_GEMV_MAX_M = 0)
     ("fp8-weight", "fp8 weight-only: gemv / dequantize+cublas", 2e-2),
     ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
@@ -324,9 +356,10 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path
     tables = [list(range(r * 12, r * 12 + 12)) for r in range(4)]
     done = [0, 0, 0, 0]
     # a 110-token prefill (large-M paths), decode as graph replays (M = 3 and 4: one graph, bucket
-    # 4), a 10-token prefill (small-M paths, eager), then decode with all four
+    # 4), a 10-token prefill (small-M paths, eager), decode with all four, then one request
+    # alone (M = 1: the GEMV paths; bucket 1)
     schedule = [{0: 60, 1: 30, 2: 20}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{3: 10}] + \
-               [{0: 1, 1: 1, 2: 1, 3: 1}] * 4
+               [{0: 1, 1: 1, 2: 1, 3: 1}] * 4 + [{0: 1}] * 2
     for step in schedule:
         reqs = sorted(step)
         batch = StepBatch.pack(reqs, [seqs[r][done[r]:done[r] + step[r]].tolist() for r in reqs],
@@ -337,7 +370,7 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path
             done[r] += step[r]
         err = rel(got, want)
         assert err <= tol, (mode, step, err)
-    assert fast.stats["graph_replays"] == 7 and fast.stats["graph_captures"] == 1
+    assert fast.stats["graph_replays"] == 9 and fast.stats["graph_captures"] == 2
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4", "int4-awq"])

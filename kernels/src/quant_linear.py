@@ -63,6 +63,13 @@ GEMV_ROWS = (1, 2, 4, 8)
 #: cuBLAS.  tinygemm beat the GEMM at 8 rows on every shape and lost at 16 (gate/up 135.8 vs
 #: 91.2 us)
 INT4_TINYGEMM_MAX_M = 8
+#: up to this many rows int4 runs irlm's int4 GEMV (irlm_w4a16_gemv, reading the stored
+#: layout) before tinygemm; 0 turns it off
+INT4_GEMV_MAX_M = 1
+#: output features per warp of the int4 GEMV (its activations are converted once for them):
+#: the default, and the variants compiled (benchmarks/quant_gemm.py compares them)
+INT4_GEMV_ROWS_PER_WARP = 2
+INT4_GEMV_ROWS = (2, 4)
 #: the int4 group sizes tinygemm accepts
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
@@ -74,6 +81,13 @@ class QGemvParams(ctypes.Structure):
                 ("out", c_void_p), ("x_stride", c_longlong), ("o_stride", c_longlong),
                 ("m", c_int), ("n", c_int), ("k", c_int), ("scale_stride", c_int),
                 ("x_scale", ctypes.c_float)]
+
+
+class Q4GemvParams(ctypes.Structure):
+    _fields_ = [("x", c_void_p), ("w", c_void_p), ("scales", c_void_p), ("zeros", c_void_p),
+                ("bias", c_void_p), ("out", c_void_p), ("x_stride", c_longlong),
+                ("o_stride", c_longlong), ("m", c_int), ("n", c_int), ("k", c_int),
+                ("group", c_int)]
 
 
 class DequantParams(ctypes.Structure):
@@ -91,8 +105,15 @@ def quant_kernel(dtype) -> Kernel:
     return Kernel("quant_linear.cu", names)
 
 
+@lru_cache(maxsize=None)
+def int4_gemv_kernel(dtype) -> Kernel:
+    t = CTYPES[dtype]
+    return Kernel("quant_gemv_int4.cu", [f"irlm_w4a16_gemv<{t}, {m}, {r}>"
+                                         for r in INT4_GEMV_ROWS for m in GEMV_ROWS])
+
+
 def all_quant_kernels() -> list[Kernel]:
-    return [quant_kernel(dt) for dt in CTYPES]
+    return [quant_kernel(dt) for dt in CTYPES] + [int4_gemv_kernel(dt) for dt in GEMV_DTYPES]
 
 
 # ---- int8 weight-only ----------------------------------------------------------------------------
@@ -209,6 +230,58 @@ def dequantize_int4(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Te
                                   f"{tuple(scales.shape)}, zeros {tuple(zeros.shape)}")
     return _dequant("irlm_dequant_int4", qweight, scales.contiguous(), zeros.contiguous(), k,
                     group, dtype)
+
+
+# ---- int4 weight-only: irlm's GEMV on the stored layout ------------------------------------------
+def int4_gemv_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
+    """Whether :func:`w4a16_gemv` takes this weight (K % 32 == 0, group a multiple of 32,
+    contiguous 16-byte aligned rows)."""
+    k = qweight.shape[1] * 2
+    return (x_dtype in GEMV_DTYPES and k % 32 == 0 and group > 0 and group % 32 == 0
+            and k % group == 0 and qweight.is_contiguous() and qweight.data_ptr() % 16 == 0)
+
+
+def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+               zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
+               rows: int = INT4_GEMV_ROWS_PER_WARP) -> torch.Tensor:
+    """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
+    nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x."""
+    _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
+    dev, dt = x.device, x.dtype
+    _tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,), device=dev)
+    _tensor("scales", scales, ndim=2, dtypes=(torch.float32,), device=dev)
+    _tensor("zeros", zeros, ndim=2, dtypes=(torch.uint8,), device=dev)
+    n, k = qweight.shape[0], qweight.shape[1] * 2
+    if x.shape[1] != k or not int4_gemv_supported(dt, qweight, group) \
+            or tuple(scales.shape) != (n, k // group) or zeros.shape != scales.shape \
+            or not scales.is_contiguous() or not zeros.is_contiguous():
+        raise KernelArgumentError(f"the int4 GEMV needs K % 32 == 0, a group that is a "
+                                  f"multiple of 32 dividing K, a contiguous 16-byte aligned "
+                                  f"qweight and contiguous [N, K/group] scales and zeros; got "
+                                  f"x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, group "
+                                  f"{group}, scales {tuple(scales.shape)}")
+    if bias is not None:
+        _tensor("bias", bias, ndim=1, dtypes=(dt,), device=dev)
+        if bias.shape[0] != n or not bias.is_contiguous():
+            raise KernelArgumentError(f"bias must be contiguous with {n} entries")
+    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
+        x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=dt, device=dev)
+    if rows not in INT4_GEMV_ROWS:
+        raise KernelArgumentError(f"rows={rows}: the int4 GEMV is compiled for "
+                                  f"{INT4_GEMV_ROWS} features per warp")
+    kern = int4_gemv_kernel(dt)
+    warps = 8
+    for r0 in range(0, m, GEMV_ROWS[-1]):
+        cnt = min(GEMV_ROWS[-1], m - r0)
+        maxm = next(r for r in GEMV_ROWS if r >= cnt)
+        xs, os_ = x[r0:r0 + cnt], out[r0:r0 + cnt]
+        p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
+                         _ptr(os_), x.stride(0), out.stride(0), cnt, n, k, group)
+        kern.launch(f"irlm_w4a16_gemv<{CTYPES[dt]}, {maxm}, {rows}>",
+                    (-(-n // (warps * rows)),), (32 * warps,), p, device=dev)
+    return out
 
 
 # ---- int4 weight-only through tinygemm ------------------------------------------------------------
