@@ -109,6 +109,7 @@ _STRUCTS = [
     ("quant_linear.cu", "QGemvParams", quant_linear.QGemvParams),
     ("quant_linear.cu", "DequantParams", quant_linear.DequantParams),
     ("quant_gemv_int4.cu", "Q4GemvParams", quant_linear.Q4GemvParams),
+    ("quant_act.cu", "QuantActParams", quant_linear.QuantActParams),
 ]
 
 

@@ -98,6 +98,36 @@ def test_int4_gemv_load_check_passes_on_this_device():
     assert int4_gemv_matches_reference(DEV, torch.float16)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 7, 300])
+def test_activation_quantization_kernels_are_bit_exact(m, dtype):
+    """quant_act.cu's fp8 and per-token int8 quantization against quant.quantize's reference
+    on the CPU: the same codes and scales, bit for bit (values past +-448 after the scale,
+    exact ties of the int8 rounding, a row of zeros)."""
+    from irlm.ops.quant import DType, per_token_scales, quantize_act_reference
+    k = 1032
+    x = randn(m, k, scale=3.0)
+    x[0, :8] = torch.tensor([2000.0, -2000.0, 0.0, 1e-6, 300.5, -0.001, 447.9, 449.0])
+    if m > 1:
+        x[1] = 0.0
+        x[-1, :4] = torch.tensor([127.0, 63.5, -0.5, 1.5])      # ties: amax 127, scale 1
+    x = x.to(dtype)
+    xs = torch.tensor(0.75)
+    got = ql.quantize_fp8_static(x.to(DEV), xs.to(DEV)).cpu()
+    want = quantize_act_reference(x, xs, DType.f8e4m3)
+    assert got.dtype == torch.float8_e4m3fn
+    assert torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    q, s = ql.quantize_per_token_i8(x.to(DEV))
+    want_s = per_token_scales(x, DType.i8)
+    assert torch.equal(s.cpu(), want_s)
+    assert torch.equal(q.cpu(), quantize_act_reference(x, want_s, DType.i8))
+    wide = torch.zeros(m, 2 * k, dtype=dtype, device=DEV)
+    wide[:, :k] = x.to(DEV)                                          # row stride 2k
+    assert torch.equal(ql.quantize_fp8_static(wide[:, :k], xs.to(DEV)).cpu()
+                       .view(torch.uint8), want.view(torch.uint8))
+    assert torch.equal(ql.quantize_per_token_i8(wide[:, :k])[0].cpu(), q.cpu())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dequantize_kernels_are_bit_exact(dtype):
     n, k = 200, 768

@@ -90,6 +90,11 @@ class Q4GemvParams(ctypes.Structure):
                 ("group", c_int)]
 
 
+class QuantActParams(ctypes.Structure):
+    _fields_ = [("x", c_void_p), ("scale", c_void_p), ("out", c_void_p), ("rows", c_longlong),
+                ("cols", c_longlong), ("x_stride", c_longlong)]
+
+
 class DequantParams(ctypes.Structure):
     _fields_ = [("q", c_void_p), ("scales", c_void_p), ("zeros", c_void_p), ("out", c_void_p),
                 ("n", c_longlong), ("k", c_longlong), ("group", c_int)]
@@ -112,8 +117,17 @@ def int4_gemv_kernel(dtype) -> Kernel:
                                          for r in INT4_GEMV_ROWS for m in GEMV_ROWS])
 
 
+@lru_cache(maxsize=None)
+def quant_act_kernel(dtype) -> Kernel:
+    t = CTYPES[dtype]
+    # no fast math: the divisions must round as torch's do
+    return Kernel("quant_act.cu", [f"irlm_quantize_fp8<{t}>", f"irlm_quantize_per_token_i8<{t}>"],
+                  fast_math=False)
+
+
 def all_quant_kernels() -> list[Kernel]:
-    return [quant_kernel(dt) for dt in CTYPES] + [int4_gemv_kernel(dt) for dt in GEMV_DTYPES]
+    return [quant_kernel(dt) for dt in CTYPES] + [int4_gemv_kernel(dt) for dt in GEMV_DTYPES] \
+        + [quant_act_kernel(dt) for dt in GEMV_DTYPES]
 
 
 # ---- int8 weight-only ----------------------------------------------------------------------------
@@ -316,9 +330,35 @@ def int4_tinygemm(x: torch.Tensor, packed: torch.Tensor, group: int,
     return torch._weight_int4pack_mm(x.contiguous(), packed, group, scale_zeros)
 
 
+# ---- activation quantization: one kernel (quant_act.cu) where it takes x, else torch ops --------
+#: False: the torch ops below instead of quant_act.cu's kernels (for comparing them)
+FUSED_ACT_QUANT = True
+
+
+def _act_kernel_takes(x: torch.Tensor) -> bool:
+    return (FUSED_ACT_QUANT and x.is_cuda and x.dtype in GEMV_DTYPES and x.dim() == 2
+            and x.shape[1] % 8 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
+            and x.data_ptr() % 16 == 0)
+
+
+def _act_grid(x: torch.Tensor, per_thread: int) -> int:
+    total = x.shape[0] * (x.shape[1] // per_thread)
+    return max(1, min(-(-total // 256), _sm_count(x.device.index or 0) * 8))
+
+
 # ---- fp8 (W8A8, static per-tensor scales) ---------------------------------------------------------
 def quantize_fp8_static(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
-    """``x / x_scale`` clamped to +-448 and rounded to e4m3 (quant.quantize's semantics)."""
+    """``x / x_scale`` clamped to +-448 and rounded to e4m3 (quant.quantize's semantics); one
+    kernel on a GPU (quant_act.cu), else torch ops."""
+    if _act_kernel_takes(x) and x_scale.is_cuda and x_scale.dtype == torch.float32 \
+            and x_scale.numel() == 1:
+        m, k = x.shape
+        out = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+        if m:
+            p = QuantActParams(_ptr(x), _ptr(x_scale), _ptr(out), m, k, x.stride(0))
+            quant_act_kernel(x.dtype).launch(f"irlm_quantize_fp8<{CTYPES[x.dtype]}>",
+                                             (_act_grid(x, 8),), (256,), p, device=x.device)
+        return out
     return (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
 
 
@@ -337,7 +377,17 @@ INT_MM_MIN_M = 17
 
 
 def quantize_per_token_i8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q i8, scale f32 [M, 1]) as quant.quantize_per_token{i8}: scale = amax|x| / 127."""
+    """(q i8, scale f32 [M, 1]) as quant.quantize_per_token{i8}: scale = amax|x| / 127; one
+    kernel on a GPU (quant_act.cu), else torch ops."""
+    if _act_kernel_takes(x):
+        m, k = x.shape
+        q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+        s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+        if m:
+            p = QuantActParams(_ptr(x), _ptr(s), _ptr(q), m, k, x.stride(0))
+            quant_act_kernel(x.dtype).launch(f"irlm_quantize_per_token_i8<{CTYPES[x.dtype]}>",
+                                             (m,), (256,), p, device=x.device)
+        return q, s
     xf = x.float()
     s = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-12)
     return torch.round(xf / s).clamp_(-127, 127).to(torch.int8), s
