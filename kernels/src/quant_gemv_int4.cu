@@ -10,11 +10,11 @@
 // 16 bytes (32 weights, all in one scale group since G % 32 == 0) per row per step, UNROLL
 // steps in flight.  Its 32 activations are converted to fp32 once and serve every row of the
 // warp.  The nibbles become floats without the (quarter-rate) integer conversion: OR-ing a
-// nibble, left where it lies in its 32-bit word (bits 4i..4i+3, i < 6), into the exponent of
+// nibble, left where it lies in its 32-bit word (bits 4i..4i+3, i < 5), into the mantissa of
 // 2^23 gives the float 2^23 + q * 16^i exactly; subtracting 2^23 leaves q * 16^i, and the 16^-i
 // is folded into the activations once per chunk (exact powers of two), so a weight costs one
-// LOP3, one FADD and one FFMA.  Positions 6 and 7 are shifted down first.  Then per group chunk: acc += s * (sum x*q - z * sum x), fp32 throughout,
-// one rounding at the end.  Needs K % 32 == 0 and 16-byte aligned rows (the launcher checks).
+// LOP3, one FADD and one FFMA.  Nibbles 5..7 are shifted down first.  Then per group chunk:
+// acc += s * (sum x*q - z * sum x), fp32 throughout, one rounding at the end.  Needs K % 32 == 0 and 16-byte aligned rows (the launcher checks).
 #include "common.cuh"
 
 struct Q4GemvParams {
@@ -36,31 +36,33 @@ IRLM_DEVICE int4 load_stream4(const void* p) {
   return r;
 }
 
-// The 16^-i factor of nibble position i (positions 6 and 7 are read from v >> 24: 16^0, 16^1).
+// The factor that undoes where nibble i is read (see dot8_nibbles): 16^-i for i < 5; nibbles
+// 5..7 are read from v >> 20, at 16^0, 16^1, 16^2.
 IRLM_DEVICE float nibble_scale(int i) {
   switch (i & 7) {
-    case 1: case 7: return 0.0625f;
-    case 2: return 0.00390625f;
+    case 1: case 6: return 0.0625f;
+    case 2: case 7: return 0.00390625f;
     case 3: return 0.000244140625f;
     case 4: return 1.52587890625e-05f;
-    case 5: return 9.5367431640625e-07f;
     default: return 1.f;
   }
 }
 
 // sum_i xs[i] * q_i * 16^pos(i) over the 8 nibbles of `v` (element i in bits 4i..4i+3), where
-// xs holds x pre-multiplied by nibble_scale: exactly sum_i x[i] * q_i, up to fp32 rounding.
+// xs holds x pre-multiplied by nibble_scale: sum_i x[i] * q_i, up to fp32 rounding.  A nibble
+// in bits 0..19 ORed into 2^23's mantissa (bits 0..22) gives 2^23 + q * 16^pos exactly; bit 23
+// is the exponent's, so nibbles 5..7 (bits 20..31) are shifted down to bits 0..11 first.
 IRLM_DEVICE float dot8_nibbles(unsigned v, const float* xs) {
   const float base = 8388608.f;  // 2^23
-  const unsigned hi = v >> 24;
+  const unsigned hi = v >> 20;
   float d = (__uint_as_float((v & 0x0000000fu) | 0x4b000000u) - base) * xs[0];
   d = fmaf(__uint_as_float((v & 0x000000f0u) | 0x4b000000u) - base, xs[1], d);
   d = fmaf(__uint_as_float((v & 0x00000f00u) | 0x4b000000u) - base, xs[2], d);
   d = fmaf(__uint_as_float((v & 0x0000f000u) | 0x4b000000u) - base, xs[3], d);
   d = fmaf(__uint_as_float((v & 0x000f0000u) | 0x4b000000u) - base, xs[4], d);
-  d = fmaf(__uint_as_float((v & 0x00f00000u) | 0x4b000000u) - base, xs[5], d);
-  d = fmaf(__uint_as_float((hi & 0x0fu) | 0x4b000000u) - base, xs[6], d);
-  d = fmaf(__uint_as_float((hi & 0xf0u) | 0x4b000000u) - base, xs[7], d);
+  d = fmaf(__uint_as_float((hi & 0x00fu) | 0x4b000000u) - base, xs[5], d);
+  d = fmaf(__uint_as_float((hi & 0x0f0u) | 0x4b000000u) - base, xs[6], d);
+  d = fmaf(__uint_as_float((hi & 0xf00u) | 0x4b000000u) - base, xs[7], d);
   return d;
 }
 
