@@ -2,7 +2,7 @@
 
 One run answers correctness and speed (run on the device machine):
 
-    python benchmarks/gpu_decode.py [--sections copy,build,b1,b32,inflight,inflight2k,hf]
+    python benchmarks/gpu_decode.py [--sections copy,build,b1,profile,b32,inflight,inflight2k,hf]
                                     [--json OUT.json] [--layers 32] [--quant bf16,fp8,int8,int4]
 
 --quant: one engine per listed mode, built and measured one after the other in the same run
@@ -16,6 +16,8 @@ cache in 8 bits (``quantize-kv-cache``, as ``irlm compile --kv-cache-dtype``): `
 Workloads (prompt of random tokens, greedy, EOS ignored):
   b1        batch 1, 128 prompt / 128 new tokens: tokens/s, decode step time, the fraction of
             the measured copy bandwidth that reading the weights once per token achieves
+  profile   GPU time per kernel name of a batch-1 decode step at 256 cached tokens (torch
+            profiler over 8 eager steps), the 20 largest
   b32       32 prompts at once (static batch, prefill included), 128 / 128
   inflight  512 requests submitted at once, 128 / 128: output tokens/s, TTFT and TPOT p50/p90/p99
   inflight2k  the same with 2048-token prompts
@@ -221,6 +223,42 @@ def section_b1(runner, cfg, copy_bw, key="b1", build_key="build"):
         f"{wb / step / 1e9:.0f} GB/s = {100 * wb / step / copy_bw:.0f}% of copy bandwidth")
 
 
+def section_profile(runner, cfg, key="profile", steps=8):
+    """GPU time per kernel of a batch-1 decode step (torch profiler over eager steps: the same
+    kernels a graph replay runs, without the replay hiding them), at 256 cached tokens."""
+    from torch.profiler import ProfilerActivity, profile
+    from irlm.runtime.model_runner import StepBatch
+    prompt = random_prompts(1, 256, cfg.vocab_size, seed=3)[0]
+    blocks = list(range(0, -(-(256 + steps + 1) // runner.block_size)))
+    runner.step(StepBatch.pack([0], [prompt], [0], [blocks]))
+    graphs, runner.cuda_graphs = runner.cuda_graphs, False
+    try:
+        def one(i):
+            runner.step(StepBatch.pack([0], [[prompt[i % 256]]], [256 + i], [blocks]))
+        one(0)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for i in range(steps):
+                one(i + 1)
+            torch.cuda.synchronize()
+    finally:
+        runner.cuda_graphs = graphs
+    per = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t and e.count:
+            per[e.key] = (t / steps, e.count / steps)
+    total = sum(t for t, _ in per.values())
+    top = sorted(per.items(), key=lambda kv: -kv[1][0])[:20]
+    RESULTS[key] = {"gpu_us_per_step": total, "kernels_per_step": sum(c for _, c in per.values()),
+                    "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c}
+                            for k, (t, c) in top]}
+    log(f"{key}: {total:.0f} us of GPU time per eager decode step, "
+        f"{RESULTS[key]['kernels_per_step']:.0f} kernels")
+    for k, (t, c) in top:
+        log(f"  {t:8.1f} us {c:5.0f}x  {k[:100]}")
+
+
 def section_b32(runner, cfg, key="b32"):
     prompts = random_prompts(32, 128, cfg.vocab_size, seed=1)
     run_requests(runner, prompts, 8, 32, 4096)
@@ -312,6 +350,7 @@ def main():
         for name, fn in (
                 ("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx, "build" + q)),
                 ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
+                ("profile", lambda sfx: section_profile(runner, cfg, "profile" + sfx)),
                 ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
                                                           "inflight_128_128" + sfx)),
                 ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
