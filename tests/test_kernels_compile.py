@@ -110,6 +110,7 @@ _STRUCTS = [
     ("quant_linear.cu", "DequantParams", quant_linear.DequantParams),
     ("quant_gemv_int4.cu", "Q4GemvParams", quant_linear.Q4GemvParams),
     ("quant_act.cu", "QuantActParams", quant_linear.QuantActParams),
+    ("quant_act.cu", "ScaleI32Params", quant_linear.ScaleI32Params),
 ]
 
 

@@ -128,6 +128,27 @@ def test_activation_quantization_kernels_are_bit_exact(m, dtype):
     assert torch.equal(ql.quantize_per_token_i8(wide[:, :k])[0].cpu(), q.cpu())
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("m", [1, 20, 300])
+def test_8bit_linears_with_the_fused_kernels_equal_the_torch_ops(m, bias, monkeypatch):
+    """fp8 and w8a8 linears with quant_act.cu (activation quantization, the w8a8 epilogue)
+    give the same bits as with the torch ops they replace."""
+    n, k = 392, 1024
+    w = randn(n, k, scale=0.05)
+    q8, ws8 = quantize_int8(w)
+    f8, fs = quantize_fp8(w)
+    x = randn(m, k).to(torch.bfloat16).to(DEV)
+    b = randn(n).to(torch.bfloat16).to(DEV) if bias else None
+    xs = (x.float().abs().amax() / 448.0).reshape(())
+    args8 = (x, q8.to(DEV), ws8.float().to(DEV), b)
+    argsf = (x, f8.to(DEV), fs.float().reshape(()).to(DEV), xs, b)
+    fused = ql.w8a8_linear(*args8), ql.fp8_linear(*argsf)
+    monkeypatch.setattr(ql, "FUSED_ACT_QUANT", False)
+    plain = ql.w8a8_linear(*args8), ql.fp8_linear(*argsf)
+    for got, want in zip(fused, plain):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dequantize_kernels_are_bit_exact(dtype):
     n, k = 200, 768

@@ -10,7 +10,18 @@
 // read on the device (a CUDA graph replays it unchanged).  8 elements per thread; cols % 8 == 0.
 // irlm_quantize_per_token_i8: one block per row: s[r] = max(amax|x[r]| / 127, 1e-12),
 // q[r, c] = clamp(rint(x[r, c] / s[r]), +-127).
+// irlm_scale_i32: the w8a8 epilogue, out = T(float(acc) * xs[r] * ws[c] (+ float(bias[c]))),
+// each step rounded as torch's ops round it (no fused multiply-add); cols % 4 == 0.
 #include "common.cuh"
+
+struct ScaleI32Params {
+  const int* acc;        // [rows, cols] int32 sums of int8 products
+  const float* x_scale;  // [rows] per token
+  const float* w_scale;  // [cols] per output channel
+  const void* bias;      // [cols] in T, or null
+  void* out;             // [rows, cols] in T
+  long long rows, cols, acc_stride;
+};
 
 struct QuantActParams {
   const void* x;
@@ -84,5 +95,25 @@ __global__ void __launch_bounds__(256) irlm_quantize_per_token_i8(const QuantAct
       w[j / 4] |= ((unsigned)q & 0xffu) << (8 * (j % 4));
     }
     *reinterpret_cast<uint2*>(out + c) = make_uint2(w[0], w[1]);
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(256) irlm_scale_i32(const ScaleI32Params p) {
+  const long long per_row = p.cols / 4, total = p.rows * per_row;
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+  for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+       i += (long long)gridDim.x * blockDim.x) {
+    const long long row = i / per_row, col = (i - row * per_row) * 4;
+    const int4 a = *reinterpret_cast<const int4*>(p.acc + row * p.acc_stride + col);
+    const int av[4] = {a.x, a.y, a.z, a.w};
+    const float xs = p.x_scale[row];
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float v = __fmul_rn(__fmul_rn(__int2float_rn(av[j]), xs), p.w_scale[col + j]);
+      if (bias) v = __fadd_rn(v, to_float(bias[col + j]));
+      out[row * p.cols + col + j] = from_float<T>(v);
+    }
   }
 }

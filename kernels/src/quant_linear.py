@@ -95,6 +95,12 @@ class QuantActParams(ctypes.Structure):
                 ("cols", c_longlong), ("x_stride", c_longlong)]
 
 
+class ScaleI32Params(ctypes.Structure):
+    _fields_ = [("acc", c_void_p), ("x_scale", c_void_p), ("w_scale", c_void_p),
+                ("bias", c_void_p), ("out", c_void_p), ("rows", c_longlong),
+                ("cols", c_longlong), ("acc_stride", c_longlong)]
+
+
 class DequantParams(ctypes.Structure):
     _fields_ = [("q", c_void_p), ("scales", c_void_p), ("zeros", c_void_p), ("out", c_void_p),
                 ("n", c_longlong), ("k", c_longlong), ("group", c_int)]
@@ -121,8 +127,8 @@ def int4_gemv_kernel(dtype) -> Kernel:
 def quant_act_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     # no fast math: the divisions must round as torch's do
-    return Kernel("quant_act.cu", [f"irlm_quantize_fp8<{t}>", f"irlm_quantize_per_token_i8<{t}>"],
-                  fast_math=False)
+    return Kernel("quant_act.cu", [f"irlm_quantize_fp8<{t}>", f"irlm_quantize_per_token_i8<{t}>",
+                                   f"irlm_scale_i32<{t}>"], fast_math=False)
 
 
 def all_quant_kernels() -> list[Kernel]:
@@ -402,6 +408,19 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     if m < INT_MM_MIN_M:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_M - m))
     acc = torch._int_mm(xq, qweight.t())[:m]
+    n = acc.shape[1]
+    if _act_kernel_takes(x) and n % 4 == 0 and w_scales.dtype == torch.float32 \
+            and w_scales.is_contiguous() and (bias is None or (bias.dtype == x.dtype
+                                                                and bias.is_contiguous())):
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        if m:
+            p = ScaleI32Params(_ptr(acc), _ptr(xs), _ptr(w_scales), _ptr(bias), _ptr(out), m, n,
+                               acc.stride(0))
+            total = m * (n // 4)
+            grid = max(1, min(-(-total // 256), _sm_count(x.device.index or 0) * 8))
+            quant_act_kernel(x.dtype).launch(f"irlm_scale_i32<{CTYPES[x.dtype]}>", (grid,),
+                                             (256,), p, device=x.device)
+        return out
     y = acc.float() * xs * w_scales
     if bias is not None:
         y = y + bias.float()
