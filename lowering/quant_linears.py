@@ -119,6 +119,7 @@ class QuantLinearPlan:
         if ws_name is None:
             return "reference", None
         ws = weights.get(ws_name).float()
+        ql.act_kernels_ok(ws.device)    # checked now, not first inside a graph capture
         n, k = op.operands[1].type.shape
         if a["mode"] == "fp8":
             xs_name = _param(op, 3)

@@ -105,6 +105,7 @@ def test_activation_quantization_kernels_are_bit_exact(m, dtype):
     on the CPU: the same codes and scales, bit for bit (values past +-448 after the scale,
     exact ties of the int8 rounding, a row of zeros)."""
     from irlm.ops.quant import DType, per_token_scales, quantize_act_reference
+    assert ql.act_kernels_ok(DEV)
     k = 1032
     x = randn(m, k, scale=3.0)
     x[0, :8] = torch.tensor([2000.0, -2000.0, 0.0, 1e-6, 300.5, -0.001, 447.9, 449.0])
@@ -133,6 +134,7 @@ def test_activation_quantization_kernels_are_bit_exact(m, dtype):
 def test_8bit_linears_with_the_fused_kernels_equal_the_torch_ops(m, bias, monkeypatch):
     """fp8 and w8a8 linears with quant_act.cu (activation quantization, the w8a8 epilogue)
     give the same bits as with the torch ops they replace."""
+    assert ql.act_kernels_ok(DEV)        # else both runs below would be the torch ops
     n, k = 392, 1024
     w = randn(n, k, scale=0.05)
     q8, ws8 = quantize_int8(w)

@@ -336,20 +336,116 @@ def int4_tinygemm(x: torch.Tensor, packed: torch.Tensor, group: int,
     return torch._weight_int4pack_mm(x.contiguous(), packed, group, scale_zeros)
 
 
-# ---- activation quantization: one kernel (quant_act.cu) where it takes x, else torch ops --------
+# ---- activation quantization and the w8a8 epilogue: quant_act.cu, else torch ops ---------------
 #: False: the torch ops below instead of quant_act.cu's kernels (for comparing them)
 FUSED_ACT_QUANT = True
+#: device index -> whether quant_act.cu's kernels gave the torch ops' bits there (checked once,
+#: by :func:`act_kernels_ok`, before they are used on that device)
+_ACT_OK: dict = {}
+
+
+def act_kernels_ok(device) -> bool:
+    """Whether quant_act.cu's kernels run on ``device`` and give exactly the torch ops' results
+    (checked once per device on small random inputs; never inside a CUDA graph capture, where
+    an unchecked device keeps the torch ops)."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return False
+    idx = dev.index if dev.index is not None else torch.cuda.current_device()
+    ok = _ACT_OK.get(idx)
+    if ok is None:
+        if torch.cuda.is_current_stream_capturing():
+            return False
+        ok = _ACT_OK[idx] = _check_act_kernels(torch.device("cuda", idx))
+    return ok
+
+
+def _check_act_kernels(dev) -> bool:
+    import warnings
+    g = torch.Generator(device="cpu").manual_seed(0)
+    try:
+        for dt in GEMV_DTYPES:
+            x = (torch.randn(5, 264, generator=g) * 4).to(dt).to(dev)
+            x[0, :4] = torch.tensor([3000.0, -3000.0, 0.0, 0.5])
+            s = torch.tensor(0.75, device=dev)
+            if not torch.equal(_fp8_kernel(x, s).view(torch.uint8),
+                               _fp8_torch(x, s).view(torch.uint8)):
+                raise ValueError("fp8 codes differ")
+            (qk, sk), (qt, st) = _i8_kernel(x), _i8_torch(x)
+            if not (torch.equal(qk, qt) and torch.equal(sk, st)):
+                raise ValueError("int8 codes or scales differ")
+            acc = torch.randint(-2 ** 28, 2 ** 28, (5, 96), generator=g, dtype=torch.int32)
+            ws = torch.rand(96, generator=g) * 1e-3
+            b = torch.randn(96, generator=g).to(dt)
+            acc, ws, b = acc.to(dev), ws.to(dev), b.to(dev)
+            if not torch.equal(_scale_kernel(acc, st, ws, b, dt), _scale_torch(acc, st, ws, b, dt)):
+                raise ValueError("the w8a8 epilogue differs")
+    except Exception as e:  # noqa: BLE001 - any failure: the torch ops, with the reason
+        warnings.warn(f"the activation quantization kernels (quant_act.cu) are not used on {dev}: "
+                      f"{type(e).__name__}: {e}", RuntimeWarning, stacklevel=3)
+        return False
+    return True
 
 
 def _act_kernel_takes(x: torch.Tensor) -> bool:
     return (FUSED_ACT_QUANT and x.is_cuda and x.dtype in GEMV_DTYPES and x.dim() == 2
             and x.shape[1] % 8 == 0 and x.stride(1) == 1 and x.stride(0) % 8 == 0
-            and x.data_ptr() % 16 == 0)
+            and x.data_ptr() % 16 == 0 and act_kernels_ok(x.device))
 
 
 def _act_grid(x: torch.Tensor, per_thread: int) -> int:
     total = x.shape[0] * (x.shape[1] // per_thread)
     return max(1, min(-(-total // 256), _sm_count(x.device.index or 0) * 8))
+
+
+def _fp8_kernel(x, x_scale):
+    m, k = x.shape
+    out = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
+    if m:
+        p = QuantActParams(_ptr(x), _ptr(x_scale), _ptr(out), m, k, x.stride(0))
+        quant_act_kernel(x.dtype).launch(f"irlm_quantize_fp8<{CTYPES[x.dtype]}>",
+                                         (_act_grid(x, 8),), (256,), p, device=x.device)
+    return out
+
+
+def _fp8_torch(x, x_scale):
+    return (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def _i8_kernel(x):
+    m, k = x.shape
+    q = torch.empty(m, k, dtype=torch.int8, device=x.device)
+    s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
+    if m:
+        p = QuantActParams(_ptr(x), _ptr(s), _ptr(q), m, k, x.stride(0))
+        quant_act_kernel(x.dtype).launch(f"irlm_quantize_per_token_i8<{CTYPES[x.dtype]}>",
+                                         (m,), (256,), p, device=x.device)
+    return q, s
+
+
+def _i8_torch(x):
+    xf = x.float()
+    s = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-12)
+    return torch.round(xf / s).clamp_(-127, 127).to(torch.int8), s
+
+
+def _scale_kernel(acc, xs, w_scales, bias, dtype):
+    m, n = acc.shape
+    out = torch.empty(m, n, dtype=dtype, device=acc.device)
+    if m:
+        p = ScaleI32Params(_ptr(acc), _ptr(xs), _ptr(w_scales), _ptr(bias), _ptr(out), m, n,
+                           acc.stride(0))
+        grid = max(1, min(-(-(m * (n // 4)) // 256), _sm_count(acc.device.index or 0) * 8))
+        quant_act_kernel(dtype).launch(f"irlm_scale_i32<{CTYPES[dtype]}>", (grid,), (256,), p,
+                                       device=acc.device)
+    return out
+
+
+def _scale_torch(acc, xs, w_scales, bias, dtype):
+    y = acc.float() * xs * w_scales
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(dtype)
 
 
 # ---- fp8 (W8A8, static per-tensor scales) ---------------------------------------------------------
@@ -358,14 +454,8 @@ def quantize_fp8_static(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
     kernel on a GPU (quant_act.cu), else torch ops."""
     if _act_kernel_takes(x) and x_scale.is_cuda and x_scale.dtype == torch.float32 \
             and x_scale.numel() == 1:
-        m, k = x.shape
-        out = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x.device)
-        if m:
-            p = QuantActParams(_ptr(x), _ptr(x_scale), _ptr(out), m, k, x.stride(0))
-            quant_act_kernel(x.dtype).launch(f"irlm_quantize_fp8<{CTYPES[x.dtype]}>",
-                                             (_act_grid(x, 8),), (256,), p, device=x.device)
-        return out
-    return (x.float() / x_scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return _fp8_kernel(x, x_scale)
+    return _fp8_torch(x, x_scale)
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -385,43 +475,21 @@ INT_MM_MIN_M = 17
 def quantize_per_token_i8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(q i8, scale f32 [M, 1]) as quant.quantize_per_token{i8}: scale = amax|x| / 127; one
     kernel on a GPU (quant_act.cu), else torch ops."""
-    if _act_kernel_takes(x):
-        m, k = x.shape
-        q = torch.empty(m, k, dtype=torch.int8, device=x.device)
-        s = torch.empty(m, 1, dtype=torch.float32, device=x.device)
-        if m:
-            p = QuantActParams(_ptr(x), _ptr(s), _ptr(q), m, k, x.stride(0))
-            quant_act_kernel(x.dtype).launch(f"irlm_quantize_per_token_i8<{CTYPES[x.dtype]}>",
-                                             (m,), (256,), p, device=x.device)
-        return q, s
-    xf = x.float()
-    s = (xf.abs().amax(dim=-1, keepdim=True) / 127.0).clamp_(min=1e-12)
-    return torch.round(xf / s).clamp_(-127, 127).to(torch.int8), s
+    return _i8_kernel(x) if _act_kernel_takes(x) else _i8_torch(x)
 
 
 def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
                 bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """quant.linear_a8{mode=w8a8}: per-token int8 x, int8 weights [N, K] with f32 per-channel
-    scales; exact int32 products (cuBLASLt), scaled in fp32, output in x's dtype."""
+    scales; exact int32 products (cuBLASLt), scaled in fp32 (one kernel on a GPU, else torch
+    ops), output in x's dtype."""
     m = x.shape[0]
     xq, xs = quantize_per_token_i8(x)
     if m < INT_MM_MIN_M:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_M - m))
     acc = torch._int_mm(xq, qweight.t())[:m]
-    n = acc.shape[1]
-    if _act_kernel_takes(x) and n % 4 == 0 and w_scales.dtype == torch.float32 \
-            and w_scales.is_contiguous() and (bias is None or (bias.dtype == x.dtype
-                                                                and bias.is_contiguous())):
-        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
-        if m:
-            p = ScaleI32Params(_ptr(acc), _ptr(xs), _ptr(w_scales), _ptr(bias), _ptr(out), m, n,
-                               acc.stride(0))
-            total = m * (n // 4)
-            grid = max(1, min(-(-total // 256), _sm_count(x.device.index or 0) * 8))
-            quant_act_kernel(x.dtype).launch(f"irlm_scale_i32<{CTYPES[x.dtype]}>", (grid,),
-                                             (256,), p, device=x.device)
-        return out
-    y = acc.float() * xs * w_scales
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
+    if _act_kernel_takes(x) and acc.shape[1] % 4 == 0 and w_scales.dtype == torch.float32 \
+            and w_scales.is_contiguous() and xs.is_contiguous() \
+            and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
+        return _scale_kernel(acc, xs, w_scales, bias, x.dtype)
+    return _scale_torch(acc, xs, w_scales, bias, x.dtype)
