@@ -64,8 +64,9 @@ GEMV_ROWS = (1, 2, 4, 8)
 #: 91.2 us)
 INT4_TINYGEMM_MAX_M = 8
 #: up to this many rows int4 runs irlm's int4 GEMV (irlm_w4a16_gemv, reading the stored
-#: layout) before tinygemm; 0 turns it off
-INT4_GEMV_MAX_M = 1
+#: layout) before tinygemm; 0 turns it off.  Off until benchmarks/quant_gemm.py (int4-gemv
+#: against int4-tiny) has been run on a device: the kernel is tested, its speed unmeasured
+INT4_GEMV_MAX_M = 0
 #: output features per warp of the int4 GEMV (its activations are converted once for them):
 #: the default, and the variants compiled (benchmarks/quant_gemm.py compares them)
 INT4_GEMV_ROWS_PER_WARP = 2
