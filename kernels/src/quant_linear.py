@@ -186,6 +186,22 @@ def _gemv(x, qweight, scales, bias, x_scale):
     if not gemv_supported(x, qweight):
         raise KernelArgumentError("the int8 GEMV needs K % 16 == 0 and a contiguous, 16-byte "
                                   "aligned qweight")
+    kern = quant_kernel(dt)
+    warps = 8
+
+    def launch(xs, os_, cnt, maxm):
+        p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
+                        xs.stride(0), os_.stride(0), cnt, n, k, 0 if fp8 else 1, x_scale)
+        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
+                    (-(-n // warps),), (32 * warps,), p, device=dev)
+    return _gemv_row_blocks(x, n, bias, launch)
+
+
+def _gemv_row_blocks(x, n, bias, launch):
+    """What the GEMV launchers share: the bias checked, x's rows made 16-byte aligned, the
+    output allocated, and ``launch(x_rows, out_rows, rows, maxm)`` per block of up to 8 rows
+    (``maxm``: the kernel instance, the smallest of GEMV_ROWS that holds them)."""
+    dev, dt = x.device, x.dtype
     if bias is not None:
         _tensor("bias", bias, ndim=1, dtypes=(dt,), device=dev)
         if bias.shape[0] != n or not bias.is_contiguous():
@@ -194,16 +210,9 @@ def _gemv(x, qweight, scales, bias, x_scale):
         x = x.contiguous()
     m = x.shape[0]
     out = torch.empty(m, n, dtype=dt, device=dev)
-    kern = quant_kernel(dt)
-    warps = 8
     for r0 in range(0, m, GEMV_ROWS[-1]):
-        rows = min(GEMV_ROWS[-1], m - r0)
-        maxm = next(r for r in GEMV_ROWS if r >= rows)
-        xs, os_ = x[r0:r0 + rows], out[r0:r0 + rows]
-        p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
-                        x.stride(0), out.stride(0), rows, n, k, 0 if fp8 else 1, x_scale)
-        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
-                    (-(-n // warps),), (32 * warps,), p, device=dev)
+        cnt = min(GEMV_ROWS[-1], m - r0)
+        launch(x[r0:r0 + cnt], out[r0:r0 + cnt], cnt, next(r for r in GEMV_ROWS if r >= cnt))
     return out
 
 
@@ -281,28 +290,18 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                   f"qweight and contiguous [N, K/group] scales and zeros; got "
                                   f"x {tuple(x.shape)}, qweight {tuple(qweight.shape)}, group "
                                   f"{group}, scales {tuple(scales.shape)}")
-    if bias is not None:
-        _tensor("bias", bias, ndim=1, dtypes=(dt,), device=dev)
-        if bias.shape[0] != n or not bias.is_contiguous():
-            raise KernelArgumentError(f"bias must be contiguous with {n} entries")
-    if x.stride(1) != 1 or x.stride(0) % 8 or x.data_ptr() % 16:
-        x = x.contiguous()
-    m = x.shape[0]
-    out = torch.empty(m, n, dtype=dt, device=dev)
     if rows not in INT4_GEMV_ROWS:
         raise KernelArgumentError(f"rows={rows}: the int4 GEMV is compiled for "
                                   f"{INT4_GEMV_ROWS} features per warp")
     kern = int4_gemv_kernel(dt)
     warps = 8
-    for r0 in range(0, m, GEMV_ROWS[-1]):
-        cnt = min(GEMV_ROWS[-1], m - r0)
-        maxm = next(r for r in GEMV_ROWS if r >= cnt)
-        xs, os_ = x[r0:r0 + cnt], out[r0:r0 + cnt]
+
+    def launch(xs, os_, cnt, maxm):
         p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
-                         _ptr(os_), x.stride(0), out.stride(0), cnt, n, k, group)
+                         _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
         kern.launch(f"irlm_w4a16_gemv<{CTYPES[dt]}, {maxm}, {rows}>",
                     (-(-n // (warps * rows)),), (32 * warps,), p, device=dev)
-    return out
+    return _gemv_row_blocks(x, n, bias, launch)
 
 
 # ---- int4 weight-only through tinygemm ------------------------------------------------------------
