@@ -172,6 +172,15 @@ template <> IRLM_DEVICE void kv8_to_float<irlm_fp8e4m3>(const uint2& raw, float 
   }
 }
 
+// ---- streaming loads ------------------------------------------------------------------------
+// 16 bytes read once per step (quantized weights): kept out of L1.
+IRLM_DEVICE int4 load_stream(const void* p) {
+  int4 r;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
+  return r;
+}
+
 // ---- reductions ----------------------------------------------------------------------------
 IRLM_DEVICE float warp_sum(float v) {
 #pragma unroll

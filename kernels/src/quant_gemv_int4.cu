@@ -28,14 +28,6 @@ struct Q4GemvParams {
   int m, n, k, group;
 };
 
-IRLM_DEVICE int4 load_stream4(const void* p) {
-  // weights are read once per step: keep them out of L1
-  int4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-
 // The factor that undoes where nibble i is read (see dot8_nibbles): 16^-i for i < 5; nibbles
 // 5..7 are read from v >> 20, at 16^0, 16^1, 16^2.
 IRLM_DEVICE float nibble_scale(int i) {
@@ -92,7 +84,7 @@ __global__ void __launch_bounds__(256) irlm_w4a16_gemv(const Q4GemvParams p) {
       for (int r = 0; r < ROWS; ++r) {
         const int row = row0 + r;
         wv[u][r] = (k0 < p.k && row < p.n)
-                       ? load_stream4(p.w + (long long)row * row_bytes + k0 / 2)
+                       ? load_stream(p.w + (long long)row * row_bytes + k0 / 2)
                        : make_int4(0, 0, 0, 0);
       }
     }

@@ -39,14 +39,6 @@ struct DequantParams {
   int group;
 };
 
-IRLM_DEVICE int4 load_stream(const void* p) {
-  // weights are read once per step: keep them out of L1
-  int4 r;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.s32 {%0, %1, %2, %3}, [%4];"
-               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w) : "l"(p));
-  return r;
-}
-
 IRLM_DEVICE void int8x4_to_float(int v, float* f) {
 #pragma unroll
   for (int i = 0; i < 4; ++i) f[i] = static_cast<float>(static_cast<signed char>((v >> (8 * i)) & 0xff));

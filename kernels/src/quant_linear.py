@@ -484,12 +484,13 @@ def w8a8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scales: torch.Tensor,
     scales; exact int32 products (cuBLASLt), scaled in fp32 (one kernel on a GPU, else torch
     ops), output in x's dtype."""
     m = x.shape[0]
-    xq, xs = quantize_per_token_i8(x)
+    fused = _act_kernel_takes(x)
+    xq, xs = _i8_kernel(x) if fused else _i8_torch(x)
     if m < INT_MM_MIN_M:
         xq = torch.nn.functional.pad(xq, (0, 0, 0, INT_MM_MIN_M - m))
     acc = torch._int_mm(xq, qweight.t())[:m]
-    if _act_kernel_takes(x) and acc.shape[1] % 4 == 0 and w_scales.dtype == torch.float32 \
-            and w_scales.is_contiguous() and xs.is_contiguous() \
+    if fused and acc.shape[1] % 4 == 0 and w_scales.dtype == torch.float32 \
+            and w_scales.is_contiguous() \
             and (bias is None or (bias.dtype == x.dtype and bias.is_contiguous())):
         return _scale_kernel(acc, xs, w_scales, bias, x.dtype)
     return _scale_torch(acc, xs, w_scales, bias, x.dtype)
