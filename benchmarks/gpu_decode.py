@@ -331,6 +331,10 @@ def main():
             ap.error(f"--quant: unknown mode {q!r} (valid: bf16, {', '.join(MODES)}, "
                      f"{', '.join(KV_MODES)}, or one weight mode + one KV mode: fp8+kv-fp8)")
     sections = a.sections.split(",")
+    known = ("copy", "build", "b1", "profile", "b32", "inflight", "inflight2k", "hf")
+    bad = [x for x in sections if x not in known]
+    if bad:
+        ap.error(f"--sections: unknown {', '.join(bad)} (known: {', '.join(known)})")
     RESULTS["device"] = torch.cuda.get_device_name()
     RESULTS["torch"] = torch.__version__
     RESULTS["date"] = time.strftime("%Y-%m-%d")
