@@ -12,11 +12,13 @@ import random
 import signal
 import time
 
+import numpy as np
 import pytest
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 grpcaio = pytest.importorskip("tritonclient.grpc.aio")
+grpcclient = pytest.importorskip("tritonclient.grpc")
 
 from irlm.runtime import SamplingParams  # noqa: E402
 from irlm.serving.testing import ServerProcess, tiny_llm  # noqa: E402
@@ -25,6 +27,7 @@ from test_serving_protocols import (_grpc_inputs as grpc_inputs, metrics,  # noq
 
 pytestmark = pytest.mark.slow
 CLIENTS = 64
+LONG = 200          # tokens a cancelling client asks for (prompts are at most ~30 tokens)
 KEY = "k"
 WORDS = ["fox", "compiler", "Café", "crème", "kernels", "日本語", "block", "the", "word", "lazy"]
 
@@ -37,6 +40,12 @@ class Client:
         self.prompt = " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 6)))
         self.max_tokens = rng.randint(4, 16)
         self.cancel_after = rng.randint(1, 3) if rng.random() < 0.25 else None
+        # A client that cancels asks for a long answer that EOS cannot end (min tokens = max),
+        # so that its cancellation reaches the server while the request still runs: with 4-16
+        # tokens all of them could finish first on a fast machine, and none count as aborted.
+        self.min_tokens = 0
+        if self.cancel_after is not None:
+            self.max_tokens = self.min_tokens = LONG
         self.chat = [{"role": "user", "content": self.prompt}]
         self.text, self.ids, self.cancelled = "", [], False
 
@@ -67,14 +76,19 @@ class Client:
         ids = self.tok_ids
 
         async def requests():
-            yield {"model_name": "tensorrt_llm", "inputs": grpc_inputs(ids, self.max_tokens, True),
-                   "request_id": str(self.i)}
+            inputs = grpc_inputs(ids, self.max_tokens, True)
+            if self.min_tokens:
+                m = grpcclient.InferInput("min_length", [1, 1], "INT32")
+                m.set_data_from_numpy(np.array([[self.min_tokens]], np.int32))
+                inputs.append(m)
+            yield {"model_name": "tensorrt_llm", "inputs": inputs, "request_id": str(self.i)}
         return client.stream_infer(requests(), headers={"authorization": f"Bearer {KEY}"})
 
     async def _pieces(self, srv, http, oai):
         if self.protocol == "completions":
             stream = await oai.completions.create(model="tiny", prompt=self.prompt, stream=True,
-                                                  temperature=0, max_tokens=self.max_tokens)
+                                                  temperature=0, max_tokens=self.max_tokens,
+                                                  extra_body={"min_tokens": self.min_tokens})
             async with stream:
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].text:
@@ -82,14 +96,14 @@ class Client:
         elif self.protocol == "chat":
             stream = await oai.chat.completions.create(
                 model="tiny", messages=self.chat, stream=True, temperature=0,
-                max_tokens=self.max_tokens)
+                max_tokens=self.max_tokens, extra_body={"min_tokens": self.min_tokens})
             async with stream:
                 async for chunk in stream:
                     if chunk.choices and chunk.choices[0].delta.content:
                         yield chunk.choices[0].delta.content
         else:
             body = {"text_input": self.prompt, "max_tokens": self.max_tokens,
-                    "temperature": 0.0, "stream": True}
+                    "min_length": self.min_tokens, "temperature": 0.0, "stream": True}
             async with http.stream("POST", srv.url + "/v2/models/ensemble/generate_stream",
                                    json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
                 assert r.status_code == 200
