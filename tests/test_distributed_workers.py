@@ -518,7 +518,10 @@ llm = LLM(sys.argv[1], device="cpu")   # rank 1 serves its shard here, then exit
 out = llm.generate([[5, 17, 33, 2]], SamplingParams(max_tokens=5, temperature=0.0))
 llm.close()
 assert dist.is_initialized()           # closing the engine left the program's group alone
-print(json.dumps(out[0].outputs[0].token_ids))
+print(json.dumps(out[0].outputs[0].token_ids), flush=True)
+# as torch asks of a program that made a group: without this, gloo's threads met the
+# interpreter's teardown now and then and the process aborted (SIGABRT) after its output
+dist.destroy_process_group()
 """
 
 
