@@ -18,8 +18,9 @@ import difflib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
+import sys
+
 import sympy
-import torch
 
 from .errors import IRError
 from .types import DType, TensorType, normalize_dim
@@ -67,7 +68,7 @@ TRAITS = (VIEW, RESHAPE_LIKE, ELEMENTWISE, ACTIVATION, CONSTANT_LIKE, COMMUTATIV
           HAS_SIDE_EFFECTS)
 
 InferFn = Callable[[list[Optional[TensorType]], dict[str, Any]], list[TensorType]]
-RefFn = Callable[..., list[torch.Tensor]]
+RefFn = Callable[..., list["torch.Tensor"]]
 
 
 @dataclass
@@ -277,7 +278,7 @@ def coerce_attr(v: Any, spec: AttrSpec, what: str) -> Any:
                 raise TypeError
             out = v
         elif k == "tensor":
-            if not isinstance(v, torch.Tensor):
+            if not _is_tensor(v):
                 raise TypeError
             out = v
         else:  # pragma: no cover
@@ -302,12 +303,19 @@ class Ident(str):
     """A bare identifier from IR text (a dtype name or a dimension symbol, by schema)."""
 
 
+def _is_tensor(v) -> bool:
+    # Without importing torch: the IR core (and `irlm --help`) runs without it, and no value
+    # can be a tensor before torch is imported.
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
+
+
 def _raise():
     raise TypeError
 
 
 def _show(v) -> str:
-    if isinstance(v, torch.Tensor):
+    if _is_tensor(v):
         return f"a tensor of shape {tuple(v.shape)}"
     return repr(v) if not isinstance(v, Ident) else str(v)
 

@@ -13,7 +13,6 @@ from functools import lru_cache
 from typing import Union
 
 import sympy
-import torch
 
 from .errors import IRError
 
@@ -46,17 +45,18 @@ class DType(enum.Enum):
         return _BITS[self]
 
     @property
-    def torch(self) -> torch.dtype:
+    def torch(self) -> "torch.dtype":
         """The torch dtype that holds this type's values in the reference implementations."""
-        return _TO_TORCH[self]
+        return _torch_dtypes()[0][self]
 
     @staticmethod
-    def from_torch(dt: torch.dtype) -> "DType":
+    def from_torch(dt: "torch.dtype") -> "DType":
+        from_torch = _torch_dtypes()[1]
         try:
-            return _FROM_TORCH[dt]
+            return from_torch[dt]
         except KeyError:
             raise IRError(f"torch dtype {dt} has no irlm equivalent "
-                          f"(supported: {', '.join(str(t) for t in _FROM_TORCH)})") from None
+                          f"(supported: {', '.join(str(t) for t in from_torch)})") from None
 
     @staticmethod
     def parse(text: str) -> "DType":
@@ -70,11 +70,18 @@ _FLOATS = {DType.f32, DType.f16, DType.bf16, DType.f8e4m3}
 _INTS = {DType.i64, DType.i32, DType.i8, DType.u8, DType.i4}
 _BITS = {DType.f32: 32, DType.f16: 16, DType.bf16: 16, DType.f8e4m3: 8, DType.i64: 64,
          DType.i32: 32, DType.i8: 8, DType.u8: 8, DType.i4: 4, DType.bool: 8}
-_TO_TORCH = {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
-             DType.f8e4m3: torch.float8_e4m3fn, DType.i64: torch.int64, DType.i32: torch.int32,
-             DType.i8: torch.int8, DType.u8: torch.uint8, DType.i4: torch.int8,
-             DType.bool: torch.bool}
-_FROM_TORCH = {v: k for k, v in _TO_TORCH.items() if k is not DType.i4}
+
+
+@lru_cache(maxsize=None)
+def _torch_dtypes():
+    """(irlm → torch, torch → irlm) dtype maps.  Built on first use so that the IR core, and
+    with it ``irlm --help``, does not import torch (over a second of start-up)."""
+    import torch
+    to_torch = {DType.f32: torch.float32, DType.f16: torch.float16, DType.bf16: torch.bfloat16,
+                DType.f8e4m3: torch.float8_e4m3fn, DType.i64: torch.int64, DType.i32: torch.int32,
+                DType.i8: torch.int8, DType.u8: torch.uint8, DType.i4: torch.int8,
+                DType.bool: torch.bool}
+    return to_torch, {v: k for k, v in to_torch.items() if k is not DType.i4}
 
 
 Dim = Union[int, sympy.Expr]

@@ -1,6 +1,7 @@
 """The ``irlm`` command line.
 
 Each subcommand lives in ``irlm/cli/<name>.py`` and provides ``add_parser(subparsers)``;
+its one-line summary is in ``SUMMARIES`` below, so that ``irlm --help`` imports no command;
 the parser it adds sets ``func``.  Every user mistake surfaces as an :class:`IRLMError` (or an
 ``OSError`` for a missing file) and is printed here as one line, with exit status 1; argparse
 usage errors exit with status 2.  Anything else is a bug in irlm (or in a pass plugin): it is
@@ -14,10 +15,21 @@ import os
 import sys
 
 import traceback
+from typing import Iterable, Optional, Sequence
 
 from ..errors import InternalError, IRLMError, ParseError
 
-COMMANDS = ("ir", "opt", "compile", "build", "run", "export_onnx", "serve")
+#: Each command's one-line summary, as ``irlm --help`` lists it; the command's module is
+#: ``irlm/cli/<name with - as _>.py``.
+SUMMARIES = {
+    "ir": "read IR text files",
+    "opt": "run a pass pipeline over an IR file and print the result",
+    "compile": "compile a model into an output directory (IR dumps, later an engine)",
+    "build": "build an engine from an IR file (an edited dump) and its weights",
+    "run": "generate text with a compiled engine",
+    "export-onnx": "lower an IR file or engine directory to ONNX (model.onnx)",
+    "serve": "serve an engine (OpenAI API, KServe v2 HTTP/gRPC, metrics)",
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -30,25 +42,35 @@ class _Parser(argparse.ArgumentParser):
                      f"usage)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: Optional[Iterable[str]] = None) -> argparse.ArgumentParser:
+    """The whole command line, or (``only``) the full parsers of the named commands and a
+    one-line stub of every other.  Building a command's parser imports what its flags list
+    (passes, quant modes: torch), over a second; ``irlm --help`` and ``--version`` need none."""
     p = _Parser(prog="irlm", description="A graph compiler for LLM inference.")
     p.add_argument("--version", action="version", version=f"irlm {_version()}")
     p.add_argument("--debug", action="store_true",
                    help="print the traceback of any error (for bug reports)")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    full = set(SUMMARIES) if only is None else set(only)
     import importlib
-    for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f"irlm.cli.{name}")
-        except ModuleNotFoundError as e:
-            if e.name == f"irlm.cli.{name}":
-                continue  # command not built yet
-            raise
-        mod.add_parser(sub)
+    for name, summary in SUMMARIES.items():
+        if name in full:
+            importlib.import_module(f"irlm.cli.{name.replace('-', '_')}").add_parser(sub)
+        else:
+            sub.add_parser(name, help=summary)
     for command in sub.choices.values():   # --debug also after the command name
         _add_debug_flag(command)
     return p
+
+
+def _command_in(argv: Sequence[str]) -> tuple:
+    """The command named in ``argv`` (its first word that is not a top-level flag), as a
+    1-tuple, or ``()`` when there is none or it is not a command."""
+    for word in argv:
+        if not word.startswith("-"):
+            return (word,) if word in SUMMARIES else ()
+    return ()
 
 
 def _add_debug_flag(parser: argparse.ArgumentParser) -> None:
@@ -72,7 +94,8 @@ def _located(e: ParseError) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(only=_command_in(argv)).parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
         return args.func(args) or 0

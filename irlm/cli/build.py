@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import sys
 
+from . import SUMMARIES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "build", help="build an engine from an IR file (an edited dump) and its weights",
+        "build", help=SUMMARIES["build"],
         description="Build an engine from an IR file and the safetensors file(s) holding its "
                     "params: verify the IR, check every param against the weights, run the "
                     "passes it still needs (a stateless dump gets the -O level's), write the "

@@ -13,13 +13,14 @@ from ..compilation import CompileConfig, Source, compile as compile_model
 from ..compilation.config import (DEVICES, DTYPES, KV_CACHE_DTYPES, QUANT_MODES, TARGETS,
                                   parse_dims)
 from ..compilation.stages import STAGES
+from . import SUMMARIES
 from ..errors import IRLMError
 
 
 def add_parser(sub) -> None:
     from ..lowering.kernel_selection import LINEAR_DTYPES
     p = sub.add_parser(
-        "compile", help="compile a model into an output directory (IR dumps, later an engine)",
+        "compile", help=SUMMARIES["compile"],
         description="Compile a model. Give exactly one source: a model.py (or any path irlm "
                     "recognizes: a model directory, a .gguf), --hf DIR, --gguf FILE, or "
                     "--safetensors FILE with --config config.json.")

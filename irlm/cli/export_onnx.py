@@ -4,10 +4,12 @@ A thin wrapper over irlm.lowering.onnx (docs/onnx.md).
 """
 from __future__ import annotations
 
+from . import SUMMARIES
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "export-onnx", help="lower an IR file or engine directory to ONNX (model.onnx)",
+        "export-onnx", help=SUMMARIES["export-onnx"],
         description="Lower an IR file (any stage: frontend, fused, inference form) or an "
                     "engine directory to OUT/model.onnx with external weight data, checked "
                     "with onnx.checker, plus OUT/build_trt.sh (the trtexec command line).")

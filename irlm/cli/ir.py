@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import sys
 
+from . import SUMMARIES
+
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("ir", help="read IR text files")
+    p = sub.add_parser("ir", help=SUMMARIES["ir"])
     isub = p.add_subparsers(dest="ir_command", metavar="ACTION")
     isub.required = True
     c = isub.add_parser("check", help="parse and verify an IR file")

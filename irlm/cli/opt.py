@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import sys
 
+from . import SUMMARIES
+
 
 def add_parser(sub) -> None:
     from irlm.passes import add_pipeline_arguments
-    p = sub.add_parser("opt", help="run a pass pipeline over an IR file and print the result",
+    p = sub.add_parser("opt", help=SUMMARIES["opt"],
                        description="Run a pass pipeline over an IR file and print the result.")
     p.add_argument("file", nargs="?", help="IR text file ('-' for standard input)")
     p.add_argument("-o", "--output", help="write the result here instead of standard output")

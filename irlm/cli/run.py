@@ -7,11 +7,12 @@ import os
 import sys
 import time
 
+from . import SUMMARIES
 from ..errors import IRLMError
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("run", help="generate text with a compiled engine",
+    p = sub.add_parser("run", help=SUMMARIES["run"],
                        description="Generate with an engine directory written by irlm compile.")
     p.add_argument("engine", metavar="ENGINE", help="engine directory (irlm compile -o ENGINE)")
     src = p.add_mutually_exclusive_group()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import SUMMARIES
 from ..errors import IRLMError
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="serve an engine (OpenAI API, KServe v2 HTTP/gRPC, metrics)",
+        "serve", help=SUMMARIES["serve"],
         description="Serve a compiled engine. HTTP: OpenAI /v1/*, KServe v2 /v2/*, /metrics "
                     "and a playground at /. gRPC: Triton's GRPCInferenceService.")
     p.add_argument("engine", nargs="?", metavar="ENGINE_DIR",
