@@ -14,7 +14,8 @@ else mma.sync), accumulated in fp32 and rounded to x's dtype once:
   into nibbles and interleaved back into k order in registers; the scales and zero points
   come transposed, ``[K/group, N]`` (f32 and u8, a load-time copy), so one tile's are a
   contiguous row: ``(q - z) * s`` in fp32 rounded to x's dtype, the reference op's
-  dequantization bit for bit.  A K tile holds part of one group (``BK <= GROUP``) or
+  dequantization bit for bit (``q - z`` as ``(2^23 + q) - (2^23 + z)``, with ``2^23 + q`` made by
+  OR-ing q into the float's mantissa, not by a conversion instruction).  A K tile holds part of one group (``BK <= GROUP``) or
   ``BK / GROUP`` whole groups (both powers of two), whose scales broadcast over a
   ``[BN, BK / GROUP, GROUP]`` view of the tile.
 
@@ -36,6 +37,8 @@ operands (Triton's CPU interpreter multiplies bf16 bit patterns as integers); th
 never sets it.
 """
 import triton.language as tl
+
+MAGIC: tl.constexpr = tl.constexpr(8388608.0)   # 2^23
 
 
 def wo_gemm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, lock_ptr, M, N, K, stride_xm,
@@ -75,20 +78,24 @@ def wo_gemm(x_ptr, q_ptr, s_ptr, z_ptr, b_ptr, o_ptr, ws_ptr, lock_ptr, M, N, K,
     for k0 in range(k_start, k_start + k_len, BK):
         a = tl.load(x_ptrs)
         if INT4:
-            b = tl.load(q_ptrs)
-            qv = tl.reshape(tl.join(b & 0xF, b >> 4), (BN, BK))   # [BN, BK], k order
+            # nibble q OR-ed into the mantissa of 2^23 is the float 2^23 + q, and 2^23 + z is
+            # exact too, so one subtraction gives q - z exactly without an integer-to-float
+            # conversion per weight (a quarter of the fp32 rate on sm_90)
+            b = tl.load(q_ptrs).to(tl.uint32)
+            qv = tl.reshape(tl.join((b & 0xF) | 0x4B000000, (b >> 4) | 0x4B000000), (BN, BK))
+            qf = qv.to(tl.float32, bitcast=True)                   # [BN, BK], k order
             if BK > GROUP:      # BK // GROUP groups per tile: [BN, groups, GROUP]
                 g = k0 // GROUP + tl.arange(0, BK // GROUP)
                 s = tl.load(s_ptr + g[None, :] * N + sz_off[:, None])
-                z = tl.load(z_ptr + g[None, :] * N + sz_off[:, None]).to(tl.float32)
-                q3 = tl.reshape(qv.to(tl.float32), (BN, BK // GROUP, GROUP))
+                z = tl.load(z_ptr + g[None, :] * N + sz_off[:, None]).to(tl.float32) + MAGIC
+                q3 = tl.reshape(qf, (BN, BK // GROUP, GROUP))
                 w = tl.reshape((q3 - z[:, :, None]) * s[:, :, None], (BN, BK))
                 w = w.to(x_ptr.dtype.element_ty)
             else:
                 g = k0 // GROUP
                 s = tl.load(s_ptr + g * N + sz_off)
-                z = tl.load(z_ptr + g * N + sz_off).to(tl.float32)
-                w = ((qv.to(tl.float32) - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
+                z = tl.load(z_ptr + g * N + sz_off).to(tl.float32) + MAGIC
+                w = ((qf - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
             q_ptrs += BK // 2
         else:
             w = tl.load(q_ptrs).to(tl.float32).to(x_ptr.dtype.element_ty)   # exact
