@@ -280,7 +280,11 @@ def quantize_act_reference(x: torch.Tensor, scale: torch.Tensor, dtype: DType) -
 
 def per_token_scales(x: torch.Tensor, dtype: DType) -> torch.Tensor:
     """``amax(|x|, -1) / qmax`` as f32 ``[..., 1]`` (a row of zeros gets a tiny scale)."""
-    return (x.float().abs().amax(dim=-1, keepdim=True) / _QMAX[dtype]).clamp(min=_EPS)
+    amax = x.float().abs().amax(dim=-1, keepdim=True)
+    # a tensor divisor: on CUDA, torch divides by a Python number as a multiply by its
+    # reciprocal, which rounds differently from the division in ~4.5% of the values (and from
+    # this op on the CPU and irlm's fused kernel)
+    return (amax / amax.new_full((), _QMAX[dtype])).clamp(min=_EPS)
 
 
 def _act_dtype(a) -> DType:
