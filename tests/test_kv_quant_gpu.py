@@ -142,7 +142,7 @@ def _boundary_floats():
     mids = (pos[1:] + pos[:-1]) / 2
     pts = torch.cat([pos, mids, torch.nextafter(mids, torch.tensor(0.0)),
                      torch.nextafter(mids, torch.tensor(1e9)), torch.arange(0, 128) + 0.5,
-                     torch.arange(0, 128) + 0.49999997, torch.tensor([447.9, 448.0, 463.9,
+                     torch.nextafter(torch.arange(0, 128) + 0.5, torch.tensor(0.0)), torch.tensor([447.9, 448.0, 463.9,
                      464.0, 465.0, 479.0, 480.0, 1e6, 2.0 ** -10, 2.0 ** -9.5, 1e-30])])
     x = torch.cat([pts, -pts, torch.tensor([0.0, -0.0, float("inf"), float("-inf")]),
                    torch.randn(20000, generator=gen(4)) * 100])
