@@ -7,6 +7,8 @@ path per batch size M on Llama-3-8B's linear shapes, next to bf16 cuBLAS (device
 
 Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   bf16         cuBLAS on the bf16 weight (the baseline)
+  bf16-gemv    irlm's dense GEMV on the bf16 weight (M <= 16; the runner times it against
+               cuBLAS at one row per shape, lowering/tactics.py)
   int8-gemv    irlm's W8A16 GEMV (M <= 16)        int8-gemm  Triton W8A16 GEMM (quant_gemm)
   int8-deq     dequantize kernel + cuBLAS
   int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
@@ -41,9 +43,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 LAYERS = 8
 GROUP = 128
-ALL_PATHS = ("bf16", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv", "int4-gemv4",
-             "int4-tiny", "int4-gemm",
-             "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
+ALL_PATHS = ("bf16", "bf16-gemv", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv",
+             "int4-gemv4", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
 GEMV_LIMIT = 16          # the GEMV kernels measured up to here, whatever the runtime limit
@@ -108,14 +109,14 @@ def make_weights(n: int, k: int) -> list[dict]:
 
 
 def min_bytes(path: str, m: int, n: int, k: int) -> float:
-    weight = {"bf16": 2.0 * n * k}.get(path, 1.0 * n * k)
+    weight = 2.0 * n * k if path.startswith("bf16") else 1.0 * n * k
     if path.startswith("int4"):
         weight = 0.5 * n * k + n * (k // GROUP) * 5        # f32 scale + u8 zero per group
     return weight + 2.0 * m * k + 2.0 * m * n
 
 
 def path_fns(layers, x, xs, names) -> dict:
-    from irlm.kernels import quant_gemm as qg, quant_linear as ql
+    from irlm.kernels import gemv as dense, quant_gemm as qg, quant_linear as ql
     F = torch.nn.functional
     m = x.shape[0]
     xs_v = float(xs)
@@ -137,6 +138,7 @@ def path_fns(layers, x, xs, names) -> dict:
         "w8a8": each(lambda w: ql.w8a8_linear(x, w["q8"], w["s8"])),
     }
     if m <= GEMV_LIMIT:
+        fns["bf16-gemv"] = each(lambda w: dense.gemv(x, w["bf16"]))
         fns["int8-gemv"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
         fns["fp8-gemv"] = each(lambda w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
         fns["int4-gemv"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,

@@ -38,13 +38,18 @@ def _param(op: Op, i: int) -> Optional[str]:
 class QuantLinearPlan:
     """Per-op prepared weights and the overrides that run them (see the module doc)."""
 
-    def __init__(self):
+    def __init__(self, timer=None):
         self.prepared: dict[int, dict] = {}
         self.paths: dict[str, str] = {}          # weight name -> path
         self.tinygemm_order: Optional[str] = None   # "high" / "low" nibble first, "" none
         self.fp8_gemv_ok: Optional[bool] = None
         self.int4_gemv_ok: dict = {}  # x dtype -> the int4 GEMV checked and right here
         self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
+        # one-row tactics (lowering/tactics.py): key -> [(entry, weight operands)] of the ops
+        # that may run irlm's GEMV for one row, and what timing chose for each key
+        self._m1_groups: dict[tuple, list] = {}
+        self.m1_choices: dict[tuple, object] = {}
+        self._timer = timer
 
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "QuantLinearPlan":
@@ -62,7 +67,22 @@ class QuantLinearPlan:
                 entry["path"] = path
                 self.prepared[id(op)] = entry
             self.paths[qname or op.describe()] = path
+        self._choose_one_row_paths(device)
         return self
+
+    def _choose_one_row_paths(self, device) -> None:
+        """Time irlm's GEMV against the path a one-row call takes without it, per group of
+        same-shaped weights (lowering/tactics.py); the ops of a group where the GEMV won run
+        it for one row (``entry["m1"] = "gemv"``)."""
+        from . import tactics
+        for key, members in self._m1_groups.items():
+            choice = tactics.choose(device, ("quant-m1",) + key,
+                                    self._one_row_candidates(key, members, device), "default",
+                                    self._timer)
+            self.m1_choices[key] = choice
+            if choice.chosen == "gemv":
+                for entry, _ in members:
+                    entry["m1"] = "gemv"
 
     def _weight_only(self, op: Op, weights, device):
         from irlm.kernels import quant_gemm as qg, quant_linear as ql
@@ -92,10 +112,11 @@ class QuantLinearPlan:
             if gemm:
                 entry["scales_t"], entry["zeros_t"] = qg.prepare_int4_scales(s, z)
             parts = []             # the paths by row count, as the runner tries them
-            if ql.INT4_GEMV_MAX_M > 0 and ql.int4_gemv_supported(xdt, q, group) \
-                    and self._int4_gemv(device, xdt):
+            if ql.int4_gemv_supported(xdt, q, group) and self._int4_gemv(device, xdt):
                 entry["gemv4"] = 1
-                parts.append("gemv")
+                parts.append("gemv" if ql.INT4_GEMV_MAX_M > 0 else "gemv (1 row, if faster)")
+                self._m1_groups.setdefault(("int4", n, k, group, xdt), []).append(
+                    (entry, (q, s, z)))
             if xdt is torch.bfloat16 \
                     and ql.tinygemm_supported(n, k, group) and self._tinygemm(device):
                 entry["packed"], entry["scale_zeros"] = ql.pack_int4_tinygemm(
@@ -128,11 +149,14 @@ class QuantLinearPlan:
             xs = weights.get(xs_name).float().reshape(())
             entry = {"w_scale": ws.reshape(()), "x_scale": xs}
             q = weights.get(_param(op, 1))
-            if ql.FP8_GEMV_MAX_M > 0 and \
-                    ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
                     and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
-                return "fp8: gemv / cublaslt _scaled_mm", entry
+                self._m1_groups.setdefault(
+                    ("fp8-a8", n, k, op.operands[0].type.dtype.torch), []).append((entry, (q,)))
+                if ql.FP8_GEMV_MAX_M > 0:
+                    return "fp8: gemv / cublaslt _scaled_mm", entry
+                return "fp8: gemv (1 row, if faster) / cublaslt _scaled_mm", entry
             return "fp8: cublaslt _scaled_mm", entry
         if k % 8 or n % 8:
             return "reference", None
@@ -211,21 +235,9 @@ class QuantLinearPlan:
             else:
                 y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
         else:
-            if "gemv4" in entry and m <= ql.INT4_GEMV_MAX_M:
-                y = ql.w4a16_gemv(flat, x[1], entry["scales"], entry["zeros"], entry["group"],
-                                  bias)
-            elif "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
-                y = ql.int4_tinygemm(flat, entry["packed"], entry["group"],
-                                     entry["scale_zeros"])
-                if bias is not None:
-                    y = y + bias
-            elif "scales_t" in entry and m <= qg.GEMM_MAX_M["int4"]:
-                y = qg.w4a16_gemm(flat, x[1], entry["scales_t"], entry["zeros_t"],
-                                  entry["group"], bias)
-            else:
-                w = ql.dequantize_int4(x[1], entry["scales"], entry["zeros"], entry["group"],
-                                       xv.dtype)
-                y = F.linear(flat, w, bias)
+            gemv = "gemv4" in entry and (m <= ql.INT4_GEMV_MAX_M
+                                         or m == 1 and entry.get("m1") == "gemv")
+            y = _int4_linear(entry, flat, x[1], bias, gemv)
         y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],))
         return [_epilogue(y, a["act"])]
 
@@ -239,11 +251,10 @@ class QuantLinearPlan:
         flat = xv.reshape(-1, xv.shape[-1])
         if a["mode"] == "fp8":
             bias = x[4] if len(x) > 4 else None
-            if "x_scale_value" in entry and flat.shape[0] <= ql.FP8_GEMV_MAX_M:
-                y = ql.fp8_linear_gemv(flat, x[1], entry["w_scale"], entry["x_scale"],
-                                       entry["x_scale_value"], bias)
-            else:
-                y = ql.fp8_linear(flat, x[1], entry["w_scale"], entry["x_scale"], bias)
+            m = flat.shape[0]
+            gemv = "x_scale_value" in entry and (m <= ql.FP8_GEMV_MAX_M
+                                                 or m == 1 and entry.get("m1") == "gemv")
+            y = _fp8_a8_linear(entry, flat, x[1], bias, gemv)
         else:
             bias = x[3] if len(x) > 3 else None
             y = ql.w8a8_linear(flat, x[1], entry["w_scales"], bias)
@@ -252,6 +263,58 @@ class QuantLinearPlan:
 
     def summary(self) -> dict[str, int]:
         return dict(Counter(self.paths.values()))
+
+    def tactics_summary(self) -> dict[str, str]:
+        """What one-row timing chose per group of same-shaped quantized weights."""
+        return {" ".join(str(p).replace("torch.", "") for p in key): repr(choice)
+                for key, choice in self.m1_choices.items()}
+
+    def _one_row_candidates(self, key, members, device) -> dict:
+        """One-row closures over every distinct weight of a group (tactics.choose times them):
+        "default", the path a one-row call takes without irlm's GEMV, and "gemv"."""
+        k, dtype = key[2], key[-1]
+        x1 = torch.randn(1, k, dtype=dtype, device=device)
+        seen, uniq = set(), []
+        for entry, operands in members:
+            if operands[0].data_ptr() not in seen:
+                seen.add(operands[0].data_ptr())
+                uniq.append((entry, operands[0]))
+        run = _int4_linear if key[0] == "int4" else _fp8_a8_linear
+
+        def default():
+            for entry, q in uniq:
+                run(entry, x1, q, None, False)
+
+        def gemv():
+            for entry, q in uniq:
+                run(entry, x1, q, None, True)
+        return {"default": default, "gemv": gemv}
+
+
+def _int4_linear(entry, flat, q, bias, gemv: bool):
+    """An int4 linear of ``flat``'s rows on the prepared paths: irlm's GEMV if ``gemv``, else
+    by row count tinygemm, the Triton GEMM, or dequantize + cuBLAS."""
+    from irlm.kernels import quant_gemm as qg, quant_linear as ql
+    m = flat.shape[0]
+    if gemv:
+        return ql.w4a16_gemv(flat, q, entry["scales"], entry["zeros"], entry["group"], bias)
+    if "packed" in entry and m <= ql.INT4_TINYGEMM_MAX_M:
+        y = ql.int4_tinygemm(flat, entry["packed"], entry["group"], entry["scale_zeros"])
+        return y + bias if bias is not None else y
+    if "scales_t" in entry and m <= qg.GEMM_MAX_M["int4"]:
+        return qg.w4a16_gemm(flat, q, entry["scales_t"], entry["zeros_t"], entry["group"], bias)
+    w = ql.dequantize_int4(q, entry["scales"], entry["zeros"], entry["group"], flat.dtype)
+    return F.linear(flat, w, bias)
+
+
+def _fp8_a8_linear(entry, flat, q, bias, gemv: bool):
+    """quant.linear_a8{fp8} of ``flat``'s rows: x rounded to e4m3, then the fp8-weight GEMV if
+    ``gemv``, else cuBLASLt's fp8 GEMM."""
+    from irlm.kernels import quant_linear as ql
+    if gemv:
+        return ql.fp8_linear_gemv(flat, q, entry["w_scale"], entry["x_scale"],
+                                  entry["x_scale_value"], bias)
+    return ql.fp8_linear(flat, q, entry["w_scale"], entry["x_scale"], bias)
 
 
 def _reference(name, ctx, x, a):

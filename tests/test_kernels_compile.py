@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from irlm.errors import IRLMError
-from irlm.kernels import nvrtc as compiler, ops, quant_linear
+from irlm.kernels import gemv, nvrtc as compiler, ops, quant_linear
 from irlm.kernels.nvrtc import KernelCompileError, compile_source
 
 OK, WHY = compiler.nvrtc_available()
@@ -111,6 +111,7 @@ _STRUCTS = [
     ("quant_gemv_int4.cu", "Q4GemvParams", quant_linear.Q4GemvParams),
     ("quant_act.cu", "QuantActParams", quant_linear.QuantActParams),
     ("quant_act.cu", "ScaleI32Params", quant_linear.ScaleI32Params),
+    ("gemv.cu", "GemvParams", gemv.GemvParams),
 ]
 
 

@@ -175,8 +175,10 @@ def all_kernels() -> list[Kernel]:
             for d in ATTENTION_HEAD_DIMS:
                 ks += [decode_kernel(dt, d, c), prefill_kernel(dt, d, c)]
             ks += [kv_write_kernel(dt, c), rope_kernel(dt, c)]
+    from .gemv import all_gemv_kernels
     from .quant_linear import all_quant_kernels
-    return ks + [sample_kernel()] + [rope_apply_kernel()] + all_quant_kernels()
+    return ks + [sample_kernel()] + [rope_apply_kernel()] + all_quant_kernels() \
+        + all_gemv_kernels()
 
 
 # ---- checks -------------------------------------------------------------------------------------

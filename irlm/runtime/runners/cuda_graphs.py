@@ -64,8 +64,11 @@ class CudaGraphRunner:
         self.weights = _to_device(graph, store, self.device)
         # quantized linears: kernel paths chosen and their weight layouts converted once, here
         # (before the KV pool is sized from the memory left)
+        from irlm.lowering.dense_linears import DenseLinearPlan
         from irlm.lowering.quant_linears import QuantLinearPlan
         self.quant_plan = QuantLinearPlan().prepare(graph, self.weights, self.device)
+        # float linears: irlm's GEMV where timing it against cuBLAS at one row says it wins
+        self.dense_plan = DenseLinearPlan().prepare(graph, self.weights, self.device)
         cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
         layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         # the plan's cache type: an int8 / fp8 cache (--kv-cache-dtype) takes one byte an
@@ -107,6 +110,7 @@ class CudaGraphRunner:
                      for op in graph.ops if op.name == "core.constant"}
         overrides = dict(KERNELS)
         overrides.update(self.quant_plan.overrides())
+        overrides.update(self.dense_plan.overrides())
         overrides["core.constant"] = lambda ctx, x, a: [constants[id(a["value"])]]
         self._interp = Interpreter(graph, self.weights, check_types=False, overrides=overrides,
                                    device=self.device)
@@ -114,6 +118,12 @@ class CudaGraphRunner:
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
         self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
+
+    def linear_tactics(self) -> dict[str, str]:
+        """What load-time timing chose for the one-row linears, per weight shape (the float
+        linears' cuBLAS vs irlm's GEMV, the quantized ones' default path vs irlm's GEMV),
+        with each candidate's time (lowering/tactics.py)."""
+        return {**self.dense_plan.summary(), **self.quant_plan.tactics_summary()}
 
     def connect_collectives(self, kernels: dict) -> None:
         """Run the graph's ``dist`` ops through ``kernels`` (a worker's process group)."""

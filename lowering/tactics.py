@@ -1,0 +1,99 @@
+"""Tactic selection: which of several kernels that compute the same op runs it, decided by
+timing them on the device when the runner loads an engine (as TensorRT times its tactics when
+it builds one).
+
+A row limit fixed from one machine's benchmark (``quant_linear.GEMV_MAX_M`` and its kin) is
+right for that machine and shape; the fastest kernel for a batch-1 decode linear depends on
+the GPU, the weight's shape and its dtype.  :func:`choose` times each candidate, a closure
+that runs the op over every weight of one shape in the engine (more bytes than the L2 cache
+holds, as a decode step reads them), and returns the fastest.  A candidate must beat the
+default (the path the runner would take without timing) by :data:`MIN_GAIN` to replace it, so
+that timing noise does not flip the choice between loads.
+
+Choices are kept per process and device, keyed by what the caller names (path family, shape,
+dtype): a second engine of the same model in the process does not time again.
+``IRLM_TACTICS=0`` in the environment turns timing off: every op takes its default, as before
+this module existed (for bit-reproducible runs across machines, or to compare).
+"""
+from __future__ import annotations
+
+import os
+import statistics
+from typing import Callable, Optional
+
+#: a non-default candidate must be at least this much faster than the default to be chosen
+MIN_GAIN = 0.03
+#: timed calls per candidate (interleaved across candidates), after WARMUP untimed ones
+REPS = 7
+WARMUP = 2
+
+Timer = Callable[[dict], dict]
+_CHOICES: dict = {}          # (device, key) -> Choice
+
+
+class Choice:
+    """What :func:`choose` decided for one key: the chosen candidate, each candidate's median
+    time in microseconds (empty when nothing was timed) and why."""
+
+    def __init__(self, chosen: str, times_us: dict, why: str):
+        self.chosen, self.times_us, self.why = chosen, dict(times_us), why
+
+    def __repr__(self) -> str:
+        times = ", ".join(f"{k} {v:.1f} us" for k, v in self.times_us.items())
+        return f"{self.chosen} ({self.why}{': ' + times if times else ''})"
+
+
+def enabled() -> bool:
+    return os.environ.get("IRLM_TACTICS", "1").strip().lower() not in ("0", "off", "false",
+                                                                         "no")
+
+
+def cuda_timer(candidates: dict) -> dict:
+    """Median microseconds of each candidate closure on the current CUDA stream, with CUDA
+    events; the candidates are interleaved call by call so that clock and thermal drift reach
+    them alike."""
+    import torch
+    for fn in candidates.values():
+        for _ in range(WARMUP):
+            fn()
+    torch.cuda.synchronize()
+    times = {name: [] for name in candidates}
+    for _ in range(REPS):
+        for name, fn in candidates.items():
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times[name].append(start.elapsed_time(end) * 1000.0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def choose(device, key, candidates: dict, default: str,
+           timer: Optional[Timer] = None) -> Choice:
+    """The candidate (a name in ``candidates``: name -> zero-argument closure) to run the ops
+    that ``key`` names on ``device``; ``default`` is one of them.  Timed once per process,
+    device and key (:func:`cuda_timer` unless ``timer`` is given)."""
+    if default not in candidates:
+        raise ValueError(f"default {default!r} is not among the candidates {list(candidates)}")
+    if len(candidates) == 1:
+        return Choice(default, {}, "the only candidate")
+    if not enabled():
+        return Choice(default, {}, "IRLM_TACTICS=0")
+    cache_key = (str(device), key)
+    hit = _CHOICES.get(cache_key)
+    if hit is not None and hit.chosen in candidates:
+        return hit
+    times = (timer or cuda_timer)(candidates)
+    best = min(times, key=times.get)
+    if best != default and times[best] > times[default] * (1.0 - MIN_GAIN):
+        choice = Choice(default, times, f"no candidate {MIN_GAIN:.0%} faster than the default")
+    else:
+        choice = Choice(best, times, "fastest" if best != default else "the default is fastest")
+    _CHOICES[cache_key] = choice
+    return choice
+
+
+def forget() -> None:
+    """Drop every kept choice (tests; a process that changed its GPU clocks)."""
+    _CHOICES.clear()
