@@ -16,6 +16,7 @@ Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   int4-deq     dequantize kernel + cuBLAS
   fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
   fp8-mm       _scaled_mm (cuBLASLt fp8)          w8a8       _int_mm with per-token scales
+  fp8-mm-fast  _scaled_mm with use_fast_accum (not used by the runner: less exact sums)
 Shapes: qkv 4096->6144 (fused), o 4096->4096, gate_up 4096->28672 (fused), down 14336->4096.
 
 Each (shape, M, path) is one CUDA graph of 8 calls on 8 copies of the weights (so that they do
@@ -44,7 +45,8 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 LAYERS = 8
 GROUP = 128
 ALL_PATHS = ("bf16", "bf16-gemv", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv",
-             "int4-gemv4", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv", "fp8-mm", "w8a8")
+             "int4-gemv4", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv", "fp8-mm",
+             "fp8-mm-fast", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
 GEMV_LIMIT = 16          # the GEMV kernels measured up to here, whatever the runtime limit
@@ -135,6 +137,7 @@ def path_fns(layers, x, xs, names) -> dict:
         "int4-deq": each(lambda w: F.linear(
             x, ql.dequantize_int4(w["q4"], w["s4"], w["z4"], GROUP, torch.bfloat16))),
         "fp8-mm": each(lambda w: ql.fp8_linear(x, w["f8"], w["fs"], xs)),
+        "fp8-mm-fast": each(lambda w: ql.fp8_linear(x, w["f8"], w["fs"], xs, fast_accum=True)),
         "w8a8": each(lambda w: ql.w8a8_linear(x, w["q8"], w["s8"])),
     }
     if m <= GEMV_LIMIT:

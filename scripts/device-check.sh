@@ -39,6 +39,12 @@ if [ "$(left)" -gt 100 ]; then
         > "$OUT/qg.log" 2>&1
 fi
 
+# large batches: cuBLASLt's fp8 GEMM with and without fast accumulation, the weight-only GEMMs
+if [ "$(left)" -gt 160 ]; then
+    timeout 60 python3 benchmarks/quant_gemm.py --m 512,4096 \
+        --paths bf16,fp8-mm,fp8-mm-fast,int8-gemm,int4-gemm > "$OUT/qg-large.log" 2>&1
+fi
+
 # end to end: batch 1 per format, with the load-time tactics and a kernel profile
 if [ "$(left)" -gt 40 ]; then
     timeout "$(left)" python3 benchmarks/gpu_decode.py --sections copy,build,b1,profile \

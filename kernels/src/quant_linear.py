@@ -464,12 +464,16 @@ def quantize_fp8_static(x: torch.Tensor, x_scale: torch.Tensor) -> torch.Tensor:
 
 
 def fp8_linear(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-               x_scale: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               x_scale: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+               fast_accum: bool = False) -> torch.Tensor:
     """quant.linear_a8{mode=fp8}: x [M, K] (bf16/fp16), qweight f8e4m3 [N, K], f32 0-d
-    scales; cuBLASLt's fp8 GEMM with fp32 accumulation, output in x's dtype."""
+    scales; cuBLASLt's fp8 GEMM with fp32 accumulation, output in x's dtype.
+    ``fast_accum``: cuBLASLt's fast accumulation (on Hopper the tensor cores' partial sums
+    are not promoted to fp32 every few K blocks: faster, less exact); the runner does not
+    use it, benchmarks/quant_gemm.py measures it (path ``fp8-mm-fast``)."""
     xq = quantize_fp8_static(x, x_scale)
     return torch._scaled_mm(xq, qweight.t(), scale_a=x_scale, scale_b=w_scale, bias=bias,
-                            out_dtype=x.dtype)
+                            out_dtype=x.dtype, use_fast_accum=fast_accum)
 
 
 # ---- w8a8 SmoothQuant (dynamic per-token activations) ----------------------------------------------
