@@ -151,6 +151,24 @@ def test_8bit_linears_with_the_fused_kernels_equal_the_torch_ops(m, bias, monkey
         assert got.dtype == want.dtype and torch.equal(got, want)
 
 
+def test_a_nan_in_a_row_makes_that_row_nan_with_and_without_the_fused_kernels(monkeypatch):
+    """torch's per-token amax propagates a NaN into the row's scale and so into its outputs;
+    the fused kernel's max must not drop it (a NaN activation would then look finite)."""
+    assert ql.act_kernels_ok(DEV)
+    n, k = 64, 1024
+    q8, ws8 = quantize_int8(randn(n, k, scale=0.05))
+    x = randn(20, k).to(torch.bfloat16)
+    x[3, 700] = float("nan")
+    args = (x.to(DEV), q8.to(DEV), ws8.float().to(DEV), None)
+    fused = ql.w8a8_linear(*args).cpu()
+    monkeypatch.setattr(ql, "FUSED_ACT_QUANT", False)
+    plain = ql.w8a8_linear(*args).cpu()
+    for y in (fused, plain):
+        assert torch.isnan(y[3]).all()
+        assert torch.isfinite(torch.cat([y[:3], y[4:]])).all()
+    assert torch.equal(torch.cat([fused[:3], fused[4:]]), torch.cat([plain[:3], plain[4:]]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dequantize_kernels_are_bit_exact(dtype):
     n, k = 200, 768

@@ -67,20 +67,26 @@ __global__ void __launch_bounds__(256) irlm_quantize_per_token_i8(const QuantAct
   const T* x = reinterpret_cast<const T*>(p.x) + row * p.x_stride;
   signed char* out = reinterpret_cast<signed char*>(p.out) + row * p.cols;
   float amax = 0.f;
+  int nan = 0;   // fmaxf drops NaN; torch's amax (and then the scale) propagates it
   for (long long c = threadIdx.x * 8; c < p.cols; c += blockDim.x * 8) {
     float f[8];
     load_vec<T, 8>(x + c, f);
 #pragma unroll
-    for (int j = 0; j < 8; ++j) amax = fmaxf(amax, fabsf(f[j]));
+    for (int j = 0; j < 8; ++j) {
+      amax = fmaxf(amax, fabsf(f[j]));
+      nan |= f[j] != f[j];
+    }
   }
   amax = warp_max(amax);
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   if (lane == 0) scratch[warp] = amax;
-  __syncthreads();
+  const int any_nan = __syncthreads_or(nan);
   if (warp == 0) {
     float t = lane < (int)(blockDim.x >> 5) ? scratch[lane] : 0.f;
     t = warp_max(t);
-    if (lane == 0) scratch[32] = fmaxf(__fdiv_rn(t, 127.f), 1e-12f);
+    // a row with a NaN gets a NaN scale, as torch's ops give it, so its outputs are NaN
+    if (lane == 0) scratch[32] = any_nan ? __int_as_float(0x7fffffff)
+                                         : fmaxf(__fdiv_rn(t, 127.f), 1e-12f);
   }
   __syncthreads();
   const float s = scratch[32];
