@@ -97,3 +97,14 @@ def bounded():
             raise value
         return value
     return run
+
+
+@pytest.fixture
+def fresh_tactics(monkeypatch):
+    """Load-time tactic choices (lowering/tactics.py) forgotten before and after the test, with
+    timing on (IRLM_TACTICS unset), so that no test sees another's choices."""
+    from irlm.lowering import tactics
+    monkeypatch.delenv("IRLM_TACTICS", raising=False)
+    tactics.forget()
+    yield
+    tactics.forget()

@@ -54,3 +54,12 @@ def sdpa_or_eager(config) -> str:
     """:func:`sdpa_or_eager_for` the causal-LM class of ``config``."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     return sdpa_or_eager_for(MODEL_FOR_CAUSAL_LM_MAPPING.get(type(config), None))
+
+
+def rel_l2(got, want) -> float:
+    """Relative L2 error of ``got`` against ``want``, both in float64 on the CPU; ``got`` must be
+    finite (a NaN would otherwise pass as a large-but-finite error check's input)."""
+    import torch
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.isfinite(got).all()
+    return ((got - want).norm() / want.norm()).item()

@@ -9,7 +9,9 @@ as CUDA graph replays.
 import pytest
 import torch
 
-pytestmark = pytest.mark.gpu
+from irlm_test_helpers import rel_l2 as rel
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_tactics")]
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
@@ -24,22 +26,8 @@ DEV = "cuda"
 GEN = torch.Generator().manual_seed(4321)
 
 
-def rel(got, want):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.isfinite(got).all()
-    return ((got - want).norm() / want.norm()).item()
-
-
 def randn(*shape, scale=1.0):
     return torch.randn(*shape, generator=GEN) * scale
-
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv("IRLM_TACTICS", raising=False)
-    tactics.forget()
-    yield
-    tactics.forget()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -14,6 +14,8 @@ import json
 import pytest
 import torch
 
+from irlm_test_helpers import rel_l2 as rel
+
 pytestmark = pytest.mark.gpu
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
@@ -26,12 +28,6 @@ from irlm.passes.llm.quantize import quantize_fp8, quantize_int4, quantize_int8 
 
 DEV = "cuda"
 GEN = torch.Generator().manual_seed(1234)
-
-
-def rel(got, want):
-    got, want = got.double().cpu(), want.double().cpu()
-    assert torch.isfinite(got).all()
-    return ((got - want).norm() / want.norm()).item()
 
 
 def randn(*shape, scale=1.0):
@@ -415,19 +411,17 @@ def _engine(mode, tmp_path):
     ("fp8-weight", "fp8 weight-only: gemv / dequantize+cublas", 2e-2),
     ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
 ])
-def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(mode, path, tol,
-                                                                      tmp_path, monkeypatch):
+def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(
+        mode, path, tol, tmp_path, monkeypatch, fresh_tactics):
+    from irlm.lowering import tactics
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
-    from irlm.lowering import tactics
     # one-row tactics made to choose irlm's GEMV wherever it is a candidate (int4, fp8), so
     # that the 1-row steps below run it
-    tactics.forget()
     monkeypatch.setattr(tactics, "cuda_timer",
                         lambda cands: {name: 1.0 if name == "gemv" else 2.0 for name in cands})
     graph = _engine(mode, tmp_path)
     fast = CudaGraphRunner(graph, num_blocks=64)
-    tactics.forget()
     assert set(fast.quant_plan.summary()) == {path}, fast.quant_plan.summary()
     if "if faster" in path:
         assert fast.quant_plan.m1_choices and all(

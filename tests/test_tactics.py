@@ -13,13 +13,7 @@ from irlm.lowering import dense_linears, quant_linears, tactics
 from irlm.lowering.dense_linears import DenseLinearPlan
 from irlm.lowering.quant_linears import QuantLinearPlan
 
-
-@pytest.fixture(autouse=True)
-def fresh_choices(monkeypatch):
-    monkeypatch.delenv("IRLM_TACTICS", raising=False)
-    tactics.forget()
-    yield
-    tactics.forget()
+pytestmark = pytest.mark.usefixtures("fresh_tactics")
 
 
 class FakeTimer:

@@ -5,18 +5,16 @@
 // rows of x, int8 weights q [N, K] (row-major, one float scale per output row), or with WFP8
 // e4m3 weights (one scale per tensor).  For quant.linear_a8 fp8 the caller passes x already
 // rounded to e4m3 (held exactly in bf16) and its static scale as x_scale, which multiplies the
-// result with the weight scale: the products of two e4m3 values are exact in fp32.  Decode is
-// bound by reading the weights, so one warp owns one output feature and streams its row once:
-// every lane loads 16 weight bytes per step (a warp reads 512 consecutive bytes), UNROLL steps
-// issued before the first is used, and multiplies them with each of the m rows of x (read
-// through the read-only cache: x is small and every warp reads it).  Accumulation in fp32,
-// one rounding at the end.  Needs K % 16 == 0 and 16-byte aligned rows (the launcher checks).
+// result with the weight scale: the products of two e4m3 values are exact in fp32.  The loop
+// is gemv.cuh's: one warp streams one output feature's row (16 weights per lane and load, 4
+// loads in flight), fp32 sums, one rounding at the end.  Needs K % 16 == 0 and 16-byte aligned
+// rows (the launcher checks).
 //
 // irlm_dequant_int8 / irlm_dequant_int4: the float weight that the stored tensors mean, as the
 // reference quant.dequantize computes it (fp32 math, rounded once): int8 q * s[n]; int4
 // (q - z[n, k / group]) * s[n, k / group] with q packed two per byte, low nibble first.  Used
 // before a cuBLAS GEMM when the batch is large enough for the GEMM to be compute-bound.
-#include "common.cuh"
+#include "gemv.cuh"
 
 struct QGemvParams {
   const void* x;
@@ -62,69 +60,37 @@ IRLM_DEVICE void e4m3x4_to_float(int v, float* f) {
   for (int i = 0; i < 4; ++i) f[i] = to_float(h[i]);
 }
 
-// 16 weights of one kind (WFP8: e4m3, else int8) from 16 bytes.
-template <bool WFP8> IRLM_DEVICE void weights_to_float(const int4& v, float (&f)[16]) {
-  if (WFP8) {
-    e4m3x4_to_float(v.x, f); e4m3x4_to_float(v.y, f + 4);
-    e4m3x4_to_float(v.z, f + 8); e4m3x4_to_float(v.w, f + 12);
-  } else {
+// The GEMV's weight formats (gemv.cuh's policies): 16 int8 or e4m3 weights per 16 bytes.
+struct Int8Weights {
+  static constexpr int PER_LOAD = 16;
+  static IRLM_DEVICE void unpack(const int4& v, float (&f)[16]) {
     int8x4_to_float(v.x, f); int8x4_to_float(v.y, f + 4);
     int8x4_to_float(v.z, f + 8); int8x4_to_float(v.w, f + 12);
   }
-}
+};
+struct E4m3Weights {
+  static constexpr int PER_LOAD = 16;
+  static IRLM_DEVICE void unpack(const int4& v, float (&f)[16]) {
+    e4m3x4_to_float(v.x, f); e4m3x4_to_float(v.y, f + 4);
+    e4m3x4_to_float(v.z, f + 8); e4m3x4_to_float(v.w, f + 12);
+  }
+};
 
-template <typename T>
-IRLM_DEVICE void load16(const T* p, float (&f)[16]) {
-  float a[8], b[8];
-  load_vec<T, 8>(p, a);
-  load_vec<T, 8>(p + 8, b);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) { f[i] = a[i]; f[8 + i] = b[i]; }
-}
+template <bool WFP8> struct W8 { using type = Int8Weights; };
+template <> struct W8<true> { using type = E4m3Weights; };
 
 template <typename T, int MAXM, bool WFP8>
 __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
-  constexpr int UNROLL = 4;
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const int lane = threadIdx.x & 31;
   if (row >= p.n) return;
-  const signed char* w = reinterpret_cast<const signed char*>(p.w) + (long long)row * p.k;
-  const T* x = reinterpret_cast<const T*>(p.x);
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  for (int base = lane * 16; base < p.k; base += 32 * 16 * UNROLL) {
-    int4 wv[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int k0 = base + u * 32 * 16;
-      wv[u] = k0 < p.k ? load_stream(w + k0) : make_int4(0, 0, 0, 0);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int k0 = base + u * 32 * 16;
-      if (k0 >= p.k) break;
-      float wf[16];
-      weights_to_float<WFP8>(wv[u], wf);
-#pragma unroll
-      for (int m = 0; m < MAXM; ++m) {
-        if (m < p.m) {
-          float xf[16];
-          load16<T>(x + (long long)m * p.x_stride + k0, xf);
-#pragma unroll
-          for (int i = 0; i < 16; ++i) acc[m] = fmaf(xf[i], wf[i], acc[m]);
-        }
-      }
-    }
-  }
+  gemv_row<typename W8<WFP8>::type, T, MAXM>(
+      reinterpret_cast<const char*>(p.w) + (long long)row * p.k, reinterpret_cast<const T*>(p.x),
+      p.x_stride, p.m, p.k, acc);
   const float s = p.scales[(long long)row * p.scale_stride] * (p.x_scale > 0.f ? p.x_scale : 1.f);
-  const float b = p.bias ? to_float(reinterpret_cast<const T*>(p.bias)[row]) : 0.f;
-  T* out = reinterpret_cast<T*>(p.out);
-#pragma unroll
-  for (int m = 0; m < MAXM; ++m) {
-    const float v = warp_sum(acc[m]);
-    if (m < p.m && lane == (m & 31)) out[(long long)m * p.o_stride + row] = from_float<T>(v * s + b);
-  }
+  gemv_store<T, MAXM>(acc, p.out, p.o_stride, p.m, row, s, p.bias);
 }
 
 // 16 consecutive weights of one row per thread (K % 16 == 0).
