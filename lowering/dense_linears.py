@@ -35,7 +35,9 @@ class DenseLinearPlan:
     # ----- load time ----------------------------------------------------------------------------
     def prepare(self, graph: Graph, weights, device) -> "DenseLinearPlan":
         from irlm.kernels.gemv import gemv_supported
-        device = torch.device(device)
+        if not tactics.enabled():       # IRLM_TACTICS=0: cuBLAS throughout, nothing checked
+            return self
+        device = tactics.resolve_device(device)
         groups: dict[tuple, list] = {}
         for op in graph.ops:
             if op.name != "core.linear":
@@ -45,7 +47,7 @@ class DenseLinearPlan:
             if name is None:
                 continue
             w = weights.get(name)
-            if w is None or w.device != device or not gemv_supported(xdt, w):
+            if w is None or not tactics.on_device(w, device) or not gemv_supported(xdt, w):
                 continue
             groups.setdefault((int(w.shape[0]), int(w.shape[1]), xdt), []).append((op, w))
         for key, members in groups.items():
@@ -73,7 +75,8 @@ class DenseLinearPlan:
     def linear(self, ctx, x, a):
         xv, w = x[0], x[1]
         bias = x[2] if len(x) > 2 else None
-        if xv.numel() == xv.shape[-1] and id(ctx.op) in self.m1:
+        if xv.numel() == xv.shape[-1] and id(ctx.op) in self.m1 \
+                and (bias is None or bias.is_contiguous()):
             from irlm.kernels.gemv import gemv
             y = gemv(xv.reshape(1, -1), w, bias)
             return [y.reshape(tuple(xv.shape[:-1]) + (w.shape[0],))]

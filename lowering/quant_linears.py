@@ -25,6 +25,8 @@ import torch.nn.functional as F
 
 from irlm.ir import Graph, Op
 
+from . import tactics
+
 _LOWP = (torch.bfloat16, torch.float16)
 
 
@@ -74,7 +76,6 @@ class QuantLinearPlan:
         """Time irlm's GEMV against the path a one-row call takes without it, per group of
         same-shaped weights (lowering/tactics.py); the ops of a group where the GEMV won run
         it for one row (``entry["m1"] = "gemv"``)."""
-        from . import tactics
         for key, members in self._m1_groups.items():
             choice = tactics.choose(device, ("quant-m1",) + key,
                                     self._one_row_candidates(key, members, device), "default",
@@ -112,7 +113,8 @@ class QuantLinearPlan:
             if gemm:
                 entry["scales_t"], entry["zeros_t"] = qg.prepare_int4_scales(s, z)
             parts = []             # the paths by row count, as the runner tries them
-            if ql.int4_gemv_supported(xdt, q, group) and self._int4_gemv(device, xdt):
+            if (ql.INT4_GEMV_MAX_M > 0 or tactics.enabled()) \
+                    and ql.int4_gemv_supported(xdt, q, group) and self._int4_gemv(device, xdt):
                 entry["gemv4"] = 1
                 parts.append("gemv" if ql.INT4_GEMV_MAX_M > 0 else "gemv (1 row, if faster)")
                 self._m1_groups.setdefault(("int4", n, k, group, xdt), []).append(
@@ -149,7 +151,8 @@ class QuantLinearPlan:
             xs = weights.get(xs_name).float().reshape(())
             entry = {"w_scale": ws.reshape(()), "x_scale": xs}
             q = weights.get(_param(op, 1))
-            if ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
+            if (ql.FP8_GEMV_MAX_M > 0 or tactics.enabled()) \
+                    and ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
                     and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
                 self._m1_groups.setdefault(

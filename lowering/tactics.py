@@ -5,8 +5,9 @@ it builds one).
 A row limit fixed from one machine's benchmark (``quant_linear.GEMV_MAX_M`` and its kin) is
 right for that machine and shape; the fastest kernel for a batch-1 decode linear depends on
 the GPU, the weight's shape and its dtype.  :func:`choose` times each candidate, a closure
-that runs the op over every weight of one shape in the engine (more bytes than the L2 cache
-holds, as a decode step reads them), and returns the fastest.  A candidate must beat the
+that runs the op over every weight of one shape in the engine (for a model of a few GB more
+bytes than the L2 cache holds, as a decode step reads them), replayed as a CUDA graph as a
+decode step runs it, and returns the fastest.  A candidate must beat the
 default (the path the runner would take without timing) by :data:`MIN_GAIN` to replace it, so
 that timing noise does not flip the choice between loads.
 
@@ -48,21 +49,57 @@ def enabled() -> bool:
                                                                          "no")
 
 
-def cuda_timer(candidates: dict) -> dict:
-    """Median microseconds of each candidate closure on the current CUDA stream, with CUDA
-    events; the candidates are interleaved call by call so that clock and thermal drift reach
-    them alike."""
+def resolve_device(device):
+    """``device`` as a torch.device with its index: ``"cuda"`` is the current CUDA device
+    (torch does not count ``cuda`` and ``cuda:0`` as equal)."""
     import torch
-    for fn in candidates.values():
-        for _ in range(WARMUP):
-            fn()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+def on_device(tensor, device) -> bool:
+    """Whether ``tensor`` lives on ``device`` (a CPU tensor on any ``cpu`` / ``cpu:N``)."""
+    device = resolve_device(device)
+    if tensor.device.type != device.type:
+        return False
+    return device.type != "cuda" or tensor.device.index == device.index
+
+
+def cuda_timer(candidates: dict) -> dict:
+    """Median microseconds of each candidate closure on the current CUDA device.  Each is
+    captured once in a CUDA graph (after warm-up calls on a side stream, which also load its
+    kernels) and the replays are timed with CUDA events, since a decode step runs them as graph
+    replays: eager timing would also count each launch's host work (Python argument checks for
+    irlm's kernels), which a replay does not pay.  The candidates are interleaved replay by
+    replay so that clock and thermal drift reach them alike.  A candidate that cannot be
+    captured makes every candidate be timed eagerly instead."""
+    import torch
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in candidates.values():
+            for _ in range(WARMUP):
+                fn()
+    torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
-    times = {name: [] for name in candidates}
-    for _ in range(REPS):
+    runs = {}
+    try:
         for name, fn in candidates.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            runs[name] = graph.replay
+    except Exception:  # noqa: BLE001 - not capturable: time the plain calls
+        torch.cuda.synchronize()
+        runs = dict(candidates)
+    times = {name: [] for name in runs}
+    for _ in range(REPS):
+        for name, run in runs.items():
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-            fn()
+            run()
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1000.0)
@@ -80,11 +117,17 @@ def choose(device, key, candidates: dict, default: str,
         return Choice(default, {}, "the only candidate")
     if not enabled():
         return Choice(default, {}, "IRLM_TACTICS=0")
+    device = resolve_device(device)
     cache_key = (str(device), key)
     hit = _CHOICES.get(cache_key)
     if hit is not None and hit.chosen in candidates:
         return hit
-    times = (timer or cuda_timer)(candidates)
+    if timer is None and device.type == "cuda":
+        import torch
+        with torch.cuda.device(device):     # events and syncs on the device timed
+            times = cuda_timer(candidates)
+    else:
+        times = (timer or cuda_timer)(candidates)
     best = min(times, key=times.get)
     if best != default and times[best] > times[default] * (1.0 - MIN_GAIN):
         choice = Choice(default, times, f"no candidate {MIN_GAIN:.0%} faster than the default")

@@ -1,4 +1,6 @@
 """Shared pytest fixtures."""
+import os
+
 import pytest
 import torch
 
@@ -20,6 +22,10 @@ def pytest_configure(config):
     # One torch thread per test process: CI runs two pytest-xdist workers on two cores, and
     # the tests' tiny matrix products only lose from intra-op threading.
     torch.set_num_threads(1)
+    # Load-time kernel timing (lowering/tactics.py) off unless a test asks for it
+    # (fresh_tactics): runners compared with each other, or spread over worker processes,
+    # then run the same kernels whatever the timing noise.
+    os.environ.setdefault("IRLM_TACTICS", "0")
 
 
 @pytest.fixture(scope="session")

@@ -122,7 +122,8 @@ def test_dense_plan_times_each_weight_shape_once_and_marks_its_linears(monkeypat
     assert sum(v.startswith("cublas") for v in summary.values()) == len(shapes) - 1
 
 
-def test_dense_plan_runs_more_than_one_row_through_f_linear(monkeypatch):
+def test_dense_plan_runs_one_row_through_the_gemv_and_more_through_f_linear(monkeypatch):
+    import irlm.kernels.gemv as gemv_module
     monkeypatch.setattr(dense_linears, "gemv_matches_reference", lambda device, dtype: True)
     graph = _llama(layers=1)
     plan = DenseLinearPlan(FakeTimer({"cublas": 2.0, "gemv": 1.0})).prepare(
@@ -130,14 +131,46 @@ def test_dense_plan_runs_more_than_one_row_through_f_linear(monkeypatch):
     op = _linears(graph)[0]
     assert id(op) in plan.m1
     w = graph.weights.get(op.operands[1].producer.attrs["name"])
-    x = torch.randn(3, w.shape[1], dtype=w.dtype)
+    calls = []
+
+    def spy(x, weight, bias=None):       # the GEMV's contract, on the CPU
+        calls.append(tuple(x.shape))
+        return torch.nn.functional.linear(x, weight, bias)
+    monkeypatch.setattr(gemv_module, "gemv", spy)
 
     class Ctx:
         pass
     ctx = Ctx()
     ctx.op = op
-    got = plan.linear(ctx, [x, w], {})[0]
-    assert torch.equal(got, torch.nn.functional.linear(x, w))
+    x3 = torch.randn(3, w.shape[1], dtype=w.dtype)
+    assert torch.equal(plan.linear(ctx, [x3, w], {})[0], torch.nn.functional.linear(x3, w))
+    assert calls == []
+    x1 = torch.randn(1, 1, w.shape[1], dtype=w.dtype)        # one row, as [1, 1, K]
+    got = plan.linear(ctx, [x1, w], {})[0]
+    assert calls == [(1, w.shape[1])] and got.shape == (1, 1, w.shape[0])
+    bias = torch.randn(2 * w.shape[0], dtype=w.dtype)[::2]  # not contiguous: F.linear
+    plan.linear(ctx, [x1, w, bias], {})
+    assert len(calls) == 1
+
+
+def test_dense_plan_matches_weights_on_the_device_however_it_is_named(monkeypatch):
+    """``cpu:0`` (like ``cuda`` against ``cuda:0``) names the device the weights are on."""
+    monkeypatch.setattr(dense_linears, "gemv_matches_reference", lambda device, dtype: True)
+    graph = _llama(layers=1)
+    timer = FakeTimer({"cublas": 2.0, "gemv": 1.0})
+    plan = DenseLinearPlan(timer).prepare(graph, graph.weights, "cpu:0")
+    assert timer.calls and len(plan.m1) == len(_linears(graph))
+
+
+def test_irlm_tactics_0_leaves_the_plans_as_they_were(monkeypatch, tmp_path):
+    monkeypatch.setenv("IRLM_TACTICS", "0")
+    checked = []
+    monkeypatch.setattr(dense_linears, "gemv_matches_reference",
+                        lambda device, dtype: checked.append(dtype) or True)
+    graph = _llama(layers=1)
+    plan = DenseLinearPlan(FakeTimer({"cublas": 2.0, "gemv": 1.0})).prepare(
+        graph, graph.weights, "cpu")
+    assert not plan.m1 and not plan.choices and not checked
 
 
 def test_dense_plan_leaves_everything_to_cublas_where_the_gemv_is_wrong_or_absent(monkeypatch):
