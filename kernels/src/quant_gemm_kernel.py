@@ -14,10 +14,10 @@ else mma.sync), accumulated in fp32 and rounded to x's dtype once:
   into nibbles and interleaved back into k order in registers; the scales and zero points
   come transposed, ``[K/group, N]`` (f32 and u8, a load-time copy), so one tile's are a
   contiguous row: ``(q - z) * s`` in fp32 rounded to x's dtype, the reference op's
-  dequantization bit for bit (``q - z`` as ``(2^23 + q) - (2^23 + z)``, with ``2^23 + q`` made by
-  OR-ing q into the float's mantissa, not by a conversion instruction).  A K tile holds part of one group (``BK <= GROUP``) or
-  ``BK / GROUP`` whole groups (both powers of two), whose scales broadcast over a
-  ``[BN, BK / GROUP, GROUP]`` view of the tile.
+  dequantization bit for bit (``q - z`` as ``(2^23 + q) - (2^23 + z)``, with ``2^23 + q`` made
+  by OR-ing q into the float's mantissa, not by a conversion instruction).  A K tile holds
+  part of one group (``BK <= GROUP``) or ``BK / GROUP`` whole groups (both powers of two),
+  whose scales broadcast over a ``[BN, BK / GROUP, GROUP]`` view of the tile.
 
 ``SPLIT_K``: the K range is split over ``SPLIT_K`` programs per output tile (grid axis 1), so
 that a small batch against a narrow weight still gives every multiprocessor work with wide
