@@ -169,7 +169,7 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
         f"{runner.num_blocks} KV blocks ({runner.kv_cache.dtype}), quantized linears "
         f"{runner.quant_plan.summary()}")
     for shape, choice in runner.linear_tactics().items():
-        log(f"  one-row linear {shape}: {choice}")
+        log(f"  linear of {shape}: {choice}")
     return cfg, graph, runner
 
 

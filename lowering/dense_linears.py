@@ -1,12 +1,13 @@
 """Kernel selection for the float linears (``core.linear`` in bf16 / fp16) on a GPU.
 
-By default a linear runs its reference, ``F.linear`` (cuBLAS).  A batch-1 decode step is bound
-by reading the weights, and at one row cuBLAS's GEMM does not always read them as fast as a
+By default a linear runs its reference, ``F.linear`` (cuBLAS).  A decode step of a few rows is
+bound by reading the weights, and there cuBLAS's GEMM does not always read them as fast as a
 GEMV that streams each row once (:mod:`irlm.kernels.gemv`).  :class:`DenseLinearPlan` runs
 when the CUDA runner loads an engine: it groups the linears by weight shape and dtype, checks
 once per dtype that irlm's GEMV computes the reference op here, and times the two on each
-group's weights at one row (:mod:`.tactics`).  Linears whose group chose the GEMV run it for
-one-row calls; everything else (more rows, other dtypes, weights that are not params) runs
+group's weights at each of the decode graphs' small row counts (``tactics.SMALL_ROWS``: 1, 2,
+4, 8).  A linear whose group chose the GEMV for a row count runs it for calls of exactly that
+many rows; everything else (other row counts, other dtypes, weights that are not params) runs
 ``F.linear`` as before.  :meth:`DenseLinearPlan.summary` reports each group's choice and times
 (the runner's ``linear_tactics``).
 """
@@ -24,11 +25,11 @@ from .quant_linears import _param
 
 
 class DenseLinearPlan:
-    """The one-row path of every float linear (see the module doc)."""
+    """The small-batch paths of every float linear (see the module doc)."""
 
     def __init__(self, timer: Optional[tactics.Timer] = None):
-        self.m1: dict[int, str] = {}           # id(op) -> "gemv": its one-row calls
-        self.choices: dict[tuple, tactics.Choice] = {}    # (n, k, dtype) -> the choice
+        self.gemv_rows: dict[int, frozenset] = {}   # id(op) -> the row counts its GEMV runs
+        self.choices: dict[tuple, tactics.Choice] = {}    # (rows, n, k, dtype) -> the choice
         self.gemv_ok: dict = {}                # dtype -> the GEMV checked and right here
         self._timer = timer
 
@@ -54,13 +55,17 @@ class DenseLinearPlan:
             n, k, dtype = key
             if not self._gemv(device, dtype):
                 continue
-            choice = tactics.choose(device, ("linear-m1", n, k, str(dtype)),
-                                    _candidates(members, k, dtype, device), "cublas",
-                                    self._timer)
-            self.choices[key] = choice
-            if choice.chosen == "gemv":
+            won = set()
+            for rows in tactics.SMALL_ROWS:
+                choice = tactics.choose(device, ("linear", rows, n, k, str(dtype)),
+                                        _candidates(members, rows, k, dtype, device), "cublas",
+                                        self._timer)
+                self.choices[(rows,) + key] = choice
+                if choice.chosen == "gemv":
+                    won.add(rows)
+            if won:
                 for op, _ in members:
-                    self.m1[id(op)] = "gemv"
+                    self.gemv_rows[id(op)] = frozenset(won)
         return self
 
     def _gemv(self, device, dtype) -> bool:
@@ -70,41 +75,45 @@ class DenseLinearPlan:
 
     # ----- run time -----------------------------------------------------------------------------
     def overrides(self) -> dict:
-        return {"core.linear": self.linear} if self.m1 else {}
+        return {"core.linear": self.linear} if self.gemv_rows else {}
 
     def linear(self, ctx, x, a):
         xv, w = x[0], x[1]
         bias = x[2] if len(x) > 2 else None
-        if xv.numel() == xv.shape[-1] and id(ctx.op) in self.m1 \
+        k = xv.shape[-1]
+        rows = xv.numel() // k if k else 0
+        if rows in self.gemv_rows.get(id(ctx.op), ()) \
                 and (bias is None or bias.is_contiguous()):
             from irlm.kernels.gemv import gemv
-            y = gemv(xv.reshape(1, -1), w, bias)
+            y = gemv(xv.reshape(rows, k), w, bias)
             return [y.reshape(tuple(xv.shape[:-1]) + (w.shape[0],))]
         return [F.linear(xv, w, bias)]
 
     def summary(self) -> dict[str, str]:
-        return {f"{n}x{k} {str(dt).replace('torch.', '')}": repr(c)
-                for (n, k, dt), c in self.choices.items()}
+        return {f"{rows} row{'s' if rows > 1 else ''} {n}x{k} "
+                f"{str(dt).replace('torch.', '')}": repr(c)
+                for (rows, n, k, dt), c in self.choices.items()}
 
 
-def _candidates(members, k, dtype, device) -> dict:
-    """The one-row closures that tactics.choose times: each runs every distinct weight of the
-    group once, as a decode step does (more bytes than the L2 cache holds for a real model)."""
+def _candidates(members, rows, k, dtype, device) -> dict:
+    """The closures that tactics.choose times for ``rows`` rows: each runs every distinct
+    weight of the group once, as a decode step does (more bytes than the L2 cache holds for a
+    real model)."""
     from irlm.kernels.gemv import gemv
     seen, ws = set(), []
     for _, w in members:
         if w.data_ptr() not in seen:
             seen.add(w.data_ptr())
             ws.append(w)
-    x1 = torch.randn(1, k, dtype=dtype, device=device)
+    x = torch.randn(rows, k, dtype=dtype, device=device)
 
     def cublas():
         for w in ws:
-            F.linear(x1, w)
+            F.linear(x, w)
 
     def irlm_gemv():
         for w in ws:
-            gemv(x1, w)
+            gemv(x, w)
     return {"cublas": cublas, "gemv": irlm_gemv}
 
 

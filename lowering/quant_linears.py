@@ -47,10 +47,10 @@ class QuantLinearPlan:
         self.fp8_gemv_ok: Optional[bool] = None
         self.int4_gemv_ok: dict = {}  # x dtype -> the int4 GEMV checked and right here
         self.gemm_ok: dict = {}       # (mode, group, dtype) -> Triton GEMM checked and right
-        # one-row tactics (lowering/tactics.py): key -> [(entry, weight operands)] of the ops
-        # that may run irlm's GEMV for one row, and what timing chose for each key
-        self._m1_groups: dict[tuple, list] = {}
-        self.m1_choices: dict[tuple, object] = {}
+        # small-batch tactics (lowering/tactics.py): key -> [(entry, weight operands)] of the
+        # ops that may run irlm's GEMV for a few rows, and what timing chose per (rows,) + key
+        self._gemv_groups: dict[tuple, list] = {}
+        self.gemv_choices: dict[tuple, object] = {}
         self._timer = timer
 
     # ----- load time ----------------------------------------------------------------------------
@@ -69,21 +69,24 @@ class QuantLinearPlan:
                 entry["path"] = path
                 self.prepared[id(op)] = entry
             self.paths[qname or op.describe()] = path
-        self._choose_one_row_paths(device)
+        self._choose_gemv_rows(device)
         return self
 
-    def _choose_one_row_paths(self, device) -> None:
-        """Time irlm's GEMV against the path a one-row call takes without it, per group of
-        same-shaped weights (lowering/tactics.py); the ops of a group where the GEMV won run
-        it for one row (``entry["m1"] = "gemv"``)."""
-        for key, members in self._m1_groups.items():
-            choice = tactics.choose(device, ("quant-m1",) + key,
-                                    self._one_row_candidates(key, members, device), "default",
-                                    self._timer)
-            self.m1_choices[key] = choice
-            if choice.chosen == "gemv":
-                for entry, _ in members:
-                    entry["m1"] = "gemv"
+    def _choose_gemv_rows(self, device) -> None:
+        """Time irlm's GEMV against the path a call of a few rows takes without it, per group
+        of same-shaped weights and row count (lowering/tactics.py); the ops of a group run the
+        GEMV for the row counts where it won (``entry["gemv_rows"]``)."""
+        for key, members in self._gemv_groups.items():
+            won = set()
+            for rows in tactics.SMALL_ROWS:
+                choice = tactics.choose(device, ("quant", rows) + key,
+                                        self._gemv_candidates(key, members, rows, device),
+                                        "default", self._timer)
+                self.gemv_choices[(rows,) + key] = choice
+                if choice.chosen == "gemv":
+                    won.add(rows)
+            for entry, _ in members:
+                entry["gemv_rows"] = frozenset(won)
 
     def _weight_only(self, op: Op, weights, device):
         from irlm.kernels import quant_gemm as qg, quant_linear as ql
@@ -116,8 +119,8 @@ class QuantLinearPlan:
             if (ql.INT4_GEMV_MAX_M > 0 or tactics.enabled()) \
                     and ql.int4_gemv_supported(xdt, q, group) and self._int4_gemv(device, xdt):
                 entry["gemv4"] = 1
-                parts.append("gemv" if ql.INT4_GEMV_MAX_M > 0 else "gemv (1 row, if faster)")
-                self._m1_groups.setdefault(("int4", n, k, group, xdt), []).append(
+                parts.append("gemv" if ql.INT4_GEMV_MAX_M > 0 else "gemv (1-8 rows, if faster)")
+                self._gemv_groups.setdefault(("int4", n, k, group, xdt), []).append(
                     (entry, (q, s, z)))
             if xdt is torch.bfloat16 \
                     and ql.tinygemm_supported(n, k, group) and self._tinygemm(device):
@@ -155,11 +158,11 @@ class QuantLinearPlan:
                     and ql.gemv_supported(torch.empty(0, dtype=torch.bfloat16), q) \
                     and self._fp8_gemv(q.device):
                 entry["x_scale_value"] = float(xs)      # a constant: read once, here
-                self._m1_groups.setdefault(
+                self._gemv_groups.setdefault(
                     ("fp8-a8", n, k, op.operands[0].type.dtype.torch), []).append((entry, (q,)))
                 if ql.FP8_GEMV_MAX_M > 0:
                     return "fp8: gemv / cublaslt _scaled_mm", entry
-                return "fp8: gemv (1 row, if faster) / cublaslt _scaled_mm", entry
+                return "fp8: gemv (1-8 rows, if faster) / cublaslt _scaled_mm", entry
             return "fp8: cublaslt _scaled_mm", entry
         if k % 8 or n % 8:
             return "reference", None
@@ -239,7 +242,7 @@ class QuantLinearPlan:
                 y = F.linear(flat, ql.dequantize_fp8(x[1], entry["w_scale"], xv.dtype), bias)
         else:
             gemv = "gemv4" in entry and (m <= ql.INT4_GEMV_MAX_M
-                                         or m == 1 and entry.get("m1") == "gemv")
+                                         or m in entry.get("gemv_rows", ()))
             y = _int4_linear(entry, flat, x[1], bias, gemv)
         y = y.reshape(tuple(xv.shape[:-1]) + (y.shape[-1],))
         return [_epilogue(y, a["act"])]
@@ -256,7 +259,7 @@ class QuantLinearPlan:
             bias = x[4] if len(x) > 4 else None
             m = flat.shape[0]
             gemv = "x_scale_value" in entry and (m <= ql.FP8_GEMV_MAX_M
-                                                 or m == 1 and entry.get("m1") == "gemv")
+                                                 or m in entry.get("gemv_rows", ()))
             y = _fp8_a8_linear(entry, flat, x[1], bias, gemv)
         else:
             bias = x[3] if len(x) > 3 else None
@@ -268,15 +271,16 @@ class QuantLinearPlan:
         return dict(Counter(self.paths.values()))
 
     def tactics_summary(self) -> dict[str, str]:
-        """What one-row timing chose per group of same-shaped quantized weights."""
-        return {" ".join(str(p).replace("torch.", "") for p in key): repr(choice)
-                for key, choice in self.m1_choices.items()}
+        """What timing chose per row count and group of same-shaped quantized weights."""
+        return {f"{key[0]} row{'s' if key[0] > 1 else ''} "
+                + " ".join(str(p).replace("torch.", "") for p in key[1:]): repr(choice)
+                for key, choice in self.gemv_choices.items()}
 
-    def _one_row_candidates(self, key, members, device) -> dict:
-        """One-row closures over every distinct weight of a group (tactics.choose times them):
-        "default", the path a one-row call takes without irlm's GEMV, and "gemv"."""
+    def _gemv_candidates(self, key, members, rows, device) -> dict:
+        """Closures of ``rows`` rows over every distinct weight of a group (tactics.choose
+        times them): "default", the path such a call takes without irlm's GEMV, and "gemv"."""
         k, dtype = key[2], key[-1]
-        x1 = torch.randn(1, k, dtype=dtype, device=device)
+        x1 = torch.randn(rows, k, dtype=dtype, device=device)
         seen, uniq = set(), []
         for entry, operands in members:
             if operands[0].data_ptr() not in seen:

@@ -24,6 +24,9 @@ from typing import Callable, Optional
 
 #: a non-default candidate must be at least this much faster than the default to be chosen
 MIN_GAIN = 0.03
+#: the row counts a linear's small-batch paths are timed at: the CUDA runner's decode graph
+#: buckets up to 8 (a decode step of 3 requests runs the bucket-4 graph, 4 rows)
+SMALL_ROWS = (1, 2, 4, 8)
 #: timed calls per candidate (interleaved across candidates), after WARMUP untimed ones
 REPS = 7
 WARMUP = 2

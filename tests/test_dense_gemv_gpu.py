@@ -1,8 +1,8 @@
 """irlm's dense GEMV (irlm.kernels.gemv) and the load-time tactics that choose it over cuBLAS
-for one-row linears (lowering/tactics.py, lowering/dense_linears.py), on the GPU.
+for linears of a few rows (lowering/tactics.py, lowering/dense_linears.py), on the GPU.
 
 The GEMV against an fp64 matmul of the same bf16 / fp16 values (relative L2 error within the
-output's rounding); the real CUDA timer; and an engine whose one-row linears were made to
+output's rounding); the real CUDA timer; and an engine whose small-batch linears were made to
 choose the GEMV (a stand-in timer) against the same engine on cuBLAS, prefill eager and decode
 as CUDA graph replays.
 """
@@ -86,9 +86,10 @@ def _engine():
 
 
 def test_engine_with_gemv_tactics_matches_cublas(monkeypatch):
-    """Every one-row linear made to choose the GEMV (a timer that says it is faster) against the
-    same engine with tactics off (cuBLAS throughout): a prefill (eager), decode of 3 rows and of
-    1 row as graph replays."""
+    """Every linear made to choose the GEMV at 1-8 rows (a timer that says it is faster)
+    against the same engine with tactics off (cuBLAS throughout): a prefill (eager; its LM
+    head of 3 rows on cuBLAS), decode of 3 requests (4 rows in the bucket-4 graph) and of 1
+    as graph replays."""
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     graph = _engine()
@@ -96,11 +97,11 @@ def test_engine_with_gemv_tactics_matches_cublas(monkeypatch):
                         lambda cands: {name: 1.0 if name == "gemv" else 2.0 for name in cands})
     fast = CudaGraphRunner(graph, num_blocks=64)
     linears = [op for op in graph.ops if op.name == "core.linear"]
-    assert len(fast.dense_plan.m1) == len(linears) >= 9     # 4 per layer and the LM head
+    assert len(fast.dense_plan.gemv_rows) == len(linears) >= 9   # 4 per layer, the LM head
     assert all(v.startswith("gemv") for v in fast.linear_tactics().values())
     monkeypatch.setenv("IRLM_TACTICS", "0")
     ref = CudaGraphRunner(graph, num_blocks=64)
-    assert not ref.dense_plan.m1
+    assert not ref.dense_plan.gemv_rows
     g = torch.Generator().manual_seed(5)
     seqs = [torch.randint(0, 512, (40,), generator=g) for _ in range(3)]
     tables = [list(range(r * 8, r * 8 + 8)) for r in range(3)]

@@ -405,11 +405,11 @@ def _engine(mode, tmp_path):
 # (seen on an H200: fp8 3.0e-2 on the 110-token prefill).
 @pytest.mark.parametrize("mode,path,tol", [
     ("int8", "int8: gemv / triton gemm / dequantize+cublas", 2e-2),
-    ("int4", "int4: gemv (1 row, if faster) / tinygemm / triton gemm / dequantize+cublas",
+    ("int4", "int4: gemv (1-8 rows, if faster) / tinygemm / triton gemm / dequantize+cublas",
      2e-2),
-    ("int4-awq", "int4: gemv (1 row, if faster) / tinygemm / triton gemm / dequantize+cublas",
+    ("int4-awq", "int4: gemv (1-8 rows, if faster) / tinygemm / triton gemm / dequantize+cublas",
      2e-2),
-    ("fp8", "fp8: gemv (1 row, if faster) / cublaslt _scaled_mm", 5e-2),
+    ("fp8", "fp8: gemv (1-8 rows, if faster) / cublaslt _scaled_mm", 5e-2),
     ("fp8-weight", "fp8 weight-only: gemv / dequantize+cublas", 2e-2),
     ("w8a8-sq", "w8a8: cublaslt _int_mm", 5e-2),
 ])
@@ -418,16 +418,16 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(
     from irlm.lowering import tactics
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
-    # one-row tactics made to choose irlm's GEMV wherever it is a candidate (int4, fp8), so
-    # that the 1-row steps below run it
+    # small-batch tactics made to choose irlm's GEMV wherever it is a candidate (int4, fp8),
+    # so that the decode steps below (4 rows in the bucket-4 graph, then 1 row) run it
     monkeypatch.setattr(tactics, "cuda_timer",
                         lambda cands: {name: 1.0 if name == "gemv" else 2.0 for name in cands})
     graph = _engine(mode, tmp_path)
     fast = CudaGraphRunner(graph, num_blocks=64)
     assert set(fast.quant_plan.summary()) == {path}, fast.quant_plan.summary()
     if "if faster" in path:
-        assert fast.quant_plan.m1_choices and all(
-            c.chosen == "gemv" for c in fast.quant_plan.m1_choices.values())
+        assert fast.quant_plan.gemv_choices and all(
+            c.chosen == "gemv" for c in fast.quant_plan.gemv_choices.values())
     ref = CudaGraphRunner(graph, num_blocks=64, cuda_graphs=False)
     ref.quant_plan.prepared.clear()         # every quantized linear on its reference op
     g = torch.Generator().manual_seed(2)

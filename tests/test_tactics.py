@@ -89,47 +89,51 @@ def _linears(graph):
     return [op for op in graph.ops if op.name == "core.linear"]
 
 
-def test_dense_plan_times_each_weight_shape_once_and_marks_its_linears(monkeypatch):
+def _shape(graph, op):
+    return tuple(graph.weights.get(op.operands[1].producer.attrs["name"]).shape)
+
+
+def test_dense_plan_times_each_weight_shape_and_row_count_and_marks_its_linears(monkeypatch):
     monkeypatch.setattr(dense_linears, "gemv_matches_reference", lambda device, dtype: True)
     graph = _llama()
     ops = _linears(graph)
-    shapes = {tuple(graph.weights.get(op.operands[1].producer.attrs["name"]).shape)
-              for op in ops}
+    shapes = {_shape(graph, op) for op in ops}
     assert len(ops) > len(shapes) >= 4          # 2 layers share their shapes; the LM head
-    # the GEMV wins only for the widest weight (the fused gate/up projection)
+    # the GEMV wins only for the widest weight (the fused gate/up projection), at 1 and 2 rows
     widest = max(shapes)
-
-    def times(name, call):
-        return 1.0 if name == "gemv" and plan_shape[0] == widest else 2.0
-    plan_shape = [None]
+    timed = []
     real = dense_linears._candidates
 
-    def spy(members, k, dtype, device):
-        plan_shape[0] = tuple(members[0][1].shape)
-        return real(members, k, dtype, device)
+    def spy(members, rows, k, dtype, device):
+        timed.append((tuple(members[0][1].shape), rows))
+        return real(members, rows, k, dtype, device)
     monkeypatch.setattr(dense_linears, "_candidates", spy)
+
+    def times(name, call):
+        shape, rows = timed[call - 1]
+        return 1.0 if name == "gemv" and shape == widest and rows <= 2 else 2.0
     timer = FakeTimer(times)
     plan = DenseLinearPlan(timer).prepare(graph, graph.weights, torch.device("cpu"))
-    assert len(timer.calls) == len(shapes)
-    assert all(c == ["cublas", "gemv"] for c in timer.calls)
-    chosen = {op for op in ops if id(op) in plan.m1}
-    want = {op for op in ops
-            if tuple(graph.weights.get(op.operands[1].producer.attrs["name"]).shape) == widest}
-    assert chosen == want and len(want) == 2
+    assert sorted(timed) == sorted((sh, r) for sh in shapes for r in tactics.SMALL_ROWS)
+    assert len(timer.calls) == len(timed) and all(c == ["cublas", "gemv"] for c in timer.calls)
+    want = {op for op in ops if _shape(graph, op) == widest}
+    assert {op for op in ops if id(op) in plan.gemv_rows} == want and len(want) == 2
+    assert all(plan.gemv_rows[id(op)] == {1, 2} for op in want)
     assert "core.linear" in plan.overrides()
     summary = plan.summary()
-    assert sum("gemv (fastest" in v for v in summary.values()) == 1, summary
-    assert sum(v.startswith("cublas") for v in summary.values()) == len(shapes) - 1
+    assert len(summary) == len(timed)
+    assert sum("gemv (fastest" in v for v in summary.values()) == 2, summary
 
 
-def test_dense_plan_runs_one_row_through_the_gemv_and_more_through_f_linear(monkeypatch):
+def test_dense_plan_runs_its_row_counts_through_the_gemv_and_others_through_f_linear(
+        monkeypatch):
     import irlm.kernels.gemv as gemv_module
     monkeypatch.setattr(dense_linears, "gemv_matches_reference", lambda device, dtype: True)
     graph = _llama(layers=1)
     plan = DenseLinearPlan(FakeTimer({"cublas": 2.0, "gemv": 1.0})).prepare(
         graph, graph.weights, torch.device("cpu"))
     op = _linears(graph)[0]
-    assert id(op) in plan.m1
+    assert plan.gemv_rows[id(op)] == set(tactics.SMALL_ROWS)
     w = graph.weights.get(op.operands[1].producer.attrs["name"])
     calls = []
 
@@ -142,15 +146,19 @@ def test_dense_plan_runs_one_row_through_the_gemv_and_more_through_f_linear(monk
         pass
     ctx = Ctx()
     ctx.op = op
-    x3 = torch.randn(3, w.shape[1], dtype=w.dtype)
-    assert torch.equal(plan.linear(ctx, [x3, w], {})[0], torch.nn.functional.linear(x3, w))
+    k, n = w.shape[1], w.shape[0]
+    for rows in (3, 5, 16):                                  # not timed: F.linear
+        x = torch.randn(rows, k, dtype=w.dtype)
+        assert torch.equal(plan.linear(ctx, [x, w], {})[0], torch.nn.functional.linear(x, w))
     assert calls == []
-    x1 = torch.randn(1, 1, w.shape[1], dtype=w.dtype)        # one row, as [1, 1, K]
-    got = plan.linear(ctx, [x1, w], {})[0]
-    assert calls == [(1, w.shape[1])] and got.shape == (1, 1, w.shape[0])
-    bias = torch.randn(2 * w.shape[0], dtype=w.dtype)[::2]  # not contiguous: F.linear
+    x1 = torch.randn(1, 1, k, dtype=w.dtype)                 # one row, as [1, 1, K]
+    assert plan.linear(ctx, [x1, w], {})[0].shape == (1, 1, n)
+    x4 = torch.randn(4, k, dtype=w.dtype)
+    plan.linear(ctx, [x4, w], {})
+    assert calls == [(1, k), (4, k)]
+    bias = torch.randn(2 * n, dtype=w.dtype)[::2]            # not contiguous: F.linear
     plan.linear(ctx, [x1, w, bias], {})
-    assert len(calls) == 1
+    assert len(calls) == 2
 
 
 def test_dense_plan_matches_weights_on_the_device_however_it_is_named(monkeypatch):
@@ -159,7 +167,7 @@ def test_dense_plan_matches_weights_on_the_device_however_it_is_named(monkeypatc
     graph = _llama(layers=1)
     timer = FakeTimer({"cublas": 2.0, "gemv": 1.0})
     plan = DenseLinearPlan(timer).prepare(graph, graph.weights, "cpu:0")
-    assert timer.calls and len(plan.m1) == len(_linears(graph))
+    assert timer.calls and len(plan.gemv_rows) == len(_linears(graph))
 
 
 def test_irlm_tactics_0_leaves_the_plans_as_they_were(monkeypatch, tmp_path):
@@ -170,7 +178,7 @@ def test_irlm_tactics_0_leaves_the_plans_as_they_were(monkeypatch, tmp_path):
     graph = _llama(layers=1)
     plan = DenseLinearPlan(FakeTimer({"cublas": 2.0, "gemv": 1.0})).prepare(
         graph, graph.weights, "cpu")
-    assert not plan.m1 and not plan.choices and not checked
+    assert not plan.gemv_rows and not plan.choices and not checked
 
 
 def test_dense_plan_leaves_everything_to_cublas_where_the_gemv_is_wrong_or_absent(monkeypatch):
@@ -178,15 +186,15 @@ def test_dense_plan_leaves_everything_to_cublas_where_the_gemv_is_wrong_or_absen
     timer = FakeTimer({"cublas": 2.0, "gemv": 1.0})
     # on the CPU the GEMV's check cannot run: nothing is timed, nothing overridden
     plan = DenseLinearPlan(timer).prepare(graph, graph.weights, torch.device("cpu"))
-    assert not timer.calls and not plan.m1 and plan.overrides() == {}
+    assert not timer.calls and not plan.gemv_rows and plan.overrides() == {}
     # an fp32 engine: the GEMV takes bf16 / fp16 only
     monkeypatch.setattr(dense_linears, "gemv_matches_reference", lambda device, dtype: True)
     graph32 = _llama(torch.float32, layers=1)
     plan = DenseLinearPlan(timer).prepare(graph32, graph32.weights, torch.device("cpu"))
-    assert not timer.calls and not plan.m1
+    assert not timer.calls and not plan.gemv_rows
 
 
-def test_quantized_int4_linears_time_the_gemv_against_their_one_row_path(monkeypatch, tmp_path):
+def test_quantized_int4_linears_time_the_gemv_against_their_own_paths(monkeypatch, tmp_path):
     calib = tmp_path / "calib.json"
     calib.write_text(json.dumps([list(range(1, 17))]))
     graph = _llama(layers=2, extra=(f'quantize{{mode=int4,group=32,fuse=false,'
@@ -195,23 +203,25 @@ def test_quantized_int4_linears_time_the_gemv_against_their_one_row_path(monkeyp
                         lambda device, dtype=None: True)
     monkeypatch.setattr(QuantLinearPlan, "_tinygemm", lambda self, device: False)
     monkeypatch.setattr(QuantLinearPlan, "_gemm", lambda self, *a: False)
-    shapes = []
-    real = QuantLinearPlan._one_row_candidates
+    timed = []
+    real = QuantLinearPlan._gemv_candidates
 
-    def spy(self, key, members, device):
-        shapes.append(key)
-        return real(self, key, members, device)
-    monkeypatch.setattr(QuantLinearPlan, "_one_row_candidates", spy)
-    # the GEMV wins for the o projection's shape (128 x 128) only
-    timer = FakeTimer(lambda name, call: 1.0 if name == "gemv" and shapes[call - 1][1:3] ==
-                      (128, 128) else 2.0)
+    def spy(self, key, members, rows, device):
+        timed.append((key, rows))
+        return real(self, key, members, rows, device)
+    monkeypatch.setattr(QuantLinearPlan, "_gemv_candidates", spy)
+
+    def times(name, call):   # the GEMV wins for the o projection's shape (128 x 128) at 1 row
+        key, rows = timed[call - 1]
+        return 1.0 if name == "gemv" and key[1:3] == (128, 128) and rows == 1 else 2.0
+    timer = FakeTimer(times)
     plan = QuantLinearPlan(timer).prepare(graph, graph.weights, torch.device("cpu"))
-    assert plan.summary() == {"int4: gemv (1 row, if faster) / dequantize+cublas": 8}
-    assert len(timer.calls) == len(shapes) == 4 and all(c == ["default", "gemv"]
-                                                        for c in timer.calls)
-    with_gemv = [e for e in plan.prepared.values() if e.get("m1") == "gemv"]
+    assert plan.summary() == {"int4: gemv (1-8 rows, if faster) / dequantize+cublas": 8}
+    assert len(timed) == 4 * len(tactics.SMALL_ROWS) == len(timer.calls)
+    assert all(c == ["default", "gemv"] for c in timer.calls)
+    with_gemv = [e for e in plan.prepared.values() if e["gemv_rows"]]
     assert len(with_gemv) == 2                       # the o projections of the 2 layers
-    assert all(e["scales"].shape[0] == 128 for e in with_gemv)
-    tactics_text = plan.tactics_summary()
-    assert len(tactics_text) == 4
-    assert sum("gemv (fastest" in v for v in tactics_text.values()) == 1, tactics_text
+    assert all(e["gemv_rows"] == {1} and e["scales"].shape[0] == 128 for e in with_gemv)
+    text = plan.tactics_summary()
+    assert len(text) == len(timed)
+    assert sum("gemv (fastest" in v for v in text.values()) == 1, text

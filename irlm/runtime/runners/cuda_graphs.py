@@ -67,7 +67,7 @@ class CudaGraphRunner:
         from irlm.lowering.dense_linears import DenseLinearPlan
         from irlm.lowering.quant_linears import QuantLinearPlan
         self.quant_plan = QuantLinearPlan().prepare(graph, self.weights, self.device)
-        # float linears: irlm's GEMV where timing it against cuBLAS at one row says it wins
+        # float linears: irlm's GEMV where timing it against cuBLAS at 1-8 rows says it wins
         self.dense_plan = DenseLinearPlan().prepare(graph, self.weights, self.device)
         cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
         layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
@@ -120,9 +120,10 @@ class CudaGraphRunner:
         self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
 
     def linear_tactics(self) -> dict[str, str]:
-        """What load-time timing chose for the one-row linears, per weight shape (the float
-        linears' cuBLAS vs irlm's GEMV, the quantized ones' default path vs irlm's GEMV),
-        with each candidate's time (lowering/tactics.py)."""
+        """What load-time timing chose for the linears of a few rows (1, 2, 4, 8: the small
+        decode graphs), per row count and weight shape: the float linears' cuBLAS vs irlm's
+        GEMV, the quantized ones' default path vs irlm's GEMV, with each candidate's time
+        (lowering/tactics.py)."""
         return {**self.dense_plan.summary(), **self.quant_plan.tactics_summary()}
 
     def connect_collectives(self, kernels: dict) -> None:
