@@ -15,15 +15,17 @@ an int or a symbolic expression; ``dims`` a list of them (shapes); ``type`` a Te
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
-
 import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 import sympy
 
 from .errors import IRError
 from .types import DType, TensorType, normalize_dim
+
+if TYPE_CHECKING:      # annotations only: the IR core imports torch on first use
+    import torch
 
 REQUIRED = object()
 

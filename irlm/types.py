@@ -10,12 +10,14 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Union
+from typing import TYPE_CHECKING, Union
 
 import sympy
 
 from .errors import IRError
 
+if TYPE_CHECKING:      # annotations only: the IR core imports torch on first use
+    import torch
 
 class DType(enum.Enum):
     f32 = "f32"
