@@ -19,6 +19,7 @@ from .errors import IRError
 if TYPE_CHECKING:      # annotations only: the IR core imports torch on first use
     import torch
 
+
 class DType(enum.Enum):
     f32 = "f32"
     f16 = "f16"
