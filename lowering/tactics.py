@@ -18,6 +18,7 @@ this module existed (for bit-reproducible runs across machines, or to compare).
 """
 from __future__ import annotations
 
+import math
 import os
 import statistics
 from typing import Callable, Optional
@@ -77,16 +78,27 @@ def cuda_timer(candidates: dict) -> dict:
     replays: eager timing would also count each launch's host work (Python argument checks for
     irlm's kernels), which a replay does not pay.  The candidates are interleaved replay by
     replay so that clock and thermal drift reach them alike.  A candidate that cannot be
-    captured makes every candidate be timed eagerly instead."""
+    captured makes every candidate be timed eagerly instead; one that raises when called is
+    reported as infinitely slow (never chosen), with a warning."""
+    import warnings
+
     import torch
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
+    failed = {}
     with torch.cuda.stream(side):
-        for fn in candidates.values():
-            for _ in range(WARMUP):
-                fn()
+        for name, fn in candidates.items():
+            try:
+                for _ in range(WARMUP):
+                    fn()
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot run: not a choice
+                failed[name] = e
     torch.cuda.current_stream().wait_stream(side)
     torch.cuda.synchronize()
+    for name, e in failed.items():
+        warnings.warn(f"tactic {name!r} failed while being timed ({type(e).__name__}: {e}); "
+                      f"it is not used", RuntimeWarning, stacklevel=3)
+    candidates = {n: fn for n, fn in candidates.items() if n not in failed}
     runs = {}
     try:
         for name, fn in candidates.items():
@@ -106,7 +118,8 @@ def cuda_timer(candidates: dict) -> dict:
             end.record()
             end.synchronize()
             times[name].append(start.elapsed_time(end) * 1000.0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+    out = {name: statistics.median(ts) for name, ts in times.items()}
+    return {**out, **{name: math.inf for name in failed}}
 
 
 def choose(device, key, candidates: dict, default: str,
@@ -132,7 +145,9 @@ def choose(device, key, candidates: dict, default: str,
     else:
         times = (timer or cuda_timer)(candidates)
     best = min(times, key=times.get)
-    if best != default and times[best] > times[default] * (1.0 - MIN_GAIN):
+    if math.isinf(times[best]):
+        choice = Choice(default, times, "no candidate ran")
+    elif best != default and times[best] > times[default] * (1.0 - MIN_GAIN):
         choice = Choice(default, times, f"no candidate {MIN_GAIN:.0%} faster than the default")
     else:
         choice = Choice(best, times, "fastest" if best != default else "the default is fastest")

@@ -59,6 +59,17 @@ def test_a_choice_is_timed_once_per_device_and_key():
     assert len(t.calls) == 3
 
 
+def test_a_candidate_that_failed_to_run_is_never_chosen():
+    inf = float("inf")
+    cands = {"default": _noop, "gemv": _noop}
+    c = tactics.choose("cuda:0", ("a",), cands, "default", FakeTimer({"default": 5.0, "gemv": inf}))
+    assert c.chosen == "default"
+    c = tactics.choose("cuda:0", ("b",), cands, "default", FakeTimer({"default": inf, "gemv": 5.0}))
+    assert c.chosen == "gemv"
+    c = tactics.choose("cuda:0", ("c",), cands, "default", FakeTimer({"default": inf, "gemv": inf}))
+    assert c.chosen == "default" and "no candidate ran" in repr(c)
+
+
 def test_irlm_tactics_0_keeps_every_default_without_timing(monkeypatch):
     monkeypatch.setenv("IRLM_TACTICS", "0")
     t = FakeTimer({"default": 10.0, "gemv": 1.0})
