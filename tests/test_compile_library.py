@@ -69,3 +69,51 @@ def test_max_batch_1_is_a_static_batch_that_still_matches_transformers(tiny_llam
         want = tiny_llama.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
                                    pad_token_id=0)[0, len(prompt):].tolist()
     assert got.outputs[0].token_ids == want
+
+
+def _weight_dtypes(engine_dir):
+    """The dtypes of the engine's weight matrices (RoPE's inv_freq stays f32 in any dtype)."""
+    from safetensors import safe_open
+    out = set()
+    for path in engine_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as f:
+            out |= {f.get_slice(k).get_dtype() for k in f.keys()
+                    if len(f.get_slice(k).get_shape()) == 2}
+    return out
+
+
+# a CPU engine stores its linears' weights as its CPU runs them (cast-weights: f16)
+@pytest.mark.parametrize("device, stored", [("cuda", "F32"), ("any", "F32"), ("cpu", "F16")])
+def test_a_module_source_compiles_in_its_own_dtype(tiny_llama, tmp_path, device, stored):
+    import json
+    engine = irlm.compile(tiny_llama, CompileConfig(output=tmp_path / "e", max_seq=32,
+                                                    device=device))
+    assert json.loads((engine.path / "engine.json").read_text())["config"]["dtype"] == "f32"
+    assert _weight_dtypes(engine.path) == {stored}
+
+
+def test_a_module_source_in_another_dtype_than_asked_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(IRLMError, match=r"--dtype bf16: a module source compiles in its own "
+                                        r"dtype \(f32\); convert the module first "
+                                        r"\(model.to\(torch.bfloat16\)\)"):
+        irlm.compile(tiny_llama, CompileConfig(output=tmp_path / "e", max_seq=32, dtype="bf16"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, want", [(["--device", "cuda"], "bf16"),
+                                         (["--device", "cuda", "--dtype", "f32"], "f32"),
+                                         ([], "f32")])
+def test_an_engine_for_a_gpu_is_bf16_unless_asked_otherwise(tmp_path, flags, want):
+    """``irlm compile --device cuda`` of a file source: bf16 weights and activations (what the
+    GPU's tensor cores and irlm's quantized GPU kernels take) unless --dtype says otherwise."""
+    import json
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    from irlm_test_helpers import smollm_gguf
+    from irlm.cli import main as irlm_main
+    out = tmp_path / "e"
+    assert irlm_main(["compile", "--gguf", str(smollm_gguf()), "--max-seq", "64", "-o",
+                      str(out), *flags]) == 0
+    assert json.loads((out / "engine.json").read_text())["config"]["dtype"] == want
+    floats = _weight_dtypes(out) & {"F32", "BF16", "F16"}
+    assert floats == {want.upper()}

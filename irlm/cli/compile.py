@@ -52,8 +52,9 @@ def add_parser(sub) -> None:
     p.add_argument("--no-stamp-layers", dest="stamp_layers", action="store_false",
                    help="trace every decoder layer, instead of tracing 3 and stamping the rest "
                         "when they provably repeat (the same graph, faster; for debugging)")
-    p.add_argument("--dtype", choices=DTYPES, default="f32",
-                   help="element type of weights and activations (default f32)")
+    p.add_argument("--dtype", choices=DTYPES, default=None,
+                   help="element type of weights and activations (default: bf16 with "
+                        "--device cuda, else f32)")
     p.add_argument("--tokens-per-block", type=int, default=16, metavar="N",
                    help="tokens per paged KV-cache block (default 16)")
     p.add_argument("--max-num-tokens", type=int, default=8192, metavar="N",

@@ -39,8 +39,8 @@ class CompileConfig:
     opt_level: Optional[str] = "2"
     #: extra passes run after the level's (pipeline text)
     pipeline: Optional[str] = None
-    #: element type of weights and activations
-    dtype: str = "f32"
+    #: element type of weights and activations; None: the device's (``element_dtype``)
+    dtype: Optional[str] = None
     max_batch: int = 8
     #: None: the model's max_position_embeddings, else 2048
     max_seq: Optional[int] = None
@@ -97,6 +97,14 @@ class CompileConfig:
     def splits(self) -> bool:
         """Whether the compile splits into ranks (and so quantizes after the split)."""
         return (self.tp or 1, self.pp or 1) != (1, 1)
+
+    @property
+    def element_dtype(self) -> str:
+        """``dtype``, or when unset the device's: bf16 for an engine for a GPU (what its tensor
+        cores and irlm's quantized GPU kernels take), f32 otherwise."""
+        if self.dtype is not None:
+            return self.dtype
+        return "bf16" if self.device == "cuda" else "f32"
 
     @property
     def calibrates(self) -> bool:

@@ -62,6 +62,17 @@ def load_source(source: Any, dtype: str):
     return load_model(existing(source.path, flag or "source"), dtype=torch_dtype)
 
 
+def module_dtype(module) -> str:
+    """The element dtype (f32, f16, bf16) of a module's floating-point parameters; f32 when it
+    has none."""
+    import torch
+    names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    for p in module.parameters():
+        if p.is_floating_point():
+            return names.get(p.dtype, "f32")
+    return "f32"
+
+
 def _from_module(module):
     """An nn.Module with real weights (e.g. ``AutoModelForCausalLM.from_config(...)``)."""
     from irlm.frontends.loaded_model import LoadedModel

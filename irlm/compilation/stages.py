@@ -44,8 +44,13 @@ class CompileJob:
     #: its passes, not the files in the dump directory, which may hold an earlier compile's)
     next_dump: int = 1
     layer_stamping: str = ""                    # how "trace" built the graph (stamping.py)
+    #: the element dtype the engine computes in (engine.json's "dtype"), after "load"
+    dtype: str = ""
     #: the loaded model in one line, taken before the passes add derived weights to its store
     model_description: str = ""
+
+
+_TORCH_NAMES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,16 @@ class Stage:
 
 
 def load_stage(job: CompileJob) -> None:
-    from .source import load_source
-    job.model = load_source(job.source, job.config.dtype)
+    from .source import load_source, module_dtype
+    job.model = load_source(job.source, job.config.element_dtype)
+    job.dtype = job.config.element_dtype
+    if job.model.format == "module":    # an nn.Module compiles in its own dtype, as given
+        job.dtype = module_dtype(job.model.module)
+        if job.config.dtype is not None and job.config.dtype != job.dtype:
+            raise IRLMError(f"--dtype {job.config.dtype}: a module source compiles in its own "
+                            f"dtype ({job.dtype}); convert the module first "
+                            f"(model.to(torch.{_TORCH_NAMES[job.config.dtype]})) or leave "
+                            f"dtype unset")
     job.model_description = job.model.describe()
     if job.config.write_engine:
         job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes
@@ -164,7 +177,7 @@ def cpu_weights_pipeline(job: CompileJob) -> str:
     if linear is None and c.device == "cpu":
         from irlm.lowering.kernel_selection import default_linear_dtype
         linear = default_linear_dtype(None)
-    if linear not in ("f16", "bf16") or c.dtype != "f32":
+    if linear not in ("f16", "bf16") or (job.dtype or c.element_dtype) != "f32":
         return ""
     return f"cast-weights{{dtype={linear}}}"
 
@@ -279,7 +292,7 @@ def engine_stage(job: CompileJob) -> None:
         "source": str(job.model.source),
         "model_type": getattr(cfg, "model_type", None),
         "architecture": type(job.model.module).__name__,
-        "dtype": job.config.dtype,
+        "dtype": job.dtype,
         "max_model_len": int(symbolic_dims(job)["seq"][1]),
         "eos_token_id": eos,
         "bos_token_id": getattr(cfg, "bos_token_id", None),
@@ -354,7 +367,8 @@ def onnx_stage(job: CompileJob) -> None:
     if c.target == "engine" or not c.write_engine:
         return
     from irlm.lowering.onnx.targets import lower_to_target
-    export, engine = lower_to_target(job.graph, job.out, c.target, dtype=c.dtype, quant=c.quant)
+    export, engine = lower_to_target(job.graph, job.out, c.target,
+                                     dtype=job.dtype or c.element_dtype, quant=c.quant)
     job.written += [export.model_path, export.data_path, export.build_script] + \
         ([engine] if engine else [])
 
