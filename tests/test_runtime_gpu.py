@@ -95,3 +95,24 @@ def test_async_decode_on_the_cuda_executor_gives_the_synchronous_outputs():
         llm = LLM(runner, tok, max_num_tokens=64, max_batch_size=4, async_decode=async_decode)
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert run(True) == run(False)
+
+
+def test_an_f32_engine_on_the_gpu_says_to_compile_it_for_the_gpu(tmp_path):
+    """An engine compiled without --device cuda computes in f32: running it on the GPU works,
+    with one warning that names the engine and the flag."""
+    import warnings
+
+    import irlm
+    from irlm.compilation import CompileConfig
+    from irlm.lowering.engine_format import load_engine
+    from irlm.runtime.runners.interpreter import runner_for_engine
+    from irlm.runtime.testing import tiny_llama
+    model = tiny_llama(300, hidden=256, heads=4, kv_heads=2)     # head_dim 64
+    engine = irlm.compile(model, CompileConfig(output=tmp_path / "e", max_seq=32))
+    with pytest.warns(RuntimeWarning, match=r"computes in f32.*--device cuda \(bf16\)"):
+        runner_for_engine(load_engine(engine.path), device="cuda", num_blocks=8)
+    bf16 = irlm.compile(model.to(torch.bfloat16),
+                        CompileConfig(output=tmp_path / "b", max_seq=32, device="cuda"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        runner_for_engine(load_engine(bf16.path), device="cuda", num_blocks=8)

@@ -128,6 +128,11 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise IRLMError("--device cuda: no CUDA GPU is available here")
+    if device == "cuda" and engine.config.get("dtype") == "f32":
+        import warnings
+        warnings.warn(f"{engine.path}: this engine computes in f32, which on a GPU runs off "
+                      f"the tensor cores' bf16 rate and past irlm's quantized kernels; compile "
+                      f"it with --device cuda (bf16) for the GPU", RuntimeWarning, stacklevel=2)
     if device == "cuda":
         try:
             from .cuda_graphs import CudaGraphRunner
