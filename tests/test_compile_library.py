@@ -93,10 +93,51 @@ def test_a_module_source_compiles_in_its_own_dtype(tiny_llama, tmp_path, device,
 
 
 def test_a_module_source_in_another_dtype_than_asked_is_refused(tiny_llama, tmp_path):
-    with pytest.raises(IRLMError, match=r"--dtype bf16: a module source compiles in its own "
-                                        r"dtype \(f32\); convert the module first "
+    with pytest.raises(IRLMError, match=r"--dtype bf16: <LlamaForCausalLM> is a model of its "
+                                        r"own dtype \(f32\); convert it first "
                                         r"\(model.to\(torch.bfloat16\)\)"):
         irlm.compile(tiny_llama, CompileConfig(output=tmp_path / "e", max_seq=32, dtype="bf16"))
+
+
+MODEL_PY = """
+import torch
+import transformers
+
+
+def build_model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=128)
+    cfg._attn_implementation = "sdpa"
+    return transformers.LlamaForCausalLM(cfg).eval()
+"""
+
+
+def test_a_model_file_keeps_its_dtype_and_refuses_another(tmp_path):
+    """A model.py builds its own weights: --device cuda records their dtype (f32 here), and
+    --dtype bf16 says to build the model in bf16 instead of labelling f32 weights bf16."""
+    import json
+    from irlm.cli import main as irlm_main
+    src = tmp_path / "model.py"
+    src.write_text(MODEL_PY)
+    out = tmp_path / "e"
+    assert irlm_main(["compile", str(src), "--max-seq", "32", "--device", "cuda", "-o",
+                      str(out)]) == 0
+    assert json.loads((out / "engine.json").read_text())["config"]["dtype"] == "f32"
+    assert _weight_dtypes(out) == {"F32"}
+    with pytest.raises(IRLMError, match=r"--dtype bf16: .*model.py is a model of its own dtype "
+                                        r"\(f32\); build it in bf16 in build_model\(\)"):
+        irlm.compile(src, CompileConfig(output=tmp_path / "b", max_seq=32, dtype="bf16"))
+
+
+def test_module_dtype_is_the_dtype_of_most_weights():
+    from irlm.compilation.source import module_dtype
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.LayerNorm(64))
+    assert module_dtype(m) == "f32"
+    m[0].to(torch.bfloat16)                  # a bf16 model with its norm kept in f32
+    assert module_dtype(m) == "bf16"
+    assert module_dtype(torch.nn.ReLU()) == "f32"
 
 
 @pytest.mark.slow

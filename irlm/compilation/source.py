@@ -63,14 +63,17 @@ def load_source(source: Any, dtype: str):
 
 
 def module_dtype(module) -> str:
-    """The element dtype (f32, f16, bf16) of a module's floating-point parameters; f32 when it
-    has none."""
+    """The element dtype (f32, f16, bf16) most of a module's floating-point parameters have
+    (by element count: a bf16 model may keep its norms in f32); f32 when it has none."""
+    import collections
+
     import torch
     names = {torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16"}
+    counts = collections.Counter()
     for p in module.parameters():
         if p.is_floating_point():
-            return names.get(p.dtype, "f32")
-    return "f32"
+            counts[names.get(p.dtype, "f32")] += p.numel()
+    return counts.most_common(1)[0][0] if counts else "f32"
 
 
 def _from_module(module):

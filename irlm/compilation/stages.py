@@ -63,13 +63,16 @@ def load_stage(job: CompileJob) -> None:
     from .source import load_source, module_dtype
     job.model = load_source(job.source, job.config.element_dtype)
     job.dtype = job.config.element_dtype
-    if job.model.format == "module":    # an nn.Module compiles in its own dtype, as given
+    # A module, a model.py's build_model() and a model loaded by the caller keep the weights
+    # they were built with (nothing here converts them): they compile in their own dtype.
+    if job.model.format in ("module", "model.py") or job.model is job.source:
         job.dtype = module_dtype(job.model.module)
         if job.config.dtype is not None and job.config.dtype != job.dtype:
-            raise IRLMError(f"--dtype {job.config.dtype}: a module source compiles in its own "
-                            f"dtype ({job.dtype}); convert the module first "
-                            f"(model.to(torch.{_TORCH_NAMES[job.config.dtype]})) or leave "
-                            f"dtype unset")
+            how = (f"build it in {job.config.dtype} in build_model()"
+                   if job.model.format == "model.py" else
+                   f"convert it first (model.to(torch.{_TORCH_NAMES[job.config.dtype]}))")
+            raise IRLMError(f"--dtype {job.config.dtype}: {job.model.source} is a model of its "
+                            f"own dtype ({job.dtype}); {how} or leave --dtype unset")
     job.model_description = job.model.describe()
     if job.config.write_engine:
         job.model.tokenizer     # the engine ships it: a broken one fails now, not after passes

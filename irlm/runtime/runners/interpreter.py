@@ -132,7 +132,9 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         import warnings
         warnings.warn(f"{engine.path}: this engine computes in f32, which on a GPU runs off "
                       f"the tensor cores' bf16 rate and past irlm's quantized kernels; compile "
-                      f"it with --device cuda (bf16) for the GPU", RuntimeWarning, stacklevel=2)
+                      f"it in bf16 for the GPU (--device cuda, which makes bf16 the default "
+                      f"for a model file; a model object in bf16)", RuntimeWarning,
+                      stacklevel=2)
     if device == "cuda":
         try:
             from .cuda_graphs import CudaGraphRunner
