@@ -56,3 +56,22 @@ def test_every_command_module_is_named_in_the_summaries():
     modules = {p.stem.replace("_", "-") for p in Path(irlm.cli.__file__).parent.glob("*.py")
                if p.stem != "__init__"}
     assert modules == set(SUMMARIES)
+
+
+def test_a_warning_prints_as_one_line_and_in_full_with_debug(monkeypatch, capsys, tmp_path):
+    import warnings
+
+    import irlm.cli.ir as ir_cli
+    from irlm.cli import main
+
+    def check(args):
+        warnings.warn("the engine computes in f32 (a test)", RuntimeWarning)
+        return 0
+    monkeypatch.setattr(ir_cli, "check", check)
+    assert main(["ir", "check", str(tmp_path / "x.irlm")]) == 0
+    err = capsys.readouterr().err
+    assert err == "irlm: warning: the engine computes in f32 (a test)\n"
+    # --debug leaves the warning to Python's machinery (here pytest's, which records it)
+    with pytest.warns(RuntimeWarning, match=r"the engine computes in f32 \(a test\)"):
+        assert main(["ir", "check", str(tmp_path / "x.irlm"), "--debug"]) == 0
+    assert "irlm: warning" not in capsys.readouterr().err

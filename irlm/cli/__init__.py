@@ -6,15 +6,16 @@ the parser it adds sets ``func``.  Every user mistake surfaces as an :class:`IRL
 ``OSError`` for a missing file) and is printed here as one line, with exit status 1; argparse
 usage errors exit with status 2.  Anything else is a bug in irlm (or in a pass plugin): it is
 printed as one ``irlm: internal error:`` line that says to re-run with ``--debug``, which
-prints the traceback (of user errors too).
+prints the traceback (of user errors too).  Warnings print as one ``irlm: warning:`` line
+each (with ``--debug``, in Python's form with the source location).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-
 import traceback
+import warnings
 from typing import Iterable, Optional, Sequence
 
 from ..errors import InternalError, IRLMError, ParseError
@@ -93,12 +94,19 @@ def _located(e: ParseError) -> str:
     return f"{where}: {e.detail}"
 
 
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"irlm: warning: {message}", file=sys.stderr if file is None else file)
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser(only=_command_in(argv)).parse_args(argv)
     debug = getattr(args, "debug", False)
     try:
-        return args.func(args) or 0
+        with warnings.catch_warnings():
+            if not debug:       # one line each, as errors are; --debug keeps Python's form
+                warnings.showwarning = _one_line_warning
+            return args.func(args) or 0
     except IRLMError as e:
         if debug:
             traceback.print_exc()
@@ -123,6 +131,7 @@ def main(argv=None) -> int:
         hint = "" if debug else " (re-run with --debug for the traceback)"
         print(f"irlm: internal error: {what}{hint}", file=sys.stderr)
         return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())
