@@ -108,7 +108,17 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
     CLI defaults to the physical cores)."""
     executor = cpu_executor(executor)
     max_len = engine.config.get("max_model_len")
-    if getattr(engine, "ranks", None) or getattr(engine, "parallel", None):
+    multi_rank = bool(getattr(engine, "ranks", None) or getattr(engine, "parallel", None))
+    on_gpu = torch.cuda.is_available() and (
+        device == "cuda" or (device == "auto" and not (multi_rank and parallel == "simulator")))
+    if on_gpu and engine.config.get("dtype") == "f32":
+        import warnings
+        warnings.warn(f"{engine.path}: this engine computes in f32, which on a GPU runs off "
+                      f"the tensor cores' bf16 rate and past irlm's quantized kernels; compile "
+                      f"it in bf16 for the GPU (--device cuda, which makes bf16 the default "
+                      f"for a model file; a model object in bf16)", RuntimeWarning,
+                      stacklevel=2)
+    if multi_rank:
         if parallel not in ("processes", "simulator"):
             raise IRLMError(f"parallel '{parallel}': expected processes or simulator")
         if parallel == "processes":
@@ -128,13 +138,6 @@ def runner_for_engine(engine, *, device: str = "auto", num_blocks: Optional[int]
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
         raise IRLMError("--device cuda: no CUDA GPU is available here")
-    if device == "cuda" and engine.config.get("dtype") == "f32":
-        import warnings
-        warnings.warn(f"{engine.path}: this engine computes in f32, which on a GPU runs off "
-                      f"the tensor cores' bf16 rate and past irlm's quantized kernels; compile "
-                      f"it in bf16 for the GPU (--device cuda, which makes bf16 the default "
-                      f"for a model file; a model object in bf16)", RuntimeWarning,
-                      stacklevel=2)
     if device == "cuda":
         try:
             from .cuda_graphs import CudaGraphRunner
