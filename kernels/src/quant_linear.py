@@ -9,15 +9,22 @@ linear int8     ``irlm_w8a16_gemv``        ``irlm_dequant_int8`` + cuBLAS bf16 G
 (W8A16)         (M <= GEMV_MAX_M)                                                       stored
 linear int4     ``torch._weight_int4pack_  ``irlm_dequant_int4`` + cuBLAS bf16 GEMM     tinygemm
 (W4A16, AWQ)    mm`` (tinygemm, bf16)                                                   packed
-                (M <= INT4_TINYGEMM_MAX_M)                                              at load
-linear_a8 fp8   ``irlm_w8a16_gemv``        ``torch._scaled_mm`` (cuBLASLt fp8 GEMM,     as
-(W8A8)          with e4m3 weights, x       per-tensor scales; every M while             stored
-                rounded to e4m3 in-kernel  FP8_GEMV_MAX_M = 0)
+                (M <= INT4_TINYGEMM_MAX_M),                                             at load
+                or ``irlm_w4a16_gemv``
+                where timed faster (*)
+linear_a8 fp8   ``irlm_w8a16_gemv`` with   ``torch._scaled_mm`` (cuBLASLt fp8 GEMM,     as
+(W8A8)          e4m3 weights, x rounded    per-tensor scales), and at small M where     stored
+                to e4m3 in-kernel, where   the GEMV is not faster
+                timed faster (*)
 linear fp8      ``irlm_w8a16_gemv`` with   fp32 dequantize (torch) + cuBLAS             as
 (W8A16)         e4m3 weights                                                            stored
 linear_a8 w8a8  ``torch._int_mm`` (cuBLASLt int8 GEMM) + per-token x per-channel        as
 (SmoothQuant)   scales in fp32 (M padded to 17 rows where cuBLASLt needs it)            stored
 ==============  =========================  ===========================================  =======
+
+(*) At 1, 2, 4 and 8 rows the runner times irlm's GEMV against the other path per weight shape
+when it loads the engine (lowering/tactics.py); ``INT4_GEMV_MAX_M`` / ``FP8_GEMV_MAX_M`` > 0
+would run the GEMV up to that many rows regardless.
 
 For int8 and int4 the large-batch column above is the fallback: from 17 rows up to
 ``quant_gemm.GEMM_MAX_M`` they run the Triton weight-only GEMM of :mod:`.quant_gemm`
@@ -54,18 +61,20 @@ c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 #: without Triton, dequantize + cuBLAS.  The GEMV beat the GEMM at 1 row on every shape
 #: (e.g. gate/up 37.0 vs 60.8 us) and lost at 8 (147.2 vs 56.6 us)
 GEMV_MAX_M = 1
-#: up to this many rows fp8 engines run the GEMV with e4m3 weights; 0 turns it off.  Off:
-#: cuBLASLt's fp8 GEMM (`torch._scaled_mm`) was as fast or faster at every M measured,
-#: 1 row included (gate/up 39.3 vs 41.7 us, down 29.4 vs 30.3 us)
+#: up to this many rows fp8 engines always run the GEMV with e4m3 weights; 0: only at the
+#: row counts where load-time timing picks it (lowering/tactics.py).  0: cuBLASLt's fp8 GEMM
+#: (`torch._scaled_mm`) was as fast or faster at every M measured, 1 row included (gate/up
+#: 39.3 vs 41.7 us, down 29.4 vs 30.3 us)
 FP8_GEMV_MAX_M = 0
 GEMV_ROWS = (1, 2, 4, 8)
 #: up to this many rows int4 runs tinygemm; above it the Triton GEMM, then dequantize +
 #: cuBLAS.  tinygemm beat the GEMM at 8 rows on every shape and lost at 16 (gate/up 135.8 vs
 #: 91.2 us)
 INT4_TINYGEMM_MAX_M = 8
-#: up to this many rows int4 runs irlm's int4 GEMV (irlm_w4a16_gemv, reading the stored
-#: layout) before tinygemm; 0 turns it off.  Off until benchmarks/quant_gemm.py (int4-gemv
-#: against int4-tiny) has been run on a device: the kernel is tested, its speed unmeasured
+#: up to this many rows int4 always runs irlm's int4 GEMV (irlm_w4a16_gemv, reading the
+#: stored layout) before tinygemm; 0: only at the row counts where load-time timing picks it
+#: (lowering/tactics.py; benchmarks/quant_gemm.py's int4-gemv against int4-tiny has not yet
+#: been run on a device)
 INT4_GEMV_MAX_M = 0
 #: output features per warp of the int4 GEMV (its activations are converted once for them):
 #: the default, and the variants compiled (benchmarks/quant_gemm.py compares them)
