@@ -163,11 +163,14 @@ def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
                     "kv_blocks": runner.num_blocks, "block_size": runner.block_size,
                     "kv_cache_dtype": str(runner.kv_cache.dtype).replace("torch.", ""),
                     "quant_linear_paths": runner.quant_plan.summary(),
-                    "linear_tactics": runner.linear_tactics()}
+                    "linear_tactics": runner.linear_tactics(),
+                    "linear_plans_s": runner.linear_plans_s}
     log(f"{key}: trace+passes {t_compile:.1f}s, quantize {t_quant:.1f}s, weights+KV "
         f"{t_load:.1f}s, {len(graph)} ops, weights {weight_bytes / 1e9:.2f} GB, "
         f"{runner.num_blocks} KV blocks ({runner.kv_cache.dtype}), quantized linears "
         f"{runner.quant_plan.summary()}")
+    log(f"  linear paths chosen in {runner.linear_plans_s:.2f}s (checks, kernel compiles, "
+        f"timing)")
     for shape, choice in runner.linear_tactics().items():
         log(f"  linear of {shape}: {choice}")
     return cfg, graph, runner

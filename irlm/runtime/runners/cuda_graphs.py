@@ -14,6 +14,7 @@ hands out.  Steps with prompt tokens run eagerly (they are few and compute-bound
 """
 from __future__ import annotations
 
+import time
 from typing import Optional
 
 import torch
@@ -66,9 +67,12 @@ class CudaGraphRunner:
         # (before the KV pool is sized from the memory left)
         from irlm.lowering.dense_linears import DenseLinearPlan
         from irlm.lowering.quant_linears import QuantLinearPlan
+        t0 = time.perf_counter()
         self.quant_plan = QuantLinearPlan().prepare(graph, self.weights, self.device)
         # float linears: irlm's GEMV where timing it against cuBLAS at 1-8 rows says it wins
         self.dense_plan = DenseLinearPlan().prepare(graph, self.weights, self.device)
+        #: seconds the linears' paths took to choose at load (checks, compiles, timing)
+        self.linear_plans_s = time.perf_counter() - t0
         cache_t = graph.inputs[names.index(KV_CACHE_INPUT)].type
         layers, _, two, bs, kv_heads, head_dim = KVCacheLayout.of(cache_t)
         # the plan's cache type: an int8 / fp8 cache (--kv-cache-dtype) takes one byte an
