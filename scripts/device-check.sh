@@ -22,6 +22,8 @@ cap() { local l; l=$(left); echo $(( l < $1 ? l : $1 )); }   # a step's limit: i
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1
+# cubins compiled ahead by scripts/device-kernel-cache.sh, when carried
+[ -d .kcache ] && export IRLM_CACHE_DIR="$PWD/.kcache"
 nvidia-smi --query-gpu=name,driver_version,compute_mode --format=csv > "$OUT/smi.txt" 2>&1
 python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/pip.log" 2>&1
 
