@@ -2,17 +2,17 @@
 # Device calls on the lent GPU machine, each within a time budget so that one 10-minute call
 # brings all of its outputs back.  Run from the repository root, with .whl carried
 # (scripts/device-wheels.sh) and $OUT set by the device tool:
-#   bash scripts/device-check.sh tests [SECONDS]   the GPU test suite (gpu.log), the one-GPU
-#                                                  NCCL check (share.log), then the one-row
-#                                                  kernel paths (qg.log) if time is left
-#   bash scripts/device-check.sh bench [SECONDS]   benchmarks/quant_gemm.py at 1-8 rows
-#                                                  (qg.log) and at 512 / 4096 rows
-#                                                  (qg-large.log), then
-#                                                  benchmarks/gpu_decode.py batch 1 per format
-#                                                  with a kernel profile (bench.log, b1.json)
+#   bash scripts/device-check.sh STEP[,STEP...] [SECONDS]   the steps in order, each capped:
+#     tests    the GPU test suite (gpu.log)
+#     retest   the tests named in $RETEST (retest.log)
+#     share    the one-GPU NCCL check of issue 15, with a hang's stacks (share.log)
+#     bench    benchmarks/quant_gemm.py at 1-8 rows (qg.log) and at 512 / 4096 rows
+#              (qg-large.log), then decode
+#     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
+#              (bench.log, b1.json)
 # SECONDS defaults to 580 (the call's limit less margin).  nvidia-smi's line goes to smi.txt.
 set -u
-WHAT=${1:?usage: device-check.sh tests|bench [SECONDS]}
+WHAT=${1:?usage: device-check.sh STEP[,STEP...] [SECONDS]}
 BUDGET=${2:-580}
 OUT=${OUT:?set OUT to the folder that comes back}
 START=$SECONDS
@@ -33,37 +33,54 @@ one_row_paths() {
         > "$OUT/qg.log" 2>&1
 }
 
-case "$WHAT" in
-tests)
+tests() {
     # the whole GPU suite, four test files at a time (each file's tests share one process)
     date -u > "$OUT/gpu.log"
     timeout "$(cap 420)" python3 -m pytest -q -m gpu -rfE -p no:cacheprovider --timeout 120 \
         -n 4 --dist loadfile --durations 20 tests/ >> "$OUT/gpu.log" 2>&1
     echo "rc=$?" >> "$OUT/gpu.log"
     date -u >> "$OUT/gpu.log"
-    # issue 15's one-GPU acceptance: a tp 2 engine as 2 processes on this GPU over NCCL
-    IRLM_TEST_NCCL_SHARING=1 timeout "$(cap 70)" python3 -m pytest -q -rfE \
-        -p no:cacheprovider --timeout 65 tests/test_distributed_gpu.py -k sharing \
-        > "$OUT/share.log" 2>&1
-    echo "rc=$?" >> "$OUT/share.log"
-    [ "$(left)" -gt 45 ] && one_row_paths
     tail -3 "$OUT/gpu.log"
+}
+retest() {
+    # the tests named in $RETEST (pytest node ids or files), e.g. last run's failures
+    timeout "$(cap 120)" python3 -m pytest -q -m gpu -rfE -p no:cacheprovider --timeout 100 \
+        ${RETEST:?set RETEST to the tests to run again} > "$OUT/retest.log" 2>&1
+    echo "rc=$?" >> "$OUT/retest.log"
+    tail -2 "$OUT/retest.log"
+}
+share() {
+    # issue 15's one-GPU acceptance (a tp 2 engine as 2 processes on this GPU over NCCL),
+    # outside pytest, with timestamps, NCCL's log and the stacks of a hang
+    local t; t=$(cap 200)
+    timeout $((t + 15)) python3 scripts/device-nccl-share.py "$OUT" "$((t - 25))" \
+        "$((t - 45))" > "$OUT/share.log" 2>&1
+    echo "rc=$?" >> "$OUT/share.log"
     tail -2 "$OUT/share.log"
-    ;;
-bench)
+}
+bench() {
     one_row_paths
     # large batches: cuBLASLt's fp8 GEMM with and without fast accumulation, the
     # weight-only GEMMs
     timeout "$(cap 60)" python3 benchmarks/quant_gemm.py --m 512,4096 \
         --paths bf16,fp8-mm,fp8-mm-fast,int8-gemm,int4-gemm > "$OUT/qg-large.log" 2>&1
-    # end to end: batch 1 per format, with the load-time tactics and a kernel profile
-    [ "$(left)" -gt 40 ] && timeout "$(left)" python3 benchmarks/gpu_decode.py \
-        --sections copy,build,b1,profile --quant bf16,int4,fp8,int8 --json "$OUT/b1.json" \
-        > "$OUT/bench.log" 2>&1
+    decode
+}
+decode() {
+    # end to end: batch 1 per format ($QUANT, default bf16,int4,fp8,int8), with the
+    # load-time tactics and a kernel profile
+    [ "$(left)" -gt 40 ] && timeout "$(cap ${DECODE_S:-600})" python3 benchmarks/gpu_decode.py \
+        --sections copy,build,b1,profile --quant "${QUANT:-bf16,int4,fp8,int8}" \
+        --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
-    ;;
-*)
-    echo "device-check.sh: unknown step '$WHAT' (tests or bench)" >&2
-    exit 2
-    ;;
-esac
+}
+
+for step in ${WHAT//,/ }; do
+    case "$step" in
+    tests|retest|share|bench|decode) [ "$(left)" -gt 20 ] && "$step" ;;
+    *)
+        echo "device-check.sh: unknown step '$step' (tests, retest, share, bench, decode)" >&2
+        exit 2
+        ;;
+    esac
+done

@@ -109,7 +109,7 @@ def test_an_f32_engine_on_the_gpu_says_to_compile_it_for_the_gpu(tmp_path):
     from irlm.runtime.testing import tiny_llama
     model = tiny_llama(300, hidden=256, heads=4, kv_heads=2)     # head_dim 64
     engine = irlm.compile(model, CompileConfig(output=tmp_path / "e", max_seq=32))
-    with pytest.warns(RuntimeWarning, match=r"computes in f32.*--device cuda \(bf16\)"):
+    with pytest.warns(RuntimeWarning, match=r"computes in f32.*bf16 for the GPU \(--device cuda"):
         runner_for_engine(load_engine(engine.path), device="cuda", num_blocks=8)
     bf16 = irlm.compile(model.to(torch.bfloat16),
                         CompileConfig(output=tmp_path / "b", max_seq=32, device="cuda"))
