@@ -350,8 +350,8 @@ def fp8_gemv_matches_reference(device) -> bool:
 
 def int4_gemv_matches_reference(device, dtype=torch.bfloat16) -> bool:
     """Run irlm's int4 GEMV once on a small random weight (odd row count, two row blocks of
-    x) and compare with the reference dequantization (fp32 matmul); False if it differs or
-    cannot run (no GPU)."""
+    x), both kernels (FMA at group 64, tensor cores at group 128), and compare with the
+    reference dequantization (fp32 matmul); False if either differs or cannot run (no GPU)."""
     from irlm.kernels import quant_linear as ql
     from irlm.kernels.nvrtc import KernelError
     from irlm.ops.quant import dequantize_reference
@@ -359,16 +359,19 @@ def int4_gemv_matches_reference(device, dtype=torch.bfloat16) -> bool:
     if torch.device(device).type != "cuda":
         return False
     g = torch.Generator(device="cpu").manual_seed(0)
-    n, k, group = 77, 512, 64
-    q, s, z = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
-    xv = torch.randn(9, k, generator=g).to(dtype)
-    ref = xv.float() @ dequantize_reference(q, s, z, group=group).t()
-    try:
-        got = ql.w4a16_gemv(xv.to(device), q.to(device), s.float().to(device),
-                            z.to(device), group)
-    except (RuntimeError, KernelError):
-        return False
-    return bool(((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2)
+    n, k = 77, 512
+    for group, tensor_cores in ((64, False), (128, True)):
+        q, s, z = quantize_int4(torch.randn(n, k, generator=g) * 0.05, group)
+        xv = torch.randn(9, k, generator=g).to(dtype)
+        ref = xv.float() @ dequantize_reference(q, s, z, group=group).t()
+        try:
+            got = ql.w4a16_gemv(xv.to(device), q.to(device), s.float().to(device),
+                                z.to(device), group, tensor_cores=tensor_cores)
+        except (RuntimeError, KernelError):
+            return False
+        if not ((got.float().cpu() - ref).norm() / ref.norm()) < 1e-2:
+            return False
+    return True
 
 
 def tinygemm_matches_reference(device, high_first: bool = True) -> bool:

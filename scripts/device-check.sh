@@ -6,6 +6,7 @@
 #     tests    the GPU test suite (gpu.log)
 #     retest   the tests named in $RETEST (retest.log)
 #     share    the one-GPU NCCL check of issue 15, with a hang's stacks (share.log)
+#     qg       benchmarks/quant_gemm.py at 1-8 rows (qg.log)
 #     bench    benchmarks/quant_gemm.py at 1-8 rows (qg.log) and at 512 / 4096 rows
 #              (qg-large.log), then decode
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
@@ -29,7 +30,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/pip.log" 2
 
 one_row_paths() {
     timeout "$(cap 60)" python3 benchmarks/quant_gemm.py --m 1,2,4,8 \
-        --paths bf16,bf16-gemv,int8-gemv,int4-gemv,int4-gemv4,int4-tiny,fp8-gemv,fp8-mm \
+        --paths bf16,bf16-gemv,int8-gemv,int4-gemv,int4-mma,int4-tiny,fp8-gemv,fp8-mm \
         > "$OUT/qg.log" 2>&1
 }
 
@@ -78,8 +79,9 @@ decode() {
 for step in ${WHAT//,/ }; do
     case "$step" in
     tests|retest|share|bench|decode) [ "$(left)" -gt 20 ] && "$step" ;;
+    qg) [ "$(left)" -gt 20 ] && one_row_paths ;;
     *)
-        echo "device-check.sh: unknown step '$step' (tests, retest, share, bench, decode)" >&2
+        echo "device-check.sh: unknown step '$step' (tests, retest, share, qg, bench, decode)" >&2
         exit 2
         ;;
     esac

@@ -74,18 +74,42 @@ def test_int4_gemv_matches_reference(m, group, dtype, rows):
     x = randn(m, k).to(dtype)
     bias = randn(n).to(dtype)
     got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
-                        bias.to(DEV), rows=rows)
+                        bias.to(DEV), rows=rows, tensor_cores=False)
     assert got.dtype == dtype and got.shape == (m, n)
     assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
-def test_int4_gemv_reads_strided_rows_and_large_activations():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("group", [128, 256])
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 13])
+def test_int4_mma_gemv_matches_reference(m, group, dtype):
+    # 391 features: the last block's features past N; K = 1536: 12 steps of 128 over 8 warps
+    n, k = 391, 1536
+    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
+    x = randn(m, k).to(dtype)
+    bias = randn(n).to(dtype)
+    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
+                        bias.to(DEV), tensor_cores=True)
+    assert got.dtype == dtype and got.shape == (m, n)
+    assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
+
+
+def test_int4_mma_gemv_refuses_groups_under_128():
+    q, s, z = quantize_int4(randn(64, 512, scale=0.05), 64)
+    x = randn(1, 512).to(torch.bfloat16).to(DEV)
+    with pytest.raises(ql.KernelArgumentError, match="multiple of 128"):
+        ql.w4a16_gemv(x, q.to(DEV), s.float().to(DEV), z.to(DEV), 64, tensor_cores=True)
+
+
+@pytest.mark.parametrize("tensor_cores", [False, True])
+def test_int4_gemv_reads_strided_rows_and_large_activations(tensor_cores):
     # activations up to ~1e3 (the nibble positions' 16^-i factors must not lose them) and a
     # row stride of 2K
     n, k, group = 64, 4096, 128
     q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
     x = (randn(5, 2 * k) * 300).to(torch.bfloat16)[:, :k]
-    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group)
+    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
+                        tensor_cores=tensor_cores)
     assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 1e-2
 
 

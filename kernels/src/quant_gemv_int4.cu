@@ -143,3 +143,147 @@ __global__ void __launch_bounds__(256) irlm_w4a16_gemv(const Q4GemvParams p) {
     }
   }
 }
+
+// ---- the same product on the tensor cores (mma.sync m16n8k16), for groups of 128k --------------
+//
+// The FMA kernel above spends about three instructions per weight and stays short of the copy
+// bandwidth at one row (55% on an H100's gate/up shape, benchmarks/quant_gemm.py).  Here the
+// weights become exact 16-bit integers q - z two at a time (one shift, one LOP3 into the
+// mantissa of 128.0 (bf16) / 1024.0 (fp16), one packed subtract of 128 + z, exact), the tensor
+// cores multiply them with x and add in fp32, and the group's scale is applied to the fp32 sums
+// once per 128 k.  The rows of x are the MMA's 8 columns (m <= 8 per launch).
+//
+// Layout: a block owns 16 output features; its warps split K in steps of 128 (one group, as
+// group % 128 == 0).  In a step, lane (g = lane / 4, t = lane % 4) loads 16 bytes of features
+// g and g + 8 (k in [32t, 32t + 32) of the step) and the same 32 activations of x's row g.
+// A dot product does not depend on the order of its k, so each MMA's 16 "k" slots are filled
+// with whichever k the lanes hold, the same k for the weight (A) and the activation (B)
+// fragments: MMA j of the step reads word j / 2 of each lane's 16 bytes; its A pair for slots
+// (2t, 2t + 1) is nibbles (s, s + 4) of that word and for slots (2t + 8, 2t + 9) nibbles
+// (s + 1, s + 5), s = 2 (j % 2), which one shift and mask 0x000f000f put in the two halves of a
+// 32-bit register; B takes x at the same k with one byte permute per register.
+template <typename T> struct Int4Mma;
+template <> struct Int4Mma<irlm_bf16> {
+  static constexpr unsigned MAGIC = 0x43004300u;  // {128, 128}: 128 + q exact for q < 128
+  static constexpr unsigned BASE = 0x4300u;
+  static constexpr unsigned ONE = 0x3f803f80u;
+  IRLM_DEVICE static unsigned minus(unsigned a, unsigned b) {  // a - b per half, exact here
+    unsigned d;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE), "r"(b ^ 0x80008000u));
+    return d;
+  }
+  IRLM_DEVICE static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Int4Mma<irlm_fp16> {
+  static constexpr unsigned MAGIC = 0x64006400u;  // {1024, 1024}: 1024 + q exact for q < 1024
+  static constexpr unsigned BASE = 0x6400u;
+  static constexpr unsigned ONE = 0x3c003c00u;
+  IRLM_DEVICE static unsigned minus(unsigned a, unsigned b) {
+    unsigned d;
+    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE), "r"(b ^ 0x80008000u));
+    return d;
+  }
+  IRLM_DEVICE static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
+        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
+  constexpr int WARPS = 8, UNROLL = 4;
+  using Op = Int4Mma<T>;
+  __shared__ float part[WARPS][32][4];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int g = lane >> 2, t = lane & 3;
+  const int fa = blockIdx.x * 16 + g, fb = fa + 8;  // the two features this lane feeds
+  const bool va = fa < p.n, vb = fb < p.n, has_x = g < p.m;
+  const long long row_bytes = p.k / 2;
+  const unsigned char* wa = p.w + (long long)(va ? fa : 0) * row_bytes + 16 * t;
+  const unsigned char* wb = p.w + (long long)(vb ? fb : 0) * row_bytes + 16 * t;
+  const T* xg = reinterpret_cast<const T*>(p.x) + (long long)(has_x ? g : 0) * p.x_stride + 32 * t;
+  const int steps = p.k / 128, groups = p.k / p.group, per_group = p.group / 128;
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
+
+  for (int s0 = warp; s0 < steps; s0 += WARPS * UNROLL) {
+    int4 qa[UNROLL], qb[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int s = s0 + u * WARPS;
+      qa[u] = (s < steps && va) ? load_stream(wa + 64LL * s) : make_int4(0, 0, 0, 0);
+      qb[u] = (s < steps && vb) ? load_stream(wb + 64LL * s) : make_int4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int s = s0 + u * WARPS;
+      if (s >= steps) break;
+      unsigned xv[16];
+      if (has_x) {
+        const int4* xp = reinterpret_cast<const int4*>(xg + 128LL * s);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int4 v = xp[i];
+          xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) xv[i] = 0u;
+      }
+      const int gi = s / per_group;
+      const float sa = va ? p.scales[(long long)fa * groups + gi] : 0.f;
+      const float sb = vb ? p.scales[(long long)fb * groups + gi] : 0.f;
+      const unsigned za = Op::BASE | (va ? p.zeros[(long long)fa * groups + gi] : 0u);
+      const unsigned zb = Op::BASE | (vb ? p.zeros[(long long)fb * groups + gi] : 0u);
+      const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
+      const unsigned wa4[4] = {(unsigned)qa[u].x, (unsigned)qa[u].y, (unsigned)qa[u].z,
+                               (unsigned)qa[u].w};
+      const unsigned wb4[4] = {(unsigned)qb[u].x, (unsigned)qb[u].y, (unsigned)qb[u].z,
+                               (unsigned)qb[u].w};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const unsigned va_w = wa4[j >> 1], vb_w = wb4[j >> 1];
+        const int sh = 8 * (j & 1);
+        unsigned a[4];
+        a[0] = Op::minus(((va_w >> sh) & 0x000f000fu) | Op::MAGIC, zza);        // fa, slots 2t..
+        a[1] = Op::minus(((vb_w >> sh) & 0x000f000fu) | Op::MAGIC, zzb);        // fb, slots 2t..
+        a[2] = Op::minus(((va_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zza);  // fa, 2t + 8..
+        a[3] = Op::minus(((vb_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zzb);  // fb, 2t + 8..
+        const int e = 8 * (j >> 1) + 2 * (j & 1);    // the k (within the lane's 32) of slot 2t
+        const unsigned lo = xv[e >> 1], hi = xv[(e + 4) >> 1];
+        Op::mma(c, a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+      }
+      acc[0] = fmaf(sa, c[0], acc[0]);
+      acc[1] = fmaf(sa, c[1], acc[1]);
+      acc[2] = fmaf(sb, c[2], acc[2]);
+      acc[3] = fmaf(sb, c[3], acc[3]);
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < WARPS; ++w)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];
+  // lane holds out[2t, fa], out[2t + 1, fa], out[2t, fb], out[2t + 1, fb]
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = 2 * t + (i & 1), f = i < 2 ? fa : fb;
+    if (m < p.m && f < p.n)
+      out[(long long)m * p.o_stride + f] = from_float<T>(v[i] + (bias ? to_float(bias[f]) : 0.f));
+  }
+}

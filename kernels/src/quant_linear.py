@@ -130,7 +130,8 @@ def quant_kernel(dtype) -> Kernel:
 def int4_gemv_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     return Kernel("quant_gemv_int4.cu", [f"irlm_w4a16_gemv<{t}, {m}, {r}>"
-                                         for r in INT4_GEMV_ROWS for m in GEMV_ROWS])
+                                         for r in INT4_GEMV_ROWS for m in GEMV_ROWS]
+                  + [f"irlm_w4a16_mma<{t}>"])
 
 
 @lru_cache(maxsize=None)
@@ -282,11 +283,21 @@ def int4_gemv_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
             and k % group == 0 and qweight.is_contiguous() and qweight.data_ptr() % 16 == 0)
 
 
+def int4_mma_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
+    """Whether the tensor-core variant of :func:`w4a16_gemv` takes this weight: as the GEMV,
+    and a group that is a multiple of 128 (each 128-k step of the kernel in one group)."""
+    return int4_gemv_supported(x_dtype, qweight, group) and group % 128 == 0
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
-               rows: int = INT4_GEMV_ROWS_PER_WARP) -> torch.Tensor:
+               rows: int = INT4_GEMV_ROWS_PER_WARP,
+               tensor_cores: Optional[bool] = None) -> torch.Tensor:
     """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
-    nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x."""
+    nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x.
+    ``tensor_cores``: the MMA kernel (irlm_w4a16_mma: exact q - z on the tensor cores, groups
+    of 128k); None: it wherever :func:`int4_mma_supported`, else the FMA kernel with ``rows``
+    features per warp."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
     _tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,), device=dev)
@@ -304,8 +315,19 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
     if rows not in INT4_GEMV_ROWS:
         raise KernelArgumentError(f"rows={rows}: the int4 GEMV is compiled for "
                                   f"{INT4_GEMV_ROWS} features per warp")
+    mma = int4_mma_supported(dt, qweight, group) if tensor_cores is None else tensor_cores
+    if mma and group % 128:
+        raise KernelArgumentError(f"group {group}: the int4 MMA kernel needs a group that is "
+                                  f"a multiple of 128")
     kern = int4_gemv_kernel(dt)
     warps = 8
+    if mma:
+        def launch(xs, os_, cnt, maxm):
+            p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
+                             _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
+            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
+                        device=dev)
+        return _gemv_row_blocks(x, n, bias, launch)
 
     def launch(xs, os_, cnt, maxm):
         p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),

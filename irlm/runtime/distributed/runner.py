@@ -432,6 +432,8 @@ class DistributedRunner:
         # Leave the process group now, before waiting for the workers (see leave_process_group)
         if dist.is_initialized():
             if self._owns_group:
+                if self._fault is None:       # graphs in flight on a fault: abort at once
+                    _release_graphs(getattr(self, "worker", None))
                 leave_process_group()
             elif self._fault is not None and getattr(self, "worker", None) is not None and \
                     self.worker.backend == "nccl":
@@ -492,6 +494,19 @@ class WorkerProcess:
 
     def kill(self) -> None:
         self._p.kill()
+
+
+def _release_graphs(worker) -> None:
+    """Destroy this rank's captured decode graphs before it leaves the process group: NCCL's
+    abort waits for every graph that captured one of its calls (``release_graphs``).  The
+    other ranks' graphs go with their worker objects when ``run_rank`` returns."""
+    runner = getattr(worker, "runner", None)
+    release = getattr(runner, "release_graphs", None)
+    if release is not None:
+        try:
+            release()
+        except Exception:                         # noqa: BLE001 - leave the group regardless
+            pass
 
 
 def _abort_nccl() -> None:

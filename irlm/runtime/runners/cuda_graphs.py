@@ -123,6 +123,16 @@ class CudaGraphRunner:
         self._pool = None
         self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
 
+    def release_graphs(self) -> None:
+        """Destroy the captured decode graphs (the runner captures again on its next step).
+        A graph that captured NCCL calls holds its communicator: NCCL's abort and destroy wait
+        until every such graph is gone, so a rank releases them before leaving its process
+        group (seen on the H100: rank 0 waited out torch's 120 s abort timeout per group)."""
+        if self._graphs:
+            torch.cuda.synchronize(self.device)
+            self._graphs.clear()
+            self._pool = None
+
     def linear_tactics(self) -> dict[str, str]:
         """What load-time timing chose for the linears of a few rows (1, 2, 4, 8: the small
         decode graphs), per row count and weight shape: the float linears' cuBLAS vs irlm's
