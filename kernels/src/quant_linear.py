@@ -71,10 +71,10 @@ GEMV_ROWS = (1, 2, 4, 8)
 #: cuBLAS.  tinygemm beat the GEMM at 8 rows on every shape and lost at 16 (gate/up 135.8 vs
 #: 91.2 us)
 INT4_TINYGEMM_MAX_M = 8
-#: up to this many rows int4 always runs irlm's int4 GEMV (irlm_w4a16_gemv, reading the
-#: stored layout) before tinygemm; 0: only at the row counts where load-time timing picks it
-#: (lowering/tactics.py; benchmarks/quant_gemm.py's int4-gemv against int4-tiny has not yet
-#: been run on a device)
+#: up to this many rows int4 always runs irlm's int4 GEMV (reading the stored layout) before
+#: tinygemm; 0: only at the row counts where load-time timing picks it (lowering/tactics.py).
+#: On an H100 (2026-12-05) the FMA kernel lost to tinygemm on every shape at 1-8 rows (gate/up
+#: at 1 row 38.9 vs 33.3 us); the tensor-core kernel (groups of 128k) is timed the same way
 INT4_GEMV_MAX_M = 0
 #: output features per warp of the int4 GEMV (its activations are converted once for them):
 #: the default, and the variants compiled (benchmarks/quant_gemm.py compares them)
