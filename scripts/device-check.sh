@@ -6,7 +6,7 @@
 #     tests    the GPU test suite (gpu.log)
 #     retest   the tests named in $RETEST (retest.log)
 #     share    the one-GPU NCCL check of issue 15, with a hang's stacks (share.log)
-#     qg       benchmarks/quant_gemm.py at 1-8 rows (qg.log)
+#     qg       benchmarks/quant_gemm.py at 1-8 rows (qg.log; paths: $QG_PATHS)
 #     bench    benchmarks/quant_gemm.py at 1-8 rows (qg.log) and at 512 / 4096 rows
 #              (qg-large.log), then decode
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
@@ -30,7 +30,7 @@ python3 -m pip install -q --no-build-isolation --no-deps -e . > "$OUT/pip.log" 2
 
 one_row_paths() {
     timeout "$(cap 60)" python3 benchmarks/quant_gemm.py --m 1,2,4,8 \
-        --paths bf16,bf16-gemv,int8-gemv,int4-gemv,int4-mma,int4-tiny,fp8-gemv,fp8-mm \
+        --paths "${QG_PATHS:-bf16,bf16-gemv,int8-gemv,int4-gemv,int4-mma,int4-tiny,fp8-gemv,fp8-mm}" \
         > "$OUT/qg.log" 2>&1
 }
 
