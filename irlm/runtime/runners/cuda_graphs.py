@@ -125,9 +125,10 @@ class CudaGraphRunner:
 
     def release_graphs(self) -> None:
         """Destroy the captured decode graphs (the runner captures again on its next step).
-        A graph that captured NCCL calls holds its communicator: NCCL's abort and destroy wait
-        until every such graph is gone, so a rank releases them before leaving its process
-        group (seen on the H100: rank 0 waited out torch's 120 s abort timeout per group)."""
+        A graph that captured NCCL calls holds its communicator (NCCL reclaims captured work
+        when the graph is destroyed), so a rank releases them before leaving its process group:
+        on the H100 rank 0, graphs alive, waited out torch's 120 s abort timeout while its
+        worker, graphs gone, aborted in 0.5 s (docs/distributed.md)."""
         if self._graphs:
             torch.cuda.synchronize(self.device)
             self._graphs.clear()
