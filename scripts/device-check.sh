@@ -35,10 +35,10 @@ one_row_paths() {
 }
 
 tests() {
-    # the whole GPU suite, four test files at a time (each file's tests share one process)
+    # the whole GPU suite, $TEST_WORKERS (4) test files at a time (a file's tests share a process)
     date -u > "$OUT/gpu.log"
     timeout "$(cap 420)" python3 -m pytest -q -m gpu -rfE -p no:cacheprovider --timeout 120 \
-        -n 4 --dist loadfile --durations 20 tests/ >> "$OUT/gpu.log" 2>&1
+        -n "${TEST_WORKERS:-4}" --dist loadfile --durations 20 tests/ >> "$OUT/gpu.log" 2>&1
     echo "rc=$?" >> "$OUT/gpu.log"
     date -u >> "$OUT/gpu.log"
     tail -3 "$OUT/gpu.log"
