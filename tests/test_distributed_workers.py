@@ -592,3 +592,45 @@ def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
     assert rc0 == 0, err0[-3000:]
     assert rc1 == 0, err1[-3000:]
     assert json.loads(out0) == want and len(want) == 5 and out1 == ""
+
+
+class _Store:
+    def set(self, key, value):
+        pass
+
+
+class _Spec:
+    def key(self, *parts):
+        return "/".join(map(str, parts))
+
+
+def _closing_runner(fault, events):
+    """A DistributedRunner as rank 0 holds it at close, without processes: its own worker's
+    runner records when its CUDA graphs are released."""
+    from irlm.runtime.distributed import runner as dr
+
+    class Runner:
+        def release_graphs(self):
+            events.append("release graphs")
+
+    class Worker:
+        backend = "nccl"
+        runner = Runner()
+    r = DistributedRunner.__new__(DistributedRunner)
+    r._closed, r._fault, r._owns_group, r.num_steps = False, fault, True, 3
+    r._store, r.spec, r.worker, r._procs = _Store(), _Spec(), Worker(), {}
+    dr._live.add(r)
+    return r
+
+
+@pytest.mark.parametrize("fault", [None, "rank 1 died"])
+def test_rank_0_releases_its_cuda_graphs_before_it_leaves_the_group(monkeypatch, fault):
+    """NCCL's teardown waits for the CUDA graphs that captured its calls (docs/distributed.md):
+    a clean close destroys rank 0's graphs first; after a fault (graphs possibly stuck in a
+    collective) it leaves at once."""
+    from irlm.runtime.distributed import runner as dr
+    events = []
+    monkeypatch.setattr(dr.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dr, "leave_process_group", lambda: events.append("leave group"))
+    _closing_runner(fault, events).close()
+    assert events == (["release graphs", "leave group"] if fault is None else ["leave group"])
