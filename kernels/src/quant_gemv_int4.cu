@@ -243,6 +243,8 @@ __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
       const float sb = vb ? p.scales[(long long)fb * groups + gi] : 0.f;
       const unsigned za = Op::BASE | (va ? p.zeros[(long long)fa * groups + gi] : 0u);
       const unsigned zb = Op::BASE | (vb ? p.zeros[(long long)fb * groups + gi] : 0u);
+      // int4 zero points are 0..15 (quantize_int4, AWQ, GGUF); BASE | z is BASE + z only
+      // for z < 128 (bf16) / 1024 (fp16)
       const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
       const unsigned wa4[4] = {(unsigned)qa[u].x, (unsigned)qa[u].y, (unsigned)qa[u].z,
                                (unsigned)qa[u].w};
