@@ -162,41 +162,31 @@ __global__ void __launch_bounds__(256) irlm_w4a16_gemv(const Q4GemvParams p) {
 // (2t, 2t + 1) is nibbles (s, s + 4) of that word and for slots (2t + 8, 2t + 9) nibbles
 // (s + 1, s + 5), s = 2 (j % 2), which one shift and mask 0x000f000f put in the two halves of a
 // 32-bit register; B takes x at the same k with one byte permute per register.
+// The per-dtype pieces: the magic (BASE as a 16-bit float; BASE + q exact for q < 128 in bf16,
+// < 1024 in fp16), a packed exact a - b (an fma with 1.0 and -b), and the MMA.  TY is the
+// PTX type name of T.
+#define IRLM_INT4_MMA_OPS(TY)                                                                   \
+  IRLM_DEVICE static unsigned minus(unsigned a, unsigned b) {                                   \
+    unsigned d;                                                                                 \
+    asm("fma.rn." TY "x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE), "r"(b ^ 0x80008000u)); \
+    return d;                                                                                   \
+  }                                                                                             \
+  IRLM_DEVICE static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) { \
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 {%0, %1, %2, %3}, "   \
+                 "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"                                \
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                               \
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));               \
+  }
 template <typename T> struct Int4Mma;
 template <> struct Int4Mma<irlm_bf16> {
-  static constexpr unsigned MAGIC = 0x43004300u;  // {128, 128}: 128 + q exact for q < 128
-  static constexpr unsigned BASE = 0x4300u;
-  static constexpr unsigned ONE = 0x3f803f80u;
-  IRLM_DEVICE static unsigned minus(unsigned a, unsigned b) {  // a - b per half, exact here
-    unsigned d;
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE), "r"(b ^ 0x80008000u));
-    return d;
-  }
-  IRLM_DEVICE static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+  static constexpr unsigned BASE = 0x4300u, MAGIC = BASE | BASE << 16, ONE = 0x3f803f80u;  // 128.0
+  IRLM_INT4_MMA_OPS("bf16")
 };
 template <> struct Int4Mma<irlm_fp16> {
-  static constexpr unsigned MAGIC = 0x64006400u;  // {1024, 1024}: 1024 + q exact for q < 1024
-  static constexpr unsigned BASE = 0x6400u;
-  static constexpr unsigned ONE = 0x3c003c00u;
-  IRLM_DEVICE static unsigned minus(unsigned a, unsigned b) {
-    unsigned d;
-    asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(ONE), "r"(b ^ 0x80008000u));
-    return d;
-  }
-  IRLM_DEVICE static void mma(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, "
-        "{%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
+  static constexpr unsigned BASE = 0x6400u, MAGIC = BASE | BASE << 16, ONE = 0x3c003c00u;  // 1024.0
+  IRLM_INT4_MMA_OPS("f16")
 };
+#undef IRLM_INT4_MMA_OPS
 
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
