@@ -99,12 +99,6 @@ with open(sys.argv[3], "w") as f:
 """
 
 
-# Opt-in: on the H200 (2026-12-04) this run once hung in closing (destroy_process_group, fixed
-# since: ranks leave by aborting their communicators) and later did not finish inside a 100 s
-# device slot; until it has passed on a device it must not hold up the GPU suite.
-@pytest.mark.skipif(os.environ.get("IRLM_TEST_NCCL_SHARING") != "1",
-                    reason="set IRLM_TEST_NCCL_SHARING=1 to run it (issue 15: not yet seen "
-                           "passing on a device)")
 def test_two_processes_sharing_one_gpu_over_nccl_equal_the_unsplit_engine(engines, tmp_path):
     from irlm.lowering.engine_format import load_engine
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
