@@ -8,7 +8,7 @@ intermediate value can be captured by name, which is what accuracy bisection
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import sympy
 import torch
@@ -16,27 +16,51 @@ import torch
 from .errors import IRError, IRLMError
 from .ir import Graph, Op, Value
 from .registry import get_op_def
-from .types import DType, TensorType, format_dim
+from .types import TensorType, format_dim
+
+
+def compile_dim(d) -> Callable[[Mapping[sympy.Symbol, int]], Any]:
+    """A fast evaluator of one (possibly symbolic) dim over ``{Symbol: int}`` bindings: a
+    plain lookup or a compiled expression.  sympy's ``subs`` takes 0.1-0.2 ms a call, which
+    for the few hundred reshapes of a step was most of an eager step's host time.  It gives a
+    number (callers check it is whole); a symbol missing from the bindings raises KeyError."""
+    if isinstance(d, int):
+        return lambda b, d=d: d
+    if isinstance(d, sympy.Symbol):
+        return lambda b, d=d: b[d]
+    syms = sorted(d.free_symbols, key=lambda s: s.name)
+    f = sympy.lambdify(syms, d, modules="math")
+    return lambda b: f(*(b[s] for s in syms))
 
 
 class RefContext:
-    """What a reference implementation may use besides its operands."""
+    """What a reference implementation may use besides its operands.  ``dims``: a cache of
+    compiled dims (:func:`compile_dim`) that outlives one run (the interpreter keeps one per
+    graph)."""
 
     def __init__(self, graph: Graph, weights, bindings: dict[sympy.Symbol, int],
-                 state: dict[str, Any], device=None):
+                 state: dict[str, Any], device=None,
+                 dims: Optional[dict[Any, Callable]] = None):
         self.graph = graph
         self.device = device  # where ops that create tensors put them (None: the CPU)
         self.weights = weights
         self.bindings = bindings
         self.state = state  # mutable per-run state (e.g. the reference paged KV cache)
         self.op: Optional[Op] = None
+        self._dims = {} if dims is None else dims
 
     def dim(self, d) -> int:
         if isinstance(d, int):
             return d
-        v = d.subs(self.bindings)
-        if not v.is_Integer:
-            raise IRError(f"dimension {format_dim(d)} is not bound by the inputs")
+        f = self._dims.get(d)
+        if f is None:
+            f = self._dims[d] = compile_dim(d)
+        try:
+            v = f(self.bindings)
+        except KeyError:
+            raise IRError(f"dimension {format_dim(d)} is not bound by the inputs") from None
+        if v != int(v):
+            raise IRError(f"dimension {format_dim(d)} is {v} here, not an integer")
         return int(v)
 
     def load_weight(self, name: str, type: TensorType) -> torch.Tensor:
@@ -66,6 +90,7 @@ class Interpreter:
         self.check_types = check_types
         self.overrides = dict(overrides or {})
         self.device = device
+        self._dims: dict[Any, Callable] = {}   # compiled dims, shared by every run
 
     def bind_inputs(self, inputs: Sequence[torch.Tensor]) -> dict[sympy.Symbol, int]:
         g = self.graph
@@ -94,8 +119,14 @@ class Interpreter:
                 else:
                     pending.append((v, d, int(n)))
         for v, d, n in pending:
-            got = d.subs(bindings)
-            if not got.is_Integer or int(got) != n:
+            f = self._dims.get(d)
+            if f is None:
+                f = self._dims[d] = compile_dim(d)
+            try:
+                got = f(bindings)
+            except KeyError:
+                got = d.subs(bindings)      # for the message: what is left unbound
+            if got != n:
                 raise IRLMError(f"input {v.label()}: dimension {format_dim(d)} should be "
                                 f"{got}, got {n}")
         for s, n in bindings.items():
@@ -115,7 +146,7 @@ class Interpreter:
                 raise IRLMError(f"missing input(s): {', '.join('%' + m for m in missing)}")
             inputs = [inputs[v.name] for v in g.inputs]
         ctx = RefContext(g, self.weights, self.bind_inputs(inputs),
-                         state if state is not None else {}, self.device)
+                         state if state is not None else {}, self.device, self._dims)
         env: dict[int, torch.Tensor] = {id(v): x for v, x in zip(g.inputs, inputs)}
         capture_all = capture is True
         wanted = set() if capture_all or capture is False else set(capture)

@@ -10,7 +10,7 @@
 #     bench    benchmarks/quant_gemm.py at 1-8 rows (qg.log) and at 512 / 4096 rows
 #              (qg-large.log), then decode
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
-#              (bench.log, b1.json)
+#              (bench.log, b1.json; other sections: $DECODE_SECTIONS)
 # SECONDS defaults to 580 (the call's limit less margin).  nvidia-smi's line goes to smi.txt.
 set -u
 WHAT=${1:?usage: device-check.sh STEP[,STEP...] [SECONDS]}
@@ -71,7 +71,7 @@ decode() {
     # end to end: batch 1 per format ($QUANT, default bf16,int4,fp8,int8), with the
     # load-time tactics and a kernel profile
     [ "$(left)" -gt 40 ] && timeout "$(cap ${DECODE_S:-600})" python3 benchmarks/gpu_decode.py \
-        --sections copy,build,b1,profile --quant "${QUANT:-bf16,int4,fp8,int8}" \
+        --sections "${DECODE_SECTIONS:-copy,build,b1,profile}" --quant "${QUANT:-bf16,int4,fp8,int8}" \
         --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
 }

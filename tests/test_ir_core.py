@@ -314,3 +314,29 @@ def test_every_op_has_doc_and_schema():
     for name, d in all_ops().items():
         assert d.doc, f"{name} has no doc"
         assert get_op_def(name) is d
+
+
+@pytest.mark.parametrize("expr", ["T", "4*T", "2*T + R - 1", "T*R", "floor(T/2)",
+                                  "floor((T + 15)/16)*16", "Max(T, R)", "Mod(T, 16)"])
+def test_compiled_dims_equal_sympy_substitution(expr):
+    """The interpreter's compiled dims (a lookup or a lambdified expression, not sympy's slow
+    subs) give what sympy's substitution gives."""
+    from irlm.interpreter import RefContext
+    T, R = sympy.Symbol("T", integer=True), sympy.Symbol("R", integer=True)
+    d = sympy.sympify(expr, locals={"T": T, "R": R})
+    dims: dict = {}
+    for t, r in [(1, 1), (7, 3), (16, 5), (17, 64), (1000, 999), (2 ** 31 + 3, 11)]:
+        ctx = RefContext(None, None, {T: t, R: r}, {}, dims=dims)
+        assert ctx.dim(d) == int(d.subs({T: t, R: r}))
+    assert len(dims) <= 1            # compiled once, reused
+
+
+def test_an_unbound_or_fractional_dim_is_an_ir_error():
+    from irlm.interpreter import RefContext
+    T, R = sympy.Symbol("T", integer=True), sympy.Symbol("R", integer=True)
+    ctx = RefContext(None, None, {T: 5}, {})
+    with pytest.raises(IRError, match="not bound by the inputs"):
+        ctx.dim(T * R)
+    with pytest.raises(IRError, match="not an integer"):
+        ctx.dim(T / 2)
+    assert ctx.dim(T / 5 * 3) == 3

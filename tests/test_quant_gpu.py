@@ -94,6 +94,30 @@ def test_int4_mma_gemv_matches_reference(m, group, dtype):
     assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
+@pytest.mark.parametrize("warps", [1, 3, 5, 8])
+@pytest.mark.parametrize("m", [1, 8])
+def test_int4_mma_gemv_with_any_warps_a_block_matches_reference(m, warps):
+    # K = 2560: 20 steps of 128, which 3 and 8 warps of 4 steps do not divide
+    n, k, group = 200, 2560, 128
+    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
+    x = randn(m, k).to(torch.bfloat16)
+    got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
+                        tensor_cores=True, warps=warps)
+    assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 1e-2
+
+
+def test_int4_mma_warps_fit_the_shape():
+    # few feature tiles: all 8 warps split K; many: fewer, bounded by K / 512
+    assert ql.int4_mma_warps(4096, 4096, DEV) == 8
+    assert 1 <= ql.int4_mma_warps(28672, 4096, DEV) < 8
+    assert ql.int4_mma_warps(64, 1024, DEV) == 2
+    q, s, z = quantize_int4(randn(64, 512, scale=0.05), 128)
+    x = randn(1, 512).to(torch.bfloat16).to(DEV)
+    with pytest.raises(ql.KernelArgumentError, match="1 to 8 warps"):
+        ql.w4a16_gemv(x, q.to(DEV), s.float().to(DEV), z.to(DEV), 128, tensor_cores=True,
+                      warps=9)
+
+
 def test_int4_mma_gemv_refuses_groups_under_128():
     q, s, z = quantize_int4(randn(64, 512, scale=0.05), 64)
     x = randn(1, 512).to(torch.bfloat16).to(DEV)

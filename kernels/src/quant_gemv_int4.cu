@@ -188,11 +188,16 @@ template <> struct Int4Mma<irlm_fp16> {
 };
 #undef IRLM_INT4_MMA_OPS
 
+// The block's warps (1..8, blockDim.x / 32, chosen by the host per shape) split K.  A shape
+// with few 16-feature tiles (N = 4096) needs all 8 to give the SMs enough loads in flight; one
+// with many (N = 28672) runs more, smaller blocks, so that a warp streams several steps
+// instead of the whole grid running as waves of blocks that each load once.
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
-  constexpr int WARPS = 8, UNROLL = 4;
+  constexpr int MAX_WARPS = 8, UNROLL = 4;
   using Op = Int4Mma<T>;
-  __shared__ float part[WARPS][32][4];
+  __shared__ float part[MAX_WARPS][32][4];
+  const int WARPS = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
   const int fa = blockIdx.x * 16 + g, fb = fa + 8;  // the two features this lane feeds
@@ -265,7 +270,6 @@ __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
   __syncthreads();
   if (warp != 0) return;
   float v[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
   for (int w = 0; w < WARPS; ++w)
 #pragma unroll
     for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];

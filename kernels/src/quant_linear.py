@@ -289,15 +289,30 @@ def int4_mma_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
     return int4_gemv_supported(x_dtype, qweight, group) and group % 128 == 0
 
 
+_SMS: dict[int, int] = {}
+
+
+def int4_mma_warps(n: int, k: int, device) -> int:
+    """The warps per block of irlm_w4a16_mma (they split K) for an [N, K] weight: as many of
+    the SMs' resident warps (~24 each at its register count) as the N / 16 feature tiles
+    leave room for, 1 to 8, and no more than K / 512 (four 128-k steps a warp)."""
+    idx = torch.device(device).index or 0
+    if idx not in _SMS:
+        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    tiles = -(-n // 16)
+    return max(1, min(8, (24 * _SMS[idx]) // tiles, k // 512))
+
+
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
                rows: int = INT4_GEMV_ROWS_PER_WARP,
-               tensor_cores: Optional[bool] = None) -> torch.Tensor:
+               tensor_cores: Optional[bool] = None,
+               warps: Optional[int] = None) -> torch.Tensor:
     """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
     nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x.
     ``tensor_cores``: the MMA kernel (irlm_w4a16_mma: exact q - z on the tensor cores, groups
-    of 128k); None: it wherever :func:`int4_mma_supported`, else the FMA kernel with ``rows``
-    features per warp."""
+    of 128k) with ``warps`` warps per block (None: :func:`int4_mma_warps`); None: it wherever
+    :func:`int4_mma_supported`, else the FMA kernel with ``rows`` features per warp."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
     _tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,), device=dev)
@@ -320,14 +335,19 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         raise KernelArgumentError(f"group {group}: the int4 MMA kernel needs a group that is "
                                   f"a multiple of 128")
     kern = int4_gemv_kernel(dt)
-    warps = 8
     if mma:
+        w = int4_mma_warps(n, k, dev) if warps is None else warps
+        if not 1 <= w <= 8:
+            raise KernelArgumentError(f"warps={w}: the int4 MMA kernel runs 1 to 8 warps a "
+                                      f"block")
+
         def launch(xs, os_, cnt, maxm):
             p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
                              _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
-            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
+            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * w,), p,
                         device=dev)
         return _gemv_row_blocks(x, n, bias, launch)
+    warps = 8
 
     def launch(xs, os_, cnt, maxm):
         p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),

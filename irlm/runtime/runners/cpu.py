@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from irlm.errors import IRLMError
-from irlm.interpreter import RefContext
+from irlm.interpreter import RefContext, compile_dim
 from irlm.ir import Graph
 from irlm.lowering.kernel_selection import LINEAR_DTYPES, default_linear_dtype
 from irlm.ops.llm import KVCacheLayout, kv_cache_input
@@ -120,30 +120,10 @@ def set_threads(threads: Optional[int] = None) -> int:
 # ----- symbolic dims ---------------------------------------------------------------------------
 
 def _dim_fn(d) -> Callable[[dict], int]:
-    """A fast evaluator of one (possibly symbolic) dim over ``{Symbol: int}`` bindings."""
-    if isinstance(d, int):
-        return lambda b, d=d: d
-    if isinstance(d, sympy.Symbol):
-        return lambda b, d=d: b[d]
-    syms = sorted(d.free_symbols, key=lambda s: s.name)
-    f = sympy.lambdify(syms, d, modules="math")
-    return lambda b: int(f(*(b[s] for s in syms)))
-
-
-class _FastContext(RefContext):
-    """A RefContext whose ``dim`` is a cached compiled lookup, not a sympy substitution."""
-
-    def __init__(self, graph, device=None):
-        super().__init__(graph, None, {}, {}, device)
-        self._dims: dict[Any, Callable] = {}
-
-    def dim(self, d) -> int:
-        if isinstance(d, int):
-            return d
-        f = self._dims.get(d)
-        if f is None:
-            f = self._dims[d] = _dim_fn(d)
-        return f(self.bindings)
+    """:func:`irlm.interpreter.compile_dim` as an int (the bound program's dims are whole by
+    construction: the graph was type-checked)."""
+    f = compile_dim(d)
+    return lambda b: int(f(b))
 
 
 # ----- paged attention for the whole batch -----------------------------------------------------
@@ -314,7 +294,7 @@ class _Binder:
         self.runner = runner
         self.graph = graph
         self.linear_dtype = linear_dtype
-        self.ctx = _FastContext(graph, device=None)
+        self.ctx = RefContext(graph, None, {}, {})    # dims compiled once, cached in it
         self.params: dict[int, tuple[str, torch.dtype]] = {}     # value id -> (name, dtype)
         self.consts: dict[int, torch.Tensor] = {}
         self.stats = {"bound": 0, "reference": 0}
