@@ -173,10 +173,13 @@ def test_64_mixed_streaming_clients_with_cancellations(srv):
 def test_full_queue_is_refused_and_the_server_keeps_serving(srv):
     async def main():
         oai = openai.AsyncOpenAI(base_url=srv.openai_url, api_key=KEY, max_retries=0)
-        # fill running (16) + queue (48) with long requests
-        streams = [await oai.completions.create(model="tiny", prompt="the word", stream=True,
-                                                max_tokens=200, extra_body={"ignore_eos": True})
-                   for _ in range(64)]
+        # fill running (16) + queue (48) with requests as long as the model takes, sent at
+        # once: sent one after another, the first could finish (240 steps of a tiny model)
+        # before the last was queued, and the queue would never be full
+        streams = await asyncio.gather(*[
+            oai.completions.create(model="tiny", prompt="the word", stream=True,
+                                   max_tokens=240, extra_body={"ignore_eos": True})
+            for _ in range(64)])
         with pytest.raises(openai.RateLimitError):
             await oai.completions.create(model="tiny", prompt="x", max_tokens=2)
         grpc = grpcaio.InferenceServerClient(srv.grpc_addr)
