@@ -12,8 +12,8 @@ Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   int8-gemv    irlm's W8A16 GEMV (M <= 16)        int8-gemm  Triton W8A16 GEMM (quant_gemm)
   int8-deq     dequantize kernel + cuBLAS
   int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
-  int4-mma     the same on the tensor cores (exact q - z, mma.sync; groups of 128k), with
-               int4_mma_warps's warps a block (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps)
+  int4-mma     the same on the tensor cores (exact q - z, mma.sync; groups of 128k), 8 warps
+               a block splitting K (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps)
   int4-tiny    tinygemm (_weight_int4pack_mm)     int4-gemm  Triton W4A16 GEMM (group 128)
   int4-deq     dequantize kernel + cuBLAS
   fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
@@ -153,7 +153,7 @@ def path_fns(layers, x, xs, names) -> dict:
                                                          rows=4, tensor_cores=False))
         fns["int4-mma"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
                                                        tensor_cores=True))
-        for wp in (1, 2, 4, 8):     # the warps a block, against int4_mma_warps's choice
+        for wp in (1, 2, 4, 8):     # the warps a block, against the default 8
             fns[f"int4-mma-w{wp}"] = each(lambda w, wp=wp: ql.w4a16_gemv(
                 x, w["q4"], w["s4"], w["z4"], GROUP, tensor_cores=True, warps=wp))
     if m <= TINYGEMM_LIMIT:

@@ -188,10 +188,8 @@ template <> struct Int4Mma<irlm_fp16> {
 };
 #undef IRLM_INT4_MMA_OPS
 
-// The block's warps (1..8, blockDim.x / 32, chosen by the host per shape) split K.  A shape
-// with few 16-feature tiles (N = 4096) needs all 8 to give the SMs enough loads in flight; one
-// with many (N = 28672) runs more, smaller blocks, so that a warp streams several steps
-// instead of the whole grid running as waves of blocks that each load once.
+// The block's warps (1..8, blockDim.x / 32; the host launches 8, INT4_MMA_WARPS in
+// quant_linear.py, where that choice was measured) split K.
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
   constexpr int MAX_WARPS = 8, UNROLL = 4;

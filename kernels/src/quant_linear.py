@@ -283,35 +283,28 @@ def int4_gemv_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
             and k % group == 0 and qweight.is_contiguous() and qweight.data_ptr() % 16 == 0)
 
 
+#: warps a block of irlm_w4a16_mma (they split K).  Measured on an H100 (2026-12-05,
+#: benchmarks/quant_gemm.py paths int4-mma-w1..w8): 8 was fastest or within 8% of the
+#: fastest on every Llama-3-8B shape at 1 and 8 rows; fewer warps with more blocks lost
+#: up to 4.5x on the narrow shapes (N = 4096), and 1 or 2 were never fastest.
+INT4_MMA_WARPS = 8
+
+
 def int4_mma_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
     """Whether the tensor-core variant of :func:`w4a16_gemv` takes this weight: as the GEMV,
     and a group that is a multiple of 128 (each 128-k step of the kernel in one group)."""
     return int4_gemv_supported(x_dtype, qweight, group) and group % 128 == 0
 
 
-_SMS: dict[int, int] = {}
-
-
-def int4_mma_warps(n: int, k: int, device) -> int:
-    """The warps per block of irlm_w4a16_mma (they split K) for an [N, K] weight: as many of
-    the SMs' resident warps (~24 each at its register count) as the N / 16 feature tiles
-    leave room for, 1 to 8, and no more than K / 512 (four 128-k steps a warp)."""
-    idx = torch.device(device).index or 0
-    if idx not in _SMS:
-        _SMS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    tiles = -(-n // 16)
-    return max(1, min(8, (24 * _SMS[idx]) // tiles, k // 512))
-
-
 def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
                rows: int = INT4_GEMV_ROWS_PER_WARP,
                tensor_cores: Optional[bool] = None,
-               warps: Optional[int] = None) -> torch.Tensor:
+               warps: int = INT4_MMA_WARPS) -> torch.Tensor:
     """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
     nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x.
     ``tensor_cores``: the MMA kernel (irlm_w4a16_mma: exact q - z on the tensor cores, groups
-    of 128k) with ``warps`` warps per block (None: :func:`int4_mma_warps`); None: it wherever
+    of 128k) with ``warps`` warps a block splitting K (1-8); None: it wherever
     :func:`int4_mma_supported`, else the FMA kernel with ``rows`` features per warp."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
@@ -336,7 +329,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                   f"a multiple of 128")
     kern = int4_gemv_kernel(dt)
     if mma:
-        w = int4_mma_warps(n, k, dev) if warps is None else warps
+        w = int(warps)
         if not 1 <= w <= 8:
             raise KernelArgumentError(f"warps={w}: the int4 MMA kernel runs 1 to 8 warps a "
                                       f"block")
