@@ -21,8 +21,8 @@ from .types import TensorType, format_dim
 
 def compile_dim(d) -> Callable[[Mapping[sympy.Symbol, int]], Any]:
     """A fast evaluator of one (possibly symbolic) dim over ``{Symbol: int}`` bindings: a
-    plain lookup or a compiled expression.  sympy's ``subs`` takes 0.1-0.2 ms a call, which
-    for the few hundred reshapes of a step was most of an eager step's host time.  It gives a
+    plain lookup or a compiled expression.  sympy's ``subs`` takes 0.1-0.2 ms a call, a
+    large share of an eager step's host time over a few hundred reshapes.  It gives a
     number (callers check it is whole); a symbol missing from the bindings raises KeyError."""
     if isinstance(d, int):
         return lambda b, d=d: d
@@ -31,6 +31,14 @@ def compile_dim(d) -> Callable[[Mapping[sympy.Symbol, int]], Any]:
     syms = sorted(d.free_symbols, key=lambda s: s.name)
     f = sympy.lambdify(syms, d, modules="math")
     return lambda b: f(*(b[s] for s in syms))
+
+
+def cached_dim(cache: dict, d) -> Callable[[Mapping[sympy.Symbol, int]], Any]:
+    """:func:`compile_dim` of ``d``, compiled once into ``cache``."""
+    f = cache.get(d)
+    if f is None:
+        f = cache[d] = compile_dim(d)
+    return f
 
 
 class RefContext:
@@ -52,11 +60,8 @@ class RefContext:
     def dim(self, d) -> int:
         if isinstance(d, int):
             return d
-        f = self._dims.get(d)
-        if f is None:
-            f = self._dims[d] = compile_dim(d)
         try:
-            v = f(self.bindings)
+            v = cached_dim(self._dims, d)(self.bindings)
         except KeyError:
             raise IRError(f"dimension {format_dim(d)} is not bound by the inputs") from None
         if v != int(v):
@@ -119,11 +124,8 @@ class Interpreter:
                 else:
                     pending.append((v, d, int(n)))
         for v, d, n in pending:
-            f = self._dims.get(d)
-            if f is None:
-                f = self._dims[d] = compile_dim(d)
             try:
-                got = f(bindings)
+                got = cached_dim(self._dims, d)(bindings)
             except KeyError:
                 got = d.subs(bindings)      # for the message: what is left unbound
             if got != n:

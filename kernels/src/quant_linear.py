@@ -329,24 +329,24 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                   f"a multiple of 128")
     kern = int4_gemv_kernel(dt)
     if mma:
-        w = int(warps)
-        if not 1 <= w <= 8:
-            raise KernelArgumentError(f"warps={w}: the int4 MMA kernel runs 1 to 8 warps a "
-                                      f"block")
+        warps = int(warps)
+        if not 1 <= warps <= 8:
+            raise KernelArgumentError(f"warps={warps}: the int4 MMA kernel runs 1 to 8 warps "
+                                      f"a block")
 
         def launch(xs, os_, cnt, maxm):
             p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
                              _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
-            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * w,), p,
+            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
                         device=dev)
         return _gemv_row_blocks(x, n, bias, launch)
-    warps = 8
+    fma_warps = 8
 
     def launch(xs, os_, cnt, maxm):
         p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
                          _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
         kern.launch(f"irlm_w4a16_gemv<{CTYPES[dt]}, {maxm}, {rows}>",
-                    (-(-n // (warps * rows)),), (32 * warps,), p, device=dev)
+                    (-(-n // (fma_warps * rows)),), (32 * fma_warps,), p, device=dev)
     return _gemv_row_blocks(x, n, bias, launch)
 
 
