@@ -510,7 +510,7 @@ def test_a_killed_rank_of_a_two_node_launch_stops_both_nodes(engines):
 
 
 JOINING_PROGRAM = r"""
-import json, sys
+import json, os, sys
 import torch.distributed as dist
 from irlm.runtime import LLM, SamplingParams
 dist.init_process_group("gloo")        # the program's own group (env://), before the engine
@@ -522,6 +522,10 @@ print(json.dumps(out[0].outputs[0].token_ids), flush=True)
 # as torch asks of a program that made a group: without this, gloo's threads met the
 # interpreter's teardown now and then and the process aborted (SIGABRT) after its output
 dist.destroy_process_group()
+# ... and with it still, once in CI (2026-12-05): c10d's threads can still meet the teardown,
+# which this test is not about; leave as irlm's own ranks do (docs/distributed.md)
+sys.stderr.flush()
+os._exit(0)
 """
 
 
@@ -589,7 +593,7 @@ def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
             for r in (0, 1)]
     cmd = [sys.executable, "-c", JOINING_PROGRAM, str(engines["tp2"])]
     (rc0, out0, err0), (rc1, out1, err1) = launch_together([cmd, cmd], envs)
-    assert rc0 == 0, err0[-3000:]
+    assert rc0 == 0, f"rank 0 printed {out0!r}; its stderr ends: {err0[-3000:]}"
     assert rc1 == 0, err1[-3000:]
     assert json.loads(out0) == want and len(want) == 5 and out1 == ""
 
