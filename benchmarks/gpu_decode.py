@@ -2,7 +2,8 @@
 
 One run answers correctness and speed (run on the device machine):
 
-    python benchmarks/gpu_decode.py [--sections copy,build,b1,profile,b32,inflight,inflight2k,hf]
+    python benchmarks/gpu_decode.py [--sections copy,build,b1,profile,prefill,b32,inflight,
+                                                inflight2k,hf]
                                     [--json OUT.json] [--layers 32] [--quant bf16,fp8,int8,int4]
 
 --quant: one engine per listed mode, built and measured one after the other in the same run
@@ -18,6 +19,8 @@ Workloads (prompt of random tokens, greedy, EOS ignored):
             the measured copy bandwidth that reading the weights once per token achieves
   profile   GPU time per kernel name of a batch-1 decode step at 256 cached tokens (torch
             profiler over 8 eager steps), the 20 largest
+  prefill   one 128-token prefill step (the TTFT of b1 without the engine loop): wall time
+            against the device's busy time, the 15 largest kernels and host ops
   b32       32 prompts at once (static batch, prefill included), 128 / 128
   inflight  512 requests submitted at once, 128 / 128: output tokens/s, TTFT and TPOT p50/p90/p99
   inflight2k  the same with 2048-token prompts
@@ -265,6 +268,70 @@ def section_profile(runner, cfg, key="profile", steps=8):
         log(f"  {t:8.1f} us {c:5.0f}x  {k[:100]}")
 
 
+def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
+    """Where a prefill step's time goes (the TTFT of one prompt): wall time of the step,
+    synchronized, against the device's busy time in it (torch profiler), and the host ops and
+    device kernels that take most.  Wall much above device time means the host (the eager
+    interpreter's per-op work) bounds the prefill, not the kernels."""
+    from torch.profiler import ProfilerActivity, profile
+    from irlm.runtime.model_runner import StepBatch
+    prompt = random_prompts(1, prompt_len, cfg.vocab_size, seed=5)[0]
+    blocks = list(range(-(-prompt_len // runner.block_size)))
+    batch = StepBatch.pack([0], [prompt], [0], [blocks])
+    cuda = torch.cuda.is_available()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    runner.step(batch)                        # warm: kernels compiled, allocator primed
+    sync()
+    walls = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        runner.step(batch)
+        sync()
+        walls.append(time.perf_counter() - t0)
+    wall = statistics.median(walls)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=acts) as prof:
+        runner.step(batch)
+        sync()
+    dev, host = {}, {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t:
+            dev[e.key] = (t, e.count)
+        if e.self_cpu_time_total:
+            host[e.key] = (e.self_cpu_time_total, e.count)
+    busy = sum(t for t, _ in dev.values())
+    # the Python side of the same step: which functions the host time is spent in
+    import cProfile
+    import pstats
+    py = cProfile.Profile()
+    py.enable()
+    runner.step(batch)
+    sync()
+    py.disable()
+    st = pstats.Stats(py).stats
+    python = {f"{fn} ({path.rsplit('/', 1)[-1]}:{line})": (tt * 1e6, nc)
+              for (path, line, fn), (cc, nc, tt, ct, callers) in st.items()}
+    top = lambda d: [{"name": k[:120], "us": t, "calls": c}                  # noqa: E731
+                     for k, (t, c) in sorted(d.items(), key=lambda kv: -kv[1][0])[:15]]
+    RESULTS[key] = {"prompt_tokens": prompt_len, "wall_ms": wall * 1e3,
+                    "wall_ms_all": [w * 1e3 for w in walls], "device_busy_ms": busy / 1e3,
+                    "device_kernels": sum(c for _, c in dev.values()),
+                    "top_device": top(dev), "top_host_self": top(host),
+                    "top_python_self": top(python)}
+    log(f"{key}: {prompt_len}-token prefill step {wall * 1e3:.1f} ms wall (median of {reps}), "
+        f"device busy {busy / 1e3:.1f} ms in {RESULTS[key]['device_kernels']} kernels")
+    for title, rows in (("device", RESULTS[key]["top_device"]),
+                        ("host (self)", RESULTS[key]["top_host_self"]),
+                        ("Python (self, under cProfile)", RESULTS[key]["top_python_self"])):
+        log(f"  top {title}:")
+        for r in rows:
+            log(f"    {r['us']:9.1f} us {r['calls']:5d}x  {r['name'][:96]}")
+
+
 def section_b32(runner, cfg, key="b32"):
     prompts = random_prompts(32, 128, cfg.vocab_size, seed=1)
     run_requests(runner, prompts, 8, 32, 4096)
@@ -337,7 +404,8 @@ def main():
             ap.error(f"--quant: unknown mode {q!r} (valid: bf16, {', '.join(MODES)}, "
                      f"{', '.join(KV_MODES)}, or one weight mode + one KV mode: fp8+kv-fp8)")
     sections = a.sections.split(",")
-    known = ("copy", "build", "b1", "profile", "b32", "inflight", "inflight2k", "hf")
+    known = ("copy", "build", "b1", "profile", "prefill", "b32", "inflight", "inflight2k",
+             "hf")
     bad = [x for x in sections if x not in known]
     if bad:
         ap.error(f"--sections: unknown {', '.join(bad)} (known: {', '.join(known)})")
@@ -361,6 +429,7 @@ def main():
                 ("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx, "build" + q)),
                 ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
                 ("profile", lambda sfx: section_profile(runner, cfg, "profile" + sfx)),
+                ("prefill", lambda sfx: section_prefill(runner, cfg, "prefill" + sfx)),
                 ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
                                                           "inflight_128_128" + sfx)),
                 ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
