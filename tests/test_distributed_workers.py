@@ -26,6 +26,7 @@ from irlm.passes.parallel import split_for_pipeline, split_for_tensor_parallel
 from irlm.runtime import LLM, SamplingParams
 from irlm.runtime.distributed import DistributedRunner, EngineStopped
 from irlm.runtime.distributed.simulator import DistributedError
+from irlm.runtime.distributed.comm import Layout
 from irlm.runtime.runners.cpu import CpuGraphRunner
 from irlm.runtime.runners.interpreter import GraphRunner, runner_for_engine
 from irlm.runtime.model_runner import StepBatch
@@ -599,8 +600,14 @@ def test_a_program_that_made_its_own_process_group_opens_the_engine(engines):
 
 
 class _Store:
+    def __init__(self, events):
+        self.events = events
+
     def set(self, key, value):
         pass
+
+    def wait(self, keys, timeout):
+        self.events.append(f"wait for {', '.join(keys)}")
 
 
 class _Spec:
@@ -622,7 +629,8 @@ def _closing_runner(fault, events):
         runner = Runner()
     r = DistributedRunner.__new__(DistributedRunner)
     r._closed, r._fault, r._owns_group, r.num_steps = False, fault, True, 3
-    r._store, r.spec, r.worker, r._procs = _Store(), _Spec(), Worker(), {}
+    r._store, r.spec, r.worker, r._procs = _Store(events), _Spec(), Worker(), {}
+    r.layout = Layout(2, 1, 0)
     dr._live.add(r)
     return r
 
@@ -631,10 +639,12 @@ def _closing_runner(fault, events):
 def test_rank_0_releases_its_cuda_graphs_before_it_leaves_the_group(monkeypatch, fault):
     """NCCL's teardown waits for the CUDA graphs that captured its calls (docs/distributed.md):
     a clean close destroys rank 0's graphs first; after a fault (graphs possibly stuck in a
-    collective) it leaves at once."""
+    collective) it leaves at once.  A clean close of a joined launch (no processes of its own)
+    first waits for the other rank to have read the stop (worker.py: ``left``)."""
     from irlm.runtime.distributed import runner as dr
     events = []
     monkeypatch.setattr(dr.dist, "is_initialized", lambda: True)
     monkeypatch.setattr(dr, "leave_process_group", lambda: events.append("leave group"))
     _closing_runner(fault, events).close()
-    assert events == (["release graphs", "leave group"] if fault is None else ["leave group"])
+    assert events == (["wait for left/1", "release graphs", "leave group"] if fault is None
+                      else ["leave group"])

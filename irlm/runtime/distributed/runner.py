@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 import weakref
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -32,7 +33,8 @@ import torch.distributed as dist
 from irlm.runtime.distributed.simulator import DistributedError
 
 from .comm import Layout, configure_nccl_env, leave_process_group
-from .worker import STOP, HEARTBEAT_S, LaunchSpec, connect_store, encode_batch, one_line
+from .worker import (STOP, HEARTBEAT_S, LEAVE_WAIT_S, LaunchSpec, connect_store, encode_batch,
+                     one_line)
 
 #: a worker whose heartbeat does not change for this long is reported as dead or frozen
 SILENT_S = max(3.0, 6 * HEARTBEAT_S)
@@ -429,6 +431,8 @@ class DistributedRunner:
             self._store.set(self.spec.key("step", self.num_steps), STOP)
         except Exception:                         # noqa: BLE001 - the store may be gone
             pass
+        if not (self._procs or abort_pool) and self._fault is None:
+            self._wait_left()
         # Leave the process group now, before waiting for the workers (see leave_process_group)
         if dist.is_initialized():
             if self._owns_group:
@@ -449,6 +453,17 @@ class DistributedRunner:
             if p.exitcode is None:
                 p.kill()
                 p.join()
+
+    def _wait_left(self) -> None:
+        """A joined launch: wait (at most LEAVE_WAIT_S) until every other rank has read the
+        stop, so that a rank 0 hosting the store does not take it away from under them
+        (worker.py's module doc)."""
+        others = [self.spec.key("left", r) for r in range(1, self.layout.world_size)]
+        if others:
+            try:
+                self._store.wait(others, timedelta(seconds=LEAVE_WAIT_S))
+            except Exception:                     # noqa: BLE001 - gone or late: leave anyway
+                pass
 
     def __del__(self):
         try:

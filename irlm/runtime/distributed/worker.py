@@ -9,10 +9,15 @@ the process group.  Under the prefix ``P`` of one launch:
   or ``abort``;
 * ``P/step/{n}``: step n's batch (rank 0 publishes, every rank runs it), or ``stop``;
 * ``P/hb/{r}``: ``"<unix time> <steps done>"``, refreshed every :data:`HEARTBEAT_S` by a
-  thread of rank r; rank 0 names a rank that stopped beating or fell behind.
+  thread of rank r; rank 0 names a rank that stopped beating or fell behind;
+* ``P/left/{r}``: rank r read ``stop`` (or ``abort``) and is leaving.
 
-Rank 0 never waits on a worker through the store (a ``set`` does not block), so a hung worker
-can only hold rank 0 inside a collective, which the process group's timeout bounds.
+Rank 0 never waits on a worker through the store while it runs steps (a ``set`` does not
+block), so a hung worker can only hold rank 0 inside a collective, which the process group's
+timeout bounds.  Closing, a rank 0 that did not start the workers (a joined launch) waits at
+most :data:`LEAVE_WAIT_S` for their ``left`` keys: where rank 0 hosts the store (env://
+without torchrun's agent), a rank 0 that exits at once takes the store away before the others
+have read ``stop``, and they fail on a reset connection instead of leaving.
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from .comm import Layout, leave_process_group
 
 HEARTBEAT_S = 0.5
 STOP = b"stop"
+#: how long a closing rank 0 of a joined launch waits for the other ranks to read ``stop``
+LEAVE_WAIT_S = 10.0
 
 
 @dataclass
@@ -156,6 +163,7 @@ def run_rank(spec: LaunchSpec, rank: int, local_rank: int) -> None:
     store.wait([spec.key("pool")], timedelta(seconds=spec.load_timeout))
     pool = store.get(spec.key("pool"))
     if pool == b"abort":
+        _report(store, spec.key("left", rank), "abort")
         return
     resize_pool(worker.runner, **json.loads(pool))
     worker.connect(dist.PrefixStore(spec.key("pg"), store), spec.timeout)
@@ -172,6 +180,7 @@ def run_rank(spec: LaunchSpec, rank: int, local_rank: int) -> None:
                         raise
             payload = store.get(key)
             if payload == STOP:
+                _report(store, spec.key("left", rank), "stop")
                 return
             worker.step(decode_batch(payload))
             n += 1
