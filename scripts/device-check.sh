@@ -11,6 +11,8 @@
 #              (qg-large.log), then decode
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
 #              (bench.log, b1.json; other sections: $DECODE_SECTIONS)
+#     ncu      Nsight Compute on one launch each of the int4 tensor-core GEMV and the bf16
+#              GEMV at one row, gate/up and down shapes (ncu-KERNEL-SHAPE.log)
 # SECONDS defaults to 580 (the call's limit less margin).  nvidia-smi's line goes to smi.txt.
 set -u
 WHAT=${1:?usage: device-check.sh STEP[,STEP...] [SECONDS]}
@@ -75,13 +77,31 @@ decode() {
         --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
 }
+ncu_gemv() {
+    # Why the int4 GEMV reads at a third of copy while the bf16 GEMV reads at ~90%: DRAM
+    # throughput, achieved occupancy, warp stall reasons of one launch of each, per shape
+    local k shape
+    for shape in gate_up down; do
+        for k in irlm_w4a16_mma irlm_gemv; do
+            [ "$(left)" -gt 30 ] || return
+            timeout "$(cap 90)" ncu -k "regex:^${k}\b" -c 1 --section SpeedOfLight \
+                --section Occupancy --section LaunchStats --section WarpStateStats \
+                --section MemoryWorkloadAnalysis \
+                python3 benchmarks/quant_gemm.py --m 1 --shapes "$shape" \
+                --paths bf16-gemv,int4-mma > "$OUT/ncu-$k-$shape.log" 2>&1
+            echo "rc=$?" >> "$OUT/ncu-$k-$shape.log"
+        done
+    done
+    tail -n 3 "$OUT"/ncu-*.log
+}
 
 for step in ${WHAT//,/ }; do
     case "$step" in
     tests|retest|share|bench|decode) [ "$(left)" -gt 20 ] && "$step" ;;
     qg) [ "$(left)" -gt 20 ] && one_row_paths ;;
+    ncu) [ "$(left)" -gt 30 ] && ncu_gemv ;;
     *)
-        echo "device-check.sh: unknown step '$step' (tests, retest, share, qg, bench, decode)" >&2
+        echo "device-check.sh: unknown step '$step' (tests, retest, share, qg, bench, decode, ncu)" >&2
         exit 2
         ;;
     esac
