@@ -80,15 +80,16 @@ decode() {
 ncu_gemv() {
     # Why the int4 GEMV reads at a third of copy while the bf16 GEMV reads at ~90%: DRAM
     # throughput, achieved occupancy, warp stall reasons of one launch of each, per shape
-    local k shape
+    local kp k shape
     for shape in gate_up down; do
-        for k in irlm_w4a16_mma irlm_gemv; do
+        for kp in irlm_w4a16_mma:int4-mma irlm_gemv:bf16-gemv; do   # kernel:the path that runs it
+            k=${kp%%:*}
             [ "$(left)" -gt 30 ] || return
             timeout "$(cap 90)" ncu -k "regex:^${k}\b" -c 1 --section SpeedOfLight \
                 --section Occupancy --section LaunchStats --section WarpStateStats \
                 --section MemoryWorkloadAnalysis \
                 python3 benchmarks/quant_gemm.py --m 1 --shapes "$shape" \
-                --paths bf16-gemv,int4-mma > "$OUT/ncu-$k-$shape.log" 2>&1
+                --paths "${kp#*:}" > "$OUT/ncu-$k-$shape.log" 2>&1
             echo "rc=$?" >> "$OUT/ncu-$k-$shape.log"
         done
     done
