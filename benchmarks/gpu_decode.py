@@ -283,27 +283,42 @@ def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
     def sync():
         if cuda:
             torch.cuda.synchronize()
-    runner.step(batch)                        # warm: kernels compiled, allocator primed
-    sync()
-    walls = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        runner.step(batch)
+    def timed():
+        runner.step(batch)                    # warm: kernels compiled, graphs captured
         sync()
-        walls.append(time.perf_counter() - t0)
+        out = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            runner.step(batch)
+            sync()
+            out.append(time.perf_counter() - t0)
+        return out
+    # the same step run eagerly op by op, as every prompt step ran before the piecewise
+    # graphs (irlm/runtime/runners/prefill_graphs.py)
+    piecewise, runner._prefill = getattr(runner, "_prefill", None), None
+    try:
+        eager_walls = timed()
+    finally:
+        runner._prefill = piecewise
+    walls = timed()
     wall = statistics.median(walls)
+    eager_wall = statistics.median(eager_walls)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
         runner.step(batch)
         sync()
     dev, host = {}, {}
+    busy = 0.0
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
         if t:
             dev[e.key] = (t, e.count)
+            # the kernels themselves: an op's self device time repeats its kernels' (aten::mm
+            # and its nvjet kernel), so busy time counts device-side events only
+            if str(getattr(e, "device_type", "")).endswith("CUDA"):
+                busy += t
         if e.self_cpu_time_total:
             host[e.key] = (e.self_cpu_time_total, e.count)
-    busy = sum(t for t, _ in dev.values())
     # the Python side of the same step: which functions the host time is spent in
     import cProfile
     import pstats
@@ -318,12 +333,15 @@ def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
     top = lambda d: [{"name": k[:120], "us": t, "calls": c}                  # noqa: E731
                      for k, (t, c) in sorted(d.items(), key=lambda kv: -kv[1][0])[:15]]
     RESULTS[key] = {"prompt_tokens": prompt_len, "wall_ms": wall * 1e3,
-                    "wall_ms_all": [w * 1e3 for w in walls], "device_busy_ms": busy / 1e3,
+                    "wall_ms_all": [w * 1e3 for w in walls], "eager_wall_ms": eager_wall * 1e3,
+                    "piecewise_graphs": piecewise is not None, "device_busy_ms": busy / 1e3,
                     "device_kernels": sum(c for _, c in dev.values()),
                     "top_device": top(dev), "top_host_self": top(host),
                     "top_python_self": top(python)}
-    log(f"{key}: {prompt_len}-token prefill step {wall * 1e3:.1f} ms wall (median of {reps}), "
-        f"device busy {busy / 1e3:.1f} ms in {RESULTS[key]['device_kernels']} kernels")
+    how = "piecewise graphs" if piecewise is not None else "eager"
+    log(f"{key}: {prompt_len}-token prefill step {wall * 1e3:.1f} ms wall ({how}, median of "
+        f"{reps}; op by op: {eager_wall * 1e3:.1f} ms), device busy {busy / 1e3:.1f} ms in "
+        f"{RESULTS[key]['device_kernels']} kernels")
     for title, rows in (("device", RESULTS[key]["top_device"]),
                         ("host (self)", RESULTS[key]["top_host_self"]),
                         ("Python (self, under cProfile)", RESULTS[key]["top_python_self"])):

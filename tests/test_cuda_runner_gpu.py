@@ -1,7 +1,8 @@
 """The CUDA executor (kernels + cuBLAS + CUDA graphs) against Hugging Face on the GPU.
 
 bf16, random weights, every causal architecture of the frontend tests (BERT, an encoder, is in
-tests/test_encoder_gpu.py).  Requests prefill together (eager path), then
+tests/test_encoder_gpu.py).  Requests prefill together (piecewise graphs: the token-wise ops
+replayed at a padded token bucket, attention eager), then
 decode steps run as CUDA graph replays with requests joining mid-way; every request's
 last-token logits at every step are compared with the HF model run on that request's whole
 sequence: relative L2 error <= 2e-2 (bf16 arithmetic, reordered reductions) and the same
@@ -106,6 +107,10 @@ def test_cuda_runner_matches_hf_bf16(arch):
                 assert logits[j].argmax().item() == want.argmax().item(), (arch, step, r)
             checked += 1
     assert runner.stats["graph_replays"] == 9 and runner.stats["graph_captures"] >= 1
+    # both prompt steps (62 and 33 tokens) as replays of the 64-token bucket
+    assert runner._prefill.why is None, runner._prefill.why
+    assert runner.stats["prefill_replays"] == 2 and runner.stats["prefill_captures"] == 1
+    assert runner.stats["eager_steps"] == 0
     assert checked + tie_rows == 3 + 9 + 1 + 24 and checked >= 30, (checked, tie_rows)
 
 

@@ -479,8 +479,8 @@ def test_quantized_engine_on_the_fast_paths_matches_the_reference_ops(
     tables = [list(range(r * 12, r * 12 + 12)) for r in range(4)]
     done = [0, 0, 0, 0]
     # a 110-token prefill (large-M paths), decode as graph replays (M = 3 and 4: one graph, bucket
-    # 4), a 10-token prefill (small-M paths, eager), decode with all four, then one request
-    # alone (M = 1: the GEMV paths; bucket 1)
+    # 4), a 10-token prefill (padded to 16 rows in the piecewise prompt graphs), decode with all
+    # four, then one request alone (M = 1: the GEMV paths; bucket 1)
     schedule = [{0: 60, 1: 30, 2: 20}] + [{0: 1, 1: 1, 2: 1}] * 3 + [{3: 10}] + \
                [{0: 1, 1: 1, 2: 1, 3: 1}] * 4 + [{0: 1}] * 2
     for step in schedule:

@@ -10,7 +10,9 @@ CUDA tensors (torch: cuBLAS for the linears, views for reshapes).  Which kernel 
 Pure decode steps (one new token per request) are captured as CUDA graphs per
 (batch bucket, context bucket) and replayed: the host then spends one launch per step instead
 of one per op.  Padding rows of a bucket write into a scratch block that the runtime never
-hands out.  Steps with prompt tokens run eagerly (they are few and compute-bound).
+hands out.  Steps with prompt tokens of up to 512 tokens run as piecewise graphs (the
+token-wise ops captured per token bucket, attention eager: prefill_graphs.py); larger ones
+run eagerly, where the kernels outlast the host's launches.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
 from irlm.weights import WeightStore
 
 from .interpreter import REQUIRED_INPUTS
+from .prefill_graphs import PiecewisePrefill
 from ..kv_cache import check_kv_pool, kv_block_bytes
 from ..model_runner import StepBatch, fill_device_inputs
 
@@ -80,6 +83,9 @@ class CudaGraphRunner:
         dtype = cache_t.dtype.torch
         tokens_range = graph.dims.get("tokens")
         self.max_num_tokens = tokens_range.max if tokens_range else None
+        # prompt steps of up to 512 tokens as piecewise graphs (prefill_graphs.py); a rank of
+        # a multi-rank engine keeps them eager (its collectives were not tested under them)
+        self._prefill = PiecewisePrefill(self) if cuda_graphs and not collectives else None
         if num_blocks is None:
             # Reserve the planned activation memory of the largest step (plus room for kernel
             # workspaces and CUDA graph pools), then give the KV pool a fraction of the rest.
@@ -92,8 +98,19 @@ class CudaGraphRunner:
                 "tokens": tokens, "reqs": min(DECODE_BUCKETS[-1], tokens),
                 "max_blocks": -(-(max_model_len or 8192) // bs), "cache_blocks": 1})
             self.activation_bytes = plan.arena_bytes
+            # the prompt graphs' static buffers (every bucket) and their pool's temporaries
+            prefill = 0
+            if self._prefill is not None and self._prefill.max_tokens:
+                top = self._prefill.max_tokens
+                prefill = sum(self._prefill.static_bytes(b) for b in self._prefill.buckets)
+                prefill += plan_activation_memory(graph, {
+                    "tokens": top, "reqs": min(DECODE_BUCKETS[-1], top),
+                    "max_blocks": -(-(max_model_len or 8192) // bs),
+                    "cache_blocks": 1}).arena_bytes
+            self.prefill_graph_bytes = prefill
             free, _ = torch.cuda.mem_get_info(self.device)
-            usable = (free - int(1.5 * plan.arena_bytes) - (1 << 30)) * gpu_memory_fraction
+            usable = (free - int(1.5 * plan.arena_bytes) - prefill - (1 << 30)) \
+                * gpu_memory_fraction
             num_blocks = int(usable // per_block) - 1
             if num_blocks < 1:
                 raise IRLMError(f"no GPU memory left for the KV cache: {free / 2**30:.1f} GiB "
@@ -121,7 +138,8 @@ class CudaGraphRunner:
         self.cuda_graphs = cuda_graphs
         self._graphs: dict[tuple[int, int], tuple] = {}
         self._pool = None
-        self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0}
+        self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0,
+                      "prefill_replays": 0, "prefill_captures": 0}
 
     def release_graphs(self) -> None:
         """Destroy the captured decode graphs (the runner captures again on its next step).
@@ -129,10 +147,12 @@ class CudaGraphRunner:
         when the graph is destroyed), so a rank releases them before leaving its process group:
         on the H100 rank 0, graphs alive, waited out torch's 120 s abort timeout while its
         worker, graphs gone, aborted in 0.5 s (docs/distributed.md)."""
-        if self._graphs:
+        if self._graphs or (self._prefill is not None and self._prefill._entries):
             torch.cuda.synchronize(self.device)
             self._graphs.clear()
             self._pool = None
+            if self._prefill is not None:
+                self._prefill.release()
 
     def linear_tactics(self) -> dict[str, str]:
         """What load-time timing chose for the linears of a few rows (1, 2, 4, 8: the small
@@ -169,10 +189,15 @@ class CudaGraphRunner:
                  "max_q_len": max_q,
                  "max_kv_len": int((batch.cached_lens + batch.q_lens).max()),
                  "cu_q_lens": _cu(q_lens)}
-        out = self._interp.run(self._feeds(
+        feeds = self._feeds(
             batch.input_ids_on(dev), batch.positions.to(dev, non_blocking=True),
             q_lens, batch.cached_lens.to(dev, non_blocking=True),
-            batch.block_tables.to(dev, non_blocking=True)), state=state).outputs[0]
+            batch.block_tables.to(dev, non_blocking=True))
+        tokens = batch.num_tokens
+        if not decode and self.cuda_graphs and self._prefill is not None \
+                and tokens <= self._prefill.max_tokens:
+            return self._prefill.run(feeds, state, tokens).float()
+        out = self._interp.run(feeds, state=state).outputs[0]
         self.stats["eager_steps"] += 1
         return out.float()
 
