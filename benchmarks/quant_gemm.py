@@ -13,9 +13,7 @@ Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   int8-deq     dequantize kernel + cuBLAS
   int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
   int4-mma     the same on the tensor cores (exact q - z, mma.sync; groups of 128k), 8 warps
-               a block splitting K (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps; int4-mma-h0: without
-               HOIST, each step's scales and activations loaded where it computes; -h1, -h2: hoisted,
-               -h2 in at most 85 registers)
+               a block splitting K (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps)
   int4-tiny    tinygemm (_weight_int4pack_mm)     int4-gemm  Triton W4A16 GEMM (group 128)
   int4-deq     dequantize kernel + cuBLAS
   fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
@@ -49,7 +47,7 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
 LAYERS = 8
 GROUP = 128
 ALL_PATHS = ("bf16", "bf16-gemv", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv",
-             "int4-gemv4", "int4-mma", "int4-mma-h0", "int4-mma-h1", "int4-mma-h2", "int4-mma-w1", "int4-mma-w2", "int4-mma-w4",
+             "int4-gemv4", "int4-mma", "int4-mma-w1", "int4-mma-w2", "int4-mma-w4",
              "int4-mma-w8", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv",
              "fp8-mm", "fp8-mm-fast", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
@@ -155,9 +153,6 @@ def path_fns(layers, x, xs, names) -> dict:
                                                          rows=4, tensor_cores=False))
         fns["int4-mma"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
                                                        tensor_cores=True))
-        for h in (0, 1, 2):         # irlm_w4a16_mma's HOIST variants
-            fns[f"int4-mma-h{h}"] = each(lambda w, h=h: ql.w4a16_gemv(
-                x, w["q4"], w["s4"], w["z4"], GROUP, tensor_cores=True, hoist=h))
         for wp in (1, 2, 4, 8):     # the warps a block, against the default 8
             fns[f"int4-mma-w{wp}"] = each(lambda w, wp=wp: ql.w4a16_gemv(
                 x, w["q4"], w["s4"], w["z4"], GROUP, tensor_cores=True, warps=wp))

@@ -79,33 +79,30 @@ def test_int4_gemv_matches_reference(m, group, dtype, rows):
     assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
-@pytest.mark.parametrize("hoist", [0, 1, 2])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("group", [128, 256])
 @pytest.mark.parametrize("m", [1, 2, 3, 8, 13])
-def test_int4_mma_gemv_matches_reference(m, group, dtype, hoist):
-    # 391 features: the last block's features past N; K = 1536: 12 steps of 128 over 8 warps;
-    # hoist: each of the kernel's variants (irlm_w4a16_mma, irlm_w4a16_mma_hoist)
+def test_int4_mma_gemv_matches_reference(m, group, dtype):
+    # 391 features: the last block's features past N; K = 1536: 12 steps of 128 over 8 warps
     n, k = 391, 1536
     q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
     x = randn(m, k).to(dtype)
     bias = randn(n).to(dtype)
     got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
-                        bias.to(DEV), tensor_cores=True, hoist=hoist)
+                        bias.to(DEV), tensor_cores=True)
     assert got.dtype == dtype and got.shape == (m, n)
     assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
-@pytest.mark.parametrize("hoist", [0, 1, 2])
 @pytest.mark.parametrize("warps", [1, 3, 5, 8])
 @pytest.mark.parametrize("m", [1, 8])
-def test_int4_mma_gemv_with_any_warps_a_block_matches_reference(m, warps, hoist):
+def test_int4_mma_gemv_with_any_warps_a_block_matches_reference(m, warps):
     # K = 2560: 20 steps of 128, which 3 and 8 warps of 4 steps do not divide
     n, k, group = 200, 2560, 128
     q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
     x = randn(m, k).to(torch.bfloat16)
     got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
-                        tensor_cores=True, warps=warps, hoist=hoist)
+                        tensor_cores=True, warps=warps)
     assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 1e-2
 
 
@@ -115,14 +112,6 @@ def test_int4_mma_gemv_refuses_more_than_8_warps():
     with pytest.raises(ql.KernelArgumentError, match="1 to 8 warps"):
         ql.w4a16_gemv(x, q.to(DEV), s.float().to(DEV), z.to(DEV), 128, tensor_cores=True,
                       warps=9)
-
-
-def test_int4_mma_gemv_refuses_an_unknown_variant():
-    q, s, z = quantize_int4(randn(64, 512, scale=0.05), 128)
-    x = randn(1, 512).to(torch.bfloat16).to(DEV)
-    with pytest.raises(ql.KernelArgumentError, match="variants are 0-2"):
-        ql.w4a16_gemv(x, q.to(DEV), s.float().to(DEV), z.to(DEV), 128, tensor_cores=True,
-                      hoist=3)
 
 
 def test_int4_mma_gemv_refuses_groups_under_128():

@@ -188,87 +188,12 @@ template <> struct Int4Mma<irlm_fp16> {
 };
 #undef IRLM_INT4_MMA_OPS
 
-// One 128-k step of a lane: the 8 MMAs over its 16 bytes of features fa (qa) and fb (qb)
-// against its 32 activations xv, their fp32 sums scaled by the group's scales into acc.
-template <typename T>
-IRLM_DEVICE void int4_mma_step(float (&acc)[4], const int4 qa, const int4 qb,
-                               const unsigned (&xv)[16], float sa, float sb, unsigned za,
-                               unsigned zb) {
-  using Op = Int4Mma<T>;
-  za |= Op::BASE;
-  zb |= Op::BASE;
-  // int4 zero points are 0..15 (quantize_int4, AWQ, GGUF); BASE | z is BASE + z only
-  // for z < 128 (bf16) / 1024 (fp16)
-  const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
-  const unsigned wa4[4] = {(unsigned)qa.x, (unsigned)qa.y, (unsigned)qa.z, (unsigned)qa.w};
-  const unsigned wb4[4] = {(unsigned)qb.x, (unsigned)qb.y, (unsigned)qb.z, (unsigned)qb.w};
-  float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    const unsigned va_w = wa4[j >> 1], vb_w = wb4[j >> 1];
-    const int sh = 8 * (j & 1);
-    unsigned a[4];
-    a[0] = Op::minus(((va_w >> sh) & 0x000f000fu) | Op::MAGIC, zza);        // fa, slots 2t..
-    a[1] = Op::minus(((vb_w >> sh) & 0x000f000fu) | Op::MAGIC, zzb);        // fb, slots 2t..
-    a[2] = Op::minus(((va_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zza);  // fa, 2t + 8..
-    a[3] = Op::minus(((vb_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zzb);  // fb, 2t + 8..
-    const int e = 8 * (j >> 1) + 2 * (j & 1);    // the k (within the lane's 32) of slot 2t
-    const unsigned lo = xv[e >> 1], hi = xv[(e + 4) >> 1];
-    Op::mma(c, a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
-  }
-  acc[0] = fmaf(sa, c[0], acc[0]);
-  acc[1] = fmaf(sa, c[1], acc[1]);
-  acc[2] = fmaf(sb, c[2], acc[2]);
-  acc[3] = fmaf(sb, c[3], acc[3]);
-}
-
-// The block's 16 features: the warps' partial sums added through shared memory, bias, store.
-// Lane (g, t) holds out[2t, fa], out[2t + 1, fa], out[2t, fb], out[2t + 1, fb].
-template <typename T>
-IRLM_DEVICE void int4_mma_finish(const Q4GemvParams& p, const float (&acc)[4],
-                                 float (&part)[8][32][4], int warps, int warp, int lane,
-                                 int fa, int fb) {
-  const int t = lane & 3;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
-  __syncthreads();
-  if (warp != 0) return;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  for (int w = 0; w < warps; ++w)
-#pragma unroll
-    for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];
-  T* out = reinterpret_cast<T*>(p.out);
-  const T* bias = reinterpret_cast<const T*>(p.bias);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int m = 2 * t + (i & 1), f = i < 2 ? fa : fb;
-    if (m < p.m && f < p.n)
-      out[(long long)m * p.o_stride + f] = from_float<T>(v[i] + (bias ? to_float(bias[f]) : 0.f));
-  }
-}
-
-// The activations of step s for a lane (zeros where its x row is past m or s past the end).
-template <typename T>
-IRLM_DEVICE void int4_mma_load_x(const T* xg, bool has_x, int s, int steps,
-                                 unsigned (&xv)[16]) {
-  if (has_x && s < steps) {
-    const int4* xp = reinterpret_cast<const int4*>(xg + 128LL * s);
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const int4 v = xp[i];
-      xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < 16; ++i) xv[i] = 0u;
-  }
-}
-
 // The block's warps (1..8, blockDim.x / 32; the host launches 8, INT4_MMA_WARPS in
 // quant_linear.py, where that choice was measured) split K.
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
   constexpr int MAX_WARPS = 8, UNROLL = 4;
+  using Op = Int4Mma<T>;
   __shared__ float part[MAX_WARPS][32][4];
   const int WARPS = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -295,72 +220,64 @@ __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
       const int s = s0 + u * WARPS;
       if (s >= steps) break;
       unsigned xv[16];
-      int4_mma_load_x(xg, has_x, s, steps, xv);
+      if (has_x) {
+        const int4* xp = reinterpret_cast<const int4*>(xg + 128LL * s);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const int4 v = xp[i];
+          xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) xv[i] = 0u;
+      }
       const int gi = s / per_group;
-      int4_mma_step<T>(acc, qa[u], qb[u], xv, va ? p.scales[(long long)fa * groups + gi] : 0.f,
-                       vb ? p.scales[(long long)fb * groups + gi] : 0.f,
-                       va ? p.zeros[(long long)fa * groups + gi] : 0u,
-                       vb ? p.zeros[(long long)fb * groups + gi] : 0u);
+      const float sa = va ? p.scales[(long long)fa * groups + gi] : 0.f;
+      const float sb = vb ? p.scales[(long long)fb * groups + gi] : 0.f;
+      const unsigned za = Op::BASE | (va ? p.zeros[(long long)fa * groups + gi] : 0u);
+      const unsigned zb = Op::BASE | (vb ? p.zeros[(long long)fb * groups + gi] : 0u);
+      // int4 zero points are 0..15 (quantize_int4, AWQ, GGUF); BASE | z is BASE + z only
+      // for z < 128 (bf16) / 1024 (fp16)
+      const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
+      const unsigned wa4[4] = {(unsigned)qa[u].x, (unsigned)qa[u].y, (unsigned)qa[u].z,
+                               (unsigned)qa[u].w};
+      const unsigned wb4[4] = {(unsigned)qb[u].x, (unsigned)qb[u].y, (unsigned)qb[u].z,
+                               (unsigned)qb[u].w};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const unsigned va_w = wa4[j >> 1], vb_w = wb4[j >> 1];
+        const int sh = 8 * (j & 1);
+        unsigned a[4];
+        a[0] = Op::minus(((va_w >> sh) & 0x000f000fu) | Op::MAGIC, zza);        // fa, slots 2t..
+        a[1] = Op::minus(((vb_w >> sh) & 0x000f000fu) | Op::MAGIC, zzb);        // fb, slots 2t..
+        a[2] = Op::minus(((va_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zza);  // fa, 2t + 8..
+        a[3] = Op::minus(((vb_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zzb);  // fb, 2t + 8..
+        const int e = 8 * (j >> 1) + 2 * (j & 1);    // the k (within the lane's 32) of slot 2t
+        const unsigned lo = xv[e >> 1], hi = xv[(e + 4) >> 1];
+        Op::mma(c, a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+      }
+      acc[0] = fmaf(sa, c[0], acc[0]);
+      acc[1] = fmaf(sa, c[1], acc[1]);
+      acc[2] = fmaf(sb, c[2], acc[2]);
+      acc[3] = fmaf(sb, c[3], acc[3]);
     }
   }
-  int4_mma_finish<T>(p, acc, part, WARPS, warp, lane, fa, fb);
-}
-
-// The same product with every load that waits on no other load issued at the start of a batch.
-// A warp of irlm_w4a16_mma lives for one or a few batches of UNROLL steps, and it loads each
-// step's scales and zero points (a DRAM miss: a warp's steps are 8 groups apart) and its
-// activations where the step computes, after the weights arrived: up to UNROLL dependent
-// round trips a batch (Nsight Compute, H200, gate/up at 1 row: 34% of DRAM peak, 24 warps a
-// SM, the SMs 66% busy).  Here a batch's scales and zero points leave with its weights, and
-// each step's activations load while the step before computes.  That takes more registers
-// than irlm_w4a16_mma's 80; MIN_BLOCKS 3 caps them for 3 blocks a SM (85), MIN_BLOCKS 1 not.
-template <typename T, int MIN_BLOCKS>
-__global__ void __launch_bounds__(256, MIN_BLOCKS) irlm_w4a16_mma_hoist(const Q4GemvParams p) {
-  constexpr int MAX_WARPS = 8, UNROLL = 4;
-  __shared__ float part[MAX_WARPS][32][4];
-  const int WARPS = blockDim.x >> 5;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int g = lane >> 2, t = lane & 3;
-  const int fa = blockIdx.x * 16 + g, fb = fa + 8;
-  const bool va = fa < p.n, vb = fb < p.n, has_x = g < p.m;
-  const long long row_bytes = p.k / 2;
-  const unsigned char* wa = p.w + (long long)(va ? fa : 0) * row_bytes + 16 * t;
-  const unsigned char* wb = p.w + (long long)(vb ? fb : 0) * row_bytes + 16 * t;
-  const T* xg = reinterpret_cast<const T*>(p.x) + (long long)(has_x ? g : 0) * p.x_stride + 32 * t;
-  const int steps = p.k / 128, groups = p.k / p.group, per_group = p.group / 128;
-  const float* sa_row = p.scales + (long long)(va ? fa : 0) * groups;
-  const float* sb_row = p.scales + (long long)(vb ? fb : 0) * groups;
-  const unsigned char* za_row = p.zeros + (long long)(va ? fa : 0) * groups;
-  const unsigned char* zb_row = p.zeros + (long long)(vb ? fb : 0) * groups;
-  float acc[4] = {0.f, 0.f, 0.f, 0.f};
-
-  for (int s0 = warp; s0 < steps; s0 += WARPS * UNROLL) {
-    int4 qa[UNROLL], qb[UNROLL];
-    float sa[UNROLL], sb[UNROLL];
-    unsigned za[UNROLL], zb[UNROLL];
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int s = s0 + u * WARPS;
-      const bool in = s < steps;
-      const int gi = (in ? s : 0) / per_group;
-      qa[u] = (in && va) ? load_stream(wa + 64LL * s) : make_int4(0, 0, 0, 0);
-      qb[u] = (in && vb) ? load_stream(wb + 64LL * s) : make_int4(0, 0, 0, 0);
-      sa[u] = va ? sa_row[gi] : 0.f;
-      sb[u] = vb ? sb_row[gi] : 0.f;
-      za[u] = va ? za_row[gi] : 0u;
-      zb[u] = vb ? zb_row[gi] : 0u;
-    }
-    unsigned xv[16], xn[16];
-    int4_mma_load_x(xg, has_x, s0, steps, xn);
+  for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int w = 0; w < WARPS; ++w)
 #pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int s = s0 + u * WARPS;
-      if (s >= steps) break;
+    for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];
+  // lane holds out[2t, fa], out[2t + 1, fa], out[2t, fb], out[2t + 1, fb]
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
 #pragma unroll
-      for (int i = 0; i < 16; ++i) xv[i] = xn[i];
-      if (u + 1 < UNROLL) int4_mma_load_x(xg, has_x, s + WARPS, steps, xn);
-      int4_mma_step<T>(acc, qa[u], qb[u], xv, sa[u], sb[u], za[u], zb[u]);
-    }
+  for (int i = 0; i < 4; ++i) {
+    const int m = 2 * t + (i & 1), f = i < 2 ? fa : fb;
+    if (m < p.m && f < p.n)
+      out[(long long)m * p.o_stride + f] = from_float<T>(v[i] + (bias ? to_float(bias[f]) : 0.f));
   }
-  int4_mma_finish<T>(p, acc, part, WARPS, warp, lane, fa, fb);
 }

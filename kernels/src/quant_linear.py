@@ -131,8 +131,7 @@ def int4_gemv_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     return Kernel("quant_gemv_int4.cu", [f"irlm_w4a16_gemv<{t}, {m}, {r}>"
                                          for r in INT4_GEMV_ROWS for m in GEMV_ROWS]
-                  + [f"irlm_w4a16_mma<{t}>", f"irlm_w4a16_mma_hoist<{t}, 1>",
-                     f"irlm_w4a16_mma_hoist<{t}, 3>"])
+                  + [f"irlm_w4a16_mma<{t}>"])
 
 
 @lru_cache(maxsize=None)
@@ -289,10 +288,6 @@ def int4_gemv_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
 #: fastest on every Llama-3-8B shape at 1 and 8 rows; fewer warps with more blocks lost
 #: up to 4.5x on the narrow shapes (N = 4096), and 1 or 2 were never fastest.
 INT4_MMA_WARPS = 8
-#: the int4 MMA kernel's variant: 0 irlm_w4a16_mma, 1 irlm_w4a16_mma_hoist (its comment says
-#: what it moves), 2 the same in at most 85 registers; chosen by timing the three side by
-#: side on a device (benchmarks/quant_gemm.py paths int4-mma-h0, -h1, -h2)
-INT4_MMA_HOIST = 1
 
 
 def int4_mma_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
@@ -305,13 +300,12 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
                rows: int = INT4_GEMV_ROWS_PER_WARP,
                tensor_cores: Optional[bool] = None,
-               warps: int = INT4_MMA_WARPS, hoist: Optional[int] = None) -> torch.Tensor:
+               warps: int = INT4_MMA_WARPS) -> torch.Tensor:
     """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
     nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x.
     ``tensor_cores``: the MMA kernel (irlm_w4a16_mma: exact q - z on the tensor cores, groups
     of 128k) with ``warps`` warps a block splitting K (1-8); None: it wherever
-    :func:`int4_mma_supported`, else the FMA kernel with ``rows`` features per warp.
-    ``hoist``: the MMA kernel's variant, 0-2 (None: :data:`INT4_MMA_HOIST`)."""
+    :func:`int4_mma_supported`, else the FMA kernel with ``rows`` features per warp."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
     _tensor("qweight", qweight, ndim=2, dtypes=(torch.uint8,), device=dev)
@@ -339,16 +333,12 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         if not 1 <= warps <= 8:
             raise KernelArgumentError(f"warps={warps}: the int4 MMA kernel runs 1 to 8 warps "
                                       f"a block")
-        h = INT4_MMA_HOIST if hoist is None else int(hoist)
-        if h not in (0, 1, 2):
-            raise KernelArgumentError(f"hoist={hoist}: the int4 MMA kernel's variants are 0-2")
-        name = (f"irlm_w4a16_mma<{CTYPES[dt]}>" if h == 0 else
-                f"irlm_w4a16_mma_hoist<{CTYPES[dt]}, {1 if h == 1 else 3}>")
 
         def launch(xs, os_, cnt, maxm):
             p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
                              _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
-            kern.launch(name, (-(-n // 16),), (32 * warps,), p, device=dev)
+            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
+                        device=dev)
         return _gemv_row_blocks(x, n, bias, launch)
     fma_warps = 8
 
