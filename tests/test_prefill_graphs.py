@@ -146,3 +146,5 @@ def test_what_counts_as_mixing_tokens():
     assert mixes_tokens(op("core.slice", dim=0, start=0, end=1, step=1), tok)
     assert mixes_tokens(op("llm.last_tokens"), tok)
     assert not mixes_tokens(op("core.silu"), tok)
+    assert mixes_tokens(op("dist.all_gather", axis=0, group_size=2), tok)
+    assert not mixes_tokens(op("dist.all_gather", axis=1, group_size=2), tok)

@@ -64,6 +64,8 @@ def mixes_tokens(op: Op, tok: sympy.Symbol) -> bool:
     axes = []
     if "dim" in op.attrs:
         axes = [op.attrs["dim"]]
+    elif "axis" in op.attrs:                # dist.all_gather
+        axes = [op.attrs["axis"]]
     elif "dims" in op.attrs:
         axes = list(op.attrs["dims"]) or list(range(len(x)))   # () reduces every axis
     return any(tokenish(x[a]) for a in axes if -len(x) <= a < len(x))
