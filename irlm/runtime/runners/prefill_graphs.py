@@ -82,7 +82,8 @@ class _Segment:
 
 class PiecewisePrefill:
     """The piecewise graphs of one :class:`~irlm.runtime.runners.cuda_graphs.CudaGraphRunner`.
-    ``plan`` is None (with ``why``) when the graph cannot be cut this way."""
+    ``why`` says why the graph cannot be cut this way (then ``max_tokens`` is 0 and every
+    prompt step runs op by op); None when it can."""
 
     def __init__(self, runner, buckets=PREFILL_BUCKETS):
         self.runner = runner
