@@ -409,6 +409,9 @@ def main():
                     help="comma-separated engine modes, built and measured one after the other: "
                          "bf16 (unquantized), int8, int4, int4-awq, w8a8-sq, fp8, fp8-weight; "
                          "kv-int8 / kv-fp8 (an 8-bit KV cache), alone or joined: fp8+kv-fp8")
+    ap.add_argument("--prefill-tokens", default="128",
+                    help="prompt lengths of the prefill section, comma-separated (each up to "
+                         "the engine's max tokens a step; 512 is the largest piecewise bucket)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
@@ -421,6 +424,13 @@ def main():
                 or len(parts) - len(weights) > 1):
             ap.error(f"--quant: unknown mode {q!r} (valid: bf16, {', '.join(MODES)}, "
                      f"{', '.join(KV_MODES)}, or one weight mode + one KV mode: fp8+kv-fp8)")
+    try:
+        prefill_tokens = [int(n) for n in a.prefill_tokens.split(",")]
+    except ValueError:
+        prefill_tokens = []
+    if not prefill_tokens or min(prefill_tokens) < 1:
+        ap.error(f"--prefill-tokens: expected positive integers, comma-separated; got "
+                 f"{a.prefill_tokens!r}")
     sections = a.sections.split(",")
     known = ("copy", "build", "b1", "profile", "prefill", "b32", "inflight", "inflight2k",
              "hf")
@@ -447,7 +457,9 @@ def main():
                 ("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx, "build" + q)),
                 ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
                 ("profile", lambda sfx: section_profile(runner, cfg, "profile" + sfx)),
-                ("prefill", lambda sfx: section_prefill(runner, cfg, "prefill" + sfx)),
+                ("prefill", lambda sfx: [
+                    section_prefill(runner, cfg, "prefill" + ("" if n == 128 else f"{n}") + sfx,
+                                    prompt_len=n) for n in prefill_tokens]),
                 ("inflight", lambda sfx: section_inflight(runner, cfg, 128,
                                                           "inflight_128_128" + sfx)),
                 ("inflight2k", lambda sfx: section_inflight(runner, cfg, 2048,
