@@ -117,7 +117,11 @@ def quantize_kv_cache(graph, dtype: str, vocab: int) -> dict:
     return getattr(stats, "counters", {}) if stats is not None else {}
 
 
-def build(layers: int, max_num_tokens: int = 8192, quant: str = "bf16"):
+#: the tokens one step of the benchmark's engines may hold (build's default)
+MAX_STEP_TOKENS = 8192
+
+
+def build(layers: int, max_num_tokens: int = MAX_STEP_TOKENS, quant: str = "bf16"):
     """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU,
     then the quantize pass of the weight mode and quantize-kv-cache of a KV mode
     (:func:`split_mode`)."""
@@ -283,6 +287,7 @@ def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
     def sync():
         if cuda:
             torch.cuda.synchronize()
+
     def timed():
         runner.step(batch)                    # warm: kernels compiled, graphs captured
         sync()
@@ -428,9 +433,9 @@ def main():
         prefill_tokens = [int(n) for n in a.prefill_tokens.split(",")]
     except ValueError:
         prefill_tokens = []
-    if not prefill_tokens or min(prefill_tokens) < 1:
-        ap.error(f"--prefill-tokens: expected positive integers, comma-separated; got "
-                 f"{a.prefill_tokens!r}")
+    if not prefill_tokens or min(prefill_tokens) < 1 or max(prefill_tokens) > MAX_STEP_TOKENS:
+        ap.error(f"--prefill-tokens: expected integers from 1 to {MAX_STEP_TOKENS} (the "
+                 f"engine's tokens a step), comma-separated; got {a.prefill_tokens!r}")
     sections = a.sections.split(",")
     known = ("copy", "build", "b1", "profile", "prefill", "b32", "inflight", "inflight2k",
              "hf")

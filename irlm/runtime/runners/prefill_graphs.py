@@ -15,8 +15,9 @@ cut ops run eagerly on the first T rows with the step's real lengths, exactly as
 runs them, and their results are copied into the static buffers the next stretch reads.
 The host then spends one replay per stretch and one eager call per attention.
 
-Rows are tokens along axis 0 of every value that crosses a cut (checked when the plan is
-built; a graph where that does not hold keeps eager prompt steps).
+Every value that crosses a cut has the tokens as its outermost axis, after axes of size 1 only,
+so that the first T tokens are a prefix of it (checked when the plan is built; a graph where
+that does not hold keeps eager prompt steps).
 """
 from __future__ import annotations
 
