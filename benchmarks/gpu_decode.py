@@ -236,6 +236,37 @@ def section_b1(runner, cfg, copy_bw, key="b1", build_key="build"):
         f"{wb / step / 1e9:.0f} GB/s = {100 * wb / step / copy_bw:.0f}% of copy bandwidth")
 
 
+def parse_launch(v: str):
+    """--launch's settings: (programmatic launch on, GEMV prefetch bytes); None if unknown."""
+    if v == "default":
+        return (None, None)
+    if v == "plain":
+        return (False, 0)
+    if v.startswith("pdl-pf") and v[6:].isdigit():
+        return (True, int(v[6:]))
+    return None
+
+
+def section_b1_under(runner, cfg, copy_bw, launch, sfx, build_key):
+    """b1 under one --launch setting: the decode graphs are captured again with it."""
+    import os
+    from irlm.kernels import nvrtc
+    pdl, prefetch = parse_launch(launch)
+    nvrtc.set_programmatic_launch(pdl)
+    if prefetch is None:
+        os.environ.pop("IRLM_GEMV_PREFETCH", None)
+    else:
+        os.environ["IRLM_GEMV_PREFETCH"] = str(prefetch)
+    runner.release_graphs()
+    try:
+        section_b1(runner, cfg, copy_bw, "b1" + ("" if launch == "default" else "_" + launch)
+                   + sfx, build_key)
+    finally:
+        nvrtc.set_programmatic_launch(None)
+        os.environ.pop("IRLM_GEMV_PREFETCH", None)
+        runner.release_graphs()
+
+
 def section_profile(runner, cfg, key="profile", steps=8):
     """GPU time per kernel of a batch-1 decode step (torch profiler over eager steps: the same
     kernels a graph replay runs, without the replay hiding them), at 256 cached tokens."""
@@ -417,6 +448,11 @@ def main():
     ap.add_argument("--prefill-tokens", default="128",
                     help="prompt lengths of the prefill section, comma-separated (each up to "
                          "the engine's max tokens a step; 512 is the largest piecewise bucket)")
+    ap.add_argument("--launch", default="default",
+                    help="kernel launch settings the b1 section runs under, one after the "
+                         "other on the same engine (graphs captured again for each): default; "
+                         "plain (no programmatic dependent launch); pdl-pfN (PDL, the GEMVs "
+                         "prefetching N bytes of each weight row into L2; pdl-pf0: none)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
@@ -436,6 +472,11 @@ def main():
     if not prefill_tokens or min(prefill_tokens) < 1 or max(prefill_tokens) > MAX_STEP_TOKENS:
         ap.error(f"--prefill-tokens: expected integers from 1 to {MAX_STEP_TOKENS} (the "
                  f"engine's tokens a step), comma-separated; got {a.prefill_tokens!r}")
+    launches = a.launch.split(",")
+    bad = [v for v in launches if parse_launch(v) is None]
+    if bad:
+        ap.error(f"--launch: unknown {', '.join(bad)} (default, plain or pdl-pfN, N a byte "
+                 f"count)")
     sections = a.sections.split(",")
     known = ("copy", "build", "b1", "profile", "prefill", "b32", "inflight", "inflight2k",
              "hf")
@@ -459,7 +500,9 @@ def main():
             RESULTS["build" + q] = {"error": traceback.format_exc(limit=3)}
             continue
         for name, fn in (
-                ("b1", lambda sfx: section_b1(runner, cfg, copy_bw, "b1" + sfx, "build" + q)),
+                ("b1", lambda sfx: [
+                    section_b1_under(runner, cfg, copy_bw, v, sfx, "build" + q)
+                    for v in launches]),
                 ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
                 ("profile", lambda sfx: section_profile(runner, cfg, "profile" + sfx)),
                 ("prefill", lambda sfx: [

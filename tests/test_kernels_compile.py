@@ -169,3 +169,46 @@ def test_attention_shared_memory_matches_the_kernel():
     compile_source("smem_probe.cu", [], arch=ARCH, source="\n".join(lines) + "\n",
                    use_disk_cache=False)
     assert torch  # imported for the dtypes
+
+
+# ---- programmatic dependent launch: every kernel waits before it touches memory -----------------
+def _ptx(kernel) -> str:
+    """The PTX of one kernel group for compute_90a (the SASS of the cubin has no stable
+    spelling for the instructions checked below)."""
+    nv = compiler._nvrtc()
+    source = (compiler.KERNEL_DIR / kernel.filename).read_text()
+    prog = compiler._check_nvrtc(nv.nvrtcCreateProgram(source.encode(), kernel.filename.encode(),
+                                                       0, [], []), "nvrtcCreateProgram")
+    try:
+        for n in kernel.names:
+            compiler._check_nvrtc(nv.nvrtcAddNameExpression(prog, n.encode()), "name")
+        opts = [o.encode() for o in compiler.compile_options("compute_90a", kernel.fast_math)]
+        assert nv.nvrtcCompileProgram(prog, len(opts), opts)[0] == nv.nvrtcResult.NVRTC_SUCCESS
+        size = compiler._check_nvrtc(nv.nvrtcGetPTXSize(prog), "nvrtcGetPTXSize")
+        buf = b" " * size
+        compiler._check_nvrtc(nv.nvrtcGetPTX(prog, buf), "nvrtcGetPTX")
+    finally:
+        nv.nvrtcDestroyProgram(prog)
+    return buf.rstrip(b"\0 ").decode()
+
+
+MEMORY_ACCESS = ("ld.global", "st.global", "atom.", "red.", "ld.param.u64.ptr", "cp.async")
+
+
+@pytest.mark.parametrize("kernel", KERNELS, ids=_kid)
+def test_every_kernel_waits_on_its_predecessor_before_touching_memory(kernel):
+    """irlm launches its kernels with programmatic stream serialization on sm_90+ (nvrtc.py):
+    a kernel may start before the previous one has finished, so it must execute
+    griddepcontrol.wait (pdl_enter, common.cuh) before any global load, store or atomic, and
+    launch its dependents (griddepcontrol.launch_dependents); only L2 prefetches may come
+    first."""
+    ptx = _ptx(kernel)
+    entries = ptx.split(".entry ")[1:]
+    assert len(entries) == len(kernel.names)
+    for body in entries:
+        name = body.split("(", 1)[0]
+        assert "griddepcontrol.launch_dependents" in body, name
+        wait = body.find("griddepcontrol.wait")
+        assert wait > 0, f"{name}: no griddepcontrol.wait"
+        early = [ins for ins in MEMORY_ACCESS if 0 <= body.find(ins) < wait]
+        assert not early, f"{name}: {early} before griddepcontrol.wait"

@@ -11,6 +11,30 @@
 struct __align__(2) irlm_bf16 { unsigned short bits; };
 struct __align__(2) irlm_fp16 { unsigned short bits; };
 
+// ---- programmatic dependent launch (sm_90+) --------------------------------------------------
+// irlm launches its kernels with programmatic stream serialization (nvrtc.py) on sm_90 and
+// later, so a kernel's CTAs may start before the previous kernel in the stream has finished.
+// Every irlm kernel therefore begins with pdl_enter(): it lets the next kernel launch (its CTAs
+// take free SM slots and wait there, instead of paying the launch after this kernel drains) and
+// then waits until the previous kernel has completed and its writes are visible.  Nothing may
+// read another kernel's output or write memory before pdl_enter(); the only work allowed ahead
+// of it is prefetch_l2 of weights.  Deadlock-free: a kernel's dependents launch only once all of
+// its CTAs have started, so a waiting CTA never holds a slot that an earlier kernel still needs.
+// Without the launch attribute (TensorRT plugins, other GPUs) both instructions return at once.
+IRLM_DEVICE void pdl_enter() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Ask L2 for the 128-byte line holding p (no register, no wait): a GEMV issues this for the
+// start of its weight rows before pdl_enter(), so the weights stream in while the previous
+// kernel (attention, a norm) leaves the memory idle.  A hint only: always safe to issue.
+IRLM_DEVICE void prefetch_l2(const void* p) {
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
 // ---- scalar conversions --------------------------------------------------------------------
 IRLM_DEVICE float to_float(float x) { return x; }
 IRLM_DEVICE float to_float(irlm_bf16 x) { return __uint_as_float(((unsigned)x.bits) << 16); }

@@ -24,6 +24,7 @@ template <int ACT> IRLM_DEVICE float activation(float g) {
 
 template <typename T, int VEC, int ACT>
 __global__ void __launch_bounds__(256) irlm_gated_act(const GatedActParams p) {
+  pdl_enter();
   const long long per_row = p.inter / VEC;
   const long long n = p.rows * per_row;
   const T* x = reinterpret_cast<const T*>(p.x);

@@ -20,6 +20,7 @@ struct GemvParams {
   void* out;
   long long x_stride, o_stride;
   int m, n, k;
+  int prefetch;  // bytes of each weight row asked into L2 before waiting on the previous kernel
 };
 
 // Weights in T itself, 8 per 16 bytes.  bf16 -> fp32 is a shift (no conversion instruction).
@@ -50,11 +51,14 @@ template <> struct SameWeights<irlm_fp16> {
 template <typename T, int MAXM>
 __global__ void __launch_bounds__(256) irlm_gemv(const GemvParams p) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const T* w_row = reinterpret_cast<const T*>(p.w) + (long long)row * p.k;
+  if (row < p.n) prefetch_row(w_row, (long long)p.k * sizeof(T), p.prefetch);
+  pdl_enter();
   if (row >= p.n) return;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  gemv_row<SameWeights<T>, T, MAXM>(reinterpret_cast<const T*>(p.w) + (long long)row * p.k,
+  gemv_row<SameWeights<T>, T, MAXM>(w_row,
                                     reinterpret_cast<const T*>(p.x), p.x_stride, p.m, p.k, acc);
   gemv_store<T, MAXM>(acc, p.out, p.o_stride, p.m, row, 1.f, p.bias);
 }

@@ -24,6 +24,14 @@ IRLM_DEVICE void load_x(const T* p, float (&f)[PER]) {
   }
 }
 
+// Ask L2 for the first min(bytes, row_bytes) bytes of one weight row, a 128-byte line per lane
+// and step: issued before pdl_enter(), while the previous kernel still runs (common.cuh).
+IRLM_DEVICE void prefetch_row(const void* w_row, long long row_bytes, int bytes) {
+  const long long n = bytes < row_bytes ? (long long)bytes : row_bytes;
+  for (long long off = (threadIdx.x & 31) * 128; off < n; off += 32 * 128)
+    prefetch_l2(reinterpret_cast<const char*>(w_row) + off);
+}
+
 // acc[m] += sum_k x[m, k] * w[k] over one weight row (`w_row`: its first byte) of k elements,
 // for the m < rows rows of x; the warp's lanes split the row, so acc holds each lane's share
 // (warp_sum adds them).

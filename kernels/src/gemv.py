@@ -16,7 +16,7 @@ import torch
 
 from .nvrtc import Kernel, KernelArgumentError
 from .ops import CTYPES, _ptr, _tensor
-from .quant_linear import GEMV_DTYPES, GEMV_ROWS, _gemv_row_blocks
+from .quant_linear import GEMV_DTYPES, GEMV_ROWS, _gemv_row_blocks, weight_prefetch_bytes
 
 c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 
@@ -24,7 +24,7 @@ c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 class GemvParams(ctypes.Structure):
     _fields_ = [("x", c_void_p), ("w", c_void_p), ("bias", c_void_p), ("out", c_void_p),
                 ("x_stride", c_longlong), ("o_stride", c_longlong), ("m", c_int), ("n", c_int),
-                ("k", c_int)]
+                ("k", c_int), ("prefetch", c_int)]
 
 
 @lru_cache(maxsize=None)
@@ -60,10 +60,11 @@ def gemv(x: torch.Tensor, weight: torch.Tensor,
                                   "weight")
     kern = gemv_kernel(dt)
     warps = 8
+    prefetch = weight_prefetch_bytes()
 
     def launch(xs, os_, cnt, maxm):
         p = GemvParams(_ptr(xs), _ptr(weight), _ptr(bias), _ptr(os_), xs.stride(0),
-                       os_.stride(0), cnt, n, k)
+                       os_.stride(0), cnt, n, k, prefetch)
         kern.launch(f"irlm_gemv<{CTYPES[dt]}, {maxm}>", (-(-n // warps),), (32 * warps,), p,
                     device=dev)
     return _gemv_row_blocks(x, n, bias, launch)

@@ -23,6 +23,7 @@ struct KvWriteParams {
 
 template <typename T, int VEC, typename C = T>
 __global__ void __launch_bounds__(128) irlm_kv_cache_write(const KvWriteParams p) {
+  pdl_enter();
   const int t = blockIdx.x;
   const int r = request_of_token(p.cu_q_lens, p.num_reqs, t);
   const int pos = p.cached_lens[r] + t - p.cu_q_lens[r];

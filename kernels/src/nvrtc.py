@@ -356,11 +356,74 @@ class Kernel:
         block = tuple(int(x) for x in block) + (1,) * (3 - len(block))
         if min(grid) <= 0:
             return  # nothing to do (empty batch)
-        stream = cu.CUstream(torch.cuda.current_stream(index).cuda_stream)
+        raw_stream = torch.cuda.current_stream(index).cuda_stream
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        _check_cu(cu.cuLaunchKernel(fn, *grid, *block, int(smem), stream,
+        if programmatic_launch_enabled(index):
+            config = _launch_config(grid, block, int(smem), raw_stream)
+            _check_cu(cu.cuLaunchKernelEx(config, fn, ctypes.addressof(args), 0),
+                      f"cuLaunchKernelEx({name}, grid={grid}, block={block}, smem={smem})")
+            return
+        _check_cu(cu.cuLaunchKernel(fn, *grid, *block, int(smem), cu.CUstream(raw_stream),
                                     ctypes.addressof(args), 0),
                   f"cuLaunchKernel({name}, grid={grid}, block={block}, smem={smem})")
+
+
+# ---- programmatic dependent launch ------------------------------------------------------------
+# On sm_90 and later every irlm kernel is launched with programmatic stream serialization: it
+# may start while the previous kernel of the stream still runs, and waits for it inside
+# (pdl_enter() in common.cuh, the first statement of every kernel).  A decode step is a chain of
+# a few hundred short kernels, so this hides each launch behind its predecessor and lets the
+# GEMVs fetch weights while attention and norms leave the memory idle.  CUDA graph capture keeps
+# the relation as a programmatic edge.  IRLM_PDL=0, or set_programmatic_launch(False), launches
+# plainly (for comparison; graphs captured before a change keep what they were captured with).
+
+_PDL_OVERRIDE: Optional[bool] = None
+_PDL_CAPABLE: dict[int, bool] = {}
+_CONFIGS: dict = {}
+
+
+def set_programmatic_launch(enabled: Optional[bool]) -> None:
+    """Force programmatic dependent launch on or off for later launches; None: the default
+    (on for sm_90+ unless ``IRLM_PDL=0``)."""
+    global _PDL_OVERRIDE
+    _PDL_OVERRIDE = enabled
+
+
+def programmatic_launch_enabled(device_index: int) -> bool:
+    """Whether launches on this device use programmatic stream serialization."""
+    if _PDL_OVERRIDE is False:
+        return False
+    if _PDL_OVERRIDE is None and os.environ.get("IRLM_PDL", "1") == "0":
+        return False
+    capable = _PDL_CAPABLE.get(device_index)
+    if capable is None:
+        import torch
+        capable = torch.cuda.get_device_capability(device_index)[0] >= 9
+        _PDL_CAPABLE[device_index] = capable
+    return capable
+
+
+def _launch_config(grid, block, smem: int, raw_stream: int):
+    """A cached CUlaunchConfig with the programmatic-serialization attribute (building one costs
+    more host time than the launch itself)."""
+    key = (grid, block, smem, raw_stream)
+    entry = _CONFIGS.get(key)
+    if entry is None:
+        cu = _driver()
+        attr = cu.CUlaunchAttribute()
+        attr.id = cu.CUlaunchAttributeID.CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+        attr.value.programmaticStreamSerializationAllowed = 1
+        config = cu.CUlaunchConfig()
+        config.gridDimX, config.gridDimY, config.gridDimZ = grid
+        config.blockDimX, config.blockDimY, config.blockDimZ = block
+        config.sharedMemBytes = smem
+        config.hStream = cu.CUstream(raw_stream)
+        config.attrs = [attr]
+        config.numAttrs = 1
+        if len(_CONFIGS) > 4096:        # many distinct shapes (eager steps of varied lengths)
+            _CONFIGS.clear()
+        entry = _CONFIGS[key] = (config, attr)     # the attribute kept alive with its config
+    return entry[0]
 
 
 def precompile(kernels: Sequence[Kernel], arch: Optional[str] = None,

@@ -13,6 +13,7 @@
 
 template <typename T, int D, int BLOCK_N, typename C = T>
 __global__ void __launch_bounds__(128) irlm_paged_attention_decode(const AttnParams p) {
+  pdl_enter();
   paged_attention_tile<T, D, 1, 4, BLOCK_N, true, C>(p);
 }
 
@@ -25,6 +26,7 @@ __global__ void __launch_bounds__(128) irlm_paged_attention_decode(const AttnPar
 
 template <typename T, int D>
 __global__ void __launch_bounds__(128) irlm_attention_split_reduce(const AttnParams p) {
+  pdl_enter();
   constexpr int V4 = D / 4;        // float4 columns of a head
   constexpr int G = 128 / V4;      // partition groups
   static_assert(D % 4 == 0 && V4 <= 128, "head_dim must be a multiple of 4, at most 512");

@@ -12,5 +12,6 @@
 
 template <typename T, int D, int BLOCK_N, typename C = T>
 __global__ void __launch_bounds__(128) irlm_prefill_attention(const AttnParams p) {
+  pdl_enter();
   paged_attention_tile<T, D, 4, 1, BLOCK_N, false, C>(p);
 }

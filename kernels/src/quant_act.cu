@@ -32,6 +32,7 @@ struct QuantActParams {
 
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_quantize_fp8(const QuantActParams p) {
+  pdl_enter();
   const long long per_row = p.cols / 8, total = p.rows * per_row;
   const float s = *p.scale;
   const T* x = reinterpret_cast<const T*>(p.x);
@@ -62,6 +63,7 @@ __global__ void __launch_bounds__(256) irlm_quantize_fp8(const QuantActParams p)
 
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_quantize_per_token_i8(const QuantActParams p) {
+  pdl_enter();
   __shared__ float scratch[33];
   const long long row = blockIdx.x;
   const T* x = reinterpret_cast<const T*>(p.x) + row * p.x_stride;
@@ -106,6 +108,7 @@ __global__ void __launch_bounds__(256) irlm_quantize_per_token_i8(const QuantAct
 
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_scale_i32(const ScaleI32Params p) {
+  pdl_enter();
   const long long per_row = p.cols / 4, total = p.rows * per_row;
   T* out = reinterpret_cast<T*>(p.out);
   const T* bias = reinterpret_cast<const T*>(p.bias);

@@ -26,6 +26,7 @@ struct Q4GemvParams {
   void* out;
   long long x_stride, o_stride;
   int m, n, k, group;
+  int prefetch;  // irlm_w4a16_mma: bytes of each weight row asked into L2 before pdl_enter()
 };
 
 // The factor that undoes where nibble i is read (see dot8_nibbles): 16^-i for i < 5; nibbles
@@ -60,6 +61,7 @@ IRLM_DEVICE float dot8_nibbles(unsigned v, const float* xs) {
 
 template <typename T, int MAXM, int ROWS>
 __global__ void __launch_bounds__(256) irlm_w4a16_gemv(const Q4GemvParams p) {
+  pdl_enter();
   constexpr int UNROLL = 2;
   constexpr int CHUNK = 32;                      // weights per lane per load
   const int warp = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
@@ -192,6 +194,15 @@ template <> struct Int4Mma<irlm_fp16> {
 // quant_linear.py, where that choice was measured) split K.
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
+  {  // the start of the block's 16 weight rows, into L2 while the previous kernel runs
+    const long long row_bytes = p.k / 2;
+    const int lines = (int)((min((long long)p.prefetch, row_bytes) + 127) / 128);
+    for (int i = threadIdx.x; i < 16 * lines; i += blockDim.x) {
+      const int f = blockIdx.x * 16 + i / lines;
+      if (f < p.n) prefetch_l2(p.w + (long long)f * row_bytes + 128LL * (i % lines));
+    }
+  }
+  pdl_enter();
   constexpr int MAX_WARPS = 8, UNROLL = 4;
   using Op = Int4Mma<T>;
   __shared__ float part[MAX_WARPS][32][4];

@@ -26,6 +26,7 @@ struct QGemvParams {
   int m, n, k;
   int scale_stride;  // 1: one scale per output row (int8); 0: one per tensor (fp8)
   float x_scale;     // > 0: x holds e4m3 values of an activation with this scale (fp8 W8A8)
+  int prefetch;      // bytes of each weight row asked into L2 before waiting on the previous kernel
 };
 
 struct DequantParams {
@@ -82,12 +83,14 @@ template <> struct W8<true> { using type = E4m3Weights; };
 template <typename T, int MAXM, bool WFP8>
 __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
   const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
+  const char* w_row = reinterpret_cast<const char*>(p.w) + (long long)row * p.k;
+  if (row < p.n) prefetch_row(w_row, p.k, p.prefetch);
+  pdl_enter();
   if (row >= p.n) return;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  gemv_row<typename W8<WFP8>::type, T, MAXM>(
-      reinterpret_cast<const char*>(p.w) + (long long)row * p.k, reinterpret_cast<const T*>(p.x),
+  gemv_row<typename W8<WFP8>::type, T, MAXM>(w_row, reinterpret_cast<const T*>(p.x),
       p.x_stride, p.m, p.k, acc);
   const float s = p.scales[(long long)row * p.scale_stride] * (p.x_scale > 0.f ? p.x_scale : 1.f);
   gemv_store<T, MAXM>(acc, p.out, p.o_stride, p.m, row, s, p.bias);
@@ -96,6 +99,7 @@ __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
 // 16 consecutive weights of one row per thread (K % 16 == 0).
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_dequant_int8(const DequantParams p) {
+  pdl_enter();
   const long long per_row = p.k / 16, total = p.n * per_row;
   const signed char* q = reinterpret_cast<const signed char*>(p.q);
   T* out = reinterpret_cast<T*>(p.out);
@@ -121,6 +125,7 @@ __global__ void __launch_bounds__(256) irlm_dequant_int8(const DequantParams p) 
 // share one scale and zero point.
 template <typename T>
 __global__ void __launch_bounds__(256) irlm_dequant_int4(const DequantParams p) {
+  pdl_enter();
   const long long per_row = p.k / 16, total = p.n * per_row;
   const long long groups = p.k / p.group;
   const unsigned char* q = reinterpret_cast<const unsigned char*>(p.q);

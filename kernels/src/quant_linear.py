@@ -45,6 +45,7 @@ runner captures them in its decode CUDA graphs.
 from __future__ import annotations
 
 import ctypes
+import os
 from functools import lru_cache
 from typing import Optional
 
@@ -84,20 +85,35 @@ INT4_GEMV_ROWS = (2, 4)
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 GEMV_DTYPES = (torch.bfloat16, torch.float16)
 FP8_MAX = 448.0
+#: bytes at the start of each weight row that a GEMV asks into L2 before it waits on the
+#: previous kernel (gemv.cuh's prefetch_row; IRLM_GEMV_PREFETCH overrides, 0 turns it off)
+WEIGHT_PREFETCH_BYTES = 4096
+
+
+def weight_prefetch_bytes() -> int:
+    """The GEMVs' weight prefetch per row (see WEIGHT_PREFETCH_BYTES), read at each launch so a
+    benchmark can compare settings by recapturing its graphs."""
+    v = os.environ.get("IRLM_GEMV_PREFETCH")
+    if v is None:
+        return WEIGHT_PREFETCH_BYTES
+    try:
+        return max(0, int(v))
+    except ValueError:
+        raise KernelArgumentError(f"IRLM_GEMV_PREFETCH={v!r}: expected a byte count") from None
 
 
 class QGemvParams(ctypes.Structure):
     _fields_ = [("x", c_void_p), ("w", c_void_p), ("scales", c_void_p), ("bias", c_void_p),
                 ("out", c_void_p), ("x_stride", c_longlong), ("o_stride", c_longlong),
                 ("m", c_int), ("n", c_int), ("k", c_int), ("scale_stride", c_int),
-                ("x_scale", ctypes.c_float)]
+                ("x_scale", ctypes.c_float), ("prefetch", c_int)]
 
 
 class Q4GemvParams(ctypes.Structure):
     _fields_ = [("x", c_void_p), ("w", c_void_p), ("scales", c_void_p), ("zeros", c_void_p),
                 ("bias", c_void_p), ("out", c_void_p), ("x_stride", c_longlong),
                 ("o_stride", c_longlong), ("m", c_int), ("n", c_int), ("k", c_int),
-                ("group", c_int)]
+                ("group", c_int), ("prefetch", c_int)]
 
 
 class QuantActParams(ctypes.Structure):
@@ -198,10 +214,12 @@ def _gemv(x, qweight, scales, bias, x_scale):
                                   "aligned qweight")
     kern = quant_kernel(dt)
     warps = 8
+    prefetch = weight_prefetch_bytes()
 
     def launch(xs, os_, cnt, maxm):
         p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
-                        xs.stride(0), os_.stride(0), cnt, n, k, 0 if fp8 else 1, x_scale)
+                        xs.stride(0), os_.stride(0), cnt, n, k, 0 if fp8 else 1, x_scale,
+                        prefetch)
         kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
                     (-(-n // warps),), (32 * warps,), p, device=dev)
     return _gemv_row_blocks(x, n, bias, launch)
@@ -329,6 +347,7 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                                   f"a multiple of 128")
     kern = int4_gemv_kernel(dt)
     if mma:
+        prefetch = weight_prefetch_bytes()
         warps = int(warps)
         if not 1 <= warps <= 8:
             raise KernelArgumentError(f"warps={warps}: the int4 MMA kernel runs 1 to 8 warps "
@@ -336,7 +355,8 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
 
         def launch(xs, os_, cnt, maxm):
             p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
-                             _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group)
+                             _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group,
+                             prefetch)
             kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
                         device=dev)
         return _gemv_row_blocks(x, n, bias, launch)

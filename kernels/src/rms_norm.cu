@@ -20,6 +20,7 @@ struct RmsNormParams {
 
 template <typename T, int VEC, int MAXV, bool ADD>
 __global__ void __launch_bounds__(1024) irlm_rms_norm(const RmsNormParams p) {
+  pdl_enter();
   __shared__ float scratch[33];
   const long long row = blockIdx.x;
   const int nvec = p.hidden / VEC;

@@ -19,6 +19,7 @@ struct RopeApplyParams {
 
 template <typename T, typename TC>
 __global__ void __launch_bounds__(128) irlm_rope(const RopeApplyParams p) {
+  pdl_enter();
   const long long t = blockIdx.x, h = blockIdx.y, b = blockIdx.z;
   const T* x = reinterpret_cast<const T*>(p.x) + b * p.xs[0] + h * p.xs[1] + t * p.xs[2];
   T* out = reinterpret_cast<T*>(p.out) + b * p.os[0] + h * p.os[1] + t * p.os[2];

@@ -38,6 +38,7 @@ IRLM_DEVICE void copy_vec(T* dst, const T* src) {
 
 template <typename T, int VEC, bool NEOX, typename C = T>
 __global__ void __launch_bounds__(256) irlm_rope_kv_write(const RopeParams p) {
+  pdl_enter();
   __shared__ float s_cos[IRLM_ROPE_MAX_HALF], s_sin[IRLM_ROPE_MAX_HALF];
   const int t = blockIdx.x;
   int r = 0, cpos = 0;

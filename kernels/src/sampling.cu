@@ -121,6 +121,7 @@ IRLM_DEVICE float logit_at(const T* row, int i) { return to_float(row[i]); }
 
 template <typename T>
 __global__ void __launch_bounds__(IRLM_SAMPLE_THREADS) irlm_sample(const SampleParams p) {
+  pdl_enter();
   __shared__ SampleSmem sm;
   const int r = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int V = p.vocab;
