@@ -117,7 +117,7 @@ def test_dependent_kernel_chain_in_a_cuda_graph_matches_plain_launches(m, launch
     plain = [_chain(a.to(DEV), b.to(DEV), wn, w1, w2, wo) for a, b in inputs]
     assert rel(plain[0], _chain_reference(*inputs[0], wn, w1, w2, wo)) < 3e-2
 
-    launch(True, 4096)
+    launch(True, 4096)   # prefetch on, whatever the default
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
