@@ -228,8 +228,10 @@ IRLM_DEVICE void prefetch_int4_meta(const Q4GemvParams& p, int tile) {
   }
 }
 
+// At most 80 registers, so that three blocks of 8 warps fit an SM (unbounded, the persistent
+// form took 88, two blocks, and lost a third of its speed on the qkv and gate/up shapes).
 template <typename T, bool PERSIST>
-__global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
+__global__ void __launch_bounds__(256, 3) irlm_w4a16_mma(const Q4GemvParams p) {
   {  // the start of the block's 16 weight rows, into L2 while the previous kernel runs
     const long long row_bytes = p.k / 2;
     const int lines = (int)((min((long long)p.prefetch, row_bytes) + 127) / 128);

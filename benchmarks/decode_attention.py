@@ -1,0 +1,102 @@
+"""Decode attention over the paged KV cache: time per call against the number of context
+partitions (flash-decoding splits), Llama-3-8B's attention (32 heads, 8 KV heads, head 128,
+bf16, blocks of 16 tokens), to set ``choose_splits`` (kernels/src/ops.py) from measurements.
+
+    python benchmarks/decode_attention.py [--batch 1,8,32] [--context 256,1024,4096]
+                                          [--splits auto,1,2,4,8,16,32]
+
+Each (batch, context, splits) is one CUDA graph of 32 calls, one per layer of a 32-layer cache
+(as a decode step runs them), median of 20 replays, divided by 32; the graph's bound on the
+context is the decode graphs' bucket (the context rounded up to a power of two, at least 256),
+as the CUDA runner captures them, while every request's real context is ``context``.  The
+split-combining kernel, when the splits ask for it, is included.  GB/s counts the K and V
+bytes read.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+LAYERS, HEADS, KV_HEADS, D, BLOCK = 32, 32, 8, 128, 16
+
+
+def bucket(ctx: int) -> int:
+    b = 256
+    while b < ctx:
+        b *= 2
+    return b
+
+
+def time_config(batch, ctx, splits, cache, tables, cached, q, out):
+    from irlm.kernels import ops
+    bound = bucket(ctx + 1)
+
+    def step():
+        for layer in range(LAYERS):
+            ops.paged_attention_decode(q, cache, layer, tables, cached, out=out,
+                                       max_kv_len=bound, num_splits=splits)
+    step()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
+    return statistics.median(times)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", default="1,8,32")
+    ap.add_argument("--context", default="256,1024,4096")
+    ap.add_argument("--splits", default="auto,1,2,4,8,16,32")
+    a = ap.parse_args()
+    try:
+        batches = [int(x) for x in a.batch.split(",")]
+        contexts = [int(x) for x in a.context.split(",")]
+        splits = [None if x == "auto" else int(x) for x in a.splits.split(",")]
+    except ValueError:
+        ap.error("--batch, --context: integers; --splits: auto or integers, comma-separated")
+    if min(batches) < 1 or min(contexts) < 1 or any(s is not None and s < 1 for s in splits):
+        ap.error("--batch, --context and --splits must be positive")
+    from irlm.kernels import ops
+    dev = torch.device("cuda")
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    print(f"{torch.cuda.get_device_name()}, {sms} SMs; {LAYERS} layers, {HEADS}/{KV_HEADS} "
+          f"heads, D {D}, bf16, blocks of {BLOCK}")
+    g = torch.Generator(device="cpu").manual_seed(0)
+    for batch in batches:
+        for ctx in contexts:
+            per_req = -(-(ctx + 1) // BLOCK)
+            nblocks = batch * per_req + 1
+            cache = torch.randn(LAYERS, nblocks, 2, BLOCK, KV_HEADS, D, generator=g,
+                                dtype=torch.bfloat16).to(dev)
+            width = -(-bucket(ctx + 1) // BLOCK)
+            tables = torch.zeros(batch, width, dtype=torch.int32)
+            tables[:, :per_req] = torch.randperm(batch * per_req, generator=g,
+                                                 dtype=torch.int32).view(batch, per_req)
+            tables = tables.to(dev)
+            cached = torch.full((batch,), ctx, dtype=torch.int32, device=dev)
+            q = torch.randn(batch, HEADS, D, generator=g, dtype=torch.bfloat16).to(dev)
+            out = torch.empty_like(q)
+            kv_bytes = batch * (ctx + 1) * KV_HEADS * D * 2 * 2
+            auto = ops.choose_splits(batch * KV_HEADS, bucket(ctx + 1),
+                                     ops.attention_block_n(torch.bfloat16, D, True), sms)[0]
+            for s in splits:
+                us = time_config(batch, ctx, s, cache, tables, cached, q, out)
+                label = f"auto ({auto})" if s is None else str(s)
+                print(f"batch {batch:3d} context {ctx:5d} splits {label:>9}: {us:7.2f} us "
+                      f"{kv_bytes / us / 1e3:7.0f} GB/s", flush=True)
+            del cache
+
+
+if __name__ == "__main__":
+    main()
