@@ -13,9 +13,7 @@ Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   int8-deq     dequantize kernel + cuBLAS
   int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
   int4-mma     the same on the tensor cores (exact q - z, mma.sync; groups of 128k), 8 warps
-               a block splitting K (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps), persistent blocks
-               prefetching their next band into L2 (int4-mma-oneshot: one block per 16
-               features, as before 2026-12-05)
+               a block splitting K (int4-mma-w1 .. -w8: 1, 2, 4, 8 warps)
   int4-tiny    tinygemm (_weight_int4pack_mm)     int4-gemm  Triton W4A16 GEMM (group 128)
   int4-deq     dequantize kernel + cuBLAS
   fp8-gemv     GEMV with e4m3 weights, x rounded (M <= 16)
@@ -50,8 +48,8 @@ LAYERS = 8
 GROUP = 128
 ALL_PATHS = ("bf16", "bf16-gemv", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv",
              "int4-gemv4", "int4-mma", "int4-mma-w1", "int4-mma-w2", "int4-mma-w4",
-             "int4-mma-w8", "int4-mma-oneshot", "int4-tiny", "int4-gemm", "int4-deq",
-             "fp8-gemv", "fp8-mm", "fp8-mm-fast", "w8a8")
+             "int4-mma-w8", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv",
+             "fp8-mm", "fp8-mm-fast", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
 GEMV_LIMIT = 16          # the GEMV kernels measured up to here, whatever the runtime limit
@@ -155,8 +153,6 @@ def path_fns(layers, x, xs, names) -> dict:
                                                          rows=4, tensor_cores=False))
         fns["int4-mma"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
                                                        tensor_cores=True))
-        fns["int4-mma-oneshot"] = each(lambda w: ql.w4a16_gemv(
-            x, w["q4"], w["s4"], w["z4"], GROUP, tensor_cores=True, persistent=False))
         for wp in (1, 2, 4, 8):     # the warps a block, against the default 8
             fns[f"int4-mma-w{wp}"] = each(lambda w, wp=wp: ql.w4a16_gemv(
                 x, w["q4"], w["s4"], w["z4"], GROUP, tensor_cores=True, warps=wp))

@@ -94,38 +94,16 @@ def test_int4_mma_gemv_matches_reference(m, group, dtype):
     assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
-@pytest.mark.parametrize("persistent", [False, True])
 @pytest.mark.parametrize("warps", [1, 3, 5, 8])
 @pytest.mark.parametrize("m", [1, 8])
-def test_int4_mma_gemv_with_any_warps_a_block_matches_reference(m, warps, persistent):
+def test_int4_mma_gemv_with_any_warps_a_block_matches_reference(m, warps):
     # K = 2560: 20 steps of 128, which 3 and 8 warps of 4 steps do not divide
     n, k, group = 200, 2560, 128
     q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
     x = randn(m, k).to(torch.bfloat16)
     got = ql.w4a16_gemv(x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group,
-                        tensor_cores=True, warps=warps, persistent=persistent)
+                        tensor_cores=True, warps=warps)
     assert rel(got, weight_only_reference(x, q, s, z, group, None)) < 1e-2
-
-
-@pytest.mark.parametrize("warps", [1, 8])
-@pytest.mark.parametrize("m", [1, 3, 8])
-def test_persistent_int4_mma_gemv_loops_over_many_tiles_a_block(m, warps, monkeypatch):
-    """A grid made as small as one SM's worth, so that every block runs many tiles of 16
-    features (the last one partial), prefetching the next one's band, scales and zeros: the
-    same bits as the one-block-per-tile kernel and the reference's values."""
-    n, k, group = 2200, 14336 // 4, 128
-    q, s, z = quantize_int4(randn(n, k, scale=0.05), group)
-    x = randn(m, k).to(torch.bfloat16)
-    bias = randn(n).to(torch.bfloat16)
-    args = (x.to(DEV), q.to(DEV), s.float().to(DEV), z.to(DEV), group, bias.to(DEV))
-    oneshot = ql.w4a16_gemv(*args, tensor_cores=True, warps=warps, persistent=False)
-    monkeypatch.setattr(ql, "_sm_count", lambda index: 1)
-    kern = ql.int4_gemv_kernel(torch.bfloat16)
-    name = "irlm_w4a16_mma<irlm_bf16, true>"
-    assert -(-n // 16) >= 2 * kern.blocks_per_sm(name, 32 * warps)  # >= 2 tiles a block
-    got = ql.w4a16_gemv(*args, tensor_cores=True, warps=warps, persistent=True)
-    assert torch.equal(got, oneshot)
-    assert rel(got, weight_only_reference(x, q, s, z, group, bias)) < 1e-2
 
 
 def test_int4_mma_gemv_refuses_more_than_8_warps():

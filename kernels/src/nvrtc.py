@@ -308,7 +308,6 @@ class Kernel:
         self.names = tuple(name_expressions)
         self.fast_math = fast_math
         self._modules: dict[str, CompiledModule] = {}
-        self._occupancy: dict[tuple, int] = {}
 
     def compile(self, arch: Optional[str] = None) -> CompiledModule:
         arch = arch or current_arch()
@@ -337,21 +336,6 @@ class Kernel:
                            f"cuModuleGetFunction({name})")
             loaded.functions[name] = fn
         return fn, loaded
-
-    def blocks_per_sm(self, name: str, threads: int, smem: int = 0, device=None) -> int:
-        """How many blocks of ``threads`` threads of kernel ``name`` fit on one SM at once (the
-        occupancy calculator, cached): a persistent kernel's grid is this times the SMs."""
-        import torch
-        dev = torch.device("cuda", torch.cuda.current_device()) if device is None else device
-        index = dev.index if dev.index is not None else torch.cuda.current_device()
-        key = (name, int(threads), int(smem), index)
-        n = self._occupancy.get(key)
-        if n is None:
-            fn, _ = self.function(name, index)
-            n = _check_cu(_driver().cuOccupancyMaxActiveBlocksPerMultiprocessor(
-                fn, int(threads), int(smem)), f"cuOccupancyMaxActiveBlocksPerMultiprocessor({name})")
-            n = self._occupancy[key] = max(1, int(n))
-        return n
 
     def launch(self, name: str, grid, block, params: ctypes.Structure, *, smem: int = 0,
                device=None) -> None:

@@ -192,46 +192,8 @@ template <> struct Int4Mma<irlm_fp16> {
 
 // The block's warps (1..8, blockDim.x / 32; the host launches 8, INT4_MMA_WARPS in
 // quant_linear.py, where that choice was measured) split K.
-//
-// PERSIST = false: one block per 16 features (grid ceil(N / 16)).  On the Llama-3-8B shapes a
-// block's warps then load once and compute once (K = 4096: 4 steps a warp) and the block ends:
-// an SM's memory requests stop while its blocks compute and the next ones start (Nsight Compute,
-// H200, gate/up at 1 row: DRAM 34% busy).  PERSIST = true: as many blocks as fit on the GPU at
-// once, each looping over tiles of 16 features, and every pass of the k loop first asks L2 for
-// the block's next band of weights (the next WARPS * UNROLL steps of its 16 rows, or at the end
-// of a tile the next tile's first band, scales and zero points), so the memory stays busy while
-// the tensor cores work.
-// The block's part of the band that starts at step `s` of tile `tile` (16 rows x 64 bytes per
-// step, `nsteps` steps), into L2; nothing past the rows or the steps.
-IRLM_DEVICE void prefetch_int4_band(const Q4GemvParams& p, int tile, int s, int nsteps) {
-  const int steps = p.k / 128;
-  if (s >= steps || tile * 16 >= p.n) return;
-  nsteps = min(nsteps, steps - s);
-  const long long row_bytes = p.k / 2;
-  const int lines = (nsteps * 64 + 127) / 128;        // per row; a step's 64 bytes never straddle
-  for (int i = threadIdx.x; i < 16 * lines; i += blockDim.x) {
-    const int f = tile * 16 + i / lines;
-    if (f < p.n) prefetch_l2(p.w + (long long)f * row_bytes + 64LL * s + 128LL * (i % lines));
-  }
-}
-
-// The scales and zero points of tile `tile` (16 consecutive rows: contiguous), into L2.
-IRLM_DEVICE void prefetch_int4_meta(const Q4GemvParams& p, int tile) {
-  const int rows = min(16, p.n - tile * 16);
-  if (rows <= 0) return;
-  const long long groups = p.k / p.group, first = (long long)tile * 16 * groups;
-  const int s_lines = (int)((rows * groups * 4 + 127) / 128);
-  const int z_lines = (int)((rows * groups + 127) / 128);
-  for (int i = threadIdx.x; i < s_lines + z_lines; i += blockDim.x) {
-    if (i < s_lines) prefetch_l2(reinterpret_cast<const char*>(p.scales + first) + 128LL * i);
-    else prefetch_l2(p.zeros + first + 128LL * (i - s_lines));
-  }
-}
-
-// At most 80 registers, so that three blocks of 8 warps fit an SM (unbounded, the persistent
-// form took 88, two blocks, and lost a third of its speed on the qkv and gate/up shapes).
-template <typename T, bool PERSIST>
-__global__ void __launch_bounds__(256, 3) irlm_w4a16_mma(const Q4GemvParams p) {
+template <typename T>
+__global__ void __launch_bounds__(256) irlm_w4a16_mma(const Q4GemvParams p) {
   {  // the start of the block's 16 weight rows, into L2 while the previous kernel runs
     const long long row_bytes = p.k / 2;
     const int lines = (int)((min((long long)p.prefetch, row_bytes) + 127) / 128);
@@ -247,105 +209,86 @@ __global__ void __launch_bounds__(256, 3) irlm_w4a16_mma(const Q4GemvParams p) {
   const int WARPS = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int g = lane >> 2, t = lane & 3;
-  const bool has_x = g < p.m;
+  const int fa = blockIdx.x * 16 + g, fb = fa + 8;  // the two features this lane feeds
+  const bool va = fa < p.n, vb = fb < p.n, has_x = g < p.m;
   const long long row_bytes = p.k / 2;
+  const unsigned char* wa = p.w + (long long)(va ? fa : 0) * row_bytes + 16 * t;
+  const unsigned char* wb = p.w + (long long)(vb ? fb : 0) * row_bytes + 16 * t;
   const T* xg = reinterpret_cast<const T*>(p.x) + (long long)(has_x ? g : 0) * p.x_stride + 32 * t;
   const int steps = p.k / 128, groups = p.k / p.group, per_group = p.group / 128;
-  const int tiles = (p.n + 15) / 16, band = WARPS * UNROLL;
-  const int stride = PERSIST ? gridDim.x : tiles;
-  if (PERSIST && blockIdx.x < tiles) prefetch_int4_meta(p, blockIdx.x);
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};
 
-  for (int tile = blockIdx.x; tile < tiles; tile += stride) {
-    const int fa = tile * 16 + g, fb = fa + 8;  // the two features this lane feeds
-    const bool va = fa < p.n, vb = fb < p.n;
-    const unsigned char* wa = p.w + (long long)(va ? fa : 0) * row_bytes + 16 * t;
-    const unsigned char* wb = p.w + (long long)(vb ? fb : 0) * row_bytes + 16 * t;
-    float acc[4] = {0.f, 0.f, 0.f, 0.f};
-
-    for (int b0 = 0; b0 < steps; b0 += band) {
-      if (PERSIST) {      // the next band of this tile, or the first of the block's next tile
-        if (b0 + band < steps) {
-          prefetch_int4_band(p, tile, b0 + band, band);
-        } else if (tile + stride < tiles) {
-          prefetch_int4_band(p, tile + stride, 0, band);
-          prefetch_int4_meta(p, tile + stride);
-        }
-      }
-      const int s0 = b0 + warp;
-      int4 qa[UNROLL], qb[UNROLL];
+  for (int s0 = warp; s0 < steps; s0 += WARPS * UNROLL) {
+    int4 qa[UNROLL], qb[UNROLL];
 #pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int s = s0 + u * WARPS;
-        qa[u] = (s < steps && va) ? load_stream(wa + 64LL * s) : make_int4(0, 0, 0, 0);
-        qb[u] = (s < steps && vb) ? load_stream(wb + 64LL * s) : make_int4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < UNROLL; ++u) {
-        const int s = s0 + u * WARPS;
-        if (s >= steps) break;
-        unsigned xv[16];
-        if (has_x) {
-          const int4* xp = reinterpret_cast<const int4*>(xg + 128LL * s);
-#pragma unroll
-          for (int i = 0; i < 4; ++i) {
-            const int4 v = xp[i];
-            xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
-          }
-        } else {
-#pragma unroll
-          for (int i = 0; i < 16; ++i) xv[i] = 0u;
-        }
-        const int gi = s / per_group;
-        const float sa = va ? p.scales[(long long)fa * groups + gi] : 0.f;
-        const float sb = vb ? p.scales[(long long)fb * groups + gi] : 0.f;
-        const unsigned za = Op::BASE | (va ? p.zeros[(long long)fa * groups + gi] : 0u);
-        const unsigned zb = Op::BASE | (vb ? p.zeros[(long long)fb * groups + gi] : 0u);
-        // int4 zero points are 0..15 (quantize_int4, AWQ, GGUF); BASE | z is BASE + z only
-        // for z < 128 (bf16) / 1024 (fp16)
-        const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
-        const unsigned wa4[4] = {(unsigned)qa[u].x, (unsigned)qa[u].y, (unsigned)qa[u].z,
-                                 (unsigned)qa[u].w};
-        const unsigned wb4[4] = {(unsigned)qb[u].x, (unsigned)qb[u].y, (unsigned)qb[u].z,
-                                 (unsigned)qb[u].w};
-        float c[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          const unsigned va_w = wa4[j >> 1], vb_w = wb4[j >> 1];
-          const int sh = 8 * (j & 1);
-          unsigned a[4];
-          a[0] = Op::minus(((va_w >> sh) & 0x000f000fu) | Op::MAGIC, zza);        // fa, slots 2t..
-          a[1] = Op::minus(((vb_w >> sh) & 0x000f000fu) | Op::MAGIC, zzb);        // fb, slots 2t..
-          a[2] = Op::minus(((va_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zza);  // fa, 2t + 8..
-          a[3] = Op::minus(((vb_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zzb);  // fb, 2t + 8..
-          const int e = 8 * (j >> 1) + 2 * (j & 1);    // the k (within the lane's 32) of slot 2t
-          const unsigned lo = xv[e >> 1], hi = xv[(e + 4) >> 1];
-          Op::mma(c, a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
-        }
-        acc[0] = fmaf(sa, c[0], acc[0]);
-        acc[1] = fmaf(sa, c[1], acc[1]);
-        acc[2] = fmaf(sb, c[2], acc[2]);
-        acc[3] = fmaf(sb, c[3], acc[3]);
-      }
+    for (int u = 0; u < UNROLL; ++u) {
+      const int s = s0 + u * WARPS;
+      qa[u] = (s < steps && va) ? load_stream(wa + 64LL * s) : make_int4(0, 0, 0, 0);
+      qb[u] = (s < steps && vb) ? load_stream(wb + 64LL * s) : make_int4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
-    __syncthreads();
-    if (warp == 0) {
-      float v[4] = {0.f, 0.f, 0.f, 0.f};
-      for (int w = 0; w < WARPS; ++w)
+    for (int u = 0; u < UNROLL; ++u) {
+      const int s = s0 + u * WARPS;
+      if (s >= steps) break;
+      unsigned xv[16];
+      if (has_x) {
+        const int4* xp = reinterpret_cast<const int4*>(xg + 128LL * s);
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];
-      // lane holds out[2t, fa], out[2t + 1, fa], out[2t, fb], out[2t + 1, fb]
-      T* out = reinterpret_cast<T*>(p.out);
-      const T* bias = reinterpret_cast<const T*>(p.bias);
+        for (int i = 0; i < 4; ++i) {
+          const int4 v = xp[i];
+          xv[4 * i] = v.x; xv[4 * i + 1] = v.y; xv[4 * i + 2] = v.z; xv[4 * i + 3] = v.w;
+        }
+      } else {
 #pragma unroll
-      for (int i = 0; i < 4; ++i) {
-        const int m = 2 * t + (i & 1), f = i < 2 ? fa : fb;
-        if (m < p.m && f < p.n)
-          out[(long long)m * p.o_stride + f] =
-              from_float<T>(v[i] + (bias ? to_float(bias[f]) : 0.f));
+        for (int i = 0; i < 16; ++i) xv[i] = 0u;
       }
+      const int gi = s / per_group;
+      const float sa = va ? p.scales[(long long)fa * groups + gi] : 0.f;
+      const float sb = vb ? p.scales[(long long)fb * groups + gi] : 0.f;
+      const unsigned za = Op::BASE | (va ? p.zeros[(long long)fa * groups + gi] : 0u);
+      const unsigned zb = Op::BASE | (vb ? p.zeros[(long long)fb * groups + gi] : 0u);
+      // int4 zero points are 0..15 (quantize_int4, AWQ, GGUF); BASE | z is BASE + z only
+      // for z < 128 (bf16) / 1024 (fp16)
+      const unsigned zza = za | (za << 16), zzb = zb | (zb << 16);
+      const unsigned wa4[4] = {(unsigned)qa[u].x, (unsigned)qa[u].y, (unsigned)qa[u].z,
+                               (unsigned)qa[u].w};
+      const unsigned wb4[4] = {(unsigned)qb[u].x, (unsigned)qb[u].y, (unsigned)qb[u].z,
+                               (unsigned)qb[u].w};
+      float c[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const unsigned va_w = wa4[j >> 1], vb_w = wb4[j >> 1];
+        const int sh = 8 * (j & 1);
+        unsigned a[4];
+        a[0] = Op::minus(((va_w >> sh) & 0x000f000fu) | Op::MAGIC, zza);        // fa, slots 2t..
+        a[1] = Op::minus(((vb_w >> sh) & 0x000f000fu) | Op::MAGIC, zzb);        // fb, slots 2t..
+        a[2] = Op::minus(((va_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zza);  // fa, 2t + 8..
+        a[3] = Op::minus(((vb_w >> (sh + 4)) & 0x000f000fu) | Op::MAGIC, zzb);  // fb, 2t + 8..
+        const int e = 8 * (j >> 1) + 2 * (j & 1);    // the k (within the lane's 32) of slot 2t
+        const unsigned lo = xv[e >> 1], hi = xv[(e + 4) >> 1];
+        Op::mma(c, a, __byte_perm(lo, hi, 0x5410), __byte_perm(lo, hi, 0x7632));
+      }
+      acc[0] = fmaf(sa, c[0], acc[0]);
+      acc[1] = fmaf(sa, c[1], acc[1]);
+      acc[2] = fmaf(sb, c[2], acc[2]);
+      acc[3] = fmaf(sb, c[3], acc[3]);
     }
-    if (PERSIST) __syncthreads();   // part[] is written again for the next tile
+  }
+#pragma unroll
+  for (int i = 0; i < 4; ++i) part[warp][lane][i] = acc[i];
+  __syncthreads();
+  if (warp != 0) return;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  for (int w = 0; w < WARPS; ++w)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) v[i] += part[w][lane][i];
+  // lane holds out[2t, fa], out[2t + 1, fa], out[2t, fb], out[2t + 1, fb]
+  T* out = reinterpret_cast<T*>(p.out);
+  const T* bias = reinterpret_cast<const T*>(p.bias);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int m = 2 * t + (i & 1), f = i < 2 ? fa : fb;
+    if (m < p.m && f < p.n)
+      out[(long long)m * p.o_stride + f] = from_float<T>(v[i] + (bias ? to_float(bias[f]) : 0.f));
   }
 }

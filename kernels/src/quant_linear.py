@@ -87,8 +87,8 @@ GEMV_DTYPES = (torch.bfloat16, torch.float16)
 FP8_MAX = 448.0
 #: bytes at the start of each weight row that a GEMV asks into L2 before it waits on the
 #: previous kernel (gemv.cuh's prefetch_row; IRLM_GEMV_PREFETCH overrides).  Off: on an H100
-#: (2026-12-05, gpu_decode.py --launch) 16 and 64 KiB did not speed up bf16 or int4 batch-1
-#: decode and slowed int8's step by 4% (4.09 -> 4.24 ms)
+#: (2026-12-05, gpu_decode.py --launch) 4, 16 and 64 KiB did not speed up bf16 or int4
+#: batch-1 decode and slowed int8's step by up to 4% (4.09 -> 4.24 ms)
 WEIGHT_PREFETCH_BYTES = 0
 
 
@@ -149,7 +149,7 @@ def int4_gemv_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     return Kernel("quant_gemv_int4.cu", [f"irlm_w4a16_gemv<{t}, {m}, {r}>"
                                          for r in INT4_GEMV_ROWS for m in GEMV_ROWS]
-                  + [f"irlm_w4a16_mma<{t}, {b}>" for b in ("false", "true")])
+                  + [f"irlm_w4a16_mma<{t}>"])
 
 
 @lru_cache(maxsize=None)
@@ -308,10 +308,6 @@ def int4_gemv_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
 #: fastest on every Llama-3-8B shape at 1 and 8 rows; fewer warps with more blocks lost
 #: up to 4.5x on the narrow shapes (N = 4096), and 1 or 2 were never fastest.
 INT4_MMA_WARPS = 8
-#: irlm_w4a16_mma as a persistent kernel (a grid that fits the GPU at once, each block looping
-#: over tiles of 16 features and asking L2 for its next band of weights before it computes the
-#: current one) rather than one block per tile (quant_gemv_int4.cu says why)
-INT4_MMA_PERSISTENT = True
 
 
 def int4_mma_supported(x_dtype, qweight: torch.Tensor, group: int) -> bool:
@@ -324,13 +320,11 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
                zeros: torch.Tensor, group: int, bias: Optional[torch.Tensor] = None, *,
                rows: int = INT4_GEMV_ROWS_PER_WARP,
                tensor_cores: Optional[bool] = None,
-               warps: int = INT4_MMA_WARPS,
-               persistent: Optional[bool] = None) -> torch.Tensor:
+               warps: int = INT4_MMA_WARPS) -> torch.Tensor:
     """``x [M, K] @ ((q - z) * s)^T (+ bias)`` for irlm's stored int4 (q u8 [N, K/2] low
     nibble first, s f32 / z u8 [N, K/group]) in x's dtype, fp32 sums; once per 8 rows of x.
     ``tensor_cores``: the MMA kernel (irlm_w4a16_mma: exact q - z on the tensor cores, groups
-    of 128k) with ``warps`` warps a block splitting K (1-8), ``persistent`` (default
-    INT4_MMA_PERSISTENT) choosing its persistent, L2-prefetching form; None: it wherever
+    of 128k) with ``warps`` warps a block splitting K (1-8); None: it wherever
     :func:`int4_mma_supported`, else the FMA kernel with ``rows`` features per warp."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
@@ -360,19 +354,13 @@ def w4a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
         if not 1 <= warps <= 8:
             raise KernelArgumentError(f"warps={warps}: the int4 MMA kernel runs 1 to 8 warps "
                                       f"a block")
-        persist = INT4_MMA_PERSISTENT if persistent is None else bool(persistent)
-        name = f"irlm_w4a16_mma<{CTYPES[dt]}, {'true' if persist else 'false'}>"
-        tiles = -(-n // 16)
-        grid = tiles
-        if persist:
-            grid = min(tiles, _sm_count(dev.index or 0)
-                       * kern.blocks_per_sm(name, 32 * warps, device=dev))
 
         def launch(xs, os_, cnt, maxm):
             p = Q4GemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(zeros), _ptr(bias),
                              _ptr(os_), xs.stride(0), os_.stride(0), cnt, n, k, group,
                              prefetch)
-            kern.launch(name, (grid,), (32 * warps,), p, device=dev)
+            kern.launch(f"irlm_w4a16_mma<{CTYPES[dt]}>", (-(-n // 16),), (32 * warps,), p,
+                        device=dev)
         return _gemv_row_blocks(x, n, bias, launch)
     fma_warps = 8
 
