@@ -303,10 +303,14 @@ class Kernel:
     where ``params`` is the ``ctypes.Structure`` the kernel takes by value.
     """
 
-    def __init__(self, filename: str, name_expressions: Iterable[str], fast_math: bool = True):
+    def __init__(self, filename: str, name_expressions: Iterable[str], fast_math: bool = True,
+                 programmatic: bool = True):
         self.filename = filename
         self.names = tuple(name_expressions)
         self.fast_math = fast_math
+        # launched with programmatic stream serialization where the device has it (see
+        # programmatic_launch_enabled); False: always plainly, for kernels measured slower so
+        self.programmatic = programmatic
         self._modules: dict[str, CompiledModule] = {}
 
     def compile(self, arch: Optional[str] = None) -> CompiledModule:
@@ -358,7 +362,7 @@ class Kernel:
             return  # nothing to do (empty batch)
         raw_stream = torch.cuda.current_stream(index).cuda_stream
         args = (ctypes.c_void_p * 1)(ctypes.addressof(params))
-        if programmatic_launch_enabled(index):
+        if self.programmatic and programmatic_launch_enabled(index):
             config = _launch_config(grid, block, int(smem), raw_stream)
             _check_cu(cu.cuLaunchKernelEx(config, fn, ctypes.addressof(args), 0),
                       f"cuLaunchKernelEx({name}, grid={grid}, block={block}, smem={smem})")
