@@ -8,7 +8,8 @@ path per batch size M on Llama-3-8B's linear shapes, next to bf16 cuBLAS (device
 Paths (irlm.kernels; lowering/quant_linears.py picks among them by M):
   bf16         cuBLAS on the bf16 weight (the baseline)
   bf16-gemv    irlm's dense GEMV on the bf16 weight (M <= 16; the runner times it against
-               cuBLAS at one row per shape, lowering/tactics.py)
+               cuBLAS at one row per shape, lowering/tactics.py); -w1: one warp a feature
+               (the default shares a feature among 1-4 warps, gemv_warps_per_row)
   int8-gemv    irlm's W8A16 GEMV (M <= 16)        int8-gemm  Triton W8A16 GEMM (quant_gemm)
   int8-deq     dequantize kernel + cuBLAS
   int4-gemv    irlm's W4A16 GEMV on the stored layout, 2 features per warp (int4-gemv4: 4)
@@ -46,9 +47,9 @@ SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
           "down": (4096, 14336)}
 LAYERS = 8
 GROUP = 128
-ALL_PATHS = ("bf16", "bf16-gemv", "int8-gemv", "int8-gemm", "int8-deq", "int4-gemv",
-             "int4-gemv4", "int4-mma", "int4-mma-w1", "int4-mma-w2", "int4-mma-w4",
-             "int4-mma-w8", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv",
+ALL_PATHS = ("bf16", "bf16-gemv", "bf16-gemv-w1", "int8-gemv", "int8-gemv-w1", "int8-gemm",
+             "int8-deq", "int4-gemv", "int4-gemv4", "int4-mma", "int4-mma-w1", "int4-mma-w2",
+             "int4-mma-w4", "int4-mma-w8", "int4-tiny", "int4-gemm", "int4-deq", "fp8-gemv",
              "fp8-mm", "fp8-mm-fast", "w8a8")
 #: tinygemm above this many rows takes seconds per graph; not timed there
 TINYGEMM_LIMIT = 2048
@@ -146,6 +147,10 @@ def path_fns(layers, x, xs, names) -> dict:
     if m <= GEMV_LIMIT:
         fns["bf16-gemv"] = each(lambda w: dense.gemv(x, w["bf16"]))
         fns["int8-gemv"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"]))
+        # one warp a feature whatever the shape (before 2026-12-05)
+        fns["bf16-gemv-w1"] = each(lambda w: dense.gemv(x, w["bf16"], warps_per_row=1))
+        fns["int8-gemv-w1"] = each(lambda w: ql.w8a16_gemv(x, w["q8"], w["s8"],
+                                                           warps_per_row=1))
         fns["fp8-gemv"] = each(lambda w: ql.fp8_linear_gemv(x, w["f8"], w["fs"], xs, xs_v))
         fns["int4-gemv"] = each(lambda w: ql.w4a16_gemv(x, w["q4"], w["s4"], w["z4"], GROUP,
                                                         rows=2, tensor_cores=False))

@@ -30,15 +30,17 @@ def randn(*shape, scale=1.0):
     return torch.randn(*shape, generator=GEN) * scale
 
 
+@pytest.mark.parametrize("warps_per_row", [None, 1, 2, 4])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("m", [1, 3, 8, 13])
-def test_gemv_matches_an_fp64_matmul(m, dtype):
-    # 391 rows: a partial last CTA; K = 4104: not a multiple of a warp's 256-element step
+def test_gemv_matches_an_fp64_matmul(m, dtype, warps_per_row):
+    # 391 rows: a partial last CTA (for 1, 2 and 4 warps a row); K = 4104: not a multiple of a
+    # warp's 256-element step
     n, k = 391, 4104
     w = randn(n, k, scale=0.05).to(dtype)
     x = randn(m, k).to(dtype)
     bias = randn(n).to(dtype)
-    got = dense.gemv(x.to(DEV), w.to(DEV), bias.to(DEV))
+    got = dense.gemv(x.to(DEV), w.to(DEV), bias.to(DEV), warps_per_row=warps_per_row)
     assert got.dtype == dtype and got.shape == (m, n)
     want = x.double() @ w.double().t() + bias.double()
     assert rel(got, want) < 4e-3
@@ -54,6 +56,15 @@ def test_gemv_reads_strided_and_misaligned_rows():
         assert rel(got, want) < 4e-3
 
 
+def test_warps_per_row_fill_the_gpu_once():
+    from irlm.kernels.quant_linear import gemv_warps_per_row
+    slots = torch.cuda.get_device_properties(0).multi_processor_count * 64
+    for n in (391, 4096, 6144, 28672, 128256):
+        w = gemv_warps_per_row(n, 0)
+        assert w in (1, 2, 4) and (n * w <= slots or w == 1)
+        assert w == 4 or n * 2 * w > slots            # the most that fits
+
+
 def test_gemv_refuses_what_it_cannot_take():
     w = torch.zeros(16, 36, dtype=torch.bfloat16, device=DEV)      # K % 8 != 0
     with pytest.raises(KernelArgumentError, match="K % 8 == 0"):
@@ -61,6 +72,9 @@ def test_gemv_refuses_what_it_cannot_take():
     w = torch.zeros(16, 32, dtype=torch.float16, device=DEV)
     with pytest.raises(KernelArgumentError, match="weight must be bfloat16"):
         dense.gemv(torch.zeros(1, 32, dtype=torch.bfloat16, device=DEV), w)
+    w = torch.zeros(16, 32, dtype=torch.bfloat16, device=DEV)
+    with pytest.raises(KernelArgumentError, match="warps_per_row=3"):
+        dense.gemv(torch.zeros(1, 32, dtype=torch.bfloat16, device=DEV), w, warps_per_row=3)
 
 
 def test_load_check_and_real_timer_run_on_this_device():

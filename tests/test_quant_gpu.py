@@ -42,15 +42,17 @@ def weight_only_reference(x, q, s, z, group, bias):
     return y + bias.double() if bias is not None else y
 
 
+@pytest.mark.parametrize("warps_per_row", [None, 1, 2, 4])
 @pytest.mark.parametrize("k", [1536, 1040])    # 1040: a row that ends inside a 512-byte step
 @pytest.mark.parametrize("m", [1, 3, 8, 13, 16])
-def test_int8_gemv_matches_reference(m, k):
-    n = 392
+def test_int8_gemv_matches_reference(m, k, warps_per_row):
+    n = 393                                     # a partial last block for 1, 2 and 4 warps a row
     w = randn(n, k, scale=0.05)
     q, s = quantize_int8(w)
     x = randn(m, k).to(torch.bfloat16)
     bias = randn(n).to(torch.bfloat16)
-    got = ql.w8a16_gemv(x.to(DEV), q.to(DEV), s.to(DEV), bias.to(DEV))
+    got = ql.w8a16_gemv(x.to(DEV), q.to(DEV), s.to(DEV), bias.to(DEV),
+                        warps_per_row=warps_per_row)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert rel(got, weight_only_reference(x, q, s, None, 0, bias)) < 1e-2
 
@@ -382,14 +384,16 @@ def test_fp8_gemv_load_check_passes_on_this_device():
     assert fp8_gemv_matches_reference(torch.device(DEV))
 
 
+@pytest.mark.parametrize("warps_per_row", [None, 1, 4])
 @pytest.mark.parametrize("k", [1536, 1040])
 @pytest.mark.parametrize("m", [1, 3, 8, 16])
-def test_fp8_weight_gemv_matches_reference(m, k):
-    n = 392
+def test_fp8_weight_gemv_matches_reference(m, k, warps_per_row):
+    n = 393
     q, ws = quantize_fp8(randn(n, k, scale=0.05))
     x = randn(m, k).to(torch.bfloat16)
     bias = randn(n).to(torch.bfloat16)
-    got = ql.fp8_gemv(x.to(DEV), q.to(DEV), ws.to(DEV), bias.to(DEV))
+    got = ql.fp8_gemv(x.to(DEV), q.to(DEV), ws.to(DEV), bias.to(DEV),
+                      warps_per_row=warps_per_row)
     assert got.dtype == torch.bfloat16 and got.shape == (m, n)
     assert rel(got, weight_only_reference(x, q, ws, None, 0, bias)) < 1e-2
 

@@ -48,17 +48,21 @@ template <> struct SameWeights<irlm_fp16> {
   }
 };
 
-template <typename T, int MAXM>
+// WPR warps a row (gemv.cuh); blockDim.x / 32 warps a block, a multiple of WPR.
+template <typename T, int MAXM, int WPR>
 __global__ void __launch_bounds__(256) irlm_gemv(const GemvParams p) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const T* w_row = reinterpret_cast<const T*>(p.w) + (long long)row * p.k;
-  if (row < p.n) prefetch_row(w_row, (long long)p.k * sizeof(T), p.prefetch);
+  const int warp = threadIdx.x / 32;
+  const int row = blockIdx.x * (blockDim.x / 32 / WPR) + warp / WPR;
+  const bool valid = row < p.n;
+  const T* w_row = reinterpret_cast<const T*>(p.w) + (long long)(valid ? row : 0) * p.k;
+  if (valid && warp % WPR == 0) prefetch_row(w_row, (long long)p.k * sizeof(T), p.prefetch);
   pdl_enter();
-  if (row >= p.n) return;
+  if (WPR == 1 && !valid) return;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  gemv_row<SameWeights<T>, T, MAXM>(w_row,
-                                    reinterpret_cast<const T*>(p.x), p.x_stride, p.m, p.k, acc);
-  gemv_store<T, MAXM>(acc, p.out, p.o_stride, p.m, row, 1.f, p.bias);
+  if (valid)
+    gemv_row<SameWeights<T>, T, MAXM, WPR>(w_row, reinterpret_cast<const T*>(p.x), p.x_stride,
+                                           p.m, p.k, acc, (warp % WPR) * 32 + (threadIdx.x & 31));
+  gemv_store<T, MAXM, WPR>(acc, p.out, p.o_stride, p.m, row, 1.f, p.bias, valid);
 }

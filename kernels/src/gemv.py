@@ -16,7 +16,8 @@ import torch
 
 from .nvrtc import Kernel, KernelArgumentError
 from .ops import CTYPES, _ptr, _tensor
-from .quant_linear import GEMV_DTYPES, GEMV_ROWS, _gemv_row_blocks, weight_prefetch_bytes
+from .quant_linear import (GEMV_BLOCK_WARPS, GEMV_DTYPES, GEMV_ROWS, GEMV_WARPS_PER_ROW,
+                           _gemv_row_blocks, _warps_per_row, weight_prefetch_bytes)
 
 c_void_p, c_longlong, c_int = ctypes.c_void_p, ctypes.c_longlong, ctypes.c_int
 
@@ -30,7 +31,8 @@ class GemvParams(ctypes.Structure):
 @lru_cache(maxsize=None)
 def gemv_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
-    return Kernel("gemv.cu", [f"irlm_gemv<{t}, {m}>" for m in GEMV_ROWS])
+    return Kernel("gemv.cu", [f"irlm_gemv<{t}, {m}, {r}>" for m in GEMV_ROWS
+                              for r in GEMV_WARPS_PER_ROW])
 
 
 def all_gemv_kernels() -> list[Kernel]:
@@ -45,9 +47,10 @@ def gemv_supported(x_dtype, weight: torch.Tensor) -> bool:
             and weight.data_ptr() % 16 == 0)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor,
-         bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x [M, K] @ weight[N, K]^T (+ bias)`` in x's dtype, fp32 sums (see the module doc)."""
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None, *,
+         warps_per_row: Optional[int] = None) -> torch.Tensor:
+    """``x [M, K] @ weight[N, K]^T (+ bias)`` in x's dtype, fp32 sums (see the module doc);
+    ``warps_per_row``: 1, 2 or 4 warps a feature (default: quant_linear.gemv_warps_per_row)."""
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
     _tensor("weight", weight, ndim=2, dtypes=(dt,), device=dev)
@@ -59,12 +62,13 @@ def gemv(x: torch.Tensor, weight: torch.Tensor,
         raise KernelArgumentError("the GEMV needs K % 8 == 0 and a contiguous, 16-byte aligned "
                                   "weight")
     kern = gemv_kernel(dt)
-    warps = 8
+    wpr = _warps_per_row(n, dev, warps_per_row)
+    per_block = GEMV_BLOCK_WARPS // wpr
     prefetch = weight_prefetch_bytes()
 
     def launch(xs, os_, cnt, maxm):
         p = GemvParams(_ptr(xs), _ptr(weight), _ptr(bias), _ptr(os_), xs.stride(0),
                        os_.stride(0), cnt, n, k, prefetch)
-        kern.launch(f"irlm_gemv<{CTYPES[dt]}, {maxm}>", (-(-n // warps),), (32 * warps,), p,
-                    device=dev)
+        kern.launch(f"irlm_gemv<{CTYPES[dt]}, {maxm}, {wpr}>", (-(-n // per_block),),
+                    (32 * GEMV_BLOCK_WARPS,), p, device=dev)
     return _gemv_row_blocks(x, n, bias, launch)

@@ -80,20 +80,25 @@ struct E4m3Weights {
 template <bool WFP8> struct W8 { using type = Int8Weights; };
 template <> struct W8<true> { using type = E4m3Weights; };
 
-template <typename T, int MAXM, bool WFP8>
+// WPR warps a row (gemv.cuh); blockDim.x / 32 warps a block, a multiple of WPR.
+template <typename T, int MAXM, bool WFP8, int WPR>
 __global__ void __launch_bounds__(256) irlm_w8a16_gemv(const QGemvParams p) {
-  const int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32;
-  const char* w_row = reinterpret_cast<const char*>(p.w) + (long long)row * p.k;
-  if (row < p.n) prefetch_row(w_row, p.k, p.prefetch);
+  const int warp = threadIdx.x / 32;
+  const int row = blockIdx.x * (blockDim.x / 32 / WPR) + warp / WPR;
+  const bool valid = row < p.n;
+  const char* w_row = reinterpret_cast<const char*>(p.w) + (long long)(valid ? row : 0) * p.k;
+  if (valid && warp % WPR == 0) prefetch_row(w_row, p.k, p.prefetch);
   pdl_enter();
-  if (row >= p.n) return;
+  if (WPR == 1 && !valid) return;
   float acc[MAXM];
 #pragma unroll
   for (int m = 0; m < MAXM; ++m) acc[m] = 0.f;
-  gemv_row<typename W8<WFP8>::type, T, MAXM>(w_row, reinterpret_cast<const T*>(p.x),
-      p.x_stride, p.m, p.k, acc);
-  const float s = p.scales[(long long)row * p.scale_stride] * (p.x_scale > 0.f ? p.x_scale : 1.f);
-  gemv_store<T, MAXM>(acc, p.out, p.o_stride, p.m, row, s, p.bias);
+  if (valid)
+    gemv_row<typename W8<WFP8>::type, T, MAXM, WPR>(w_row, reinterpret_cast<const T*>(p.x),
+        p.x_stride, p.m, p.k, acc, (warp % WPR) * 32 + (threadIdx.x & 31));
+  const float s = valid ? p.scales[(long long)row * p.scale_stride] *
+                              (p.x_scale > 0.f ? p.x_scale : 1.f) : 0.f;
+  gemv_store<T, MAXM, WPR>(acc, p.out, p.o_stride, p.m, row, s, p.bias, valid);
 }
 
 // 16 consecutive weights of one row per thread (K % 16 == 0).

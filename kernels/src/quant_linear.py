@@ -68,6 +68,28 @@ GEMV_MAX_M = 1
 #: 39.3 vs 41.7 us, down 29.4 vs 30.3 us)
 FP8_GEMV_MAX_M = 0
 GEMV_ROWS = (1, 2, 4, 8)
+#: the warps that may share one output feature of a GEMV (gemv.cuh)
+GEMV_WARPS_PER_ROW = (1, 2, 4)
+#: warps a GEMV block (256 threads)
+GEMV_BLOCK_WARPS = 8
+
+
+def gemv_warps_per_row(n: int, device_index: int) -> int:
+    """How many warps share each of a GEMV's ``n`` output features: the most that keeps all of
+    them resident at once (64 warps a SM).  One warp a feature leaves the GPU half empty on
+    Llama-3-8B's o and down projections (4096 features against 132 * 64 warp slots on an
+    H100), and a warp's long row is then a chain of dependent load rounds."""
+    slots = _sm_count(device_index) * 64
+    return max([1] + [w for w in GEMV_WARPS_PER_ROW if n * w <= slots])
+
+
+def _warps_per_row(n: int, dev, warps_per_row: Optional[int]) -> int:
+    if warps_per_row is None:
+        return gemv_warps_per_row(n, dev.index or 0)
+    if warps_per_row not in GEMV_WARPS_PER_ROW:
+        raise KernelArgumentError(f"warps_per_row={warps_per_row}: the GEMVs are compiled for "
+                                  f"{GEMV_WARPS_PER_ROW}")
+    return warps_per_row
 #: up to this many rows int4 runs tinygemm; above it the Triton GEMM, then dequantize +
 #: cuBLAS.  tinygemm beat the GEMM at 8 rows on every shape and lost at 16 (gate/up 135.8 vs
 #: 91.2 us)
@@ -139,8 +161,8 @@ def quant_kernel(dtype) -> Kernel:
     t = CTYPES[dtype]
     names = [f"irlm_dequant_int8<{t}>", f"irlm_dequant_int4<{t}>"]
     if dtype in GEMV_DTYPES:
-        names += [f"irlm_w8a16_gemv<{t}, {m}, {w}>" for m in GEMV_ROWS
-                  for w in ("false", "true")]
+        names += [f"irlm_w8a16_gemv<{t}, {m}, {w}, {r}>" for m in GEMV_ROWS
+                  for w in ("false", "true") for r in GEMV_WARPS_PER_ROW]
     # launched plainly: with programmatic dependent launch the int8 engine's batch-1 decode
     # step was 2-2.5% slower (H100, 2026-12-05, two runs: 4.09 against 4.01 and 3.99 ms),
     # while every other format's was 1.5-3% faster
@@ -178,18 +200,21 @@ def gemv_supported(x: torch.Tensor, qweight: torch.Tensor) -> bool:
 
 
 def w8a16_gemv(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
-               bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+               bias: Optional[torch.Tensor] = None, *,
+               warps_per_row: Optional[int] = None) -> torch.Tensor:
     """``x [M, K] @ (qweight i8 [N, K] * scales f32 [N, 1])^T (+ bias)`` in x's dtype
-    (bf16/fp16), accumulated in fp32; launched once per 8 rows of x."""
-    return _gemv(x, qweight, scales, bias, 0.0)
+    (bf16/fp16), accumulated in fp32; launched once per 8 rows of x.  ``warps_per_row``: 1, 2
+    or 4 warps a feature (default :func:`gemv_warps_per_row`)."""
+    return _gemv(x, qweight, scales, bias, 0.0, warps_per_row)
 
 
 def fp8_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
-             bias: Optional[torch.Tensor] = None, x_scale: float = 0.0) -> torch.Tensor:
+             bias: Optional[torch.Tensor] = None, x_scale: float = 0.0, *,
+             warps_per_row: Optional[int] = None) -> torch.Tensor:
     """The e4m3 weight ``qweight [N, K]`` (f32 0-d ``w_scale``) times x [M, K] (bf16/fp16)
     (quant.linear fp8).  ``x_scale > 0``: x holds e4m3 values (exactly, in bf16) of an
     activation quantized with that scale, which multiplies the result (see fp8_linear_gemv)."""
-    return _gemv(x, qweight, w_scale, bias, float(x_scale))
+    return _gemv(x, qweight, w_scale, bias, float(x_scale), warps_per_row)
 
 
 def fp8_linear_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tensor,
@@ -202,7 +227,7 @@ def fp8_linear_gemv(x: torch.Tensor, qweight: torch.Tensor, w_scale: torch.Tenso
     return _gemv(xq, qweight, w_scale, bias, x_scale_value)
 
 
-def _gemv(x, qweight, scales, bias, x_scale):
+def _gemv(x, qweight, scales, bias, x_scale, warps_per_row=None):
     _tensor("x", x, ndim=2, dtypes=GEMV_DTYPES)
     dev, dt = x.device, x.dtype
     fp8 = qweight.dtype == torch.float8_e4m3fn
@@ -218,15 +243,16 @@ def _gemv(x, qweight, scales, bias, x_scale):
         raise KernelArgumentError("the int8 GEMV needs K % 16 == 0 and a contiguous, 16-byte "
                                   "aligned qweight")
     kern = quant_kernel(dt)
-    warps = 8
+    wpr = _warps_per_row(n, dev, warps_per_row)
+    per_block = GEMV_BLOCK_WARPS // wpr
     prefetch = weight_prefetch_bytes()
 
     def launch(xs, os_, cnt, maxm):
         p = QGemvParams(_ptr(xs), _ptr(qweight), _ptr(scales), _ptr(bias), _ptr(os_),
                         xs.stride(0), os_.stride(0), cnt, n, k, 0 if fp8 else 1, x_scale,
                         prefetch)
-        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}>",
-                    (-(-n // warps),), (32 * warps,), p, device=dev)
+        kern.launch(f"irlm_w8a16_gemv<{CTYPES[dt]}, {maxm}, {'true' if fp8 else 'false'}, "
+                    f"{wpr}>", (-(-n // per_block),), (32 * GEMV_BLOCK_WARPS,), p, device=dev)
     return _gemv_row_blocks(x, n, bias, launch)
 
 
