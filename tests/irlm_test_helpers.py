@@ -63,3 +63,18 @@ def rel_l2(got, want) -> float:
     got, want = got.double().cpu(), want.double().cpu()
     assert torch.isfinite(got).all()
     return ((got - want).norm() / want.norm()).item()
+
+
+def tiny_llama_engine(max_seq: int = 256):
+    """A 2-layer random bf16 Llama (hidden 256, 4 heads, 2 KV heads, vocab 512) compiled to
+    the inference form: the GPU runner tests' small engine."""
+    import torch
+    import transformers
+    from irlm.compilation import compile_causal_lm
+    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=512)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
+    return compile_causal_lm(model, max_seq=max_seq)

@@ -9,13 +9,11 @@ as CUDA graph replays.
 import pytest
 import torch
 
-from irlm_test_helpers import rel_l2 as rel
+from irlm_test_helpers import rel_l2 as rel, tiny_llama_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_tactics")]
 if not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU", allow_module_level=True)
-
-import transformers  # noqa: E402
 
 from irlm.kernels import gemv as dense  # noqa: E402
 from irlm.kernels.nvrtc import KernelArgumentError  # noqa: E402
@@ -88,17 +86,6 @@ def test_load_check_and_real_timer_run_on_this_device():
     assert set(times) == {"cublas", "gemv"} and all(0 < t < 1e5 for t in times.values())
 
 
-def _engine():
-    from irlm.compilation import compile_causal_lm
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=512)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
-    return compile_causal_lm(model, max_seq=256)
-
-
 def test_engine_with_gemv_tactics_matches_cublas(monkeypatch):
     """Every linear made to choose the GEMV at 1-8 rows (a timer that says it is faster)
     against the same engine with tactics off (cuBLAS throughout): a prefill (eager; its LM
@@ -106,7 +93,7 @@ def test_engine_with_gemv_tactics_matches_cublas(monkeypatch):
     as graph replays."""
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
-    graph = _engine()
+    graph = tiny_llama_engine()
     monkeypatch.setattr(tactics, "cuda_timer",
                         lambda cands: {name: 1.0 if name == "gemv" else 2.0 for name in cands})
     fast = CudaGraphRunner(graph, num_blocks=64)

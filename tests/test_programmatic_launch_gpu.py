@@ -10,7 +10,7 @@ prefetch sizes, and an engine's decode graphs with and without PDL.
 import pytest
 import torch
 
-from irlm_test_helpers import rel_l2 as rel
+from irlm_test_helpers import rel_l2 as rel, tiny_llama_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_tactics")]
 if not torch.cuda.is_available():
@@ -140,18 +140,10 @@ def test_engine_decode_graphs_with_and_without_pdl_agree(launch, monkeypatch):
     """A small Llama whose linears all run irlm's GEMV at 1-8 rows (a stand-in timer), so a
     decode step is nearly all irlm kernels: the same logits, bit for bit, with PDL and the
     default prefetch as with plain launches; prefill and decode through the CUDA runner."""
-    import transformers
-    from irlm.compilation import compile_causal_lm
     from irlm.lowering import tactics
     from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
-    cfg = transformers.LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2,
-                                   vocab_size=512)
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
-    graph = compile_causal_lm(model, max_seq=256)
+    graph = tiny_llama_engine()
     monkeypatch.setattr(tactics, "cuda_timer",
                         lambda cands: {name: 1.0 if name == "gemv" else 2.0 for name in cands})
     g = torch.Generator().manual_seed(5)
