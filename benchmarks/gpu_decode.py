@@ -17,8 +17,8 @@ cache in 8 bits (``quantize-kv-cache``, as ``irlm compile --kv-cache-dtype``): `
 Workloads (prompt of random tokens, greedy, EOS ignored):
   b1        batch 1, 128 prompt / 128 new tokens: tokens/s, decode step time, the fraction of
             the measured copy bandwidth that reading the weights once per token achieves
-  profile   GPU time per kernel name of a batch-1 decode step at 256 cached tokens (torch
-            profiler over 8 eager steps), the 20 largest
+  profile   GPU time per kernel name of a decode step at 256 cached tokens (torch profiler
+            over 8 eager steps), the 20 largest; batch 1, or each of --profile-batch
   prefill   one 128-token prefill step (the TTFT of b1 without the engine loop): wall time
             against the device's busy time, the 15 largest kernels and host ops
   b32       32 prompts at once (static batch, prefill included), 128 / 128
@@ -267,18 +267,29 @@ def section_b1_under(runner, cfg, copy_bw, launch, sfx, build_key):
         runner.release_graphs()
 
 
-def section_profile(runner, cfg, key="profile", steps=8):
-    """GPU time per kernel of a batch-1 decode step (torch profiler over eager steps: the same
-    kernels a graph replay runs, without the replay hiding them), at 256 cached tokens."""
+def section_profile(runner, cfg, key="profile", steps=8, batch=1, cached=256):
+    """GPU time per kernel of a decode step of ``batch`` rows (torch profiler over eager steps:
+    the same kernels a graph replay runs, without the replay hiding them), each row at
+    ``cached`` cached tokens (its prompt prefilled first, up to 8192 tokens a step)."""
     from torch.profiler import ProfilerActivity, profile
     from irlm.runtime.model_runner import StepBatch
-    prompt = random_prompts(1, 256, cfg.vocab_size, seed=3)[0]
-    blocks = list(range(0, -(-(256 + steps + 1) // runner.block_size)))
-    runner.step(StepBatch.pack([0], [prompt], [0], [blocks]))
+    prompts = random_prompts(batch, cached, cfg.vocab_size, seed=3)
+    per_row = -(-(cached + steps + 1) // runner.block_size)
+    if batch * per_row > runner.num_blocks:
+        raise RuntimeError(f"profile at {batch} rows x {cached} tokens needs {batch * per_row} "
+                           f"KV blocks; the pool has {runner.num_blocks}")
+    blocks = [list(range(r * per_row, (r + 1) * per_row)) for r in range(batch)]
+    rows = list(range(batch))
+    chunk = max(1, MAX_STEP_TOKENS // cached)
+    for r0 in range(0, batch, chunk):
+        part = rows[r0:r0 + chunk]
+        runner.step(StepBatch.pack(part, [prompts[r] for r in part], [0] * len(part),
+                                   [blocks[r] for r in part]))
     graphs, runner.cuda_graphs = runner.cuda_graphs, False
     try:
         def one(i):
-            runner.step(StepBatch.pack([0], [[prompt[i % 256]]], [256 + i], [blocks]))
+            runner.step(StepBatch.pack(rows, [[p[i % cached]] for p in prompts],
+                                       [cached + i] * batch, blocks))
         one(0)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -297,7 +308,9 @@ def section_profile(runner, cfg, key="profile", steps=8):
     RESULTS[key] = {"gpu_us_per_step": total, "kernels_per_step": sum(c for _, c in per.values()),
                     "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c}
                             for k, (t, c) in top]}
-    log(f"{key}: {total:.0f} us of GPU time per eager decode step, "
+    RESULTS[key].update(batch=batch, cached_tokens=cached)
+    log(f"{key}: {total:.0f} us of GPU time per eager decode step of {batch} row"
+        f"{'s' if batch > 1 else ''} at {cached} cached tokens, "
         f"{RESULTS[key]['kernels_per_step']:.0f} kernels")
     for k, (t, c) in top:
         log(f"  {t:8.1f} us {c:5.0f}x  {k[:100]}")
@@ -453,6 +466,10 @@ def main():
                          "other on the same engine (graphs captured again for each): default; "
                          "plain (no programmatic dependent launch); pdl-pfN (PDL, the GEMVs "
                          "prefetching N bytes of each weight row into L2; pdl-pf0: none)")
+    ap.add_argument("--profile-batch", default="1",
+                    help="rows of the decode steps the profile section profiles, "
+                         "comma-separated (1: batch 1; 32: the b32 section's steps; 512: the "
+                         "in-flight sections' decode steps), each at 256 cached tokens")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     global ASYNC_DECODE
@@ -472,6 +489,13 @@ def main():
     if not prefill_tokens or min(prefill_tokens) < 1 or max(prefill_tokens) > MAX_STEP_TOKENS:
         ap.error(f"--prefill-tokens: expected integers from 1 to {MAX_STEP_TOKENS} (the "
                  f"engine's tokens a step), comma-separated; got {a.prefill_tokens!r}")
+    try:
+        profile_batches = [int(n) for n in a.profile_batch.split(",")]
+    except ValueError:
+        profile_batches = []
+    if not profile_batches or min(profile_batches) < 1 or max(profile_batches) > 1024:
+        ap.error(f"--profile-batch: expected integers from 1 to 1024, comma-separated; got "
+                 f"{a.profile_batch!r}")
     launches = a.launch.split(",")
     bad = [v for v in launches if parse_launch(v) is None]
     if bad:
@@ -504,7 +528,9 @@ def main():
                     section_b1_under(runner, cfg, copy_bw, v, sfx, "build" + q)
                     for v in launches]),
                 ("b32", lambda sfx: section_b32(runner, cfg, "b32" + sfx)),
-                ("profile", lambda sfx: section_profile(runner, cfg, "profile" + sfx)),
+                ("profile", lambda sfx: [
+                    section_profile(runner, cfg, "profile" + ("" if b == 1 else f"_b{b}") + sfx,
+                                    batch=b) for b in profile_batches]),
                 ("prefill", lambda sfx: [
                     section_prefill(runner, cfg, "prefill" + ("" if n == 128 else f"{n}") + sfx,
                                     prompt_len=n) for n in prefill_tokens]),

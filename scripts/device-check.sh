@@ -11,7 +11,8 @@
 #              (qg-large.log), then decode
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
 #              (bench.log, b1.json; other sections: $DECODE_SECTIONS; the prefill section's
-#              prompt lengths: $PREFILL_TOKENS, default 128; b1's launch settings: $LAUNCH)
+#              prompt lengths: $PREFILL_TOKENS, default 128; b1's launch settings: $LAUNCH;
+#              the profiled decode steps' rows: $PROFILE_BATCH, default 1)
 #     ncu      Nsight Compute on one launch each of the int4 tensor-core GEMV and the bf16
 #              GEMV at one row, gate/up and down shapes (ncu-KERNEL-SHAPE.log)
 # SECONDS defaults to 580 (the call's limit less margin).  nvidia-smi's line goes to smi.txt.
@@ -75,7 +76,8 @@ decode() {
     # load-time tactics and a kernel profile
     [ "$(left)" -gt 40 ] && timeout "$(cap ${DECODE_S:-600})" python3 benchmarks/gpu_decode.py \
         --sections "${DECODE_SECTIONS:-copy,build,b1,profile}" --quant "${QUANT:-bf16,int4,fp8,int8}" \
-        --prefill-tokens "${PREFILL_TOKENS:-128}" --launch "${LAUNCH:-default}" --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
+        --prefill-tokens "${PREFILL_TOKENS:-128}" --launch "${LAUNCH:-default}" \
+        --profile-batch "${PROFILE_BATCH:-1}" --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
 }
 ncu_gemv() {
