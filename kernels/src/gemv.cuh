@@ -1,5 +1,5 @@
-// irlm kernels: the loop of the GEMVs that stream one weight row per warp (gemv.cu: weights in
-// the activations' dtype; quant_linear.cu: int8 and e4m3 weights).
+// irlm kernels: the loop of the GEMVs that stream each weight row once, by 1-4 warps (gemv.cu:
+// weights in the activations' dtype; quant_linear.cu: int8 and e4m3 weights).
 //
 // A decode step of a few rows is bound by reading the weights, so S warps (WPR, "warps per row":
 // 1, 2 or 4) own one output feature and stream its row once: every lane loads 16 bytes per step
@@ -98,5 +98,6 @@ IRLM_DEVICE void gemv_store(const float (&acc)[MAXM], void* out, long long o_str
   T* o = reinterpret_cast<T*>(out);
 #pragma unroll
   for (int m = 0; m < MAXM; ++m)
-    if (m < rows && lane == (m & 31)) o[(long long)m * o_stride + row] = from_float<T>(v[m] * s + b);
+    if (m < rows && lane == (m & 31))
+      o[(long long)m * o_stride + row] = from_float<T>(v[m] * s + b);
 }

@@ -13,7 +13,8 @@
   (``cuModuleLoadData``), looks functions up, raises the dynamic shared-memory limit when a
   launch needs more than 48 KiB and launches on torch's current stream, with the kernel's
   parameter block given as one ``ctypes.Structure`` (every irlm kernel takes one struct by
-  value).  Launches are asynchronous and can be captured in CUDA graphs.
+  value).  Launches are asynchronous and can be captured in CUDA graphs; on sm_90+ they use
+  programmatic dependent launch (``cuLaunchKernelEx``, below).
 
 Nothing here imports ``cuda.bindings`` until it is needed: ``import irlm`` works without
 cuda-python, and the compiler works without a GPU (CI compiles every kernel on the CPU).
@@ -376,10 +377,10 @@ class Kernel:
 # On sm_90 and later every irlm kernel is launched with programmatic stream serialization: it
 # may start while the previous kernel of the stream still runs, and waits for it inside
 # (pdl_enter() in common.cuh, the first statement of every kernel).  A decode step is a chain of
-# a few hundred short kernels, so this hides each launch behind its predecessor and lets the
-# GEMVs fetch weights while attention and norms leave the memory idle.  CUDA graph capture keeps
-# the relation as a programmatic edge.  IRLM_PDL=0, or set_programmatic_launch(False), launches
-# plainly (for comparison; graphs captured before a change keep what they were captured with).
+# a few hundred short kernels, so this hides each launch behind its predecessor (1.5-3% of a
+# batch-1 step on an H100, docs/performance.md).  CUDA graph capture keeps the relation as a
+# programmatic edge.  IRLM_PDL=0, or set_programmatic_launch(False), launches plainly (for
+# comparison; graphs captured before a change keep what they were captured with).
 
 _PDL_OVERRIDE: Optional[bool] = None
 _PDL_CAPABLE: dict[int, bool] = {}
