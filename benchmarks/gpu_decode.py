@@ -39,6 +39,7 @@ import traceback
 import torch
 
 RESULTS: dict = {}
+QUANT_SUFFIX = ""          # the result-key suffix of the engine being measured ("_int4", ...)
 
 
 def log(*a):
@@ -309,11 +310,43 @@ def section_profile(runner, cfg, key="profile", steps=8, batch=1, cached=256):
                     "top": [{"kernel": k[:120], "us_per_step": t, "calls_per_step": c}
                             for k, (t, c) in top]}
     RESULTS[key].update(batch=batch, cached_tokens=cached)
+    RESULTS[key]["split"] = split = profile_split(per, runner, cfg, batch, cached + steps // 2)
+    log(f"{key}: linears {split['linear_us']:.0f} us (weights at "
+        f"{split['linear_weights_GBps']:.0f} GB/s, {split['linear_TFLOPs']:.1f} TFLOP/s); "
+        f"attention {split['attention_us']:.0f} us (KV cache at {split['attention_kv_GBps']:.0f} "
+        f"GB/s); other kernels {split['other_us']:.0f} us")
     log(f"{key}: {total:.0f} us of GPU time per eager decode step of {batch} row"
         f"{'s' if batch > 1 else ''} at {cached} cached tokens, "
         f"{RESULTS[key]['kernels_per_step']:.0f} kernels")
     for k, (t, c) in top:
         log(f"  {t:8.1f} us {c:5.0f}x  {k[:100]}")
+
+
+#: kernel-name fragments of the linears' kernels (irlm's GEMVs, cuBLAS(Lt), CUTLASS,
+#: tinygemm, Triton's GEMMs) and of attention's
+LINEAR_KERNELS = ("gemv", "gemm", "nvjet", "cutlass", "xmma", "tinygemm", "splitkreduce",
+                  "w4a16", "w8a16", "dequant", "quantize", "scale_i32", "_mm_")
+ATTENTION_KERNELS = ("paged_attention", "split_reduce", "kv_cache_write", "rope_kv_write")
+
+
+def profile_split(per: dict, runner, cfg, batch: int, context: int) -> dict:
+    """A profiled decode step's GPU time split into the linears, attention and the rest, each
+    against what it moves: the linears' weights (every parameter but the embedding table, read
+    once a step) and FLOPs (2 x rows x the linears' parameters), attention's KV cache
+    (``batch`` rows of ``context`` tokens)."""
+    def share(frags):
+        return sum(t for k, (t, _) in per.items() if any(f in k.lower() for f in frags))
+    lin, att = share(LINEAR_KERNELS), share(ATTENTION_KERNELS)
+    total = sum(t for t, _ in per.values())
+    h, layers, v = cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size
+    kvd = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    params = layers * (h * (h + 2 * kvd) + h * h + 3 * h * cfg.intermediate_size) + v * h
+    weights = RESULTS.get("build" + QUANT_SUFFIX, {}).get("weight_bytes", 0) - v * h * 2
+    kv = batch * context * layers * 2 * kvd * runner.kv_cache.element_size()
+    return {"linear_us": lin, "attention_us": att, "other_us": total - lin - att,
+            "linear_weights_GBps": weights / lin / 1e3 if lin else 0.0,
+            "linear_TFLOPs": 2 * batch * params / lin / 1e6 if lin else 0.0,
+            "attention_kv_GBps": kv / att / 1e3 if att else 0.0}
 
 
 def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
@@ -515,8 +548,9 @@ def main():
     log(f"{RESULTS['device']}: device-to-device copy {copy_bw / 1e9:.0f} GB/s (read+write)")
     modes = {"off": [False], "on": [True], "both": [False, True]}[a.async_decode]
     cfg = llama3_8b_config(a.layers)
+    global QUANT_SUFFIX
     for quant in quants:
-        q = "" if quant == "bf16" else "_" + quant
+        q = QUANT_SUFFIX = "" if quant == "bf16" else "_" + quant
         try:
             cfg, graph, runner = build(a.layers, quant=quant)
         except Exception:
