@@ -237,6 +237,18 @@ def section_b1(runner, cfg, copy_bw, key="b1", build_key="build"):
         f"{wb / step / 1e9:.0f} GB/s = {100 * wb / step / copy_bw:.0f}% of copy bandwidth")
 
 
+def int_list(ap, flag: str, text: str, most: int, why: str = "") -> list[int]:
+    """A comma-separated list of integers from 1 to ``most``, or one line from argparse."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1 or max(values) > most:
+        ap.error(f"{flag}: expected integers from 1 to {most}{why}, comma-separated; got "
+                 f"{text!r}")
+    return values
+
+
 def parse_launch(v: str):
     """--launch's settings: (programmatic launch on, GEMV prefetch bytes); None if unknown."""
     if v == "default":
@@ -515,20 +527,9 @@ def main():
                 or len(parts) - len(weights) > 1):
             ap.error(f"--quant: unknown mode {q!r} (valid: bf16, {', '.join(MODES)}, "
                      f"{', '.join(KV_MODES)}, or one weight mode + one KV mode: fp8+kv-fp8)")
-    try:
-        prefill_tokens = [int(n) for n in a.prefill_tokens.split(",")]
-    except ValueError:
-        prefill_tokens = []
-    if not prefill_tokens or min(prefill_tokens) < 1 or max(prefill_tokens) > MAX_STEP_TOKENS:
-        ap.error(f"--prefill-tokens: expected integers from 1 to {MAX_STEP_TOKENS} (the "
-                 f"engine's tokens a step), comma-separated; got {a.prefill_tokens!r}")
-    try:
-        profile_batches = [int(n) for n in a.profile_batch.split(",")]
-    except ValueError:
-        profile_batches = []
-    if not profile_batches or min(profile_batches) < 1 or max(profile_batches) > 1024:
-        ap.error(f"--profile-batch: expected integers from 1 to 1024, comma-separated; got "
-                 f"{a.profile_batch!r}")
+    prefill_tokens = int_list(ap, "--prefill-tokens", a.prefill_tokens, MAX_STEP_TOKENS,
+                              " (the engine's tokens a step)")
+    profile_batches = int_list(ap, "--profile-batch", a.profile_batch, 1024)
     launches = a.launch.split(",")
     bad = [v for v in launches if parse_launch(v) is None]
     if bad:
