@@ -122,7 +122,12 @@ def quantize_kv_cache(graph, dtype: str, vocab: int) -> dict:
 MAX_STEP_TOKENS = 8192
 
 
-def build(layers: int, max_num_tokens: int = MAX_STEP_TOKENS, quant: str = "bf16"):
+#: --fuse-rope's values: CudaGraphRunner's fuse_rope (None: IRLM_FUSE_ROPE decides)
+FUSE_ROPE = {"default": None, "on": True, "off": False}
+
+
+def build(layers: int, max_num_tokens: int = MAX_STEP_TOKENS, quant: str = "bf16",
+          fuse_rope=None):
     """Trace the 8B shape on the meta device, compile -O2, random bf16 weights on the GPU,
     then the quantize pass of the weight mode and quantize-kv-cache of a KV mode
     (:func:`split_mode`)."""
@@ -160,7 +165,7 @@ def build(layers: int, max_num_tokens: int = MAX_STEP_TOKENS, quant: str = "bf16
         quantize_kv_cache(graph, kv_dtype, cfg.vocab_size)
     t_quant = time.perf_counter() - tq
     t1 = time.perf_counter()
-    runner = CudaGraphRunner(graph)
+    runner = CudaGraphRunner(graph, fuse_rope=fuse_rope)
     torch.cuda.synchronize()
     t_load = time.perf_counter() - t1
     weight_bytes = sum(runner.weights.get(op.attrs["name"]).nbytes for op in graph.params())
@@ -172,11 +177,12 @@ def build(layers: int, max_num_tokens: int = MAX_STEP_TOKENS, quant: str = "bf16
                     "kv_cache_dtype": str(runner.kv_cache.dtype).replace("torch.", ""),
                     "quant_linear_paths": runner.quant_plan.summary(),
                     "linear_tactics": runner.linear_tactics(),
-                    "linear_plans_s": runner.linear_plans_s}
+                    "linear_plans_s": runner.linear_plans_s,
+                    "rope_fusions": runner.rope_fusions}
     log(f"{key}: trace+passes {t_compile:.1f}s, quantize {t_quant:.1f}s, weights+KV "
         f"{t_load:.1f}s, {len(graph)} ops, weights {weight_bytes / 1e9:.2f} GB, "
         f"{runner.num_blocks} KV blocks ({runner.kv_cache.dtype}), quantized linears "
-        f"{runner.quant_plan.summary()}")
+        f"{runner.quant_plan.summary()}, ropes fused into {runner.rope_fusions} attentions")
     log(f"  linear paths chosen in {runner.linear_plans_s:.2f}s (checks, kernel compiles, "
         f"timing)")
     for shape, choice in runner.linear_tactics().items():
@@ -221,6 +227,17 @@ def pct(xs, p):
 def random_prompts(n, length, vocab, seed=0):
     g = torch.Generator().manual_seed(seed)
     return [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def reload_runner(graph, fuse_rope):
+    """The engine loaded again with another --fuse-rope setting (the caller has dropped the
+    old runner, so the KV pool is sized as before)."""
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
+    gc.collect()            # engines and runners reference each other: free the KV pool now
+    torch.cuda.empty_cache()
+    runner = CudaGraphRunner(graph, fuse_rope=fuse_rope)
+    log(f"engine loaded again: ropes fused into {runner.rope_fusions} attentions")
+    return runner
 
 
 def section_b1(runner, cfg, copy_bw, key="b1", build_key="build"):
@@ -511,6 +528,11 @@ def main():
                          "other on the same engine (graphs captured again for each): default; "
                          "plain (no programmatic dependent launch); pdl-pfN (PDL, the GEMVs "
                          "prefetching N bytes of each weight row into L2; pdl-pf0: none)")
+    ap.add_argument("--fuse-rope", default="default",
+                    help="comma-separated: default (IRLM_FUSE_ROPE), on, off. The first is "
+                         "the engine's setting for every section; each further one loads the "
+                         "engine again with it and runs b1 (and b32 when asked) as "
+                         "b1_rope-VALUE")
     ap.add_argument("--profile-batch", default="1",
                     help="rows of the decode steps the profile section profiles, "
                          "comma-separated (1: batch 1; 32: the b32 section's steps; 512: the "
@@ -535,6 +557,10 @@ def main():
     if bad:
         ap.error(f"--launch: unknown {', '.join(bad)} (default, plain or pdl-pfN, N a byte "
                  f"count)")
+    fuse_values = a.fuse_rope.split(",")
+    bad = [v for v in fuse_values if v not in FUSE_ROPE]
+    if bad:
+        ap.error(f"--fuse-rope: unknown {', '.join(bad)} (default, on, off)")
     sections = a.sections.split(",")
     known = ("copy", "build", "b1", "profile", "prefill", "b32", "inflight", "inflight2k",
              "hf")
@@ -553,7 +579,8 @@ def main():
     for quant in quants:
         q = QUANT_SUFFIX = "" if quant == "bf16" else "_" + quant
         try:
-            cfg, graph, runner = build(a.layers, quant=quant)
+            cfg, graph, runner = build(a.layers, quant=quant,
+                                       fuse_rope=FUSE_ROPE[fuse_values[0]])
         except Exception:
             traceback.print_exc()
             RESULTS["build" + q] = {"error": traceback.format_exc(limit=3)}
@@ -585,6 +612,17 @@ def main():
                     RESULTS[name + sfx] = {"error": traceback.format_exc(limit=3)}
         ASYNC_DECODE = True
         RESULTS["runner_stats" + q] = dict(runner.stats)
+        for v in fuse_values[1:]:
+            del runner
+            runner = reload_runner(graph, FUSE_ROPE[v])
+            for name, fn in (("b1", lambda k: section_b1(runner, cfg, copy_bw, k, "build" + q)),
+                             ("b32", lambda k: section_b32(runner, cfg, k))):
+                if name in sections:
+                    try:
+                        fn(f"{name}_rope-{v}{q}")
+                    except Exception:
+                        traceback.print_exc()
+                        RESULTS[f"{name}_rope-{v}{q}"] = {"error": traceback.format_exc(limit=3)}
         RESULTS["peak_gpu_memory_GB" + q] = torch.cuda.max_memory_allocated() / 1e9
         del runner, graph
         gc.collect()            # engines and runners reference each other: free the KV pool now

@@ -66,6 +66,38 @@ def _paged_attention(ctx, x, a):
         decode=st.get("decode"), fresh=st.get("fresh"), kv_scales=a["kv_scales"] or None)]
 
 
+def _rope_paged_attention(ctx, x, a):
+    """Rotate q and k into new buffers and write the cache in one kernel (rope_kv_write.cu
+    with the graph's cos / sin rows), then attend without writing again."""
+    from irlm.kernels import ops as k
+    q, key, value, cos, sin, cache, tables, q_lens, cached = x
+    if cos.shape[1] > 512:              # more rotary dims than the kernel's shared rows
+        from irlm.registry import get_op_def
+        return get_op_def("llm.rope_paged_attention").reference(ctx, x, a)
+    st = ctx.state
+    q, key, value = _heads(q), _heads(key), _heads(value)
+    cu = st.get("cu_q_lens")
+    if cu is None:
+        cu = k.cu_seqlens(q_lens)
+    q_rot, k_rot = torch.empty_like(q), torch.empty_like(key)
+    kv_scales = a["kv_scales"] or None
+    k.rope_kv_write(q, key, cos=_rows(cos), sin=_rows(sin), v=value, kv_cache=cache,
+                    layer=a["layer"], block_tables=tables, cached_lens=cached, cu_q_lens=cu,
+                    style="neox" if a["style"] == "rotate_half" else "gptj", q_out=q_rot,
+                    k_out=k_rot, kv_scales=kv_scales)
+    return [k.paged_attention(
+        q_rot, k_rot, value, cache, tables, q_lens, cached, a["layer"], scale=a["scale"],
+        sliding_window=a["sliding_window"],
+        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=cu,
+        max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
+        decode=st.get("decode"), fresh=st.get("fresh"), write_kv=False, kv_scales=kv_scales)]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """cos / sin rows with a contiguous last dim and one row stride (what rope_kv_write reads)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _heads(t: torch.Tensor) -> torch.Tensor:
     """[tokens, heads, D] with heads and D contiguous (what the attention kernels read)."""
     if t.stride(-1) == 1 and t.stride(-2) == t.shape[-1]:
@@ -128,6 +160,7 @@ def _histc(ctx, x, a):
 KERNELS = {
     "llm.rope": _rope,
     "llm.paged_attention": _paged_attention,
+    "llm.rope_paged_attention": _rope_paged_attention,
     "llm.rms_norm": _rms_norm,
     "llm.add_rms_norm": _add_rms_norm,
     "llm.gated_act": _gated_act,

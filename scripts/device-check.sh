@@ -12,6 +12,7 @@
 #     decode   benchmarks/gpu_decode.py batch 1 per format in $QUANT with a kernel profile
 #              (bench.log, b1.json; other sections: $DECODE_SECTIONS; the prefill section's
 #              prompt lengths: $PREFILL_TOKENS, default 128; b1's launch settings: $LAUNCH;
+#              the rope fusion settings, engine's first: $FUSE_ROPE, e.g. on,off;
 #              the profiled decode steps' rows: $PROFILE_BATCH, default 1)
 #     ncu      Nsight Compute on one launch each of the int4 tensor-core GEMV and the bf16
 #              GEMV at one row, gate/up and down shapes (ncu-KERNEL-SHAPE.log)
@@ -77,6 +78,7 @@ decode() {
     [ "$(left)" -gt 40 ] && timeout "$(cap ${DECODE_S:-600})" python3 benchmarks/gpu_decode.py \
         --sections "${DECODE_SECTIONS:-copy,build,b1,profile}" --quant "${QUANT:-bf16,int4,fp8,int8}" \
         --prefill-tokens "${PREFILL_TOKENS:-128}" --launch "${LAUNCH:-default}" \
+        --fuse-rope "${FUSE_ROPE:-default}" \
         --profile-batch "${PROFILE_BATCH:-1}" --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
 }

@@ -112,6 +112,9 @@ def _infer_paged_attention(t, a):
     return [q.with_shape((q.shape[0], q.shape[1], v.shape[2]))]
 
 
+#: the ops that write a layer of the paged KV cache and attend over it
+PAGED_ATTENTION_OPS = ("llm.paged_attention", "llm.rope_paged_attention")
+
 #: KV-cache element types stored with one static scale per layer for keys and one for values
 KV_QUANT_DTYPES = (DType.i8, DType.f8e4m3)
 
@@ -178,11 +181,15 @@ def _ref_paged_attention(ctx, x, a):
     return [out]
 
 
+_ATTENTION_ATTRS = {"layer": attr("int"), "scale": attr("float", None),
+                    "sliding_window": attr("int", 0), "alibi_slopes": attr("floats", ()),
+                    "kv_scales": attr("floats", ())}
+
+
 define_op(
     "llm.paged_attention",
     ["query", "key", "value", "kv_cache", "block_tables", "q_lens", "cached_lens"],
-    {"layer": attr("int"), "scale": attr("float", None), "sliding_window": attr("int", 0),
-     "alibi_slopes": attr("floats", ()), "kv_scales": attr("floats", ())},
+    _ATTENTION_ATTRS,
     infer=_infer_paged_attention, reference=_ref_paged_attention, pure=False,
     doc="Causal attention of packed tokens over a paged KV cache, writing this step's keys "
         "and values into the cache first. GQA/MQA when query heads are a multiple of kv "
@@ -192,12 +199,58 @@ define_op(
         "to +-127; f8e4m3: clamped to +-448) and reads them back times the scale.")
 
 
+def _infer_rope_paged_attention(t, a):
+    q, k, v, cos, sin = t[:5]
+    out = _infer_paged_attention([q, k, v] + list(t[5:]), a)
+    for x, what in ((cos, "cos"), (sin, "sin")):
+        require_rank(x, 2, what)
+        require_float(x, what)
+        if x.dtype is not q.dtype:
+            raise IRError(f"{what} dtype {x.dtype.value} differs from the query's "
+                          f"{q.dtype.value}")
+        same_dim(x.shape[0], q.shape[0], f"{what} has a row per token: its token count differs")
+    if cos != sin:
+        raise IRError(f"cos {cos} and sin {sin} must have one type")
+    rot, d = cos.shape[1], q.shape[2]
+    if not isinstance(rot, int) or rot % 2 or rot == 0 or (isinstance(d, int) and rot > d):
+        raise IRError(f"the rotary dim (cos's last dim, {rot}) must be a static even number "
+                      f"from 2 to the head dim {d}")
+    return out
+
+
+def _ref_rope_paged_attention(ctx, x, a):
+    from .fused import rotate
+    q, k, v, cos, sin = x[:5]
+    r = cos.shape[1]
+    c, s = cos[:, None, :], sin[:, None, :]
+
+    def rope(t):
+        rot = t[..., :r] * c + rotate(t[..., :r], a["style"]) * s
+        return rot if r == t.shape[-1] else torch.cat((rot, t[..., r:]), dim=-1)
+
+    att = {n: a[n] for n in _ATTENTION_ATTRS}
+    return _ref_paged_attention(ctx, [rope(q), rope(k), v] + list(x[5:]), att)
+
+
+define_op(
+    "llm.rope_paged_attention",
+    ["query", "key", "value", "cos", "sin", "kv_cache", "block_tables", "q_lens",
+     "cached_lens"],
+    dict(_ATTENTION_ATTRS, style=attr("str", "rotate_half", ("rotate_half", "interleaved"))),
+    infer=_infer_rope_paged_attention, reference=_ref_rope_paged_attention, pure=False,
+    doc="llm.paged_attention of the query and key after llm.rope: the first r dims of each "
+        "head (r = cos's last dim) become x*cos + rotate(x)*sin, cos and sin [tokens, r] "
+        "holding one row per token (style as llm.rope's). The rotated keys go into the "
+        "cache. The GPU executor's fusion of two ropes and an attention "
+        "(irlm.lowering.rope_attention), so one kernel rotates and writes the cache.")
+
+
 def _one_layer_each(graph) -> list[str]:
     """Each layer of the paged KV cache is written by one paged attention: two writing the
     same layer would overwrite each other's keys and values."""
     seen, out = {}, []
     for op in graph.ops:
-        if op.name == "llm.paged_attention":
+        if op.name in PAGED_ATTENTION_OPS:
             first = seen.setdefault(op.attrs["layer"], op)
             if first is not op:
                 out.append(f"{op.describe()}: layer {op.attrs['layer']} of the KV cache is "

@@ -68,9 +68,11 @@ class KvWriteParams(ctypes.Structure):
 class RopeParams(ctypes.Structure):
     _fields_ = [("q", c_void_p), ("k", c_void_p), ("v", c_void_p), ("cache", c_void_p),
                 ("block_tables", c_void_p), ("cu_q_lens", c_void_p), ("cached_lens", c_void_p),
-                ("positions", c_void_p), ("inv_freq", c_void_p),
+                ("positions", c_void_p), ("inv_freq", c_void_p), ("cos", c_void_p),
+                ("sin", c_void_p), ("q_out", c_void_p), ("k_out", c_void_p),
                 ("q_stride", c_longlong), ("k_stride", c_longlong), ("v_stride", c_longlong),
-                ("layer_offset", c_longlong),
+                ("layer_offset", c_longlong), ("cs_stride", c_longlong),
+                ("q_out_stride", c_longlong), ("k_out_stride", c_longlong),
                 ("num_reqs", c_int), ("heads", c_int), ("kv_heads", c_int), ("head_dim", c_int),
                 ("rot_dim", c_int), ("block_size", c_int), ("block_shift", c_int),
                 ("max_blocks", c_int), ("k_scale", c_float), ("v_scale", c_float)]
@@ -660,19 +662,26 @@ def rope_inv_freq(rot_dim: int, base: float = 10000.0, scaling: Optional[dict] =
     return inv.to(device=device) if device is not None else inv
 
 
-def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
+def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: Optional[torch.Tensor] = None, *,
                   v: Optional[torch.Tensor] = None, kv_cache: Optional[torch.Tensor] = None,
                   layer: int = 0, block_tables: Optional[torch.Tensor] = None,
                   q_lens: Optional[torch.Tensor] = None,
                   cached_lens: Optional[torch.Tensor] = None,
                   positions: Optional[torch.Tensor] = None, style: str = "neox",
                   cu_q_lens: Optional[torch.Tensor] = None,
-                  kv_scales: Optional[Sequence[float]] = None) -> None:
-    """Rotate ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]`` in place (the first
-    ``2 * len(inv_freq)`` dims of each head; ``style`` "neox" = rotate-half, "gptj" =
-    interleaved) and, when ``kv_cache`` is given, write rotated k and ``v`` into it (an int8 /
-    fp8 cache: quantized with ``kv_scales``, as :func:`kv_cache_write`).  Positions:
-    ``positions`` (int32 ``[tokens]``) or each token's cache position."""
+                  kv_scales: Optional[Sequence[float]] = None,
+                  cos: Optional[torch.Tensor] = None, sin: Optional[torch.Tensor] = None,
+                  q_out: Optional[torch.Tensor] = None,
+                  k_out: Optional[torch.Tensor] = None) -> None:
+    """Rotate ``q [tokens, heads, D]`` and ``k [tokens, kv_heads, D]`` (the first ``R`` dims of
+    each head; ``style`` "neox" = rotate-half, "gptj" = interleaved pairs) into ``q_out`` /
+    ``k_out`` (same shapes; in place when not given) and, when ``kv_cache`` is given, write
+    rotated k and ``v`` into it (an int8 / fp8 cache: quantized with ``kv_scales``, as
+    :func:`kv_cache_write`).
+
+    The angles: either ``cos`` / ``sin [tokens, R]`` tables of q's dtype (llm.rope's: element
+    j becomes ``x[j] cos[j] -/+ x[partner] sin[j]``), or ``inv_freq`` (``R / 2`` float32
+    entries) at ``positions`` (int32 ``[tokens]``) or each token's cache position."""
     if style not in ("neox", "gptj"):
         raise KernelArgumentError(f"style must be 'neox' or 'gptj', got {style!r}")
     _tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
@@ -684,20 +693,43 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
     if k.shape[0] != T or k.shape[2] != D:
         raise KernelArgumentError(f"q {tuple(q.shape)} and k {tuple(k.shape)} do not match")
     kvh = k.shape[1]
-    _tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=dev)
-    half = inv_freq.shape[0]
+    for name, out, x in (("q_out", q_out, q), ("k_out", k_out, k)):
+        if out is not None:
+            _tensor(name, out, ndim=3, dtypes=(dt,), device=dev)
+            if out.shape != x.shape:
+                raise KernelArgumentError(f"{name} {tuple(out.shape)} differs from its input "
+                                          f"{tuple(x.shape)}")
+            _heads_contiguous(name, out)
+    if (cos is None) == (inv_freq is None) or (cos is None) != (sin is None):
+        raise KernelArgumentError("give either inv_freq or both cos and sin tables")
+    cs_stride = 0
+    if cos is not None:
+        _tensor("cos", cos, ndim=2, dtypes=(dt,), device=dev)
+        _tensor("sin", sin, ndim=2, dtypes=(dt,), device=dev)
+        if cos.shape != sin.shape or cos.stride() != sin.stride() or cos.shape[0] != T \
+                or cos.stride(1) != 1:
+            raise KernelArgumentError(f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must "
+                                      f"be [{T}, rot_dim] rows with one stride and a contiguous "
+                                      f"last dim")
+        half = cos.shape[1] // 2
+        if cos.shape[1] % 2:
+            raise KernelArgumentError(f"cos/sin cover {cos.shape[1]} dims: need an even count")
+        cs_stride = cos.stride(0)
+    else:
+        _tensor("inv_freq", inv_freq, ndim=1, dtypes=(torch.float32,), device=dev)
+        half = inv_freq.shape[0]
+        inv_freq = inv_freq.contiguous()
     rot = 2 * half
     if rot > D or half > 256 or half == 0:
-        raise KernelArgumentError(f"{half} inverse frequencies do not fit head_dim {D} "
-                                  "(at most head_dim / 2 and 256)")
-    inv_freq = inv_freq.contiguous()
+        raise KernelArgumentError(f"{rot} rotary dims do not fit head_dim {D} (at most "
+                                  f"head_dim and 512)")
     R, cu, layer_off, bs, shift, mb = 0, None, 0, 1, 0, 0
     cdt, ks, vs = None, 1.0, 1.0
     if positions is not None:
         _tensor("positions", positions, ndim=1, dtypes=(torch.int32,), device=dev)
         if positions.shape[0] != T or not positions.is_contiguous():
             raise KernelArgumentError(f"positions must be contiguous with {T} entries")
-    if kv_cache is not None or positions is None:
+    if kv_cache is not None or (positions is None and cos is None):
         if cached_lens is None or block_tables is None and kv_cache is not None:
             raise KernelArgumentError("rope_kv_write needs cached_lens (and block_tables with a "
                                       "cache) to place tokens")
@@ -722,7 +754,8 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
     if T == 0:
         return
     vec = _vec(dt)
-    tensors = [x for x in (q, k, v if kv_cache is not None else None) if x is not None]
+    tensors = [x for x in (q, k, v if kv_cache is not None else None, q_out, k_out)
+               if x is not None]
     ok = (D % vec == 0 and all(_aligned(x) and x.stride(0) % vec == 0 for x in tensors)
           and (half % vec == 0 if style == "neox" else rot % vec == 0))
     kern = rope_kernel(dt, cdt)
@@ -730,8 +763,11 @@ def rope_kv_write(q: torch.Tensor, k: torch.Tensor, inv_freq: torch.Tensor, *,
     p = RopeParams(_ptr(q), _ptr(k), _ptr(v) if kv_cache is not None else 0, _ptr(kv_cache),
                    _ptr(block_tables) if kv_cache is not None else 0, _ptr(cu),
                    _ptr(cached_lens) if cu is not None else 0, _ptr(positions), _ptr(inv_freq),
+                   _ptr(cos), _ptr(sin), _ptr(q_out), _ptr(k_out),
                    q.stride(0), k.stride(0), v.stride(0) if kv_cache is not None else 0,
-                   layer_off, R, H, kvh, D, rot, bs, shift, mb, ks, vs)
+                   layer_off, cs_stride, q_out.stride(0) if q_out is not None else 0,
+                   k_out.stride(0) if k_out is not None else 0,
+                   R, H, kvh, D, rot, bs, shift, mb, ks, vs)
     kern.launch(kern.names[idx], (T,), (256,), p, device=dev)
 
 

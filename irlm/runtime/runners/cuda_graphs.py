@@ -25,7 +25,7 @@ from irlm.errors import IRLMError
 from irlm.interpreter import Interpreter
 from irlm.ir import Graph
 from irlm.lowering.kernel_selection import KERNELS
-from irlm.ops.llm import KV_CACHE_INPUT, KVCacheLayout
+from irlm.ops.llm import KV_CACHE_INPUT, PAGED_ATTENTION_OPS, KVCacheLayout
 from irlm.weights import WeightStore
 
 from .interpreter import REQUIRED_INPUTS
@@ -46,9 +46,11 @@ class CudaGraphRunner:
     def __init__(self, graph: Graph, *, num_blocks: Optional[int] = None,
                  max_model_len: Optional[int] = None, gpu_memory_fraction: float = 0.95,
                  device: str = "cuda", cuda_graphs: bool = True, weights=None,
-                 collectives: bool = False):
+                 collectives: bool = False, fuse_rope: Optional[bool] = None):
         """``collectives``: the graph is one rank of a multi-rank engine and its ``dist`` ops
-        get their implementation from the caller (irlm.runtime.distributed, over NCCL)."""
+        get their implementation from the caller (irlm.runtime.distributed, over NCCL).
+        ``fuse_rope``: run each layer's two ropes and cache write as one kernel
+        (irlm.lowering.rope_attention, on a copy of the graph); None reads IRLM_FUSE_ROPE."""
         dist = next((op for op in graph.ops if op.dialect == "dist"), None)
         if dist is not None and not collectives:
             raise IRLMError(f"graph @{graph.name} is one rank of a multi-rank (tp/pp) engine "
@@ -61,6 +63,12 @@ class CudaGraphRunner:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
         _check_attention_head_dims(graph)
+        from irlm.lowering.rope_attention import fuse_rope_attention, fusion_enabled
+        #: the layers whose ropes run inside the attention's cache write
+        self.rope_fusions = 0
+        if fuse_rope if fuse_rope is not None else fusion_enabled():
+            graph = graph.clone()
+            self.rope_fusions = fuse_rope_attention(graph)
         self.graph = graph
         self.device = torch.device(device)
         self._order = [REQUIRED_INPUTS.index(n) for n in names]
@@ -276,7 +284,7 @@ def _check_attention_head_dims(graph: Graph) -> None:
     step)."""
     from irlm.kernels.ops import ATTENTION_HEAD_DIMS
     for op in graph.ops:
-        if op.name == "llm.paged_attention":
+        if op.name in PAGED_ATTENTION_OPS:
             d = op.operands[0].type.shape[-1]
             if d not in ATTENTION_HEAD_DIMS:
                 raise IRLMError(f"graph @{graph.name}: {op.describe()} has head_dim {d}, which "

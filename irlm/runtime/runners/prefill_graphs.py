@@ -37,7 +37,7 @@ PREFILL_BUCKETS = (16, 32, 64, 128, 256, 512)
 
 #: ops whose result rows depend on other tokens' rows (or on the step's request layout)
 TOKEN_MIXING = frozenset({
-    "llm.paged_attention", "llm.last_tokens", "core.scaled_dot_product_attention",
+    "llm.paged_attention", "llm.rope_paged_attention", "llm.last_tokens", "core.scaled_dot_product_attention",
     "core.triu", "core.tril", "core.histc", "core.scatter", "dist.send", "dist.recv"})
 
 
