@@ -406,11 +406,11 @@ def section_prefill(runner, cfg, key="prefill", prompt_len=128, reps=5):
         return out
     # the same step run eagerly op by op, as every prompt step ran before the piecewise
     # graphs (irlm/runtime/runners/prefill_graphs.py)
-    piecewise, runner._prefill = getattr(runner, "_prefill", None), None
+    piecewise, runner.piecewise_prefill = runner.piecewise_prefill, False
     try:
         eager_walls = timed()
     finally:
-        runner._prefill = piecewise
+        runner.piecewise_prefill = piecewise
     walls = timed()
     wall = statistics.median(walls)
     eager_wall = statistics.median(eager_walls)

@@ -108,7 +108,7 @@ def test_cuda_runner_matches_hf_bf16(arch):
             checked += 1
     assert runner.stats["graph_replays"] == 9 and runner.stats["graph_captures"] >= 1
     # both prompt steps (62 and 33 tokens) as replays of the 64-token bucket
-    assert runner._prefill.why is None, runner._prefill.why
+    assert runner.prefill_graphs.why is None, runner.prefill_graphs.why
     assert runner.stats["prefill_replays"] == 2 and runner.stats["prefill_captures"] == 1
     assert runner.stats["eager_steps"] == 0
     assert checked + tie_rows == 3 + 9 + 1 + 24 and checked >= 30, (checked, tie_rows)

@@ -94,6 +94,8 @@ class CudaGraphRunner:
         # prompt steps of up to 512 tokens as piecewise graphs (prefill_graphs.py); a rank of
         # a multi-rank engine keeps them eager (its collectives were not tested under them)
         self._prefill = PiecewisePrefill(self) if cuda_graphs and not collectives else None
+        #: False runs prompt steps op by op (benchmarks compare the two)
+        self.piecewise_prefill = self._prefill is not None
         if num_blocks is None:
             # Reserve the planned activation memory of the largest step (plus room for kernel
             # workspaces and CUDA graph pools), then give the KV pool a fraction of the rest.
@@ -149,13 +151,19 @@ class CudaGraphRunner:
         self.stats = {"graph_replays": 0, "graph_captures": 0, "eager_steps": 0,
                       "prefill_replays": 0, "prefill_captures": 0}
 
+    @property
+    def prefill_graphs(self) -> Optional[PiecewisePrefill]:
+        """The piecewise prompt graphs (None on a rank of a multi-rank engine or without CUDA
+        graphs); ``.why`` says why a graph cannot be cut (then prompt steps run op by op)."""
+        return self._prefill
+
     def release_graphs(self) -> None:
         """Destroy the captured decode graphs (the runner captures again on its next step).
         A graph that captured NCCL calls holds its communicator (NCCL reclaims captured work
         when the graph is destroyed), so a rank releases them before leaving its process group:
         on the H100 rank 0, graphs alive, waited out torch's 120 s abort timeout while its
         worker, graphs gone, aborted in 0.5 s (docs/distributed.md)."""
-        if self._graphs or (self._prefill is not None and self._prefill._entries):
+        if self._graphs or (self._prefill is not None and self._prefill.captured):
             torch.cuda.synchronize(self.device)
             self._graphs.clear()
             self._pool = None
@@ -202,8 +210,8 @@ class CudaGraphRunner:
             q_lens, batch.cached_lens.to(dev, non_blocking=True),
             batch.block_tables.to(dev, non_blocking=True))
         tokens = batch.num_tokens
-        if not decode and self.cuda_graphs and self._prefill is not None \
-                and tokens <= self._prefill.max_tokens:
+        if not decode and self.cuda_graphs and self.piecewise_prefill \
+                and self._prefill is not None and tokens <= self._prefill.max_tokens:
             return self._prefill.run(feeds, state, tokens).float()
         out = self._interp.run(feeds, state=state).outputs[0]
         self.stats["eager_steps"] += 1

@@ -95,6 +95,7 @@ class PiecewisePrefill:
         self._entries: dict[int, dict] = {}
         self._pool = None
         self._dims: dict = {}                   # compiled dims (interpreter.cached_dim)
+        self._values: Optional[dict] = None     # value id -> Value, for static_bytes
         max_tokens = runner.max_num_tokens or buckets[-1]
         self.buckets = tuple(b for b in buckets if b <= max_tokens)
         names = [v.name for v in g.inputs]
@@ -191,10 +192,11 @@ class PiecewisePrefill:
             return 0
         b = {self.tok: tokens}
         total = 0
-        values = {id(v): v for op in self.graph.ops for v in op.results}
-        values.update({id(v): v for v in self.graph.inputs})
+        if self._values is None:
+            self._values = {id(v): v for op in self.graph.ops for v in op.results}
+            self._values.update({id(v): v for v in self.graph.inputs})
         for vid in self.exports | self.imports:
-            v = values[vid]
+            v = self._values[vid]
             if vid not in self.rows:
                 continue
             n = 1
@@ -347,6 +349,11 @@ class PiecewisePrefill:
         with torch.cuda.graph(cg, pool=self._pool):
             made = body()
         return cg, made
+
+    @property
+    def captured(self) -> bool:
+        """Whether any bucket's graphs are captured (and hold memory)."""
+        return bool(self._entries)
 
     def release(self) -> None:
         self._entries.clear()
