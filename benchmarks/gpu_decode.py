@@ -613,7 +613,7 @@ def main():
         ASYNC_DECODE = True
         RESULTS["runner_stats" + q] = dict(runner.stats)
         for v in fuse_values[1:]:
-            del runner
+            runner = None       # dropped before the reload sizes its KV pool
             runner = reload_runner(graph, FUSE_ROPE[v])
             for name, fn in (("b1", lambda k: section_b1(runner, cfg, copy_bw, k, "build" + q)),
                              ("b32", lambda k: section_b32(runner, cfg, k))):

@@ -78,3 +78,21 @@ def tiny_llama_engine(max_seq: int = 256):
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     return compile_causal_lm(model, max_seq=max_seq)
+
+
+def run_schedule(step, seqs, tables, schedule) -> list:
+    """Feed requests to a runner step by step: ``schedule`` is a list of ``{request: tokens}``
+    (a prompt's next tokens, or 1 to decode), ``seqs[r]`` request r's tokens (a list or 1-D
+    tensor), ``tables[r]`` its KV block ids; ``step(batch)`` runs one StepBatch.  Returns
+    each step's result."""
+    from irlm.runtime.model_runner import StepBatch
+    done, outs = [0] * len(seqs), []
+    for one in schedule:
+        reqs = sorted(one)
+        batch = StepBatch.pack(reqs, [list(map(int, seqs[r][done[r]:done[r] + one[r]]))
+                                      for r in reqs],
+                               [done[r] for r in reqs], [tables[r] for r in reqs])
+        outs.append(step(batch))
+        for r in reqs:
+            done[r] += one[r]
+    return outs

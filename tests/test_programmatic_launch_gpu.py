@@ -10,7 +10,7 @@ prefetch sizes, and an engine's decode graphs with and without PDL.
 import pytest
 import torch
 
-from irlm_test_helpers import rel_l2 as rel, tiny_llama_engine
+from irlm_test_helpers import rel_l2 as rel, run_schedule, tiny_llama_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_tactics")]
 if not torch.cuda.is_available():
@@ -141,7 +141,6 @@ def test_engine_decode_graphs_with_and_without_pdl_agree(launch, monkeypatch):
     decode step is nearly all irlm kernels: the same logits, bit for bit, with PDL and the
     default prefetch as with plain launches; prefill and decode through the CUDA runner."""
     from irlm.lowering import tactics
-    from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     graph = tiny_llama_engine()
     monkeypatch.setattr(tactics, "cuda_timer",
@@ -154,15 +153,7 @@ def test_engine_decode_graphs_with_and_without_pdl_agree(launch, monkeypatch):
     def run(pdl, prefetch):
         launch(pdl, prefetch)
         runner = CudaGraphRunner(graph, num_blocks=64)
-        done, outs = [0, 0, 0], []
-        for step in schedule:
-            reqs = sorted(step)
-            batch = StepBatch.pack(reqs, [seqs[r][done[r]:done[r] + step[r]].tolist()
-                                          for r in reqs],
-                                   [done[r] for r in reqs], [tables[r] for r in reqs])
-            outs.append(runner.step(batch))
-            for r in reqs:
-                done[r] += step[r]
+        outs = run_schedule(runner.step, seqs, tables, schedule)
         assert runner.stats["graph_replays"] == 7
         return outs
     plain = run(False, 0)

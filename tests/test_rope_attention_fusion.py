@@ -17,6 +17,7 @@ from irlm.lowering.rope_attention import fuse_rope_attention, fusion_enabled
 from irlm.runtime.model_runner import StepBatch
 from irlm.verifier import verify
 
+from irlm_test_helpers import run_schedule
 from test_prefill_graphs import CpuPiecewise, _Runner
 
 VOCAB, BS = 128, 16
@@ -73,19 +74,17 @@ def test_fused_graph_steps_equal_the_unfused_graph(kind, style):
     want_c, got_c = _cache(g, 12), _cache(g, 12)
     gen = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, VOCAB, (40,), generator=gen).tolist() for _ in range(3)]
-    tables = [[5, 2], [7, 0], [9, 11]]
-    done = [0, 0, 0]
-    # prompts, decode, and a step mixing a prompt's rest with decoding requests
-    for step in ({0: 13, 1: 20}, {0: 1, 1: 1}, {0: 1, 1: 1, 2: 9}, {2: 1}):
-        reqs = sorted(step)
-        b = StepBatch.pack(reqs, [seqs[r][done[r]:done[r] + step[r]] for r in reqs],
-                           [done[r] for r in reqs], [tables[r] for r in reqs])
+
+    def both(b):
         want = want_i.run(_feeds(g, b, want_c)).outputs[0]
         got = got_i.run(_feeds(f, b, got_c)).outputs[0]
         assert torch.equal(got, want)
         assert torch.equal(got_c, want_c)
-        for r in reqs:
-            done[r] += step[r]
+        return got.shape[0]
+    # prompts, decode, and a step mixing a prompt's rest with decoding requests
+    rows = run_schedule(both, seqs, [[5, 2], [7, 0], [9, 11]],
+                        [{0: 13, 1: 20}, {0: 1, 1: 1}, {0: 1, 1: 1, 2: 9}, {2: 1}])
+    assert rows == [2, 2, 3, 1]
 
 
 def test_fused_prompt_steps_run_as_piecewise_graphs():

@@ -12,7 +12,7 @@
 import pytest
 import torch
 
-from irlm_test_helpers import rel_l2
+from irlm_test_helpers import rel_l2, run_schedule
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("fresh_tactics")]
 if not torch.cuda.is_available():
@@ -137,7 +137,6 @@ def _engine(kind):
 
 @pytest.mark.parametrize("kind", ["llama", "gpt_neox", "gptj"])
 def test_runner_with_the_fusion_equals_the_runner_without(kind):
-    from irlm.runtime.model_runner import StepBatch
     from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
     graph = _engine(kind)
     g = torch.Generator().manual_seed(5)
@@ -148,16 +147,8 @@ def test_runner_with_the_fusion_equals_the_runner_without(kind):
 
     def run(fuse):
         runner = CudaGraphRunner(graph, num_blocks=64, fuse_rope=fuse)
-        done, outs = [0, 0, 0], []
-        for step in schedule:
-            reqs = sorted(step)
-            batch = StepBatch.pack(reqs, [seqs[r][done[r]:done[r] + step[r]].tolist()
-                                          for r in reqs],
-                                   [done[r] for r in reqs], [tables[r] for r in reqs])
-            outs.append(runner.step(batch).float().cpu())
-            for r in reqs:
-                done[r] += step[r]
-        return runner, outs
+        return runner, run_schedule(lambda b: runner.step(b).float().cpu(), seqs, tables,
+                                    schedule)
     fused, got = run(True)
     plain, want = run(False)
     assert fused.rope_fusions == 2 and plain.rope_fusions == 0
