@@ -267,13 +267,16 @@ def int_list(ap, flag: str, text: str, most: int, why: str = "") -> list[int]:
 
 
 def parse_launch(v: str):
-    """--launch's settings: (programmatic launch on, GEMV prefetch bytes); None if unknown."""
+    """--launch's settings: (programmatic launch on, GEMV prefetch bytes, IRLM_FOLD_SPLITS);
+    None where a setting keeps its default; None for an unknown value."""
     if v == "default":
-        return (None, None)
+        return (None, None, None)
     if v == "plain":
-        return (False, 0)
+        return (False, 0, None)
     if v.startswith("pdl-pf") and v[6:].isdigit():
-        return (True, int(v[6:]))
+        return (True, int(v[6:]), None)
+    if v in ("fold-on", "fold-off"):
+        return (None, None, "1" if v == "fold-on" else "0")
     return None
 
 
@@ -281,19 +284,24 @@ def section_b1_under(runner, cfg, copy_bw, launch, sfx, build_key):
     """b1 under one --launch setting: the decode graphs are captured again with it."""
     import os
     from irlm.kernels import nvrtc
-    pdl, prefetch = parse_launch(launch)
+    pdl, prefetch, fold = parse_launch(launch)
     nvrtc.set_programmatic_launch(pdl)
-    if prefetch is None:
-        os.environ.pop("IRLM_GEMV_PREFETCH", None)
-    else:
-        os.environ["IRLM_GEMV_PREFETCH"] = str(prefetch)
+    # settings left at None keep what the environment says
+    saved = {var: os.environ.get(var) for var in ("IRLM_GEMV_PREFETCH", "IRLM_FOLD_SPLITS")}
+    for var, value in (("IRLM_GEMV_PREFETCH", prefetch), ("IRLM_FOLD_SPLITS", fold)):
+        if value is not None:
+            os.environ[var] = str(value)
     runner.release_graphs()
     try:
         section_b1(runner, cfg, copy_bw, "b1" + ("" if launch == "default" else "_" + launch)
                    + sfx, build_key)
     finally:
         nvrtc.set_programmatic_launch(None)
-        os.environ.pop("IRLM_GEMV_PREFETCH", None)
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
         runner.release_graphs()
 
 
@@ -527,7 +535,9 @@ def main():
                     help="kernel launch settings the b1 section runs under, one after the "
                          "other on the same engine (graphs captured again for each): default; "
                          "plain (no programmatic dependent launch); pdl-pfN (PDL, the GEMVs "
-                         "prefetching N bytes of each weight row into L2; pdl-pf0: none)")
+                         "prefetching N bytes of each weight row into L2; pdl-pf0: none); "
+                         "fold-on / fold-off (IRLM_FOLD_SPLITS: split decode attention "
+                         "combined in its last CTA, or by the reduce kernel)")
     ap.add_argument("--fuse-rope", default="default",
                     help="comma-separated: default (IRLM_FUSE_ROPE), on, off. The first is "
                          "the engine's setting for every section; each further one loads the "
@@ -555,8 +565,8 @@ def main():
     launches = a.launch.split(",")
     bad = [v for v in launches if parse_launch(v) is None]
     if bad:
-        ap.error(f"--launch: unknown {', '.join(bad)} (default, plain or pdl-pfN, N a byte "
-                 f"count)")
+        ap.error(f"--launch: unknown {', '.join(bad)} (default, plain, pdl-pfN with N a byte "
+                 f"count, fold-on, fold-off)")
     fuse_values = a.fuse_rope.split(",")
     bad = [v for v in fuse_values if v not in FUSE_ROPE]
     if bad:

@@ -14,7 +14,8 @@
 // quarter of the keys) and are merged through shared memory at the end.  A CTA may also take
 // one of `num_splits` partitions of the key range (split-K / flash-decoding); it then writes a
 // normalised partial output and its (max, sum) to part_out / part_ml for
-// irlm_attention_split_reduce.
+// irlm_attention_split_reduce, or (decode, split_counters given) counts itself done and, if it
+// is the tile's last partition, combines them all itself (fold_splits).
 //
 // Quantized caches (C = signed char for int8, irlm_fp8e4m3): the 8-bit K/V tiles are copied to
 // shared memory as they are (cp.async, half the bytes of a bf16 tile), then converted in
@@ -39,6 +40,9 @@ struct AttnParams {
   const float* alibi;       // [heads] or null
   float* part_out;          // [splits, tokens, heads, D] when num_splits > 1
   float* part_ml;           // [splits, tokens, heads, 2]: (max in log2 units, sum)
+  int* split_counters;      // decode with num_splits > 1: [reqs, kv_heads, tiles] zeros, or null.
+                            // Given, the last partition of a tile to finish combines them
+                            // (fold_splits) and no reduce kernel runs; it leaves the count at 0
   long long q_stride;
   long long o_stride;
   long long layer_offset;   // elements from the pool's start to layer `layer`
@@ -201,6 +205,57 @@ struct AttnSmem {
   static constexpr int EPI_BYTES = (WARPS_N * BLOCK_M * LDA + 2 * WARPS_N * BLOCK_M) * 4;
   static constexpr int BYTES = Q_BYTES + (KV_BYTES > EPI_BYTES ? KV_BYTES : EPI_BYTES);
 };
+
+// Decode with split_counters: after this CTA's partial of partition `split` is stored, count
+// it; the CTA that brings the count to the request's number of non-empty partitions n (the
+// empty ones return before storing anything, and n is computed as irlm_attention_split_reduce
+// does) combines the n partials of its rows exactly as that kernel weighs them
+// (l_s * 2^(m_s - max), normalised) and resets the count for the next launch.  The fences order
+// every CTA's partial stores before its count, and the last CTA's count before its reads; the
+// reads bypass L1 (__ldcg), which other SMs' stores do not update.
+template <typename T, int D, int BLOCK_M>
+IRLM_DEVICE void fold_splits(const AttnParams& p, int r, int kvh, int tile, int rows) {
+  __shared__ int s_last;
+  __threadfence();
+  __syncthreads();
+  const int cached = p.cached_lens[r];
+  const int kbeg = p.window > 0 ? max(0, cached - p.window + 1) : 0;
+  const int n = min(p.num_splits, (cached + 1 - kbeg + p.split_size - 1) / p.split_size);
+  if (threadIdx.x == 0) {
+    const int tiles = gridDim.x / p.num_splits;
+    int* count = p.split_counters + ((long long)r * p.kv_heads + kvh) * tiles + tile;
+    s_last = atomicAdd(count, 1) == n - 1;
+    if (s_last) *count = 0;
+  }
+  __syncthreads();
+  if (!s_last) return;
+  __threadfence();
+  const long long split_stride = (long long)p.num_tokens * p.heads;
+  T* og = reinterpret_cast<T*>(p.out);
+  const int row0 = tile * BLOCK_M;
+  for (int c = threadIdx.x; c < BLOCK_M * (D / 4); c += blockDim.x) {
+    const int lr = c / (D / 4), d = (c % (D / 4)) * 4;
+    const int grow = row0 + lr;
+    if (grow >= rows) continue;
+    const int h = kvh * p.group + grow;          // decode: one token, row = head in the group
+    const long long row = (long long)r * p.heads + h;
+    float mx = IRLM_NEG_INF;
+    for (int s = 0; s < n; ++s) mx = fmaxf(mx, __ldcg(p.part_ml + (s * split_stride + row) * 2));
+    const float m_use = mx == IRLM_NEG_INF ? 0.f : mx;
+    float total = 0.f, o[4] = {0.f, 0.f, 0.f, 0.f};
+    for (int s = 0; s < n; ++s) {
+      const long long i = s * split_stride + row;
+      const float w = __ldcg(p.part_ml + i * 2 + 1) * exp2f(__ldcg(p.part_ml + i * 2) - m_use);
+      const float4 x = __ldcg(reinterpret_cast<const float4*>(p.part_out + i * D + d));
+      total += w;
+      o[0] += w * x.x; o[1] += w * x.y; o[2] += w * x.z; o[3] += w * x.w;
+    }
+    const float inv = total > 0.f ? 1.f / total : 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[e] *= inv;
+    store_vec<T, 4>(og + (long long)r * p.o_stride + (long long)h * D + d, o);
+  }
+}
 
 template <typename T, int D, int WARPS_M, int WARPS_N, int BLOCK_N, bool DECODE, typename C = T>
 IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
@@ -484,5 +539,9 @@ IRLM_DEVICE void paged_attention_tile(const AttnParams& p) {
         p.part_ml[idx * 2 + 1] = l;
       }
     }
+  }
+  if constexpr (DECODE) {
+    if (p.num_splits > 1 && p.split_counters != nullptr)
+      fold_splits<T, D, BLOCK_M>(p, r, kvh, tile, rows);
   }
 }

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 from functools import lru_cache
 from typing import NamedTuple, Optional, Sequence, Union
 
@@ -48,7 +49,7 @@ class AttnParams(ctypes.Structure):
     _fields_ = [("q", c_void_p), ("out", c_void_p), ("cache", c_void_p),
                 ("block_tables", c_void_p), ("cu_q_lens", c_void_p), ("cached_lens", c_void_p),
                 ("alibi", c_void_p), ("part_out", c_void_p), ("part_ml", c_void_p),
-                ("q_stride", c_longlong), ("o_stride", c_longlong), ("layer_offset", c_longlong),
+                ("split_counters", c_void_p), ("q_stride", c_longlong), ("o_stride", c_longlong), ("layer_offset", c_longlong),
                 ("num_reqs", c_int), ("heads", c_int), ("kv_heads", c_int), ("group", c_int),
                 ("block_size", c_int), ("block_shift", c_int), ("max_blocks", c_int),
                 ("window", c_int), ("num_splits", c_int), ("split_size", c_int),
@@ -446,19 +447,57 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
         splits = -(-kv_len // size)
         if splits == 1:
             size = 1 << 30
-    part_out = part_ml = None
+    part_out = part_ml = counters = None
     if splits > 1:
         part_out = torch.empty((splits, R, H, D), dtype=torch.float32, device=q.device)
         part_ml = torch.empty((splits, R, H, 2), dtype=torch.float32, device=q.device)
         p.part_out, p.part_ml = _ptr(part_out), _ptr(part_ml)
+        if fold_splits_enabled():
+            counters = split_counters(q.device, R * kvh * tiles)
+            p.split_counters = _ptr(counters)
     p.num_splits, p.split_size = splits, size
     smem = attention_smem_bytes(q.dtype, D, True, cdt)
     p.smem_bytes = smem
     kern = decode_kernel(q.dtype, D, cdt)
     kern.launch(kern.names[0], (tiles * splits, kvh, R), (128,), p, smem=smem, device=q.device)
-    if splits > 1:
+    if splits > 1 and counters is None:
         kern.launch(kern.names[1], (H, R), (128,), p, device=q.device)
     return out
+
+
+def fold_splits_enabled() -> bool:
+    """``IRLM_FOLD_SPLITS=1``: a split decode attention combines its partitions in its last CTA
+    (attention.cuh: fold_splits) instead of launching irlm_attention_split_reduce.  Off by
+    default until it is measured on a GPU; read at each launch, so a benchmark can compare the
+    two by capturing its graphs again."""
+    v = os.environ.get("IRLM_FOLD_SPLITS", "0").strip()
+    if v not in ("0", "1"):
+        raise KernelArgumentError(f"IRLM_FOLD_SPLITS must be 0 or 1, got {v!r}")
+    return v == "1"
+
+
+#: per device: the zeroed int32 counters of fold_splits, kept across launches (each launch
+#: leaves them zeroed).  One buffer a device, so decode attentions on one device must not run
+#: concurrently on two streams (irlm's runners issue a step's kernels on one stream).
+_SPLIT_COUNTERS: dict = {}
+#: every counter buffer ever handed out: a captured CUDA graph keeps using the one it was
+#: captured with after a larger one replaces it, so none is ever freed
+_SPLIT_COUNTERS_KEPT: list = []
+
+
+def split_counters(device: torch.device, n: int) -> Optional[torch.Tensor]:
+    """At least ``n`` zeroed counters on ``device``; None while a CUDA graph is being captured
+    and the buffer would have to grow (the caller then launches the reduce kernel: an
+    allocation and its zeroing cannot be captured once and replayed as kept state)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    buf = _SPLIT_COUNTERS.get(idx)
+    if buf is None or buf.numel() < n:
+        if torch.cuda.is_current_stream_capturing():
+            return None
+        buf = torch.zeros(max(n, 1 << 16), dtype=torch.int32, device=device)
+        _SPLIT_COUNTERS[idx] = buf
+        _SPLIT_COUNTERS_KEPT.append(buf)
+    return buf
 
 
 def prefill_attention(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
