@@ -123,3 +123,11 @@ def test_a_llama_decodes_the_same_with_folded_splits(fold):
     for a, b in zip(folded, plain):
         assert rel_l2(a, b) < 2e-2
         assert torch.equal(a.argmax(-1), b.argmax(-1))
+
+
+def test_a_bad_setting_is_refused_when_the_engine_loads(monkeypatch):
+    from irlm.errors import IRLMError
+    from irlm.runtime.runners.cuda_graphs import CudaGraphRunner
+    monkeypatch.setenv("IRLM_FOLD_SPLITS", "yes")
+    with pytest.raises(IRLMError, match="IRLM_FOLD_SPLITS must be 0 or 1, got 'yes'"):
+        CudaGraphRunner(tiny_llama_engine(), num_blocks=8)

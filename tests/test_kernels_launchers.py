@@ -108,3 +108,13 @@ def test_kernel_selection_hands_the_ops_kv_scales_to_the_launcher(monkeypatch):
 def test_fresh_suffix_is_the_trailing_run_of_requests_with_nothing_cached(q_lens, cached, want):
     got = ops.FreshSuffix.of(q_lens, cached)
     assert (got if got is None else tuple(got)) == want
+
+
+def test_fold_splits_setting(monkeypatch):
+    monkeypatch.delenv("IRLM_FOLD_SPLITS", raising=False)
+    assert not ops.fold_splits_enabled()            # off until measured on a GPU
+    monkeypatch.setenv("IRLM_FOLD_SPLITS", "1")
+    assert ops.fold_splits_enabled()
+    monkeypatch.setenv("IRLM_FOLD_SPLITS", "on")
+    with pytest.raises(ops.KernelArgumentError, match="IRLM_FOLD_SPLITS must be 0 or 1"):
+        ops.fold_splits_enabled()

@@ -63,7 +63,12 @@ class CudaGraphRunner:
             raise IRLMError(f"graph @{graph.name} is not in the inference form; compile it "
                             f"with substitute-attention")
         _check_attention_head_dims(graph)
+        from irlm.kernels.ops import fold_splits_enabled
         from irlm.lowering.rope_attention import fuse_rope_attention, fusion_enabled
+        try:
+            fold_splits_enabled()       # a bad IRLM_FOLD_SPLITS is refused here, not mid-step
+        except ValueError as e:
+            raise IRLMError(str(e)) from None
         #: the layers whose ropes run inside the attention's cache write
         self.rope_fusions = 0
         if fuse_rope if fuse_rope is not None else fusion_enabled():
