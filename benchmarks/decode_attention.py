@@ -3,18 +3,20 @@ partitions (flash-decoding splits), Llama-3-8B's attention (32 heads, 8 KV heads
 bf16, blocks of 16 tokens), to set ``choose_splits`` (kernels/src/ops.py) from measurements.
 
     python benchmarks/decode_attention.py [--batch 1,8,32] [--context 256,1024,4096]
-                                          [--splits auto,1,2,4,8,16,32]
+                                          [--splits auto,1,2,4,8,16,32] [--fold off,on]
 
 Each (batch, context, splits) is one CUDA graph of 32 calls, one per layer of a 32-layer cache
 (as a decode step runs them), median of 20 replays, divided by 32; the graph's bound on the
 context is the decode graphs' bucket (the context rounded up to a power of two, at least 256),
 as the CUDA runner captures them, while every request's real context is ``context``.  The
-split-combining kernel, when the splits ask for it, is included.  GB/s counts the K and V
-bytes read.
+split-combining kernel, when the splits ask for it, is included; ``--fold on`` times the
+partitions combined in the attention kernel's last CTA instead (IRLM_FOLD_SPLITS=1).  GB/s
+counts the K and V bytes read.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 import torch
@@ -58,7 +60,13 @@ def main():
     ap.add_argument("--batch", default="1,8,32")
     ap.add_argument("--context", default="256,1024,4096")
     ap.add_argument("--splits", default="auto,1,2,4,8,16,32")
+    ap.add_argument("--fold", default="off",
+                    help="off, on or off,on: the partitions combined by the reduce kernel or "
+                         "in the attention kernel (IRLM_FOLD_SPLITS)")
     a = ap.parse_args()
+    folds = a.fold.split(",")
+    if not folds or any(f not in ("off", "on") for f in folds):
+        ap.error(f"--fold: expected off, on or off,on; got {a.fold!r}")
     try:
         batches = [int(x) for x in a.batch.split(",")]
         contexts = [int(x) for x in a.context.split(",")]
@@ -91,10 +99,12 @@ def main():
             auto = ops.choose_splits(batch * KV_HEADS, bucket(ctx + 1),
                                      ops.attention_block_n(torch.bfloat16, D, True), sms)[0]
             for s in splits:
-                us = time_config(batch, ctx, s, cache, tables, cached, q, out)
-                label = f"auto ({auto})" if s is None else str(s)
-                print(f"batch {batch:3d} context {ctx:5d} splits {label:>9}: {us:7.2f} us "
-                      f"{kv_bytes / us / 1e3:7.0f} GB/s", flush=True)
+                for fold in folds:
+                    os.environ["IRLM_FOLD_SPLITS"] = "1" if fold == "on" else "0"
+                    us = time_config(batch, ctx, s, cache, tables, cached, q, out)
+                    label = f"auto ({auto})" if s is None else str(s)
+                    print(f"batch {batch:3d} context {ctx:5d} splits {label:>9} fold {fold:>3}: "
+                          f"{us:7.2f} us {kv_bytes / us / 1e3:7.0f} GB/s", flush=True)
             del cache
 
 

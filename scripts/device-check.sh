@@ -14,6 +14,8 @@
 #              prompt lengths: $PREFILL_TOKENS, default 128; b1's launch settings: $LAUNCH;
 #              the rope fusion settings, engine's first: $FUSE_ROPE, e.g. on,off;
 #              the profiled decode steps' rows: $PROFILE_BATCH, default 1)
+#     attn     benchmarks/decode_attention.py against its splits, the partitions combined by the
+#              reduce kernel and in the attention kernel (attn.log)
 #     ncu      Nsight Compute on one launch each of the int4 tensor-core GEMV and the bf16
 #              GEMV at one row, gate/up and down shapes (ncu-KERNEL-SHAPE.log)
 # SECONDS defaults to 580 (the call's limit less margin).  nvidia-smi's line goes to smi.txt.
@@ -82,6 +84,11 @@ decode() {
         --profile-batch "${PROFILE_BATCH:-1}" --json "$OUT/b1.json" > "$OUT/bench.log" 2>&1
     tail -5 "$OUT/bench.log"
 }
+attn() {
+    timeout "$(cap 120)" python3 benchmarks/decode_attention.py --fold off,on \
+        > "$OUT/attn.log" 2>&1
+    tail -3 "$OUT/attn.log"
+}
 ncu_gemv() {
     # Why the int4 GEMV reads at a third of copy while the bf16 GEMV reads at ~90%: DRAM
     # throughput, achieved occupancy, warp stall reasons of one launch of each, per shape
@@ -103,11 +110,11 @@ ncu_gemv() {
 
 for step in ${WHAT//,/ }; do
     case "$step" in
-    tests|retest|share|bench|decode) [ "$(left)" -gt 20 ] && "$step" ;;
+    tests|retest|share|bench|decode|attn) [ "$(left)" -gt 20 ] && "$step" ;;
     qg) [ "$(left)" -gt 20 ] && one_row_paths ;;
     ncu) [ "$(left)" -gt 30 ] && ncu_gemv ;;
     *)
-        echo "device-check.sh: unknown step '$step' (tests, retest, share, qg, bench, decode, ncu)" >&2
+        echo "device-check.sh: unknown step '$step' (tests, retest, share, qg, bench, decode, attn, ncu)" >&2
         exit 2
         ;;
     esac
