@@ -3,7 +3,8 @@
 The oracle is the reference interpreter running the unfused graph: every fused graph must give
 the same logits and the same KV cache, step by step (prompt, decode, a mixed step), bit for
 bit, since ``llm.rope_paged_attention``'s reference is ``llm.rope`` then
-``llm.paged_attention``.  The GPU kernel behind it is tested in tests/test_rope_attention_gpu.py.
+``llm.paged_attention``: every decoder architecture of tests/test_frontend_architectures.py
+(those without rotary embeddings must be left alone) and partial rotary dims.  The GPU kernel behind it is tested in tests/test_rope_attention_gpu.py.
 """
 import pytest
 import torch
@@ -18,6 +19,7 @@ from irlm.runtime.model_runner import StepBatch
 from irlm.verifier import verify
 
 from irlm_test_helpers import run_schedule
+from test_frontend_architectures import CASES as ARCH_CASES, build as build_architecture
 from test_prefill_graphs import CpuPiecewise, _Runner
 
 VOCAB, BS = 128, 16
@@ -28,15 +30,9 @@ def _tiny(kind: str):
                  num_attention_heads=4, vocab_size=VOCAB)
     cfg = {
         "llama": lambda: transformers.LlamaConfig(num_key_value_heads=2, head_dim=16, **small),
-        # one kv head (MQA)
-        "qwen2": lambda: transformers.Qwen2Config(num_key_value_heads=1, **small),
         # rotate-half over half of each head
         "gpt_neox": lambda: transformers.GPTNeoXConfig(rotary_pct=0.5, **small),
         "phi": lambda: transformers.PhiConfig(partial_rotary_factor=0.5, **small),
-        # interleaved pairs over 8 of 16 dims, cos / sin gathered in each layer
-        "gptj": lambda: transformers.GPTJConfig(n_embd=64, n_layer=2, n_head=4, rotary_dim=8,
-                                                vocab_size=VOCAB, n_positions=256,
-                                                bos_token_id=0, eos_token_id=0),
     }[kind]()
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
@@ -57,23 +53,42 @@ def _feeds(g, batch, cache):
     return [by[v.name] for v in g.inputs]
 
 
-@pytest.mark.parametrize("kind,style", [("llama", "rotate_half"), ("qwen2", "rotate_half"),
-                                        ("gpt_neox", "rotate_half"), ("phi", "rotate_half"),
-                                        ("gptj", "interleaved")])
-def test_fused_graph_steps_equal_the_unfused_graph(kind, style):
-    g = _tiny(kind)
+#: (name, builder, ropes fused per layer pair, style): every decoder of the frontend tests,
+#: plus partial rotary (half of each head) in rotate-half form
+ROPE_STYLE = {"gptj": "interleaved"}
+NO_ROPE = ("gpt2", "opt", "bloom")
+CASES = [(f"{n}-{a}" + (f"-{e}" if e else ""), (n, a, e)) for n, a, e in ARCH_CASES
+         if n != "bert"] + [("gpt_neox-half-rotary", "gpt_neox"), ("phi-half-rotary", "phi")]
+
+
+def _graph(spec):
+    if isinstance(spec, str):
+        return _tiny(spec)
+    model = build_architecture(*spec)
+    return compile_causal_lm(model, max_seq=256, tokens_per_block=BS)
+
+
+@pytest.mark.parametrize("spec", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_fused_graph_steps_equal_the_unfused_graph(spec):
+    name = spec if isinstance(spec, str) else spec[0]
+    g = _graph(spec)
     f = g.clone()
-    assert fuse_rope_attention(f) == 2
+    fused = fuse_rope_attention(f)
     verify(f)
+    if name in NO_ROPE:
+        assert fused == 0 and str(f) == str(g)
+        return
+    assert fused == 2
     names = [op.name for op in f.ops]
     assert "llm.rope" not in names and "llm.paged_attention" not in names
+    style = ROPE_STYLE.get(name, "rotate_half")
     assert [op.attrs["style"] for op in f.ops if op.name == "llm.rope_paged_attention"] == \
         [style, style]
     assert str(g).count("llm.rope(") == 4          # the engine's graph is left as it was
     want_i, got_i = Interpreter(g, g.weights), Interpreter(f, f.weights)
     want_c, got_c = _cache(g, 12), _cache(g, 12)
     gen = torch.Generator().manual_seed(3)
-    seqs = [torch.randint(0, VOCAB, (40,), generator=gen).tolist() for _ in range(3)]
+    seqs = [torch.randint(3, VOCAB, (40,), generator=gen).tolist() for _ in range(3)]
 
     def both(b):
         want = want_i.run(_feeds(g, b, want_c)).outputs[0]

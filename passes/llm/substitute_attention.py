@@ -176,12 +176,22 @@ def _flatten_input(g: Graph, v: Value, T) -> None:
 
 
 def strip_repeat_kv(v: Value) -> Value:
-    """``repeat_kv(x) = reshape(expand(unsqueeze(x, 2)))`` → x  (GQA head expansion).
+    """``repeat_kv(x) = reshape(expand(unsqueeze(x, 2)))`` → x  (GQA head expansion), and
+    ``expand(x)`` of one kv head to every head → x  (multi-query attention as Falcon's sdpa
+    path broadcasts it).
 
     Matched exactly: x is [b, kv, t, d], the unsqueeze is at dim 2, the expand only grows
-    that new dim to rep, and the reshape merges (kv, rep) into kv*rep heads.
+    that new dim to rep, and the reshape merges (kv, rep) into kv*rep heads; or x is
+    [b, 1, t, d] and the expand grows only its dim 1.
     """
     r = v.producer
+    if r is not None and r.name == "core.expand":
+        x = r.operands[0]
+        if x.type.rank == 4 and v.type.rank == 4 and x.type.shape[1] == 1 and all(
+                dims_equal(a, b) for i, (a, b) in enumerate(zip(x.type.shape, v.type.shape))
+                if i != 1):
+            return x
+        return v
     if r is None or r.name != "core.reshape":
         return v
     e = r.operands[0].producer
