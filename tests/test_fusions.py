@@ -42,6 +42,11 @@ CONFIGS = {
     # partial rotary (rotary_pct 0.5), fused qkv weight, parallel residual, linear + gelu
     "gpt-neox": lambda: transformers.GPTNeoXConfig(**SMALL, rotary_pct=0.5,
                                                    max_position_embeddings=64),
+    # FalconLinear (x @ W.T + b): projections written as products; multi-query attention
+    "falcon": lambda: transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        new_decoder_architecture=False, multi_query=True, parallel_attn=False, alibi=False,
+        bias=True, max_position_embeddings=64),
     # RMSNorm with (1 + w), gelu(tanh) gated MLP
     "gemma": lambda: transformers.GemmaConfig(**SMALL, num_key_value_heads=2, head_dim=16,
                                               max_position_embeddings=64),
@@ -54,6 +59,8 @@ EXPECTED = {
     "qwen2-mqa": {"llm.rms_norm": 1, "llm.add_rms_norm": 4, "llm.rope": 4, "llm.gated_act": 2},
     "gpt-neox": {"llm.rope": 4, "llm.linear_act": 2, "core.layer_norm": 5},
     "gemma": {"llm.rms_norm": 1, "llm.add_rms_norm": 4, "llm.rope": 4, "llm.gated_act": 2},
+    # qkv, dense, dense_4h_to_h a layer and the head; dense_h_to_4h with its gelu
+    "falcon": {"core.linear": 7, "llm.linear_act": 2, "llm.rope": 4, "core.layer_norm": 5},
 }
 #: ops the unfused spelling needs; none may survive the fusions.
 UNFUSED = ("core.rsqrt", "core.pow", "core.neg", "core.silu", "core.tanh", "core.gelu",
@@ -121,6 +128,12 @@ def assert_fused(arch, g):
         assert counts[name] == n, f"{arch}: {counts[name]} x {name}, expected {n}"
     left = {name: counts[name] for name in UNFUSED if counts[name]}
     assert not left, f"{arch}: unfused ops left: {left}"
+    # every projection is a core.linear (fuse-linear): no product reads a weight
+    products = [op.describe() for op in g.ops if op.name == "core.matmul" and any(
+        v.producer is not None and (v.producer.name == "param" or (
+            v.producer.name == "core.transpose" and v.producer.operands[0].producer is not None
+            and v.producer.operands[0].producer.name == "param")) for v in op.operands)]
+    assert not products, f"{arch}: products of a weight left: {products}"
 
 
 # ----- the fused ops' reference semantics ------------------------------------------------------
@@ -361,3 +374,55 @@ def test_fusions_in_the_inference_form(traced, arch, order):
     assert g.inputs[-1].type.shape[4] == kv_heads  # the cache holds kv heads only
     assert_fused(arch, g)
     run_schedule(model, g, arch)
+
+
+# ----- fuse-linear on small graphs --------------------------------------------------------------
+
+def _products(bias_shape=(6,), weight_is_input=False):
+    """x @ W.T + b (Falcon), x @ V + c (GPT-2's Conv1D), and x @ Y with Y an input."""
+    from irlm import Builder, DType, Graph, TensorType, sym
+    from irlm.weights import WeightStore
+    g = Graph("p")
+    g.declare_dim("tokens", 1, 16)
+    T = sym("tokens")
+    x = g.add_input(TensorType((T, 4), DType.f32), "x")
+    y = g.add_input(TensorType((4, 6), DType.f32), "y")
+    store = WeightStore()
+    gen = torch.Generator().manual_seed(0)
+    for name, shape in (("w", (6, 4)), ("b", bias_shape), ("v", (4, 6)), ("c", (6,))):
+        store.add_tensor(name, torch.randn(shape, generator=gen))
+    g.weights = store
+    b = Builder(g)
+
+    def param(name):
+        return b.param(name, TensorType(tuple(store.entry(name).type.shape), DType.f32))
+    falcon = b.op("core.add", b.op("core.matmul", x, b.op("core.transpose", param("w"),
+                                                            dim0=1, dim1=0)), param("b"))
+    conv1d = b.op("core.add", b.op("core.matmul", x, param("v")), param("c"))
+    other = b.op("core.matmul", x, y)
+    g.set_outputs([falcon, conv1d, other])
+    verify(g)
+    return g
+
+
+def test_fuse_linear_rewrites_products_of_weights():
+    g = _products()
+    gen = torch.Generator().manual_seed(1)
+    feeds = {"x": torch.randn(5, 4, generator=gen), "y": torch.randn(4, 6, generator=gen)}
+    want = Interpreter(g).run(feeds).outputs
+    run_pipeline(g, "fuse-linear,dce")
+    verify(g)
+    linears = [op for op in g.ops if op.name == "core.linear"]
+    assert [len(op.operands) for op in linears] == [3, 3]           # bias in the GEMM
+    assert [op.operands[1].producer.attrs["name"] for op in linears] == ["w", "v.T"]
+    assert [op.name for op in g.ops].count("core.matmul") == 1     # x @ y: no weight
+    got = Interpreter(g).run(feeds).outputs
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+
+
+def test_fuse_linear_keeps_a_bias_that_broadcasts_wider():
+    g = _products(bias_shape=(1,))     # b of one entry: not a bias of the output width
+    run_pipeline(g, "fuse-linear,dce")
+    first = g.outputs[0].producer
+    assert first.name == "core.add" and first.operands[0].producer.name == "core.linear"

@@ -1,6 +1,8 @@
-"""Quantization numerics on three architectures in the paged inference form (-O2, what
-``irlm compile`` builds): Llama with GQA, OPT (biases, layer norm, ReLU MLP) and Qwen2 (MQA,
-q/k/v biases).
+"""Quantization numerics on five architectures in the paged inference form (-O2, what
+``irlm compile`` builds): Llama with GQA, OPT (biases, layer norm, ReLU MLP), Qwen2 (MQA,
+q/k/v biases), and two whose projections are written as products (fuse-linear): Falcon
+(``x @ W.T + b``, multi-query, attention and MLP in parallel off one norm) and GPT-2
+(Conv1D ``x @ W + b``).
 
 Oracle: the same unquantized graph, run by the reference interpreter on the same steps:
 a prefill of two requests of different lengths, then decode steps in which the requests
@@ -38,7 +40,17 @@ CONFIGS = {
     "qwen2": lambda: transformers.Qwen2Config(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=1, vocab_size=VOCAB, max_position_embeddings=64),
+    "falcon": lambda: transformers.FalconConfig(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=VOCAB,
+        new_decoder_architecture=False, multi_query=True, alibi=False, bias=True,
+        max_position_embeddings=64),
+    "gpt2": lambda: transformers.GPT2Config(
+        n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=64,
+        bos_token_id=0, eos_token_id=0),
 }
+#: quantized linears a layer: qkv, o, the MLP's up (gate|up) and down; Falcon's parallel
+#: attention and MLP read one norm, so fuse-qkv joins qkv with the MLP's up projection
+LINEARS_PER_LAYER = {"falcon": 3}
 
 # mode -> (pipeline, bound on the relative logit error, minimum argmax agreement)
 MODES = {
@@ -130,7 +142,7 @@ def test_quantized_inference_form_close_to_unquantized(arch, mode, calib):
     else:
         stats = report.stages[0].stats.counters
         n = stats["linears quantized"]
-        assert n == 2 * 4            # per layer: qkv, o, the MLP's up (gate|up) and down
+        assert n == 2 * LINEARS_PER_LAYER.get(arch, 4)
         # only the LM head still multiplies by a float param
         float_linears = [op for op in g.ops if op.name in ("core.linear", "llm.linear_act")]
         assert len(float_linears) == 1 and stats["linears skipped (lm_head)"] == 1

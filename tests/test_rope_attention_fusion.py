@@ -4,7 +4,8 @@ The oracle is the reference interpreter running the unfused graph: every fused g
 the same logits and the same KV cache, step by step (prompt, decode, a mixed step), bit for
 bit, since ``llm.rope_paged_attention``'s reference is ``llm.rope`` then
 ``llm.paged_attention``: every decoder architecture of tests/test_frontend_architectures.py
-(those without rotary embeddings must be left alone) and partial rotary dims.  The GPU kernel behind it is tested in tests/test_rope_attention_gpu.py.
+(those without rotary embeddings must be left alone) and partial rotary dims.  The GPU
+kernel behind it is tested in tests/test_rope_attention_gpu.py.
 """
 import pytest
 import torch

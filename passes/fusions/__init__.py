@@ -3,6 +3,7 @@
 ======================  =================================================  =================
 pass                    rewrites                                           into
 ======================  =================================================  =================
+``fuse-linear``         x @ Wᵀ, x @ W (+ b) with a weight param            core.linear
 ``fuse-rms-norm``       x * rsqrt(mean(x², -1) + eps) * w (casts, Gemma)   llm.rms_norm
 ``fuse-layer-norm``     (x - mean) * rsqrt(var + eps) * w + b              core.layer_norm
 ``fuse-residual-norm``  rms_norm(x + r, w), x + r read later               llm.add_rms_norm
@@ -25,13 +26,14 @@ from irlm.ir import Graph
 
 from ..context import PassContext
 from ..registry import get_pass, register_pass
-from . import (activations, bias_act, gated_mlp, layer_norm, qkv, repeat_kv,  # noqa: F401
-               residual_norm, rms_norm, rope)
+from . import (activations, bias_act, gated_mlp, layer_norm, linear, qkv,  # noqa: F401
+               repeat_kv, residual_norm, rms_norm, rope)
 
-#: The fusion passes in the order they run (norms before the residual fusion that reads
-#: llm.rms_norm; the activation formulas are part of fuse-gated-mlp and fuse-bias-act).
-FUSION_PASSES = ("fuse-rms-norm", "fuse-layer-norm", "fuse-residual-norm", "fuse-rope",
-                 "remove-repeat-kv", "fuse-qkv", "fuse-gated-mlp", "fuse-bias-act")
+#: The fusion passes in the order they run (projections as core.linear before the fusions
+#: that read it; norms before the residual fusion that reads llm.rms_norm; the activation
+#: formulas are part of fuse-gated-mlp and fuse-bias-act).
+FUSION_PASSES = ("fuse-linear", "fuse-rms-norm", "fuse-layer-norm", "fuse-residual-norm",
+                 "fuse-rope", "remove-repeat-kv", "fuse-qkv", "fuse-gated-mlp", "fuse-bias-act")
 
 #: What the -O2 pipeline runs: canonical, deduplicated input, the fusions, then cleanup.
 FUSION_PIPELINE = ",".join(("canonicalize", "cse") + FUSION_PASSES + ("canonicalize", "dce"))

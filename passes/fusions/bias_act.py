@@ -25,10 +25,20 @@ from .weights import transposed_param
 x, w, b = Var("x"), Var("w"), Var("b")
 
 
-@rule(op(*ACTIVATION_OPS)(op("core.linear")(x, w, ...).named("linear").one_use()))
+linear = op("core.linear")(x, w, ...).named("linear")
+
+
+@rule(op(*ACTIVATION_OPS)(op("core.reshape")(linear.one_use()).named("reshape").one_use()
+                          | linear.one_use()))
 def linear_then_act(m, rw):
-    """act(linear(x, W, b)) = linear_act(x, W, b){act}"""
-    return rw.op("llm.linear_act", *m.linear.operands, act=activation_name(m.root))
+    """act(linear(x, W, b)) = linear_act(x, W, b){act}
+    act(reshape(linear(x, W, b))) = reshape(linear_act(x, W, b){act})   (fuse-linear's form
+    of GPT-2's Conv1D, which flattens x first)"""
+    fused = rw.op("llm.linear_act", *m.linear.operands, act=activation_name(m.root))
+    if "reshape" in m:
+        out = m.root.results[0].type
+        fused = rw.op("core.reshape", fused, shape=out.shape, result_types=[out])
+    return fused
 
 
 biased_product = op("core.add")(op("core.matmul")(x, w).named("matmul").one_use(),
