@@ -426,3 +426,22 @@ def test_fuse_linear_keeps_a_bias_that_broadcasts_wider():
     run_pipeline(g, "fuse-linear,dce")
     first = g.outputs[0].producer
     assert first.name == "core.add" and first.operands[0].producer.name == "core.linear"
+
+
+def test_bloom_gelu_is_one_op_in_the_gemm_epilogue():
+    """BLOOM writes gelu(tanh) as 0.5x(1 + tanh(0.79788456 x (1 + 0.044715 x x))): after the
+    fusions its MLP's up projection is one llm.linear_act, and the logits stay HF's."""
+    config = transformers.BloomConfig(hidden_size=64, n_layer=2, n_head=4, vocab_size=VOCAB)
+    config._attn_implementation = "eager"          # transformers has no sdpa path for BLOOM
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    inputs = {"input_ids": torch.randint(0, VOCAB, (2, 8)),
+              "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    g0 = trace(model, inputs)
+    g = copy(g0)
+    run_pipeline(g, FUSION_PIPELINE)
+    verify(g)
+    counts = op_counts(g)
+    assert counts["llm.linear_act"] == 2 and counts["core.tanh"] == 0, dict(counts)
+    want = hf_logits(model, inputs)
+    assert_close(Interpreter(g).run(inputs).outputs[0], want, "bloom fused")
