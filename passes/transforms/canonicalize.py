@@ -180,6 +180,27 @@ def fold_noop_expand(m, rw):
     return m.x if same_type(m.x, m.root.result) else None
 
 
+@rule(op("core.index_select")(x, Var("index")))
+def index_select_of_a_range(m, rw):
+    """index_select(x, dim, [i, i+1, ..., j]) = x[..., i:j+1, ...]   (a view, not a gather)
+
+    Falcon takes its one key / value head out of the fused projection as
+    ``qkv[..., [-2], :]``, which traces to an index_select of a constant index."""
+    index = m.index.producer
+    if index is None or index.name != "core.constant":
+        return None
+    ids = index.attrs["value"]
+    if ids.dim() != 1 or ids.numel() == 0 or ids.dtype.is_floating_point:
+        return None
+    start = int(ids[0])
+    axis = normalize_axis(m.root.attrs["dim"], m.x.type.rank)
+    extent = m.x.type.shape[axis]
+    if start < 0 or not isinstance(extent, int) or start + ids.numel() > extent or \
+            ids.tolist() != list(range(start, start + ids.numel())):
+        return None
+    return rw.op("core.slice", m.x, dim=axis, start=start, end=start + ids.numel())
+
+
 # ----- constant folding ------------------------------------------------------------------------
 
 CONSTANT_OPS = ("core.constant", "core.full")
@@ -277,6 +298,7 @@ CANONICALIZATION_PATTERNS: list = [
     fold_identity_reshape, fold_view_chain, fold_unsqueeze_squeeze, fold_squeeze_unsqueeze,
     fold_identity_permutation, compose_permutations, normalize_transpose_axes,
     fold_identity_cast, fold_round_trip_cast, fold_noop_slice, fold_noop_expand,
+    index_select_of_a_range,
 ]
 
 
