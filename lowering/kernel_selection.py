@@ -81,7 +81,8 @@ def _rope_paged_attention(ctx, x, a):
         cu = k.cu_seqlens(q_lens)
     q_rot, k_rot = torch.empty_like(q), torch.empty_like(key)
     kv_scales = a["kv_scales"] or None
-    k.rope_kv_write(q, key, cos=_rows(cos), sin=_rows(sin), v=value, kv_cache=cache,
+    cos, sin = _rows(cos, sin)
+    k.rope_kv_write(q, key, cos=cos, sin=sin, v=value, kv_cache=cache,
                     layer=a["layer"], block_tables=tables, cached_lens=cached, cu_q_lens=cu,
                     style="neox" if a["style"] == "rotate_half" else "gptj", q_out=q_rot,
                     k_out=k_rot, kv_scales=kv_scales)
@@ -93,9 +94,12 @@ def _rope_paged_attention(ctx, x, a):
         decode=st.get("decode"), fresh=st.get("fresh"), write_kv=False, kv_scales=kv_scales)]
 
 
-def _rows(t: torch.Tensor) -> torch.Tensor:
-    """cos / sin rows with a contiguous last dim and one row stride (what rope_kv_write reads)."""
-    return t if t.stride(-1) == 1 else t.contiguous()
+def _rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos / sin rows with a contiguous last dim and one row stride between them (what
+    rope_kv_write reads)."""
+    if cos.stride() == sin.stride() and cos.stride(-1) == 1:
+        return cos, sin
+    return cos.contiguous(), sin.contiguous()
 
 
 def _heads(t: torch.Tensor) -> torch.Tensor:
