@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 
 import torch
 
@@ -32,27 +31,14 @@ def bucket(ctx: int) -> int:
 
 
 def time_config(batch, ctx, splits, cache, tables, cached, q, out):
+    """Microseconds a layer: one CUDA graph of LAYERS calls, the median of 20 replays."""
     from irlm.kernels import ops
+    from kernel_launches import graph_time
     bound = bucket(ctx + 1)
-
-    def step():
-        for layer in range(LAYERS):
-            ops.paged_attention_decode(q, cache, layer, tables, cached, out=out,
-                                       max_kv_len=bound, num_splits=splits)
-    step()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    times = []
-    for _ in range(20):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        graph.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3 / LAYERS)
-    return statistics.median(times)
+    calls = [lambda layer=layer: ops.paged_attention_decode(
+        q, cache, layer, tables, cached, out=out, max_kv_len=bound, num_splits=splits)
+        for layer in range(LAYERS)]
+    return graph_time(calls, reps=20) * 1e3
 
 
 def main():

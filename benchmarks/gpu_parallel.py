@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -101,6 +100,7 @@ def section_inflight(runner, cfg, key):
 def _allreduce_rank(rank: int, world: int, port: int, hidden: int, calls: int, q) -> None:
     import torch.distributed as dist
     from irlm.runtime.distributed import configure_nccl_env
+    from kernel_launches import events_time
     configure_nccl_env()
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -118,18 +118,7 @@ def _allreduce_rank(rank: int, world: int, port: int, hidden: int, calls: int, q
         with torch.cuda.graph(g):
             for _ in range(calls):
                 dist.all_reduce(x)
-        for _ in range(3):
-            g.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(20):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            g.replay()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)          # microseconds
-        step = statistics.median(times)
+        step = events_time(g.replay, 20) * 1e3      # microseconds, after 3 warm-up replays
         out[batch] = {"us_per_step": step, "us_per_call": step / calls, "calls_per_step": calls}
     if rank == 0:
         q.put(out)

@@ -55,15 +55,9 @@ def default_linear_dtype(quant: Optional[str] = None) -> str:
 # ----- GPU: the kernel table --------------------------------------------------------------------
 
 def _paged_attention(ctx, x, a):
-    from irlm.kernels import ops as k
     q, key, value, cache, tables, q_lens, cached = x
-    st = ctx.state
-    return [k.paged_attention(
-        _heads(q), _heads(key), _heads(value), cache, tables, q_lens, cached, a["layer"],
-        scale=a["scale"], sliding_window=a["sliding_window"],
-        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
-        max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
-        decode=st.get("decode"), fresh=st.get("fresh"), kv_scales=a["kv_scales"] or None)]
+    return [_attend(ctx, a, _heads(q), _heads(key), _heads(value), cache, tables, q_lens,
+                    cached)]
 
 
 def _rope_paged_attention(ctx, x, a):
@@ -74,24 +68,30 @@ def _rope_paged_attention(ctx, x, a):
     if cos.shape[1] > 512:              # more rotary dims than the kernel's shared rows
         from irlm.registry import get_op_def
         return get_op_def("llm.rope_paged_attention").reference(ctx, x, a)
-    st = ctx.state
     q, key, value = _heads(q), _heads(key), _heads(value)
-    cu = st.get("cu_q_lens")
-    if cu is None:
-        cu = k.cu_seqlens(q_lens)
     q_rot, k_rot = torch.empty_like(q), torch.empty_like(key)
-    kv_scales = a["kv_scales"] or None
     cos, sin = _rows(cos, sin)
-    k.rope_kv_write(q, key, cos=cos, sin=sin, v=value, kv_cache=cache,
-                    layer=a["layer"], block_tables=tables, cached_lens=cached, cu_q_lens=cu,
+    k.rope_kv_write(q, key, cos=cos, sin=sin, v=value, kv_cache=cache, layer=a["layer"],
+                    block_tables=tables, q_lens=q_lens, cached_lens=cached,
+                    cu_q_lens=ctx.state.get("cu_q_lens"),
                     style="neox" if a["style"] == "rotate_half" else "gptj", q_out=q_rot,
-                    k_out=k_rot, kv_scales=kv_scales)
-    return [k.paged_attention(
-        q_rot, k_rot, value, cache, tables, q_lens, cached, a["layer"], scale=a["scale"],
+                    k_out=k_rot, kv_scales=a["kv_scales"] or None)
+    return [_attend(ctx, a, q_rot, k_rot, value, cache, tables, q_lens, cached,
+                    write_kv=False)]
+
+
+def _attend(ctx, a, q, key, value, cache, tables, q_lens, cached, write_kv=True):
+    """ops.paged_attention with the op's attributes and the step's state (lengths, the fresh
+    suffix, the decode flag) that the runner keeps in ``ctx.state``."""
+    from irlm.kernels import ops as k
+    st = ctx.state
+    return k.paged_attention(
+        q, key, value, cache, tables, q_lens, cached, a["layer"], scale=a["scale"],
         sliding_window=a["sliding_window"],
-        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=cu,
+        alibi_slopes=_slopes(st, a["alibi_slopes"], q.device), cu_q_lens=st.get("cu_q_lens"),
         max_q_len=st.get("max_q_len"), max_kv_len=st.get("max_kv_len"),
-        decode=st.get("decode"), fresh=st.get("fresh"), write_kv=False, kv_scales=kv_scales)]
+        decode=st.get("decode"), fresh=st.get("fresh"), write_kv=write_kv,
+        kv_scales=a["kv_scales"] or None)
 
 
 def _rows(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

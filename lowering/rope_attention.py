@@ -45,9 +45,10 @@ def fuse_rope_attention(graph: Graph) -> int:
     """Rewrite each ``llm.paged_attention`` whose query and key come from ``llm.rope`` (through
     views only) into one ``llm.rope_paged_attention``; returns how many were fused."""
     rw = Rewriter(graph)
+    outputs = {id(o) for o in graph.outputs}
     fused = 0
     for att in [op for op in graph.ops if op.name == "llm.paged_attention"]:
-        q, k = _rotated(graph, att.operands[0]), _rotated(graph, att.operands[1])
+        q, k = _rotated(att.operands[0], outputs), _rotated(att.operands[1], outputs)
         if q is None or k is None:
             continue
         (rq, chain_q, tok), (rk, chain_k, tok_k) = q, k
@@ -70,12 +71,12 @@ def fuse_rope_attention(graph: Graph) -> int:
     return fused
 
 
-def _rotated(graph: Graph, v: Value) -> Optional[tuple[Op, list[Op], object]]:
+def _rotated(v: Value, outputs: set) -> Optional[tuple[Op, list[Op], object]]:
     """``(rope, views from the attention back to it, the token dim)`` when ``v`` is an
-    ``llm.rope`` result seen through views only, each value read by the next op alone, and the
-    rope's cos / sin vary along one axis of x that the views carry to axis 0 of ``v``."""
+    ``llm.rope`` result seen through views only, each value read by the next op alone and none
+    a graph output (``outputs``: their ids), and the rope's cos / sin vary along one axis of x
+    that the views carry to axis 0 of ``v``."""
     chain: list[Op] = []
-    outputs = {id(o) for o in graph.outputs}
     while True:
         if len(v.uses) != 1 or id(v) in outputs or v.producer is None:
             return None
