@@ -211,10 +211,12 @@ def test_ropes_that_differ_or_are_read_elsewhere_stay(case):
     assert str(g) == before
 
 
-def test_fusion_is_off_unless_asked(monkeypatch):
+def test_fusion_is_on_unless_turned_off(monkeypatch):
     monkeypatch.delenv("IRLM_FUSE_ROPE", raising=False)
+    assert fusion_enabled()
+    monkeypatch.setenv("IRLM_FUSE_ROPE", "0")
     assert not fusion_enabled()
-    monkeypatch.setenv("IRLM_FUSE_ROPE", "1")
+    monkeypatch.setenv("IRLM_FUSE_ROPE", " 1 ")
     assert fusion_enabled()
     monkeypatch.setenv("IRLM_FUSE_ROPE", "yes")
     with pytest.raises(Exception, match="IRLM_FUSE_ROPE must be 0 or 1, got 'yes'"):

@@ -129,7 +129,8 @@ def _engine(kind):
                                                    rotary_dim=32, vocab_size=512,
                                                    n_positions=512, bos_token_id=0,
                                                    eos_token_id=0)}[kind]()
-    cfg._attn_implementation = "sdpa"
+    # GPT-J has no sdpa path in transformers 5.x; the other two take it
+    cfg._attn_implementation = "eager" if kind == "gptj" else "sdpa"
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).to(torch.bfloat16).eval()
     return compile_causal_lm(model, max_seq=256)
