@@ -469,7 +469,7 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
 def fold_splits_enabled() -> bool:
     """``IRLM_FOLD_SPLITS=1``: a split decode attention combines its partitions in its last CTA
     (attention.cuh: fold_splits) instead of launching irlm_attention_split_reduce.  Off by
-    default until it is measured on a GPU; read at each launch, so a benchmark can compare the
+    default: on an H200 it gained nothing end to end (docs/performance.md); read at each launch, so a benchmark can compare the
     two by capturing its graphs again."""
     v = os.environ.get("IRLM_FOLD_SPLITS", "0").strip()
     if v not in ("0", "1"):
