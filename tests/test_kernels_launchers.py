@@ -50,7 +50,8 @@ def test_rope_inv_freq_matches_transformers_llama3():
 
 
 @pytest.mark.parametrize("ctas,kv_len", [(8, 2048), (8, 16384), (256, 2048), (2048, 2048),
-                                         (8, 100), (1, 300), (64, 4097)])
+                                         (8, 100), (1, 300), (64, 4097), (256, 512),
+                                         (131, 512), (132, 513)])
 def test_split_planning_covers_the_context(ctas, kv_len):
     splits, size = ops.choose_splits(ctas, kv_len, 64, 132)
     assert splits >= 1
@@ -58,8 +59,10 @@ def test_split_planning_covers_the_context(ctas, kv_len):
         assert size % 64 == 0 and size >= 128
         assert splits * size >= kv_len > (splits - 1) * size
         assert splits <= 64
-    if ctas >= 4 * 132 or kv_len < 256:
+    if ctas >= 4 * 132 or kv_len < 256 or (ctas >= 132 and kv_len <= 512):
         assert splits == 1
+    if ctas < 132 and kv_len >= 256:
+        assert splits > 1
 
 
 def test_quantized_kv_cache_scales_are_checked_and_taken_as_float32():

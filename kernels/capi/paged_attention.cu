@@ -299,7 +299,7 @@ int sm_count(const IrlmPagedAttentionArgs& a, int* sms) {
 void choose_splits(long long ctas, long long kv_len, int bn, int sms, int* splits, int* size) {
   *splits = 1;
   *size = kNoSplit;
-  if (kv_len <= kMinSplitKeys) return;
+  if (kv_len <= kMinSplitKeys || (ctas >= sms && kv_len <= 4LL * kMinSplitKeys)) return;
   long long s = std::max(1LL, cdiv(4LL * sms, std::max(ctas, 1LL)));
   s = std::min(std::min(s, kv_len / kMinSplitKeys), static_cast<long long>(kChosenMaxSplits));
   if (s <= 1) return;

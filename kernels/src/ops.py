@@ -402,8 +402,12 @@ MAX_SPLITS = 128  # IRLM_MAX_SPLITS in paged_attention_decode.cu
 def choose_splits(ctas: int, kv_len: int, block_n: int, sms: int,
                   min_keys: int = 128, max_splits: int = 64) -> tuple[int, int]:
     """(num_splits, split_size) for flash-decoding: enough CTAs for ~4 per SM, partitions of
-    at least ``min_keys`` keys, each a multiple of ``block_n``."""
-    if kv_len <= min_keys:
+    at least ``min_keys`` keys, each a multiple of ``block_n``.  No split where the unsplit
+    CTAs already fill a wave and the context is at most ``4 * min_keys`` keys: there the
+    partials and the reduce kernel cost more than the parallelism gains (32 requests x 8 kv
+    heads at 256 cached tokens: 16.1 us a layer unsplit against 19.5 us in 3, H200;
+    docs/performance.md)."""
+    if kv_len <= min_keys or (ctas >= sms and kv_len <= 4 * min_keys):
         return 1, 1 << 30
     splits = min(max(1, -(-4 * sms // max(ctas, 1))), kv_len // min_keys, max_splits)
     if splits <= 1:
@@ -469,8 +473,8 @@ def paged_attention_decode(q: torch.Tensor, kv_cache: torch.Tensor, layer: int,
 def fold_splits_enabled() -> bool:
     """``IRLM_FOLD_SPLITS=1``: a split decode attention combines its partitions in its last CTA
     (attention.cuh: fold_splits) instead of launching irlm_attention_split_reduce.  Off by
-    default: on an H200 it gained nothing end to end (docs/performance.md); read at each launch, so a benchmark can compare the
-    two by capturing its graphs again."""
+    default: on an H200 it gained nothing end to end (docs/performance.md).  Read at each
+    launch, so a benchmark can compare the two by capturing its graphs again."""
     v = os.environ.get("IRLM_FOLD_SPLITS", "0").strip()
     if v not in ("0", "1"):
         raise KernelArgumentError(f"IRLM_FOLD_SPLITS must be 0 or 1, got {v!r}")
